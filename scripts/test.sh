@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite of weft: formatting, lints, unit and integration tests,
+# docs, and a short fuzzing pass. This is the README's test command and what
+# CI runs (.ci/run). It installs what it needs; builds are cached outside the
+# checkout (WEFT_CACHE, default ~/.cache/weft) so warm runs are fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export WEFT_CACHE="${WEFT_CACHE:-$HOME/.cache/weft}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$WEFT_CACHE/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$WEFT_CACHE"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+for tool in cargo rustfmt cargo-clippy; do
+    command -v "$tool" >/dev/null || {
+        echo "missing $tool: install Rust stable with rustfmt and clippy (rustup)" >&2
+        exit 1
+    }
+done
+cargo --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+step "fuzz smoke run (FUZZ_SECONDS=${FUZZ_SECONDS:=15} per target)"
+FUZZ_SECONDS="$FUZZ_SECONDS" bash scripts/fuzz-smoke.sh
+
+step "all checks passed"
