@@ -61,7 +61,10 @@ pub use identity::{
 pub use inspect::{CertificateFacts, identity_of, inspect};
 pub use pem::{encode_certificates, parse_certificates};
 pub use provider::hbone_crypto_provider;
-pub use tls::{ALPN_H2, hbone_client_config, hbone_server_config, peer_identity};
+pub use tls::{
+    ALPN_H2, certified_key, control_plane_client_config, control_plane_server_config,
+    hbone_client_config, hbone_server_config, peer_identity,
+};
 pub use trust::{TrustBundle, Usage};
 pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier, refusal_reason};
 pub use workload::{CertificateRequest, WorkloadCertificate};

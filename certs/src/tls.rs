@@ -9,7 +9,7 @@ use rustls::{ClientConfig, CommonState, ServerConfig};
 
 use crate::provider::hbone_crypto_provider;
 use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
-use crate::{Error, Identity, WorkloadCertificate, inspect};
+use crate::{Error, Identity, TrustBundle, WorkloadCertificate, inspect};
 
 /// The ALPN protocol HBONE runs over.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -73,4 +73,60 @@ pub fn peer_identity(connection: &CommonState) -> Result<Identity, Error> {
         .and_then(|chain| chain.first())
         .ok_or(Error::NoPeerCertificate)?;
     inspect::identity_of(leaf)
+}
+
+/// The control plane's gRPC server: TLS 1.3, ALPN `h2`, presenting whatever
+/// certificate `certificate` resolves to (the control plane renews its own
+/// serving certificate, so it is looked up per handshake). Proxies do not
+/// present certificates here: they authenticate with tokens in the calls.
+pub fn control_plane_server_config(
+    certificate: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|source| Error::TlsConfig {
+            side: "control-plane server",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(certificate);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A proxy's client for the control plane: accepts only a server that proves
+/// `expected` (the control plane's SPIFFE identity) with a chain to `trust`.
+pub fn control_plane_client_config(
+    trust: &TrustBundle,
+    expected: &Identity,
+) -> Result<Arc<ClientConfig>, Error> {
+    let verifier = SpiffeServerVerifier::new(trust.clone(), expected.clone());
+    let mut config = ClientConfig::builder_with_provider(hbone_crypto_provider())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|source| Error::TlsConfig {
+            side: "control-plane client",
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// A rustls signing key for a workload certificate, for servers that swap
+/// certificates at run time (see [`control_plane_server_config`]).
+pub fn certified_key(cert: &WorkloadCertificate) -> Result<Arc<rustls::sign::CertifiedKey>, Error> {
+    let key = hbone_crypto_provider()
+        .key_provider
+        .load_private_key(cert.private_key())
+        .map_err(|source| Error::TlsConfig {
+            side: "server",
+            source,
+        })?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(
+        cert.chain().to_vec(),
+        key,
+    )))
 }

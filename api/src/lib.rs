@@ -1,0 +1,23 @@
+//! The wire contract between the weft control plane and its node proxies:
+//! protobuf messages and gRPC services, generated from
+//! `proto/weft/v1/weft.proto` at build time.
+//!
+//! This crate is the contract and nothing else: no behaviour, no conversions
+//! to domain types (those live next to the code that owns the domain). Start
+//! with [`v1::ConfigUpdate`], the message that carries a node's view of the
+//! mesh, and [`v1::node_config_server::NodeConfig`], the stream that carries it.
+
+/// Version 1 of the contract (protobuf package `weft.v1`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("weft.v1");
+}
+
+/// The gRPC metadata key that carries a proxy's credential.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// The control plane's gRPC port (TLS).
+pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
+
+/// The control plane's metrics, health and dashboard port.
+pub const CONTROL_PLANE_MONITORING_PORT: u16 = 15014;

@@ -1,0 +1,196 @@
+//! Wiring: loads the CA and the sources, derives the mesh, and serves gRPC
+//! and monitoring until shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info};
+use weft_api::v1 as pb;
+use weft_certs::{Identity, MeshCa, SigningPolicy};
+
+use crate::Error;
+use crate::config::ControlPlaneConfig;
+use crate::config_stream::ConfigStreamService;
+use crate::manifests::watch_dir;
+use crate::mesh::Mesh;
+use crate::monitoring::{self, Monitoring};
+use crate::node_auth::NodeTokens;
+use crate::registry::NodeRegistry;
+use crate::serving_cert::ServingCertificate;
+use crate::signing::SigningService;
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Loads the CA: the operator's if configured, else the persisted or newly
+/// generated root in the state directory.
+pub fn load_ca(config: &ControlPlaneConfig) -> Result<MeshCa, Error> {
+    let ca = match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &Path| {
+                std::fs::read_to_string(path).map_err(|source| {
+                    Error::Certs(weft_certs::Error::ReadFile {
+                        path: path.to_owned(),
+                        source,
+                    })
+                })
+            };
+            MeshCa::from_pem(&config.trust_domain, &read(cert)?, &read(key)?)?
+        }
+        _ => {
+            std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::WriteFile {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+            MeshCa::load_or_generate(
+                &config.state_dir.join("ca.pem"),
+                &config.trust_domain,
+                SystemTime::now(),
+            )?
+        }
+    };
+    Ok(ca.with_policy(SigningPolicy {
+        lifetime: Duration::from_secs(config.cert_lifetime_seconds),
+        ..SigningPolicy::default()
+    }))
+}
+
+/// Binds the configured ports and runs the control plane until `shutdown`
+/// resolves.
+pub async fn run(
+    config: ControlPlaneConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { what, addr, source })
+    };
+    let grpc = bind("gRPC", config.grpc_addr).await?;
+    let monitoring = bind("monitoring", config.monitoring_addr).await?;
+    run_on(config, grpc, monitoring, shutdown).await
+}
+
+/// Runs the control plane on already bound listeners (tests bind port 0).
+pub async fn run_on(
+    config: ControlPlaneConfig,
+    grpc: TcpListener,
+    monitoring_listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let ca = Arc::new(load_ca(&config)?);
+    let trust = pb::TrustBundle {
+        trust_domain: config.trust_domain.clone(),
+        roots_pem: ca.trust_bundle().to_pem(),
+    };
+    let root_file = config.state_dir.join("root-cert.pem");
+    std::fs::create_dir_all(&config.state_dir)
+        .and_then(|()| std::fs::write(&root_file, &trust.roots_pem))
+        .map_err(|source| Error::WriteFile {
+            path: root_file.clone(),
+            source,
+        })?;
+    info!(roots = %root_file.display(), "wrote the mesh roots for proxies");
+
+    let tokens = Arc::new(NodeTokens::load(&config.node_tokens)?);
+    let mut metrics = Registry::default();
+    let nodes = NodeRegistry::new(&mut metrics);
+
+    let (mut cluster, problems) = watch_dir(&config.manifests)?;
+    let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
+    tokio::spawn(async move {
+        while cluster.changed().await.is_ok() {
+            let mesh = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
+            mesh_tx.send_if_modified(|current| {
+                let changed = **current != mesh;
+                if changed {
+                    *current = Arc::new(mesh);
+                }
+                changed
+            });
+        }
+    });
+
+    let identity = Identity::new(
+        &config.trust_domain,
+        &config.namespace,
+        &config.service_account,
+    )?;
+    let serving = ServingCertificate::start(ca.clone(), identity.clone())?;
+    let tls = TlsAcceptor::from(weft_certs::control_plane_server_config(serving)?);
+
+    let local = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    };
+    info!(grpc = %local(&grpc), monitoring = %local(&monitoring_listener), %identity, "control plane serving");
+
+    let monitoring = Arc::new(Monitoring {
+        metrics,
+        nodes: nodes.clone(),
+        problems,
+        config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
+    });
+    let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
+
+    let config_service = ConfigStreamService::new(mesh_rx.clone(), tokens.clone(), nodes.clone());
+    let signing_service = SigningService::new(ca, mesh_rx, tokens, nodes);
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(pb::node_config_server::NodeConfigServer::new(
+            config_service,
+        ))
+        .add_service(pb::certificates_server::CertificatesServer::new(
+            signing_service,
+        ))
+        .serve_with_incoming_shutdown(tls_connections(grpc, tls), shutdown)
+        .await;
+    monitoring_task.abort();
+    info!("control plane stopped");
+    Ok(result?)
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so one
+/// slow or hostile client cannot hold up the others.
+fn tls_connections(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "accept failed");
+                    continue;
+                }
+            };
+            let (tls, ready) = (tls.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = ready.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,159 @@
+//! The Kubernetes objects the control plane reads, as the sources deliver
+//! them: raw, typed, keyed by namespace and name. Every source (a manifests
+//! directory, the API server) fills the same `ClusterState`; the mesh model
+//! is derived from it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
+
+/// `<namespace>/<name>`, or just `<name>` for cluster-scoped objects.
+pub type ObjectKey = String;
+
+/// One Kubernetes object of a kind the control plane uses.
+#[derive(Clone, Debug)]
+pub enum ClusterObject {
+    /// A Namespace (its labels say whether its pods are meshed).
+    Namespace(Box<Namespace>),
+    /// A ServiceAccount (one identity each).
+    ServiceAccount(Box<ServiceAccount>),
+    /// A Pod (a workload).
+    Pod(Box<Pod>),
+    /// A Service (VIPs and ports).
+    Service(Box<Service>),
+    /// An EndpointSlice (a Service's endpoints).
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+/// Why a document could not be turned into a [`ClusterObject`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum ObjectProblem {
+    /// A kind the control plane does not use; not an error, just skipped.
+    Ignored {
+        /// `apiVersion/kind` of the object.
+        kind: String,
+    },
+    /// The document is not a valid object of its kind.
+    Invalid {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ClusterObject {
+    /// Decodes one object from its JSON form (as YAML documents and the API
+    /// server both provide), checking `apiVersion`, `kind` and the name.
+    pub fn from_value(value: Value) -> Result<ClusterObject, ObjectProblem> {
+        let field = |name: &str| value.get(name).and_then(Value::as_str).unwrap_or("");
+        let (api_version, kind) = (field("apiVersion").to_owned(), field("kind").to_owned());
+        if api_version.is_empty() || kind.is_empty() {
+            return Err(ObjectProblem::Invalid {
+                reason: "missing apiVersion or kind".into(),
+            });
+        }
+        let invalid = |e: serde_json::Error| ObjectProblem::Invalid {
+            reason: format!("{api_version} {kind}: {e}"),
+        };
+        let object = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => {
+                ClusterObject::Namespace(serde_json::from_value(value).map_err(invalid)?)
+            }
+            ("v1", "ServiceAccount") => {
+                ClusterObject::ServiceAccount(serde_json::from_value(value).map_err(invalid)?)
+            }
+            ("v1", "Pod") => ClusterObject::Pod(serde_json::from_value(value).map_err(invalid)?),
+            ("v1", "Service") => {
+                ClusterObject::Service(serde_json::from_value(value).map_err(invalid)?)
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                ClusterObject::EndpointSlice(serde_json::from_value(value).map_err(invalid)?)
+            }
+            _ => {
+                return Err(ObjectProblem::Ignored {
+                    kind: format!("{api_version}/{kind}"),
+                });
+            }
+        };
+        let meta = object.metadata();
+        if meta.name.as_deref().unwrap_or("").is_empty() {
+            return Err(ObjectProblem::Invalid {
+                reason: format!("{kind} without metadata.name"),
+            });
+        }
+        if !matches!(object, ClusterObject::Namespace(_))
+            && meta.namespace.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(ObjectProblem::Invalid {
+                reason: format!(
+                    "{kind} {} without metadata.namespace",
+                    meta.name.as_deref().unwrap_or("")
+                ),
+            });
+        }
+        Ok(object)
+    }
+
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            ClusterObject::Namespace(o) => &o.metadata,
+            ClusterObject::ServiceAccount(o) => &o.metadata,
+            ClusterObject::Pod(o) => &o.metadata,
+            ClusterObject::Service(o) => &o.metadata,
+            ClusterObject::EndpointSlice(o) => &o.metadata,
+        }
+    }
+
+    /// The object's key within its kind.
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.metadata();
+        let name = meta.name.as_deref().unwrap_or("");
+        match meta.namespace.as_deref() {
+            Some(ns) if !matches!(self, ClusterObject::Namespace(_)) => format!("{ns}/{name}"),
+            _ => name.to_owned(),
+        }
+    }
+
+    /// `Kind namespace/name`, for messages.
+    pub fn describe(&self) -> String {
+        let kind = match self {
+            ClusterObject::Namespace(_) => "Namespace",
+            ClusterObject::ServiceAccount(_) => "ServiceAccount",
+            ClusterObject::Pod(_) => "Pod",
+            ClusterObject::Service(_) => "Service",
+            ClusterObject::EndpointSlice(_) => "EndpointSlice",
+        };
+        format!("{kind} {}", self.key())
+    }
+}
+
+/// All objects the control plane knows, by kind and key.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<ObjectKey, Namespace>,
+    /// ServiceAccounts by `<namespace>/<name>`.
+    pub service_accounts: BTreeMap<ObjectKey, ServiceAccount>,
+    /// Pods by `<namespace>/<name>`.
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    /// Services by `<namespace>/<name>`.
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// EndpointSlices by `<namespace>/<name>`.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+impl ClusterState {
+    /// Adds or replaces an object. Returns whether it replaced one, so a
+    /// source can report duplicates.
+    pub fn insert(&mut self, object: ClusterObject) -> bool {
+        let key = object.key();
+        match object {
+            ClusterObject::Namespace(o) => self.namespaces.insert(key, *o).is_some(),
+            ClusterObject::ServiceAccount(o) => self.service_accounts.insert(key, *o).is_some(),
+            ClusterObject::Pod(o) => self.pods.insert(key, *o).is_some(),
+            ClusterObject::Service(o) => self.services.insert(key, *o).is_some(),
+            ClusterObject::EndpointSlice(o) => self.endpoint_slices.insert(key, *o).is_some(),
+        }
+    }
+}

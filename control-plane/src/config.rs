@@ -1,0 +1,88 @@
+//! The control plane's configuration: one struct, from flags and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Serialize;
+
+/// How to run the control plane.
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(
+    name = "weft-control-plane",
+    version,
+    about = "The weft mesh control plane"
+)]
+pub struct ControlPlaneConfig {
+    /// Directory of Kubernetes manifests (YAML) describing the cluster;
+    /// watched for changes.
+    #[arg(long, env = "WEFT_MANIFESTS")]
+    pub manifests: PathBuf,
+
+    /// File of `<node> <token>` lines: the bootstrap token of each node proxy.
+    #[arg(long, env = "WEFT_NODE_TOKENS")]
+    pub node_tokens: PathBuf,
+
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = weft_certs::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Directory for state: the generated CA (`ca.pem`, private) and the
+    /// roots for proxies to bootstrap from (`root-cert.pem`).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+
+    /// Bring-your-own CA: PEM chain of the signing certificate up to its root.
+    #[arg(long, env = "WEFT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Bring-your-own CA: the signing key (PKCS#8 PEM).
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Lifetime of workload certificates, in seconds.
+    #[arg(long, env = "WEFT_CERT_LIFETIME_SECONDS", default_value_t = 24 * 3600)]
+    pub cert_lifetime_seconds: u64,
+
+    /// Namespace of the control plane's own identity.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE_NAMESPACE",
+        default_value = "weft-system"
+    )]
+    pub namespace: String,
+
+    /// ServiceAccount of the control plane's own identity.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE_SERVICE_ACCOUNT",
+        default_value = "weft-control-plane"
+    )]
+    pub service_account: String,
+
+    /// gRPC (config streams, certificate signing) over TLS.
+    #[arg(long, env = "WEFT_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    pub grpc_addr: SocketAddr,
+
+    /// Health, metrics and debug pages.
+    #[arg(long, env = "WEFT_MONITORING_ADDR", default_value = "0.0.0.0:15014")]
+    pub monitoring_addr: SocketAddr,
+
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

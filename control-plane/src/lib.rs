@@ -1,0 +1,28 @@
+//! The weft control plane: turns cluster state into what each node proxy
+//! needs, streams it, and is the only party that vouches for identities.
+//!
+//! Data flows one way: a source (today the local manifests directory,
+//! [`manifests`]) produces a [`cluster::ClusterState`]; [`mesh::Mesh::derive`]
+//! turns it into workloads and services; each proxy's stream
+//! ([`config_stream`]) cuts its node's [`view::NodeView`] out of the mesh and
+//! sends the difference to what it sent before. [`signing`] signs CSRs for
+//! identities that run on the caller's node. Start reading at [`app::run`].
+//!
+//! Not here: the node proxy (crate `weft-proxy`), certificate mechanics
+//! (crate `weft-certs`), and the wire types (crate `weft-api`).
+
+pub mod app;
+pub mod cluster;
+pub mod config;
+pub mod config_stream;
+mod error;
+pub mod manifests;
+pub mod mesh;
+pub mod monitoring;
+pub mod node_auth;
+pub mod registry;
+pub mod serving_cert;
+pub mod signing;
+pub mod view;
+
+pub use error::Error;

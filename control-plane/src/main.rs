@@ -1,0 +1,32 @@
+//! The `weft-control-plane` binary.
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use weft_control_plane::config::{ControlPlaneConfig, LogFormat};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = ControlPlaneConfig::parse();
+    let filter = EnvFilter::try_new(&config.log_level).context("parsing --log-level")?;
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Text => subscriber.init(),
+    }
+    tracing::info!(config = %serde_json::to_string(&config)?, "starting weft-control-plane");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    weft_control_plane::app::run(config, shutdown).await?;
+    Ok(())
+}

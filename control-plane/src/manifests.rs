@@ -1,0 +1,226 @@
+//! The local-manifests source: a directory of Kubernetes YAML files, read at
+//! start and re-read when it changes. It is the embedded default when there
+//! is no cluster, and it behaves like one: objects appear, change and vanish
+//! as files are edited.
+//!
+//! A file is taken whole or not at all: if any document in it is broken, the
+//! file's last good objects stay in force and the problem is reported with the
+//! file name, document index and reason. Other files are unaffected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::cluster::{ClusterObject, ClusterState, ObjectProblem};
+
+/// Largest manifest file read; bigger files are refused, not truncated.
+const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Editors write a file in several steps; wait this long for quiet.
+const SETTLE: Duration = Duration::from_millis(30);
+
+/// One problem found in a manifest file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestProblem {
+    /// The file.
+    pub file: PathBuf,
+    /// The document's index in the file (0-based), if the problem is in one document.
+    pub document: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ManifestProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.document {
+            Some(doc) => write!(f, "{} document {doc}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+/// The directory's content as last read: good objects per file, and problems.
+#[derive(Debug, Default)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    /// The last good objects of each file.
+    files: BTreeMap<PathBuf, Vec<ClusterObject>>,
+    /// Problems of the last read, by file.
+    problems: BTreeMap<PathBuf, Vec<ManifestProblem>>,
+}
+
+impl ManifestDir {
+    /// A source for `dir`; nothing is read until [`ManifestDir::reload`].
+    pub fn new(dir: &Path) -> ManifestDir {
+        ManifestDir {
+            dir: dir.to_owned(),
+            ..ManifestDir::default()
+        }
+    }
+
+    /// Re-reads every `*.yaml` / `*.yml` file. Files that vanished drop their
+    /// objects; files with problems keep their last good objects.
+    pub fn reload(&mut self) -> Result<(), Error> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| Error::ReadManifests {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut present = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_yaml = path
+                .extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml");
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if is_yaml && !hidden && path.is_file() {
+                present.push(path);
+            }
+        }
+        self.files.retain(|path, _| present.contains(path));
+        self.problems.retain(|path, _| present.contains(path));
+        for path in present {
+            match read_file(&path) {
+                Ok(objects) => {
+                    self.problems.remove(&path);
+                    self.files.insert(path, objects);
+                }
+                Err(problems) => {
+                    for problem in &problems {
+                        warn!(%problem, "manifest refused; keeping the file's last good objects");
+                    }
+                    self.problems.insert(path, problems);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster as the good objects of all files describe it. When two
+    /// files define the same object, the later file (by name) wins.
+    pub fn state(&self) -> ClusterState {
+        let mut state = ClusterState::default();
+        for (path, objects) in &self.files {
+            for object in objects {
+                if state.insert(object.clone()) {
+                    warn!(file = %path.display(), object = %object.describe(), "object defined twice; the later file wins");
+                }
+            }
+        }
+        state
+    }
+
+    /// Problems found by the last reload.
+    pub fn problems(&self) -> Vec<ManifestProblem> {
+        self.problems.values().flatten().cloned().collect()
+    }
+}
+
+/// Reads one file into objects, or every problem that stops it.
+fn read_file(path: &Path) -> Result<Vec<ClusterObject>, Vec<ManifestProblem>> {
+    let problem = |document: Option<usize>, reason: String| ManifestProblem {
+        file: path.to_owned(),
+        document,
+        reason,
+    };
+    let text = std::fs::metadata(path)
+        .map_err(|e| e.to_string())
+        .and_then(|meta| {
+            if meta.len() > MAX_FILE_BYTES {
+                Err(format!(
+                    "{} bytes, the limit is {MAX_FILE_BYTES}",
+                    meta.len()
+                ))
+            } else {
+                std::fs::read_to_string(path).map_err(|e| e.to_string())
+            }
+        })
+        .map_err(|reason| vec![problem(None, reason)])?;
+    let documents = parse_documents(&text).map_err(|reason| vec![problem(None, reason)])?;
+
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        if document.is_null() {
+            continue;
+        }
+        match ClusterObject::from_value(document) {
+            Ok(object) => objects.push(object),
+            Err(ObjectProblem::Ignored { kind }) => {
+                debug!(file = %path.display(), index, kind, "ignoring object of an unused kind");
+            }
+            Err(ObjectProblem::Invalid { reason }) => problems.push(problem(Some(index), reason)),
+        }
+    }
+    if problems.is_empty() {
+        Ok(objects)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Splits a multi-document YAML text into JSON values.
+pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
+    serde_saphyr::from_multiple::<Value>(text).map_err(|e| format!("invalid YAML: {e}"))
+}
+
+/// Watches `dir` and publishes a new [`ClusterState`] after every change.
+/// Returns the receiver of states (the first one already read) and of the
+/// current problems. The watcher runs until the returned receivers are gone.
+pub fn watch_dir(
+    dir: &Path,
+) -> Result<
+    (
+        watch::Receiver<ClusterState>,
+        watch::Receiver<Vec<ManifestProblem>>,
+    ),
+    Error,
+> {
+    let mut source = ManifestDir::new(dir);
+    source.reload()?;
+    info!(dir = %dir.display(), files = source.files.len(), "read local manifests");
+    let (state_tx, state_rx) = watch::channel(source.state());
+    let (problems_tx, problems_rx) = watch::channel(source.problems());
+
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // The receiver only needs to know that something happened.
+        let _ = event_tx.send(event.is_ok());
+    })
+    .map_err(|source| Error::WatchManifests {
+        path: dir.to_owned(),
+        source,
+    })?;
+    notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive).map_err(
+        |source| Error::WatchManifests {
+            path: dir.to_owned(),
+            source,
+        },
+    )?;
+
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropping it stops the watch
+        while event_rx.recv().await.is_some() {
+            // Coalesce a burst of events into one reload.
+            tokio::time::sleep(SETTLE).await;
+            while event_rx.try_recv().is_ok() {}
+            if let Err(error) = source.reload() {
+                warn!(%error, "re-reading manifests failed; keeping the last state");
+                continue;
+            }
+            let problems = source.problems();
+            problems_tx.send_if_modified(|current| {
+                let changed = *current != problems;
+                *current = problems;
+                changed
+            });
+            if state_tx.send(source.state()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((state_rx, problems_rx))
+}

@@ -1,0 +1,242 @@
+//! The mesh model: what the cluster's objects mean for the mesh. Workloads
+//! (pods with an identity, a node, IPs and whether they are meshed) and
+//! services (VIPs, ports, endpoints). Derived from a [`ClusterState`] as a
+//! whole, so it is always consistent with one snapshot of the sources.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_api::v1 as pb;
+use weft_certs::Identity;
+
+use crate::cluster::ClusterState;
+
+/// The label that turns the mesh on for a namespace, or on or off for a pod.
+pub const MESH_LABEL: &str = "weft.dev/mesh";
+/// The EndpointSlice label naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshWorkload {
+    /// The wire form sent to proxies.
+    pub workload: pb::Workload,
+    /// The parsed identity.
+    pub identity: Identity,
+    /// Whether the pod is in phase Running (only running pods get certificates).
+    pub running: bool,
+}
+
+/// The whole mesh, derived from one snapshot of the cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mesh {
+    /// Workloads by uid (`<namespace>/<pod>`).
+    pub workloads: BTreeMap<String, MeshWorkload>,
+    /// Services by `<namespace>/<name>`.
+    pub services: BTreeMap<String, pb::Service>,
+    /// The mesh roots and trust domain.
+    pub trust: pb::TrustBundle,
+}
+
+impl Mesh {
+    /// Derives the mesh from the cluster. Pods that cannot be part of it
+    /// (finished, unscheduled, or whose identity is invalid) are left out.
+    pub fn derive(cluster: &ClusterState, trust: pb::TrustBundle) -> Mesh {
+        let mut workloads = BTreeMap::new();
+        for (uid, pod) in &cluster.pods {
+            if let Some(workload) = workload_of(cluster, uid, pod, &trust.trust_domain) {
+                workloads.insert(uid.clone(), workload);
+            }
+        }
+        let services = cluster
+            .services
+            .iter()
+            .map(|(key, service)| (key.clone(), service_of(cluster, service)))
+            .collect();
+        Mesh {
+            workloads,
+            services,
+            trust,
+        }
+    }
+
+    /// Whether `node` runs a running, meshed pod with `identity`: the CA's
+    /// condition for signing that identity for that node.
+    pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
+        self.workloads.values().any(|w| {
+            w.running && w.workload.meshed && w.workload.node == node && &w.identity == identity
+        })
+    }
+}
+
+fn workload_of(
+    cluster: &ClusterState,
+    uid: &str,
+    pod: &Pod,
+    trust_domain: &str,
+) -> Option<MeshWorkload> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    if phase == "Succeeded" || phase == "Failed" {
+        return None;
+    }
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let identity = match Identity::new(trust_domain, &namespace, &service_account) {
+        Ok(identity) => identity,
+        Err(error) => {
+            tracing::warn!(pod = uid, %error, "pod left out of the mesh: no valid identity");
+            return None;
+        }
+    };
+
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status.and_then(|s| s.pod_ip.clone())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let namespace_meshed = cluster
+        .namespaces
+        .get(&namespace)
+        .and_then(|ns| ns.metadata.labels.as_ref())
+        .and_then(|labels| labels.get(MESH_LABEL))
+        .is_some_and(|value| value == "enabled");
+    let meshed = match labels.get(MESH_LABEL).map(String::as_str) {
+        Some("enabled") => true,
+        Some("disabled") => false,
+        _ => namespace_meshed,
+    };
+
+    Some(MeshWorkload {
+        workload: pb::Workload {
+            uid: uid.to_owned(),
+            namespace,
+            name,
+            service_account,
+            identity: identity.to_string(),
+            node,
+            ips,
+            meshed,
+            labels: labels.into_iter().collect(),
+        },
+        identity,
+        running: phase == "Running",
+    })
+}
+
+fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
+    let namespace = service.metadata.namespace.clone().unwrap_or_default();
+    let name = service.metadata.name.clone().unwrap_or_default();
+    let spec = service.spec.as_ref();
+    let mut vips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    if let Some(ip) = spec.and_then(|s| s.cluster_ip.clone())
+        && !vips.contains(&ip)
+    {
+        vips.insert(0, ip);
+    }
+    vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+
+    let slices: Vec<_> = cluster
+        .endpoint_slices
+        .values()
+        .filter(|slice| {
+            slice.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|svc| svc == &name)
+        })
+        .collect();
+
+    let mut endpoints = Vec::new();
+    for slice in &slices {
+        let ports: BTreeMap<String, u32> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
+            .collect();
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true); // unset means ready, per the EndpointSlice API
+            let workload_uid = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .map(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(&namespace);
+                    format!("{ns}/{}", r.name.as_deref().unwrap_or(""))
+                })
+                .unwrap_or_default();
+            for ip in &endpoint.addresses {
+                if ip.parse::<std::net::IpAddr>().is_ok() {
+                    endpoints.push(pb::Endpoint {
+                        workload_uid: workload_uid.clone(),
+                        ip: ip.clone(),
+                        ready,
+                        ports: ports.clone().into_iter().collect(),
+                    });
+                }
+            }
+        }
+    }
+    endpoints.sort_by(|a, b| (&a.ip, &a.workload_uid).cmp(&(&b.ip, &b.workload_uid)));
+
+    let ports = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|port| {
+            let service_port = port_number(port.port)?;
+            let port_name = port.name.clone().unwrap_or_default();
+            let from_slice = slices
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+                .and_then(|p| port_number(p.port?));
+            let target_port = match (&port.target_port, from_slice) {
+                (_, Some(resolved)) => resolved,
+                (Some(IntOrString::Int(n)), None) => port_number(*n).unwrap_or(0),
+                (Some(IntOrString::String(_)), None) => 0,
+                (None, None) => service_port,
+            };
+            Some(pb::ServicePort {
+                name: port_name,
+                port: service_port,
+                target_port,
+            })
+        })
+        .collect();
+
+    pb::Service {
+        namespace,
+        name,
+        vips,
+        ports,
+        endpoints,
+    }
+}
+
+fn port_number(port: i32) -> Option<u32> {
+    u32::try_from(port).ok().filter(|p| (1..=65535).contains(p))
+}

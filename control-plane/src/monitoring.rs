@@ -1,0 +1,118 @@
+//! The monitoring port (15014): health, Prometheus metrics, and debug pages
+//! that show what the control plane believes (connected proxies and the
+//! versions they applied, manifest problems).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::manifests::ManifestProblem;
+use crate::registry::NodeRegistry;
+
+/// What the monitoring pages show.
+pub struct Monitoring {
+    /// Prometheus metrics.
+    pub metrics: Registry,
+    /// Connected proxies.
+    pub nodes: Arc<NodeRegistry>,
+    /// Current manifest problems.
+    pub problems: watch::Receiver<Vec<ManifestProblem>>,
+    /// The configuration, as shown at start.
+    pub config_json: String,
+}
+
+/// Serves the monitoring pages on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, monitoring: Arc<Monitoring>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let monitoring = monitoring.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let monitoring = monitoring.clone();
+                async move { Ok::<_, Infallible>(route(&monitoring, &request)) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, %error, "monitoring connection failed");
+            }
+        });
+    }
+}
+
+fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match request.uri().path() {
+        "/healthz" | "/ready" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &monitoring.metrics) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/debug/nodes" => json(&monitoring.nodes.snapshot()),
+        "/debug/manifests" => {
+            let problems: Vec<String> = monitoring
+                .problems
+                .borrow()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            json(&problems)
+        }
+        "/debug/config" => reply(
+            StatusCode::OK,
+            "application/json",
+            monitoring.config_json.clone(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}

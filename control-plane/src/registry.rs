@@ -1,0 +1,144 @@
+//! What the control plane knows about the proxies talking to it: which nodes
+//! are connected, which version each was sent and acknowledged, and what each
+//! refused. Shown on the monitoring port and counted in metrics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// One node proxy's conversation, as last seen.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeStatus {
+    /// Open config streams from this node (normally 0 or 1).
+    pub streams: u32,
+    /// When the current stream opened (seconds since the epoch).
+    pub connected_since: Option<u64>,
+    /// The proxy's build as it reported it.
+    pub proxy_version: String,
+    /// The last version sent.
+    pub sent_version: u64,
+    /// The last version the proxy acknowledged.
+    pub acked_version: u64,
+    /// The last refused version and the proxy's reason.
+    pub last_nack: Option<(u64, String)>,
+}
+
+/// Labels of per-outcome counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// What happened, e.g. "ack", "nack", "issued", "denied".
+    pub outcome: String,
+}
+
+/// Node statuses plus the control plane's metrics.
+#[derive(Debug, Default)]
+pub struct NodeRegistry {
+    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    connected: Gauge,
+    config_updates: Family<OutcomeLabels, Counter>,
+    certificates: Family<OutcomeLabels, Counter>,
+}
+
+impl NodeRegistry {
+    /// A registry whose metrics are registered in `metrics`.
+    pub fn new(metrics: &mut Registry) -> Arc<NodeRegistry> {
+        let registry = NodeRegistry::default();
+        metrics.register(
+            "weft_control_plane_connected_proxies",
+            "Open config streams from node proxies",
+            registry.connected.clone(),
+        );
+        metrics.register(
+            "weft_control_plane_config_updates",
+            "Config updates by outcome (sent, ack, nack)",
+            registry.config_updates.clone(),
+        );
+        metrics.register(
+            "weft_control_plane_certificates",
+            "Certificate signing requests by outcome",
+            registry.certificates.clone(),
+        );
+        Arc::new(registry)
+    }
+
+    fn with_node<T>(&self, node: &str, f: impl FnOnce(&mut NodeStatus) -> T) -> T {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        f(nodes.entry(node.to_owned()).or_default())
+    }
+
+    /// A stream from `node` opened.
+    pub fn connected(&self, node: &str, proxy_version: &str) {
+        self.connected.inc();
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        self.with_node(node, |status| {
+            status.streams += 1;
+            status.connected_since = since;
+            status.proxy_version = proxy_version.to_owned();
+        });
+    }
+
+    /// A stream from `node` closed.
+    pub fn disconnected(&self, node: &str) {
+        self.connected.dec();
+        self.with_node(node, |status| {
+            status.streams = status.streams.saturating_sub(1);
+            if status.streams == 0 {
+                status.connected_since = None;
+            }
+        });
+    }
+
+    /// `version` was sent to `node`.
+    pub fn sent(&self, node: &str, version: u64) {
+        self.count_update("sent");
+        self.with_node(node, |status| status.sent_version = version);
+    }
+
+    /// `node` applied `version`.
+    pub fn acked(&self, node: &str, version: u64) {
+        self.count_update("ack");
+        self.with_node(node, |status| status.acked_version = version);
+    }
+
+    /// `node` refused `version`.
+    pub fn nacked(&self, node: &str, version: u64, reason: &str) {
+        self.count_update("nack");
+        self.with_node(node, |status| {
+            status.last_nack = Some((version, reason.to_owned()));
+        });
+    }
+
+    /// Counts a signing request's outcome.
+    pub fn certificate(&self, outcome: &str) {
+        self.certificates
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    fn count_update(&self, outcome: &str) {
+        self.config_updates
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A copy of every node's status.
+    pub fn snapshot(&self) -> BTreeMap<String, NodeStatus> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}

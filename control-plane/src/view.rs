@@ -1,0 +1,110 @@
+//! A node's view of the mesh: what one node proxy needs, and the difference
+//! between two views as the delta the proxy receives.
+//!
+//! A node gets its own pods in full (labels included, for policy), the pods
+//! of other nodes without labels (a source proxy needs where and who, not
+//! how they are selected), every Service, and the trust bundle. Because the
+//! remote form leaves labels out, a label change on one node's pod reaches
+//! only that node.
+
+use std::collections::BTreeMap;
+
+use weft_api::v1 as pb;
+
+use crate::mesh::Mesh;
+
+/// Everything one node proxy holds, keyed as on the wire.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeView {
+    /// Pods on this node.
+    pub local: BTreeMap<String, pb::Workload>,
+    /// Pods on other nodes, without labels.
+    pub remote: BTreeMap<String, pb::Workload>,
+    /// Services by `<namespace>/<name>`.
+    pub services: BTreeMap<String, pb::Service>,
+    /// Mesh roots.
+    pub trust: pb::TrustBundle,
+}
+
+impl NodeView {
+    /// The view of `node` in `mesh`.
+    pub fn of(mesh: &Mesh, node: &str) -> NodeView {
+        let mut view = NodeView {
+            services: mesh.services.clone(),
+            trust: mesh.trust.clone(),
+            ..NodeView::default()
+        };
+        for (uid, workload) in &mesh.workloads {
+            if workload.workload.node == node {
+                view.local.insert(uid.clone(), workload.workload.clone());
+            } else {
+                let remote = pb::Workload {
+                    labels: Default::default(),
+                    ..workload.workload.clone()
+                };
+                view.remote.insert(uid.clone(), remote);
+            }
+        }
+        view
+    }
+
+    /// This view as a full state at `version`.
+    pub fn full_update(&self, version: u64) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version,
+            full_state: true,
+            local_workloads: self.local.values().cloned().collect(),
+            remote_workloads: self.remote.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            trust: Some(self.trust.clone()),
+            ..pb::ConfigUpdate::default()
+        }
+    }
+
+    /// What turns `self` into `next`, as a delta at `version`; `None` when
+    /// nothing this node sees has changed.
+    pub fn delta_to(&self, next: &NodeView, version: u64) -> Option<pb::ConfigUpdate> {
+        let (local_workloads, removed_local_workloads) = diff(&self.local, &next.local);
+        let (remote_workloads, removed_remote_workloads) = diff(&self.remote, &next.remote);
+        let (services, removed_services) = diff(&self.services, &next.services);
+        let trust = (self.trust != next.trust).then(|| next.trust.clone());
+        let update = pb::ConfigUpdate {
+            version,
+            full_state: false,
+            local_workloads,
+            removed_local_workloads,
+            remote_workloads,
+            removed_remote_workloads,
+            services,
+            removed_services,
+            trust,
+        };
+        let empty = update.local_workloads.is_empty()
+            && update.removed_local_workloads.is_empty()
+            && update.remote_workloads.is_empty()
+            && update.removed_remote_workloads.is_empty()
+            && update.services.is_empty()
+            && update.removed_services.is_empty()
+            && update.trust.is_none();
+        (!empty).then_some(update)
+    }
+}
+
+/// Entries of `next` that are new or differ from `old`, and keys of `old`
+/// that `next` lacks.
+fn diff<T: Clone + PartialEq>(
+    old: &BTreeMap<String, T>,
+    next: &BTreeMap<String, T>,
+) -> (Vec<T>, Vec<String>) {
+    let changed = next
+        .iter()
+        .filter(|(key, value)| old.get(*key) != Some(value))
+        .map(|(_, value)| value.clone())
+        .collect();
+    let removed = old
+        .keys()
+        .filter(|key| !next.contains_key(*key))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
