@@ -1,0 +1,39 @@
+//! Arbitrary text as a manifest file: YAML documents into cluster objects,
+//! then into the mesh model and every node's view. Nothing may panic, and a
+//! view's full state must round-trip through its own delta.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use weft_api::v1 as pb;
+use weft_control_plane::cluster::{ClusterObject, ClusterState};
+use weft_control_plane::manifests::parse_documents;
+use weft_control_plane::mesh::Mesh;
+use weft_control_plane::view::NodeView;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(documents) = parse_documents(text) else {
+        return;
+    };
+    let mut cluster = ClusterState::default();
+    for document in documents {
+        if let Ok(object) = ClusterObject::from_value(document) {
+            let _ = object.describe();
+            cluster.insert(object);
+        }
+    }
+    let trust = pb::TrustBundle {
+        trust_domain: "cluster.local".into(),
+        roots_pem: String::new(),
+    };
+    let mesh = Mesh::derive(&cluster, trust);
+    let empty = NodeView::default();
+    for workload in mesh.workloads.values() {
+        let view = NodeView::of(&mesh, &workload.workload.node);
+        let _ = view.full_update(1);
+        let _ = empty.delta_to(&view, 2);
+        assert_eq!(view.delta_to(&view, 3), None, "a view differs from itself");
+    }
+});

@@ -1,0 +1,203 @@
+//! The proxy's own settings, from flags and environment variables, in one
+//! typed struct. It is logged at start-up and shown by the admin endpoint, so
+//! what the proxy believes it was told is never a guess. It holds paths, not
+//! secrets: the token is read from its file on every use.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use weft_certs::Identity;
+
+/// The control plane's identity unless configured otherwise.
+pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str =
+    "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane";
+
+/// How the proxy writes its logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the node proxy is configured with.
+#[derive(Clone, Debug, clap::Parser, Serialize)]
+#[command(name = "weft-proxy", version, about = "The weft node proxy")]
+pub struct ProxyConfig {
+    /// The Kubernetes node this proxy runs on.
+    #[arg(long, env = "WEFT_NODE")]
+    pub node: String,
+
+    /// The control plane's gRPC address, host:port (TLS).
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE",
+        default_value = "127.0.0.1:15012",
+        value_parser = parse_host_port
+    )]
+    pub control_plane: String,
+
+    /// File holding the node's token for the control plane; re-read on
+    /// every connection, so it can be rotated in place.
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+
+    /// PEM file with the mesh roots that authenticate the control plane
+    /// before any config arrives; re-read on every connection.
+    #[arg(long, env = "WEFT_ROOT_CERT")]
+    pub root_cert: PathBuf,
+
+    /// The SPIFFE identity the control plane must prove.
+    #[arg(
+        long,
+        env = "WEFT_CONTROL_PLANE_IDENTITY",
+        default_value = DEFAULT_CONTROL_PLANE_IDENTITY,
+        value_parser = parse_identity
+    )]
+    #[serde(serialize_with = "crate::node_view::display")]
+    pub control_plane_identity: Identity,
+
+    /// Where the admin endpoint listens (config dump, certificates, health).
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,weft_proxy=debug`).
+    #[arg(long, env = "WEFT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl fmt::Display for ProxyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
+             admin_addr={} log_format={} log_level={}",
+            self.node,
+            self.control_plane,
+            self.control_plane_identity,
+            self.token_file.display(),
+            self.root_cert.display(),
+            self.admin_addr,
+            self.log_format,
+            self.log_level,
+        )
+    }
+}
+
+fn parse_identity(input: &str) -> Result<Identity, String> {
+    Identity::parse(input).map_err(|e| e.to_string())
+}
+
+/// Accepts `host:port` and `[v6]:port`; the host is resolved when connecting.
+fn parse_host_port(input: &str) -> Result<String, String> {
+    split_host_port(input).map(|_| input.to_owned())
+}
+
+/// Splits `host:port` (or `[v6]:port`) into its host, without brackets, and
+/// port.
+pub(crate) fn split_host_port(input: &str) -> Result<(&str, u16), String> {
+    let (host, port) = input
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port".to_owned())?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("port {port:?} is not a number from 1 to 65535: {e}"))?;
+    if port == 0 {
+        return Err("port 0 cannot be dialled".into());
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err("the host is empty".into());
+    }
+    if host.contains(':') && !input.starts_with('[') {
+        return Err("an IPv6 address must be written in brackets, [addr]:port".into());
+    }
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_apply_and_required_flags_are_required() {
+        let config = ProxyConfig::try_parse_from([
+            "weft-proxy",
+            "--node",
+            "node-1",
+            "--token-file",
+            "/run/token",
+            "--root-cert",
+            "/run/roots.pem",
+        ])
+        .unwrap();
+        assert_eq!(config.control_plane, "127.0.0.1:15012");
+        assert_eq!(
+            config.control_plane_identity.as_str(),
+            DEFAULT_CONTROL_PLANE_IDENTITY
+        );
+        assert_eq!(config.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.log_level, "info");
+        assert!(config.to_string().contains("node=node-1"));
+
+        let missing = ProxyConfig::try_parse_from(["weft-proxy", "--token-file", "/t"]);
+        assert!(missing.is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        let parse = |flag: &str, value: &str| {
+            ProxyConfig::try_parse_from([
+                "weft-proxy",
+                "--node=n",
+                "--token-file=/t",
+                "--root-cert=/r",
+                flag,
+                value,
+            ])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let err = parse("--control-plane-identity", "spiffe://cluster.local/x").unwrap_err();
+        assert!(err.contains("path must be /ns/"), "{err}");
+        assert!(parse("--control-plane", "cp.weft-system.svc:15012").is_ok());
+        assert!(parse("--control-plane", "[::1]:15012").is_ok());
+        assert!(parse("--control-plane", "cp:http").is_err());
+        assert!(parse("--control-plane", "::1:15012").is_err());
+        assert!(parse("--log-format", "xml").is_err());
+    }
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(split_host_port("a.b:1").unwrap(), ("a.b", 1));
+        assert_eq!(
+            split_host_port("[fd00::1]:15012").unwrap(),
+            ("fd00::1", 15012)
+        );
+        assert!(split_host_port(":15012").is_err());
+        assert!(split_host_port("host:0").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The proxy's side of the `NodeConfig.Stream` conversation: say Hello,
+//! apply each update to the [`NodeView`], answer Ack or Nack, and never stop
+//! trying. Whatever goes wrong (the control plane is down, the stream breaks,
+//! a delta cannot be followed) the last good view keeps serving while the
+//! client reconnects with backoff; a new stream starts with a full state.
+//!
+//! The rest of the proxy reads the view through a `tokio::sync::watch`
+//! channel of `Arc` snapshots ([`ViewReceiver`]) and reacts to changes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tracing::{Instrument, info, info_span, warn};
+use weft_api::v1::node_config_client::NodeConfigClient;
+use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
+
+use crate::backoff::Backoff;
+use crate::node_view::NodeView;
+use crate::transport::SharedTransport;
+use crate::{Error, error_chain};
+
+/// The first delay before reconnecting, doubled after each failure.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+/// The longest delay before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(15);
+/// How long to wait for the control plane to close a stream the proxy is
+/// leaving, so that the last Nack is delivered before the connection goes.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Outgoing messages queued for the stream (Hello, Acks, Nacks).
+const OUTGOING_QUEUE: usize = 16;
+
+/// The view as last applied; `None` until the first full state arrives.
+pub type ViewReceiver = watch::Receiver<Option<Arc<NodeView>>>;
+
+/// What the proxy knows about its link to the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneStatus {
+    /// Whether a config stream is open now.
+    pub connected: bool,
+    /// Since when `connected` has had its value.
+    pub since: SystemTime,
+    /// How many config streams have been opened since start.
+    pub streams_opened: u64,
+    /// Why the last connection or stream failed, if one did.
+    pub last_error: Option<String>,
+    /// The last update the proxy refused, if any.
+    pub last_nack: Option<RefusedUpdate>,
+}
+
+/// An update the proxy refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedUpdate {
+    /// Its version.
+    pub version: u64,
+    /// The NACK reason sent back.
+    pub reason: String,
+    /// When it was refused.
+    pub at: SystemTime,
+}
+
+/// The client of the config stream. Create it, take the receivers it offers,
+/// then [`run`](ControlPlaneClient::run) it for the life of the proxy.
+pub struct ControlPlaneClient {
+    transport: SharedTransport,
+    node: String,
+    view: watch::Sender<Option<Arc<NodeView>>>,
+    status: watch::Sender<ControlPlaneStatus>,
+}
+
+impl ControlPlaneClient {
+    /// A client for the proxy of `node`, not yet connected.
+    pub fn new(transport: SharedTransport, node: String) -> ControlPlaneClient {
+        let (view, _) = watch::channel(None);
+        let (status, _) = watch::channel(ControlPlaneStatus {
+            connected: false,
+            since: SystemTime::now(),
+            streams_opened: 0,
+            last_error: None,
+            last_nack: None,
+        });
+        ControlPlaneClient {
+            transport,
+            node,
+            view,
+            status,
+        }
+    }
+
+    /// The applied view, updated with every accepted update.
+    pub fn view(&self) -> ViewReceiver {
+        self.view.subscribe()
+    }
+
+    /// The link's status, updated on every change.
+    pub fn status(&self) -> watch::Receiver<ControlPlaneStatus> {
+        self.status.subscribe()
+    }
+
+    /// Follows config streams forever, reconnecting after every failure
+    /// with exponential backoff and jitter. The backoff starts over after a
+    /// stream that delivered a config the proxy applied.
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+        let mut attempt: u64 = 0;
+        loop {
+            attempt += 1;
+            let span = info_span!(
+                "control_plane",
+                address = %self.transport.address(),
+                attempt
+            );
+            let mut applied = false;
+            let error = self.follow_stream(&mut applied).instrument(span).await;
+            if applied {
+                backoff.reset();
+            }
+            let reason = error_chain(&error);
+            self.status.send_modify(|status| {
+                if status.connected {
+                    status.connected = false;
+                    status.since = SystemTime::now();
+                }
+                status.last_error = Some(reason.clone());
+            });
+            let delay = backoff.next_delay();
+            let serving = self.view.borrow().as_ref().map(|view| view.version());
+            warn!(
+                attempt,
+                address = %self.transport.address(),
+                retry_in_ms = delay.as_millis() as u64,
+                serving_version = ?serving,
+                reason = %reason,
+                "no config stream from the control plane; reconnecting"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Opens one stream and follows it until it fails; sets `applied` once
+    /// an update from it has been applied. Only ever returns an error.
+    async fn follow_stream(&self, applied: &mut bool) -> Error {
+        let Err(error) = self.try_follow_stream(applied).await;
+        error
+    }
+
+    async fn try_follow_stream(
+        &self,
+        applied: &mut bool,
+    ) -> Result<std::convert::Infallible, Error> {
+        let address = self.transport.address().to_owned();
+        let known_roots = self
+            .view
+            .borrow()
+            .as_ref()
+            .map(|view| view.trust().bundle.clone());
+        let channel = self.transport.connect(known_roots.as_ref()).await?;
+        let token = self.transport.token().await?;
+        let mut client = NodeConfigClient::with_interceptor(channel, token);
+
+        let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
+        let hello = proxy_message::Kind::Hello(Hello {
+            node: self.node.clone(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+        });
+        send(&outgoing, hello, "Hello", &address).await?;
+        let mut updates = client
+            .stream(ReceiverStream::new(queue))
+            .await
+            .map_err(|status| Error::OpenStream {
+                address: address.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?
+            .into_inner();
+        self.status.send_modify(|status| {
+            status.connected = true;
+            status.since = SystemTime::now();
+            status.streams_opened += 1;
+        });
+        info!("config stream open");
+
+        loop {
+            let update = match updates.message().await {
+                Ok(Some(update)) => update,
+                Ok(None) => return Err(Error::StreamEnded { address }),
+                Err(status) => {
+                    return Err(Error::StreamBroken {
+                        address,
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    });
+                }
+            };
+            let version = update.version;
+            match self.apply(&update) {
+                Ok(()) => {
+                    *applied = true;
+                    let ack = proxy_message::Kind::Ack(Ack { version });
+                    send(&outgoing, ack, "Ack", &address).await?;
+                }
+                Err(problem) => {
+                    let reason = problem.to_string();
+                    let nack = proxy_message::Kind::Nack(Nack { version, reason });
+                    send(&outgoing, nack, "Nack", &address).await?;
+                    if problem.needs_full_state() {
+                        // Every later delta builds on a version this proxy
+                        // lacks; a new stream starts with a full state.
+                        drop(outgoing);
+                        close_gracefully(&mut updates).await;
+                        return Err(Error::OutOfSync { address, problem });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one update to the current view and publishes the result, or
+    /// records why it was refused; a refused update publishes nothing.
+    fn apply(&self, update: &ConfigUpdate) -> Result<(), crate::UpdateProblem> {
+        let current = self.view.borrow().clone();
+        match NodeView::apply(current.as_deref(), update, &self.node) {
+            Ok(view) => {
+                info!(
+                    version = update.version,
+                    full_state = update.full_state,
+                    local_workloads = view.local_workloads().len(),
+                    remote_workloads = view.remote_workloads().len(),
+                    services = view.services().len(),
+                    "applied config"
+                );
+                self.view.send_replace(Some(Arc::new(view)));
+                Ok(())
+            }
+            Err(problem) => {
+                warn!(
+                    version = update.version,
+                    full_state = update.full_state,
+                    applied_version = current.as_ref().map(|v| v.version()),
+                    reason = %problem,
+                    "refused config; keeping the last good one"
+                );
+                let refused = RefusedUpdate {
+                    version: update.version,
+                    reason: problem.to_string(),
+                    at: SystemTime::now(),
+                };
+                self.status
+                    .send_modify(|status| status.last_nack = Some(refused));
+                Err(problem)
+            }
+        }
+    }
+}
+
+async fn send(
+    outgoing: &mpsc::Sender<ProxyMessage>,
+    kind: proxy_message::Kind,
+    what: &'static str,
+    address: &str,
+) -> Result<(), Error> {
+    outgoing
+        .send(ProxyMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| Error::StreamClosed {
+            what,
+            address: address.to_owned(),
+        })
+}
+
+/// Waits (briefly) for the control plane to end a stream whose sending side
+/// the proxy has closed, so that what the proxy sent last is delivered
+/// before the connection is dropped. Updates arriving meanwhile are ignored.
+async fn close_gracefully(updates: &mut Streaming<ConfigUpdate>) {
+    let drained = async { while let Ok(Some(_)) = updates.message().await {} };
+    let _ = tokio::time::timeout(CLOSE_GRACE, drained).await;
+}

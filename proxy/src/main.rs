@@ -1,0 +1,46 @@
+//! `weft-proxy`: the node proxy binary. Parses the config, sets up logging,
+//! starts the control side and runs until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+use weft_proxy::{LogFormat, NodeProxy, ProxyConfig};
+
+fn main() -> anyhow::Result<()> {
+    let config = ProxyConfig::parse();
+    init_logging(&config)?;
+    info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weft-proxy")
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(config))
+}
+
+async fn run(config: ProxyConfig) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut proxy = NodeProxy::start(config).await?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received; shutting down"),
+        _ = interrupt.recv() => info!("SIGINT received; shutting down"),
+        why = proxy.stopped() => anyhow::bail!("{why}"),
+    }
+    proxy.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+fn init_logging(config: &ProxyConfig) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&config.log_level)
+        .with_context(|| format!("parsing --log-level {:?}", config.log_level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let installed = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
+}

@@ -1,0 +1,114 @@
+//! The control side of a node proxy, wired together: the config stream, the
+//! workload certificates and the admin endpoint, each a task, sharing state
+//! through watch channels. The binary starts one of these; so do the tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::info;
+
+use crate::admin::{self, AdminState};
+use crate::certificates::{CertificateMap, NodeCertificates};
+use crate::control_plane::{ControlPlaneClient, ControlPlaneStatus, ViewReceiver};
+use crate::transport::ControlPlaneTransport;
+use crate::{Error, ProxyConfig};
+
+/// A running node proxy (control side). Dropping it stops every task.
+pub struct NodeProxy {
+    admin_addr: SocketAddr,
+    view: ViewReceiver,
+    status: watch::Receiver<ControlPlaneStatus>,
+    certificates: watch::Receiver<CertificateMap>,
+    tasks: JoinSet<&'static str>,
+}
+
+impl NodeProxy {
+    /// Checks what can be checked up front (the control-plane address, the
+    /// root file, the admin address), then starts the tasks. The control
+    /// plane need not be reachable yet: the client keeps trying.
+    pub async fn start(config: ProxyConfig) -> Result<NodeProxy, Error> {
+        let transport = Arc::new(ControlPlaneTransport::new(&config)?);
+        let roots = transport.load_roots().await?;
+        info!(
+            path = %config.root_cert.display(),
+            roots = roots.roots().len(),
+            "loaded the roots that authenticate the control plane"
+        );
+        let listener = admin::bind(config.admin_addr).await?;
+        let admin_addr = listener.local_addr().map_err(|source| Error::BindAdmin {
+            addr: config.admin_addr,
+            source,
+        })?;
+
+        let client = ControlPlaneClient::new(transport.clone(), config.node.clone());
+        let view = client.view();
+        let status = client.status();
+        let node_certificates = NodeCertificates::new(transport, view.clone());
+        let certificates = node_certificates.subscribe();
+        let admin_state = AdminState {
+            config: Arc::new(config),
+            view: view.clone(),
+            status: status.clone(),
+            certificates: certificates.clone(),
+        };
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            client.run().await;
+            "control-plane client"
+        });
+        tasks.spawn(async move {
+            node_certificates.run().await;
+            "certificate renewal"
+        });
+        tasks.spawn(async move {
+            admin::serve(listener, admin_state).await;
+            "admin endpoint"
+        });
+        info!(%admin_addr, "admin endpoint listening");
+        Ok(NodeProxy {
+            admin_addr,
+            view,
+            status,
+            certificates,
+            tasks,
+        })
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The applied config.
+    pub fn view(&self) -> ViewReceiver {
+        self.view.clone()
+    }
+
+    /// The link to the control plane.
+    pub fn status(&self) -> watch::Receiver<ControlPlaneStatus> {
+        self.status.clone()
+    }
+
+    /// The workload certificates.
+    pub fn certificates(&self) -> watch::Receiver<CertificateMap> {
+        self.certificates.clone()
+    }
+
+    /// Waits until a task stops, which none should: returns its name, or
+    /// why it stopped if it panicked.
+    pub async fn stopped(&mut self) -> String {
+        match self.tasks.join_next().await {
+            Some(Ok(name)) => format!("the {name} stopped"),
+            Some(Err(e)) => format!("a task failed: {e}"),
+            None => "no tasks are running".to_owned(),
+        }
+    }
+
+    /// Stops every task and waits until they are gone.
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+}

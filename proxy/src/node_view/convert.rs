@@ -1,0 +1,183 @@
+//! Wire messages to typed values, refusing what does not parse. Every
+//! refusal names the entry, the field and the value at fault.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use weft_api::v1;
+use weft_certs::{Identity, TrustBundle};
+
+use super::{Endpoint, EntryKind, Service, ServicePort, Trust, UpdateProblem, Workload};
+
+pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
+    let invalid = |reason: String| UpdateProblem::InvalidTrust { reason };
+    weft_certs::validate_trust_domain_name(&wire.trust_domain)
+        .map_err(|e| invalid(e.to_string()))?;
+    let bundle = TrustBundle::from_pem(&wire.roots_pem).map_err(|e| invalid(e.to_string()))?;
+    Ok(Trust {
+        trust_domain: wire.trust_domain.clone(),
+        bundle,
+    })
+}
+
+/// Converts a workload; for a local one, `local_node` is the proxy's node,
+/// which the workload must run on (an empty `node` is taken as "this one").
+pub(super) fn workload(
+    kind: EntryKind,
+    wire: &v1::Workload,
+    local_node: Option<&str>,
+) -> Result<(String, Workload), UpdateProblem> {
+    if wire.uid.is_empty() {
+        return Err(UpdateProblem::EmptyKey {
+            kind,
+            reason: "uid is empty",
+        });
+    }
+    let invalid = |reason: String| UpdateProblem::InvalidEntry {
+        kind,
+        key: wire.uid.clone(),
+        reason,
+    };
+    let identity = Identity::parse(&wire.identity).map_err(|e| {
+        invalid(format!(
+            "identity {:?}: {}",
+            wire.identity,
+            identity_problem(&e)
+        ))
+    })?;
+    for (field, value, part) in [
+        ("namespace", &wire.namespace, identity.namespace()),
+        (
+            "service account",
+            &wire.service_account,
+            identity.service_account(),
+        ),
+    ] {
+        if !value.is_empty() && value != part {
+            return Err(invalid(format!(
+                "identity {identity} does not match its {field} {value:?}"
+            )));
+        }
+    }
+    if let Some(local_node) = local_node
+        && !wire.node.is_empty()
+        && wire.node != local_node
+    {
+        return Err(invalid(format!(
+            "sent as local to node {local_node:?} but runs on node {:?}",
+            wire.node
+        )));
+    }
+    let ips = wire
+        .ips
+        .iter()
+        .map(|ip| ip_addr(ip).map_err(|reason| invalid(format!("ip {ip:?}: {reason}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let workload = Workload {
+        uid: wire.uid.clone(),
+        namespace: wire.namespace.clone(),
+        name: wire.name.clone(),
+        service_account: wire.service_account.clone(),
+        identity,
+        node: wire.node.clone(),
+        ips,
+        meshed: wire.meshed,
+        labels: wire
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    Ok((wire.uid.clone(), workload))
+}
+
+pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdateProblem> {
+    let kind = EntryKind::Service;
+    let empty = |reason| Err(UpdateProblem::EmptyKey { kind, reason });
+    if wire.namespace.is_empty() {
+        return empty("namespace is empty");
+    }
+    if wire.name.is_empty() {
+        return empty("name is empty");
+    }
+    let key = format!("{}/{}", wire.namespace, wire.name);
+    let invalid = |reason: String| UpdateProblem::InvalidEntry {
+        kind,
+        key: key.clone(),
+        reason,
+    };
+    let vips = wire
+        .vips
+        .iter()
+        .map(|ip| ip_addr(ip).map_err(|reason| invalid(format!("vip {ip:?}: {reason}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = wire
+        .ports
+        .iter()
+        .map(|p| {
+            let port = port_number(p.port)
+                .filter(|&n| n != 0)
+                .ok_or_else(|| invalid(format!("port {:?}: {} is not a port", p.name, p.port)))?;
+            let target_port = port_number(p.target_port).ok_or_else(|| {
+                invalid(format!(
+                    "port {:?}: target port {} is not a port",
+                    p.name, p.target_port
+                ))
+            })?;
+            Ok(ServicePort {
+                name: p.name.clone(),
+                port,
+                target_port,
+            })
+        })
+        .collect::<Result<Vec<_>, UpdateProblem>>()?;
+    let endpoints = wire
+        .endpoints
+        .iter()
+        .map(|e| endpoint(e).map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let service = Service {
+        namespace: wire.namespace.clone(),
+        name: wire.name.clone(),
+        vips,
+        ports,
+        endpoints,
+    };
+    Ok((key, service))
+}
+
+fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {
+    let ip = ip_addr(&wire.ip)?;
+    let ports = wire
+        .ports
+        .iter()
+        .map(|(name, &port)| {
+            port_number(port)
+                .map(|p| (name.clone(), p))
+                .ok_or_else(|| format!("port {name:?}: {port} is not a port"))
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    Ok(Endpoint {
+        workload_uid: Some(wire.workload_uid.clone()).filter(|uid| !uid.is_empty()),
+        ip,
+        ready: wire.ready,
+        ports,
+    })
+}
+
+fn ip_addr(text: &str) -> Result<IpAddr, String> {
+    text.parse::<IpAddr>().map_err(|e| e.to_string())
+}
+
+fn port_number(value: u32) -> Option<u16> {
+    u16::try_from(value).ok()
+}
+
+/// The problem with a SPIFFE ID without repeating the input, which the
+/// caller already quotes.
+fn identity_problem(error: &weft_certs::Error) -> String {
+    match error {
+        weft_certs::Error::InvalidIdentity { problem, .. } => problem.to_string(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,355 @@
+//! The node's view of the mesh as the control plane last sent it and the
+//! proxy could apply it: local and remote workloads, services, trust roots.
+//!
+//! Updates arrive as `weft_api::v1::ConfigUpdate`s. [`NodeView::apply`] turns
+//! one into the next view, or refuses it with an [`UpdateProblem`] that
+//! becomes the NACK reason. Everything in an update is validated (and turned
+//! into typed values: [`Identity`], [`IpAddr`], [`TrustBundle`]) before any
+//! of it is used, and the previous view is only ever read, so a refused
+//! update cannot leave a half-applied state behind: the last good view keeps
+//! serving. A view is immutable; readers share it as an `Arc` snapshot.
+
+mod convert;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use weft_api::v1::ConfigUpdate;
+use weft_certs::{Identity, TrustBundle};
+
+/// One applied version of the node's config. Maps are keyed as on the wire:
+/// workloads by uid (`<namespace>/<pod>`), services by `<namespace>/<name>`.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeView {
+    version: u64,
+    trust: Trust,
+    local_workloads: BTreeMap<String, Arc<Workload>>,
+    remote_workloads: BTreeMap<String, Arc<Workload>>,
+    services: BTreeMap<String, Arc<Service>>,
+}
+
+/// The mesh roots, with the trust domain they are for.
+#[derive(Clone, Debug, Serialize)]
+pub struct Trust {
+    /// The mesh's trust domain, e.g. `cluster.local`.
+    pub trust_domain: String,
+    /// The roots; more than one during a root rotation.
+    #[serde(serialize_with = "roots_count", rename = "roots")]
+    pub bundle: TrustBundle,
+}
+
+/// A pod, local or remote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// `<namespace>/<pod name>`.
+    pub uid: String,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The pod's ServiceAccount.
+    pub service_account: String,
+    /// The SPIFFE identity of the ServiceAccount.
+    #[serde(serialize_with = "display")]
+    pub identity: Identity,
+    /// The node the pod runs on.
+    pub node: String,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+    /// Whether weft captures and tunnels this pod's traffic.
+    pub meshed: bool,
+    /// The pod's labels (local workloads only).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Kubernetes Service with its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// Its cluster IPs.
+    pub vips: Vec<IpAddr>,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// Its endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// The port's name (may be empty for a single unnamed port).
+    pub name: String,
+    /// The port on the cluster IPs.
+    pub port: u16,
+    /// The port on the endpoints; 0 when it is a name no endpoint resolves.
+    pub target_port: u16,
+}
+
+/// One endpoint of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// The workload behind the endpoint, if it is a known pod.
+    pub workload_uid: Option<String>,
+    /// The endpoint's address.
+    pub ip: IpAddr,
+    /// Whether the endpoint is ready for traffic.
+    pub ready: bool,
+    /// Target ports by service port name, as resolved by the EndpointSlice.
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// Which keyed list of an update an entry belongs to, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// `local_workloads` / `removed_local_workloads`.
+    LocalWorkload,
+    /// `remote_workloads` / `removed_remote_workloads`.
+    RemoteWorkload,
+    /// `services` / `removed_services`.
+    Service,
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EntryKind::LocalWorkload => "local workload",
+            EntryKind::RemoteWorkload => "remote workload",
+            EntryKind::Service => "service",
+        })
+    }
+}
+
+/// Why an update was refused. Its text is the NACK reason, so it names the
+/// entry and the value at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateProblem {
+    /// A delta arrived before any full state.
+    #[error("delta version {version} has no base: no full state has been applied yet")]
+    DeltaWithoutBase {
+        /// The delta's version.
+        version: u64,
+    },
+    /// A delta's version is not the applied version plus one.
+    #[error("delta version {version} does not follow the applied version {applied}")]
+    VersionGap {
+        /// The version the proxy holds.
+        applied: u64,
+        /// The delta's version.
+        version: u64,
+    },
+    /// A full state came without the mesh roots.
+    #[error("a full state must carry the trust bundle")]
+    MissingTrust,
+    /// The trust bundle is unusable.
+    #[error("trust bundle: {reason}")]
+    InvalidTrust {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An entry has an empty uid or name.
+    #[error("{kind} with an empty key: {reason}")]
+    EmptyKey {
+        /// Which list.
+        kind: EntryKind,
+        /// Which field is empty.
+        reason: &'static str,
+    },
+    /// An entry is invalid.
+    #[error("{kind} {key}: {reason}")]
+    InvalidEntry {
+        /// Which list.
+        kind: EntryKind,
+        /// The entry's key.
+        key: String,
+        /// What is wrong, naming the field and its value.
+        reason: String,
+    },
+    /// The same key appears twice in one list.
+    #[error("{kind} {key} is listed twice")]
+    Duplicate {
+        /// Which list.
+        kind: EntryKind,
+        /// The repeated key.
+        key: String,
+    },
+    /// A delta both updates and removes the same key.
+    #[error("{kind} {key} is both updated and removed")]
+    UpdatedAndRemoved {
+        /// Which list.
+        kind: EntryKind,
+        /// The key.
+        key: String,
+    },
+}
+
+impl UpdateProblem {
+    /// Whether the proxy can no longer follow the stream's deltas and needs a
+    /// full state: every later delta would build on a version it lacks.
+    pub fn needs_full_state(&self) -> bool {
+        matches!(
+            self,
+            UpdateProblem::DeltaWithoutBase { .. } | UpdateProblem::VersionGap { .. }
+        )
+    }
+}
+
+impl NodeView {
+    /// Applies `update` on top of `previous` (the view applied last, if any)
+    /// for the proxy of `node`, following the proto's rules: a full state
+    /// replaces everything; a delta needs a previous view whose version is
+    /// exactly one less, adds or replaces the entries it lists whole and
+    /// deletes the keys it removes. Returns the new view, or why the update
+    /// cannot be applied; `previous` is never modified.
+    pub fn apply(
+        previous: Option<&NodeView>,
+        update: &ConfigUpdate,
+        node: &str,
+    ) -> Result<NodeView, UpdateProblem> {
+        let base = if update.full_state {
+            None
+        } else {
+            let previous = previous.ok_or(UpdateProblem::DeltaWithoutBase {
+                version: update.version,
+            })?;
+            if previous.version.checked_add(1) != Some(update.version) {
+                return Err(UpdateProblem::VersionGap {
+                    applied: previous.version,
+                    version: update.version,
+                });
+            }
+            Some(previous)
+        };
+        let trust = match (&update.trust, base) {
+            (Some(trust), _) => convert::trust(trust)?,
+            (None, Some(base)) => base.trust.clone(),
+            (None, None) => return Err(UpdateProblem::MissingTrust),
+        };
+        let local_workloads = merge(
+            EntryKind::LocalWorkload,
+            base.map(|b| &b.local_workloads),
+            &update.local_workloads,
+            &update.removed_local_workloads,
+            |w| convert::workload(EntryKind::LocalWorkload, w, Some(node)),
+        )?;
+        let remote_workloads = merge(
+            EntryKind::RemoteWorkload,
+            base.map(|b| &b.remote_workloads),
+            &update.remote_workloads,
+            &update.removed_remote_workloads,
+            |w| convert::workload(EntryKind::RemoteWorkload, w, None),
+        )?;
+        let services = merge(
+            EntryKind::Service,
+            base.map(|b| &b.services),
+            &update.services,
+            &update.removed_services,
+            convert::service,
+        )?;
+        Ok(NodeView {
+            version: update.version,
+            trust,
+            local_workloads,
+            remote_workloads,
+            services,
+        })
+    }
+
+    /// The version this view was built from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The mesh roots.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Pods on this node, by uid.
+    pub fn local_workloads(&self) -> &BTreeMap<String, Arc<Workload>> {
+        &self.local_workloads
+    }
+
+    /// Pods on other nodes, by uid.
+    pub fn remote_workloads(&self) -> &BTreeMap<String, Arc<Workload>> {
+        &self.remote_workloads
+    }
+
+    /// Services, by `<namespace>/<name>`.
+    pub fn services(&self) -> &BTreeMap<String, Arc<Service>> {
+        &self.services
+    }
+
+    /// The identities of this node's meshed pods: the ones that need a
+    /// certificate. Several pods of one ServiceAccount share one identity.
+    pub fn meshed_local_identities(&self) -> BTreeSet<Identity> {
+        self.local_workloads
+            .values()
+            .filter(|w| w.meshed)
+            .map(|w| w.identity.clone())
+            .collect()
+    }
+}
+
+impl Service {
+    /// The key a Service has on the wire: `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Builds one keyed map of the next view: the base's entries (none for a
+/// full state), minus the removed keys, plus the listed entries, each
+/// converted (and so validated) by `convert`.
+fn merge<P, T>(
+    kind: EntryKind,
+    base: Option<&BTreeMap<String, Arc<T>>>,
+    listed: &[P],
+    removed: &[String],
+    convert: impl Fn(&P) -> Result<(String, T), UpdateProblem>,
+) -> Result<BTreeMap<String, Arc<T>>, UpdateProblem> {
+    let mut map = base.cloned().unwrap_or_default();
+    // A full state has no base to remove from; its removed lists mean nothing.
+    let removed: HashSet<&str> = match base {
+        Some(_) => removed.iter().map(String::as_str).collect(),
+        None => HashSet::new(),
+    };
+    for key in &removed {
+        map.remove(*key);
+    }
+    let mut seen = HashSet::new();
+    for entry in listed {
+        let (key, value) = convert(entry)?;
+        if removed.contains(key.as_str()) {
+            return Err(UpdateProblem::UpdatedAndRemoved { kind, key });
+        }
+        if !seen.insert(key.clone()) {
+            return Err(UpdateProblem::Duplicate { kind, key });
+        }
+        map.insert(key, Arc::new(value));
+    }
+    Ok(map)
+}
+
+/// Serializes a value by its `Display` form (identities in JSON dumps).
+pub(crate) fn display<T: fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn roots_count<S: serde::Serializer>(
+    bundle: &TrustBundle,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(bundle.roots().len() as u64)
+}

@@ -1,0 +1,300 @@
+//! The proxy against a real (test) control plane over TLS on loopback: the
+//! config stream, its acknowledgements and reconnects, certificates, and
+//! what the admin endpoint shows of it all.
+
+mod support;
+
+use std::time::SystemTime;
+
+use support::*;
+use weft_api::v1::proxy_message::Kind;
+use weft_api::v1::{Ack, Nack};
+use weft_certs::{MeshCa, SigningPolicy};
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
+const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_names_the_node_with_the_token_and_a_good_update_is_acked() {
+    let mut cp = TestControlPlane::start().await;
+    let (proxy, _files) = start_proxy(&cp).await;
+
+    let mut stream = cp.next_stream().await;
+    assert_eq!(stream.hello.node, NODE);
+    assert_eq!(stream.hello.proxy_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        stream.token.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    let remote = vec![workload("shop", "cart", "cart", "node-2", "10.0.2.7", true)];
+    stream.send(full_state(&cp, 1, local, remote)).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    wait_for("version 1 to be applied", &proxy.view(), |v| {
+        v.as_ref().is_some_and(|v| v.version() == 1)
+    })
+    .await;
+
+    let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
+    assert_eq!(dump["applied_version"], 1);
+    assert_eq!(dump["control_plane"]["connected"], true);
+    assert_eq!(dump["proxy"]["node"], NODE);
+    assert_eq!(dump["trust"]["trust_domain"], "cluster.local");
+    assert_eq!(dump["trust"]["roots"], 1);
+    assert_eq!(dump["local_workloads"][0]["uid"], "default/web");
+    assert_eq!(dump["local_workloads"][0]["identity"], WEB);
+    assert_eq!(dump["local_workloads"][0]["ips"][0], "10.0.1.5");
+    assert_eq!(dump["remote_workloads"][0]["node"], "node-2");
+    assert_eq!(dump["last_nack"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_delta_is_nacked_and_the_last_good_state_keeps_serving() {
+    let mut cp = TestControlPlane::start().await;
+    let (proxy, _files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    stream.send(full_state(&cp, 1, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+
+    // A delta that would remove web and add a pod with a broken identity.
+    let mut bad = delta(2);
+    bad.removed_local_workloads = vec!["default/web".into()];
+    let mut broken = workload("default", "api", "api", NODE, "10.0.1.6", true);
+    broken.identity = "spiffe://cluster.local/namespace/default/sa/api".into();
+    bad.local_workloads = vec![broken];
+    stream.send(bad).await;
+    let Kind::Nack(Nack { version, reason }) = stream.reply().await else {
+        panic!("expected a Nack");
+    };
+    assert_eq!(version, 2);
+    assert!(
+        reason.starts_with(
+            "local workload default/api: identity \
+             \"spiffe://cluster.local/namespace/default/sa/api\": "
+        ),
+        "{reason}"
+    );
+    wait_for("the Nack to be recorded", &proxy.status(), |s| {
+        s.last_nack.as_ref().is_some_and(|n| n.version == 2)
+    })
+    .await;
+    let view = proxy.view().borrow().clone().unwrap();
+    assert_eq!(view.version(), 1);
+    let uids: Vec<_> = view.local_workloads().keys().collect();
+    assert_eq!(uids, ["default/web"]);
+    let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
+    assert_eq!(dump["applied_version"], 1);
+    assert_eq!(dump["last_nack"]["version"], 2);
+    assert_eq!(dump["last_nack"]["reason"], reason.as_str());
+
+    // The control plane's next delta builds on the version the proxy
+    // refused: the proxy cannot follow, says so, and comes back for a full
+    // state on a new stream.
+    stream.send(delta(3)).await;
+    let Kind::Nack(Nack { version, reason }) = stream.reply().await else {
+        panic!("expected a Nack");
+    };
+    assert_eq!(version, 3);
+    assert_eq!(
+        reason,
+        "delta version 3 does not follow the applied version 1"
+    );
+    let mut stream = cp.next_stream().await;
+    assert_eq!(proxy.view().borrow().as_ref().map(|v| v.version()), Some(1));
+    let local = vec![workload("default", "api", "api", NODE, "10.0.1.6", true)];
+    stream.send(full_state(&cp, 4, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 4 }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_stream_drops_the_proxy_reconnects_and_gets_a_full_state() {
+    let mut cp = TestControlPlane::start().await;
+    let (proxy, files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    stream.send(full_state(&cp, 1, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    let mut next = delta(2);
+    next.local_workloads = vec![workload("default", "db", "db", NODE, "10.0.1.6", false)];
+    stream.send(next).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 2 }));
+
+    // The token is rotated, then the control plane goes away.
+    files.rotate_token("rotated-token");
+    stream.drop_stream();
+
+    let mut stream = cp.next_stream().await;
+    assert_eq!(stream.hello.node, NODE);
+    assert_eq!(stream.token.as_deref(), Some("Bearer rotated-token"));
+    // Disconnected, the proxy kept serving what it had.
+    assert_eq!(proxy.view().borrow().as_ref().map(|v| v.version()), Some(2));
+
+    // A restarted control plane counts from 1 again; a full state is
+    // accepted at any version and replaces everything.
+    let local = vec![workload(
+        "default", "cache", "cache", NODE, "10.0.1.7", true,
+    )];
+    stream.send(full_state(&cp, 1, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    wait_for("the new full state", &proxy.view(), |v| {
+        v.as_ref()
+            .is_some_and(|v| v.local_workloads().keys().eq(["default/cache"]))
+    })
+    .await;
+    wait_for("the proxy to be connected", &proxy.status(), |s| {
+        s.connected && s.streams_opened == 2
+    })
+    .await;
+    let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
+    assert_eq!(dump["control_plane"]["streams_opened"], 2);
+    let last_error = dump["control_plane"]["last_error"].as_str().unwrap();
+    assert!(last_error.contains("ended the stream"), "{last_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_obtained_for_local_meshed_identities_only() {
+    let mut cp = TestControlPlane::start().await;
+    let denied = "spiffe://cluster.local/ns/default/sa/denied";
+    cp.deny(denied);
+    let (proxy, _files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    let local = vec![
+        workload("default", "web-0", "web", NODE, "10.0.1.5", true),
+        workload("default", "web-1", "web", NODE, "10.0.1.6", true),
+        workload("default", "db", "db", NODE, "10.0.1.7", false),
+        workload("default", "denied", "denied", NODE, "10.0.1.8", true),
+    ];
+    let remote = vec![workload("shop", "cart", "cart", "node-2", "10.0.2.7", true)];
+    stream.send(full_state(&cp, 1, local, remote)).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+
+    let certificates = proxy.certificates();
+    wait_for("a certificate for web", &certificates, |certs| {
+        certs.keys().any(|id| id.as_str() == WEB)
+    })
+    .await;
+    // The refused identity is asked for again, with backoff.
+    eventually("a retry for the denied identity", || {
+        cp.sign_calls_for(denied) >= 2
+    })
+    .await;
+    // Two pods of one ServiceAccount share one certificate; unmeshed and
+    // remote pods get none; every call carries the node's token.
+    assert_eq!(cp.sign_calls_for(WEB), 1);
+    assert_eq!(cp.sign_calls_for(DB), 0);
+    assert_eq!(cp.sign_calls_for(CART), 0);
+    assert!(
+        cp.sign_calls()
+            .iter()
+            .all(|call| call.token.as_deref() == Some(format!("Bearer {TOKEN}").as_str()))
+    );
+    let held: Vec<String> = certificates
+        .borrow()
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(held, [WEB]);
+    let cert = certificates.borrow().values().next().unwrap().clone();
+    assert!(!cert.is_expired(SystemTime::now()));
+    assert_eq!(cert.trust().roots(), cp.ca.trust_bundle().roots());
+
+    let listed = admin_json(proxy.admin_addr(), "/certs").await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["identity"], WEB);
+    assert_eq!(listed[0]["chain_len"], 1);
+    assert!(listed[0]["seconds_until_expiry"].as_i64().unwrap() > 3600);
+    for field in ["not_before", "not_after", "renew_at"] {
+        let text = listed[0][field].as_str().unwrap();
+        assert!(text.ends_with('Z') && text.contains('T'), "{field}: {text}");
+    }
+
+    // When the last web pod leaves the node, its certificate goes.
+    let mut update = delta(2);
+    update.removed_local_workloads = vec!["default/web-0".into(), "default/web-1".into()];
+    stream.send(update).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 2 }));
+    wait_for(
+        "the web certificate to be dropped",
+        &certificates,
+        |certs| certs.is_empty(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_renewed_before_it_expires() {
+    // Four-second certificates: renewal is due about two seconds in.
+    let policy = SigningPolicy {
+        lifetime: std::time::Duration::from_secs(4),
+        backdate: std::time::Duration::ZERO,
+    };
+    let mut cp = TestControlPlane::start_with_policy(policy).await;
+    let (proxy, _files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    stream.send(full_state(&cp, 1, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+
+    let certificates = proxy.certificates();
+    wait_for("a first certificate", &certificates, |certs| {
+        !certs.is_empty()
+    })
+    .await;
+    let first = certificates.borrow().values().next().unwrap().clone();
+    wait_for("a renewed certificate", &certificates, |certs| {
+        certs
+            .values()
+            .next()
+            .is_some_and(|cert| cert.chain() != first.chain())
+    })
+    .await;
+    assert!(cp.sign_calls_for(WEB) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_proving_another_identity_is_refused() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let mut impostor =
+        TestControlPlane::start_with(ca, "spiffe://cluster.local/ns/weft-system/sa/impostor").await;
+    let (proxy, _files) = start_proxy(&impostor).await;
+
+    wait_for("the proxy to refuse the server", &proxy.status(), |s| {
+        s.last_error.as_deref().is_some_and(|e| {
+            e.contains(
+                "expected spiffe://cluster.local/ns/weft-system/sa/weft-control-plane, \
+                 the peer is spiffe://cluster.local/ns/weft-system/sa/impostor",
+            )
+        })
+    })
+    .await;
+    let status = proxy.status().borrow().clone();
+    assert!(!status.connected);
+    assert_eq!(status.streams_opened, 0);
+    assert!(!impostor.has_pending_stream());
+    assert!(proxy.view().borrow().is_none());
+    let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
+    assert_eq!(dump["applied_version"], serde_json::Value::Null);
+    assert_eq!(dump["control_plane"]["connected"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_answers_health_and_refuses_the_rest() {
+    let cp = TestControlPlane::start().await;
+    let (proxy, _files) = start_proxy(&cp).await;
+    let addr = proxy.admin_addr();
+    assert!(addr.ip().is_loopback());
+    assert_eq!(admin_get(addr, "GET", "/healthz").await, (200, "ok".into()));
+    assert_eq!(admin_get(addr, "GET", "/nope").await.0, 404);
+    assert_eq!(admin_get(addr, "POST", "/config_dump").await.0, 405);
+    assert_eq!(admin_json(addr, "/certs").await, serde_json::json!([]));
+    let dump = admin_json(addr, "/config_dump").await;
+    assert_eq!(dump["proxy"]["control_plane"], cp.addr.to_string());
+    assert_eq!(
+        dump["proxy"]["control_plane_identity"],
+        "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane"
+    );
+    assert_eq!(dump["local_workloads"], serde_json::json!([]));
+}
