@@ -22,6 +22,19 @@ for tool in cargo rustfmt cargo-clippy; do
 done
 cargo --version
 
+step "system packages"
+# The testbed builds clusters out of network namespaces with iproute2.
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]}"
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+fi
+if [[ $(id -u) -ne 0 ]]; then
+    echo "the end-to-end tests create network namespaces: run as root" >&2
+    exit 1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

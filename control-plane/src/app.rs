@@ -102,10 +102,19 @@ pub async fn run_on(
     let mut metrics = Registry::default();
     let nodes = NodeRegistry::new(&mut metrics);
 
-    let (mut cluster, problems) = watch_dir(&config.manifests)?;
+    let reloads = prometheus_client::metrics::counter::Counter::default();
+    metrics.register(
+        "weft_control_plane_manifest_reloads",
+        "Times the manifests directory was re-read after a change",
+        reloads.clone(),
+    );
+    let (mut cluster, problems) = watch_dir(&config.manifests, reloads)?;
     let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(async move {
+    // This task owns the only sender of the mesh: when it ends, every config
+    // stream sees the channel close and finishes, which lets the gRPC server
+    // drain instead of waiting on streams that never end.
+    let derive = tokio::spawn(async move {
         while cluster.changed().await.is_ok() {
             let mesh = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
             mesh_tx.send_if_modified(|current| {
@@ -153,7 +162,10 @@ pub async fn run_on(
         .add_service(pb::certificates_server::CertificatesServer::new(
             signing_service,
         ))
-        .serve_with_incoming_shutdown(tls_connections(grpc, tls), shutdown)
+        .serve_with_incoming_shutdown(tls_connections(grpc, tls), async move {
+            shutdown.await;
+            derive.abort();
+        })
         .await;
     monitoring_task.abort();
     info!("control plane stopped");

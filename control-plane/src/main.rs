@@ -9,7 +9,9 @@ use weft_control_plane::config::{ControlPlaneConfig, LogFormat};
 async fn main() -> anyhow::Result<()> {
     let config = ControlPlaneConfig::parse();
     let filter = EnvFilter::try_new(&config.log_level).context("parsing --log-level")?;
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match config.log_format {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),

@@ -21,7 +21,7 @@ use crate::cluster::{ClusterObject, ClusterState, ObjectProblem};
 /// Largest manifest file read; bigger files are refused, not truncated.
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Editors write a file in several steps; wait this long for quiet.
-const SETTLE: Duration = Duration::from_millis(30);
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// One problem found in a manifest file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,9 +169,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
 
 /// Watches `dir` and publishes a new [`ClusterState`] after every change.
 /// Returns the receiver of states (the first one already read) and of the
-/// current problems. The watcher runs until the returned receivers are gone.
+/// current problems; counts each re-read in `reloads`. The watcher runs
+/// until the returned receivers are gone.
 pub fn watch_dir(
     dir: &Path,
+    reloads: prometheus_client::metrics::counter::Counter,
 ) -> Result<
     (
         watch::Receiver<ClusterState>,
@@ -187,8 +189,13 @@ pub fn watch_dir(
 
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // The receiver only needs to know that something happened.
-        let _ = event_tx.send(event.is_ok());
+        // Reads (ours included) are not changes; reacting to them would make
+        // every reload trigger the next.
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+        {
+            let _ = event_tx.send(());
+        }
     })
     .map_err(|source| Error::WatchManifests {
         path: dir.to_owned(),
@@ -207,6 +214,7 @@ pub fn watch_dir(
             // Coalesce a burst of events into one reload.
             tokio::time::sleep(SETTLE).await;
             while event_rx.try_recv().is_ok() {}
+            reloads.inc();
             if let Err(error) = source.reload() {
                 warn!(%error, "re-reading manifests failed; keeping the last state");
                 continue;

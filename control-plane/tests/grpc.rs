@@ -61,6 +61,11 @@ struct ControlPlane {
 }
 
 async fn start_control_plane() -> ControlPlane {
+    start_control_plane_with(&[]).await
+}
+
+/// Starts a control plane with extra command-line flags.
+async fn start_control_plane_with(extra: &[&str]) -> ControlPlane {
     let dir = tempfile::tempdir().unwrap();
     let manifests_dir = dir.path().join("manifests");
     std::fs::create_dir(&manifests_dir).unwrap();
@@ -68,7 +73,7 @@ async fn start_control_plane() -> ControlPlane {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("node-1 {TOKEN_1}\nnode-2 {TOKEN_2}\n")).unwrap();
     let state = dir.path().join("state");
-    let config = ControlPlaneConfig::parse_from([
+    let mut args = vec![
         "weft-control-plane",
         "--manifests",
         manifests_dir.to_str().unwrap(),
@@ -76,7 +81,9 @@ async fn start_control_plane() -> ControlPlane {
         tokens.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let config = ControlPlaneConfig::parse_from(args);
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let monitoring = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, monitoring_addr) =
@@ -350,4 +357,56 @@ async fn the_ca_signs_only_identities_running_on_the_callers_node() {
         metrics.contains("weft_control_plane_certificates_total{outcome=\"denied\"} 2"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn an_operator_intermediate_signs_and_is_presented_in_chains() {
+    // The operator's CA: a root kept offline and an intermediate for weft.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_params = |name: &str| {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params
+    };
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root_params = ca_params("operator root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::new(root_params, root_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let intermediate = ca_params("weft intermediate")
+        .signed_by(&key, &root_issuer)
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+    std::fs::write(&cert_file, format!("{}{}", intermediate.pem(), root.pem())).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let cp = start_control_plane_with(&[
+        "--ca-cert",
+        cert_file.to_str().unwrap(),
+        "--ca-key",
+        key_file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        cp.trust.roots(),
+        [root.der().clone()],
+        "proxies trust the operator root"
+    );
+
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let request = CertificateRequest::generate(&web.parse().unwrap()).unwrap();
+    let response = sign(&cp, TOKEN_1, web, request.csr_der().to_vec())
+        .await
+        .unwrap();
+    assert_eq!(response.chain_der.len(), 2, "leaf and intermediate");
+    assert_eq!(response.chain_der[1], intermediate.der().to_vec());
+    let chain = response.chain_der.into_iter().map(Into::into).collect();
+    request
+        .complete(chain, cp.trust.clone(), SystemTime::now())
+        .unwrap();
 }

@@ -1,0 +1,128 @@
+//! Leaving nothing behind when a run ends badly.
+//!
+//! Normal ends (including panics) are handled by `Drop` on the testbed and on each
+//! process. This module covers the rest:
+//! - a process-wide record of the live namespaces and process groups, so that SIGINT
+//!   and SIGTERM can clean them up before the process exits;
+//! - a sweep, run whenever a testbed is built, that deletes namespaces left by
+//!   processes that were killed outright (SIGKILL), and kills what still runs in them.
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, MutexGuard, Once};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::netns;
+
+struct Live {
+    netns: BTreeSet<String>,
+    process_groups: BTreeSet<i32>,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    netns: BTreeSet::new(),
+    process_groups: BTreeSet::new(),
+});
+
+fn live() -> MutexGuard<'static, Live> {
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn track_netns(name: &str) {
+    live().netns.insert(name.to_owned());
+}
+
+pub(crate) fn untrack_netns(name: &str) {
+    live().netns.remove(name);
+}
+
+pub(crate) fn track_process_group(pgid: i32) {
+    live().process_groups.insert(pgid);
+}
+
+pub(crate) fn untrack_process_group(pgid: i32) {
+    live().process_groups.remove(&pgid);
+}
+
+/// On SIGINT or SIGTERM, kill the tracked process groups, delete the tracked
+/// namespaces, and exit with 128 + the signal number. Installed once per process.
+pub(crate) fn install_signal_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(signals) => signals,
+            Err(e) => {
+                tracing::warn!("cannot handle SIGINT/SIGTERM, relying on the sweep: {e}");
+                return;
+            }
+        };
+        let started = std::thread::Builder::new()
+            .name("weft-testbed signals".to_owned())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    eprintln!("weft-testbed: signal {signal}, removing testbed namespaces");
+                    clean_up_everything();
+                    std::process::exit(128 + signal);
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("cannot start the signal thread, relying on the sweep: {e}");
+        }
+    });
+}
+
+fn clean_up_everything() {
+    let live = live();
+    for pgid in &live.process_groups {
+        let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+    }
+    for name in live.netns.iter().rev() {
+        if let Err(e) = netns::delete(name) {
+            eprintln!("weft-testbed: {e:#}");
+        }
+    }
+}
+
+/// Deletes every testbed namespace whose creating process is gone, after killing the
+/// processes still inside it. Errors are logged, not returned: a sweep that loses a
+/// race with another process sweeping the same namespace is fine.
+pub(crate) fn sweep_stale() {
+    let names = match netns::list() {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::warn!("sweeping stale testbed namespaces: {e:#}");
+            return;
+        }
+    };
+    for name in names {
+        let Some(pid) = netns::creator_pid(&name) else {
+            continue;
+        };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        tracing::info!(
+            netns = name,
+            pid,
+            "deleting namespace left by a dead process"
+        );
+        // Hold the namespace, delete its name, then kill what is inside: this also
+        // catches a process that entered between the listing and the deletion.
+        let Ok(ns) = netns::open(&name) else {
+            continue; // swept by someone else meanwhile
+        };
+        if let Err(e) = netns::delete(&name) {
+            tracing::debug!("sweeping {name}: {e:#}");
+        }
+        match netns::pids_in(&ns) {
+            Ok(pids) => {
+                for pid in pids {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            Err(e) => tracing::warn!("listing processes in {name}: {e:#}"),
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! A weft cluster made of Linux network namespaces on one machine, for the end-to-end
+//! tests and the latency benchmark: real namespaces, real veths, real processes and
+//! sockets. It is not a Kubernetes emulator (nothing watches or changes the objects
+//! in [`Testbed::manifests`]) and not a network simulator (no delay or loss), and it
+//! needs root. Start reading at [`Testbed::builder`].
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use weft_testbed::{PodSpec, Target, Testbed};
+//! # fn main() -> anyhow::Result<()> {
+//! let testbed = Testbed::builder()
+//!     .node("node-1")
+//!     .node("node-2")
+//!     .pod(PodSpec { node: "node-1", name: "client", ..PodSpec::default() })
+//!     .pod(PodSpec { node: "node-2", name: "server", ..PodSpec::default() })
+//!     .build()?;
+//! let server = testbed.start_echo_server(Target::Pod("server"), 8080)?;
+//! let to = (testbed.pod_ip("server")?, 8080).into();
+//! let mut stream = testbed.connect(Target::Pod("client"), to)?;
+//! stream.write_all(b"ping")?;
+//! let mut echoed = [0u8; 4];
+//! stream.read_exact(&mut echoed)?;
+//! assert_eq!(server.peers()[0].ip(), testbed.pod_ip("client")?);
+//!
+//! // Real processes, e.g. a node proxy, run the same way; their output is captured.
+//! let proxy = testbed.spawn(Target::Node("node-1"), std::process::Command::new("sleep"))?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! ```text
+//!                    fabric namespace: bridge br0
+//!                 n1 /                        \ n2
+//!   node-1 namespace: eth0 172.30.0.2/24    node-2 namespace: eth0 172.30.0.3/24
+//!     pod0 (10.244.1.1/32)   pod1 ...         pod0 (10.244.2.1/32)   ...
+//!       |                                       |
+//!   pod namespace: eth0 10.244.1.2/32       pod namespace: eth0 10.244.2.2/32
+//! ```
+//!
+//! Nodes are numbered from 1 in declaration order. Node `n` has `eth0` with
+//! `172.30.0.<n+1>/24` on the bridge and the pod CIDR `10.244.<n>.0/24`. Its `k`-th pod
+//! (from 0) has `eth0` with `10.244.<n>.<k+2>/32` in its own namespace; the node end of
+//! that veth is `pod<k>`. Every node-side pod veth carries the same gateway address
+//! `10.244.<n>.1/32`, so a pod resolves its gateway on its own link without proxy ARP.
+//! Routes:
+//! - pod: `10.244.<n>.1 dev eth0 scope link` and `default via 10.244.<n>.1`, so all
+//!   traffic, also to pods on the same node, goes through the node namespace (where
+//!   the mesh's capture rules will sit);
+//! - node: `10.244.<n>.<k+2>/32 dev pod<k>` for each local pod and
+//!   `10.244.<m>.0/24 via 172.30.0.<m+1>` for each other node `m`; `ip_forward=1` and
+//!   `rp_filter=0` (all, default and each interface).
+//!
+//! Services get ClusterIPs 10.96.0.1, 10.96.0.2, ... in declaration order. No
+//! namespace routes or translates them: they exist in the manifests for the mesh to
+//! resolve. Nothing is ever created in the host's root namespace, and all traffic
+//! stays inside the testbed's namespaces.
+//!
+//! # Cleanup
+//!
+//! Namespaces are named `wft<pid>x<counter>-fabric`, `...-n-<node>` and
+//! `...-p-<pod>`, so parallel tests and test binaries never collide. Dropping the
+//! [`Testbed`] (also during a panic) stops its processes and deletes its namespaces.
+//! SIGINT and SIGTERM do the same for every live testbed before the process exits.
+//! Runs killed outright are cleaned up by the next [`TestbedBuilder::build`], which
+//! deletes namespaces whose creating pid no longer exists, and kills what still runs
+//! in them. The temp dir with process output ([`Testbed::dir`]) is removed on a
+//! normal drop, and kept (its path printed) when the test panicked.
+
+mod cleanup;
+mod echo;
+mod manifests;
+mod netns;
+mod network;
+mod process;
+mod testbed;
+mod topology;
+mod weft;
+
+pub use echo::EchoServer;
+pub use manifests::MESH_LABEL;
+pub use netns::NETNS_PREFIX;
+pub use process::Process;
+pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};
+pub use topology::{Ipv4Cidr, PodSpec, ServiceSpec, Target};
+pub use weft::{
+    CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, PROXY_ADMIN_PORT, STARTUP_TIMEOUT,
+    WeftMesh, http_get, wait_until, weft_binary,
+};

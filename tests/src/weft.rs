@@ -1,0 +1,270 @@
+//! weft's own processes on a testbed: the control plane (real binary, on the
+//! first node, reading the testbed's manifests) and one node proxy per node,
+//! with bootstrap tokens and the mesh roots wired between them. Tests and the
+//! benchmark use this instead of starting binaries themselves.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Process, Target, Testbed};
+
+/// The control plane's gRPC port.
+pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
+/// The control plane's monitoring port.
+pub const CONTROL_PLANE_MONITORING_PORT: u16 = 15014;
+/// The proxy's admin port (on the node's loopback).
+pub const PROXY_ADMIN_PORT: u16 = 15000;
+/// How long a weft process gets to come up before a test gives up.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Finds a weft binary built by cargo next to the running test: `WEFT_BIN_DIR`
+/// if set, else the profile directory the test executable lives in.
+pub fn weft_binary(name: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("WEFT_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().context("locating the test executable")?;
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_owned)
+                .context("the test executable has no profile directory")?
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first (`cargo build --bins`, which `cargo test --workspace` does), or set WEFT_BIN_DIR",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The control plane and the node proxies of one testbed.
+pub struct WeftMesh {
+    control_plane_node: String,
+    control_plane: Option<Process>,
+    proxies: BTreeMap<String, Process>,
+    tokens: BTreeMap<String, String>,
+    manifests_dir: PathBuf,
+    state_dir: PathBuf,
+    tokens_file: PathBuf,
+}
+
+impl WeftMesh {
+    /// Writes the testbed's manifests and node tokens, starts the control
+    /// plane on the first node and a proxy on every node.
+    pub fn start(testbed: &Testbed) -> Result<WeftMesh> {
+        let nodes = testbed.node_names();
+        let first = nodes.first().context("the testbed has no nodes")?.clone();
+        let manifests_dir = testbed.dir().join("manifests");
+        let state_dir = testbed.dir().join("control-plane-state");
+        std::fs::create_dir_all(&manifests_dir)?;
+        testbed.write_manifests(&manifests_dir)?;
+
+        let tokens: BTreeMap<String, String> = nodes
+            .iter()
+            .map(|node| Ok((node.clone(), random_token()?)))
+            .collect::<Result<_>>()?;
+        let tokens_file = testbed.dir().join("node-tokens");
+        let lines: String = tokens
+            .iter()
+            .map(|(node, token)| format!("{node} {token}\n"))
+            .collect();
+        std::fs::write(&tokens_file, lines)?;
+        for (node, token) in &tokens {
+            std::fs::write(testbed.dir().join(format!("token-{node}")), token)?;
+        }
+
+        let mut mesh = WeftMesh {
+            control_plane_node: first,
+            control_plane: None,
+            proxies: BTreeMap::new(),
+            tokens,
+            manifests_dir,
+            state_dir,
+            tokens_file,
+        };
+        mesh.start_control_plane(testbed)?;
+        let roots = mesh.state_dir.join("root-cert.pem");
+        wait_until(STARTUP_TIMEOUT, || Ok(roots.is_file()))
+            .context("the control plane never wrote the mesh roots")?;
+        for node in nodes {
+            mesh.start_proxy(testbed, &node)?;
+        }
+        Ok(mesh)
+    }
+
+    /// (Re)starts the control plane process; its state directory (the root
+    /// CA) survives restarts.
+    pub fn start_control_plane(&mut self, testbed: &Testbed) -> Result<()> {
+        let mut command = Command::new(weft_binary("weft-control-plane")?);
+        command
+            .arg("--manifests")
+            .arg(&self.manifests_dir)
+            .arg("--node-tokens")
+            .arg(&self.tokens_file)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .env("WEFT_LOG", "info,weft_control_plane=debug");
+        let process = testbed.spawn(Target::Node(&self.control_plane_node), command)?;
+        let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, CONTROL_PLANE_MONITORING_PORT));
+        let target = Target::Node(&self.control_plane_node);
+        wait_until(STARTUP_TIMEOUT, || {
+            if !process.is_running() {
+                bail!(
+                    "the control plane exited: {}",
+                    process.stderr().unwrap_or_default()
+                );
+            }
+            Ok(http_get(testbed, target, monitoring, "/healthz").is_ok())
+        })
+        .context("the control plane did not become healthy")?;
+        self.control_plane = Some(process);
+        Ok(())
+    }
+
+    /// Stops the control plane (SIGTERM, then SIGKILL after a grace period)
+    /// and returns how it exited.
+    pub fn stop_control_plane(&mut self) -> Result<std::process::ExitStatus> {
+        let process = self
+            .control_plane
+            .take()
+            .context("the control plane is not running")?;
+        process.stop()
+    }
+
+    fn start_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<()> {
+        let mut command = Command::new(weft_binary("weft-proxy")?);
+        command
+            .arg("--node")
+            .arg(node)
+            .arg("--control-plane")
+            .arg(self.control_plane_addr(testbed)?.to_string())
+            .arg("--token-file")
+            .arg(testbed.dir().join(format!("token-{node}")))
+            .arg("--root-cert")
+            .arg(self.state_dir.join("root-cert.pem"))
+            .env("WEFT_LOG_LEVEL", "info,weft_proxy=debug");
+        let process = testbed.spawn(Target::Node(node), command)?;
+        self.proxies.insert(node.to_owned(), process);
+        Ok(())
+    }
+
+    /// Where proxies reach the control plane.
+    pub fn control_plane_addr(&self, testbed: &Testbed) -> Result<SocketAddr> {
+        let ip = testbed.node_ip(&self.control_plane_node)?;
+        Ok(SocketAddr::from((ip, CONTROL_PLANE_GRPC_PORT)))
+    }
+
+    /// The node the control plane runs on.
+    pub fn control_plane_node(&self) -> &str {
+        &self.control_plane_node
+    }
+
+    /// The control plane process, while it runs.
+    pub fn control_plane(&self) -> Option<&Process> {
+        self.control_plane.as_ref()
+    }
+
+    /// The proxy process of `node`.
+    pub fn proxy(&self, node: &str) -> Result<&Process> {
+        self.proxies
+            .get(node)
+            .with_context(|| format!("no proxy on node {node}"))
+    }
+
+    /// The bootstrap token of `node`.
+    pub fn token(&self, node: &str) -> Result<&str> {
+        self.tokens
+            .get(node)
+            .map(String::as_str)
+            .with_context(|| format!("no token for node {node}"))
+    }
+
+    /// The directory the control plane reads manifests from.
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests_dir
+    }
+
+    /// The mesh roots (PEM) as the control plane published them.
+    pub fn roots_pem(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(
+            self.state_dir.join("root-cert.pem"),
+        )?)
+    }
+
+    /// Replaces (or creates) a manifest file atomically, as an operator's
+    /// tooling would, so the control plane never reads half a file.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests_dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests_dir.join(name))?;
+        Ok(())
+    }
+
+    /// GETs `path` from the proxy admin endpoint of `node` (JSON as text).
+    pub fn proxy_admin(&self, testbed: &Testbed, node: &str, path: &str) -> Result<String> {
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_ADMIN_PORT));
+        http_get(testbed, Target::Node(node), admin, path)
+    }
+
+    /// GETs `path` from the control plane's monitoring port.
+    pub fn control_plane_page(&self, testbed: &Testbed, path: &str) -> Result<String> {
+        let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, CONTROL_PLANE_MONITORING_PORT));
+        http_get(
+            testbed,
+            Target::Node(&self.control_plane_node),
+            monitoring,
+            path,
+        )
+    }
+}
+
+/// A plain HTTP/1.1 GET from inside a namespace; the body of a 200 answer.
+pub fn http_get(testbed: &Testbed, from: Target<'_>, to: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = testbed.connect(from, to)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {path} from {to}: malformed response"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("GET {path} from {to}: status {status}: {body}");
+    }
+    Ok(body.to_owned())
+}
+
+/// Polls `condition` until it holds, fails, or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn random_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut bytes))
+        .context("reading /dev/urandom for a node token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
