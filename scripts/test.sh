@@ -23,9 +23,12 @@ done
 cargo --version
 
 step "system packages"
-# The testbed builds clusters out of network namespaces with iproute2.
+# The testbed builds clusters out of network namespaces with iproute2; the
+# proxy programs capture with nftables; a test watches the wire with tcpdump.
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
+command -v tcpdump >/dev/null || missing+=(tcpdump)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}"
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"

@@ -9,24 +9,21 @@
 //! - `GET /healthz`: `ok`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{Instrument, debug, info_span, warn};
 
 use crate::certificates::CertificateMap;
 use crate::control_plane::{ControlPlaneStatus, ViewReceiver};
+use crate::http_server::{self, text};
 use crate::node_view::NodeView;
 use crate::wall_clock::{rfc3339, seconds_until};
 use crate::{Error, ProxyConfig};
@@ -54,31 +51,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves admin requests on `listener` until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
     let state = Arc::new(state);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, do not spin.
-                warn!(reason = %e, "admin endpoint: accepting a connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        let connection = async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &state)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(reason = %e, "admin connection ended with an error");
-            }
-        };
-        tokio::spawn(connection.instrument(info_span!("admin", %peer)));
-    }
+    let handler: http_server::Handler = Arc::new(move |request| respond(request, &state));
+    http_server::serve(listener, "admin", handler).await;
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
@@ -156,26 +130,5 @@ fn to_json<T: Serialize>(value: &T) -> Value {
 fn json_response(document: Value) -> Response<Full<Bytes>> {
     let mut body = serde_json::to_vec_pretty(&document).unwrap_or_default();
     body.push(b'\n');
-    with_type(StatusCode::OK, "application/json", body)
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    with_type(
-        status,
-        "text/plain; charset=utf-8",
-        body.as_bytes().to_vec(),
-    )
-}
-
-fn with_type(
-    status: StatusCode,
-    content_type: &'static str,
-    body: Vec<u8>,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
+    http_server::respond(StatusCode::OK, "application/json", body)
 }

@@ -65,6 +65,28 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// Whether to run the data plane (listeners for captured traffic). Off,
+    /// the proxy only talks to the control plane and keeps certificates.
+    #[arg(long, env = "WEFT_DATA_PLANE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub data_plane: bool,
+
+    /// Whether to program the node's nftables and policy routing so that
+    /// pod traffic reaches the data plane (needs CAP_NET_ADMIN).
+    #[arg(long, env = "WEFT_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub capture: bool,
+
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// How long open connections may finish after SIGTERM, in seconds.
+    #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 10)]
+    pub drain_seconds: u64,
+
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -88,13 +110,19 @@ impl fmt::Display for ProxyConfig {
         write!(
             f,
             "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
-             admin_addr={} log_format={} log_level={}",
+             admin_addr={} data_plane={} capture={} metrics_addr={} readiness_addr={} \
+             drain_seconds={} log_format={} log_level={}",
             self.node,
             self.control_plane,
             self.control_plane_identity,
             self.token_file.display(),
             self.root_cert.display(),
             self.admin_addr,
+            self.data_plane,
+            self.capture,
+            self.metrics_addr,
+            self.readiness_addr,
+            self.drain_seconds,
             self.log_format,
             self.log_level,
         )

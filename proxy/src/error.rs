@@ -162,6 +162,21 @@ pub enum Error {
         source: weft_certs::Error,
     },
 
+    /// A data-plane listener could not be opened.
+    #[error("binding the {what} listener to {addr}: {source}")]
+    BindListener {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
+    /// Installing the node's capture rules failed (the error names the step).
+    #[error(transparent)]
+    Capture(crate::capture::CaptureError),
+
     /// The admin endpoint could not listen.
     #[error("binding the admin endpoint to {addr}: {source}")]
     BindAdmin {

@@ -20,12 +20,18 @@
 
 mod admin;
 mod backoff;
+pub mod capture;
 mod certificates;
 mod config;
 mod control_plane;
+pub mod dataplane;
 mod error;
+pub mod hbone;
+mod http_server;
+mod monitoring;
 mod node_proxy;
 mod node_view;
+pub mod sockets;
 mod transport;
 mod wall_clock;
 

@@ -21,6 +21,7 @@ pub struct NodeProxy {
     view: ViewReceiver,
     status: watch::Receiver<ControlPlaneStatus>,
     certificates: watch::Receiver<CertificateMap>,
+    data_plane: Option<crate::dataplane::RunningDataPlane>,
     tasks: JoinSet<&'static str>,
 }
 
@@ -47,6 +48,7 @@ impl NodeProxy {
         let status = client.status();
         let node_certificates = NodeCertificates::new(transport, view.clone());
         let certificates = node_certificates.subscribe();
+        let data_plane_config = config.clone();
         let admin_state = AdminState {
             config: Arc::new(config),
             view: view.clone(),
@@ -68,11 +70,25 @@ impl NodeProxy {
             "admin endpoint"
         });
         info!(%admin_addr, "admin endpoint listening");
+        let data_plane = if data_plane_config.data_plane {
+            Some(
+                crate::dataplane::start(
+                    &data_plane_config,
+                    view.clone(),
+                    certificates.clone(),
+                    &mut tasks,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         Ok(NodeProxy {
             admin_addr,
             view,
             status,
             certificates,
+            data_plane,
             tasks,
         })
     }
@@ -107,8 +123,13 @@ impl NodeProxy {
         }
     }
 
-    /// Stops every task and waits until they are gone.
+    /// Drains the data plane (stop accepting, let open connections finish
+    /// within the deadline, remove the capture rules), then stops every
+    /// task and waits until they are gone.
     pub async fn shutdown(mut self) {
+        if let Some(data_plane) = self.data_plane.take() {
+            data_plane.drain().await;
+        }
         self.tasks.shutdown().await;
     }
 }

@@ -99,14 +99,17 @@ fn echo(mut stream: TcpStream) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {
-                    return;
+                    break;
                 }
             }
         }
     }
+    // The server keeps a clone of every stream (to cut it on drop), so
+    // dropping this one would not close the connection: close it explicitly.
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 impl Drop for EchoServer {

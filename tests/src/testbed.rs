@@ -199,6 +199,25 @@ impl Testbed {
             .collect()
     }
 
+    /// The SPIFFE identities (trust domain `cluster.local`) of the meshed pods on `node`.
+    pub fn meshed_identities_on(&self, node: &str) -> Vec<String> {
+        let mut identities: Vec<String> = self
+            .topology
+            .pods
+            .iter()
+            .filter(|p| p.meshed && self.topology.nodes[p.node].name == node)
+            .map(|p| {
+                format!(
+                    "spiffe://cluster.local/ns/{}/sa/{}",
+                    p.namespace, p.service_account
+                )
+            })
+            .collect();
+        identities.sort();
+        identities.dedup();
+        identities
+    }
+
     /// The node's pod CIDR (`10.244.<n>.0/24`).
     pub fn pod_cidr(&self, node: &str) -> Result<Ipv4Cidr> {
         Ok(self.topology.node(node)?.pod_cidr)

@@ -20,6 +20,10 @@ pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
 pub const CONTROL_PLANE_MONITORING_PORT: u16 = 15014;
 /// The proxy's admin port (on the node's loopback).
 pub const PROXY_ADMIN_PORT: u16 = 15000;
+/// The proxy's Prometheus port.
+pub const PROXY_METRICS_PORT: u16 = 15020;
+/// The proxy's readiness port.
+pub const PROXY_READINESS_PORT: u16 = 15021;
 /// How long a weft process gets to come up before a test gives up.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -194,6 +198,12 @@ impl WeftMesh {
         &self.manifests_dir
     }
 
+    /// The control plane's CA file (chain and key): tests that play an
+    /// attacker holding a valid certificate issue from it.
+    pub fn ca_file(&self) -> PathBuf {
+        self.state_dir.join("ca.pem")
+    }
+
     /// The mesh roots (PEM) as the control plane published them.
     pub fn roots_pem(&self) -> Result<String> {
         Ok(std::fs::read_to_string(
@@ -214,6 +224,38 @@ impl WeftMesh {
     pub fn proxy_admin(&self, testbed: &Testbed, node: &str, path: &str) -> Result<String> {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_ADMIN_PORT));
         http_get(testbed, Target::Node(node), admin, path)
+    }
+
+    /// The Prometheus text of the proxy of `node`.
+    pub fn proxy_metrics(&self, testbed: &Testbed, node: &str) -> Result<String> {
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_METRICS_PORT));
+        http_get(testbed, Target::Node(node), metrics, "/metrics")
+    }
+
+    /// Waits until every proxy reports ready (config applied, listeners up)
+    /// and holds a certificate for each meshed pod of its node, so traffic
+    /// from any meshed pod can flow.
+    pub fn wait_for_data_plane(&self, testbed: &Testbed) -> Result<()> {
+        let readiness = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_READINESS_PORT));
+        for node in self.proxies.keys() {
+            wait_until(STARTUP_TIMEOUT, || {
+                Ok(http_get(testbed, Target::Node(node), readiness, "/healthz/ready").is_ok())
+            })
+            .with_context(|| format!("the proxy of {node} never became ready"))?;
+            let wanted = testbed.meshed_identities_on(node);
+            wait_until(STARTUP_TIMEOUT, || {
+                let certs = self
+                    .proxy_admin(testbed, node, "/certs")
+                    .unwrap_or_default();
+                Ok(wanted
+                    .iter()
+                    .all(|identity| certs.contains(identity.as_str())))
+            })
+            .with_context(|| {
+                format!("the proxy of {node} never got certificates for {wanted:?}")
+            })?;
+        }
+        Ok(())
     }
 
     /// GETs `path` from the control plane's monitoring port.

@@ -364,6 +364,12 @@ impl ProxyFiles {
             root_cert: self.root_cert.clone(),
             control_plane_identity: DEFAULT_CONTROL_PLANE_IDENTITY.parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            // The control side alone: no listeners, no nftables.
+            data_plane: false,
+            capture: false,
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            readiness_addr: "127.0.0.1:0".parse().unwrap(),
+            drain_seconds: 1,
             log_format: LogFormat::Text,
             log_level: "debug".into(),
         }

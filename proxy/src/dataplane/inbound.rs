@@ -1,0 +1,219 @@
+//! Inbound HBONE (15008): tunnels arriving for this node's pods. The
+//! connection's local address says which pod is addressed; the proxy
+//! presents that pod's certificate, verifies the client, and opens each
+//! CONNECT to the pod from the source pod's IP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+use weft_certs::{Identity, WorkloadCertificate};
+
+use super::DataPlane;
+use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
+use crate::hbone::{self, InboundHandler, InboundRequest, Refusal};
+use crate::sockets;
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server configs per local identity, built once per certificate.
+#[derive(Default)]
+pub struct ServerConfigs {
+    by_identity: Mutex<HashMap<Identity, (std::time::SystemTime, Arc<ServerConfig>)>>,
+}
+
+impl ServerConfigs {
+    /// The config presenting `certificate`, cached until the certificate changes.
+    fn get(
+        &self,
+        certificate: &WorkloadCertificate,
+    ) -> Result<Arc<ServerConfig>, weft_certs::Error> {
+        let mut cache = self
+            .by_identity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((issued, config)) = cache.get(certificate.identity())
+            && *issued == certificate.not_before()
+        {
+            return Ok(config.clone());
+        }
+        let config = weft_certs::hbone_server_config(certificate)?;
+        cache.insert(
+            certificate.identity().clone(),
+            (certificate.not_before(), config.clone()),
+        );
+        Ok(config)
+    }
+}
+
+/// Serves tunnel connections (see [`super::next_connection`] for the drain).
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
+    loop {
+        let (tcp, peer) = super::next_connection(&listener, &plane.drain, "HBONE").await;
+        let Ok(local) = sockets::original_destination(&tcp) else {
+            continue;
+        };
+        let span = info_span!("inbound", src = %peer, dst = %local);
+        let plane = plane.clone();
+        tokio::spawn(
+            async move {
+                let _guard = plane.drain.track();
+                accept_tunnel(plane, tcp, local).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr) {
+    let routes = plane.routes.borrow().clone();
+    let Some(workload) = routes
+        .local_workload(local.ip())
+        .filter(|w| w.meshed)
+        .cloned()
+    else {
+        warn!("inbound: no meshed local pod has this address");
+        plane
+            .metrics
+            .failure(Direction::Inbound, "no_local_workload");
+        return;
+    };
+    let certificates = plane.certificates.borrow().clone();
+    let Some(certificate) = certificates.get(&workload.identity) else {
+        warn!(identity = %workload.identity, "inbound: no certificate yet for the addressed pod");
+        plane.metrics.failure(Direction::Inbound, "no_certificate");
+        return;
+    };
+    let config = match plane.server_configs.get(certificate) {
+        Ok(config) => config,
+        Err(error) => {
+            warn!(%error, "inbound: cannot build the TLS config");
+            plane.metrics.failure(Direction::Inbound, "tls_config");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            let reason = handshake_failure(&error);
+            warn!(%error, reason, "inbound: TLS handshake refused");
+            plane.metrics.failure(Direction::Inbound, reason);
+            return;
+        }
+        Err(_) => {
+            warn!("inbound: TLS handshake timed out");
+            plane
+                .metrics
+                .failure(Direction::Inbound, "handshake_timeout");
+            return;
+        }
+    };
+    let handler = Arc::new(InboundTunnel {
+        plane: plane.clone(),
+    });
+    if let Err(error) = hbone::serve_connection(tls, local, handler, plane.drain.signal()).await {
+        debug!(%error, "inbound: tunnel connection ended with an error");
+    }
+}
+
+/// Decides each CONNECT of an inbound connection: the addressed pod must be
+/// a meshed pod of this node, and the source address must belong to the
+/// identity that proved itself in the handshake.
+struct InboundTunnel {
+    plane: Arc<DataPlane>,
+}
+
+impl InboundHandler for InboundTunnel {
+    type Upstream = Metered<TcpStream>;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<Metered<TcpStream>, Refusal> {
+        let plane = &self.plane;
+        let routes = plane.routes.borrow().clone();
+        let Some(workload) = routes
+            .local_workload(request.target.ip())
+            .filter(|w| w.meshed)
+            .cloned()
+        else {
+            plane
+                .metrics
+                .failure(Direction::Inbound, "no_local_workload");
+            return Err(Refusal::Unavailable(
+                "no meshed pod with this address on this node".into(),
+            ));
+        };
+        // The tunnel carries the source pod's IP: a workload with another
+        // identity's certificate must not speak for that address.
+        let peer = request.peer_address;
+        let source = routes.workload(peer.ip()).cloned();
+        if source.as_ref().map(|w| &w.identity) != Some(&request.peer_identity) {
+            warn!(
+                peer = %peer,
+                peer_identity = %request.peer_identity,
+                address_owner = source.as_ref().map(|w| w.identity.to_string()).unwrap_or_default(),
+                "inbound: the peer's identity does not own its source address"
+            );
+            plane
+                .metrics
+                .failure(Direction::Inbound, "identity_address_mismatch");
+            return Err(Refusal::Denied(format!(
+                "{} does not own source address {}",
+                request.peer_identity,
+                peer.ip()
+            )));
+        }
+        let upstream =
+            match sockets::connect_from(Some(peer.ip()), request.target, sockets::PROXY_MARK).await
+            {
+                Ok(upstream) => upstream,
+                Err(error) => {
+                    plane.metrics.failure(Direction::Inbound, "connect_failed");
+                    return Err(Refusal::Unavailable(format!("the pod refused: {error}")));
+                }
+            };
+        let source = Peer {
+            workload: source,
+            principal: Some(request.peer_identity.to_string()),
+        };
+        let record = ConnectionRecord::open(
+            &plane.metrics,
+            Direction::Inbound,
+            Security::MutualTls,
+            (peer, &source),
+            (request.target, &Peer::workload(&workload)),
+            None,
+        );
+        Ok(Metered::new(upstream, record))
+    }
+}
+
+/// A short, label-safe reason for a failed server handshake.
+fn handshake_failure(error: &std::io::Error) -> &'static str {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return "handshake_io";
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            "handshake_unknown_issuer"
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => "handshake_expired",
+        rustls::Error::InvalidCertificate(_) => match weft_certs::refusal_reason(tls) {
+            Some(weft_certs::Error::PeerTrustDomain { .. }) => "handshake_trust_domain",
+            Some(weft_certs::Error::CertificateIdentity { .. }) => "handshake_no_identity",
+            _ => "handshake_bad_certificate",
+        },
+        rustls::Error::NoCertificatesPresented => "handshake_no_certificate",
+        rustls::Error::InvalidMessage(_) => "handshake_garbage",
+        _ => "handshake_failed",
+    }
+}

@@ -1,0 +1,78 @@
+//! Inbound plaintext (15006): TCP for a meshed local pod that did not come
+//! through a tunnel, from an unmeshed client. Accepted (PERMISSIVE) and
+//! counted and logged as unauthenticated; STRICT mode, which refuses it,
+//! comes with policy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info, info_span};
+
+use super::DataPlane;
+use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
+use crate::sockets;
+
+/// Serves captured plaintext connections (see [`super::next_connection`] for the drain).
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
+    loop {
+        let (client, client_addr) =
+            super::next_connection(&listener, &plane.drain, "inbound plaintext").await;
+        let Ok(destination) = sockets::original_destination(&client) else {
+            continue;
+        };
+        let span = info_span!("inbound_plaintext", src = %client_addr, dst = %destination);
+        let plane = plane.clone();
+        tokio::spawn(
+            async move {
+                let _guard = plane.drain.track();
+                proxy(&plane, client, client_addr, destination).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn proxy(
+    plane: &DataPlane,
+    mut client: TcpStream,
+    client_addr: SocketAddr,
+    destination: SocketAddr,
+) {
+    let routes = plane.routes.borrow().clone();
+    let Some(workload) = routes.local_workload(destination.ip()).cloned() else {
+        debug!("inbound plaintext: not a local pod");
+        plane
+            .metrics
+            .failure(Direction::Inbound, "no_local_workload");
+        return;
+    };
+    info!(pod = %workload.uid, "accepting unauthenticated plaintext for a meshed pod (PERMISSIVE)");
+    let upstream =
+        match sockets::connect_from(Some(client_addr.ip()), destination, sockets::PROXY_MARK).await
+        {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                debug!(%error, "inbound plaintext: the pod refused");
+                plane.metrics.failure(Direction::Inbound, "connect_failed");
+                return;
+            }
+        };
+    let record = ConnectionRecord::open(
+        &plane.metrics,
+        Direction::Inbound,
+        Security::None,
+        // Unauthenticated: the pod may be named from its address, but there
+        // is no principal.
+        (
+            client_addr,
+            &Peer {
+                workload: routes.workload(client_addr.ip()).cloned(),
+                principal: None,
+            },
+        ),
+        (destination, &Peer::workload(&workload)),
+        None,
+    );
+    super::relay(&mut client, Metered::new(upstream, record)).await;
+}

@@ -1,0 +1,192 @@
+//! Starting and stopping the data plane: listeners, the capture rules that
+//! follow the config, metrics and readiness, and the drain on shutdown.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use super::drain::{self, DrainTrigger};
+use super::routes::RouteTable;
+use super::telemetry::TrafficMetrics;
+use super::{DataPlane, inbound, outbound, plaintext, route_table};
+use crate::capture::{CaptureConfig, NodeCapture};
+use crate::certificates::CertificateMap;
+use crate::control_plane::ViewReceiver;
+use crate::hbone::{HbonePool, PoolConfig};
+use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
+use crate::{Error, ProxyConfig, http_server, monitoring};
+
+/// A running data plane; [`RunningDataPlane::drain`] stops it gracefully.
+pub struct RunningDataPlane {
+    trigger: DrainTrigger,
+    deadline: Duration,
+    capture: Option<CaptureRunner>,
+}
+
+/// The capture rules' thread and the task that feeds it pod sets; the
+/// thread removes the rules once the feed ends.
+struct CaptureRunner {
+    thread: std::thread::JoinHandle<()>,
+    feed: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the listeners, installs the capture (if configured) and starts
+/// serving. Tasks go into `tasks`.
+pub async fn start(
+    config: &ProxyConfig,
+    view: ViewReceiver,
+    certificates: watch::Receiver<CertificateMap>,
+    tasks: &mut JoinSet<&'static str>,
+) -> Result<RunningDataPlane, Error> {
+    let mut registry = Registry::default();
+    let metrics = TrafficMetrics::new(&mut registry);
+    let routes = route_table(view);
+    let (trigger, drain) = drain::channel();
+    let dialer: crate::hbone::Dialer = Arc::new(|source, destination| {
+        Box::pin(sockets::connect_from(source, destination, PROXY_MARK))
+    });
+    let plane = Arc::new(DataPlane {
+        routes: routes.clone(),
+        certificates,
+        metrics,
+        pool: Arc::new(HbonePool::new(dialer, PoolConfig::default())),
+        drain: drain.clone(),
+        server_configs: inbound::ServerConfigs::default(),
+    });
+
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let bind = |what: &'static str, port: u16| {
+        let addr = SocketAddr::new(loopback, port);
+        sockets::transparent_listener(addr).map_err(|source| Error::BindListener {
+            what,
+            addr,
+            source,
+        })
+    };
+    let outbound_listener = bind("outbound", OUTBOUND_PORT)?;
+    let plaintext_listener = bind("inbound plaintext", INBOUND_PLAINTEXT_PORT)?;
+    let hbone_listener = bind("HBONE", HBONE_PORT)?;
+    let plain_bind = |what: &'static str, addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::BindListener { what, addr, source })
+    };
+    let metrics_listener = plain_bind("metrics", config.metrics_addr).await?;
+    let readiness_listener = plain_bind("readiness", config.readiness_addr).await?;
+
+    let capture = if config.capture {
+        Some(start_capture(routes.clone())?)
+    } else {
+        None
+    };
+
+    let p = plane.clone();
+    tasks.spawn(async move {
+        outbound::serve(outbound_listener, p).await;
+        "outbound listener"
+    });
+    let p = plane.clone();
+    tasks.spawn(async move {
+        plaintext::serve(plaintext_listener, p).await;
+        "inbound plaintext listener"
+    });
+    let p = plane.clone();
+    tasks.spawn(async move {
+        inbound::serve(hbone_listener, p).await;
+        "HBONE listener"
+    });
+    let registry = Arc::new(registry);
+    tasks.spawn(async move {
+        http_server::serve(metrics_listener, "metrics", monitoring::metrics(registry)).await;
+        "metrics endpoint"
+    });
+    tasks.spawn(async move {
+        http_server::serve(
+            readiness_listener,
+            "readiness",
+            monitoring::readiness(routes, drain),
+        )
+        .await;
+        "readiness endpoint"
+    });
+    info!(
+        outbound = OUTBOUND_PORT,
+        inbound_plaintext = INBOUND_PLAINTEXT_PORT,
+        hbone = HBONE_PORT,
+        metrics = %config.metrics_addr,
+        readiness = %config.readiness_addr,
+        capture = config.capture,
+        "data plane listening"
+    );
+    Ok(RunningDataPlane {
+        trigger,
+        deadline: Duration::from_secs(config.drain_seconds),
+        capture,
+    })
+}
+
+/// The capture rules live on a thread of their own: programming them runs
+/// `nft` and `ip`, which must not block the runtime. The rules follow the
+/// meshed local pods of each applied config; they are removed when the
+/// update channel closes.
+fn start_capture(mut routes: watch::Receiver<Arc<RouteTable>>) -> Result<CaptureRunner, Error> {
+    let mut capture = NodeCapture::install(CaptureConfig::default()).map_err(Error::Capture)?;
+    let (updates, received) = std::sync::mpsc::channel::<BTreeSet<IpAddr>>();
+    let thread = std::thread::Builder::new()
+        .name("weft-capture".into())
+        .spawn(move || {
+            while let Ok(pods) = received.recv() {
+                if let Err(error) = capture.set_meshed_pods(&pods) {
+                    warn!(%error, "updating the capture rules failed; the previous rules stay");
+                }
+            }
+            match capture.remove() {
+                Ok(()) => info!("capture rules removed"),
+                Err(error) => warn!(%error, "removing the capture rules failed"),
+            }
+        })
+        .map_err(|source| Error::BindListener {
+            what: "capture thread",
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            source,
+        })?;
+    let feed = tokio::spawn(async move {
+        loop {
+            let pods = routes.borrow_and_update().meshed_local_ips();
+            if updates.send(pods).is_err() || routes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(CaptureRunner { thread, feed })
+}
+
+impl RunningDataPlane {
+    /// Stops accepting, lets open connections finish within the drain
+    /// deadline, then removes the capture rules.
+    pub async fn drain(self) {
+        info!(deadline = ?self.deadline, "draining");
+        let left = self.trigger.drain(self.deadline).await;
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed; closing what is left"
+            );
+        } else {
+            info!("all connections finished");
+        }
+        if let Some(capture) = self.capture {
+            // Ending the feed drops the last sender; the thread then removes
+            // the rules and ends.
+            capture.feed.abort();
+            let _ = capture.feed.await;
+            let _ = tokio::task::spawn_blocking(move || capture.thread.join()).await;
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! What the data plane reports about each connection: Prometheus metrics
+//! under Istio's names and labels (so existing dashboards work), and one
+//! access-log line when the connection ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracing::info;
+
+use crate::node_view::Workload;
+
+/// Which way a connection crosses this proxy, as Istio's `reporter` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Captured leaving a local pod; this proxy reports as the source.
+    Outbound,
+    /// Arriving for a local pod; this proxy reports as the destination.
+    Inbound,
+}
+
+impl Direction {
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// How the bytes travelled, as Istio's `connection_security_policy` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// Inside an HBONE tunnel: mutual TLS between verified identities.
+    MutualTls,
+    /// Between two pods of this node, never leaving it; identities come
+    /// from the node's own config, not from a handshake.
+    NodeLocal,
+    /// Plaintext: an unmeshed peer, or plaintext arriving for a meshed pod.
+    None,
+}
+
+impl Security {
+    fn label(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::NodeLocal => "node_local",
+            Security::None => "none",
+        }
+    }
+}
+
+/// The labels of Istio's TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: String,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_service: String,
+    connection_security_policy: String,
+}
+
+/// Labels of failures that never became a proxied connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    direction: String,
+    reason: String,
+}
+
+/// The data plane's metric families.
+#[derive(Debug, Default)]
+pub struct TrafficMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent_bytes: Family<TcpLabels, Counter>,
+    received_bytes: Family<TcpLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+}
+
+impl TrafficMetrics {
+    /// The families, registered in `registry`.
+    pub fn new(registry: &mut Registry) -> Arc<TrafficMetrics> {
+        let metrics = TrafficMetrics::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            metrics.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            metrics.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent towards the client of a TCP connection",
+            metrics.sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client of a TCP connection",
+            metrics.received_bytes.clone(),
+        );
+        registry.register(
+            "weft_tcp_failures",
+            "Connections refused or failed before any byte was proxied, by reason",
+            metrics.failures.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    /// Counts a connection that failed before it was proxied, e.g.
+    /// `handshake_unknown_issuer` or `connect_refused`.
+    pub fn failure(&self, direction: Direction, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                direction: direction.reporter().to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Who is at one end of a connection, as far as the proxy knows.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The pod, if known.
+    pub workload: Option<Arc<Workload>>,
+    /// Its verified SPIFFE identity, if any.
+    pub principal: Option<String>,
+}
+
+impl Peer {
+    /// A known pod, with its identity as principal.
+    pub fn workload(workload: &Arc<Workload>) -> Peer {
+        Peer {
+            principal: Some(workload.identity.to_string()),
+            workload: Some(workload.clone()),
+        }
+    }
+}
+
+/// One proxied connection, from open to close.
+pub struct ConnectionRecord {
+    metrics: Arc<TrafficMetrics>,
+    labels: TcpLabels,
+    client: SocketAddr,
+    target: SocketAddr,
+    started: Instant,
+}
+
+impl ConnectionRecord {
+    /// Counts the connection as opened.
+    pub fn open(
+        metrics: &Arc<TrafficMetrics>,
+        direction: Direction,
+        security: Security,
+        (client, source): (SocketAddr, &Peer),
+        (target, destination): (SocketAddr, &Peer),
+        service: Option<&str>,
+    ) -> ConnectionRecord {
+        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.name.clone());
+        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.clone());
+        let unknown = || "unknown".to_owned();
+        let labels = TcpLabels {
+            reporter: direction.reporter().to_owned(),
+            source_workload: name(source).unwrap_or_else(unknown),
+            source_workload_namespace: namespace(source).unwrap_or_else(unknown),
+            source_principal: source.principal.clone().unwrap_or_else(unknown),
+            destination_workload: name(destination).unwrap_or_else(unknown),
+            destination_workload_namespace: namespace(destination).unwrap_or_else(unknown),
+            destination_principal: destination.principal.clone().unwrap_or_else(unknown),
+            destination_service: service.map(str::to_owned).unwrap_or_else(unknown),
+            connection_security_policy: security.label().to_owned(),
+        };
+        metrics.opened.get_or_create(&labels).inc();
+        ConnectionRecord {
+            metrics: metrics.clone(),
+            labels,
+            client,
+            target,
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts the connection as closed with the bytes it carried
+    /// (`received` from the client, `sent` to it) and writes its access-log line.
+    pub fn close(self, received: u64, sent: u64, error: Option<&str>) {
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics
+            .sent_bytes
+            .get_or_create(&self.labels)
+            .inc_by(sent);
+        self.metrics
+            .received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(received);
+        let l = &self.labels;
+        info!(
+            target: "weft::access",
+            direction = l.reporter.as_str(),
+            src.addr = %self.client,
+            src.workload = l.source_workload.as_str(),
+            src.namespace = l.source_workload_namespace.as_str(),
+            src.principal = l.source_principal.as_str(),
+            dst.addr = %self.target,
+            dst.workload = l.destination_workload.as_str(),
+            dst.namespace = l.destination_workload_namespace.as_str(),
+            dst.principal = l.destination_principal.as_str(),
+            dst.service = l.destination_service.as_str(),
+            security = l.connection_security_policy.as_str(),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or(""),
+            "connection closed"
+        );
+    }
+}
+
+/// The upstream side of a proxied connection (a pod, a tunnel), counting
+/// what passes through it. Dropping it closes its [`ConnectionRecord`], so
+/// the connection is accounted for however it ends, even when the bytes are
+/// copied by code that knows nothing of metrics.
+pub struct Metered<S> {
+    inner: S,
+    /// Read from upstream: sent towards the client.
+    read: u64,
+    /// Written to upstream: received from the client.
+    written: u64,
+    record: Option<ConnectionRecord>,
+    error: Option<String>,
+}
+
+impl<S> Metered<S> {
+    /// Wraps `inner`; `record` is closed when this is dropped.
+    pub fn new(inner: S, record: ConnectionRecord) -> Metered<S> {
+        Metered {
+            inner,
+            read: 0,
+            written: 0,
+            record: Some(record),
+            error: None,
+        }
+    }
+
+    /// Notes why the connection ended badly, for the access log.
+    pub fn failed(&mut self, error: impl std::fmt::Display) {
+        self.error = Some(error.to_string());
+    }
+}
+
+impl<S> Drop for Metered<S> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.close(self.written, self.read, self.error.as_deref());
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = poll {
+            self.written += n as u64;
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

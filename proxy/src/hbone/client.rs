@@ -1,0 +1,186 @@
+//! The client side of HBONE, one step at a time: a TCP connection from the
+//! dialer, the TLS handshake that pins the destination's identity, the
+//! HTTP/2 handshake, and a `CONNECT` on an established connection.
+//! [`HbonePool`](super::HbonePool) decides which connection a request uses.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
+use http::header::FORWARDED;
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use weft_certs::{Identity, WorkloadCertificate};
+
+use super::error::{HboneError, tls_problem};
+use super::headers::forwarded_for;
+use super::slots::SlotLease;
+use super::stream::HboneStream;
+use super::tuning::client_builder;
+
+/// One tunnel to open: from which workload, to which workload, where.
+#[derive(Debug, Clone)]
+pub struct HboneRequest {
+    /// The source workload's current certificate, presented to the peer.
+    pub certificate: WorkloadCertificate,
+    /// The identity the destination must prove.
+    pub destination_identity: Identity,
+    /// Where the destination's HBONE listener is: `<pod ip>:15008`.
+    pub hbone_addr: SocketAddr,
+    /// The `CONNECT` authority: the destination pod's IP and target port.
+    pub target: SocketAddr,
+    /// The local IP to dial from (the source pod's), if any; the dialer
+    /// decides how (transparent socket, mark).
+    pub source_ip: Option<IpAddr>,
+    /// The original client, sent as `forwarded: for="<ip:port>"`.
+    pub forwarded_for: Option<SocketAddr>,
+    /// Further request headers, such as `baggage` and `traceparent`.
+    pub headers: HeaderMap,
+}
+
+/// The HTTP/2 connection future the pool's driver task polls.
+pub(crate) type ClientConnection = Connection<TlsStream<TcpStream>, Bytes>;
+
+/// An established HBONE connection, before it is pooled.
+pub(crate) struct Handshaken {
+    pub(crate) send_request: SendRequest<Bytes>,
+    pub(crate) connection: ClientConnection,
+}
+
+/// TLS then HTTP/2 over a freshly dialed TCP connection.
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    request: &HboneRequest,
+) -> Result<Handshaken, HboneError> {
+    let address = request.hbone_addr;
+    // Small writes (a request, a reply) must leave at once.
+    let _ = tcp.set_nodelay(true);
+    let config =
+        weft_certs::hbone_client_config(&request.certificate, &request.destination_identity)
+            .map_err(|source| HboneError::TlsConfig {
+                identity: request.certificate.identity().clone(),
+                source,
+            })?;
+    // The name is only a placeholder: the config sends no SNI and verifies
+    // the server by its SPIFFE identity.
+    let name = ServerName::IpAddress(address.ip().into());
+    let tls = TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| HboneError::TlsHandshake {
+            address,
+            expected: request.destination_identity.clone(),
+            problem: tls_problem(&e),
+        })?;
+    let (send_request, connection) =
+        client_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::Http2Handshake {
+                peer: address,
+                source,
+            })?;
+    Ok(Handshaken {
+        send_request,
+        connection,
+    })
+}
+
+/// Why opening a stream failed, and what the pool may do about it. No
+/// tunnel data has been sent before the 200, so a retry never repeats any.
+pub(crate) struct OpenFailure {
+    pub(crate) error: HboneError,
+    pub(crate) retry: Retry,
+}
+
+/// Whether a failed `CONNECT` may be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// The answer stands (a refusal, a malformed request).
+    Never,
+    /// The peer refused the stream unprocessed (REFUSED_STREAM) on a
+    /// connection that is otherwise fine.
+    Again,
+    /// The connection is closing (GOAWAY) or broken: not on this one.
+    OnAnotherConnection,
+}
+
+/// Sends the `CONNECT` for `request` on `send_request` and waits for the
+/// answer; the stream is the tunnel once the peer says 200.
+pub(crate) async fn open_stream(
+    send_request: &SendRequest<Bytes>,
+    request: &HboneRequest,
+    lease: SlotLease,
+) -> Result<HboneStream, OpenFailure> {
+    let target = request.target;
+    let address = request.hbone_addr;
+    let failed = |source: h2::Error, retry: Retry| OpenFailure {
+        error: HboneError::ConnectStream {
+            target,
+            address,
+            source,
+        },
+        retry,
+    };
+    let connect = connect_request(request).map_err(|source| OpenFailure {
+        error: HboneError::BuildRequest { target, source },
+        retry: Retry::Never,
+    })?;
+    let mut ready = send_request
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| failed(e, Retry::OnAnotherConnection))?;
+    let (response, mut send) = ready.send_request(connect, false).map_err(|e| {
+        // A connection-level refusal, or our own malformed headers.
+        let retry = if e.is_go_away() || e.is_io() {
+            Retry::OnAnotherConnection
+        } else {
+            Retry::Never
+        };
+        failed(e, retry)
+    })?;
+    let response = match response.await {
+        Ok(response) => response,
+        Err(e) if e.is_go_away() || e.is_io() => {
+            return Err(failed(e, Retry::OnAnotherConnection));
+        }
+        Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            return Err(failed(e, Retry::Again));
+        }
+        Err(e) => return Err(failed(e, Retry::Never)),
+    };
+    let status = response.status();
+    if status != StatusCode::OK {
+        send.send_reset(h2::Reason::CANCEL);
+        return Err(OpenFailure {
+            error: HboneError::Refused {
+                target,
+                address,
+                status,
+            },
+            retry: Retry::Never,
+        });
+    }
+    Ok(HboneStream::new(send, response.into_body(), Some(lease)))
+}
+
+/// `CONNECT <ip>:<port>` in authority form (`[v6]:port` for IPv6).
+fn connect_request(request: &HboneRequest) -> Result<Request<()>, http::Error> {
+    let authority = Uri::try_from(request.target.to_string())?;
+    let mut builder = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .version(Version::HTTP_2);
+    if let Some(client) = request.forwarded_for {
+        builder = builder.header(FORWARDED, forwarded_for(client));
+    }
+    let mut connect = builder.body(())?;
+    for (name, value) in &request.headers {
+        connect.headers_mut().append(name, value.clone());
+    }
+    Ok(connect)
+}

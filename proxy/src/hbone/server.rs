@@ -1,0 +1,326 @@
+//! The server side of HBONE: one inbound connection's `CONNECT` streams,
+//! each checked, handed to an [`InboundHandler`] for a decision and an
+//! upstream connection, answered, and then copied both ways.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::header::FORWARDED;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
+use weft_certs::Identity;
+
+use super::error::{HboneError, tls_problem};
+use super::headers::parse_forwarded_for;
+use super::stream::{HboneStream, TunnelStats, copy_tunnel};
+use super::tuning::{HANDSHAKE_TIMEOUT, PING_TIMEOUT, keepalive, server_builder};
+
+/// One `CONNECT` that passed the protocol checks, for the handler to decide.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// The client workload, as its verified certificate names it.
+    pub peer_identity: Identity,
+    /// The client end of the HBONE connection (the source pod's IP when the
+    /// source proxy dials transparently).
+    pub peer_address: SocketAddr,
+    /// What the client asked to reach: an IP of this connection's local
+    /// address, and a port.
+    pub target: SocketAddr,
+    /// The original client from the `forwarded` header, if sent (port 0
+    /// when the header names an IP only).
+    pub forwarded_for: Option<SocketAddr>,
+    /// All request headers (`baggage`, `traceparent`, ...).
+    pub headers: HeaderMap,
+}
+
+/// Why a handler turns a `CONNECT` away; the reason is for logs only, the
+/// peer sees just the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Denied by policy: 401.
+    Denied(String),
+    /// No such workload, or the workload refused the connection: 503.
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The status sent to the peer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Denied by policy (401), for the logs: `reason`.
+    pub fn unauthorized(reason: impl Into<String>) -> Refusal {
+        Refusal::Denied(reason.into())
+    }
+
+    /// No such workload or it refused (503), for the logs: `reason`.
+    pub fn service_unavailable(reason: impl Into<String>) -> Refusal {
+        Refusal::Unavailable(reason.into())
+    }
+
+    /// Why, for the logs.
+    pub fn reason(&self) -> &str {
+        match self {
+            Refusal::Denied(reason) | Refusal::Unavailable(reason) => reason,
+        }
+    }
+}
+
+/// What the data plane decides for each inbound tunnel.
+pub trait InboundHandler: Send + Sync + 'static {
+    /// The connection a tunnel is copied to (a `TcpStream` to the pod).
+    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Checks policy and connects to the target, or says why not. Called
+    /// concurrently for the streams of a connection.
+    fn connect(
+        &self,
+        request: &InboundRequest,
+    ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+
+    /// Called once a tunnel has ended, with the bytes it carried (as the
+    /// tunnel saw them: `sent` to the client, `received` from it) and the
+    /// copy's error if it did not end cleanly. For metrics and access logs.
+    fn tunnel_closed(
+        &self,
+        request: &InboundRequest,
+        stats: TunnelStats,
+        error: Option<&io::Error>,
+    ) {
+        let _ = (request, stats, error);
+    }
+}
+
+/// Any `async` closure taking the request is a handler (with no
+/// `tunnel_closed` report): `Arc::new(move |request: InboundRequest| async
+/// move { .. })`.
+impl<F, Fut, U> InboundHandler for F
+where
+    F: Fn(InboundRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, Refusal>> + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Upstream = U;
+
+    fn connect(&self, request: &InboundRequest) -> impl Future<Output = Result<U, Refusal>> + Send {
+        self(request.clone())
+    }
+}
+
+/// The TLS handshake of an inbound HBONE connection, bounded by
+/// [`HANDSHAKE_TIMEOUT`]. `config` is [`weft_certs::hbone_server_config`] of
+/// the workload the connection is addressed to.
+pub async fn accept_tls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+) -> Result<TlsStream<TcpStream>, HboneError> {
+    let peer = peer_address(&tcp);
+    let handshake = TlsAcceptor::from(config).accept(tcp);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(HboneError::TlsAccept {
+            peer,
+            problem: tls_problem(&e),
+        }),
+        Err(_) => Err(HboneError::HandshakeTimeout {
+            peer,
+            step: "TLS",
+            after: HANDSHAKE_TIMEOUT,
+        }),
+    }
+}
+
+/// Serves one HBONE connection until the client closes it, it fails, or,
+/// once `drain` turns true, its open streams have finished (GOAWAY tells
+/// the client to open new streams elsewhere). `local_addr` is the address
+/// the client dialed; a `CONNECT` to any other IP is refused with 400.
+///
+/// For a deadline on draining, drop this future when it passes.
+pub async fn serve_connection<H: InboundHandler>(
+    tls: TlsStream<TcpStream>,
+    local_addr: SocketAddr,
+    handler: Arc<H>,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), HboneError> {
+    let (tcp, session) = tls.get_ref();
+    let peer = peer_address(tcp);
+    let _ = tcp.set_nodelay(true);
+    let peer_identity = weft_certs::peer_identity(session)
+        .map_err(|source| HboneError::PeerIdentity { peer, source })?;
+    let span = tracing::debug_span!(
+        "hbone_inbound",
+        %peer,
+        peer_identity = %peer_identity,
+        local = %local_addr,
+    );
+    let context = Arc::new(ConnectionContext {
+        peer_identity,
+        peer,
+        local_addr,
+    });
+    async move {
+        let handshake = server_builder().handshake::<_, Bytes>(tls);
+        let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(source)) => return Err(HboneError::Http2Handshake { peer, source }),
+            Err(_) => {
+                return Err(HboneError::HandshakeTimeout {
+                    peer,
+                    step: "HTTP/2",
+                    after: HANDSHAKE_TIMEOUT,
+                });
+            }
+        };
+        let ping_pong = connection.ping_pong();
+        let pings = async {
+            match ping_pong {
+                Some(ping_pong) => keepalive(ping_pong).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(pings);
+        let mut draining = false;
+        let mut drain_open = true;
+        loop {
+            if !draining && *drain.borrow_and_update() {
+                tracing::debug!("draining: no new streams");
+                connection.graceful_shutdown();
+                draining = true;
+            }
+            tokio::select! {
+                next = connection.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let (context, handler) = (Arc::clone(&context), Arc::clone(&handler));
+                        let stream = serve_stream(request, respond, context, handler);
+                        tokio::spawn(stream.in_current_span());
+                    }
+                    Some(Err(source)) => return Err(HboneError::Connection { peer, source }),
+                    None => return Ok(()),
+                },
+                changed = drain.changed(), if drain_open && !draining => {
+                    // A dropped sender can no longer ask for a drain.
+                    drain_open = changed.is_ok();
+                }
+                () = &mut pings => {
+                    return Err(HboneError::KeepaliveTimeout { peer, after: PING_TIMEOUT });
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct ConnectionContext {
+    peer_identity: Identity,
+    peer: SocketAddr,
+    local_addr: SocketAddr,
+}
+
+/// One `CONNECT`: check, decide, answer, copy.
+async fn serve_stream<H: InboundHandler>(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    context: Arc<ConnectionContext>,
+    handler: Arc<H>,
+) {
+    let target = match check_connect(&request, context.local_addr) {
+        Ok(target) => target,
+        Err((status, problem)) => {
+            tracing::debug!(%status, problem, uri = %request.uri(), "malformed CONNECT");
+            answer(&mut respond, status);
+            return;
+        }
+    };
+    let (parts, recv) = request.into_parts();
+    let inbound = InboundRequest {
+        peer_identity: context.peer_identity.clone(),
+        peer_address: context.peer,
+        target,
+        forwarded_for: parts.headers.get(FORWARDED).and_then(parse_forwarded_for),
+        headers: parts.headers,
+    };
+    let span = tracing::debug_span!(
+        "tunnel",
+        source = %inbound.peer_identity,
+        destination = %target,
+        client = ?inbound.forwarded_for,
+    );
+    async move {
+        let mut upstream = match handler.connect(&inbound).await {
+            Ok(upstream) => upstream,
+            Err(refusal) => {
+                tracing::debug!(status = %refusal.status(), reason = refusal.reason(), "refused");
+                answer(&mut respond, refusal.status());
+                return;
+            }
+        };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(error) => {
+                tracing::debug!(%error, "the client went away before the answer");
+                return;
+            }
+        };
+        let mut tunnel = HboneStream::new(send, recv, None);
+        let (stats, result) = copy_tunnel(&mut tunnel, &mut upstream).await;
+        match &result {
+            Ok(()) => tracing::debug!(stats.sent, stats.received, "tunnel closed"),
+            Err(error) => tracing::debug!(stats.sent, stats.received, %error, "tunnel failed"),
+        }
+        handler.tunnel_closed(&inbound, stats, result.as_ref().err());
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The target of a well-formed `CONNECT` to this connection's local IP, or
+/// the status to refuse it with and why.
+fn check_connect<B>(
+    request: &Request<B>,
+    local_addr: SocketAddr,
+) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    if request.method() != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "not a CONNECT"));
+    }
+    let target: SocketAddr = request
+        .uri()
+        .authority()
+        .and_then(|authority| authority.as_str().parse().ok())
+        .ok_or((StatusCode::BAD_REQUEST, "the authority is not <ip>:<port>"))?;
+    if target.ip().to_canonical() != local_addr.ip().to_canonical() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the authority is not the connection's local address",
+        ));
+    }
+    Ok(target)
+}
+
+/// A refusal: the status, no body.
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(error) = respond.send_response(response, true) {
+        tracing::debug!(%error, "the client went away before the answer");
+    }
+}
+
+fn peer_address(tcp: &TcpStream) -> SocketAddr {
+    tcp.peer_addr()
+        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+}

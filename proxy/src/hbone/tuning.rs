@@ -1,0 +1,75 @@
+//! The numbers HBONE runs with (those ztunnel uses, so both ends agree on
+//! what to expect), the HTTP/2 builders that apply them on each side, and the
+//! keepalive that notices a peer which stopped answering.
+
+use std::time::Duration;
+
+use h2::{Ping, PingPong};
+
+/// The port every meshed pod's HBONE traffic is addressed to.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The HTTP/2 flow-control window of each `CONNECT` stream: 4 MiB.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// The HTTP/2 flow-control window of a whole connection: 16 MiB.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The largest HTTP/2 frame either side accepts: 1 MiB.
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+
+/// How many `CONNECT` streams one connection carries at once.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// How often an HBONE connection is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a ping may go unanswered before the connection is given up.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bound on each of the TLS and HTTP/2 handshakes, on both sides, so that a
+/// peer that connects and says nothing cannot hold a task forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An upper bound on request header lists; HBONE requests are a few short
+/// headers, so anything near this is abuse.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// The client's HTTP/2 settings.
+pub(crate) fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_max_send_streams(MAX_STREAMS_PER_CONNECTION)
+        .enable_push(false);
+    builder
+}
+
+/// The server's HTTP/2 settings.
+pub(crate) fn server_builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32);
+    builder
+}
+
+/// Pings every [`PING_INTERVAL`] and returns only when a ping went
+/// unanswered for [`PING_TIMEOUT`]. If the connection itself has ended, the
+/// ping fails and this waits forever: the caller sees the end elsewhere.
+pub(crate) async fn keepalive(mut ping_pong: PingPong) {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_closed)) => std::future::pending::<()>().await,
+            Err(_elapsed) => return,
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The proxy's Prometheus port (15020) and readiness port (15021).
+//!
+//! Readiness is answered from the data plane's own state: ready means a
+//! config has been applied (the proxy knows where traffic goes) and the
+//! proxy is not draining, so "ready" means "forwarding".
+
+use std::sync::Arc;
+
+use hyper::StatusCode;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::dataplane::drain::Drain;
+use crate::dataplane::routes::RouteTable;
+use crate::http_server::{Handler, respond, text};
+
+/// `GET /metrics` (also `/stats/prometheus`, where Istio keeps them).
+pub(crate) fn metrics(registry: Arc<Registry>) -> Handler {
+    Arc::new(move |request| match request.uri().path() {
+        "/metrics" | "/stats/prometheus" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                Ok(()) => respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding metrics failed\n",
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
+    })
+}
+
+/// `GET /healthz/ready`: 200 once a config is applied, 503 before that and
+/// while draining.
+pub(crate) fn readiness(routes: watch::Receiver<Arc<RouteTable>>, drain: Drain) -> Handler {
+    Arc::new(move |request| match request.uri().path() {
+        "/healthz/ready" => {
+            if drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if routes.borrow().version == 0 {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no config applied yet\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz/ready\n"),
+    })
+}

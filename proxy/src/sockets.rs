@@ -1,0 +1,197 @@
+//! The proxy's transparent sockets, and the packet marks and routing table
+//! that the capture rules ([`crate::capture`]) and these sockets agree on.
+//!
+//! Two kinds of socket make transparent proxying work:
+//! - a [`transparent_listener`] on 127.0.0.1 (or `[::1]`) receives
+//!   connections that the node's TPROXY rules steer to it, addressed to
+//!   somebody else: the accepted socket's local address is where the pod
+//!   meant to go ([`original_destination`]);
+//! - [`connect_from`] dials out with a pod's IP as the source (so the far
+//!   end sees the real client) and with [`PROXY_MARK`], so that the capture
+//!   rules and the policy routing leave the proxy's own packets alone.
+//!
+//! Both need `CAP_NET_ADMIN` (for `IP_TRANSPARENT` and `SO_MARK`), and only
+//! work together with the capture rules: replies to a foreign source IP
+//! reach the proxy because those rules mark them and route them locally.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Where the capture rules steer TCP leaving a meshed local pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Where the capture rules steer plaintext TCP to a meshed local pod.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// Where the capture rules steer TCP to a meshed local pod's port 15008:
+/// HBONE tunnels from other nodes' proxies. The protocol owns the number.
+pub use crate::hbone::HBONE_PORT;
+
+/// `SO_MARK` of every connection the proxy makes itself. The capture rules
+/// never steer a packet carrying this bit, and it must not overlap
+/// [`CAPTURE_MARK`], or the proxy's own packets would be routed back to it.
+pub const PROXY_MARK: u32 = 0x2;
+
+/// The bit the capture rules set on packets that belong to the proxy's
+/// transparent sockets (steered ones and replies to them); the policy rule
+/// `fwmark CAPTURE_MARK/CAPTURE_MARK` sends them to [`CAPTURE_ROUTE_TABLE`].
+pub const CAPTURE_MARK: u32 = 0x1;
+
+/// The routing table that holds only `local default dev lo`: whatever is
+/// looked up there is delivered on this host, whatever its destination.
+pub const CAPTURE_ROUTE_TABLE: u32 = 100;
+
+/// Priority of the policy rule that sends marked packets to
+/// [`CAPTURE_ROUTE_TABLE`]: before `main` (32766), after `local` (0).
+pub const CAPTURE_RULE_PRIORITY: u32 = 32764;
+
+/// Backlog of the transparent listeners: bursts of new connections from
+/// every pod of the node all land on the same few listeners.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds a listener that accepts connections addressed to any IP, as
+/// TPROXY hands them over: `IP_TRANSPARENT` (IPv4 or IPv6, after `addr`),
+/// `SO_REUSEADDR` (a restarted proxy binds again while old connections
+/// linger), non-blocking, backlog [`LISTEN_BACKLOG`].
+///
+/// Bind it to the loopback address the capture rules steer to (e.g.
+/// `127.0.0.1:15001`), never to a wildcard address: the rules' `socket
+/// transparent` match would find a wildcard listener for every packet to
+/// its port, and deliver traffic of unmeshed pods to it.
+///
+/// Must be called inside a tokio runtime. Needs `CAP_NET_ADMIN`.
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| context(e, format!("creating a listening socket for {addr}")))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|e| context(e, format!("setting SO_REUSEADDR on {addr}")))?;
+    set_transparent(&socket, addr.ip())?;
+    if addr.is_ipv6() {
+        socket
+            .set_only_v6(true)
+            .map_err(|e| context(e, format!("setting IPV6_V6ONLY on {addr}")))?;
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| context(e, format!("making the listener on {addr} non-blocking")))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| context(e, format!("binding a transparent listener to {addr}")))?;
+    socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| context(e, format!("listening on {addr}")))?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Where a captured connection was going: the destination the pod dialled
+/// (or, for inbound capture, the local pod and port addressed).
+///
+/// TPROXY does not rewrite addresses: it hands the unchanged packet to the
+/// transparent listener, so the accepted socket's own local address *is*
+/// the original destination, and its peer address is the pod that dialled.
+/// No `SO_ORIGINAL_DST` lookup is involved (that one is for NAT redirects).
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    stream.local_addr()
+}
+
+/// Opens a TCP connection to `destination` from the proxy, marked with
+/// `mark` (`SO_MARK`, normally [`PROXY_MARK`]) so the capture rules never
+/// steer it, with `TCP_NODELAY`.
+///
+/// With `source`, the socket is `IP_TRANSPARENT` and bound to `source:0`
+/// first, so the connection carries a foreign IP, typically the pod the
+/// proxy relays for; the capture rules' `socket transparent` match then
+/// brings the replies back to this socket. `source` and `destination` must
+/// be of the same IP family.
+///
+/// Must be called inside a tokio runtime. Needs `CAP_NET_ADMIN`.
+pub async fn connect_from(
+    source: Option<IpAddr>,
+    destination: SocketAddr,
+    mark: u32,
+) -> io::Result<TcpStream> {
+    if let Some(source) = source
+        && source.is_ipv4() != destination.is_ipv4()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("connecting from {source} to {destination}: the IP families differ"),
+        ));
+    }
+    let socket = Socket::new(
+        Domain::for_address(destination),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(|e| context(e, format!("creating a socket to {destination}")))?;
+    socket
+        .set_mark(mark)
+        .map_err(|e| context(e, format!("setting SO_MARK {mark:#x} for {destination}")))?;
+    socket
+        .set_tcp_nodelay(true)
+        .map_err(|e| context(e, format!("setting TCP_NODELAY for {destination}")))?;
+    if let Some(source) = source {
+        set_transparent(&socket, source)?;
+        let from = SocketAddr::new(source, 0);
+        socket
+            .bind(&from.into())
+            .map_err(|e| context(e, format!("binding to {from} to connect to {destination}")))?;
+    }
+    socket.set_nonblocking(true).map_err(|e| {
+        context(
+            e,
+            format!("making the socket to {destination} non-blocking"),
+        )
+    })?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let from = source.map_or_else(|| "the proxy".to_owned(), |ip| ip.to_string());
+    socket
+        .connect(destination)
+        .await
+        .map_err(|e| context(e, format!("connecting from {from} to {destination}")))
+}
+
+/// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT`, after the family of `ip`.
+fn set_transparent(socket: &Socket, ip: IpAddr) -> io::Result<()> {
+    let set = match ip {
+        IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
+        IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
+    };
+    set.map_err(|e| {
+        context(
+            e,
+            format!("setting IP_TRANSPARENT for {ip} (needs CAP_NET_ADMIN)"),
+        )
+    })
+}
+
+/// The same error, its message prefixed with the operation that failed.
+fn context(error: io::Error, operation: String) -> io::Error {
+    io::Error::new(error.kind(), format!("{operation}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_mark_is_never_the_capture_mark() {
+        assert_eq!(PROXY_MARK & CAPTURE_MARK, 0);
+    }
+
+    #[tokio::test]
+    async fn families_must_match() {
+        let error = connect_from(
+            Some("10.0.0.1".parse().expect("an IPv4 address")),
+            "[::1]:80".parse().expect("an IPv6 socket address"),
+            PROXY_MARK,
+        )
+        .await
+        .err();
+        assert_eq!(error.map(|e| e.kind()), Some(io::ErrorKind::InvalidInput));
+    }
+}

@@ -1,0 +1,688 @@
+//! HBONE on loopback, both sides for real: a pool of mutual-TLS HTTP/2
+//! connections on the client, `serve_connection` on the server, workload
+//! certificates from a real mesh CA, and small TCP servers behind the tunnel.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use weft_certs::{CertificateRequest, Identity, MeshCa, WorkloadCertificate};
+use weft_proxy::hbone::{
+    Dialer, HboneError, HbonePool, HboneRequest, InboundHandler, InboundRequest, PoolConfig,
+    Refusal, TunnelStats, accept_tls, direct_dialer, serve_connection,
+};
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
+const PAYMENTS: &str = "spiffe://cluster.local/ns/bank/sa/payments";
+
+/// Ports the test handler refuses, standing for policy and a missing pod.
+const DENIED_PORT: u16 = 1;
+const UNAVAILABLE_PORT: u16 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_carries_bytes_to_the_target_and_the_server_knows_the_client() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+
+    let mut request = mesh.request(&server, echo);
+    request.forwarded_for = Some("10.0.1.5:43210".parse().unwrap());
+    request.headers.insert(
+        "baggage",
+        HeaderValue::from_static("k8s.namespace.name=shop"),
+    );
+    let mut tunnel = within("the tunnel", pool.connect(request)).await.unwrap();
+    tunnel.write_all(b"hello through the mesh").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    within("the echo", tunnel.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+
+    assert_eq!(echoed, b"hello through the mesh");
+    assert_eq!(
+        tunnel.stats(),
+        TunnelStats {
+            sent: 22,
+            received: 22
+        }
+    );
+    let seen = server.handler.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer_identity, id(FRONTEND));
+    assert_eq!(seen[0].target, echo);
+    assert_eq!(seen[0].forwarded_for, "10.0.1.5:43210".parse().ok());
+    assert_eq!(seen[0].headers["baggage"], "k8s.namespace.name=shop");
+    let stats = server.handler.wait_for_stats(1).await;
+    assert_eq!(
+        stats[0],
+        TunnelStats {
+            sent: 22,
+            received: 22
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_an_address_that_is_not_the_servers_is_refused_with_400() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let pool = pool(PoolConfig::default());
+
+    let elsewhere = "127.0.0.2:8080".parse().unwrap();
+    let error = pool
+        .connect(mesh.request(&server, elsewhere))
+        .await
+        .unwrap_err();
+
+    assert_refused(&error, StatusCode::BAD_REQUEST);
+    assert!(
+        server.handler.requests().is_empty(),
+        "the handler is not asked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_refusals_reach_the_client_as_401_and_503() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let pool = pool(PoolConfig::default());
+
+    let denied = SocketAddr::new(server.addr.ip(), DENIED_PORT);
+    let error = pool
+        .connect(mesh.request(&server, denied))
+        .await
+        .unwrap_err();
+    assert_refused(&error, StatusCode::UNAUTHORIZED);
+    assert_eq!(error.reason(), "refused_unauthorized");
+
+    let missing = SocketAddr::new(server.addr.ip(), UNAVAILABLE_PORT);
+    let error = pool
+        .connect(mesh.request(&server, missing))
+        .await
+        .unwrap_err();
+    assert_refused(&error, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Refused streams leave the connection usable.
+    let echo = echo_server().await;
+    let mut tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(
+        round_trip(&mut tunnel, b"still there").await,
+        b"still there"
+    );
+    assert_eq!(server.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_half_closes_and_still_reads_the_answer() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let upstream = answers_after_eof().await;
+    let pool = pool(PoolConfig::default());
+
+    let mut tunnel = pool.connect(mesh.request(&server, upstream)).await.unwrap();
+    tunnel.write_all(b"the whole request").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut answer = String::new();
+    within("the answer", tunnel.read_to_string(&mut answer))
+        .await
+        .unwrap();
+
+    assert_eq!(answer, "received 17 bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_half_closes_and_still_reads_the_request() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let (upstream, received) = banner_then_listens().await;
+    let pool = pool(PoolConfig::default());
+
+    let mut tunnel = pool.connect(mesh.request(&server, upstream)).await.unwrap();
+    let mut banner = Vec::new();
+    within("the banner and EOF", tunnel.read_to_end(&mut banner))
+        .await
+        .unwrap();
+    assert_eq!(banner, b"banner");
+    tunnel
+        .write_all(b"written after the server's EOF")
+        .await
+        .unwrap();
+    tunnel.shutdown().await.unwrap();
+
+    let got = within("the upstream's report", received).await.unwrap();
+    assert_eq!(got, b"written after the server's EOF");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_tunnel_ends_it_on_the_server_too() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+
+    let mut tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(round_trip(&mut tunnel, b"then gone").await, b"then gone");
+    drop(tunnel);
+
+    // The CANCEL reads as EOF on the server, which closes the upstream
+    // and reports the tunnel as ended.
+    let stats = server.handler.wait_for_stats(1).await;
+    assert_eq!(stats[0].received, 9);
+    eventually("the slot to be freed", || pool.streams() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mebibytes_arrive_intact_both_ways() {
+    const SIZE: usize = 10 * 1024 * 1024;
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+    let data = pseudo_random(SIZE);
+
+    let tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tunnel);
+    let sent = data.clone();
+    let writing = tokio::spawn(async move {
+        writer.write_all(&sent).await.unwrap();
+        writer.shutdown().await.unwrap();
+        writer
+    });
+    let mut echoed = Vec::with_capacity(SIZE);
+    within("10 MiB back", reader.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+    let writer = writing.await.unwrap();
+
+    assert_eq!(echoed.len(), SIZE);
+    assert!(echoed == data, "the echoed bytes differ from those sent");
+    let tunnel = reader.unsplit(writer);
+    let both = TunnelStats {
+        sent: SIZE as u64,
+        received: SIZE as u64,
+    };
+    assert_eq!(tunnel.stats(), both);
+    assert_eq!(server.handler.wait_for_stats(1).await[0], both);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_tunnels_share_a_few_connections() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let (dialer, dials) = counting_dialer(Duration::ZERO);
+    let pool = HbonePool::new(dialer, PoolConfig::default());
+
+    let mut opening = Vec::new();
+    for i in 0..200u32 {
+        let pool = pool.clone();
+        let request = mesh.request(&server, echo);
+        opening.push(tokio::spawn(async move {
+            let mut tunnel = pool.connect(request).await.unwrap();
+            let message = i.to_be_bytes();
+            assert_eq!(round_trip(&mut tunnel, &message).await, message);
+            tunnel
+        }));
+    }
+    let mut open = Vec::new();
+    for task in opening {
+        open.push(within("a tunnel", task).await.unwrap());
+    }
+
+    assert_eq!(pool.streams(), 200);
+    assert!(
+        pool.connections() <= 3,
+        "{} connections",
+        pool.connections()
+    );
+    assert!(server.accepted() <= 3, "{} connections", server.accepted());
+    assert!(dials.load(Ordering::SeqCst) <= 3, "{dials:?} dials");
+    drop(open);
+    eventually("the streams to end", || pool.streams() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_to_a_dead_address_share_one_failed_dial() {
+    let mesh = Mesh::new();
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    // A slow network: the refusal takes half a second to come back, so the
+    // requests below all arrive while the first dial is under way.
+    let (dialer, dials) = counting_dialer(Duration::from_millis(500));
+    let pool = HbonePool::new(dialer, PoolConfig::default());
+
+    let mut attempts = Vec::new();
+    for _ in 0..20 {
+        let (pool, request) = (pool.clone(), mesh.request_to(dead, dead));
+        attempts.push(tokio::spawn(async move { pool.connect(request).await }));
+    }
+    for attempt in attempts {
+        let error = within("the failure", attempt).await.unwrap().unwrap_err();
+        assert_eq!(error.reason(), "dial_failed", "{error}");
+        assert!(error.to_string().contains(&dead.to_string()), "{error}");
+    }
+
+    assert!(dials.load(Ordering::SeqCst) < 5, "{dials:?} dials");
+    assert_eq!(pool.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_another_identity_refuses_the_server() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let pool = pool(PoolConfig::default());
+
+    let mut request = mesh.request(&server, SocketAddr::new(server.addr.ip(), 80));
+    request.destination_identity = id(PAYMENTS);
+    let error = pool.connect(request).await.unwrap_err();
+
+    assert!(
+        matches!(error, HboneError::TlsHandshake { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("expected {PAYMENTS}")),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("the peer is {CHECKOUT}")),
+        "{message}"
+    );
+    assert_eq!(pool.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_plaintext_do_not_hang_or_stop_the_server() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+
+    for junk in [
+        pseudo_random(4096),
+        b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n".to_vec(),
+    ] {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(&junk).await.unwrap();
+        let mut rest = Vec::new();
+        // Closed (cleanly or with a reset), not left hanging.
+        let _ = within("the server to hang up", tcp.read_to_end(&mut rest)).await;
+    }
+    // A proper TLS client that then speaks HTTP/1.1 instead of HTTP/2.
+    let config = weft_certs::hbone_client_config(&mesh.frontend, &id(CHECKOUT)).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let name = ServerName::IpAddress(server.addr.ip().into());
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = within("the server to hang up", tls.read_to_end(&mut rest)).await;
+
+    let pool = pool(PoolConfig::default());
+    let mut tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(
+        round_trip(&mut tunnel, b"still serving").await,
+        b"still serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..PoolConfig::default()
+    });
+
+    let mut tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(round_trip(&mut tunnel, b"once").await, b"once");
+    assert_eq!(pool.connections(), 1);
+    drop(tunnel);
+
+    eventually("the pool to close it", || pool.connections() == 0).await;
+    eventually("the server to see it closed", || server.finished() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_finishes_open_tunnels_and_the_pool_lets_go() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+    let mut tunnel = pool.connect(mesh.request(&server, echo)).await.unwrap();
+
+    server.drain.send_replace(true);
+
+    assert_eq!(
+        round_trip(&mut tunnel, b"after GOAWAY").await,
+        b"after GOAWAY"
+    );
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF", tunnel.read_to_end(&mut rest)).await.unwrap();
+    drop(tunnel);
+    eventually("the server to close", || server.finished() == 1).await;
+    eventually("the pool to forget it", || pool.connections() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_tunnels_use_a_connection_made_with_the_renewed_certificate() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+    let renewed = workload_at(
+        &mesh.ca,
+        FRONTEND,
+        SystemTime::now() + Duration::from_secs(60),
+    );
+
+    let mut old = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    let mut request = mesh.request(&server, echo);
+    request.certificate = renewed;
+    let mut new = pool.connect(request).await.unwrap();
+
+    assert_eq!(
+        server.accepted(),
+        2,
+        "a new connection for the new certificate"
+    );
+    assert_eq!(pool.connections(), 1, "the old one takes no new streams");
+    assert_eq!(round_trip(&mut old, b"old").await, b"old");
+    assert_eq!(round_trip(&mut new, b"new").await, b"new");
+    drop(old);
+    eventually("the old connection to close", || server.finished() == 1).await;
+
+    // A request still holding the old certificate rides the newer connection.
+    let mut late = pool.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(round_trip(&mut late, b"late").await, b"late");
+    assert_eq!(server.accepted(), 2);
+}
+
+// ---- the scenario's parts ----
+
+/// A CA and the two workloads: `frontend` calls, `checkout` serves.
+struct Mesh {
+    ca: MeshCa,
+    frontend: WorkloadCertificate,
+    checkout: WorkloadCertificate,
+}
+
+impl Mesh {
+    fn new() -> Mesh {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        Mesh {
+            frontend: workload_at(&ca, FRONTEND, SystemTime::now()),
+            checkout: workload_at(&ca, CHECKOUT, SystemTime::now()),
+            ca,
+        }
+    }
+
+    /// An HBONE server on 127.0.0.1 presenting checkout's certificate.
+    async fn server(&self) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = weft_certs::hbone_server_config(&self.checkout).unwrap();
+        let (drain, drain_rx) = watch::channel(false);
+        let server = TestServer {
+            addr: listener.local_addr().unwrap(),
+            drain,
+            handler: Arc::new(TestHandler::default()),
+            counts: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
+        };
+        let (handler, counts) = (server.handler.clone(), server.counts.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let local = tcp.local_addr().unwrap();
+                let (config, handler, drain) = (config.clone(), handler.clone(), drain_rx.clone());
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = accept_tls(tcp, config).await else {
+                        return;
+                    };
+                    counts.0.fetch_add(1, Ordering::SeqCst);
+                    let _ = serve_connection(tls, local, handler, drain).await;
+                    counts.1.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        server
+    }
+
+    /// A tunnel from frontend to `target` through `server`.
+    fn request(&self, server: &TestServer, target: SocketAddr) -> HboneRequest {
+        self.request_to(server.addr, target)
+    }
+
+    /// A tunnel from frontend to `target` through whatever is at `hbone_addr`.
+    fn request_to(&self, hbone_addr: SocketAddr, target: SocketAddr) -> HboneRequest {
+        HboneRequest {
+            certificate: self.frontend.clone(),
+            destination_identity: id(CHECKOUT),
+            hbone_addr,
+            target,
+            source_ip: None,
+            forwarded_for: None,
+            headers: http::HeaderMap::new(),
+        }
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    drain: watch::Sender<bool>,
+    handler: Arc<TestHandler>,
+    /// HBONE connections past TLS, and those whose serving has ended.
+    counts: Arc<(AtomicUsize, AtomicUsize)>,
+}
+
+impl TestServer {
+    fn accepted(&self) -> usize {
+        self.counts.0.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) -> usize {
+        self.counts.1.load(Ordering::SeqCst)
+    }
+}
+
+/// Connects tunnels to their target on loopback, except the refused ports;
+/// remembers what it was asked and what each tunnel carried.
+#[derive(Default)]
+struct TestHandler {
+    requests: Mutex<Vec<InboundRequest>>,
+    stats: Mutex<Vec<TunnelStats>>,
+}
+
+impl TestHandler {
+    fn requests(&self) -> Vec<InboundRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    async fn wait_for_stats(&self, count: usize) -> Vec<TunnelStats> {
+        eventually("tunnel stats", || self.stats.lock().unwrap().len() >= count).await;
+        self.stats.lock().unwrap().clone()
+    }
+}
+
+impl InboundHandler for TestHandler {
+    type Upstream = TcpStream;
+
+    async fn connect(&self, request: &InboundRequest) -> Result<TcpStream, Refusal> {
+        self.requests.lock().unwrap().push(request.clone());
+        match request.target.port() {
+            DENIED_PORT => Err(Refusal::unauthorized("policy says no")),
+            UNAVAILABLE_PORT => Err(Refusal::service_unavailable("no such pod")),
+            _ => TcpStream::connect(request.target)
+                .await
+                .map_err(|e| Refusal::service_unavailable(e.to_string())),
+        }
+    }
+
+    fn tunnel_closed(&self, _: &InboundRequest, stats: TunnelStats, _: Option<&std::io::Error>) {
+        self.stats.lock().unwrap().push(stats);
+    }
+}
+
+fn pool(config: PoolConfig) -> HbonePool {
+    HbonePool::new(direct_dialer(), config)
+}
+
+/// A plain dialer that counts its dials and takes `delay` for each.
+fn counting_dialer(delay: Duration) -> (Dialer, Arc<AtomicUsize>) {
+    let dials = Arc::new(AtomicUsize::new(0));
+    let counted = dials.clone();
+    let plain = direct_dialer();
+    let dialer: Dialer = Arc::new(move |source_ip, address| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let dial = plain(source_ip, address);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            dial.await
+        })
+    });
+    (dialer, dials)
+}
+
+fn id(uri: &str) -> Identity {
+    uri.parse().unwrap()
+}
+
+/// A workload certificate obtained the way a node proxy obtains one,
+/// signed as if the clock showed `at`.
+fn workload_at(ca: &MeshCa, identity: &str, at: SystemTime) -> WorkloadCertificate {
+    let identity = id(identity);
+    let request = CertificateRequest::generate(&identity).unwrap();
+    let chain = ca.sign_csr(request.csr_der(), &identity, at).unwrap();
+    request
+        .complete(chain, ca.trust_bundle().clone(), at)
+        .unwrap()
+}
+
+/// Echoes everything, then half-closes when the client does.
+async fn echo_server() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let (mut read, mut write) = tcp.split();
+        if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+            let _ = write.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Reads until the client's EOF, then says how much it got.
+async fn answers_after_eof() -> SocketAddr {
+    serve_each(|mut tcp| async move {
+        let mut request = Vec::new();
+        tcp.read_to_end(&mut request).await.unwrap();
+        let answer = format!("received {} bytes", request.len());
+        tcp.write_all(answer.as_bytes()).await.unwrap();
+        tcp.shutdown().await.unwrap();
+    })
+    .await
+}
+
+/// Sends a banner and half-closes at once, then reports what it reads.
+async fn banner_then_listens() -> (SocketAddr, oneshot::Receiver<Vec<u8>>) {
+    let (report, received) = oneshot::channel();
+    let report = Arc::new(Mutex::new(Some(report)));
+    let addr = serve_each(move |mut tcp| {
+        let report = report.lock().unwrap().take();
+        async move {
+            tcp.write_all(b"banner").await.unwrap();
+            tcp.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tcp.read_to_end(&mut got).await.unwrap();
+            if let Some(report) = report {
+                let _ = report.send(got);
+            }
+        }
+    })
+    .await;
+    (addr, received)
+}
+
+async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp));
+        }
+    });
+    addr
+}
+
+/// Writes `message` and reads back as many bytes.
+async fn round_trip<S>(tunnel: &mut S, message: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tunnel.write_all(message).await.unwrap();
+    let mut back = vec![0; message.len()];
+    within("the echo", tunnel.read_exact(&mut back))
+        .await
+        .unwrap();
+    back
+}
+
+fn assert_refused(error: &HboneError, expected: StatusCode) {
+    match error {
+        HboneError::Refused { status, .. } => assert_eq!(*status, expected),
+        other => panic!("expected a refusal with {expected}, got {other:?}"),
+    }
+    let message = error.to_string();
+    assert!(message.contains(expected.as_str()), "{message}");
+}
+
+/// Incompressible, reproducible bytes (xorshift).
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits for `future`, failing the test with `what` after [`DEADLINE`].
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// Polls `condition` until it holds, within [`DEADLINE`].
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
