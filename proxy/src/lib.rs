@@ -1,22 +1,27 @@
-//! The weft node proxy: one per Kubernetes node, it will capture the TCP
-//! traffic of the node's pods and carry it between nodes in HBONE tunnels.
+//! The weft node proxy: one per Kubernetes node. It captures the TCP traffic
+//! of the node's meshed pods without touching them and carries pod-to-pod
+//! connections between nodes in HBONE tunnels (HTTP/2 CONNECT over mutual
+//! TLS between the workloads' SPIFFE identities). It never talks to the
+//! Kubernetes API: all it knows comes from the control plane.
 //!
-//! This crate is, for now, the proxy's control side only: the conversation
-//! with the control plane (a config stream it acknowledges version by
-//! version, and certificate signing), the certificates of the node's meshed
-//! workloads, and the admin endpoint. It does not capture or forward any
-//! traffic yet; the data plane will read the [`NodeView`] and the
-//! certificates published here. It never talks to the Kubernetes API: all
-//! it knows comes from the control plane.
+//! Two halves, sharing state through watch channels:
+//! - the control side: [`ControlPlaneClient`] keeps the config stream alive
+//!   and applies updates by [`NodeView::apply`]'s rules (or refuses them);
+//!   [`NodeCertificates`] keeps a certificate per meshed local identity; the
+//!   admin endpoint shows both.
+//! - the data plane ([`dataplane`]): [`capture`] programs the node's
+//!   nftables, [`sockets`] makes transparent sockets, [`hbone`] speaks the
+//!   tunnel protocol, and the listeners in [`dataplane`] carry connections,
+//!   with metrics, access logs and a graceful drain.
 //!
 //! Where to start reading: [`NodeProxy::start`] wires everything together;
-//! [`NodeView::apply`] is the heart of it, the rules by which an update is
-//! applied or refused; [`ControlPlaneClient`] keeps the stream alive and
-//! [`NodeCertificates`] keeps a valid certificate per meshed identity.
+//! then `dataplane/outbound.rs` and `dataplane/inbound.rs` follow one
+//! connection from the source pod to the destination pod.
 //!
-//! Modules, from the leaves up: `backoff`, `wall_clock`, `node_view` (with
-//! `error`), `config` → `transport` → `control_plane` → `certificates` →
-//! `admin` → `node_proxy`; nothing points back down.
+//! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
+//! `hbone`, `capture`, `node_view` (with `error`), `config` → `transport` →
+//! `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
+//! `node_proxy`; nothing points back down.
 
 mod admin;
 mod backoff;

@@ -1,8 +1,9 @@
 //! The proxy's Prometheus port (15020) and readiness port (15021).
 //!
 //! Readiness is answered from the data plane's own state: ready means a
-//! config has been applied (the proxy knows where traffic goes) and the
-//! proxy is not draining, so "ready" means "forwarding".
+//! config has been applied (the proxy knows where traffic goes), the
+//! capture rules steer that config's pods, and the proxy is not draining,
+//! so "ready" means "forwarding".
 
 use std::sync::Arc;
 
@@ -35,15 +36,25 @@ pub(crate) fn metrics(registry: Arc<Registry>) -> Handler {
     })
 }
 
-/// `GET /healthz/ready`: 200 once a config is applied, 503 before that and
-/// while draining.
-pub(crate) fn readiness(routes: watch::Receiver<Arc<RouteTable>>, drain: Drain) -> Handler {
+/// `GET /healthz/ready`: 200 once a config is applied and its pods are
+/// captured (`programmed` is the config version the capture rules follow),
+/// 503 before that and while draining.
+pub(crate) fn readiness(
+    routes: watch::Receiver<Arc<RouteTable>>,
+    programmed: watch::Receiver<u64>,
+    drain: Drain,
+) -> Handler {
     Arc::new(move |request| match request.uri().path() {
         "/healthz/ready" => {
             if drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if routes.borrow().version == 0 {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config applied yet\n")
+            } else if *programmed.borrow() == 0 {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "capture rules not programmed yet\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }

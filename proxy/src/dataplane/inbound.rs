@@ -6,21 +6,17 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, warn};
 use weft_certs::{Identity, WorkloadCertificate};
 
 use super::DataPlane;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
-use crate::hbone::{self, InboundHandler, InboundRequest, Refusal};
+use crate::hbone::{self, HANDSHAKE_TIMEOUT, InboundHandler, InboundRequest, Refusal};
 use crate::sockets;
-
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Server configs per local identity, built once per certificate.
 #[derive(Default)]
@@ -52,23 +48,12 @@ impl ServerConfigs {
     }
 }
 
-/// Serves tunnel connections (see [`super::next_connection`] for the drain).
+/// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    loop {
-        let (tcp, peer) = super::next_connection(&listener, &plane.drain, "HBONE").await;
-        let Ok(local) = sockets::original_destination(&tcp) else {
-            continue;
-        };
-        let span = info_span!("inbound", src = %peer, dst = %local);
-        let plane = plane.clone();
-        tokio::spawn(
-            async move {
-                let _guard = plane.drain.track();
-                accept_tunnel(plane, tcp, local).await;
-            }
-            .instrument(span),
-        );
-    }
+    super::serve_captured(listener, plane, "HBONE", |plane, tcp, _peer, local| {
+        accept_tunnel(plane, tcp, local)
+    })
+    .await;
 }
 
 async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr) {

@@ -72,6 +72,44 @@ pub fn route_table(mut view: ViewReceiver) -> watch::Receiver<Arc<RouteTable>> {
     rx
 }
 
+/// Runs a capture listener: each connection whose original destination is
+/// known gets its own task, with a span naming source and destination, and
+/// counts as open for the drain while `handle` runs.
+pub async fn serve_captured<F, Fut>(
+    listener: tokio::net::TcpListener,
+    plane: Arc<DataPlane>,
+    listener_name: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<DataPlane>, tokio::net::TcpStream, std::net::SocketAddr, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    loop {
+        let (stream, source) = next_connection(&listener, &plane.drain, listener_name).await;
+        let destination = match crate::sockets::original_destination(&stream) {
+            // Not captured (someone dialled the listener itself): refuse
+            // rather than connect to ourselves.
+            Ok(destination) if destination.ip().is_loopback() => continue,
+            Ok(destination) => destination,
+            Err(error) => {
+                tracing::warn!(%error, %source, listener = listener_name, "no original destination");
+                continue;
+            }
+        };
+        let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
+        let guard = plane.drain.track();
+        let connection = handle(plane.clone(), stream, source, destination);
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                connection.await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// The next connection a listener should serve. While draining, new
 /// connections are reset on arrival instead: the capture rules keep sending
 /// them here until the proxy exits, and a reset fails them at once where a

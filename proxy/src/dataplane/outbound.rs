@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, warn};
 
 use super::DataPlane;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
@@ -17,29 +17,15 @@ use crate::sockets;
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    loop {
-        let (client, client_addr) =
-            super::next_connection(&listener, &plane.drain, "outbound").await;
-        let destination = match sockets::original_destination(&client) {
-            // Not captured (someone dialled the listener itself): refuse
-            // rather than connect to ourselves.
-            Ok(destination) if destination.ip().is_loopback() => continue,
-            Ok(destination) => destination,
-            Err(error) => {
-                warn!(%error, %client_addr, "outbound: no original destination");
-                continue;
-            }
-        };
-        let span = info_span!("outbound", src = %client_addr, dst = %destination);
-        let plane = plane.clone();
-        tokio::spawn(
-            async move {
-                let _guard = plane.drain.track();
-                proxy(&plane, client, client_addr, destination).await;
-            }
-            .instrument(span),
-        );
-    }
+    super::serve_captured(
+        listener,
+        plane,
+        "outbound",
+        |plane, client, source, destination| async move {
+            proxy(&plane, client, source, destination).await;
+        },
+    )
+    .await;
 }
 
 async fn proxy(

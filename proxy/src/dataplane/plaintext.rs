@@ -7,30 +7,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{debug, info};
 
 use super::DataPlane;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::sockets;
 
-/// Serves captured plaintext connections (see [`super::next_connection`] for the drain).
+/// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    loop {
-        let (client, client_addr) =
-            super::next_connection(&listener, &plane.drain, "inbound plaintext").await;
-        let Ok(destination) = sockets::original_destination(&client) else {
-            continue;
-        };
-        let span = info_span!("inbound_plaintext", src = %client_addr, dst = %destination);
-        let plane = plane.clone();
-        tokio::spawn(
-            async move {
-                let _guard = plane.drain.track();
-                proxy(&plane, client, client_addr, destination).await;
-            }
-            .instrument(span),
-        );
-    }
+    super::serve_captured(
+        listener,
+        plane,
+        "inbound plaintext",
+        |plane, client, source, destination| async move {
+            proxy(&plane, client, source, destination).await;
+        },
+    )
+    .await;
 }
 
 async fn proxy(

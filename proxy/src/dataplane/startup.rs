@@ -80,9 +80,21 @@ pub async fn start(
     let metrics_listener = plain_bind("metrics", config.metrics_addr).await?;
     let readiness_listener = plain_bind("readiness", config.readiness_addr).await?;
 
+    // The config version whose pods the capture rules steer; without
+    // capture (traffic arrives by other means) every version counts as done.
+    let (programmed_tx, programmed) = watch::channel(0);
     let capture = if config.capture {
-        Some(start_capture(routes.clone())?)
+        Some(start_capture(routes.clone(), programmed_tx)?)
     } else {
+        let mut versions = routes.clone();
+        tokio::spawn(async move {
+            loop {
+                let version = versions.borrow_and_update().version;
+                if programmed_tx.send(version).is_err() || versions.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         None
     };
 
@@ -110,7 +122,7 @@ pub async fn start(
         http_server::serve(
             readiness_listener,
             "readiness",
-            monitoring::readiness(routes, drain),
+            monitoring::readiness(routes, programmed, drain),
         )
         .await;
         "readiness endpoint"
@@ -135,15 +147,23 @@ pub async fn start(
 /// `nft` and `ip`, which must not block the runtime. The rules follow the
 /// meshed local pods of each applied config; they are removed when the
 /// update channel closes.
-fn start_capture(mut routes: watch::Receiver<Arc<RouteTable>>) -> Result<CaptureRunner, Error> {
+fn start_capture(
+    mut routes: watch::Receiver<Arc<RouteTable>>,
+    programmed: watch::Sender<u64>,
+) -> Result<CaptureRunner, Error> {
     let mut capture = NodeCapture::install(CaptureConfig::default()).map_err(Error::Capture)?;
-    let (updates, received) = std::sync::mpsc::channel::<BTreeSet<IpAddr>>();
+    let (updates, received) = std::sync::mpsc::channel::<(u64, BTreeSet<IpAddr>)>();
     let thread = std::thread::Builder::new()
         .name("weft-capture".into())
         .spawn(move || {
-            while let Ok(pods) = received.recv() {
-                if let Err(error) = capture.set_meshed_pods(&pods) {
-                    warn!(%error, "updating the capture rules failed; the previous rules stay");
+            while let Ok((version, pods)) = received.recv() {
+                match capture.set_meshed_pods(&pods) {
+                    Ok(()) => {
+                        let _ = programmed.send(version);
+                    }
+                    Err(error) => {
+                        warn!(%error, "updating the capture rules failed; the previous rules stay");
+                    }
                 }
             }
             match capture.remove() {
@@ -158,8 +178,11 @@ fn start_capture(mut routes: watch::Receiver<Arc<RouteTable>>) -> Result<Capture
         })?;
     let feed = tokio::spawn(async move {
         loop {
-            let pods = routes.borrow_and_update().meshed_local_ips();
-            if updates.send(pods).is_err() || routes.changed().await.is_err() {
+            let (version, pods) = {
+                let table = routes.borrow_and_update();
+                (table.version, table.meshed_local_ips())
+            };
+            if updates.send((version, pods)).is_err() || routes.changed().await.is_err() {
                 return;
             }
         }

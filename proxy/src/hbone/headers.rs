@@ -17,7 +17,7 @@ pub(crate) fn forwarded_for(client: SocketAddr) -> HeaderValue {
 /// The client address in a `forwarded` header: the `for` of its first
 /// element, quoted or not, with or without a port (port 0 when absent).
 /// Obfuscated identifiers (`for=_hidden`, `for=unknown`) give `None`.
-pub(crate) fn parse_forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
+pub fn parse_forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
     let text = value.to_str().ok()?;
     let first = text.split(',').next()?;
     let node = first.split(';').find_map(|pair| {

@@ -29,8 +29,11 @@ mod tuning;
 
 pub use client::HboneRequest;
 pub use error::HboneError;
+pub use headers::parse_forwarded_for;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
-pub use server::{InboundHandler, InboundRequest, Refusal, accept_tls, serve_connection};
+pub use server::{
+    InboundHandler, InboundRequest, Refusal, accept_tls, check_connect, serve_connection,
+};
 pub use stream::{HboneStream, TUNNEL_BUFFER_SIZE, TunnelStats, copy_tunnel};
 pub use tuning::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION,

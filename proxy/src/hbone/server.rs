@@ -290,7 +290,7 @@ async fn serve_stream<H: InboundHandler>(
 
 /// The target of a well-formed `CONNECT` to this connection's local IP, or
 /// the status to refuse it with and why.
-fn check_connect<B>(
+pub fn check_connect<B>(
     request: &Request<B>,
     local_addr: SocketAddr,
 ) -> Result<SocketAddr, (StatusCode, &'static str)> {
