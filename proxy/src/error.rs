@@ -173,6 +173,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A thread of the proxy's own could not be started.
+    #[error("starting the {what} thread: {source}")]
+    SpawnThread {
+        /// What the thread is for.
+        what: &'static str,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
     /// Installing the node's capture rules failed (the error names the step).
     #[error(transparent)]
     Capture(crate::capture::CaptureError),

@@ -87,7 +87,7 @@ fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
 
 #[test]
 fn pods_reach_pods_and_services_on_other_nodes_as_themselves() {
-    let (testbed, _mesh) = cluster();
+    let (testbed, mesh) = cluster();
     let server = testbed
         .start_echo_server(Target::Pod("server"), 8080)
         .unwrap();
@@ -115,6 +115,17 @@ fn pods_reach_pods_and_services_on_other_nodes_as_themselves() {
         peers.iter().all(|p| p.ip() == client_ip),
         "the server sees the client pod's IP: {peers:?}"
     );
+
+    // The source proxy names the Service the client addressed, as Istio does.
+    drop(via_service);
+    wait_until(WAIT, || {
+        Ok(mesh.proxy_metrics(&testbed, "node-1")?.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_service=\"server.shop.svc.cluster.local\"")
+        }))
+    })
+    .unwrap();
 }
 
 #[test]

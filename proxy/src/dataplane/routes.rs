@@ -41,7 +41,8 @@ pub struct Route {
     pub target: SocketAddr,
     /// The pod behind `target`, if known.
     pub workload: Option<Arc<Workload>>,
-    /// `<namespace>/<name>` of the Service the client addressed, if any.
+    /// The Service the client addressed, if any, as Istio names it in
+    /// metrics: `<name>.<namespace>.svc.cluster.local`.
     pub service: Option<String>,
     /// Whether the target pod runs on this node.
     pub local: bool,
@@ -152,7 +153,8 @@ impl RouteTable {
             } else {
                 port.port
             });
-        let mut chosen = self.direct(SocketAddr::new(endpoint.ip, target_port), Some(name));
+        let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
+        let mut chosen = self.direct(SocketAddr::new(endpoint.ip, target_port), Some(fqdn));
         if chosen.workload.is_none() {
             chosen.workload = endpoint
                 .workload_uid

@@ -171,9 +171,8 @@ fn start_capture(
                 Err(error) => warn!(%error, "removing the capture rules failed"),
             }
         })
-        .map_err(|source| Error::BindListener {
-            what: "capture thread",
-            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        .map_err(|source| Error::SpawnThread {
+            what: "capture rules",
             source,
         })?;
     let feed = tokio::spawn(async move {
