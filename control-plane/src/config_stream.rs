@@ -21,6 +21,9 @@ use crate::node_auth::NodeTokens;
 use crate::registry::NodeRegistry;
 use crate::view::NodeView;
 
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Updates queued per stream before the stream waits for the proxy.
 const STREAM_BUFFER: usize = 4;
 
@@ -59,7 +62,10 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
     ) -> Result<Response<UpdateStream>, Status> {
         let node = self.tokens.authenticate(request.metadata())?;
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))?;
+        let hello = match first? {
             Some(pb::ProxyMessage {
                 kind: Some(Kind::Hello(hello)),
             }) => hello,

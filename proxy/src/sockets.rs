@@ -149,11 +149,23 @@ pub async fn connect_from(
     })?;
     let socket = TcpSocket::from_std_stream(socket.into());
     let from = source.map_or_else(|| "the proxy".to_owned(), |ip| ip.to_string());
-    socket
-        .connect(destination)
-        .await
-        .map_err(|e| context(e, format!("connecting from {from} to {destination}")))
+    // A peer that drops SYNs would otherwise hold both proxies for the
+    // kernel's whole SYN-retry time (about two minutes).
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination)).await {
+        Ok(connected) => {
+            connected.map_err(|e| context(e, format!("connecting from {from} to {destination}")))
+        }
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "connecting from {from} to {destination}: no answer within {CONNECT_TIMEOUT:?}"
+            ),
+        )),
+    }
 }
+
+/// How long a TCP connect may take before it counts as failed.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sets `IP_TRANSPARENT` or `IPV6_TRANSPARENT`, after the family of `ip`.
 fn set_transparent(socket: &Socket, ip: IpAddr) -> io::Result<()> {

@@ -83,6 +83,13 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
             return;
         }
     };
+    let Ok(handshaking) = plane.handshakes.clone().try_acquire_owned() else {
+        debug!("inbound: too many TLS handshakes in progress; dropping");
+        plane
+            .metrics
+            .failure(Direction::Inbound, "handshake_overload");
+        return;
+    };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
         .await
     {
@@ -101,6 +108,7 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
             return;
         }
     };
+    drop(handshaking);
     let handler = Arc::new(InboundTunnel {
         plane: plane.clone(),
     });

@@ -49,7 +49,13 @@ pub struct DataPlane {
     pub drain: Drain,
     /// TLS server configs per local identity, rebuilt when its certificate changes.
     pub server_configs: inbound::ServerConfigs,
+    /// Inbound TLS handshakes allowed at once: anyone can reach 15008, and
+    /// a flood of slow handshakes must not take every file descriptor.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Inbound TLS handshakes in progress at most.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 
 /// Keeps a [`RouteTable`] in step with the applied config.
 pub fn route_table(mut view: ViewReceiver) -> watch::Receiver<Arc<RouteTable>> {

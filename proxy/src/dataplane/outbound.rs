@@ -15,6 +15,10 @@ use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::hbone::{HBONE_PORT, HboneError, HboneRequest};
 use crate::sockets;
 
+/// How long opening a tunnel (dial, TLS, HTTP/2, CONNECT and its answer)
+/// may take.
+const TUNNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
     super::serve_captured(
@@ -66,16 +70,26 @@ async fn proxy(
                 forwarded_for: Some(client_addr),
                 headers: Default::default(),
             };
-            let tunnel = match plane.pool.connect(request).await {
-                Ok(tunnel) => tunnel,
-                Err(error) => {
+            // Dial, handshakes and the CONNECT's answer together; a peer
+            // that never answers must not hold the client forever.
+            let tunnel = match tokio::time::timeout(TUNNEL_TIMEOUT, plane.pool.connect(request))
+                .await
+            {
+                Ok(Ok(tunnel)) => tunnel,
+                Ok(Err(error)) => {
                     warn!(%error, "outbound: HBONE tunnel failed");
                     plane
                         .metrics
                         .failure(Direction::Outbound, failure_reason(&error));
                     return;
                 }
+                Err(_) => {
+                    warn!(timeout = ?TUNNEL_TIMEOUT, "outbound: HBONE tunnel not answered in time");
+                    plane.metrics.failure(Direction::Outbound, "tunnel_timeout");
+                    return;
+                }
             };
+
             let record = ConnectionRecord::open(
                 &plane.metrics,
                 Direction::Outbound,

@@ -2,11 +2,12 @@
 //! follow the config, metrics and readiness, and the drain on shutdown.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -58,20 +59,40 @@ pub async fn start(
         pool: Arc::new(HbonePool::new(dialer, PoolConfig::default())),
         drain: drain.clone(),
         server_configs: inbound::ServerConfigs::default(),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(
+            super::MAX_CONCURRENT_HANDSHAKES,
+        )),
     });
 
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let bind = |what: &'static str, port: u16| {
-        let addr = SocketAddr::new(loopback, port);
-        sockets::transparent_listener(addr).map_err(|source| Error::BindListener {
-            what,
-            addr,
-            source,
+    // The capture rules steer to loopback listeners: IPv4 always, IPv6 when
+    // the node has it. Without IPv6 listeners the IPv6 rules stay out, or
+    // they would drop (fail closed) every IPv6 connection of a meshed pod.
+    let listeners = |ip: IpAddr| -> Result<Vec<(&'static str, TcpListener)>, Error> {
+        [
+            ("outbound", OUTBOUND_PORT),
+            ("inbound plaintext", INBOUND_PLAINTEXT_PORT),
+            ("HBONE", HBONE_PORT),
+        ]
+        .into_iter()
+        .map(|(what, port)| {
+            let addr = SocketAddr::new(ip, port);
+            sockets::transparent_listener(addr)
+                .map(|listener| (what, listener))
+                .map_err(|source| Error::BindListener { what, addr, source })
         })
+        .collect()
     };
-    let outbound_listener = bind("outbound", OUTBOUND_PORT)?;
-    let plaintext_listener = bind("inbound plaintext", INBOUND_PLAINTEXT_PORT)?;
-    let hbone_listener = bind("HBONE", HBONE_PORT)?;
+    let mut capture_listeners = listeners(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let ipv6 = match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
+        Ok(v6) => {
+            capture_listeners.extend(v6);
+            true
+        }
+        Err(error) => {
+            info!(%error, "no IPv6 listeners; IPv6 traffic is not captured");
+            false
+        }
+    };
     let plain_bind = |what: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -84,7 +105,7 @@ pub async fn start(
     // capture (traffic arrives by other means) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
     let capture = if config.capture {
-        Some(start_capture(routes.clone(), programmed_tx)?)
+        Some(start_capture(routes.clone(), programmed_tx, ipv6)?)
     } else {
         let mut versions = routes.clone();
         tokio::spawn(async move {
@@ -98,21 +119,17 @@ pub async fn start(
         None
     };
 
-    let p = plane.clone();
-    tasks.spawn(async move {
-        outbound::serve(outbound_listener, p).await;
-        "outbound listener"
-    });
-    let p = plane.clone();
-    tasks.spawn(async move {
-        plaintext::serve(plaintext_listener, p).await;
-        "inbound plaintext listener"
-    });
-    let p = plane.clone();
-    tasks.spawn(async move {
-        inbound::serve(hbone_listener, p).await;
-        "HBONE listener"
-    });
+    for (what, listener) in capture_listeners {
+        let plane = plane.clone();
+        tasks.spawn(async move {
+            match what {
+                "outbound" => outbound::serve(listener, plane).await,
+                "inbound plaintext" => plaintext::serve(listener, plane).await,
+                _ => inbound::serve(listener, plane).await,
+            }
+            "a capture listener"
+        });
+    }
     let registry = Arc::new(registry);
     tasks.spawn(async move {
         http_server::serve(metrics_listener, "metrics", monitoring::metrics(registry)).await;
@@ -150,8 +167,13 @@ pub async fn start(
 fn start_capture(
     mut routes: watch::Receiver<Arc<RouteTable>>,
     programmed: watch::Sender<u64>,
+    ipv6: bool,
 ) -> Result<CaptureRunner, Error> {
-    let mut capture = NodeCapture::install(CaptureConfig::default()).map_err(Error::Capture)?;
+    let config = CaptureConfig {
+        ipv6,
+        ..CaptureConfig::default()
+    };
+    let mut capture = NodeCapture::install(config).map_err(Error::Capture)?;
     let (updates, received) = std::sync::mpsc::channel::<(u64, BTreeSet<IpAddr>)>();
     let thread = std::thread::Builder::new()
         .name("weft-capture".into())
@@ -162,6 +184,9 @@ fn start_capture(
                         let _ = programmed.send(version);
                     }
                     Err(error) => {
+                        // Not ready until an update succeeds: some pods of
+                        // this config are not captured.
+                        let _ = programmed.send(0);
                         warn!(%error, "updating the capture rules failed; the previous rules stay");
                     }
                 }
