@@ -150,6 +150,16 @@ impl WorkloadCertificate {
         &self.trust
     }
 
+    /// The same certificate and key, verifying peers against `trust`
+    /// instead: during a root rotation the mesh's current roots (which the
+    /// control plane sends) may be newer than those at signing time.
+    pub fn with_trust(&self, trust: TrustBundle) -> WorkloadCertificate {
+        WorkloadCertificate {
+            trust,
+            ..self.clone()
+        }
+    }
+
     /// Start of the leaf's validity.
     pub fn not_before(&self) -> SystemTime {
         self.not_before

@@ -391,3 +391,21 @@ fn both_roots_are_trusted_during_a_root_rotation() {
         TrustBundle::from_pem(&format!("{}{}", old_roots.to_pem(), new_roots.to_pem())).unwrap();
     assert_eq!(both.roots().len(), 2);
 }
+
+#[test]
+fn a_certificate_can_trust_the_roots_of_a_later_rotation() {
+    // Issued before the new root existed, the frontend's bundle knows only
+    // the old root; given the mesh's current roots it accepts the new one.
+    let old = new_ca();
+    let mut new = new_ca();
+    let frontend = workload(&old, FRONTEND);
+    new.trust_also(old.trust_bundle()).unwrap();
+    let checkout = workload(&new, CHECKOUT);
+    assert!(hbone_handshake(&frontend, &checkout, CHECKOUT).is_err());
+
+    let current_roots = new.trust_bundle().clone();
+    let frontend = frontend.with_trust(current_roots);
+    let (client, server) = hbone_handshake(&frontend, &checkout, CHECKOUT).unwrap();
+    assert_eq!(peer_identity(&server).unwrap(), id(FRONTEND));
+    assert_eq!(peer_identity(&client).unwrap(), id(CHECKOUT));
+}

@@ -14,14 +14,20 @@ use tracing::{debug, warn};
 use weft_certs::{Identity, WorkloadCertificate};
 
 use super::DataPlane;
+use super::routes::RouteTable;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
+use crate::certificates::CertificateMap;
 use crate::hbone::{self, HANDSHAKE_TIMEOUT, InboundHandler, InboundRequest, Refusal};
 use crate::sockets;
 
-/// Server configs per local identity, built once per certificate.
+/// What a cached server config was built from: the certificate (by its
+/// issue time) and the config version whose roots it trusts.
+type ConfigKey = (std::time::SystemTime, u64);
+
+/// Server configs per local identity, built once per certificate and roots.
 #[derive(Default)]
 pub struct ServerConfigs {
-    by_identity: Mutex<HashMap<Identity, (std::time::SystemTime, Arc<ServerConfig>)>>,
+    by_identity: Mutex<HashMap<Identity, (ConfigKey, Arc<ServerConfig>)>>,
 }
 
 impl ServerConfigs {
@@ -29,21 +35,27 @@ impl ServerConfigs {
     fn get(
         &self,
         certificate: &WorkloadCertificate,
+        routes: &RouteTable,
+        certificates: &CertificateMap,
     ) -> Result<Arc<ServerConfig>, weft_certs::Error> {
         let mut cache = self
             .by_identity
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((issued, config)) = cache.get(certificate.identity())
-            && *issued == certificate.not_before()
+        // Identities that left the node take their configs (and keys) along.
+        cache.retain(|identity, _| certificates.contains_key(identity));
+        let key = (certificate.not_before(), routes.version);
+        if let Some((cached, config)) = cache.get(certificate.identity())
+            && *cached == key
         {
             return Ok(config.clone());
         }
-        let config = weft_certs::hbone_server_config(certificate)?;
-        cache.insert(
-            certificate.identity().clone(),
-            (certificate.not_before(), config.clone()),
-        );
+        let certificate = match &routes.trust {
+            Some(trust) => certificate.with_trust(trust.clone()),
+            None => certificate.clone(),
+        };
+        let config = weft_certs::hbone_server_config(&certificate)?;
+        cache.insert(certificate.identity().clone(), (key, config.clone()));
         Ok(config)
     }
 }
@@ -75,7 +87,10 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
         plane.metrics.failure(Direction::Inbound, "no_certificate");
         return;
     };
-    let config = match plane.server_configs.get(certificate) {
+    let config = match plane
+        .server_configs
+        .get(certificate, &routes, &certificates)
+    {
         Ok(config) => config,
         Err(error) => {
             warn!(%error, "inbound: cannot build the TLS config");

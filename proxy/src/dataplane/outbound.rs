@@ -62,7 +62,10 @@ async fn proxy(
                 return;
             };
             let request = HboneRequest {
-                certificate: certificate.clone(),
+                certificate: match &routes.trust {
+                    Some(trust) => certificate.with_trust(trust.clone()),
+                    None => certificate.clone(),
+                },
                 destination_identity: dst.identity.clone(),
                 hbone_addr: SocketAddr::new(route.target.ip(), HBONE_PORT),
                 target: route.target,

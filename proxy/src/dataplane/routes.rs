@@ -17,6 +17,9 @@ use crate::node_view::{NodeView, Service, Workload};
 pub struct RouteTable {
     /// The config version this table was built from (0: none yet).
     pub version: u64,
+    /// The mesh roots of that version: peers are verified against these,
+    /// not the (possibly older) roots a certificate was issued with.
+    pub trust: Option<weft_certs::TrustBundle>,
     /// The node's own workloads by IP.
     local: HashMap<IpAddr, Arc<Workload>>,
     /// Every other known workload by IP.
@@ -95,6 +98,7 @@ impl RouteTable {
             .collect();
         RouteTable {
             version: view.version(),
+            trust: Some(view.trust().bundle.clone()),
             local: index(view.local_workloads()),
             remote: index(view.remote_workloads()),
             services,
