@@ -122,8 +122,10 @@ fn workload_of(
         _ => namespace_meshed,
     };
 
+    let workload_name = workload_name(pod, &name, &labels);
     Some(MeshWorkload {
         workload: pb::Workload {
+            workload_name,
             uid: uid.to_owned(),
             namespace,
             name,
@@ -137,6 +139,34 @@ fn workload_of(
         identity,
         running: phase == "Running",
     })
+}
+
+/// The name of the workload a pod belongs to, for metrics: one name for all
+/// replicas, stable across rollouts (so metric series do not grow with every
+/// new pod), as Istio derives it.
+fn workload_name(pod: &Pod, pod_name: &str, labels: &BTreeMap<String, String>) -> String {
+    let controller = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true));
+    if let Some(owner) = controller {
+        return match (owner.kind.as_str(), labels.get("pod-template-hash")) {
+            // A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
+            ("ReplicaSet", Some(hash)) => owner
+                .name
+                .strip_suffix(&format!("-{hash}"))
+                .unwrap_or(&owner.name)
+                .to_owned(),
+            _ => owner.name.clone(),
+        };
+    }
+    labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"))
+        .cloned()
+        .unwrap_or_else(|| pod_name.to_owned())
 }
 
 fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {

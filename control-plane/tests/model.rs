@@ -329,3 +329,49 @@ fn unreadable_directory_is_an_error() {
     let err = source.reload().unwrap_err().to_string();
     assert!(err.contains("/nonexistent/weft/manifests"), "{err}");
 }
+
+#[test]
+fn pods_are_named_by_the_workload_they_belong_to() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "owned.yaml",
+        &format!(
+            "{CLUSTER}---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api-7d9f8c6b5-x2x4z
+  namespace: shop
+  labels: {{pod-template-hash: 7d9f8c6b5}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: api-7d9f8c6b5, uid: u1, controller: true}}]
+spec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}
+status: {{phase: Running, podIP: 10.244.1.8}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: shop
+  ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u2, controller: true}}]
+spec: {{nodeName: node-1, containers: [{{name: c, image: x}}]}}
+status: {{phase: Running, podIP: 10.244.1.9}}
+"
+        ),
+    );
+    let (mesh, source) = mesh_of(dir.path());
+    assert!(source.problems().is_empty(), "{:?}", source.problems());
+    let name = |uid: &str| mesh.workloads[uid].workload.workload_name.clone();
+    assert_eq!(
+        name("shop/api-7d9f8c6b5-x2x4z"),
+        "api",
+        "Deployment, through its ReplicaSet"
+    );
+    assert_eq!(name("shop/db-0"), "db", "StatefulSet");
+    assert_eq!(name("shop/web-1"), "web", "the app label");
+    assert_eq!(
+        name("shop/batch-1"),
+        "batch-1",
+        "nothing better than the pod's name"
+    );
+}

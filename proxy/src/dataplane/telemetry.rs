@@ -167,7 +167,7 @@ impl ConnectionRecord {
         (target, destination): (SocketAddr, &Peer),
         service: Option<&str>,
     ) -> ConnectionRecord {
-        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.name.clone());
+        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.clone());
         let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.clone());
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {

@@ -77,6 +77,12 @@ pub(super) fn workload(
         uid: wire.uid.clone(),
         namespace: wire.namespace.clone(),
         name: wire.name.clone(),
+        // An older control plane sends no workload name: the pod's will do.
+        workload_name: if wire.workload_name.is_empty() {
+            wire.name.clone()
+        } else {
+            wire.workload_name.clone()
+        },
         service_account: wire.service_account.clone(),
         identity,
         node: wire.node.clone(),

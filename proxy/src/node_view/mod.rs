@@ -52,6 +52,9 @@ pub struct Workload {
     pub namespace: String,
     /// The pod's name.
     pub name: String,
+    /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
+    /// name metrics use, stable across rollouts.
+    pub workload_name: String,
     /// The pod's ServiceAccount.
     pub service_account: String,
     /// The SPIFFE identity of the ServiceAccount.

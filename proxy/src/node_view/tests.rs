@@ -33,6 +33,7 @@ fn workload(namespace: &str, pod: &str, sa: &str, ip: &str, meshed: bool) -> v1:
         ips: vec![ip.into()],
         meshed,
         labels: [("app".to_owned(), pod.to_owned())].into(),
+        workload_name: pod.into(),
     }
 }
 

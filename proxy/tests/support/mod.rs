@@ -403,6 +403,7 @@ pub fn workload(
         ips: vec![ip.into()],
         meshed,
         labels: [("app".to_owned(), pod.to_owned())].into(),
+        workload_name: pod.into(),
     }
 }
 
