@@ -195,6 +195,9 @@ pub async fn serve_connection<H: InboundHandler>(
         tokio::pin!(pings);
         let mut draining = false;
         let mut drain_open = true;
+        // The connection's streams live and die with it: when this future
+        // ends (an error, or dropped at a drain deadline) they are aborted.
+        let mut streams = tokio::task::JoinSet::new();
         loop {
             if !draining && *drain.borrow_and_update() {
                 tracing::debug!("draining: no new streams");
@@ -206,11 +209,18 @@ pub async fn serve_connection<H: InboundHandler>(
                     Some(Ok((request, respond))) => {
                         let (context, handler) = (Arc::clone(&context), Arc::clone(&handler));
                         let stream = serve_stream(request, respond, context, handler);
-                        tokio::spawn(stream.in_current_span());
+                        streams.spawn(stream.in_current_span());
                     }
                     Some(Err(source)) => return Err(HboneError::Connection { peer, source }),
-                    None => return Ok(()),
+                    None => {
+                        // Closed cleanly: let the streams finish their copies.
+                        while streams.join_next().await.is_some() {}
+                        return Ok(());
+                    }
                 },
+                Some(_) = streams.join_next(), if !streams.is_empty() => {
+                    // A stream ended; reaping it keeps the set small.
+                }
                 changed = drain.changed(), if drain_open && !draining => {
                     // A dropped sender can no longer ask for a drain.
                     drain_open = changed.is_ok();
