@@ -67,6 +67,7 @@
 //! in them. The temp dir with process output ([`Testbed::dir`]) is removed on a
 //! normal drop, and kept (its path printed) when the test panicked.
 
+mod checksum;
 mod cleanup;
 mod echo;
 mod manifests;
@@ -77,6 +78,7 @@ mod testbed;
 mod topology;
 mod weft;
 
+pub use checksum::{Checksum, start_checksum_server};
 pub use echo::EchoServer;
 pub use manifests::MESH_LABEL;
 pub use netns::NETNS_PREFIX;

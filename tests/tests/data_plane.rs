@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use weft_testbed::{PodSpec, ServiceSpec, Target, Testbed, WeftMesh, wait_until};
+use weft_testbed::{
+    Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, start_checksum_server, wait_until,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/client";
@@ -218,47 +220,10 @@ fn the_destination_proxy_names_the_source_principal() {
     );
 }
 
-/// FNV-1a over a byte stream: however the stream is split into reads, the
-/// result is the same.
-#[derive(Clone, Copy)]
-struct Checksum(u64);
-
-impl Checksum {
-    fn new() -> Checksum {
-        Checksum(0xcbf2_9ce4_8422_2325)
-    }
-    fn update(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
-/// A server that checksums everything it receives and answers with it.
-fn start_checksum_server(testbed: &Testbed, pod: &str, port: u16) -> std::thread::JoinHandle<()> {
-    let listener = testbed
-        .run_in(Target::Pod(pod), || TcpListener::bind(("0.0.0.0", port)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut checksum = Checksum::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = stream.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            checksum.update(&buf[..n]);
-        }
-        stream.write_all(&checksum.0.to_be_bytes()).unwrap();
-    })
-}
-
 #[test]
 fn a_gibibyte_arrives_intact() {
     let (testbed, _mesh) = cluster();
-    let server = start_checksum_server(&testbed, "server", 9000);
+    let server = start_checksum_server(&testbed, "server", 9000).unwrap();
     let mut stream = testbed
         .connect(
             Target::Pod("client"),
@@ -273,7 +238,7 @@ fn a_gibibyte_arrives_intact() {
         .unwrap();
 
     // 1 GiB of a cheap pseudo-random sequence, checksummed as it is sent.
-    let mut checksum = Checksum::new();
+    let mut checksum = Checksum::default();
     let mut chunk = vec![0u8; 256 * 1024];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..(1usize << 30) / chunk.len() {
@@ -289,7 +254,7 @@ fn a_gibibyte_arrives_intact() {
     stream.shutdown(Shutdown::Write).unwrap();
     let mut answer = [0u8; 8];
     stream.read_exact(&mut answer).unwrap();
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
     assert_eq!(
         u64::from_be_bytes(answer),
         checksum.0,
