@@ -21,19 +21,11 @@ const TUNNEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    super::serve_captured(
-        listener,
-        plane,
-        "outbound",
-        |plane, client, source, destination| async move {
-            proxy(&plane, client, source, destination).await;
-        },
-    )
-    .await;
+    super::serve_captured(listener, plane, "outbound", proxy).await;
 }
 
 async fn proxy(
-    plane: &DataPlane,
+    plane: Arc<DataPlane>,
     mut client: TcpStream,
     client_addr: SocketAddr,
     destination: SocketAddr,

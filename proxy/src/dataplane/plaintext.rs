@@ -15,19 +15,11 @@ use crate::sockets;
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    super::serve_captured(
-        listener,
-        plane,
-        "inbound plaintext",
-        |plane, client, source, destination| async move {
-            proxy(&plane, client, source, destination).await;
-        },
-    )
-    .await;
+    super::serve_captured(listener, plane, "inbound plaintext", proxy).await;
 }
 
 async fn proxy(
-    plane: &DataPlane,
+    plane: Arc<DataPlane>,
     mut client: TcpStream,
     client_addr: SocketAddr,
     destination: SocketAddr,
