@@ -174,6 +174,30 @@ fn sleep_until(due: Instant) {
     }
 }
 
+/// The open-loop schedule: `rate` sends per second for `duration`, each at
+/// its due time whether or not earlier ones were answered. `send` gets the
+/// send's index and due time and returns false to stop early. Returns how
+/// late each send started (the generator's own lag).
+fn on_schedule(
+    rate: f64,
+    duration: Duration,
+    mut send: impl FnMut(u64, Instant) -> bool,
+) -> Histogram<u64> {
+    precise_sleeps();
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let mut lag = new_histogram();
+    let start = Instant::now() + Duration::from_millis(1);
+    for k in 0..total {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        sleep_until(due);
+        let _ = lag.record(elapsed_ns(due));
+        if !send(k, due) {
+            break;
+        }
+    }
+    lag
+}
+
 fn elapsed_ns(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
@@ -212,19 +236,10 @@ pub fn request_response(
         }));
         writers.push((stream, due_tx));
     }
-    precise_sleeps();
-    let total = (rate * duration.as_secs_f64()).round() as u64;
-    let mut lag = new_histogram();
-    let start = Instant::now() + Duration::from_millis(1);
-    for k in 0..total {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
-        sleep_until(due);
-        let _ = lag.record(elapsed_ns(due));
+    let lag = on_schedule(rate, duration, |k, due| {
         let (stream, due_tx) = &mut writers[k as usize % connections.max(1)];
-        if due_tx.send(due).is_err() || stream.write_all(&message).is_err() {
-            break;
-        }
-    }
+        due_tx.send(due).is_ok() && stream.write_all(&message).is_ok()
+    });
     let streams: Vec<TcpStream> = writers.into_iter().map(|(stream, _)| stream).collect();
     let mut measured = Measured::new();
     measured.send_lag = lag;
@@ -286,18 +301,7 @@ pub fn connection_per_request(
             })
         })
         .collect();
-    precise_sleeps();
-    let total = (rate * duration.as_secs_f64()).round() as u64;
-    let mut lag = new_histogram();
-    let start = Instant::now() + Duration::from_millis(1);
-    for k in 0..total {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
-        sleep_until(due);
-        let _ = lag.record(elapsed_ns(due));
-        if job_tx.send(due).is_err() {
-            break;
-        }
-    }
+    let lag = on_schedule(rate, duration, |_, due| job_tx.send(due).is_ok());
     drop(job_tx);
     let mut measured = Measured::new();
     measured.send_lag = lag;
