@@ -44,6 +44,14 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "kube-apiserver, etcd and helm for the tests (scripts/apiserver.sh, scripts/helm.sh)"
+WEFT_KUBE_APISERVER="$(bash scripts/apiserver.sh build)"
+export WEFT_KUBE_APISERVER
+echo "$WEFT_KUBE_APISERVER"
+WEFT_HELM="$(bash scripts/helm.sh path)"
+export WEFT_HELM
+echo "$WEFT_HELM"
+
 step "cargo test"
 cargo test --workspace --locked
 

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -15,12 +16,14 @@ use weft_api::v1 as pb;
 use weft_certs::{Identity, MeshCa, SigningPolicy};
 
 use crate::Error;
-use crate::config::ControlPlaneConfig;
+use crate::cluster::ClusterState;
+use crate::config::{ControlPlaneConfig, Source};
 use crate::config_stream::ConfigStreamService;
-use crate::manifests::watch_dir;
+use crate::kubernetes::{self, TokenReviewer};
+use crate::manifests::{ManifestProblem, watch_dir};
 use crate::mesh::Mesh;
 use crate::monitoring::{self, Monitoring};
-use crate::node_auth::NodeTokens;
+use crate::node_auth::{NodeAuthenticator, NodeTokens};
 use crate::registry::NodeRegistry;
 use crate::serving_cert::ServingCertificate;
 use crate::signing::SigningService;
@@ -28,37 +31,123 @@ use crate::signing::SigningService;
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Loads the CA: the operator's if configured, else the persisted or newly
-/// generated root in the state directory.
-pub fn load_ca(config: &ControlPlaneConfig) -> Result<MeshCa, Error> {
-    let ca = match (&config.ca_cert, &config.ca_key) {
-        (Some(cert), Some(key)) => {
-            let read = |path: &Path| {
-                std::fs::read_to_string(path).map_err(|source| {
-                    Error::Certs(weft_certs::Error::ReadFile {
-                        path: path.to_owned(),
-                        source,
-                    })
-                })
-            };
-            MeshCa::from_pem(&config.trust_domain, &read(cert)?, &read(key)?)?
-        }
-        _ => {
-            std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::WriteFile {
-                path: config.state_dir.clone(),
+/// The operator's own CA (`--ca-cert`, `--ca-key`), if configured.
+fn bring_your_own_ca(config: &ControlPlaneConfig) -> Result<Option<MeshCa>, Error> {
+    let (Some(cert), Some(key)) = (&config.ca_cert, &config.ca_key) else {
+        return Ok(None);
+    };
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| {
+            Error::Certs(weft_certs::Error::ReadFile {
+                path: path.to_owned(),
                 source,
-            })?;
-            MeshCa::load_or_generate(
-                &config.state_dir.join("ca.pem"),
+            })
+        })
+    };
+    Ok(Some(MeshCa::from_pem(
+        &config.trust_domain,
+        &read(cert)?,
+        &read(key)?,
+    )?))
+}
+
+/// What a source provides: the CA, how node proxies prove their node, and
+/// the cluster's objects with any problems found reading them.
+struct Backing {
+    ca: MeshCa,
+    auth: NodeAuthenticator,
+    cluster: watch::Receiver<ClusterState>,
+    problems: watch::Receiver<Vec<ManifestProblem>>,
+}
+
+/// Local manifests: the CA and the roots in the state directory, bootstrap
+/// tokens from a file, the cluster from the manifests directory.
+fn local_backing(config: &ControlPlaneConfig, metrics: &mut Registry) -> Result<Backing, Error> {
+    let (Some(manifests), Some(node_tokens)) = (&config.manifests, &config.node_tokens) else {
+        return Err(Error::Config(
+            "--source manifests needs --manifests and --node-tokens".into(),
+        ));
+    };
+    let write_failed = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::WriteFile { path, source }
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(write_failed(&config.state_dir))?;
+    let ca = match bring_your_own_ca(config)? {
+        Some(ca) => ca,
+        None => MeshCa::load_or_generate(
+            &config.state_dir.join("ca.pem"),
+            &config.trust_domain,
+            SystemTime::now(),
+        )?,
+    };
+    let root_file = config.state_dir.join("root-cert.pem");
+    std::fs::write(&root_file, ca.trust_bundle().to_pem()).map_err(write_failed(&root_file))?;
+    info!(roots = %root_file.display(), "wrote the mesh roots for proxies");
+
+    let reloads = Counter::default();
+    metrics.register(
+        "weft_control_plane_manifest_reloads",
+        "Times the manifests directory was re-read after a change",
+        reloads.clone(),
+    );
+    let (cluster, problems) = watch_dir(manifests, reloads)?;
+    Ok(Backing {
+        ca,
+        auth: NodeAuthenticator::Tokens(NodeTokens::load(node_tokens)?),
+        cluster,
+        problems,
+    })
+}
+
+/// Kubernetes: the CA in a Secret (or the operator's), the roots published
+/// in a ConfigMap, node proxies authenticated by TokenReview, the cluster
+/// from watchers.
+async fn kubernetes_backing(
+    config: &ControlPlaneConfig,
+    metrics: &mut Registry,
+) -> Result<Backing, Error> {
+    let client = kubernetes::connect().await?;
+    let ca = match bring_your_own_ca(config)? {
+        Some(ca) => ca,
+        None => {
+            kubernetes::load_or_create_ca(
+                &client,
+                &config.namespace,
+                &config.ca_secret,
                 &config.trust_domain,
-                SystemTime::now(),
-            )?
+            )
+            .await?
         }
     };
-    Ok(ca.with_policy(SigningPolicy {
-        lifetime: Duration::from_secs(config.cert_lifetime_seconds),
-        ..SigningPolicy::default()
-    }))
+    kubernetes::publish_roots(
+        &client,
+        &config.namespace,
+        &config.roots_config_map,
+        &ca.trust_bundle().to_pem(),
+    )
+    .await?;
+    let auth = NodeAuthenticator::Kubernetes(TokenReviewer::new(
+        client.clone(),
+        &config.token_audience,
+        &config.namespace,
+        &config.proxy_service_account,
+    ));
+    let watch_errors = Counter::default();
+    metrics.register(
+        "weft_control_plane_watch_errors",
+        "Failed watches of the API server (each is retried with backoff)",
+        watch_errors.clone(),
+    );
+    let cluster = kubernetes::watch_cluster(client, watch_errors).await;
+    // The API server validates objects; there is no file to report on.
+    let (_, problems) = watch::channel(Vec::new());
+    Ok(Backing {
+        ca,
+        auth,
+        cluster,
+        problems,
+    })
 }
 
 /// Binds the configured ports and runs the control plane until `shutdown`
@@ -84,31 +173,26 @@ pub async fn run_on(
     monitoring_listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let ca = Arc::new(load_ca(&config)?);
+    let mut metrics = Registry::default();
+    let nodes = NodeRegistry::new(&mut metrics);
+    let Backing {
+        ca,
+        auth,
+        mut cluster,
+        problems,
+    } = match config.source {
+        Source::Manifests => local_backing(&config, &mut metrics)?,
+        Source::Kubernetes => kubernetes_backing(&config, &mut metrics).await?,
+    };
+    let ca = Arc::new(ca.with_policy(SigningPolicy {
+        lifetime: Duration::from_secs(config.cert_lifetime_seconds),
+        ..SigningPolicy::default()
+    }));
     let trust = pb::TrustBundle {
         trust_domain: config.trust_domain.clone(),
         roots_pem: ca.trust_bundle().to_pem(),
     };
-    let root_file = config.state_dir.join("root-cert.pem");
-    std::fs::create_dir_all(&config.state_dir)
-        .and_then(|()| std::fs::write(&root_file, &trust.roots_pem))
-        .map_err(|source| Error::WriteFile {
-            path: root_file.clone(),
-            source,
-        })?;
-    info!(roots = %root_file.display(), "wrote the mesh roots for proxies");
-
-    let tokens = Arc::new(NodeTokens::load(&config.node_tokens)?);
-    let mut metrics = Registry::default();
-    let nodes = NodeRegistry::new(&mut metrics);
-
-    let reloads = prometheus_client::metrics::counter::Counter::default();
-    metrics.register(
-        "weft_control_plane_manifest_reloads",
-        "Times the manifests directory was re-read after a change",
-        reloads.clone(),
-    );
-    let (mut cluster, problems) = watch_dir(&config.manifests, reloads)?;
+    let auth = Arc::new(auth);
     let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
     // This task owns the only sender of the mesh: when it ends, every config
@@ -151,8 +235,8 @@ pub async fn run_on(
     });
     let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
 
-    let config_service = ConfigStreamService::new(mesh_rx.clone(), tokens.clone(), nodes.clone());
-    let signing_service = SigningService::new(ca, mesh_rx, tokens, nodes);
+    let config_service = ConfigStreamService::new(mesh_rx.clone(), auth.clone(), nodes.clone());
+    let signing_service = SigningService::new(ca, mesh_rx, auth, nodes);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

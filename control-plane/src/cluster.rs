@@ -9,6 +9,11 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
+use crate::crd::{AuthorizationPolicy, MtlsPolicy, TrafficPolicy};
+
+/// `apiVersion` of weft's own kinds.
+const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
+
 /// `<namespace>/<name>`, or just `<name>` for cluster-scoped objects.
 pub type ObjectKey = String;
 
@@ -25,6 +30,12 @@ pub enum ClusterObject {
     Service(Box<Service>),
     /// An EndpointSlice (a Service's endpoints).
     EndpointSlice(Box<EndpointSlice>),
+    /// Who may connect to which workloads.
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    /// Whether workloads accept plaintext.
+    MtlsPolicy(Box<MtlsPolicy>),
+    /// How connections to a Service behave.
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 /// Why a document could not be turned into a [`ClusterObject`].
@@ -70,6 +81,15 @@ impl ClusterObject {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 ClusterObject::EndpointSlice(serde_json::from_value(value).map_err(invalid)?)
             }
+            (WEFT_API_VERSION, "AuthorizationPolicy") => {
+                ClusterObject::AuthorizationPolicy(serde_json::from_value(value).map_err(invalid)?)
+            }
+            (WEFT_API_VERSION, "MtlsPolicy") => {
+                ClusterObject::MtlsPolicy(serde_json::from_value(value).map_err(invalid)?)
+            }
+            (WEFT_API_VERSION, "TrafficPolicy") => {
+                ClusterObject::TrafficPolicy(serde_json::from_value(value).map_err(invalid)?)
+            }
             _ => {
                 return Err(ObjectProblem::Ignored {
                     kind: format!("{api_version}/{kind}"),
@@ -102,6 +122,9 @@ impl ClusterObject {
             ClusterObject::Pod(o) => &o.metadata,
             ClusterObject::Service(o) => &o.metadata,
             ClusterObject::EndpointSlice(o) => &o.metadata,
+            ClusterObject::AuthorizationPolicy(o) => &o.metadata,
+            ClusterObject::MtlsPolicy(o) => &o.metadata,
+            ClusterObject::TrafficPolicy(o) => &o.metadata,
         }
     }
 
@@ -123,6 +146,9 @@ impl ClusterObject {
             ClusterObject::Pod(_) => "Pod",
             ClusterObject::Service(_) => "Service",
             ClusterObject::EndpointSlice(_) => "EndpointSlice",
+            ClusterObject::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            ClusterObject::MtlsPolicy(_) => "MtlsPolicy",
+            ClusterObject::TrafficPolicy(_) => "TrafficPolicy",
         };
         format!("{kind} {}", self.key())
     }
@@ -141,6 +167,12 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectKey, Service>,
     /// EndpointSlices by `<namespace>/<name>`.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// AuthorizationPolicies by `<namespace>/<name>`.
+    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    /// MtlsPolicies by `<namespace>/<name>`.
+    pub mtls_policies: BTreeMap<ObjectKey, MtlsPolicy>,
+    /// TrafficPolicies by `<namespace>/<name>`.
+    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
 }
 
 impl ClusterState {
@@ -154,6 +186,11 @@ impl ClusterState {
             ClusterObject::Pod(o) => self.pods.insert(key, *o).is_some(),
             ClusterObject::Service(o) => self.services.insert(key, *o).is_some(),
             ClusterObject::EndpointSlice(o) => self.endpoint_slices.insert(key, *o).is_some(),
+            ClusterObject::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(key, *o).is_some()
+            }
+            ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, *o).is_some(),
+            ClusterObject::TrafficPolicy(o) => self.traffic_policies.insert(key, *o).is_some(),
         }
     }
 }

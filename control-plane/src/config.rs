@@ -13,22 +13,57 @@ use serde::Serialize;
     version,
     about = "The weft mesh control plane"
 )]
+#[command(subcommand_negates_reqs = true)]
 pub struct ControlPlaneConfig {
-    /// Directory of Kubernetes manifests (YAML) describing the cluster;
-    /// watched for changes.
-    #[arg(long, env = "WEFT_MANIFESTS")]
-    pub manifests: PathBuf,
+    /// A one-off command instead of serving.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
 
-    /// File of `<node> <token>` lines: the bootstrap token of each node proxy.
-    #[arg(long, env = "WEFT_NODE_TOKENS")]
-    pub node_tokens: PathBuf,
+    /// Where the cluster comes from.
+    #[arg(long, env = "WEFT_SOURCE", value_enum, default_value_t = Source::Manifests)]
+    pub source: Source,
+
+    /// Directory of Kubernetes manifests (YAML) describing the cluster;
+    /// watched for changes. Required with `--source manifests`.
+    #[arg(long, env = "WEFT_MANIFESTS", required_if_eq("source", "manifests"))]
+    pub manifests: Option<PathBuf>,
+
+    /// File of `<node> <token>` lines: the bootstrap token of each node
+    /// proxy. Required with `--source manifests`.
+    #[arg(long, env = "WEFT_NODE_TOKENS", required_if_eq("source", "manifests"))]
+    pub node_tokens: Option<PathBuf>,
+
+    /// Kubernetes: the audience node proxies' ServiceAccount tokens must be
+    /// bound to.
+    #[arg(long, env = "WEFT_TOKEN_AUDIENCE", default_value = "weft")]
+    pub token_audience: String,
+
+    /// Kubernetes: the node proxies' ServiceAccount, in the control plane's
+    /// namespace. Only its tokens authenticate a node.
+    #[arg(
+        long,
+        env = "WEFT_PROXY_SERVICE_ACCOUNT",
+        default_value = "weft-node-proxy"
+    )]
+    pub proxy_service_account: String,
+
+    /// Kubernetes: the Secret (in the control plane's namespace) holding the
+    /// generated root CA; created if absent, never overwritten.
+    #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca")]
+    pub ca_secret: String,
+
+    /// Kubernetes: the ConfigMap (in the control plane's namespace) where
+    /// the mesh roots are published for node proxies.
+    #[arg(long, env = "WEFT_ROOTS_CONFIG_MAP", default_value = "weft-root-ca")]
+    pub roots_config_map: String,
 
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = weft_certs::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
-    /// Directory for state: the generated CA (`ca.pem`, private) and the
-    /// roots for proxies to bootstrap from (`root-cert.pem`).
+    /// Local manifests: directory for state, the generated CA (`ca.pem`,
+    /// private) and the roots for proxies to bootstrap from (`root-cert.pem`).
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
 
@@ -44,7 +79,8 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_CERT_LIFETIME_SECONDS", default_value_t = 24 * 3600)]
     pub cert_lifetime_seconds: u64,
 
-    /// Namespace of the control plane's own identity.
+    /// Namespace of the control plane: its own identity, and on Kubernetes
+    /// where its Secret and ConfigMap live.
     #[arg(
         long,
         env = "WEFT_CONTROL_PLANE_NAMESPACE",
@@ -75,6 +111,24 @@ pub struct ControlPlaneConfig {
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Where the cluster comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A directory of YAML manifests (the embedded default).
+    Manifests,
+    /// The Kubernetes API server (`KUBECONFIG`, or in-cluster).
+    Kubernetes,
+}
+
+/// One-off commands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print weft's CustomResourceDefinitions as YAML (what `deploy/crds/`
+    /// holds).
+    Crds,
 }
 
 /// How log lines are written.

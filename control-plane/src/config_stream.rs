@@ -17,7 +17,7 @@ use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
 use crate::mesh::Mesh;
-use crate::node_auth::NodeTokens;
+use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
 use crate::view::NodeView;
 
@@ -31,20 +31,20 @@ const STREAM_BUFFER: usize = 4;
 #[derive(Clone)]
 pub struct ConfigStreamService {
     mesh: watch::Receiver<Arc<Mesh>>,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
 }
 
 impl ConfigStreamService {
-    /// A service streaming `mesh` to proxies that authenticate with `tokens`.
+    /// A service streaming `mesh` to proxies that authenticate with `auth`.
     pub fn new(
         mesh: watch::Receiver<Arc<Mesh>>,
-        tokens: Arc<NodeTokens>,
+        auth: Arc<NodeAuthenticator>,
         registry: Arc<NodeRegistry>,
     ) -> ConfigStreamService {
         ConfigStreamService {
             mesh,
-            tokens,
+            auth,
             registry,
         }
     }
@@ -60,7 +60,7 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
         &self,
         request: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let node = self.tokens.authenticate(request.metadata())?;
+        let node = self.auth.authenticate(request.metadata()).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

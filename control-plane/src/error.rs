@@ -53,6 +53,28 @@ pub enum Error {
     #[error("serving gRPC: {0}")]
     Grpc(#[from] tonic::transport::Error),
 
+    /// A call to the Kubernetes API server failed.
+    #[error("{operation}: {source}")]
+    Kubernetes {
+        /// What the control plane was doing.
+        operation: String,
+        /// The underlying failure.
+        source: kube::Error,
+    },
+
+    /// The CA Secret exists but cannot be used.
+    #[error("loading the mesh CA from Secret {secret}: {reason}")]
+    CaSecret {
+        /// `<namespace>/<name>`.
+        secret: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+
     /// Writing a file for others to read (e.g. the root certificate) failed.
     #[error("writing {path}: {source}")]
     WriteFile {

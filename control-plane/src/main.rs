@@ -3,11 +3,16 @@
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use weft_control_plane::config::{ControlPlaneConfig, LogFormat};
+use weft_control_plane::config::{Command, ControlPlaneConfig, LogFormat};
 
 #[tokio::main]
+#[allow(clippy::print_stdout)] // `crds` prints YAML for the user
 async fn main() -> anyhow::Result<()> {
     let config = ControlPlaneConfig::parse();
+    if let Some(Command::Crds) = config.command {
+        print!("{}", weft_control_plane::crd::crds_yaml());
+        return Ok(());
+    }
     let filter = EnvFilter::try_new(&config.log_level).context("parsing --log-level")?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,4 +1,6 @@
-//! Which node a proxy is: locally, by a per-node bootstrap token.
+//! Which node a proxy is: locally, by a per-node bootstrap token; on
+//! Kubernetes, by a projected ServiceAccount token the API server reviews
+//! ([`crate::kubernetes::TokenReviewer`]).
 //!
 //! The token file has one `<node> <token>` pair per line (`#` starts a
 //! comment). A proxy sends `authorization: Bearer <token>` on every call; the
@@ -13,9 +15,45 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::Error;
+use crate::kubernetes::TokenReviewer;
 
 /// Tokens shorter than this are refused: they could be guessed.
 const MIN_TOKEN_LEN: usize = 16;
+
+/// How the control plane learns which node a caller's proxy runs on.
+pub enum NodeAuthenticator {
+    /// Bootstrap tokens from a file (local manifests).
+    Tokens(NodeTokens),
+    /// ServiceAccount tokens checked with TokenReview (Kubernetes).
+    Kubernetes(TokenReviewer),
+}
+
+impl NodeAuthenticator {
+    /// The node whose proxy made this call.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        match self {
+            NodeAuthenticator::Tokens(tokens) => tokens.authenticate(metadata),
+            NodeAuthenticator::Kubernetes(reviewer) => {
+                let token = bearer_token(metadata)?;
+                reviewer.node_of(token, digest(token)).await
+            }
+        }
+    }
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {
+    let header = metadata
+        .get(weft_api::AUTHORIZATION_HEADER)
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <node token>"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <node token>\""))
+}
 
 /// The node tokens, by digest.
 #[derive(Debug, Default)]
@@ -66,18 +104,9 @@ impl NodeTokens {
 
     /// The node whose token authorizes this call.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let header = metadata
-            .get(weft_api::AUTHORIZATION_HEADER)
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <node token>"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization must be \"Bearer <node token>\"")
-            })?;
+        let token = bearer_token(metadata)?;
         self.nodes_by_digest
-            .get(&digest(token.trim()))
+            .get(&digest(token))
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown node token"))
     }

@@ -13,14 +13,14 @@ use weft_api::v1 as pb;
 use weft_certs::{Identity, MeshCa};
 
 use crate::mesh::Mesh;
-use crate::node_auth::NodeTokens;
+use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
 
 /// The signing service.
 pub struct SigningService {
     ca: Arc<MeshCa>,
     mesh: watch::Receiver<Arc<Mesh>>,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
 }
 
@@ -29,13 +29,13 @@ impl SigningService {
     pub fn new(
         ca: Arc<MeshCa>,
         mesh: watch::Receiver<Arc<Mesh>>,
-        tokens: Arc<NodeTokens>,
+        auth: Arc<NodeAuthenticator>,
         registry: Arc<NodeRegistry>,
     ) -> SigningService {
         SigningService {
             ca,
             mesh,
-            tokens,
+            auth,
             registry,
         }
     }
@@ -53,8 +53,9 @@ impl pb::certificates_server::Certificates for SigningService {
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
         let node = self
-            .tokens
+            .auth
             .authenticate(request.metadata())
+            .await
             .map_err(|status| self.refuse("unauthenticated", status))?;
         let pb::SignRequest { identity, csr_der } = request.into_inner();
         let identity = Identity::parse(&identity)

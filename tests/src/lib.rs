@@ -51,10 +51,18 @@
 //!   `10.244.<m>.0/24 via 172.30.0.<m+1>` for each other node `m`; `ip_forward=1` and
 //!   `rp_filter=0` (all, default and each interface).
 //!
-//! Services get ClusterIPs 10.96.0.1, 10.96.0.2, ... in declaration order. No
+//! Services get ClusterIPs 10.96.1.1, 10.96.1.2, ... in declaration order. No
 //! namespace routes or translates them: they exist in the manifests for the mesh to
 //! resolve. Nothing is ever created in the host's root namespace, and all traffic
 //! stays inside the testbed's namespaces.
+//!
+//! # A real Kubernetes API
+//!
+//! [`apiserver::KubeApiServer`] runs the upstream kube-apiserver with its own etcd
+//! on 127.0.0.1 (built from the Go module in `tests/apiserver/` by
+//! `scripts/apiserver.sh build`), for tests that need real authentication, RBAC,
+//! admission, TokenRequest and TokenReview. It is independent of the network
+//! namespaces.
 //!
 //! # Cleanup
 //!
@@ -67,12 +75,16 @@
 //! in them. The temp dir with process output ([`Testbed::dir`]) is removed on a
 //! normal drop, and kept (its path printed) when the test panicked.
 
+pub mod apiserver;
 mod checksum;
 mod cleanup;
 mod echo;
+mod forward;
+pub mod kube_cluster;
 mod manifests;
 mod netns;
 mod network;
+mod observe;
 mod process;
 mod testbed;
 mod topology;
@@ -80,12 +92,15 @@ mod weft;
 
 pub use checksum::{Checksum, start_checksum_server};
 pub use echo::EchoServer;
+pub use forward::LoopbackForward;
 pub use manifests::MESH_LABEL;
 pub use netns::NETNS_PREFIX;
+pub use observe::{CONFIG_WAIT, sign_over, uids};
 pub use process::Process;
 pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};
 pub use topology::{Ipv4Cidr, PodSpec, ServiceSpec, Target};
 pub use weft::{
-    CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, PROXY_ADMIN_PORT, PROXY_METRICS_PORT,
-    PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, wait_until, weft_binary,
+    CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, ControlPlaneReplica, PROXY_ADMIN_PORT,
+    PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, wait_until,
+    weft_binary,
 };

@@ -37,7 +37,7 @@ impl TestbedBuilder {
         self
     }
 
-    /// Adds a service; services get ClusterIPs 10.96.0.1, 10.96.0.2, ... in order.
+    /// Adds a service; services get ClusterIPs 10.96.1.1, 10.96.1.2, ... in order.
     pub fn service(mut self, spec: ServiceSpec<'_>) -> Self {
         self.services.push(spec.into());
         self
@@ -223,7 +223,7 @@ impl Testbed {
         Ok(self.topology.node(node)?.pod_cidr)
     }
 
-    /// The service's ClusterIP (`10.96.0.<k>`); it exists only in the manifests.
+    /// The service's ClusterIP (`10.96.1.<k>`); it exists only in the manifests.
     pub fn service_vip(&self, namespace: &str, name: &str) -> Result<Ipv4Addr> {
         Ok(self.topology.service(namespace, name)?.vip)
     }
@@ -252,6 +252,12 @@ impl Testbed {
     /// Pods, Services and EndpointSlices.
     pub fn manifests(&self) -> Result<String> {
         manifests::render(&self.topology)
+    }
+
+    /// The same objects as [`Testbed::manifests`], as JSON values in apply
+    /// order (pods carry the status a kubelet would write).
+    pub fn objects(&self) -> Vec<serde_json::Value> {
+        manifests::objects(&self.topology)
     }
 
     /// Writes [`Testbed::manifests`] to `dir/testbed.yaml` (creating `dir`) and

@@ -45,7 +45,7 @@ impl Default for PodSpec<'_> {
     }
 }
 
-/// A Kubernetes Service with one TCP port. It gets a ClusterIP from 10.96.0.0/24, which
+/// A Kubernetes Service with one TCP port. It gets a ClusterIP from 10.96.1.0/24, which
 /// exists only in the manifests: no namespace routes or translates it.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceSpec<'a> {
@@ -309,14 +309,14 @@ impl Topology {
             let k = u8::try_from(i + 1)
                 .ok()
                 .filter(|k| *k < 255)
-                .context("more than 254 services do not fit 10.96.0.0/24")?;
+                .context("more than 254 services do not fit 10.96.1.0/24")?;
             planned_services.push(Service {
                 namespace: spec.namespace.clone(),
                 name: spec.name.clone(),
                 port: spec.port,
                 target_port: spec.target_port,
                 selector: spec.selector.clone(),
-                vip: Ipv4Addr::new(10, 96, 0, k),
+                vip: Ipv4Addr::new(10, 96, 1, k),
             });
         }
 
@@ -436,7 +436,7 @@ pub(crate) mod tests {
         assert_eq!(t.pod("a").unwrap().ip, Ipv4Addr::new(10, 244, 1, 2));
         assert_eq!(t.pod("c").unwrap().ip, Ipv4Addr::new(10, 244, 2, 3));
         assert_eq!(t.pod("c").unwrap().node_veth, "pod1");
-        assert_eq!(t.services[0].vip, Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(t.services[0].vip, Ipv4Addr::new(10, 96, 1, 1));
         assert!(t.nodes[1].pod_cidr.contains(t.pod("b").unwrap().ip));
         assert!(!t.nodes[0].pod_cidr.contains(t.pod("b").unwrap().ip));
         assert!(t.services[0].selects(t.pod("b").unwrap()));

@@ -1,7 +1,10 @@
 //! weft's own processes on a testbed: the control plane (real binary, on the
-//! first node, reading the testbed's manifests) and one node proxy per node,
-//! with bootstrap tokens and the mesh roots wired between them. Tests and the
-//! benchmark use this instead of starting binaries themselves.
+//! first node) and one node proxy per node, with credentials and the mesh
+//! roots wired between them. The control plane reads the testbed's manifests
+//! with bootstrap tokens ([`WeftMesh::start`]), or a real API server holding
+//! the testbed's objects, with ServiceAccount tokens
+//! ([`WeftMesh::start_on_kubernetes`]). Tests and the benchmark use this
+//! instead of starting binaries themselves.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -12,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Process, Target, Testbed};
+use crate::apiserver::KubeApiServer;
+use crate::kube_cluster;
+use crate::{LoopbackForward, Process, Target, Testbed};
 
 /// The control plane's gRPC port.
 pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
@@ -60,6 +65,24 @@ pub struct WeftMesh {
     manifests_dir: PathBuf,
     state_dir: PathBuf,
     tokens_file: PathBuf,
+    kubernetes: Option<KubernetesSource>,
+}
+
+/// A second control-plane replica (see [`WeftMesh::start_replica`]); stopped
+/// on drop.
+pub struct ControlPlaneReplica {
+    /// The replica's process.
+    pub process: Process,
+    _forward: LoopbackForward,
+}
+
+/// How the control plane reaches a test's API server.
+struct KubernetesSource {
+    /// Credentials of the control plane's ServiceAccount.
+    kubeconfig: PathBuf,
+    /// The API server's host loopback port, forwarded into the control
+    /// plane's node.
+    _forward: LoopbackForward,
 }
 
 impl WeftMesh {
@@ -95,6 +118,7 @@ impl WeftMesh {
             manifests_dir,
             state_dir,
             tokens_file,
+            kubernetes: None,
         };
         mesh.start_control_plane(testbed)?;
         let roots = mesh.state_dir.join("root-cert.pem");
@@ -106,21 +130,106 @@ impl WeftMesh {
         Ok(mesh)
     }
 
-    /// (Re)starts the control plane process; its state directory (the root
-    /// CA) survives restarts.
+    /// Loads the testbed into `api` the way a cluster would hold it (weft's
+    /// `deploy/` objects, a Node per node, the testbed's objects with pod
+    /// status), then starts the control plane on the first node with
+    /// `--source kubernetes` as its own ServiceAccount, publishes its roots
+    /// to the proxies as the ConfigMap mount would, and starts a proxy per
+    /// node with a projected, pod-bound token.
+    pub async fn start_on_kubernetes(testbed: &Testbed, api: &KubeApiServer) -> Result<WeftMesh> {
+        let client = api.client().await?;
+        kube_cluster::install_weft(&client).await?;
+        kube_cluster::load_testbed(&client, testbed).await?;
+        let nodes = testbed.node_names();
+        let first = nodes.first().context("the testbed has no nodes")?.clone();
+        let mut tokens = BTreeMap::new();
+        for node in &nodes {
+            let token = kube_cluster::node_proxy_token(&client, node).await?;
+            std::fs::write(testbed.dir().join(format!("token-{node}")), &token)?;
+            tokens.insert(node.clone(), token);
+        }
+        let control_plane_token = kube_cluster::service_account_token(
+            &client,
+            kube_cluster::WEFT_NAMESPACE,
+            "weft-control-plane",
+            &[],
+            None,
+        )
+        .await?;
+        let kubeconfig = testbed.dir().join("control-plane.kubeconfig");
+        api.write_kubeconfig_for(&kubeconfig, &control_plane_token)?;
+        let forward = testbed.forward_host_port(Target::Node(&first), api.port())?;
+
+        let mut mesh = WeftMesh {
+            control_plane_node: first,
+            control_plane: None,
+            proxies: BTreeMap::new(),
+            tokens,
+            manifests_dir: testbed.dir().join("manifests-unused"),
+            state_dir: testbed.dir().join("control-plane-state"),
+            tokens_file: testbed.dir().join("node-tokens-unused"),
+            kubernetes: Some(KubernetesSource {
+                kubeconfig,
+                _forward: forward,
+            }),
+        };
+        std::fs::create_dir_all(&mesh.state_dir)?;
+        tokio::task::block_in_place(|| mesh.start_control_plane(testbed))?;
+        let roots = kube_cluster::wait_for_roots(&client, STARTUP_TIMEOUT).await?;
+        std::fs::write(mesh.state_dir.join("root-cert.pem"), roots)?;
+        for node in nodes {
+            mesh.start_proxy(testbed, &node)?;
+        }
+        Ok(mesh)
+    }
+
+    /// (Re)starts the control plane process; its state (the root CA, in a
+    /// directory or in the API server) survives restarts.
     pub fn start_control_plane(&mut self, testbed: &Testbed) -> Result<()> {
+        let node = self.control_plane_node.clone();
+        self.control_plane = Some(self.spawn_control_plane(testbed, &node)?);
+        Ok(())
+    }
+
+    /// On Kubernetes: starts another control-plane replica on `node`. It
+    /// shares the API server, and so the CA, with the first one; proxies
+    /// can use either.
+    pub fn start_replica(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        api: &KubeApiServer,
+    ) -> Result<ControlPlaneReplica> {
+        if self.kubernetes.is_none() {
+            bail!("replicas share state through the API server: start_on_kubernetes first");
+        }
+        let forward = testbed.forward_host_port(Target::Node(node), api.port())?;
+        let process = self.spawn_control_plane(testbed, node)?;
+        Ok(ControlPlaneReplica {
+            process,
+            _forward: forward,
+        })
+    }
+
+    /// Starts a control-plane process on `node` and waits until it is healthy.
+    fn spawn_control_plane(&self, testbed: &Testbed, node: &str) -> Result<Process> {
         let mut command = Command::new(weft_binary("weft-control-plane")?);
-        command
-            .arg("--manifests")
-            .arg(&self.manifests_dir)
-            .arg("--node-tokens")
-            .arg(&self.tokens_file)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .env("WEFT_LOG", "info,weft_control_plane=debug");
-        let process = testbed.spawn(Target::Node(&self.control_plane_node), command)?;
+        match &self.kubernetes {
+            None => command
+                .arg("--manifests")
+                .arg(&self.manifests_dir)
+                .arg("--node-tokens")
+                .arg(&self.tokens_file)
+                .arg("--state-dir")
+                .arg(&self.state_dir),
+            Some(kubernetes) => command
+                .args(["--source", "kubernetes"])
+                .env("KUBECONFIG", &kubernetes.kubeconfig),
+        };
+        command.env("WEFT_LOG", "info,weft_control_plane=debug");
+        let target = Target::Node(node);
+        let process = testbed.spawn(target, command)?;
         let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, CONTROL_PLANE_MONITORING_PORT));
-        let target = Target::Node(&self.control_plane_node);
         wait_until(STARTUP_TIMEOUT, || {
             if !process.is_running() {
                 bail!(
@@ -131,8 +240,7 @@ impl WeftMesh {
             Ok(http_get(testbed, target, monitoring, "/healthz").is_ok())
         })
         .context("the control plane did not become healthy")?;
-        self.control_plane = Some(process);
-        Ok(())
+        Ok(process)
     }
 
     /// Stops the control plane (SIGTERM, then SIGKILL after a grace period)

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft_testbed::{PodSpec, ServiceSpec, Target, Testbed, WeftMesh, wait_until};
+use weft_testbed::{PodSpec, ServiceSpec, Target, Testbed, WeftMesh, uids, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -70,39 +70,14 @@ fn cluster() -> Testbed {
         .unwrap()
 }
 
-fn dump(mesh: &WeftMesh, testbed: &Testbed, node: &str) -> Value {
-    serde_json::from_str(&mesh.proxy_admin(testbed, node, "/config_dump").unwrap()).unwrap()
-}
-
-fn uids(dump: &Value, list: &str) -> BTreeSet<String> {
-    dump[list]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["uid"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// The identities the proxy of `node` holds certificates for (empty while
-/// its admin endpoint is not up yet).
-fn cert_identities(mesh: &WeftMesh, testbed: &Testbed, node: &str) -> BTreeSet<String> {
-    let Ok(text) = mesh.proxy_admin(testbed, node, "/certs") else {
-        return BTreeSet::new();
-    };
-    let certs: Value = serde_json::from_str(&text).unwrap();
-    certs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["identity"].as_str().unwrap().to_owned())
-        .collect()
+fn dump(mesh: &WeftMesh, testbed: &Testbed, node: &str) -> Value {
+    mesh.config_dump(testbed, node).unwrap()
 }
 
-/// Waits until `condition` holds for the proxy of `node`'s config dump.
 fn wait_for_dump(
     mesh: &WeftMesh,
     testbed: &Testbed,
@@ -110,19 +85,27 @@ fn wait_for_dump(
     what: &str,
     condition: impl Fn(&Value) -> bool,
 ) {
-    let result = wait_until(WAIT, || {
-        Ok(mesh
-            .proxy_admin(testbed, node, "/config_dump")
-            .ok()
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .is_some_and(|dump| condition(&dump)))
-    });
-    if result.is_err() {
-        let last = mesh
-            .proxy_admin(testbed, node, "/config_dump")
-            .unwrap_or_default();
-        panic!("{node}: {what} never happened; last dump: {last}");
-    }
+    mesh.wait_for_dump(testbed, node, what, condition).unwrap();
+}
+
+fn cert_identities(mesh: &WeftMesh, testbed: &Testbed, node: &str) -> BTreeSet<String> {
+    mesh.cert_identities(testbed, node)
+}
+
+/// One Sign call from a test thread, over a socket opened in a node.
+fn sign_over(
+    socket: std::net::TcpStream,
+    roots: weft_certs::TrustBundle,
+    token: &str,
+    identity: &weft_certs::Identity,
+) -> Result<weft_api::v1::SignResponse, tonic::Status> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(weft_testbed::sign_over(socket, roots, token, identity))
+        .unwrap()
 }
 
 fn has_local(uid: &'static str) -> impl Fn(&Value) -> bool {
@@ -230,57 +213,6 @@ fn a_proxy_is_refused_an_identity_of_another_node() {
         metrics.contains("weft_control_plane_certificates_total{outcome=\"denied\"} 1"),
         "{metrics}"
     );
-}
-
-/// One Sign call over an already connected TCP socket (opened in a node's
-/// namespace), verifying the control plane's identity like a proxy does.
-fn sign_over(
-    socket: std::net::TcpStream,
-    roots: weft_certs::TrustBundle,
-    token: &str,
-    identity: &weft_certs::Identity,
-) -> Result<weft_api::v1::SignResponse, tonic::Status> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        socket.set_nonblocking(true).unwrap();
-        let tcp = tokio::net::TcpStream::from_std(socket).unwrap();
-        let expected = weft_certs::Identity::parse(
-            "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane",
-        )
-        .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(
-            weft_certs::control_plane_client_config(&roots, &expected).unwrap(),
-        );
-        let server_name =
-            rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        let stream = tls.connect(server_name, tcp).await.unwrap();
-        let slot = std::sync::Mutex::new(Some(stream));
-        let channel = tonic::transport::Endpoint::from_static("http://control-plane")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let stream = slot.lock().unwrap().take();
-                async move {
-                    stream
-                        .map(hyper_util::rt::TokioIo::new)
-                        .ok_or_else(|| std::io::Error::other("one connection only"))
-                }
-            }))
-            .await
-            .unwrap();
-        let request = weft_certs::CertificateRequest::generate(identity).unwrap();
-        let mut call = tonic::Request::new(weft_api::v1::SignRequest {
-            identity: identity.to_string(),
-            csr_der: request.csr_der().to_vec(),
-        });
-        call.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        weft_api::v1::certificates_client::CertificatesClient::new(channel)
-            .sign(call)
-            .await
-            .map(tonic::Response::into_inner)
-    })
 }
 
 const EXTRA_POD: &str = "apiVersion: v1

@@ -144,7 +144,7 @@ fn addresses_follow_the_documented_scheme() -> Result<()> {
     assert_eq!(testbed.pod_ip("neighbour")?.to_string(), "10.244.2.3");
     assert_eq!(
         testbed.service_vip("default", "echo")?.to_string(),
-        "10.96.0.1"
+        "10.96.1.1"
     );
     assert_eq!(testbed.node_of("neighbour")?, "node-2");
     assert!(testbed.pod_ip("nobody").is_err());
@@ -348,8 +348,8 @@ fn manifests_parse_back_as_the_cluster_that_was_built() -> Result<()> {
     assert_eq!(pod["status"]["conditions"][0]["status"], "True");
 
     let service = find("Service", "echo");
-    assert_eq!(service["spec"]["clusterIP"], "10.96.0.1");
-    assert_eq!(service["spec"]["clusterIPs"][0], "10.96.0.1");
+    assert_eq!(service["spec"]["clusterIP"], "10.96.1.1");
+    assert_eq!(service["spec"]["clusterIPs"][0], "10.96.1.1");
     assert_eq!(service["spec"]["ports"][0]["port"], 80);
     assert_eq!(service["spec"]["ports"][0]["targetPort"], 7000);
     assert_eq!(service["spec"]["selector"]["app"], "echo");

@@ -1,0 +1,24 @@
+//! The control plane on Kubernetes: the cluster source (watchers on the API
+//! server), node authentication with TokenReview, and the CA kept in a
+//! Secret. Everything that talks to the API server lives here; the rest of
+//! the control plane sees only [`crate::cluster::ClusterState`] and the
+//! node name an authenticator returns.
+
+mod ca_secret;
+mod source;
+mod token_review;
+
+pub use ca_secret::{CA_SECRET_KEY, ROOTS_CONFIG_MAP_KEY, load_or_create_ca, publish_roots};
+pub use source::watch_cluster;
+pub use token_review::{NODE_NAME_EXTRA, TokenReviewer};
+
+/// A client from the environment: `KUBECONFIG` or `~/.kube/config` when
+/// present, else the pod's in-cluster ServiceAccount.
+pub async fn connect() -> Result<kube::Client, crate::Error> {
+    kube::Client::try_default()
+        .await
+        .map_err(|source| crate::Error::Kubernetes {
+            operation: "connecting to the API server (KUBECONFIG or in-cluster)".into(),
+            source,
+        })
+}
