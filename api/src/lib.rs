@@ -2,8 +2,11 @@
 //! protobuf messages and gRPC services, generated from
 //! `proto/weft/v1/weft.proto` at build time.
 //!
-//! This crate is the contract and nothing else: no behaviour, no conversions
-//! to domain types (those live next to the code that owns the domain). Start
+//! This crate is the contract and nothing else: no conversions to domain
+//! types (those live next to the code that owns the domain), and one piece of
+//! behaviour that is part of the contract's meaning: how an authorization
+//! policy decides a connection ([`authorization`]), shared by the proxy that
+//! enforces it and the control plane that explains it. Start
 //! with [`v1::ConfigUpdate`], the message that carries a node's view of the
 //! mesh, and [`v1::node_config_server::NodeConfig`], the stream that carries it.
 
@@ -12,6 +15,8 @@
 pub mod v1 {
     tonic::include_proto!("weft.v1");
 }
+
+pub mod authorization;
 
 /// The gRPC metadata key that carries a proxy's credential.
 pub const AUTHORIZATION_HEADER: &str = "authorization";

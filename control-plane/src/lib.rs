@@ -22,6 +22,7 @@ pub mod manifests;
 pub mod mesh;
 pub mod monitoring;
 pub mod node_auth;
+pub mod policy;
 pub mod registry;
 pub mod serving_cert;
 pub mod signing;

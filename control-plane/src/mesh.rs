@@ -11,6 +11,7 @@ use weft_api::v1 as pb;
 use weft_certs::Identity;
 
 use crate::cluster::ClusterState;
+use crate::policy;
 
 /// The label that turns the mesh on for a namespace, or on or off for a pod.
 pub const MESH_LABEL: &str = "weft.dev/mesh";
@@ -35,6 +36,8 @@ pub struct Mesh {
     pub workloads: BTreeMap<String, MeshWorkload>,
     /// Services by `<namespace>/<name>`.
     pub services: BTreeMap<String, pb::Service>,
+    /// AuthorizationPolicies by `<namespace>/<name>`.
+    pub authorization_policies: BTreeMap<String, pb::AuthorizationPolicy>,
     /// The mesh roots and trust domain.
     pub trust: pb::TrustBundle,
 }
@@ -57,6 +60,7 @@ impl Mesh {
         Mesh {
             workloads,
             services,
+            authorization_policies: policy::authorization_policies(cluster),
             trust,
         }
     }
@@ -123,6 +127,8 @@ fn workload_of(
     };
 
     let workload_name = workload_name(pod, &name, &labels);
+    let authorization_policies = policy::authorization_policies_of(cluster, &namespace, &labels);
+    let (mtls_mode, mtls_policy) = policy::mtls_mode_of(cluster, &namespace, &labels);
     Some(MeshWorkload {
         workload: pb::Workload {
             workload_name,
@@ -135,6 +141,9 @@ fn workload_of(
             ips,
             meshed,
             labels: labels.into_iter().collect(),
+            authorization_policies,
+            mtls_mode: mtls_mode as i32,
+            mtls_policy,
         },
         identity,
         running: phase == "Running",

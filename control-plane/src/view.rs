@@ -3,7 +3,8 @@
 //!
 //! A node gets its own pods in full (labels included, for policy), the pods
 //! of other nodes without labels (a source proxy needs where and who, not
-//! how they are selected), every Service, and the trust bundle. Because the
+//! how they are selected), every Service, the AuthorizationPolicies its own
+//! pods are subject to, and the trust bundle. Because the
 //! remote form leaves labels out, a label change on one node's pod reaches
 //! only that node.
 
@@ -22,6 +23,8 @@ pub struct NodeView {
     pub remote: BTreeMap<String, pb::Workload>,
     /// Services by `<namespace>/<name>`.
     pub services: BTreeMap<String, pb::Service>,
+    /// The AuthorizationPolicies local workloads refer to.
+    pub authorization_policies: BTreeMap<String, pb::AuthorizationPolicy>,
     /// Mesh roots.
     pub trust: pb::TrustBundle,
 }
@@ -36,10 +39,20 @@ impl NodeView {
         };
         for (uid, workload) in &mesh.workloads {
             if workload.workload.node == node {
+                for key in &workload.workload.authorization_policies {
+                    if let Some(policy) = mesh.authorization_policies.get(key) {
+                        view.authorization_policies
+                            .insert(key.clone(), policy.clone());
+                    }
+                }
                 view.local.insert(uid.clone(), workload.workload.clone());
             } else {
+                // How a pod is selected and protected matters only where it runs.
                 let remote = pb::Workload {
                     labels: Default::default(),
+                    authorization_policies: Vec::new(),
+                    mtls_mode: pb::MtlsMode::Permissive as i32,
+                    mtls_policy: String::new(),
                     ..workload.workload.clone()
                 };
                 view.remote.insert(uid.clone(), remote);
@@ -57,6 +70,7 @@ impl NodeView {
             remote_workloads: self.remote.values().cloned().collect(),
             services: self.services.values().cloned().collect(),
             trust: Some(self.trust.clone()),
+            authorization_policies: self.authorization_policies.values().cloned().collect(),
             ..pb::ConfigUpdate::default()
         }
     }
@@ -67,6 +81,8 @@ impl NodeView {
         let (local_workloads, removed_local_workloads) = diff(&self.local, &next.local);
         let (remote_workloads, removed_remote_workloads) = diff(&self.remote, &next.remote);
         let (services, removed_services) = diff(&self.services, &next.services);
+        let (authorization_policies, removed_authorization_policies) =
+            diff(&self.authorization_policies, &next.authorization_policies);
         let trust = (self.trust != next.trust).then(|| next.trust.clone());
         let update = pb::ConfigUpdate {
             version,
@@ -78,6 +94,8 @@ impl NodeView {
             services,
             removed_services,
             trust,
+            authorization_policies,
+            removed_authorization_policies,
         };
         let empty = update.local_workloads.is_empty()
             && update.removed_local_workloads.is_empty()
@@ -85,7 +103,9 @@ impl NodeView {
             && update.removed_remote_workloads.is_empty()
             && update.services.is_empty()
             && update.removed_services.is_empty()
-            && update.trust.is_none();
+            && update.trust.is_none()
+            && update.authorization_policies.is_empty()
+            && update.removed_authorization_policies.is_empty();
         (!empty).then_some(update)
     }
 }

@@ -17,6 +17,8 @@ use super::DataPlane;
 use super::routes::RouteTable;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::certificates::CertificateMap;
+use weft_api::authorization::Connection;
+
 use crate::hbone::{self, HANDSHAKE_TIMEOUT, InboundHandler, InboundRequest, Refusal};
 use crate::sockets;
 
@@ -177,6 +179,18 @@ impl InboundHandler for InboundTunnel {
                 peer.ip()
             )));
         }
+        let principal = request.peer_identity.to_string();
+        let decision = routes.authorize(
+            &workload,
+            &Connection {
+                source_principal: Some(&principal),
+                source_ip: peer.ip(),
+                destination_port: request.target.port(),
+            },
+        );
+        if !super::admit(plane, &decision, &workload, peer, request.target) {
+            return Err(Refusal::Denied(decision.to_string()));
+        }
         let upstream =
             match sockets::connect_from(Some(peer.ip()), request.target, sockets::PROXY_MARK).await
             {
@@ -188,7 +202,7 @@ impl InboundHandler for InboundTunnel {
             };
         let source = Peer {
             workload: source,
-            principal: Some(request.peer_identity.to_string()),
+            principal: Some(principal),
         };
         let record = ConnectionRecord::open(
             &plane.metrics,
@@ -198,7 +212,11 @@ impl InboundHandler for InboundTunnel {
             (request.target, &Peer::workload(&workload)),
             None,
         );
-        Ok(Metered::new(upstream, record))
+        let registration =
+            plane
+                .inbound
+                .register(&upstream, source.principal.clone(), peer, request.target);
+        Ok(Metered::new(upstream, record).keeping(registration))
     }
 }
 

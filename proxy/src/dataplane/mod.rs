@@ -12,6 +12,7 @@ pub mod drain;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
+pub mod reauthorize;
 pub mod routes;
 mod startup;
 pub mod telemetry;
@@ -52,6 +53,8 @@ pub struct DataPlane {
     /// Inbound TLS handshakes allowed at once: anyone can reach 15008, and
     /// a flood of slow handshakes must not take every file descriptor.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Open inbound connections, decided again when policy changes.
+    pub inbound: Arc<reauthorize::InboundRegistry>,
 }
 
 /// Inbound TLS handshakes in progress at most.
@@ -168,4 +171,35 @@ where
         tracing::debug!(%error, "connection ended with an error");
         upstream.failed(error);
     }
+}
+
+/// Applies an authorization decision to a new inbound connection: logs and
+/// counts AUDIT matches and denials, naming the policy. Returns whether the
+/// connection may proceed.
+fn admit(
+    plane: &DataPlane,
+    decision: &weft_api::authorization::Decision,
+    workload: &crate::node_view::Workload,
+    source: std::net::SocketAddr,
+    destination: std::net::SocketAddr,
+) -> bool {
+    plane.metrics.authorization(decision, workload);
+    for audit in &decision.audits {
+        tracing::info!(
+            %source, %destination, pod = %workload.uid, policy = %audit.policy, rule = audit.rule,
+            allowed = decision.allowed(),
+            "authorization audit: an AUDIT policy matched"
+        );
+    }
+    if decision.allowed() {
+        return true;
+    }
+    tracing::warn!(
+        %source, %destination, pod = %workload.uid, policy = %decision.policy(),
+        "inbound connection denied: {decision}"
+    );
+    plane
+        .metrics
+        .failure(telemetry::Direction::Inbound, "denied_by_policy");
+    false
 }

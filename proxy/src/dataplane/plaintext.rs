@@ -1,13 +1,16 @@
 //! Inbound plaintext (15006): TCP for a meshed local pod that did not come
-//! through a tunnel, from an unmeshed client. Accepted (PERMISSIVE) and
-//! counted and logged as unauthenticated; STRICT mode, which refuses it,
-//! comes with policy.
+//! through a tunnel, from an unmeshed client. Refused when the pod's mTLS
+//! mode is STRICT; otherwise (PERMISSIVE) decided by its authorization
+//! policies as a source without a principal, then counted and logged as
+//! unauthenticated. A refusal closes the connection: plaintext has no way
+//! to say why.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
+use weft_api::authorization::Connection;
 
 use super::DataPlane;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
@@ -32,6 +35,29 @@ async fn proxy(
             .failure(Direction::Inbound, "no_local_workload");
         return;
     };
+    if workload.mtls_strict {
+        warn!(
+            pod = %workload.uid,
+            client = %client_addr,
+            policy = %workload.mtls_policy,
+            "inbound plaintext refused: the pod's mTLS mode is STRICT"
+        );
+        plane
+            .metrics
+            .failure(Direction::Inbound, "plaintext_refused_strict");
+        return;
+    }
+    let decision = routes.authorize(
+        &workload,
+        &Connection {
+            source_principal: None,
+            source_ip: client_addr.ip(),
+            destination_port: destination.port(),
+        },
+    );
+    if !super::admit(&plane, &decision, &workload, client_addr, destination) {
+        return;
+    }
     info!(pod = %workload.uid, "accepting unauthenticated plaintext for a meshed pod (PERMISSIVE)");
     let upstream =
         match sockets::connect_from(Some(client_addr.ip()), destination, sockets::PROXY_MARK).await
@@ -59,5 +85,12 @@ async fn proxy(
         (destination, &Peer::workload(&workload)),
         None,
     );
-    super::relay(&mut client, Metered::new(upstream, record)).await;
+    let registration = plane
+        .inbound
+        .register(&upstream, None, client_addr, destination);
+    super::relay(
+        &mut client,
+        Metered::new(upstream, record).keeping(registration),
+    )
+    .await;
 }

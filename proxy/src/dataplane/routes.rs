@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use weft_api::authorization::{self, Connection, Decision};
+use weft_api::v1;
 
 use crate::node_view::{NodeView, Service, Workload};
 
@@ -28,6 +30,8 @@ pub struct RouteTable {
     services: HashMap<IpAddr, Arc<ServiceRoute>>,
     /// Workloads by uid, to follow an endpoint to its pod.
     by_uid: HashMap<String, Arc<Workload>>,
+    /// AuthorizationPolicies by `<namespace>/<name>`.
+    authorization_policies: std::collections::BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
 }
 
 /// A Service with its round-robin position.
@@ -103,7 +107,19 @@ impl RouteTable {
             remote: index(view.remote_workloads()),
             services,
             by_uid,
+            authorization_policies: view.authorization_policies().clone(),
         }
+    }
+
+    /// Decides a new connection to the local `workload` against the
+    /// AuthorizationPolicies that apply to it.
+    pub fn authorize(&self, workload: &Workload, connection: &Connection<'_>) -> Decision {
+        let policies = workload
+            .authorization_policies
+            .iter()
+            .filter_map(|key| self.authorization_policies.get(key))
+            .map(|policy| &**policy);
+        authorization::evaluate(policies, connection)
     }
 
     /// The local workload with this IP.

@@ -62,6 +62,16 @@ pub async fn start(
         handshakes: Arc::new(tokio::sync::Semaphore::new(
             super::MAX_CONCURRENT_HANDSHAKES,
         )),
+        inbound: Arc::default(),
+    });
+    // Policy applies to open connections too: decide them again whenever a
+    // new config is applied.
+    let (mut versions, open) = (routes.clone(), plane.inbound.clone());
+    tokio::spawn(async move {
+        while versions.changed().await.is_ok() {
+            let table = versions.borrow_and_update().clone();
+            open.reauthorize(&table);
+        }
     });
 
     // The capture rules steer to loopback listeners: IPv4 always, IPv6 when

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use weft_api::authorization::Decision;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -75,6 +76,17 @@ struct FailureLabels {
     reason: String,
 }
 
+/// Labels of an authorization decision that a policy made.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthorizationLabels {
+    /// `deny` or `audit`.
+    decision: String,
+    /// `<namespace>/<name>` of the policy.
+    policy: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+}
+
 /// The data plane's metric families.
 #[derive(Debug, Default)]
 pub struct TrafficMetrics {
@@ -83,6 +95,7 @@ pub struct TrafficMetrics {
     sent_bytes: Family<TcpLabels, Counter>,
     received_bytes: Family<TcpLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    authorization: Family<AuthorizationLabels, Counter>,
 }
 
 impl TrafficMetrics {
@@ -114,7 +127,33 @@ impl TrafficMetrics {
             "Connections refused or failed before any byte was proxied, by reason",
             metrics.failures.clone(),
         );
+        registry.register(
+            "weft_authorization_decisions",
+            "Connections denied by an AuthorizationPolicy, or matched by an AUDIT one, by policy",
+            metrics.authorization.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// Counts what policy did to a connection to `destination`: the denial
+    /// (naming the deciding policy) and every AUDIT match.
+    pub fn authorization(&self, decision: &Decision, destination: &Workload) {
+        let count = |kind: &str, policy: String| {
+            self.authorization
+                .get_or_create(&AuthorizationLabels {
+                    decision: kind.to_owned(),
+                    policy,
+                    destination_workload: destination.workload_name.clone(),
+                    destination_workload_namespace: destination.namespace.clone(),
+                })
+                .inc();
+        };
+        if !decision.allowed() {
+            count("deny", decision.policy());
+        }
+        for audit in &decision.audits {
+            count("audit", audit.policy.clone());
+        }
     }
 
     /// Counts a connection that failed before it was proxied, e.g.
@@ -238,6 +277,8 @@ pub struct Metered<S> {
     written: u64,
     record: Option<ConnectionRecord>,
     error: Option<String>,
+    /// Held for the connection's life (its policy registration).
+    _keep: Option<super::reauthorize::Registration>,
 }
 
 impl<S> Metered<S> {
@@ -249,7 +290,14 @@ impl<S> Metered<S> {
             written: 0,
             record: Some(record),
             error: None,
+            _keep: None,
         }
+    }
+
+    /// Keeps `registration` until the connection ends.
+    pub fn keeping(mut self, registration: Option<super::reauthorize::Registration>) -> Metered<S> {
+        self._keep = registration;
+        self
     }
 
     /// Notes why the connection ended badly, for the access log.

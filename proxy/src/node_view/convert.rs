@@ -93,8 +93,40 @@ pub(super) fn workload(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        authorization_policies: wire.authorization_policies.clone(),
+        mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
+            Ok(v1::MtlsMode::Permissive) => false,
+            Ok(v1::MtlsMode::Strict) => true,
+            Err(_) => {
+                return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
+            }
+        },
+        mtls_policy: wire.mtls_policy.clone(),
     };
     Ok((wire.uid.clone(), workload))
+}
+
+/// Checks an AuthorizationPolicy's key and action; its rules are taken as
+/// they come (an address block that does not parse matches nothing).
+pub(super) fn authorization_policy(
+    wire: &v1::AuthorizationPolicy,
+) -> Result<(String, v1::AuthorizationPolicy), UpdateProblem> {
+    let kind = EntryKind::AuthorizationPolicy;
+    if wire.namespace.is_empty() || wire.name.is_empty() {
+        return Err(UpdateProblem::EmptyKey {
+            kind,
+            reason: "namespace or name is empty",
+        });
+    }
+    let key = format!("{}/{}", wire.namespace, wire.name);
+    if v1::AuthorizationAction::try_from(wire.action).is_err() {
+        return Err(UpdateProblem::InvalidEntry {
+            kind,
+            key,
+            reason: format!("unknown action {}", wire.action),
+        });
+    }
+    Ok((key, wire.clone()))
 }
 
 pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdateProblem> {

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
-use weft_api::v1::ConfigUpdate;
+use weft_api::v1::{self, ConfigUpdate};
 use weft_certs::{Identity, TrustBundle};
 
 /// One applied version of the node's config. Maps are keyed as on the wire:
@@ -31,6 +31,8 @@ pub struct NodeView {
     local_workloads: BTreeMap<String, Arc<Workload>>,
     remote_workloads: BTreeMap<String, Arc<Workload>>,
     services: BTreeMap<String, Arc<Service>>,
+    #[serde(serialize_with = "policy_summaries")]
+    authorization_policies: BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
 }
 
 /// The mesh roots, with the trust domain they are for.
@@ -68,6 +70,13 @@ pub struct Workload {
     pub meshed: bool,
     /// The pod's labels (local workloads only).
     pub labels: BTreeMap<String, String>,
+    /// Keys of the AuthorizationPolicies that apply to the pod (local
+    /// workloads only); each is in the view.
+    pub authorization_policies: Vec<String>,
+    /// Whether plaintext inbound is refused (local workloads only).
+    pub mtls_strict: bool,
+    /// The MtlsPolicy that set the mode, empty for the default.
+    pub mtls_policy: String,
 }
 
 /// A Kubernetes Service with its endpoints.
@@ -118,6 +127,8 @@ pub enum EntryKind {
     RemoteWorkload,
     /// `services` / `removed_services`.
     Service,
+    /// `authorization_policies` / `removed_authorization_policies`.
+    AuthorizationPolicy,
 }
 
 impl fmt::Display for EntryKind {
@@ -126,6 +137,7 @@ impl fmt::Display for EntryKind {
             EntryKind::LocalWorkload => "local workload",
             EntryKind::RemoteWorkload => "remote workload",
             EntryKind::Service => "service",
+            EntryKind::AuthorizationPolicy => "authorization policy",
         })
     }
 }
@@ -257,12 +269,35 @@ impl NodeView {
             &update.removed_services,
             convert::service,
         )?;
+        let authorization_policies = merge(
+            EntryKind::AuthorizationPolicy,
+            base.map(|b| &b.authorization_policies),
+            &update.authorization_policies,
+            &update.removed_authorization_policies,
+            convert::authorization_policy,
+        )?;
+        // A workload whose policy is missing would be less protected than
+        // its operator wrote: refuse the update rather than fail open.
+        for workload in local_workloads.values() {
+            if let Some(missing) = workload
+                .authorization_policies
+                .iter()
+                .find(|key| !authorization_policies.contains_key(*key))
+            {
+                return Err(UpdateProblem::InvalidEntry {
+                    kind: EntryKind::LocalWorkload,
+                    key: workload.uid.clone(),
+                    reason: format!("refers to authorization policy {missing}, which is not sent"),
+                });
+            }
+        }
         Ok(NodeView {
             version: update.version,
             trust,
             local_workloads,
             remote_workloads,
             services,
+            authorization_policies,
         })
     }
 
@@ -289,6 +324,11 @@ impl NodeView {
     /// Services, by `<namespace>/<name>`.
     pub fn services(&self) -> &BTreeMap<String, Arc<Service>> {
         &self.services
+    }
+
+    /// AuthorizationPolicies local workloads refer to, by `<namespace>/<name>`.
+    pub fn authorization_policies(&self) -> &BTreeMap<String, Arc<v1::AuthorizationPolicy>> {
+        &self.authorization_policies
     }
 
     /// The identities of this node's meshed pods: the ones that need a
@@ -348,6 +388,22 @@ pub(crate) fn display<T: fmt::Display, S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_str(value)
+}
+
+/// AuthorizationPolicies in the config dump: action and rule count by key.
+fn policy_summaries<S: serde::Serializer>(
+    policies: &BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(policies.iter().map(|(key, policy)| {
+        let action = v1::AuthorizationAction::try_from(policy.action)
+            .map(|a| a.as_str_name())
+            .unwrap_or("UNKNOWN");
+        (
+            key,
+            serde_json::json!({ "action": action, "rules": policy.rules.len() }),
+        )
+    }))
 }
 
 fn roots_count<S: serde::Serializer>(

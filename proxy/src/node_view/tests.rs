@@ -34,6 +34,7 @@ fn workload(namespace: &str, pod: &str, sa: &str, ip: &str, meshed: bool) -> v1:
         meshed,
         labels: [("app".to_owned(), pod.to_owned())].into(),
         workload_name: pod.into(),
+        ..v1::Workload::default()
     }
 }
 
@@ -390,4 +391,63 @@ fn the_view_serializes_for_the_config_dump() {
         json["services"]["default/web"]["endpoints"][0]["ip"],
         "10.0.1.5"
     );
+}
+
+#[test]
+fn a_workload_refers_only_to_policies_that_are_sent() {
+    let mut web = workload("shop", "web-1", "web", "10.244.1.2", true);
+    web.authorization_policies = vec!["shop/deny-batch".into()];
+    let mut update = v1::ConfigUpdate {
+        version: 1,
+        full_state: true,
+        local_workloads: vec![web],
+        trust: Some(trust()),
+        ..Default::default()
+    };
+    // Without the policy the workload would be less protected than written.
+    let problem = refused(None, &update);
+    assert!(problem.to_string().contains("shop/deny-batch"), "{problem}");
+
+    update.authorization_policies = vec![v1::AuthorizationPolicy {
+        namespace: "shop".into(),
+        name: "deny-batch".into(),
+        action: v1::AuthorizationAction::Deny as i32,
+        rules: vec![Default::default()],
+    }];
+    let view = applied(&update);
+    assert_eq!(view.authorization_policies().len(), 1);
+
+    // A delta that removes a policy still in use is refused too.
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        removed_authorization_policies: vec!["shop/deny-batch".into()],
+        ..Default::default()
+    };
+    assert!(NodeView::apply(Some(&view), &delta, NODE).is_err());
+}
+
+#[test]
+fn unknown_policy_actions_and_mtls_modes_are_refused() {
+    let mut update = v1::ConfigUpdate {
+        version: 1,
+        full_state: true,
+        trust: Some(trust()),
+        authorization_policies: vec![v1::AuthorizationPolicy {
+            namespace: "shop".into(),
+            name: "future".into(),
+            action: 9,
+            rules: vec![],
+        }],
+        ..Default::default()
+    };
+    assert!(
+        refused(None, &update)
+            .to_string()
+            .contains("unknown action")
+    );
+    update.authorization_policies.clear();
+    let mut web = workload("shop", "web-1", "web", "10.244.1.2", true);
+    web.mtls_mode = 7;
+    update.local_workloads = vec![web];
+    assert!(refused(None, &update).to_string().contains("mtls_mode"));
 }

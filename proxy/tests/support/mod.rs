@@ -404,6 +404,7 @@ pub fn workload(
         meshed,
         labels: [("app".to_owned(), pod.to_owned())].into(),
         workload_name: pod.into(),
+        ..v1::Workload::default()
     }
 }
 

@@ -1,0 +1,264 @@
+//! Policies as the mesh applies them: which weft policies apply to a
+//! workload, an AuthorizationPolicy in its wire form, and the mTLS mode that
+//! wins for a workload. The rules themselves are evaluated by
+//! [`weft_api::authorization`], in the proxy and in `explain` alike.
+
+use std::collections::BTreeMap;
+
+use weft_api::v1 as pb;
+
+use crate::cluster::ClusterState;
+use crate::crd::{
+    Action, AuthorizationPolicy, MESH_NAMESPACE, MtlsMode, MtlsPolicy, WorkloadSelector,
+};
+
+/// Whether a policy in `policy_namespace` with `selector` applies to a pod in
+/// `namespace` with `labels`: a policy reaches its own namespace (all pods,
+/// or those its selector matches), and a policy without a selector in
+/// [`MESH_NAMESPACE`] reaches every pod in the mesh.
+pub fn applies(
+    policy_namespace: &str,
+    selector: Option<&WorkloadSelector>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    match selector {
+        None => policy_namespace == namespace || policy_namespace == MESH_NAMESPACE,
+        Some(selector) => policy_namespace == namespace && selector.matches(labels),
+    }
+}
+
+/// Every AuthorizationPolicy in its wire form, by `<namespace>/<name>`.
+pub fn authorization_policies(cluster: &ClusterState) -> BTreeMap<String, pb::AuthorizationPolicy> {
+    cluster
+        .authorization_policies
+        .iter()
+        .map(|(key, policy)| (key.clone(), to_wire(policy)))
+        .collect()
+}
+
+/// The keys of the AuthorizationPolicies that apply to a pod, sorted.
+pub fn authorization_policies_of(
+    cluster: &ClusterState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    cluster
+        .authorization_policies
+        .iter()
+        .filter(|(_, policy)| {
+            applies(
+                policy.metadata.namespace.as_deref().unwrap_or(""),
+                policy.spec.selector.as_ref(),
+                namespace,
+                labels,
+            )
+        })
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+/// The mTLS mode of a pod and the policy that set it (empty for the
+/// default, PERMISSIVE). The most specific policy wins: one selecting the
+/// workload, then its namespace's, then the mesh-wide one; between policies
+/// of the same rank the stricter mode wins, so adding a policy can never
+/// loosen another one by accident.
+pub fn mtls_mode_of(
+    cluster: &ClusterState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> (pb::MtlsMode, String) {
+    let rank = |policy: &MtlsPolicy| -> Option<u8> {
+        let policy_namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        let selector = policy.spec.selector.as_ref();
+        if !applies(policy_namespace, selector, namespace, labels) {
+            return None;
+        }
+        Some(match (selector, policy_namespace == namespace) {
+            (Some(_), _) => 3,
+            (None, true) => 2,
+            (None, false) => 1,
+        })
+    };
+    let mut best: Option<(u8, MtlsMode, &str)> = None;
+    for (key, policy) in &cluster.mtls_policies {
+        let Some(rank) = rank(policy) else {
+            continue;
+        };
+        let mode = policy.spec.mode;
+        best = match best {
+            Some((best_rank, best_mode, best_key)) if best_rank > rank => {
+                Some((best_rank, best_mode, best_key))
+            }
+            Some((best_rank, best_mode, best_key))
+                if best_rank == rank && best_mode.stricter(mode) == best_mode =>
+            {
+                Some((best_rank, best_mode, best_key))
+            }
+            _ => Some((rank, mode, key.as_str())),
+        };
+    }
+    match best {
+        Some((_, MtlsMode::Strict, key)) => (pb::MtlsMode::Strict, key.to_owned()),
+        Some((_, MtlsMode::Permissive, key)) => (pb::MtlsMode::Permissive, key.to_owned()),
+        None => (pb::MtlsMode::Permissive, String::new()),
+    }
+}
+
+fn to_wire(policy: &AuthorizationPolicy) -> pb::AuthorizationPolicy {
+    let action = match policy.spec.action {
+        Action::Allow => pb::AuthorizationAction::Allow,
+        Action::Deny => pb::AuthorizationAction::Deny,
+        Action::Audit => pb::AuthorizationAction::Audit,
+    };
+    let rules = policy
+        .spec
+        .rules
+        .iter()
+        .map(|rule| {
+            let from = rule.from.clone().unwrap_or_default();
+            let to = rule.to.clone().unwrap_or_default();
+            pb::AuthorizationRule {
+                principals: from.principals,
+                not_principals: from.not_principals,
+                namespaces: from.namespaces,
+                not_namespaces: from.not_namespaces,
+                ip_blocks: from.ip_blocks,
+                not_ip_blocks: from.not_ip_blocks,
+                ports: to.ports.into_iter().map(u32::from).collect(),
+                not_ports: to.not_ports.into_iter().map(u32::from).collect(),
+            }
+        })
+        .collect();
+    pb::AuthorizationPolicy {
+        namespace: policy.metadata.namespace.clone().unwrap_or_default(),
+        name: policy.metadata.name.clone().unwrap_or_default(),
+        action: action as i32,
+        rules,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::cluster::ClusterObject;
+
+    fn cluster(yaml: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        for document in crate::manifests::parse_documents(yaml).unwrap() {
+            state.insert(ClusterObject::from_value(document).unwrap());
+        }
+        state
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    const POLICIES: &str = "
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-only, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, rules: [{}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: whole-shop, namespace: shop}
+spec: {action: AUDIT, rules: [{}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: mesh-wide, namespace: weft-system}
+spec: {action: DENY, rules: [{from: {principals: ['*/sa/evil']}, to: {ports: [22]}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: other-team, namespace: other}
+spec: {rules: []}
+";
+
+    #[test]
+    fn policies_reach_their_namespace_their_selection_and_mesh_wide() {
+        let cluster = cluster(POLICIES);
+        assert_eq!(
+            authorization_policies_of(&cluster, "shop", &labels(&[("app", "db")])),
+            ["shop/db-only", "shop/whole-shop", "weft-system/mesh-wide"]
+        );
+        assert_eq!(
+            authorization_policies_of(&cluster, "shop", &labels(&[("app", "web")])),
+            ["shop/whole-shop", "weft-system/mesh-wide"]
+        );
+        // A selector never reaches across namespaces, even with matching labels.
+        assert_eq!(
+            authorization_policies_of(&cluster, "billing", &labels(&[("app", "db")])),
+            ["weft-system/mesh-wide"]
+        );
+        let wire = authorization_policies(&cluster);
+        let mesh_wide = &wire["weft-system/mesh-wide"];
+        assert_eq!(mesh_wide.action, pb::AuthorizationAction::Deny as i32);
+        assert_eq!(mesh_wide.rules[0].principals, ["*/sa/evil"]);
+        assert_eq!(mesh_wide.rules[0].ports, [22]);
+        assert_eq!(
+            wire["shop/db-only"].action,
+            pb::AuthorizationAction::Allow as i32
+        );
+    }
+
+    #[test]
+    fn the_most_specific_mtls_policy_wins_and_ties_go_to_strict() {
+        let mtls = |name: &str, namespace: &str, selector: &str, mode: &str| {
+            format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{{selector} mode: {mode}}}\n---\n"
+            )
+        };
+        let db = labels(&[("app", "db")]);
+        let none = ClusterState::default();
+        assert_eq!(
+            mtls_mode_of(&none, "shop", &db),
+            (pb::MtlsMode::Permissive, String::new())
+        );
+
+        let mesh_strict = mtls("all", "weft-system", "", "STRICT");
+        let c = cluster(&mesh_strict);
+        assert_eq!(mtls_mode_of(&c, "shop", &db).0, pb::MtlsMode::Strict);
+
+        let ns_permissive = mesh_strict.clone() + &mtls("relaxed", "shop", "", "PERMISSIVE");
+        let c = cluster(&ns_permissive);
+        assert_eq!(
+            mtls_mode_of(&c, "shop", &db),
+            (pb::MtlsMode::Permissive, "shop/relaxed".into())
+        );
+
+        let workload_strict = ns_permissive
+            + &mtls(
+                "db",
+                "shop",
+                "selector: {matchLabels: {app: db}},",
+                "STRICT",
+            );
+        let c = cluster(&workload_strict);
+        assert_eq!(
+            mtls_mode_of(&c, "shop", &db),
+            (pb::MtlsMode::Strict, "shop/db".into())
+        );
+        assert_eq!(
+            mtls_mode_of(&c, "shop", &labels(&[])).0,
+            pb::MtlsMode::Permissive
+        );
+
+        // Two namespace-wide policies disagree: the stricter one holds,
+        // whichever name sorts first.
+        let tie =
+            mtls("a-loose", "shop", "", "PERMISSIVE") + &mtls("b-strict", "shop", "", "STRICT");
+        let c = cluster(&tie);
+        assert_eq!(
+            mtls_mode_of(&c, "shop", &db),
+            (pb::MtlsMode::Strict, "shop/b-strict".into())
+        );
+    }
+}

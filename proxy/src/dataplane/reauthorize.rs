@@ -1,0 +1,136 @@
+//! Open inbound connections stay subject to policy. Every inbound connection
+//! the proxy forwards to a local pod is registered here with what its
+//! authorization was decided on; when a new config is applied, each is
+//! decided again, and the ones now refused (a new DENY, an ALLOW that no
+//! longer matches, STRICT for plaintext) are closed.
+//!
+//! Closing is a `shutdown` of the socket to the pod: both copy directions
+//! end, and the client sees its connection end. The registry holds a
+//! duplicate of that socket's descriptor, so the socket it shuts down is
+//! always the connection's own, never a reused descriptor.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpStream;
+use tracing::warn;
+use weft_api::authorization::Connection;
+
+use super::routes::RouteTable;
+
+/// One open inbound connection.
+struct OpenInbound {
+    principal: Option<String>,
+    source: SocketAddr,
+    destination: SocketAddr,
+    upstream: socket2::Socket,
+}
+
+/// The open inbound connections.
+#[derive(Default)]
+pub struct InboundRegistry {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, OpenInbound>>,
+}
+
+/// Keeps a connection registered; dropped with the connection.
+pub struct Registration {
+    registry: Arc<InboundRegistry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.registry.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl InboundRegistry {
+    /// Registers a connection from `source` (with `principal` when it came
+    /// through mutual TLS) to `destination`, forwarded on `upstream`.
+    /// `None` when the socket cannot be duplicated (out of descriptors):
+    /// the connection then runs unwatched, which is logged.
+    pub fn register(
+        self: &Arc<Self>,
+        upstream: &TcpStream,
+        principal: Option<String>,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Option<Registration> {
+        let duplicate = match upstream.as_fd().try_clone_to_owned() {
+            Ok(fd) => socket2::Socket::from(fd),
+            Err(error) => {
+                warn!(%source, %destination, %error, "cannot watch this connection for policy changes");
+                return None;
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = OpenInbound {
+            principal,
+            source,
+            destination,
+            upstream: duplicate,
+        };
+        self.open.lock().ok()?.insert(id, entry);
+        Some(Registration {
+            registry: self.clone(),
+            id,
+        })
+    }
+
+    /// Decides every open connection against `routes`; closes and returns
+    /// the number of those now refused.
+    pub fn reauthorize(&self, routes: &RouteTable) -> usize {
+        let Ok(open) = self.open.lock() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for connection in open.values() {
+            let Some(workload) = routes.local_workload(connection.destination.ip()) else {
+                continue; // the pod is gone; its connections end with it
+            };
+            let refused_plaintext = connection.principal.is_none() && workload.mtls_strict;
+            let decision = routes.authorize(
+                workload,
+                &Connection {
+                    source_principal: connection.principal.as_deref(),
+                    source_ip: connection.source.ip(),
+                    destination_port: connection.destination.port(),
+                },
+            );
+            if decision.allowed() && !refused_plaintext {
+                continue;
+            }
+            let why = if refused_plaintext {
+                "plaintext is refused now (STRICT)".to_owned()
+            } else {
+                decision.to_string()
+            };
+            warn!(
+                source = %connection.source,
+                destination = %connection.destination,
+                pod = %workload.uid,
+                policy = %decision.policy(),
+                "closing an open connection after a policy change: {why}"
+            );
+            let _ = connection.upstream.shutdown(Shutdown::Both);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// How many inbound connections are open.
+    pub fn len(&self) -> usize {
+        self.open.lock().map(|open| open.len()).unwrap_or(0)
+    }
+
+    /// Whether no inbound connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

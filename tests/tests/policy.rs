@@ -1,0 +1,283 @@
+//! End to end on the testbed: AuthorizationPolicy and MtlsPolicy objects,
+//! written as manifests, enforced by the destination node's proxy. Each test
+//! checks the attack (the connection that must be refused) as well as the
+//! connection that must still work, and what the proxy reports.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+
+use weft_testbed::{CONFIG_WAIT, PodSpec, Target, Testbed, WeftMesh, wait_until};
+
+/// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
+/// namespace); node-2: db-1 (meshed, shop), which echoes on 5432.
+fn cluster() -> Testbed {
+    let pod = |node, namespace, name, service_account, labels, meshed| PodSpec {
+        node,
+        namespace,
+        name,
+        service_account,
+        labels,
+        meshed,
+    };
+    Testbed::builder()
+        .node("node-1")
+        .node("node-2")
+        .pod(pod(
+            "node-1",
+            "shop",
+            "web-1",
+            "web",
+            &[("app", "web")],
+            true,
+        ))
+        .pod(pod(
+            "node-1",
+            "shop",
+            "batch-1",
+            "batch",
+            &[("app", "batch")],
+            true,
+        ))
+        .pod(pod("node-1", "legacy", "old-1", "default", &[], false))
+        .pod(pod("node-2", "shop", "db-1", "db", &[("app", "db")], true))
+        .build()
+        .unwrap()
+}
+
+/// Whether an echo round trip from `from` to db-1:5432 works.
+fn echoes(testbed: &Testbed, from: &str) -> bool {
+    let to = SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432));
+    let Ok(mut stream) = testbed.connect(Target::Pod(from), to) else {
+        return false;
+    };
+    if stream.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).is_ok() && &echoed == b"ping"
+}
+
+/// Waits until `from` reaches db-1 (or is refused), as a policy change
+/// takes effect.
+fn wait_for_reach(testbed: &Testbed, from: &str, reachable: bool) {
+    wait_until(CONFIG_WAIT, || Ok(echoes(testbed, from) == reachable)).unwrap_or_else(|_| {
+        panic!(
+            "{from} -> db-1 never became {}",
+            if reachable { "reachable" } else { "refused" }
+        )
+    });
+}
+
+fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
+    let testbed = cluster();
+    let server = testbed
+        .start_echo_server(Target::Pod("db-1"), 5432)
+        .unwrap();
+    let mesh = WeftMesh::start(&testbed).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    (testbed, mesh, server)
+}
+
+fn metric(mesh: &WeftMesh, testbed: &Testbed, node: &str, needle: &str) -> u64 {
+    let text = mesh.proxy_metrics(testbed, node).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+const ALLOW_WEB: &str = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
+    to: {ports: [5432]}
+";
+
+#[test]
+fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {
+    let (testbed, mesh, _server) = start();
+    assert!(
+        echoes(&testbed, "batch-1"),
+        "before any policy, batch reaches db"
+    );
+    assert!(
+        echoes(&testbed, "old-1"),
+        "and so does plaintext (PERMISSIVE)"
+    );
+
+    mesh.write_manifest("policy.yaml", ALLOW_WEB).unwrap();
+    wait_for_reach(&testbed, "batch-1", false);
+    // The attack: a meshed pod of another identity, and plaintext that has
+    // no identity at all; both refused. web still gets through.
+    assert!(!echoes(&testbed, "old-1"));
+    assert!(echoes(&testbed, "web-1"));
+
+    let denied = metric(
+        &mesh,
+        &testbed,
+        "node-2",
+        "weft_authorization_decisions_total{decision=\"deny\",policy=\"shop/db-from-web\"",
+    );
+    assert!(denied >= 2, "denials are counted by policy");
+    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
+    assert!(log.contains("inbound connection denied"), "{log}");
+    assert!(
+        log.contains("shop/db-from-web"),
+        "the denial names the policy: {log}"
+    );
+
+    // Removing the policy opens the door again.
+    std::fs::remove_file(mesh.manifests_dir().join("policy.yaml")).unwrap();
+    wait_for_reach(&testbed, "batch-1", true);
+}
+
+#[test]
+fn deny_wins_over_allow_and_a_mesh_wide_deny_reaches_every_namespace() {
+    let (testbed, mesh, _server) = start();
+    let deny_web = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-web, namespace: weft-system}
+spec:
+  action: DENY
+  rules:
+  - from: {principals: [\"*/sa/web\"]}
+";
+    mesh.write_manifest("allow.yaml", ALLOW_WEB).unwrap();
+    wait_for_reach(&testbed, "batch-1", false);
+    assert!(echoes(&testbed, "web-1"));
+    mesh.write_manifest("deny.yaml", deny_web).unwrap();
+    wait_for_reach(&testbed, "web-1", false);
+    let denied = metric(
+        &mesh,
+        &testbed,
+        "node-2",
+        "weft_authorization_decisions_total{decision=\"deny\",policy=\"weft-system/no-web\"",
+    );
+    assert!(denied >= 1);
+}
+
+#[test]
+fn an_audit_policy_reports_and_never_blocks() {
+    let (testbed, mesh, _server) = start();
+    let audit = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: watch-batch, namespace: shop}
+spec:
+  action: AUDIT
+  rules:
+  - from: {namespaces: [shop]}
+    to: {notPorts: [22]}
+";
+    mesh.write_manifest("audit.yaml", audit).unwrap();
+    let audited = || {
+        metric(
+            &mesh,
+            &testbed,
+            "node-2",
+            "weft_authorization_decisions_total{decision=\"audit\",policy=\"shop/watch-batch\"",
+        )
+    };
+    wait_until(CONFIG_WAIT, || {
+        Ok(echoes(&testbed, "batch-1") && audited() >= 1)
+    })
+    .unwrap();
+    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
+    assert!(log.contains("authorization audit"), "{log}");
+    // Plaintext has no namespace: not audited, and not blocked either.
+    let before = audited();
+    assert!(echoes(&testbed, "old-1"));
+    assert_eq!(audited(), before);
+}
+
+#[test]
+fn strict_mtls_refuses_plaintext_and_permissive_accepts_it() {
+    let (testbed, mesh, _server) = start();
+    let strict = "apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: strict, namespace: shop}
+spec: {mode: STRICT}
+";
+    mesh.write_manifest("mtls.yaml", strict).unwrap();
+    wait_for_reach(&testbed, "old-1", false);
+    // Meshed clients are unaffected.
+    assert!(echoes(&testbed, "web-1"));
+    assert!(
+        metric(
+            &mesh,
+            &testbed,
+            "node-2",
+            "reason=\"plaintext_refused_strict\""
+        ) >= 1,
+        "the refusal is counted"
+    );
+    let dump = mesh.config_dump(&testbed, "node-2").unwrap();
+    let db = dump["local_workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["uid"] == "shop/db-1")
+        .unwrap()
+        .clone();
+    assert_eq!(db["mtls_strict"], true, "{db}");
+    assert_eq!(db["mtls_policy"], "shop/strict", "{db}");
+
+    // A workload-level PERMISSIVE beats the namespace's STRICT.
+    let permissive_db = "apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: db-permissive, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, mode: PERMISSIVE}
+";
+    mesh.write_manifest("mtls-db.yaml", permissive_db).unwrap();
+    wait_for_reach(&testbed, "old-1", true);
+}
+
+#[test]
+fn an_open_connection_is_closed_when_a_deny_appears() {
+    let (testbed, mesh, _server) = start();
+    let to = SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432));
+    let mut tunnelled = testbed.connect(Target::Pod("batch-1"), to).unwrap();
+    let mut plaintext = testbed.connect(Target::Pod("old-1"), to).unwrap();
+    let mut unaffected = testbed.connect(Target::Pod("web-1"), to).unwrap();
+    let round_trip = |stream: &mut std::net::TcpStream| {
+        let mut echoed = [0u8; 4];
+        stream.write_all(b"ping").is_ok()
+            && stream.read_exact(&mut echoed).is_ok()
+            && &echoed == b"ping"
+    };
+    for stream in [&mut tunnelled, &mut plaintext, &mut unaffected] {
+        assert!(round_trip(stream));
+    }
+
+    let deny = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/batch\"]}
+";
+    let strict = "apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: strict, namespace: shop}
+spec: {mode: STRICT}
+";
+    mesh.write_manifest("deny.yaml", deny).unwrap();
+    mesh.write_manifest("strict.yaml", strict).unwrap();
+    wait_until(CONFIG_WAIT, || Ok(!round_trip(&mut tunnelled))).unwrap();
+    wait_until(CONFIG_WAIT, || Ok(!round_trip(&mut plaintext))).unwrap();
+    assert!(
+        round_trip(&mut unaffected),
+        "web's open connection is still allowed"
+    );
+    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
+    assert!(
+        log.contains("closing an open connection after a policy change"),
+        "{log}"
+    );
+}
