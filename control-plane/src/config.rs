@@ -129,6 +129,10 @@ pub enum Command {
     /// Print weft's CustomResourceDefinitions as YAML (what `deploy/crds/`
     /// holds).
     Crds,
+    /// Explain whether a connection would be allowed, and by which policy
+    /// and rule, from the cluster as the source (`--manifests` or
+    /// `--source kubernetes`) describes it. Exits 1 when it is denied.
+    Explain(crate::explain::ExplainArgs),
 }
 
 /// How log lines are written.

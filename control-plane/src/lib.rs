@@ -17,6 +17,7 @@ pub mod config;
 pub mod config_stream;
 pub mod crd;
 mod error;
+pub mod explain;
 pub mod kubernetes;
 pub mod manifests;
 pub mod mesh;

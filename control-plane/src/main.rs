@@ -6,12 +6,26 @@ use tracing_subscriber::EnvFilter;
 use weft_control_plane::config::{Command, ControlPlaneConfig, LogFormat};
 
 #[tokio::main]
-#[allow(clippy::print_stdout)] // `crds` prints YAML for the user
+#[allow(clippy::print_stdout)] // `crds` and `explain` print for the user
 async fn main() -> anyhow::Result<()> {
     let config = ControlPlaneConfig::parse();
-    if let Some(Command::Crds) = config.command {
-        print!("{}", weft_control_plane::crd::crds_yaml());
-        return Ok(());
+    match &config.command {
+        Some(Command::Crds) => {
+            print!("{}", weft_control_plane::crd::crds_yaml());
+            return Ok(());
+        }
+        Some(Command::Explain(args)) => {
+            let cluster = weft_control_plane::explain::load_cluster(&config).await?;
+            let trust = weft_api::v1::TrustBundle {
+                trust_domain: config.trust_domain.clone(),
+                roots_pem: String::new(),
+            };
+            let explanation = weft_control_plane::explain::explain(&cluster, trust, args)
+                .map_err(anyhow::Error::msg)?;
+            print!("{}", explanation.report);
+            std::process::exit(if explanation.allowed { 0 } else { 1 });
+        }
+        None => {}
     }
     let filter = EnvFilter::try_new(&config.log_level).context("parsing --log-level")?;
     let subscriber = tracing_subscriber::fmt()

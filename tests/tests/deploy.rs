@@ -228,6 +228,22 @@ async fn the_manifests_and_the_chart_are_accepted() {
         json!(["NET_ADMIN", "NET_RAW"])
     );
     assert_eq!(security["privileged"], false);
+
+    // Every example in deploy/examples is a valid object (namespaces first).
+    let namespaces: Vec<Value> = ["shop", "legacy"]
+        .iter()
+        .map(|ns| json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }))
+        .collect();
+    apply(&client, &namespaces).await.unwrap();
+    let mut examples = 0;
+    for entry in std::fs::read_dir(deploy_dir().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        apply(&client, &read_objects(&path))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        examples += 1;
+    }
+    assert!(examples >= 4, "the examples are there");
 }
 
 /// Valid policies are accepted, with the schema's defaults filled in; bad

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 
-use weft_testbed::{CONFIG_WAIT, PodSpec, Target, Testbed, WeftMesh, wait_until};
+use weft_testbed::{CONFIG_WAIT, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, wait_until};
 
 /// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
 /// namespace); node-2: db-1 (meshed, shop), which echoes on 5432.
@@ -41,6 +41,13 @@ fn cluster() -> Testbed {
         ))
         .pod(pod("node-1", "legacy", "old-1", "default", &[], false))
         .pod(pod("node-2", "shop", "db-1", "db", &[("app", "db")], true))
+        .service(ServiceSpec {
+            namespace: "shop",
+            name: "db",
+            port: 5432,
+            target_port: 5432,
+            selector: &[("app", "db")],
+        })
         .build()
         .unwrap()
 }
@@ -152,6 +159,10 @@ spec:
     assert!(echoes(&testbed, "web-1"));
     mesh.write_manifest("deny.yaml", deny_web).unwrap();
     wait_for_reach(&testbed, "web-1", false);
+    assert!(
+        !echoes(&testbed, "web-1"),
+        "a new connection is refused too"
+    );
     let denied = metric(
         &mesh,
         &testbed,
@@ -280,4 +291,98 @@ spec: {mode: STRICT}
         log.contains("closing an open connection after a policy change"),
         "{log}"
     );
+}
+
+/// Runs `weft-control-plane explain` on the mesh's manifests; its report
+/// and whether it says allowed (exit 0) or denied (exit 1).
+fn explain(mesh: &WeftMesh, args: &[&str]) -> (String, bool) {
+    let output =
+        std::process::Command::new(weft_testbed::weft_binary("weft-control-plane").unwrap())
+            .arg("--manifests")
+            .arg(mesh.manifests_dir())
+            .arg("explain")
+            .args(args)
+            .output()
+            .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    match output.status.code() {
+        Some(0) => (report, true),
+        Some(1) => (report, false),
+        other => panic!(
+            "explain failed ({other:?}): {report}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+#[test]
+fn explain_agrees_with_what_the_proxy_enforces() {
+    let (testbed, mesh, _server) = start();
+    let policies = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: watch-shop, namespace: shop}
+spec:
+  action: AUDIT
+  rules:
+  - from: {namespaces: [shop]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: strict, namespace: shop}
+spec: {mode: STRICT}
+";
+    mesh.write_manifest("policies.yaml", policies).unwrap();
+    wait_for_reach(&testbed, "old-1", false);
+
+    // (client pod, explain's view of it, target, what explain must say)
+    let cases: [(&str, &[&str], &str, &[&str]); 4] = [
+        (
+            "web-1",
+            &["--from", "shop/web"],
+            "shop/db-1:5432",
+            &[
+                "allowed by ALLOW shop/db-from-web rule 0",
+                "audited by AUDIT shop/watch-shop rule 0",
+            ],
+        ),
+        (
+            "web-1",
+            &["--from", "shop/web"],
+            "db.shop:5432",
+            &["pod shop/db-1 port 5432: allowed"],
+        ),
+        (
+            "batch-1",
+            &["--from", "shop/batch"],
+            "shop/db:5432",
+            &["denied: no rule of the ALLOW policies shop/db-from-web matches"],
+        ),
+        (
+            "old-1",
+            &["--from", "legacy/default", "--plaintext"],
+            "shop/db-1:5432",
+            &["plaintext is refused, mTLS mode STRICT set by MtlsPolicy shop/strict"],
+        ),
+    ];
+    for (pod, from, to, expected) in cases {
+        let mut args = from.to_vec();
+        args.extend(["--to", to]);
+        let (report, allowed) = explain(&mesh, &args);
+        for text in expected {
+            assert!(report.contains(text), "{pod} -> {to}: {report}");
+        }
+        assert_eq!(
+            allowed,
+            echoes(&testbed, pod),
+            "{pod} -> {to}: explain said {report}"
+        );
+    }
 }

@@ -20,6 +20,7 @@ use tracing::warn;
 use weft_api::authorization::Connection;
 
 use super::routes::RouteTable;
+use super::telemetry::{Direction, TrafficMetrics};
 
 /// One open inbound connection.
 struct OpenInbound {
@@ -85,7 +86,7 @@ impl InboundRegistry {
 
     /// Decides every open connection against `routes`; closes and returns
     /// the number of those now refused.
-    pub fn reauthorize(&self, routes: &RouteTable) -> usize {
+    pub fn reauthorize(&self, routes: &RouteTable, metrics: &TrafficMetrics) -> usize {
         let Ok(open) = self.open.lock() else {
             return 0;
         };
@@ -118,6 +119,11 @@ impl InboundRegistry {
                 policy = %decision.policy(),
                 "closing an open connection after a policy change: {why}"
             );
+            if refused_plaintext {
+                metrics.failure(Direction::Inbound, "plaintext_refused_strict");
+            } else {
+                metrics.authorization(&decision, workload);
+            }
             let _ = connection.upstream.shutdown(Shutdown::Both);
             closed += 1;
         }

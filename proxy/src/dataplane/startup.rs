@@ -66,11 +66,11 @@ pub async fn start(
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.
-    let (mut versions, open) = (routes.clone(), plane.inbound.clone());
+    let (mut versions, watched) = (routes.clone(), plane.clone());
     tokio::spawn(async move {
         while versions.changed().await.is_ok() {
             let table = versions.borrow_and_update().clone();
-            open.reauthorize(&table);
+            watched.inbound.reauthorize(&table, &watched.metrics);
         }
     });
 
