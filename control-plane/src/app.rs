@@ -139,7 +139,15 @@ async fn kubernetes_backing(
         "Failed watches of the API server (each is retried with backoff)",
         watch_errors.clone(),
     );
-    let cluster = kubernetes::watch_cluster(client, watch_errors).await;
+    let cluster = kubernetes::watch_cluster(client.clone(), watch_errors).await;
+    // Every replica serves; the one holding the Lease also writes status.
+    let holder = format!(
+        "{}-{:08x}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "weft-control-plane".into()),
+        rand::random::<u32>()
+    );
+    let leader = kubernetes::hold_lease(client.clone(), &config.namespace, &config.lease, holder);
+    tokio::spawn(kubernetes::write_statuses(client, cluster.clone(), leader));
     // The API server validates objects; there is no file to report on.
     let (_, problems) = watch::channel(Vec::new());
     Ok(Backing {

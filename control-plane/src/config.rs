@@ -53,6 +53,11 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca")]
     pub ca_secret: String,
 
+    /// Kubernetes: the Lease (in the control plane's namespace) that picks the
+    /// one replica writing status conditions.
+    #[arg(long, env = "WEFT_LEASE", default_value = "weft-control-plane")]
+    pub lease: String,
+
     /// Kubernetes: the ConfigMap (in the control plane's namespace) where
     /// the mesh roots are published for node proxies.
     #[arg(long, env = "WEFT_ROOTS_CONFIG_MAP", default_value = "weft-root-ca")]

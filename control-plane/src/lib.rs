@@ -27,6 +27,7 @@ pub mod policy;
 pub mod registry;
 pub mod serving_cert;
 pub mod signing;
+pub mod status;
 pub mod view;
 
 pub use error::Error;

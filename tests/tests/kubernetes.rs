@@ -538,3 +538,156 @@ async fn replicas_racing_to_create_the_ca_end_up_with_one() {
     let later = race(client.clone()).await;
     assert_eq!(later.trust_bundle().to_pem(), roots[0]);
 }
+
+/// The condition `type_` of a weft object, as (status, reason, message).
+async fn condition(
+    client: &kube::Client,
+    plural: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let resource = kube::discovery::ApiResource {
+        group: "weft.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "weft.dev/v1alpha1".into(),
+        kind: String::new(),
+        plural: plural.into(),
+    };
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "shop", &resource);
+    let object = api.get(name).await.ok()?;
+    let conditions = object.data["status"]["conditions"].as_array()?.clone();
+    let c = conditions.iter().find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+        c["message"].as_str()?.to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_reports_on_each_policy_in_its_status() {
+    let api = blocking(KubeApiServer::start).unwrap();
+    let client = api.client().await.unwrap();
+    let testbed = cluster();
+    let _mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
+    let policy = |kind: &str, name: &str, spec: Value| {
+        json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": kind,
+            "metadata": { "name": name, "namespace": "shop" }, "spec": spec,
+        })
+    };
+    apply_objects(&client, &[
+        policy("AuthorizationPolicy", "typo", json!({ "selector": { "matchLabels": { "app": "dbb" } } })),
+        policy("AuthorizationPolicy", "db", json!({ "selector": { "matchLabels": { "app": "db" } } })),
+        policy("TrafficPolicy", "canary", json!({
+            "service": "db",
+            "split": [{ "service": "db", "weight": 9 }, { "service": "db-canary", "weight": 1 }],
+        })),
+    ])
+    .await
+    .unwrap();
+    // Created later, so the older "canary" keeps the Service.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    apply_objects(
+        &client,
+        &[policy("TrafficPolicy", "late", json!({ "service": "db" }))],
+    )
+    .await
+    .unwrap();
+
+    let expect = [
+        (
+            "authorizationpolicies",
+            "typo",
+            "ResolvedRefs",
+            "False",
+            "NoMatchingWorkloads",
+            "app=dbb",
+        ),
+        (
+            "authorizationpolicies",
+            "db",
+            "ResolvedRefs",
+            "True",
+            "Resolved",
+            "",
+        ),
+        (
+            "authorizationpolicies",
+            "db",
+            "Accepted",
+            "True",
+            "Accepted",
+            "",
+        ),
+        (
+            "trafficpolicies",
+            "canary",
+            "ResolvedRefs",
+            "False",
+            "ServiceNotFound",
+            "db-canary",
+        ),
+        (
+            "trafficpolicies",
+            "late",
+            "Accepted",
+            "False",
+            "Conflicted",
+            "shop/canary",
+        ),
+    ];
+    for (plural, name, type_, status, reason, mentions) in expect {
+        let deadline = tokio::time::Instant::now() + weft_testbed::CONFIG_WAIT;
+        loop {
+            let seen = condition(&client, plural, name, type_).await;
+            if let Some((s, r, m)) = &seen
+                && s == status
+                && r == reason
+                && m.contains(mentions)
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{plural}/{name} {type_}: wanted {status} {reason} mentioning {mentions:?}, got {seen:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    // Fixing the problem flips the condition.
+    apply_objects(
+        &client,
+        &[json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "db-canary", "namespace": "shop" },
+            "spec": { "ports": [{ "port": 5432 }] },
+        })],
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + weft_testbed::CONFIG_WAIT;
+    while condition(&client, "trafficpolicies", "canary", "ResolvedRefs")
+        .await
+        .map(|c| c.0)
+        != Some("True".into())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ResolvedRefs never turned True"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // One replica holds the Lease that makes it the writer.
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        kube_cluster::WEFT_NAMESPACE,
+    )
+    .get("weft-control-plane")
+    .await
+    .unwrap();
+    assert!(lease.spec.unwrap().holder_identity.is_some());
+}

@@ -29,6 +29,16 @@ pub const REASON_INVALID: &str = "Invalid";
 /// claims what this one would configure; the older one wins.
 pub const REASON_CONFLICTED: &str = "Conflicted";
 
+/// The condition type saying whether what an object refers to exists (the
+/// pods its selector picks, the Services it names).
+pub const CONDITION_RESOLVED_REFS: &str = "ResolvedRefs";
+/// Reason of `ResolvedRefs=True`.
+pub const REASON_RESOLVED: &str = "Resolved";
+/// Reason of `ResolvedRefs=False`: the selector matches no pod (yet).
+pub const REASON_NO_MATCHING_WORKLOADS: &str = "NoMatchingWorkloads";
+/// Reason of `ResolvedRefs=False`: a Service the object names does not exist.
+pub const REASON_SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+
 /// The Gateway API duration syntax: one to four `<number><unit>` groups,
 /// unit `h`, `m`, `s` or `ms` (`"1h30m"`, `"250ms"`, `"5s"`).
 pub const DURATION_PATTERN: &str = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$";

@@ -1,15 +1,20 @@
 //! The control plane on Kubernetes: the cluster source (watchers on the API
 //! server), node authentication with TokenReview, and the CA kept in a
-//! Secret. Everything that talks to the API server lives here; the rest of
+//! Secret, and status conditions written by the replica holding the Lease.
+//! Everything that talks to the API server lives here; the rest of
 //! the control plane sees only [`crate::cluster::ClusterState`] and the
 //! node name an authenticator returns.
 
 mod ca_secret;
+mod lease;
 mod source;
+mod status_writer;
 mod token_review;
 
 pub use ca_secret::{CA_SECRET_KEY, ROOTS_CONFIG_MAP_KEY, load_or_create_ca, publish_roots};
+pub use lease::{LEASE_DURATION, RENEW_EVERY, hold_lease};
 pub use source::watch_cluster;
+pub use status_writer::write_statuses;
 pub use token_review::{NODE_NAME_EXTRA, TokenReviewer};
 
 /// A client from the environment: `KUBECONFIG` or `~/.kube/config` when

@@ -1,0 +1,254 @@
+//! What the control plane says about each weft object, as status conditions:
+//! `Accepted` (does the mesh use it?) and `ResolvedRefs` (does what it names
+//! exist: the pods its selector picks, the Service it configures, the
+//! Services it splits to?). Derived from one [`ClusterState`] as a whole;
+//! written to the API server by [`crate::kubernetes`] (by one replica).
+
+use std::collections::BTreeMap;
+
+use crate::cluster::ClusterState;
+use crate::crd::{
+    CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, REASON_ACCEPTED, REASON_CONFLICTED,
+    REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED, REASON_SERVICE_NOT_FOUND, WorkloadSelector,
+};
+
+/// One condition as the control plane sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The condition type.
+    pub type_: &'static str,
+    /// True or False.
+    pub status: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What a person needs to know.
+    pub message: String,
+}
+
+/// The kinds of weft objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// `AuthorizationPolicy`.
+    AuthorizationPolicy,
+    /// `MtlsPolicy`.
+    MtlsPolicy,
+    /// `TrafficPolicy`.
+    TrafficPolicy,
+}
+
+/// The conditions of every weft object, by kind and `<namespace>/<name>`.
+pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>> {
+    let mut out = BTreeMap::new();
+    for (key, policy) in &cluster.authorization_policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        out.insert(
+            (Kind::AuthorizationPolicy, key.clone()),
+            vec![
+                accepted(),
+                selection(cluster, namespace, policy.spec.selector.as_ref()),
+            ],
+        );
+    }
+    for (key, policy) in &cluster.mtls_policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        out.insert(
+            (Kind::MtlsPolicy, key.clone()),
+            vec![
+                accepted(),
+                selection(cluster, namespace, policy.spec.selector.as_ref()),
+            ],
+        );
+    }
+    let winners = traffic_policy_winners(cluster);
+    for (key, policy) in &cluster.traffic_policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        let service = format!("{namespace}/{}", policy.spec.service);
+        let accepted = match winners.get(&service) {
+            Some(winner) if winner != key => Verdict {
+                type_: CONDITION_ACCEPTED,
+                status: false,
+                reason: REASON_CONFLICTED,
+                message: format!(
+                    "Service {service} is already configured by TrafficPolicy {winner}, which is older; this one is ignored"
+                ),
+            },
+            _ => accepted(),
+        };
+        let missing: Vec<String> = std::iter::once(policy.spec.service.clone())
+            .chain(policy.spec.split.iter().map(|s| s.service.clone()))
+            .filter(|name| {
+                !cluster
+                    .services
+                    .contains_key(&format!("{namespace}/{name}"))
+            })
+            .collect();
+        let resolved = if missing.is_empty() {
+            resolved()
+        } else {
+            Verdict {
+                type_: CONDITION_RESOLVED_REFS,
+                status: false,
+                reason: REASON_SERVICE_NOT_FOUND,
+                message: format!("no Service {} in namespace {namespace}", missing.join(", ")),
+            }
+        };
+        out.insert((Kind::TrafficPolicy, key.clone()), vec![accepted, resolved]);
+    }
+    out
+}
+
+/// For each Service (`<namespace>/<name>`), the TrafficPolicy that
+/// configures it: the oldest naming it (by creation time, then name).
+pub fn traffic_policy_winners(cluster: &ClusterState) -> BTreeMap<String, String> {
+    let mut winners: BTreeMap<String, (Option<String>, String)> = BTreeMap::new();
+    for (key, policy) in &cluster.traffic_policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        let service = format!("{namespace}/{}", policy.spec.service);
+        let created = policy
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string());
+        // Objects without a creation time (local manifests) sort after
+        // those with one, then by name.
+        let rank = (created.is_none(), created.clone(), key.clone());
+        let better = match winners.get(&service) {
+            None => true,
+            Some((other_created, other_key)) => {
+                rank < (
+                    other_created.is_none(),
+                    other_created.clone(),
+                    other_key.clone(),
+                )
+            }
+        };
+        if better {
+            winners.insert(service, (created, key.clone()));
+        }
+    }
+    winners.into_iter().map(|(s, (_, key))| (s, key)).collect()
+}
+
+fn accepted() -> Verdict {
+    Verdict {
+        type_: CONDITION_ACCEPTED,
+        status: true,
+        reason: REASON_ACCEPTED,
+        message: "the control plane sends this policy to the node proxies".into(),
+    }
+}
+
+fn resolved() -> Verdict {
+    Verdict {
+        type_: CONDITION_RESOLVED_REFS,
+        status: true,
+        reason: REASON_RESOLVED,
+        message: "everything the policy refers to exists".into(),
+    }
+}
+
+/// Whether a selector picks any pod of its namespace.
+fn selection(
+    cluster: &ClusterState,
+    namespace: &str,
+    selector: Option<&WorkloadSelector>,
+) -> Verdict {
+    let Some(selector) = selector else {
+        return resolved();
+    };
+    let matches = cluster.pods.values().any(|pod| {
+        pod.metadata.namespace.as_deref() == Some(namespace)
+            && selector.matches(&pod.metadata.labels.clone().unwrap_or_default())
+    });
+    if matches {
+        return resolved();
+    }
+    let labels: Vec<String> = selector
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Verdict {
+        type_: CONDITION_RESOLVED_REFS,
+        status: false,
+        reason: REASON_NO_MATCHING_WORKLOADS,
+        message: format!(
+            "the selector {} matches no pod in namespace {namespace}; the policy applies to matching pods once they exist",
+            labels.join(",")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::cluster::ClusterObject;
+
+    fn cluster(yaml: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        for document in crate::manifests::parse_documents(yaml).unwrap() {
+            state.insert(ClusterObject::from_value(document).unwrap());
+        }
+        state
+    }
+
+    #[test]
+    fn problems_are_named_in_the_conditions() {
+        let c = cluster(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {ports: [{port: 5432}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: shop}
+spec: {selector: {matchLabels: {app: dbb}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: db, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, mode: STRICT}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: a-first, namespace: shop}
+spec: {service: db, split: [{service: db, weight: 9}, {service: db-canary, weight: 1}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: b-second, namespace: shop}
+spec: {service: db}
+",
+        );
+        let v = verdicts(&c);
+        let typo = &v[&(Kind::AuthorizationPolicy, "shop/typo".into())];
+        assert!(typo[0].status);
+        assert_eq!(typo[1].reason, REASON_NO_MATCHING_WORKLOADS);
+        assert!(typo[1].message.contains("app=dbb"), "{}", typo[1].message);
+        assert!(v[&(Kind::MtlsPolicy, "shop/db".into())][1].status);
+        let first = &v[&(Kind::TrafficPolicy, "shop/a-first".into())];
+        assert!(first[0].status);
+        assert_eq!(first[1].reason, REASON_SERVICE_NOT_FOUND);
+        assert!(
+            first[1].message.contains("db-canary"),
+            "{}",
+            first[1].message
+        );
+        let second = &v[&(Kind::TrafficPolicy, "shop/b-second".into())];
+        assert_eq!(second[0].reason, REASON_CONFLICTED);
+        assert!(
+            second[0].message.contains("shop/a-first"),
+            "{}",
+            second[0].message
+        );
+        assert!(second[1].status);
+    }
+}
