@@ -201,6 +201,7 @@ pub async fn run_on(
         roots_pem: ca.trust_bundle().to_pem(),
     };
     let auth = Arc::new(auth);
+    let cluster_for_pages = cluster.clone();
     let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
     // This task owns the only sender of the mesh: when it ends, every config
@@ -240,6 +241,7 @@ pub async fn run_on(
         nodes: nodes.clone(),
         problems,
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
+        cluster: cluster_for_pages,
     });
     let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
 

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::cluster::ClusterState;
 use crate::manifests::ManifestProblem;
 use crate::registry::NodeRegistry;
 
@@ -27,6 +28,8 @@ pub struct Monitoring {
     pub problems: watch::Receiver<Vec<ManifestProblem>>,
     /// The configuration, as shown at start.
     pub config_json: String,
+    /// The cluster as the source holds it, for the policies' conditions.
+    pub cluster: watch::Receiver<ClusterState>,
 }
 
 /// Serves the monitoring pages on `listener` until the task is dropped.
@@ -85,6 +88,25 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
                 .map(ToString::to_string)
                 .collect();
             json(&problems)
+        }
+        "/debug/policies" => {
+            // What the status conditions say, also where there is no API
+            // server to write them to (local manifests).
+            let verdicts = crate::status::verdicts(&monitoring.cluster.borrow());
+            let listed: Vec<serde_json::Value> = verdicts
+                .into_iter()
+                .map(|((kind, key), conditions)| {
+                    serde_json::json!({
+                        "kind": format!("{kind:?}"),
+                        "object": key,
+                        "conditions": conditions.iter().map(|c| serde_json::json!({
+                            "type": c.type_, "status": c.status,
+                            "reason": c.reason, "message": c.message,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json(&listed)
         }
         "/debug/config" => reply(
             StatusCode::OK,

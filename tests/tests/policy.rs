@@ -138,6 +138,15 @@ fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {
         "the denial names the policy: {log}"
     );
 
+    // Without an API server, the conditions are on the monitoring page.
+    let page = mesh
+        .control_plane_page(&testbed, "/debug/policies")
+        .unwrap();
+    assert!(
+        page.contains("shop/db-from-web") && page.contains("Resolved"),
+        "{page}"
+    );
+
     // Removing the policy opens the door again.
     std::fs::remove_file(mesh.manifests_dir().join("policy.yaml")).unwrap();
     wait_for_reach(&testbed, "batch-1", true);
