@@ -194,3 +194,15 @@ impl ClusterState {
         }
     }
 }
+
+#[cfg(test)]
+impl ClusterState {
+    /// The objects of a multi-document YAML text; panics on a bad one.
+    pub(crate) fn from_yaml(yaml: &str) -> ClusterState {
+        let mut state = ClusterState::default();
+        for document in crate::manifests::parse_documents(yaml).expect("valid YAML") {
+            state.insert(ClusterObject::from_value(document).expect("a valid object"));
+        }
+        state
+    }
+}

@@ -184,14 +184,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::cluster::ClusterObject;
 
     fn cluster(yaml: &str) -> ClusterState {
-        let mut state = ClusterState::default();
-        for document in crate::manifests::parse_documents(yaml).unwrap() {
-            state.insert(ClusterObject::from_value(document).unwrap());
-        }
-        state
+        ClusterState::from_yaml(yaml)
     }
 
     #[test]
