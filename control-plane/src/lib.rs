@@ -28,6 +28,7 @@ pub mod registry;
 pub mod serving_cert;
 pub mod signing;
 pub mod status;
+pub mod traffic;
 pub mod view;
 
 pub use error::Error;

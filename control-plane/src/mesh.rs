@@ -267,12 +267,14 @@ fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
         })
         .collect();
 
+    let traffic_policy = crate::traffic::traffic_policy_of(cluster, &namespace, &name);
     pb::Service {
         namespace,
         name,
         vips,
         ports,
         endpoints,
+        traffic_policy,
     }
 }
 

@@ -11,6 +11,7 @@ use crate::crd::{
     CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, REASON_ACCEPTED, REASON_CONFLICTED,
     REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED, REASON_SERVICE_NOT_FOUND, WorkloadSelector,
 };
+use crate::traffic;
 
 /// One condition as the control plane sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,12 +60,12 @@ pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>
             ],
         );
     }
-    let winners = traffic_policy_winners(cluster);
     for (key, policy) in &cluster.traffic_policies {
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
         let service = format!("{namespace}/{}", policy.spec.service);
-        let accepted = match winners.get(&service) {
-            Some(winner) if winner != key => Verdict {
+        let winner = traffic::winning_policy(cluster, namespace, &policy.spec.service);
+        let accepted = match winner {
+            Some((winner, _)) if winner != key => Verdict {
                 type_: CONDITION_ACCEPTED,
                 status: false,
                 reason: REASON_CONFLICTED,
@@ -95,38 +96,6 @@ pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>
         out.insert((Kind::TrafficPolicy, key.clone()), vec![accepted, resolved]);
     }
     out
-}
-
-/// For each Service (`<namespace>/<name>`), the TrafficPolicy that
-/// configures it: the oldest naming it (by creation time, then name).
-pub fn traffic_policy_winners(cluster: &ClusterState) -> BTreeMap<String, String> {
-    let mut winners: BTreeMap<String, (Option<String>, String)> = BTreeMap::new();
-    for (key, policy) in &cluster.traffic_policies {
-        let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
-        let service = format!("{namespace}/{}", policy.spec.service);
-        let created = policy
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string());
-        // Objects without a creation time (local manifests) sort after
-        // those with one, then by name.
-        let rank = (created.is_none(), created.clone(), key.clone());
-        let better = match winners.get(&service) {
-            None => true,
-            Some((other_created, other_key)) => {
-                rank < (
-                    other_created.is_none(),
-                    other_created.clone(),
-                    other_key.clone(),
-                )
-            }
-        };
-        if better {
-            winners.insert(service, (created, key.clone()));
-        }
-    }
-    winners.into_iter().map(|(s, (_, key))| (s, key)).collect()
 }
 
 fn accepted() -> Verdict {

@@ -5,10 +5,13 @@
 //! - [`outbound`] (15001): traffic leaving local pods.
 //! - [`inbound`] (15008): HBONE tunnels arriving for local pods.
 //! - [`plaintext`] (15006): plaintext arriving for meshed local pods.
-//! - [`routes`]: where a connection goes; [`telemetry`]: metrics and access
-//!   logs; [`drain`]: graceful shutdown.
+//! - [`routes`]: where a connection goes; [`balancer`]: endpoint choice
+//!   and TrafficPolicy state; [`telemetry`]: metrics and access logs;
+//!   [`drain`]: graceful shutdown.
 
+pub mod balancer;
 pub mod drain;
+mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
@@ -60,17 +63,22 @@ pub struct DataPlane {
 /// Inbound TLS handshakes in progress at most.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 
-/// Keeps a [`RouteTable`] in step with the applied config.
+/// Keeps a [`RouteTable`] in step with the applied config. The tables share
+/// one balancing state, so it survives config changes.
 pub fn route_table(mut view: ViewReceiver) -> watch::Receiver<Arc<RouteTable>> {
+    let balancers = Arc::new(balancer::Balancers::default());
     let initial = view
         .borrow_and_update()
         .as_deref()
-        .map(RouteTable::new)
+        .map(|v| RouteTable::with_balancers(v, &balancers))
         .unwrap_or_default();
     let (tx, rx) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
         while view.changed().await.is_ok() {
-            let table = view.borrow_and_update().as_deref().map(RouteTable::new);
+            let table = view
+                .borrow_and_update()
+                .as_deref()
+                .map(|v| RouteTable::with_balancers(v, &balancers));
             if let Some(table) = table
                 && tx.send(Arc::new(table)).is_err()
             {

@@ -3,16 +3,18 @@
 //!
 //! A [`RouteTable`] is rebuilt once per applied config version (not per
 //! connection), so the per-connection work is two hash lookups and, for a
-//! Service, one round-robin step.
+//! Service, one load-balancing step (see [`super::balancer`], whose state
+//! outlives the table).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 use weft_api::authorization::{self, Connection, Decision};
 use weft_api::v1;
 
-use crate::node_view::{NodeView, Service, Workload};
+use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
+use crate::node_view::{NodeView, Service, ServicePort, TrafficPolicy, Workload};
 
 /// The applied config, indexed for the data path.
 #[derive(Debug, Default)]
@@ -26,19 +28,63 @@ pub struct RouteTable {
     local: HashMap<IpAddr, Arc<Workload>>,
     /// Every other known workload by IP.
     remote: HashMap<IpAddr, Arc<Workload>>,
-    /// Services by cluster IP, with a round-robin cursor each.
+    /// Services by cluster IP, with their balancing state.
     services: HashMap<IpAddr, Arc<ServiceRoute>>,
+    /// The same by `<namespace>/<name>`, for splits.
+    services_by_key: HashMap<String, Arc<ServiceRoute>>,
     /// Workloads by uid, to follow an endpoint to its pod.
     by_uid: HashMap<String, Arc<Workload>>,
     /// AuthorizationPolicies by `<namespace>/<name>`.
     authorization_policies: std::collections::BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
 }
 
-/// A Service with its round-robin position.
+/// A Service with its ready endpoints and balancing state.
 #[derive(Debug)]
 struct ServiceRoute {
     service: Arc<Service>,
-    next: AtomicUsize,
+    key: String,
+    /// The ready endpoints' addresses, in the view's order.
+    ready: Vec<IpAddr>,
+    balancer: Arc<Balancer>,
+}
+
+/// Where a new connection is headed: straight to an address, or to a
+/// Service, whose endpoint is still to be picked.
+#[derive(Debug)]
+pub enum Destination {
+    /// Not a Service: to the address itself.
+    Direct(Route),
+    /// A Service (after any split): pick endpoints with
+    /// [`RouteTable::next_endpoint`].
+    Service(ServiceConnection),
+}
+
+/// A connection to a Service, on its way to an endpoint. Holds its place
+/// against the addressed Service's `max_connections` until dropped.
+#[derive(Debug)]
+pub struct ServiceConnection {
+    /// The addressed Service, `<namespace>/<name>`.
+    pub addressed: String,
+    /// The addressed Service's TrafficPolicy; it applies wherever a split
+    /// sends the connection.
+    pub policy: Option<TrafficPolicy>,
+    target: Arc<ServiceRoute>,
+    port: ServicePort,
+    tried: Vec<IpAddr>,
+    _admission: Admission,
+}
+
+impl ServiceConnection {
+    /// The Service the connection goes to (the split's choice, else the
+    /// addressed one), `<namespace>/<name>`.
+    pub fn target(&self) -> &str {
+        &self.target.key
+    }
+
+    /// The target's ready endpoints.
+    pub fn endpoints(&self) -> &[IpAddr] {
+        &self.target.ready
+    }
 }
 
 /// The decision for one connection.
@@ -72,26 +118,63 @@ pub enum NoRoute {
         /// The Service.
         service: String,
     },
+    /// The Service's TrafficPolicy limits this proxy's open connections,
+    /// and that many are open.
+    #[error("service {service} has its maximum of {max} connections open")]
+    MaxConnections {
+        /// The Service.
+        service: String,
+        /// The limit.
+        max: u32,
+    },
 }
 
 impl RouteTable {
-    /// Indexes `view`.
+    /// Indexes `view`, with fresh balancing state.
     pub fn new(view: &NodeView) -> RouteTable {
+        RouteTable::with_balancers(view, &Arc::new(Balancers::default()))
+    }
+
+    /// Indexes `view`, keeping the balancing state in `balancers` (shared
+    /// with the tables of earlier and later versions) for the Services and
+    /// endpoints still there.
+    pub fn with_balancers(view: &NodeView, balancers: &Arc<Balancers>) -> RouteTable {
+        let ready_ips = |service: &Service| {
+            service
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .map(|e| e.ip)
+                .collect()
+        };
+        balancers.retain(|key| view.services().get(key).map(|s| ready_ips(s)));
         let index = |workloads: &std::collections::BTreeMap<String, Arc<Workload>>| {
             workloads
                 .values()
                 .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
                 .collect::<HashMap<_, _>>()
         };
-        let services = view
+        let services_by_key: HashMap<String, Arc<ServiceRoute>> = view
             .services()
-            .values()
-            .flat_map(|service| {
+            .iter()
+            .map(|(key, service)| {
                 let route = Arc::new(ServiceRoute {
                     service: service.clone(),
-                    next: AtomicUsize::new(0),
+                    key: key.clone(),
+                    ready: ready_ips(service),
+                    balancer: balancers.get(key),
                 });
-                service.vips.iter().map(move |vip| (*vip, route.clone()))
+                (key.clone(), route)
+            })
+            .collect();
+        let services = services_by_key
+            .values()
+            .flat_map(|route| {
+                route
+                    .service
+                    .vips
+                    .iter()
+                    .map(move |vip| (*vip, route.clone()))
             })
             .collect();
         let by_uid = view
@@ -106,6 +189,7 @@ impl RouteTable {
             local: index(view.local_workloads()),
             remote: index(view.remote_workloads()),
             services,
+            services_by_key,
             by_uid,
             authorization_policies: view.authorization_policies().clone(),
         }
@@ -142,27 +226,112 @@ impl RouteTable {
     }
 
     /// Where a connection to `destination` goes: a Service's cluster IP
-    /// resolves to one of its ready endpoints (round robin), any other
-    /// address to itself.
-    pub fn route(&self, destination: SocketAddr) -> Result<Route, NoRoute> {
+    /// resolves to a [`ServiceConnection`] (after its TrafficPolicy's
+    /// connection limit and split), any other address to itself.
+    pub fn resolve(&self, destination: SocketAddr) -> Result<Destination, NoRoute> {
         let Some(route) = self.services.get(&destination.ip()) else {
-            return Ok(self.direct(destination, None));
+            return Ok(Destination::Direct(self.direct(destination, None)));
         };
-        let service = &route.service;
-        let name = format!("{}/{}", service.namespace, service.name);
-        let port = service
+        let port = route
+            .service
             .ports
             .iter()
             .find(|p| p.port == destination.port())
             .ok_or_else(|| NoRoute::NoServicePort {
-                service: name.clone(),
+                service: route.key.clone(),
                 port: destination.port(),
             })?;
-        let ready: Vec<_> = service.endpoints.iter().filter(|e| e.ready).collect();
-        if ready.is_empty() {
-            return Err(NoRoute::NoReadyEndpoint { service: name });
+        let policy = route.service.traffic.clone();
+        let max = policy.as_ref().and_then(|p| p.max_connections);
+        let admission = route
+            .balancer
+            .admit(max)
+            .ok_or_else(|| NoRoute::MaxConnections {
+                service: route.key.clone(),
+                max: max.unwrap_or(0),
+            })?;
+        let (target, port) = match policy.as_ref().filter(|p| !p.split.is_empty()) {
+            None => (route.clone(), port.clone()),
+            Some(policy) => self.split(route, port, policy)?,
+        };
+        if target.ready.is_empty() {
+            return Err(NoRoute::NoReadyEndpoint {
+                service: target.key.clone(),
+            });
         }
-        let endpoint = ready[route.next.fetch_add(1, Ordering::Relaxed) % ready.len()];
+        Ok(Destination::Service(ServiceConnection {
+            addressed: route.key.clone(),
+            policy,
+            target,
+            port,
+            tried: Vec::new(),
+            _admission: admission,
+        }))
+    }
+
+    /// The split target for a new connection to `route`'s `port`. A target
+    /// that is not in the view, has no ready endpoint or no port of the same
+    /// number (or else name) gets none.
+    fn split(
+        &self,
+        route: &Arc<ServiceRoute>,
+        port: &ServicePort,
+        policy: &TrafficPolicy,
+    ) -> Result<(Arc<ServiceRoute>, ServicePort), NoRoute> {
+        let targets: Vec<_> = policy
+            .split
+            .iter()
+            .map(|(key, weight)| {
+                let usable = self.services_by_key.get(key).and_then(|target| {
+                    let ports = &target.service.ports;
+                    let port = ports
+                        .iter()
+                        .find(|p| p.port == port.port)
+                        .or_else(|| ports.iter().find(|p| p.name == port.name))?;
+                    (!target.ready.is_empty()).then(|| (target.clone(), port.clone()))
+                });
+                let weight = if usable.is_some() { *weight } else { 0 };
+                (key.as_str(), weight, usable)
+            })
+            .collect();
+        let weights: Vec<(&str, u32)> = targets.iter().map(|(k, w, _)| (*k, *w)).collect();
+        route
+            .balancer
+            .split(&weights)
+            .and_then(|index| targets[index].2.clone())
+            .ok_or_else(|| NoRoute::NoReadyEndpoint {
+                service: route.key.clone(),
+            })
+    }
+
+    /// Picks the next endpoint for `connection`, one it has not tried yet,
+    /// and counts a connection on it until the lease is dropped. `None`
+    /// when every ready endpoint has been tried.
+    pub fn next_endpoint(
+        &self,
+        connection: &mut ServiceConnection,
+        now: Instant,
+    ) -> Option<(Route, EndpointLease)> {
+        let target = &connection.target;
+        let mode = connection
+            .policy
+            .as_ref()
+            .map(|p| p.mode)
+            .unwrap_or_default();
+        let lease = target.balancer.pick(
+            mode,
+            &target.ready,
+            &connection.tried,
+            now,
+            &mut rand::rng(),
+        )?;
+        connection.tried.push(lease.ip());
+        let endpoint = target
+            .service
+            .endpoints
+            .iter()
+            .find(|e| e.ip == lease.ip())?;
+        let port = &connection.port;
         let target_port = endpoint
             .ports
             .get(&port.name)
@@ -173,6 +342,7 @@ impl RouteTable {
             } else {
                 port.port
             });
+        let service = &target.service;
         let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
         let mut chosen = self.direct(SocketAddr::new(endpoint.ip, target_port), Some(fqdn));
         if chosen.workload.is_none() {
@@ -182,7 +352,7 @@ impl RouteTable {
                 .and_then(|uid| self.by_uid.get(uid))
                 .cloned();
         }
-        Ok(chosen)
+        Some((chosen, lease))
     }
 
     fn direct(&self, target: SocketAddr, service: Option<String>) -> Route {

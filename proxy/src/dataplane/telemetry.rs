@@ -76,6 +76,13 @@ struct FailureLabels {
     reason: String,
 }
 
+/// Labels of an outlier ejection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EjectionLabels {
+    /// The Service, `<namespace>/<name>`.
+    service: String,
+}
+
 /// Labels of an authorization decision that a policy made.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AuthorizationLabels {
@@ -96,6 +103,7 @@ pub struct TrafficMetrics {
     received_bytes: Family<TcpLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     authorization: Family<AuthorizationLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
 }
 
 impl TrafficMetrics {
@@ -132,6 +140,11 @@ impl TrafficMetrics {
             "Connections denied by an AuthorizationPolicy, or matched by an AUDIT one, by policy",
             metrics.authorization.clone(),
         );
+        registry.register(
+            "weft_outlier_ejections",
+            "Endpoints a TrafficPolicy's outlier detection took out of load balancing, by Service",
+            metrics.ejections.clone(),
+        );
         Arc::new(metrics)
     }
 
@@ -154,6 +167,15 @@ impl TrafficMetrics {
         for audit in &decision.audits {
             count("audit", audit.policy.clone());
         }
+    }
+
+    /// Counts an outlier ejection of an endpoint of `service`.
+    pub fn ejection(&self, service: &str) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                service: service.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a connection that failed before it was proxied, e.g.

@@ -7,7 +7,15 @@ use std::net::IpAddr;
 use weft_api::v1;
 use weft_certs::{Identity, TrustBundle};
 
-use super::{Endpoint, EntryKind, Service, ServicePort, Trust, UpdateProblem, Workload};
+use std::time::Duration;
+
+use super::{
+    Endpoint, EntryKind, LoadBalancing, OutlierDetection, Service, ServicePort, TrafficPolicy,
+    Trust, UpdateProblem, Workload,
+};
+
+/// More retries than this is not a policy but a mistake.
+const MAX_RETRY_ATTEMPTS: u32 = 16;
 
 pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
     let invalid = |reason: String| UpdateProblem::InvalidTrust { reason };
@@ -174,14 +182,91 @@ pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdatePro
         .iter()
         .map(|e| endpoint(e).map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip))))
         .collect::<Result<Vec<_>, _>>()?;
+    let traffic = wire
+        .traffic_policy
+        .as_ref()
+        .map(|t| traffic_policy(&wire.namespace, t).map_err(invalid))
+        .transpose()?;
     let service = Service {
         namespace: wire.namespace.clone(),
         name: wire.name.clone(),
         vips,
         ports,
         endpoints,
+        traffic,
     };
     Ok((key, service))
+}
+
+/// Checks a Service's TrafficPolicy. Split targets must be Services of the
+/// same namespace, each named once; a target that is not in the view is
+/// allowed (it gets no connections until it is).
+fn traffic_policy(namespace: &str, wire: &v1::TrafficPolicy) -> Result<TrafficPolicy, String> {
+    let prefix = |what: String| format!("traffic policy {:?}: {what}", wire.policy);
+    let mode = match v1::LoadBalancing::try_from(wire.mode) {
+        Ok(v1::LoadBalancing::RoundRobin) => LoadBalancing::RoundRobin,
+        Ok(v1::LoadBalancing::LeastConnections) => LoadBalancing::LeastConnections,
+        Ok(v1::LoadBalancing::PowerOfTwoChoices) => LoadBalancing::PowerOfTwoChoices,
+        Err(_) => return Err(prefix(format!("unknown load-balancing mode {}", wire.mode))),
+    };
+    if wire.retry_attempts > MAX_RETRY_ATTEMPTS {
+        return Err(prefix(format!(
+            "retry_attempts {} is above {MAX_RETRY_ATTEMPTS}",
+            wire.retry_attempts
+        )));
+    }
+    let outlier = match wire.outlier_consecutive_failures {
+        0 => None,
+        consecutive_failures => {
+            let base_ejection = Duration::from_millis(wire.outlier_base_ejection_ms);
+            let max_ejection = Duration::from_millis(wire.outlier_max_ejection_ms);
+            if base_ejection.is_zero() || max_ejection < base_ejection {
+                return Err(prefix(format!(
+                    "outlier ejection times base {} ms, max {} ms: base must be above 0 and max not below it",
+                    wire.outlier_base_ejection_ms, wire.outlier_max_ejection_ms
+                )));
+            }
+            Some(OutlierDetection {
+                consecutive_failures,
+                base_ejection,
+                max_ejection,
+            })
+        }
+    };
+    let mut split: Vec<(String, u32)> = Vec::new();
+    for target in &wire.split {
+        let same_namespace = target
+            .service
+            .split_once('/')
+            .is_some_and(|(ns, name)| ns == namespace && !name.is_empty() && !name.contains('/'));
+        if !same_namespace {
+            return Err(prefix(format!(
+                "split target {:?} is not a Service of namespace {namespace}",
+                target.service
+            )));
+        }
+        if split.iter().any(|(s, _)| *s == target.service) {
+            return Err(prefix(format!(
+                "split target {:?} is listed twice",
+                target.service
+            )));
+        }
+        split.push((target.service.clone(), target.weight));
+    }
+    if !split.is_empty() && split.iter().all(|(_, w)| *w == 0) {
+        return Err(prefix("every split weight is 0".to_owned()));
+    }
+    let millis = |ms: u64| Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
+    Ok(TrafficPolicy {
+        policy: wire.policy.clone(),
+        mode,
+        connect_timeout: millis(wire.connect_timeout_ms),
+        idle_timeout: millis(wire.idle_timeout_ms),
+        max_connections: Some(wire.max_connections).filter(|m| *m != 0),
+        retry_attempts: wire.retry_attempts,
+        outlier,
+        split,
+    })
 }
 
 fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {

@@ -92,6 +92,53 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Its endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// The TrafficPolicy that configures it, if any.
+    pub traffic: Option<TrafficPolicy>,
+}
+
+/// How connections to a Service behave, as its TrafficPolicy sets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TrafficPolicy {
+    /// The policy, `<namespace>/<name>`.
+    pub policy: String,
+    /// How an endpoint is picked.
+    pub mode: LoadBalancing,
+    /// The connect timeout; `None`: the proxy's default.
+    pub connect_timeout: Option<std::time::Duration>,
+    /// The idle timeout; `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// Connections this proxy keeps open to the Service at most.
+    pub max_connections: Option<u32>,
+    /// Further endpoints a failed connect is retried on.
+    pub retry_attempts: u32,
+    /// Ejection of failing endpoints.
+    pub outlier: Option<OutlierDetection>,
+    /// Weighted targets (`<namespace>/<name>`, weight); empty: no split.
+    pub split: Vec<(String, u32)>,
+}
+
+/// The load-balancing algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancing {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The fewest open connections.
+    LeastConnections,
+    /// The cheaper of two random endpoints.
+    PowerOfTwoChoices,
+}
+
+/// Ejection of endpoints whose connects keep failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Failed connects in a row that eject an endpoint (at least 1).
+    pub consecutive_failures: u32,
+    /// The first ejection's length (above 0).
+    pub base_ejection: std::time::Duration,
+    /// The longest ejection (at least `base_ejection`).
+    pub max_ejection: std::time::Duration,
 }
 
 /// A port of a Service.

@@ -54,6 +54,7 @@ fn service(namespace: &str, name: &str, endpoint_ip: &str) -> v1::Service {
             ready: true,
             ports: [("http".to_owned(), 8080)].into(),
         }],
+        traffic_policy: None,
     }
 }
 
@@ -450,4 +451,78 @@ fn unknown_policy_actions_and_mtls_modes_are_refused() {
     web.mtls_mode = 7;
     update.local_workloads = vec![web];
     assert!(refused(None, &update).to_string().contains("mtls_mode"));
+}
+
+fn with_policy(policy: v1::TrafficPolicy) -> v1::ConfigUpdate {
+    let mut update = full(1);
+    update.services[0].traffic_policy = Some(policy);
+    update
+}
+
+#[test]
+fn a_traffic_policy_is_converted() {
+    let update = with_policy(v1::TrafficPolicy {
+        mode: v1::LoadBalancing::PowerOfTwoChoices as i32,
+        connect_timeout_ms: 250,
+        max_connections: 2,
+        retry_attempts: 1,
+        outlier_consecutive_failures: 3,
+        outlier_base_ejection_ms: 1000,
+        outlier_max_ejection_ms: 5000,
+        split: vec![v1::WeightedService {
+            service: "default/web-v2".into(),
+            weight: 5,
+        }],
+        policy: "default/tp".into(),
+        ..v1::TrafficPolicy::default()
+    });
+    let view = NodeView::apply(None, &update, NODE).unwrap();
+    let traffic = view.services()["default/web"].traffic.clone().unwrap();
+    assert_eq!(traffic.mode, super::LoadBalancing::PowerOfTwoChoices);
+    assert_eq!(
+        traffic.connect_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(traffic.idle_timeout, None);
+    assert_eq!(traffic.max_connections, Some(2));
+    assert_eq!(traffic.retry_attempts, 1);
+    assert_eq!(traffic.outlier.unwrap().consecutive_failures, 3);
+    // A split target that is not in the view is fine: it gets nothing.
+    assert_eq!(traffic.split, vec![("default/web-v2".to_owned(), 5)]);
+}
+
+#[test]
+fn a_nonsensical_traffic_policy_is_refused() {
+    let nonsense = [
+        v1::TrafficPolicy {
+            mode: 7,
+            ..v1::TrafficPolicy::default()
+        },
+        v1::TrafficPolicy {
+            outlier_consecutive_failures: 1,
+            outlier_base_ejection_ms: 0,
+            ..v1::TrafficPolicy::default()
+        },
+        v1::TrafficPolicy {
+            split: vec![v1::WeightedService {
+                service: "other-namespace/web".into(),
+                weight: 1,
+            }],
+            ..v1::TrafficPolicy::default()
+        },
+        v1::TrafficPolicy {
+            split: vec![v1::WeightedService {
+                service: "default/web".into(),
+                weight: 0,
+            }],
+            ..v1::TrafficPolicy::default()
+        },
+    ];
+    for policy in nonsense {
+        let problem = NodeView::apply(None, &with_policy(policy.clone()), NODE).unwrap_err();
+        assert!(
+            problem.to_string().contains("traffic policy"),
+            "{policy:?}: {problem}"
+        );
+    }
 }

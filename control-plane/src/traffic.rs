@@ -1,0 +1,210 @@
+//! TrafficPolicies: which one configures a Service, and its wire form.
+//!
+//! At most one policy configures a Service: of those in the Service's
+//! namespace that name it, the oldest (by creation time, then name) wins. A
+//! policy without a creation time (a local manifest) counts as newer than
+//! any with one.
+
+use weft_api::v1 as pb;
+
+use crate::cluster::ClusterState;
+use crate::crd::{LoadBalancingMode, TrafficPolicy, parse_duration};
+
+/// The key (`<namespace>/<name>`) and object of the policy that configures
+/// the Service `namespace/name`, if any.
+pub fn winning_policy<'a>(
+    cluster: &'a ClusterState,
+    namespace: &str,
+    name: &str,
+) -> Option<(&'a str, &'a TrafficPolicy)> {
+    cluster
+        .traffic_policies
+        .iter()
+        .filter(|(_, policy)| {
+            policy.metadata.namespace.as_deref().unwrap_or("") == namespace
+                && policy.spec.service == name
+        })
+        .min_by(|(a_key, a), (b_key, b)| {
+            let created = |p: &TrafficPolicy| {
+                let time = p.metadata.creation_timestamp.as_ref();
+                (time.is_none(), time.cloned())
+            };
+            created(a).cmp(&created(b)).then_with(|| a_key.cmp(b_key))
+        })
+        .map(|(key, policy)| (key.as_str(), policy))
+}
+
+/// The wire form of the policy that configures the Service `namespace/name`.
+pub fn traffic_policy_of(
+    cluster: &ClusterState,
+    namespace: &str,
+    name: &str,
+) -> Option<pb::TrafficPolicy> {
+    let (key, policy) = winning_policy(cluster, namespace, name)?;
+    Some(to_wire(key, namespace, policy))
+}
+
+/// Converts a policy. A duration that does not parse (the API server
+/// refuses those; a local manifest may still carry one) is left unset,
+/// with a warning.
+pub fn to_wire(key: &str, namespace: &str, policy: &TrafficPolicy) -> pb::TrafficPolicy {
+    let spec = &policy.spec;
+    let millis = |field: &str, text: Option<&str>| -> u64 {
+        let Some(text) = text else { return 0 };
+        match parse_duration(text) {
+            Ok(duration) => u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            Err(error) => {
+                tracing::warn!(policy = key, field, %error, "TrafficPolicy: field ignored");
+                0
+            }
+        }
+    };
+    let mode = match spec.load_balancing.as_ref().map(|lb| lb.mode) {
+        None | Some(LoadBalancingMode::RoundRobin) => pb::LoadBalancing::RoundRobin,
+        Some(LoadBalancingMode::LeastConnections) => pb::LoadBalancing::LeastConnections,
+        Some(LoadBalancingMode::PowerOfTwoChoices) => pb::LoadBalancing::PowerOfTwoChoices,
+    };
+    let outlier = spec.outlier_detection.as_ref();
+    let base = outlier.map_or(0, |o| {
+        millis("baseEjectionTime", Some(&o.base_ejection_time))
+    });
+    let max = outlier.map_or(0, |o| millis("maxEjectionTime", Some(&o.max_ejection_time)));
+    pb::TrafficPolicy {
+        mode: mode as i32,
+        connect_timeout_ms: millis("connectTimeout", spec.connect_timeout.as_deref()),
+        idle_timeout_ms: millis("idleTimeout", spec.idle_timeout.as_deref()),
+        max_connections: spec.max_connections.unwrap_or(0),
+        retry_attempts: spec.retries.as_ref().map_or(0, |r| r.attempts),
+        outlier_consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
+        outlier_base_ejection_ms: base,
+        outlier_max_ejection_ms: max.max(base),
+        split: spec
+            .split
+            .iter()
+            .map(|s| pb::WeightedService {
+                service: format!("{namespace}/{}", s.service),
+                weight: s.weight,
+            })
+            .collect(),
+        policy: key.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crd::{
+        LoadBalancing, OutlierDetection, Retries, TrafficPolicySpec, WeightedService,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn policy(namespace: &str, name: &str, service: &str, created: Option<&str>) -> TrafficPolicy {
+        let mut policy = TrafficPolicy::new(
+            name,
+            TrafficPolicySpec {
+                service: service.to_owned(),
+                load_balancing: None,
+                connect_timeout: None,
+                idle_timeout: None,
+                max_connections: None,
+                retries: None,
+                outlier_detection: None,
+                split: Vec::new(),
+            },
+        );
+        policy.metadata.namespace = Some(namespace.to_owned());
+        policy.metadata.creation_timestamp =
+            created.map(|t| serde_json::from_value::<Time>(serde_json::json!(t)).unwrap());
+        policy
+    }
+
+    fn cluster(policies: Vec<TrafficPolicy>) -> ClusterState {
+        let mut cluster = ClusterState::default();
+        for p in policies {
+            let key = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap(),
+                p.metadata.name.as_deref().unwrap()
+            );
+            cluster.traffic_policies.insert(key, p);
+        }
+        cluster
+    }
+
+    #[test]
+    fn no_policy_names_the_service() {
+        let c = cluster(vec![
+            policy("shop", "a", "other", None),
+            policy("elsewhere", "b", "db", None),
+        ]);
+        assert!(traffic_policy_of(&c, "shop", "db").is_none());
+    }
+
+    #[test]
+    fn the_oldest_policy_wins_then_the_first_name() {
+        let c = cluster(vec![
+            policy("shop", "a-new", "db", Some("2024-05-01T00:00:00Z")),
+            policy("shop", "z-old", "db", Some("2024-01-01T00:00:00Z")),
+            policy("shop", "no-time", "db", None),
+        ]);
+        assert_eq!(winning_policy(&c, "shop", "db").unwrap().0, "shop/z-old");
+
+        let c = cluster(vec![
+            policy("shop", "b", "db", None),
+            policy("shop", "a", "db", None),
+        ]);
+        assert_eq!(winning_policy(&c, "shop", "db").unwrap().0, "shop/a");
+    }
+
+    #[test]
+    fn converts_every_field() {
+        let mut p = policy("shop", "tp", "db", None);
+        p.spec.load_balancing = Some(LoadBalancing {
+            mode: LoadBalancingMode::LeastConnections,
+        });
+        p.spec.connect_timeout = Some("1s500ms".to_owned());
+        p.spec.idle_timeout = Some("1m".to_owned());
+        p.spec.max_connections = Some(3);
+        p.spec.retries = Some(Retries { attempts: 2 });
+        p.spec.outlier_detection = Some(OutlierDetection {
+            consecutive_failures: 4,
+            base_ejection_time: "10s".to_owned(),
+            max_ejection_time: "1m".to_owned(),
+        });
+        p.spec.split = vec![
+            WeightedService {
+                service: "db".to_owned(),
+                weight: 80,
+            },
+            WeightedService {
+                service: "db-v2".to_owned(),
+                weight: 20,
+            },
+        ];
+        let c = cluster(vec![p]);
+        let wire = traffic_policy_of(&c, "shop", "db").unwrap();
+        assert_eq!(wire.mode, pb::LoadBalancing::LeastConnections as i32);
+        assert_eq!(wire.connect_timeout_ms, 1500);
+        assert_eq!(wire.idle_timeout_ms, 60_000);
+        assert_eq!(wire.max_connections, 3);
+        assert_eq!(wire.retry_attempts, 2);
+        assert_eq!(wire.outlier_consecutive_failures, 4);
+        assert_eq!(wire.outlier_base_ejection_ms, 10_000);
+        assert_eq!(wire.outlier_max_ejection_ms, 60_000);
+        assert_eq!(wire.split.len(), 2);
+        assert_eq!(wire.split[1].service, "shop/db-v2");
+        assert_eq!(wire.split[1].weight, 20);
+        assert_eq!(wire.policy, "shop/tp");
+    }
+
+    #[test]
+    fn an_unparsable_duration_is_left_unset() {
+        let mut p = policy("shop", "tp", "db", None);
+        p.spec.connect_timeout = Some("soon".to_owned());
+        let wire = traffic_policy_of(&cluster(vec![p]), "shop", "db").unwrap();
+        assert_eq!(wire.connect_timeout_ms, 0);
+        assert_eq!(wire.mode, pb::LoadBalancing::RoundRobin as i32);
+    }
+}
