@@ -395,3 +395,45 @@ spec: {mode: STRICT}
         );
     }
 }
+
+#[test]
+fn ip_blocks_and_negated_principals_select_sources() {
+    let (testbed, mesh, _server) = start();
+    let batch_ip = testbed.pod_ip("batch-1").unwrap();
+    // DENY whatever comes from batch-1's address, except the web identity
+    // (which does not live there): batch is refused, web is not.
+    let deny = format!(
+        "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-batch-address, namespace: shop}}
+spec:
+  action: DENY
+  rules:
+  - from:
+      ipBlocks: [\"{batch_ip}/32\"]
+      notPrincipals: [\"spiffe://cluster.local/ns/shop/sa/web\"]
+"
+    );
+    mesh.write_manifest("deny.yaml", &deny).unwrap();
+    wait_for_reach(&testbed, "batch-1", false);
+    assert!(echoes(&testbed, "web-1"));
+    assert!(
+        echoes(&testbed, "old-1"),
+        "another address is not in the block"
+    );
+    let (report, allowed) = explain(
+        &mesh,
+        &[
+            "--from",
+            "shop/batch",
+            "--from-ip",
+            &batch_ip.to_string(),
+            "--to",
+            "shop/db-1:5432",
+        ],
+    );
+    assert!(
+        !allowed && report.contains("denied by DENY shop/no-batch-address rule 0"),
+        "{report}"
+    );
+}
