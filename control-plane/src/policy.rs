@@ -3,6 +3,7 @@
 //! wins for a workload. The rules themselves are evaluated by
 //! [`weft_api::authorization`], in the proxy and in `explain` alike.
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 use weft_api::v1 as pb;
@@ -80,27 +81,15 @@ pub fn mtls_mode_of(
             (None, false) => 1,
         })
     };
-    let mut best: Option<(u8, MtlsMode, &str)> = None;
-    for (key, policy) in &cluster.mtls_policies {
-        let Some(rank) = rank(policy) else {
-            continue;
-        };
-        let mode = policy.spec.mode;
-        best = match best {
-            Some((best_rank, best_mode, best_key)) if best_rank > rank => {
-                Some((best_rank, best_mode, best_key))
-            }
-            Some((best_rank, best_mode, best_key))
-                if best_rank == rank && best_mode.stricter(mode) == best_mode =>
-            {
-                Some((best_rank, best_mode, best_key))
-            }
-            _ => Some((rank, mode, key.as_str())),
-        };
-    }
+    // Highest rank first, then STRICT, then the first name.
+    let best = cluster
+        .mtls_policies
+        .iter()
+        .filter_map(|(key, policy)| Some((rank(policy)?, policy.spec.mode, key)))
+        .min_by_key(|(rank, mode, key)| (Reverse(*rank), Reverse(*mode == MtlsMode::Strict), *key));
     match best {
-        Some((_, MtlsMode::Strict, key)) => (pb::MtlsMode::Strict, key.to_owned()),
-        Some((_, MtlsMode::Permissive, key)) => (pb::MtlsMode::Permissive, key.to_owned()),
+        Some((_, MtlsMode::Strict, key)) => (pb::MtlsMode::Strict, key.clone()),
+        Some((_, MtlsMode::Permissive, key)) => (pb::MtlsMode::Permissive, key.clone()),
         None => (pb::MtlsMode::Permissive, String::new()),
     }
 }

@@ -66,14 +66,3 @@ pub enum MtlsMode {
     #[default]
     Permissive,
 }
-
-impl MtlsMode {
-    /// The stricter of two modes (the rule for policies of equal rank).
-    pub fn stricter(self, other: Self) -> Self {
-        if self == Self::Strict || other == Self::Strict {
-            Self::Strict
-        } else {
-            Self::Permissive
-        }
-    }
-}
