@@ -4,6 +4,7 @@
 //! a real cluster (a projected token per node proxy, a ServiceAccount
 //! kubeconfig for the control plane).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::discovery::{Scope, pinned_kind};
+use kube::discovery::{ApiResource, Scope, pinned_kind};
 use serde_json::{Value, json};
 
 use crate::Testbed;
@@ -39,6 +40,45 @@ pub async fn apply_object(
     client: &kube::Client,
     object: &Value,
 ) -> std::result::Result<DynamicObject, kube::Error> {
+    let kind = discover(client, object).await?;
+    apply_discovered(client, object, &kind).await
+}
+
+/// Applies objects in order (see [`apply_object`]), discovering each kind
+/// once; the error names the object that was refused.
+pub async fn apply_objects(client: &kube::Client, objects: &[Value]) -> Result<Vec<DynamicObject>> {
+    let mut kinds: HashMap<(String, String), (ApiResource, Scope)> = HashMap::new();
+    let mut applied = Vec::new();
+    for object in objects {
+        let what = || {
+            format!(
+                "applying {} {}/{}",
+                object["kind"].as_str().unwrap_or("?"),
+                object["metadata"]["namespace"].as_str().unwrap_or(""),
+                object["metadata"]["name"].as_str().unwrap_or("?"),
+            )
+        };
+        let key = (
+            object["apiVersion"].as_str().unwrap_or_default().to_owned(),
+            object["kind"].as_str().unwrap_or_default().to_owned(),
+        );
+        if !kinds.contains_key(&key) {
+            let kind = discover(client, object).await.with_context(what)?;
+            kinds.insert(key.clone(), kind);
+        }
+        let stored = apply_discovered(client, object, &kinds[&key])
+            .await
+            .with_context(what)?;
+        applied.push(stored);
+    }
+    Ok(applied)
+}
+
+/// The resource and scope of an object's apiVersion and kind.
+async fn discover(
+    client: &kube::Client,
+    object: &Value,
+) -> std::result::Result<(ApiResource, Scope), kube::Error> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let (group, version) = match api_version.split_once('/') {
         Some((group, version)) => (group, version),
@@ -47,39 +87,30 @@ pub async fn apply_object(
     let kind = object["kind"].as_str().unwrap_or_default();
     let gvk = GroupVersionKind::gvk(group, version, kind);
     let (resource, capabilities) = pinned_kind(client, &gvk).await?;
-    let api: Api<DynamicObject> = match capabilities.scope {
+    Ok((resource, capabilities.scope))
+}
+
+/// Server-side applies `object` as the discovered `kind`, strictly.
+async fn apply_discovered(
+    client: &kube::Client,
+    object: &Value,
+    (resource, scope): &(ApiResource, Scope),
+) -> std::result::Result<DynamicObject, kube::Error> {
+    let api: Api<DynamicObject> = match scope {
         Scope::Namespaced => Api::namespaced_with(
             client.clone(),
             object["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or("default"),
-            &resource,
+            resource,
         ),
-        Scope::Cluster => Api::all_with(client.clone(), &resource),
+        Scope::Cluster => Api::all_with(client.clone(), resource),
     };
     let params = PatchParams::apply(FIELD_MANAGER)
         .force()
         .validation_strict();
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
     api.patch(name, &params, &Patch::Apply(object)).await
-}
-
-/// Applies objects in order (see [`apply_object`]); the error names the
-/// object that was refused.
-pub async fn apply_objects(client: &kube::Client, objects: &[Value]) -> Result<Vec<DynamicObject>> {
-    let mut applied = Vec::new();
-    for object in objects {
-        let stored = apply_object(client, object).await.with_context(|| {
-            format!(
-                "applying {} {}/{}",
-                object["kind"].as_str().unwrap_or("?"),
-                object["metadata"]["namespace"].as_str().unwrap_or(""),
-                object["metadata"]["name"].as_str().unwrap_or("?"),
-            )
-        })?;
-        applied.push(stored);
-    }
-    Ok(applied)
 }
 
 /// Parses a multi-document YAML text into objects (empty documents skipped).
@@ -270,5 +301,68 @@ pub async fn wait_for_roots(client: &kube::Client, timeout: Duration) -> Result<
             bail!("the control plane never published ConfigMap weft-system/weft-root-ca");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A status condition of a weft object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason.
+    pub reason: String,
+    /// The message.
+    pub message: String,
+}
+
+/// The condition `type_` of the weft object `plural/namespace/name`
+/// (`plural` as in `authorizationpolicies`), if it has one.
+pub async fn weft_condition(
+    client: &kube::Client,
+    plural: &str,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+) -> Option<Condition> {
+    let resource = kube::discovery::ApiResource {
+        group: "weft.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "weft.dev/v1alpha1".into(),
+        kind: String::new(),
+        plural: plural.into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let object = api.get(name).await.ok()?;
+    let conditions = object.data["status"]["conditions"].as_array()?;
+    let condition = conditions.iter().find(|c| c["type"] == type_)?;
+    Some(Condition {
+        status: condition["status"].as_str()?.to_owned(),
+        reason: condition["reason"].as_str()?.to_owned(),
+        message: condition["message"].as_str()?.to_owned(),
+    })
+}
+
+/// Waits until the condition `type_` of a weft object satisfies `wanted`;
+/// the error shows the last one seen.
+pub async fn wait_for_condition(
+    client: &kube::Client,
+    plural: &str,
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    wanted: impl Fn(&Condition) -> bool,
+) -> Result<Condition> {
+    let deadline = tokio::time::Instant::now() + crate::CONFIG_WAIT;
+    loop {
+        let seen = weft_condition(client, plural, namespace, name, type_).await;
+        match seen {
+            Some(condition) if wanted(&condition) => return Ok(condition),
+            _ if tokio::time::Instant::now() >= deadline => {
+                bail!(
+                    "{plural} {namespace}/{name}: condition {type_} never as wanted; last seen {seen:?}"
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
