@@ -73,6 +73,14 @@ struct Config {
     /// Copy buffer of the plain relays, bytes each way.
     #[arg(long, default_value_t = 256 * 1024)]
     relay_buffer: usize,
+    /// Paths to measure (the mesh's added cost needs all three).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,relay,mesh"
+    )]
+    paths: Vec<PathName>,
     /// Scenarios to run.
     #[arg(
         long,
@@ -103,6 +111,27 @@ enum Scenario {
     Idle,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum PathName {
+    /// Unmeshed pods, no proxy.
+    Direct,
+    /// Two plain TCP relays.
+    Relay,
+    /// weft.
+    Mesh,
+}
+
+impl PathName {
+    fn as_str(self) -> &'static str {
+        match self {
+            PathName::Direct => "direct",
+            PathName::Relay => "relay",
+            PathName::Mesh => "mesh",
+        }
+    }
+}
+
 /// One of the three ways from a client pod to an echo server.
 struct BenchPath {
     name: &'static str,
@@ -116,6 +145,8 @@ struct Bench {
     config: Config,
     /// Declared before the testbed: its processes stop before the namespaces go.
     _mesh: WeftMesh,
+    /// The plain relays, one process per node the path crosses.
+    _relays: Vec<relay::RelayProcess>,
     testbed: Testbed,
     paths: Vec<BenchPath>,
     /// (node, proxy) of the nodes the mesh path crosses.
@@ -125,6 +156,9 @@ struct Bench {
 }
 
 fn main() -> Result<()> {
+    if let Some(relayed) = relay::run_if_relay_process() {
+        return relayed;
+    }
     let config = Config::parse();
     use_binaries_next_to_this_one()?;
     tracing_subscriber::fmt()
@@ -249,7 +283,8 @@ impl Bench {
             .context("building the testbed (weft-bench needs root)")?;
 
         bar.set_message("starting weft");
-        let mesh = WeftMesh::start(&testbed)?;
+        // The proxies log as they would in production, not at the tests' debug level.
+        let mesh = WeftMesh::start_with_proxy_log_level(&testbed, "info")?;
         mesh.wait_for_data_plane(&testbed)?;
         let mut proxies = vec![(
             first.to_owned(),
@@ -269,6 +304,7 @@ impl Bench {
         let plain_server = SocketAddr::from((testbed.pod_ip("plain-server")?, ECHO_PORT));
         let last_relay = SocketAddr::from((testbed.node_ip(last)?, RELAY_PORT));
         let mut relays = Vec::new();
+        let mut relay_cpu = Vec::new();
         // One relay per node the path crosses: node-last -> server, node-1 -> node-last.
         let hops = if first == last {
             vec![(first, plain_server)]
@@ -277,15 +313,15 @@ impl Bench {
         };
         for (node, upstream) in hops {
             let buffer = config.relay_buffer;
-            let entry = testbed
-                .run_in(Target::Node(node), || -> Result<ProcEntry> {
-                    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, RELAY_PORT))?;
-                    relay::start(listener, upstream, buffer)
+            let relay = testbed
+                .run_in(Target::Node(node), || {
+                    relay::start(RELAY_PORT, upstream, buffer)
                 })?
                 .with_context(|| format!("starting the relay on {node}"))?;
-            relays.push(entry);
+            relay_cpu.push(relay.proc_entry());
+            relays.push(relay);
         }
-        let paths = vec![
+        let mut paths = vec![
             BenchPath {
                 name: "direct",
                 client: "plain-client",
@@ -296,7 +332,7 @@ impl Bench {
                 name: "relay",
                 client: "plain-client",
                 to: SocketAddr::from((testbed.node_ip(first)?, RELAY_PORT)),
-                cpu: relays,
+                cpu: relay_cpu,
             },
             BenchPath {
                 name: "mesh",
@@ -305,9 +341,11 @@ impl Bench {
                 cpu: proxies.iter().map(|(_, entry)| entry.clone()).collect(),
             },
         ];
+        paths.retain(|path| config.paths.iter().any(|name| name.as_str() == path.name));
         let bench = Bench {
             config,
             _mesh: mesh,
+            _relays: relays,
             testbed,
             paths,
             proxies,

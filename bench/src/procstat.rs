@@ -2,12 +2,11 @@
 //! `/proc`: `stat` for user and system time, `status` for resident memory; and
 //! what machine this is and how busy it was.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-/// Where one proxy's counters live: a process (`/proc/<pid>`) or one thread
-/// of this process (`/proc/<pid>/task/<tid>`).
+/// Where one proxy's or relay's counters live: a process (`/proc/<pid>`).
 #[derive(Debug, Clone)]
 pub struct ProcEntry(PathBuf);
 
@@ -15,12 +14,6 @@ impl ProcEntry {
     /// A whole process.
     pub fn process(pid: u32) -> ProcEntry {
         ProcEntry(PathBuf::from(format!("/proc/{pid}")))
-    }
-
-    /// The calling thread (of this process).
-    pub fn this_thread() -> Result<ProcEntry> {
-        let link = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
-        Ok(ProcEntry(Path::new("/proc").join(link)))
     }
 
     /// User plus system CPU time so far, in seconds.
@@ -165,8 +158,8 @@ mod tests {
     }
 
     #[test]
-    fn this_thread_is_readable() {
-        let entry = ProcEntry::this_thread().unwrap();
+    fn this_process_is_readable() {
+        let entry = ProcEntry::process(std::process::id());
         assert!(entry.cpu_seconds(100.0).unwrap() >= 0.0);
     }
 }

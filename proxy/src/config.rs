@@ -87,6 +87,15 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 
+    /// Threads that run the proxy. With 1 (the default) everything runs on
+    /// one single-threaded runtime: a connection's tasks (its copy loop and
+    /// its HTTP/2 connection) then hand data to each other without waking
+    /// another thread, which on a small node costs more than the crypto.
+    /// Raise it on nodes whose pods push more than one core of traffic.
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
+
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -111,7 +120,7 @@ impl fmt::Display for ProxyConfig {
             f,
             "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
              admin_addr={} data_plane={} capture={} metrics_addr={} readiness_addr={} \
-             drain_seconds={} log_format={} log_level={}",
+             drain_seconds={} worker_threads={} log_format={} log_level={}",
             self.node,
             self.control_plane,
             self.control_plane_identity,
@@ -123,6 +132,7 @@ impl fmt::Display for ProxyConfig {
             self.metrics_addr,
             self.readiness_addr,
             self.drain_seconds,
+            self.worker_threads,
             self.log_format,
             self.log_level,
         )

@@ -19,7 +19,7 @@
 //! connection from the source pod to the destination pod.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
-//! `hbone`, `capture`, `node_view` (with `error`), `config` → `transport` →
+//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `config` → `transport` →
 //! `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
 //! `node_proxy`; nothing points back down.
 
@@ -29,6 +29,7 @@ pub mod capture;
 mod certificates;
 mod config;
 mod control_plane;
+pub mod copy;
 pub mod dataplane;
 mod error;
 pub mod hbone;

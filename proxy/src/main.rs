@@ -12,12 +12,22 @@ fn main() -> anyhow::Result<()> {
     let config = ProxyConfig::parse();
     init_logging(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("weft-proxy")
-        .build()
+    runtime(config.worker_threads)
         .context("starting the tokio runtime")?
         .block_on(run(config))
+}
+
+/// One thread: a single-threaded runtime, so no task is ever woken on
+/// another thread. More: a work-stealing runtime with that many workers.
+fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(worker_threads));
+        builder
+    };
+    builder.enable_all().thread_name("weft-proxy").build()
 }
 
 async fn run(config: ProxyConfig) -> anyhow::Result<()> {

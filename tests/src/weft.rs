@@ -66,7 +66,13 @@ pub struct WeftMesh {
     state_dir: PathBuf,
     tokens_file: PathBuf,
     kubernetes: Option<KubernetesSource>,
+    /// The proxies' `WEFT_LOG_LEVEL`.
+    proxy_log_level: String,
 }
+
+/// The proxies' log filter in tests: debug for weft's own lines, so a failed
+/// test's logs tell the story.
+pub const TEST_PROXY_LOG_LEVEL: &str = "info,weft_proxy=debug";
 
 /// A second control-plane replica (see [`WeftMesh::start_replica`]); stopped
 /// on drop.
@@ -89,6 +95,15 @@ impl WeftMesh {
     /// Writes the testbed's manifests and node tokens, starts the control
     /// plane on the first node and a proxy on every node.
     pub fn start(testbed: &Testbed) -> Result<WeftMesh> {
+        WeftMesh::start_with_proxy_log_level(testbed, TEST_PROXY_LOG_LEVEL)
+    }
+
+    /// [`WeftMesh::start`] with the proxies logging at `proxy_log_level`
+    /// (the benchmark runs them at the production default, `info`).
+    pub fn start_with_proxy_log_level(
+        testbed: &Testbed,
+        proxy_log_level: &str,
+    ) -> Result<WeftMesh> {
         let nodes = testbed.node_names();
         let first = nodes.first().context("the testbed has no nodes")?.clone();
         let manifests_dir = testbed.dir().join("manifests");
@@ -119,6 +134,7 @@ impl WeftMesh {
             state_dir,
             tokens_file,
             kubernetes: None,
+            proxy_log_level: proxy_log_level.to_owned(),
         };
         mesh.start_control_plane(testbed)?;
         let roots = mesh.state_dir.join("root-cert.pem");
@@ -172,6 +188,7 @@ impl WeftMesh {
                 kubeconfig,
                 _forward: forward,
             }),
+            proxy_log_level: TEST_PROXY_LOG_LEVEL.to_owned(),
         };
         std::fs::create_dir_all(&mesh.state_dir)?;
         tokio::task::block_in_place(|| mesh.start_control_plane(testbed))?;
@@ -264,7 +281,7 @@ impl WeftMesh {
             .arg(testbed.dir().join(format!("token-{node}")))
             .arg("--root-cert")
             .arg(self.state_dir.join("root-cert.pem"))
-            .env("WEFT_LOG_LEVEL", "info,weft_proxy=debug");
+            .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
         let process = testbed.spawn(Target::Node(node), command)?;
         self.proxies.insert(node.to_owned(), process);
         Ok(())

@@ -107,8 +107,11 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
             .failure(Direction::Inbound, "handshake_overload");
         return;
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
-        .await
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(hbone::hbone_socket(tcp)),
+    )
+    .await
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {

@@ -22,7 +22,6 @@ pub mod telemetry;
 
 pub use startup::{RunningDataPlane, start};
 
-use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,10 +33,6 @@ use crate::hbone::HbonePool;
 use drain::Drain;
 use routes::RouteTable;
 use telemetry::TrafficMetrics;
-
-/// Copy buffer per direction. Larger buffers move bulk data with fewer
-/// wake-ups; this size keeps 1,000 idle connections well under 200 MB.
-pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler shares.
 pub struct DataPlane {
@@ -158,16 +153,6 @@ pub async fn next_connection(
     }
 }
 
-/// Copies both ways until both directions have ended, propagating each
-/// half-close; returns (client to upstream, upstream to client) bytes.
-pub async fn copy<A, B>(client: &mut A, upstream: &mut B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER).await
-}
-
 /// Proxies between `client` and a metered upstream until both directions
 /// end; an error is noted in the upstream's access-log line.
 pub async fn relay<A, B>(client: &mut A, mut upstream: telemetry::Metered<B>)
@@ -175,7 +160,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Err(error) = copy(client, &mut upstream).await {
+    if let Err(error) = crate::copy::copy_bidirectional(client, &mut upstream).await {
         tracing::debug!(%error, "connection ended with an error");
         upstream.failed(error);
     }

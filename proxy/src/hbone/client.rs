@@ -19,7 +19,7 @@ use super::error::{HboneError, tls_problem};
 use super::headers::forwarded_for;
 use super::slots::SlotLease;
 use super::stream::HboneStream;
-use super::tuning::client_builder;
+use super::tuning::{HboneSocket, client_builder, hbone_socket};
 
 /// One tunnel to open: from which workload, to which workload, where.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct HboneRequest {
 }
 
 /// The HTTP/2 connection future the pool's driver task polls.
-pub(crate) type ClientConnection = Connection<TlsStream<TcpStream>, Bytes>;
+pub(crate) type ClientConnection = Connection<TlsStream<HboneSocket>, Bytes>;
 
 /// An established HBONE connection, before it is pooled.
 pub(crate) struct Handshaken {
@@ -68,7 +68,7 @@ pub(crate) async fn handshake(
     // the server by its SPIFFE identity.
     let name = ServerName::IpAddress(address.ip().into());
     let tls = TlsConnector::from(config)
-        .connect(name, tcp)
+        .connect(name, hbone_socket(tcp))
         .await
         .map_err(|e| HboneError::TlsHandshake {
             address,

@@ -34,8 +34,9 @@ pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
 pub use server::{
     InboundHandler, InboundRequest, Refusal, accept_tls, check_connect, serve_connection,
 };
-pub use stream::{HboneStream, TUNNEL_BUFFER_SIZE, TunnelStats, copy_tunnel};
+pub use stream::{HboneStream, TunnelStats, copy_tunnel};
 pub use tuning::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION,
-    PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, HboneSocket, MAX_FRAME_SIZE,
+    MAX_STREAMS_PER_CONNECTION, PING_INTERVAL, PING_TIMEOUT, READ_BUFFER, STREAM_WINDOW,
+    hbone_socket,
 };

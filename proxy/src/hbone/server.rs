@@ -23,7 +23,9 @@ use weft_certs::Identity;
 use super::error::{HboneError, tls_problem};
 use super::headers::parse_forwarded_for;
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
-use super::tuning::{HANDSHAKE_TIMEOUT, PING_TIMEOUT, keepalive, server_builder};
+use super::tuning::{
+    HANDSHAKE_TIMEOUT, HboneSocket, PING_TIMEOUT, hbone_socket, keepalive, server_builder,
+};
 
 /// One `CONNECT` that passed the protocol checks, for the handler to decide.
 #[derive(Debug, Clone)]
@@ -127,9 +129,9 @@ where
 pub async fn accept_tls(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
-) -> Result<TlsStream<TcpStream>, HboneError> {
+) -> Result<TlsStream<HboneSocket>, HboneError> {
     let peer = peer_address(&tcp);
-    let handshake = TlsAcceptor::from(config).accept(tcp);
+    let handshake = TlsAcceptor::from(config).accept(hbone_socket(tcp));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(e)) => Err(HboneError::TlsAccept {
@@ -151,12 +153,13 @@ pub async fn accept_tls(
 ///
 /// For a deadline on draining, drop this future when it passes.
 pub async fn serve_connection<H: InboundHandler>(
-    tls: TlsStream<TcpStream>,
+    tls: TlsStream<HboneSocket>,
     local_addr: SocketAddr,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), HboneError> {
-    let (tcp, session) = tls.get_ref();
+    let (socket, session) = tls.get_ref();
+    let tcp = socket.get_ref();
     let peer = peer_address(tcp);
     let _ = tcp.set_nodelay(true);
     let peer_identity = weft_certs::peer_identity(session)

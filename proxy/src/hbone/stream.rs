@@ -17,10 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::error::HboneError;
 use super::slots::SlotLease;
 
-/// The copy buffer, per direction, of [`copy_tunnel`]: large enough that
-/// bulk transfers go in large DATA frames and few system calls.
-pub const TUNNEL_BUFFER_SIZE: usize = 128 * 1024;
-
 /// A single write asks the peer for at most this much send capacity.
 const MAX_RESERVE: usize = 1024 * 1024;
 
@@ -238,13 +234,7 @@ pub async fn copy_tunnel<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        tunnel,
-        local,
-        TUNNEL_BUFFER_SIZE,
-        TUNNEL_BUFFER_SIZE,
-    )
-    .await;
+    let result = crate::copy::copy_bidirectional(tunnel, local).await;
     (tunnel.stats(), result.map(|_| ()))
 }
 

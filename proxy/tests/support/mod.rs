@@ -370,6 +370,7 @@ impl ProxyFiles {
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             readiness_addr: "127.0.0.1:0".parse().unwrap(),
             drain_seconds: 1,
+            worker_threads: 1,
             log_format: LogFormat::Text,
             log_level: "debug".into(),
         }
