@@ -26,9 +26,34 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Bytes read at once, per direction: the scratch buffer and a held buffer.
 pub const BUFFER_SIZE: usize = 256 * 1024;
 
+/// Held buffers a thread keeps for reuse. A bulk transfer takes and returns
+/// one each time its writer pushes back; allocating it anew each time costs
+/// an `mmap`, page faults and a `munmap` (glibc maps allocations this big).
+const SPARE_BUFFERS: usize = 4;
+
 thread_local! {
     /// Allocated on a thread's first copy; never held across an `.await`.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER_SIZE].into_boxed_slice());
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(new_buffer());
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn new_buffer() -> Box<[u8]> {
+    vec![0; BUFFER_SIZE].into_boxed_slice()
+}
+
+/// A held buffer: a spare one if the thread has it.
+fn take_buffer() -> Box<[u8]> {
+    SPARE.with_borrow_mut(Vec::pop).unwrap_or_else(new_buffer)
+}
+
+/// Keeps `buffer` for the next direction that needs one, up to
+/// [`SPARE_BUFFERS`]; frees it otherwise.
+fn give_back(buffer: Box<[u8]>) {
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buffer);
+        }
+    });
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions have reached EOF,
@@ -104,7 +129,9 @@ impl Direction {
                         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                         Poll::Pending => {
                             // Caught up: nothing held, so give the buffer back.
-                            self.held = None;
+                            if let Some(held) = self.held.take() {
+                                give_back(held);
+                            }
                             Poll::Pending
                         }
                     }
@@ -183,13 +210,21 @@ impl Direction {
             self.copied += written as u64;
             if written < data.len() {
                 let rest = &data[written..];
-                let mut held = vec![0; BUFFER_SIZE].into_boxed_slice();
+                let mut held = take_buffer();
                 held[..rest.len()].copy_from_slice(rest);
                 (self.start, self.end) = (0, rest.len());
                 self.held = Some(held);
             }
             Poll::Ready(Ok(data.len()))
         })
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            give_back(held);
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use super::error::{HboneError, tls_problem};
 use super::headers::forwarded_for;
 use super::slots::SlotLease;
 use super::stream::HboneStream;
-use super::tuning::{HboneSocket, client_builder, hbone_socket};
+use super::tuning::{HboneSocket, TLS_WRITE_BUFFER, client_builder, hbone_socket};
 
 /// One tunnel to open: from which workload, to which workload, where.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ pub(crate) async fn handshake(
     // The name is only a placeholder: the config sends no SNI and verifies
     // the server by its SPIFFE identity.
     let name = ServerName::IpAddress(address.ip().into());
-    let tls = TlsConnector::from(config)
+    let mut tls = TlsConnector::from(config)
         .connect(name, hbone_socket(tcp))
         .await
         .map_err(|e| HboneError::TlsHandshake {
@@ -75,6 +75,7 @@ pub(crate) async fn handshake(
             expected: request.destination_identity.clone(),
             problem: tls_problem(&e),
         })?;
+    tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
     let (send_request, connection) =
         client_builder()
             .handshake::<_, Bytes>(tls)

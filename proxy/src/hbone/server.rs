@@ -24,7 +24,8 @@ use super::error::{HboneError, tls_problem};
 use super::headers::parse_forwarded_for;
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
 use super::tuning::{
-    HANDSHAKE_TIMEOUT, HboneSocket, PING_TIMEOUT, hbone_socket, keepalive, server_builder,
+    HANDSHAKE_TIMEOUT, HboneSocket, PING_TIMEOUT, TLS_WRITE_BUFFER, hbone_socket, keepalive,
+    server_builder,
 };
 
 /// One `CONNECT` that passed the protocol checks, for the handler to decide.
@@ -153,11 +154,12 @@ pub async fn accept_tls(
 ///
 /// For a deadline on draining, drop this future when it passes.
 pub async fn serve_connection<H: InboundHandler>(
-    tls: TlsStream<HboneSocket>,
+    mut tls: TlsStream<HboneSocket>,
     local_addr: SocketAddr,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<(), HboneError> {
+    tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
     let (socket, session) = tls.get_ref();
     let tcp = socket.get_ref();
     let peer = peer_address(tcp);
