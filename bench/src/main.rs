@@ -462,6 +462,8 @@ impl Bench {
                 idle_rss_kib: idle.rss_kib,
                 final_rss_kib: now.rss_kib,
                 peak_rss_kib: now.peak_kib,
+                idle_anon_kib: idle.anon_kib,
+                final_anon_kib: now.anon_kib,
             });
         }
         report.load_average.1 = procstat::load_average();

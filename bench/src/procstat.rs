@@ -48,6 +48,9 @@ pub struct Memory {
     pub rss_kib: u64,
     /// `VmHWM`.
     pub peak_kib: u64,
+    /// `RssAnon`: the heap and stacks, what the proxy itself allocated. The
+    /// rest of the RSS is mapped files, mostly the binary's own code.
+    pub anon_kib: u64,
 }
 
 /// Clock ticks per second for `/proc/*/stat` times: `getconf CLK_TCK`, else 100.
@@ -80,7 +83,7 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
-/// `VmRSS` and `VmHWM` of a `status` file.
+/// `VmRSS`, `VmHWM` and `RssAnon` of a `status` file.
 pub fn parse_status_memory(status: &str) -> Result<Memory> {
     let kib = |key: &str| -> Result<u64> {
         let line = status
@@ -95,6 +98,7 @@ pub fn parse_status_memory(status: &str) -> Result<Memory> {
     Ok(Memory {
         rss_kib: kib("VmRSS")?,
         peak_kib: kib("VmHWM")?,
+        anon_kib: kib("RssAnon")?,
     })
 }
 
@@ -147,12 +151,13 @@ mod tests {
     #[test]
     fn memory_comes_from_vmrss_and_vmhwm() {
         let status = "Name:\tweft-proxy\nVmPeak:\t  900000 kB\nVmHWM:\t    8120 kB\n\
-                      VmRSS:\t    6004 kB\nThreads:\t3\n";
+                      VmRSS:\t    6004 kB\nRssAnon:\t    1100 kB\nThreads:\t3\n";
         assert_eq!(
             parse_status_memory(status).unwrap(),
             Memory {
                 rss_kib: 6004,
-                peak_kib: 8120
+                peak_kib: 8120,
+                anon_kib: 1100,
             }
         );
     }

@@ -52,6 +52,11 @@ pub struct ProxyMemory {
     pub final_rss_kib: u64,
     /// VmHWM at the end: the peak over the whole run.
     pub peak_rss_kib: u64,
+    /// RssAnon (heap and stacks; the rest of the RSS is mapped files, mostly
+    /// the binary's code) once ready, and at the end.
+    pub idle_anon_kib: u64,
+    /// RssAnon at the end.
+    pub final_anon_kib: u64,
 }
 
 /// A latency scenario over all paths.
@@ -347,17 +352,25 @@ pub fn render(report: &Report) -> String {
             idle.mesh_rss_before_kib, idle.mesh_rss_open_kib, idle.mesh_bytes_per_connection
         );
     }
-    let _ = writeln!(out, "\nmesh proxies' memory (KiB)");
     let _ = writeln!(
         out,
-        "  {:<8} {:>10} {:>10} {:>10}",
-        "node", "idle RSS", "final RSS", "peak RSS"
+        "\nmesh proxies' memory (KiB; anon = heap and stacks, the rest is mapped code)"
+    );
+    let _ = writeln!(
+        out,
+        "  {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "node", "idle RSS", "idle anon", "final RSS", "final anon", "peak RSS"
     );
     for p in &report.proxies {
         let _ = writeln!(
             out,
-            "  {:<8} {:>10} {:>10} {:>10}",
-            p.node, p.idle_rss_kib, p.final_rss_kib, p.peak_rss_kib
+            "  {:<8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            p.node,
+            p.idle_rss_kib,
+            p.idle_anon_kib,
+            p.final_rss_kib,
+            p.final_anon_kib,
+            p.peak_rss_kib
         );
     }
     let _ = writeln!(out, "\ncompleted in {:.1} s", report.elapsed_seconds);
