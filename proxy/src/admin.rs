@@ -41,15 +41,26 @@ pub(crate) struct AdminState {
     pub(crate) certificates: watch::Receiver<CertificateMap>,
 }
 
-/// Listens on `addr` (port 0 picks a free port; see `local_addr`).
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::BindAdmin { addr, source })
+/// Listens on `addr` (port 0 picks a free port; see `local_addr`). A std
+/// listener, so that [`serve`] registers it with the runtime it runs on.
+pub(crate) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| Error::BindAdmin { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::BindAdmin { addr, source })?;
+    Ok(listener)
 }
 
 /// Serves admin requests on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: TcpListener, state: AdminState) {
+pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "admin endpoint: cannot use its listener");
+            return;
+        }
+    };
     let state = Arc::new(state);
     let handler: http_server::Handler = Arc::new(move |request| respond(request, &state));
     http_server::serve(listener, "admin", handler).await;

@@ -87,11 +87,11 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 
-    /// Threads that run the proxy. With 1 (the default) everything runs on
-    /// one single-threaded runtime: a connection's tasks (its copy loop and
-    /// its HTTP/2 connection) then hand data to each other without waking
-    /// another thread, which on a small node costs more than the crypto.
-    /// Raise it on nodes whose pods push more than one core of traffic.
+    /// Threads that carry traffic. With 1 (the default) the data plane runs
+    /// on one single-threaded runtime: a connection's tasks (its copy loop
+    /// and its HTTP/2 connection) never wake each other across threads, and
+    /// the proxy stays small. Raise it on nodes whose pods push more than
+    /// one core of traffic. Control work has a thread of its own either way.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,

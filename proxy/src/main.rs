@@ -13,9 +13,19 @@ fn main() -> anyhow::Result<()> {
     let config = ProxyConfig::parse();
     init_logging(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
-    runtime(config.worker_threads)
-        .context("starting the tokio runtime")?
-        .block_on(run(config))
+    // Control work (config stream, certificates, admin) gets a thread of
+    // its own; the data plane runs on this one (or on its workers).
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("weft-control")
+        .build()
+        .context("starting the control runtime")?;
+    let data_plane = runtime(config.worker_threads).context("starting the data-plane runtime")?;
+    let result = data_plane.block_on(run(config, control.handle().clone()));
+    // The control tasks are stopped by now; do not wait on what is left.
+    control.shutdown_background();
+    result
 }
 
 /// One thread: a single-threaded runtime, so no task is ever woken on
@@ -28,13 +38,13 @@ fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(usize::from(worker_threads));
         builder
     };
-    builder.enable_all().thread_name("weft-proxy").build()
+    builder.enable_all().thread_name("weft-data-plane").build()
 }
 
-async fn run(config: ProxyConfig) -> anyhow::Result<()> {
+async fn run(config: ProxyConfig, control: tokio::runtime::Handle) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut proxy = NodeProxy::start(config).await?;
+    let mut proxy = NodeProxy::start_with_control_runtime(config, control).await?;
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM received; shutting down"),
         _ = interrupt.recv() => info!("SIGINT received; shutting down"),

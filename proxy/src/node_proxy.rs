@@ -1,6 +1,10 @@
 //! The control side of a node proxy, wired together: the config stream, the
 //! workload certificates and the admin endpoint, each a task, sharing state
 //! through watch channels. The binary starts one of these; so do the tests.
+//!
+//! The control tasks can run on a runtime of their own (the binary does
+//! this): signing requests, key generation and applying a large config then
+//! never hold up the data plane's thread.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +34,16 @@ impl NodeProxy {
     /// root file, the admin address), then starts the tasks. The control
     /// plane need not be reachable yet: the client keeps trying.
     pub async fn start(config: ProxyConfig) -> Result<NodeProxy, Error> {
+        NodeProxy::start_with_control_runtime(config, tokio::runtime::Handle::current()).await
+    }
+
+    /// [`NodeProxy::start`], with the control tasks (config stream,
+    /// certificates, admin endpoint) spawned on `control` and the data plane
+    /// on the current runtime.
+    pub async fn start_with_control_runtime(
+        config: ProxyConfig,
+        control: tokio::runtime::Handle,
+    ) -> Result<NodeProxy, Error> {
         let transport = Arc::new(ControlPlaneTransport::new(&config)?);
         let roots = transport.load_roots().await?;
         info!(
@@ -37,7 +51,7 @@ impl NodeProxy {
             roots = roots.roots().len(),
             "loaded the roots that authenticate the control plane"
         );
-        let listener = admin::bind(config.admin_addr).await?;
+        let listener = admin::bind(config.admin_addr)?;
         let admin_addr = listener.local_addr().map_err(|source| Error::BindAdmin {
             addr: config.admin_addr,
             source,
@@ -57,18 +71,27 @@ impl NodeProxy {
         };
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            client.run().await;
-            "control-plane client"
-        });
-        tasks.spawn(async move {
-            node_certificates.run().await;
-            "certificate renewal"
-        });
-        tasks.spawn(async move {
-            admin::serve(listener, admin_state).await;
-            "admin endpoint"
-        });
+        tasks.spawn_on(
+            async move {
+                client.run().await;
+                "control-plane client"
+            },
+            &control,
+        );
+        tasks.spawn_on(
+            async move {
+                node_certificates.run().await;
+                "certificate renewal"
+            },
+            &control,
+        );
+        tasks.spawn_on(
+            async move {
+                admin::serve(listener, admin_state).await;
+                "admin endpoint"
+            },
+            &control,
+        );
         info!(%admin_addr, "admin endpoint listening");
         let data_plane = if data_plane_config.data_plane {
             Some(

@@ -21,7 +21,7 @@ pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// The read buffer under TLS on each HBONE connection. rustls reads the
 /// socket 4 KiB at a time; a bulk transfer in 16 KiB records would otherwise
 /// cost four or five system calls per record.
-pub const READ_BUFFER: usize = 256 * 1024;
+pub const READ_BUFFER: usize = 64 * 1024;
 
 /// How much TLS may buffer for writing (rustls's default is 64 KiB): a bulk
 /// transfer then goes out in one `writev` of 16 KiB records per 256 KiB.
