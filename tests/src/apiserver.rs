@@ -318,7 +318,7 @@ fn apiserver_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEFT_KUBE_APISERVER") {
         return Ok(path.into());
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/apiserver.sh");
+    let script = crate::repo_root().join("scripts/apiserver.sh");
     let output = Command::new("bash")
         .arg(&script)
         .arg("build")

@@ -5,7 +5,6 @@
 //! kubeconfig for the control plane).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -30,7 +29,7 @@ pub const TOKEN_AUDIENCE: &str = "weft";
 
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    crate::repo_root().join("deploy")
 }
 
 /// Applies one object (a JSON value with apiVersion and kind) with

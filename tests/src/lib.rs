@@ -91,6 +91,22 @@ mod topology;
 mod weft;
 
 pub use checksum::{Checksum, start_checksum_server};
+
+/// The repository's root directory. Read at run time where cargo sets
+/// `CARGO_MANIFEST_DIR` (for the package under test; every package sits one
+/// level below the root): a test binary that another checkout built into a
+/// shared target directory then still reads this checkout's files. Elsewhere
+/// (the benchmark), the directory this library was built from.
+pub fn repo_root() -> std::path::PathBuf {
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || env!("CARGO_MANIFEST_DIR").into(),
+        std::path::PathBuf::from,
+    );
+    package
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(package)
+}
 pub use echo::EchoServer;
 pub use forward::LoopbackForward;
 pub use manifests::MESH_LABEL;
