@@ -1,11 +1,18 @@
 //! The admin endpoint (localhost:15000 by default): what the proxy was told
-//! and what it holds, for the operator at 3 a.m. Plain HTTP/1.1, read-only.
+//! and what it holds, for the operator at 3 a.m., and the two knobs they
+//! need then. Plain HTTP/1.1. It listens on loopback only: whoever can reach
+//! it is already root-equivalent on the node (the proxy's own network
+//! namespace), so there is no further authentication.
 //!
 //! - `GET /config_dump`: the proxy's settings, the control-plane link, the
 //!   applied config version (and the last refused one), trust domain, and
 //!   every local workload, remote workload and service with all fields.
 //! - `GET /certs`: the workload certificates the node holds, with validity
 //!   and renewal times.
+//! - `GET /logging`: the log filter in force; `POST /logging?level=<filter>`
+//!   replaces it (EnvFilter syntax, e.g. `info,weft_proxy::dataplane=debug`).
+//! - `POST /drain`: what SIGTERM does: stop accepting, let open connections
+//!   finish within the drain deadline, remove the capture rules, exit.
 //! - `GET /healthz`: `ok`.
 
 use std::collections::BTreeMap;
@@ -24,6 +31,7 @@ use tokio::sync::watch;
 use crate::certificates::CertificateMap;
 use crate::control_plane::{ControlPlaneStatus, ViewReceiver};
 use crate::http_server::{self, text};
+use crate::logging::LogFilter;
 use crate::node_view::NodeView;
 use crate::wall_clock::{rfc3339, seconds_until};
 use crate::{Error, ProxyConfig};
@@ -39,6 +47,10 @@ pub(crate) struct AdminState {
     pub(crate) status: watch::Receiver<ControlPlaneStatus>,
     /// The workload certificates.
     pub(crate) certificates: watch::Receiver<CertificateMap>,
+    /// The process's log filter, when the proxy installed the subscriber.
+    pub(crate) log_filter: Option<LogFilter>,
+    /// Set to true to ask the proxy to drain and exit.
+    pub(crate) drain_requested: watch::Sender<bool>,
 }
 
 /// Listens on `addr` (port 0 picks a free port; see `local_addr`). A std
@@ -67,18 +79,75 @@ pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
-    }
-    match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok"),
-        "/config_dump" => json_response(config_dump(state)),
-        "/certs" => json_response(certs(&state.certificates.borrow(), SystemTime::now())),
+    let method = request.method();
+    match (request.uri().path(), method) {
+        ("/healthz", &Method::GET) => text(StatusCode::OK, "ok"),
+        ("/config_dump", &Method::GET) => json_response(config_dump(state)),
+        ("/certs", &Method::GET) => {
+            json_response(certs(&state.certificates.borrow(), SystemTime::now()))
+        }
+        ("/logging", &Method::GET) => match &state.log_filter {
+            Some(filter) => json_response(json!({ "level": filter.current() })),
+            None => no_log_filter(),
+        },
+        ("/logging", &Method::POST) => set_log_level(request.uri().query(), state),
+        ("/drain", &Method::POST) => {
+            state.drain_requested.send_replace(true);
+            tracing::info!("drain requested on the admin endpoint");
+            text(
+                StatusCode::ACCEPTED,
+                "draining: new connections are refused, open ones get the drain \
+                 deadline, then the capture rules go and the proxy exits\n",
+            )
+        }
+        ("/healthz" | "/config_dump" | "/certs", _) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n")
+        }
+        ("/logging", _) => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
+        ("/drain", _) => text(StatusCode::METHOD_NOT_ALLOWED, "only POST is served here\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /config_dump, /certs or /healthz\n",
+            "not found; try /config_dump, /certs, /logging, /drain or /healthz\n",
         ),
     }
+}
+
+/// `POST /logging?level=<filter>`.
+fn set_log_level(query: Option<&str>, state: &AdminState) -> Response<Full<Bytes>> {
+    let Some(filter) = &state.log_filter else {
+        return no_log_filter();
+    };
+    let level = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "level")
+        .map(|(_, value)| value.into_owned());
+    let Some(level) = level else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say which filter: POST /logging?level=<filter>, e.g. level=info,weft_proxy=debug\n",
+        );
+    };
+    let before = filter.current();
+    match filter.set(&level) {
+        Ok(()) => {
+            tracing::info!(%before, after = %level, "log filter changed on the admin endpoint");
+            json_response(json!({ "level": level, "before": before }))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "refused a log filter from the admin endpoint");
+            http_server::respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                format!("{error}\n"),
+            )
+        }
+    }
+}
+
+fn no_log_filter() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::NOT_IMPLEMENTED,
+        "this process did not install its log subscriber through weft-proxy\n",
+    )
 }
 
 /// The `/config_dump` document.
@@ -95,6 +164,8 @@ fn config_dump(state: &AdminState) -> Value {
     let view = view.as_deref();
     json!({
         "proxy": &*state.config,
+        "log_level": state.log_filter.as_ref().map(LogFilter::current),
+        "drain_requested": *state.drain_requested.borrow(),
         "control_plane": {
             "address": state.config.control_plane,
             "identity": state.config.control_plane_identity.as_str(),

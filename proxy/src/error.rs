@@ -194,6 +194,24 @@ pub enum Error {
         /// The underlying failure.
         source: std::io::Error,
     },
+
+    /// A log filter (from `--log-level` or the admin endpoint) does not parse.
+    #[error("parsing the log filter {directives:?}: {reason}")]
+    ParseLogFilter {
+        /// The filter as given.
+        directives: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+
+    /// The log subscriber could not be installed or changed.
+    #[error("{operation} the log subscriber: {reason}")]
+    Logging {
+        /// What was being done (`installing`, `reloading`).
+        operation: &'static str,
+        /// The underlying failure.
+        reason: String,
+    },
 }
 
 /// An error and all its causes on one line, `outer: inner: innermost`. A

@@ -19,7 +19,7 @@
 //! connection from the source pod to the destination pod.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
-//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `config` → `transport` →
+//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `config` → `logging`, `transport` →
 //! `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
 //! `node_proxy`; nothing points back down.
 
@@ -34,6 +34,7 @@ pub mod dataplane;
 mod error;
 pub mod hbone;
 mod http_server;
+pub mod logging;
 mod monitoring;
 mod node_proxy;
 mod node_view;

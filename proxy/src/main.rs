@@ -5,13 +5,12 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
-use tracing_subscriber::EnvFilter;
-use weft_proxy::{LogFormat, NodeProxy, ProxyConfig};
+use weft_proxy::{NodeProxy, ProxyConfig};
 
 fn main() -> anyhow::Result<()> {
     raise_malloc_thresholds();
     let config = ProxyConfig::parse();
-    init_logging(&config)?;
+    let log_filter = weft_proxy::logging::init(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
     // Control work (config stream, certificates, admin) gets a thread of
     // its own; the data plane runs on this one (or on its workers).
@@ -22,7 +21,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the control runtime")?;
     let data_plane = runtime(config.worker_threads).context("starting the data-plane runtime")?;
-    let result = data_plane.block_on(run(config, control.handle().clone()));
+    let result = data_plane.block_on(run(config, control.handle().clone(), log_filter));
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
     result
@@ -41,13 +40,19 @@ fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().thread_name("weft-data-plane").build()
 }
 
-async fn run(config: ProxyConfig, control: tokio::runtime::Handle) -> anyhow::Result<()> {
+async fn run(
+    config: ProxyConfig,
+    control: tokio::runtime::Handle,
+    log_filter: weft_proxy::logging::LogFilter,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut proxy = NodeProxy::start_with_control_runtime(config, control).await?;
+    let mut proxy = NodeProxy::start_in_process(config, control, Some(log_filter)).await?;
+    let drain_requested = proxy.drain_requested();
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM received; shutting down"),
         _ = interrupt.recv() => info!("SIGINT received; shutting down"),
+        () = drain_requested => info!("drain requested; shutting down"),
         why = proxy.stopped() => anyhow::bail!("{why}"),
     }
     proxy.shutdown().await;
@@ -66,17 +71,4 @@ async fn run(config: ProxyConfig, control: tokio::runtime::Handle) -> anyhow::Re
 fn raise_malloc_thresholds() {
     let block = std::hint::black_box(vec![0u8; 4 << 20]);
     drop(block);
-}
-
-fn init_logging(config: &ProxyConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.log_level)
-        .with_context(|| format!("parsing --log-level {:?}", config.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    let installed = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    installed.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }

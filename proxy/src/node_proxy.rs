@@ -16,6 +16,7 @@ use tracing::info;
 use crate::admin::{self, AdminState};
 use crate::certificates::{CertificateMap, NodeCertificates};
 use crate::control_plane::{ControlPlaneClient, ControlPlaneStatus, ViewReceiver};
+use crate::logging::LogFilter;
 use crate::transport::ControlPlaneTransport;
 use crate::{Error, ProxyConfig};
 
@@ -25,6 +26,7 @@ pub struct NodeProxy {
     view: ViewReceiver,
     status: watch::Receiver<ControlPlaneStatus>,
     certificates: watch::Receiver<CertificateMap>,
+    drain_requested: watch::Receiver<bool>,
     data_plane: Option<crate::dataplane::RunningDataPlane>,
     tasks: JoinSet<&'static str>,
 }
@@ -34,15 +36,17 @@ impl NodeProxy {
     /// root file, the admin address), then starts the tasks. The control
     /// plane need not be reachable yet: the client keeps trying.
     pub async fn start(config: ProxyConfig) -> Result<NodeProxy, Error> {
-        NodeProxy::start_with_control_runtime(config, tokio::runtime::Handle::current()).await
+        NodeProxy::start_in_process(config, tokio::runtime::Handle::current(), None).await
     }
 
-    /// [`NodeProxy::start`], with the control tasks (config stream,
-    /// certificates, admin endpoint) spawned on `control` and the data plane
-    /// on the current runtime.
-    pub async fn start_with_control_runtime(
+    /// [`NodeProxy::start`] as the binary runs it: the control tasks (config
+    /// stream, certificates, admin endpoint) spawned on `control`, the data
+    /// plane on the current runtime, and the admin endpoint able to change
+    /// `log_filter`.
+    pub async fn start_in_process(
         config: ProxyConfig,
         control: tokio::runtime::Handle,
+        log_filter: Option<LogFilter>,
     ) -> Result<NodeProxy, Error> {
         let transport = Arc::new(ControlPlaneTransport::new(&config)?);
         let roots = transport.load_roots().await?;
@@ -63,11 +67,14 @@ impl NodeProxy {
         let node_certificates = NodeCertificates::new(transport, view.clone());
         let certificates = node_certificates.subscribe();
         let data_plane_config = config.clone();
+        let (drain_requests, drain_requested) = watch::channel(false);
         let admin_state = AdminState {
             config: Arc::new(config),
             view: view.clone(),
             status: status.clone(),
             certificates: certificates.clone(),
+            log_filter,
+            drain_requested: drain_requests,
         };
 
         let mut tasks = JoinSet::new();
@@ -111,6 +118,7 @@ impl NodeProxy {
             view,
             status,
             certificates,
+            drain_requested,
             data_plane,
             tasks,
         })
@@ -134,6 +142,20 @@ impl NodeProxy {
     /// The workload certificates.
     pub fn certificates(&self) -> watch::Receiver<CertificateMap> {
         self.certificates.clone()
+    }
+
+    /// Resolves once someone asked for a drain on the admin endpoint
+    /// (`POST /drain`); the owner then calls [`NodeProxy::shutdown`], as
+    /// it does on SIGTERM. A receiver of its own, so that waiting on it
+    /// does not borrow the proxy.
+    pub fn drain_requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut requested = self.drain_requested.clone();
+        async move {
+            // An error means the admin task is gone; `stopped` reports that.
+            if requested.wait_for(|requested| *requested).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Waits until a task stops, which none should: returns its name, or

@@ -1,0 +1,115 @@
+//! Logging: the subscriber the binary installs, and [`LogFilter`], the handle
+//! through which the admin endpoint changes what is logged while the proxy
+//! runs (turn on `debug` for one module at 3 a.m., without a restart that
+//! would drop every connection on the node).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
+
+use crate::{Error, LogFormat, ProxyConfig};
+
+/// The filter layer the subscriber is built on; [`LogFilter`] swaps what it holds.
+pub type FilterLayer = reload::Layer<EnvFilter, Registry>;
+
+/// The live log filter, shared with the admin endpoint.
+#[derive(Clone, Debug)]
+pub struct LogFilter {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// The directives as given: `EnvFilter`'s own rendering reorders them.
+    current: Arc<Mutex<String>>,
+}
+
+impl LogFilter {
+    /// A filter from `directives` (EnvFilter syntax), and the layer it controls.
+    pub fn new(directives: &str) -> Result<(LogFilter, FilterLayer), Error> {
+        let (layer, handle) = reload::Layer::new(parse(directives)?);
+        let filter = LogFilter {
+            handle,
+            current: Arc::new(Mutex::new(directives.to_owned())),
+        };
+        Ok((filter, layer))
+    }
+
+    /// The directives in force.
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the filter. A filter that does not parse changes nothing.
+    pub fn set(&self, directives: &str) -> Result<(), Error> {
+        let filter = parse(directives)?;
+        // Hold the lock across the swap so `current` never names a filter
+        // that lost a race with a concurrent `set`.
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        self.handle.reload(filter).map_err(|e| Error::Logging {
+            operation: "reloading",
+            reason: e.to_string(),
+        })?;
+        directives.clone_into(&mut current);
+        Ok(())
+    }
+}
+
+/// Installs the process-wide subscriber: `config.log_level` as the filter,
+/// in `config.log_format`, colours only on a terminal.
+pub fn init(config: &ProxyConfig) -> Result<LogFilter, Error> {
+    let (filter, layer) = LogFilter::new(&config.log_level)?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (text, json) = match config.log_format {
+        LogFormat::Text => (Some(fmt::layer().with_ansi(ansi)), None),
+        LogFormat::Json => (None, Some(fmt::layer().json())),
+    };
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(text)
+        .with(json)
+        .try_init()
+        .map_err(|e| Error::Logging {
+            operation: "installing",
+            reason: e.to_string(),
+        })?;
+    Ok(filter)
+}
+
+fn parse(directives: &str) -> Result<EnvFilter, Error> {
+    EnvFilter::try_new(directives).map_err(|e| Error::ParseLogFilter {
+        directives: directives.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::*;
+
+    #[test]
+    fn set_changes_what_is_enabled_and_a_bad_filter_changes_nothing() {
+        let (filter, layer) = LogFilter::new("info").unwrap();
+        let _default = tracing_subscriber::registry().with(layer).set_default();
+        assert!(tracing::enabled!(Level::INFO));
+        assert!(!tracing::enabled!(Level::DEBUG));
+
+        filter.set("debug").unwrap();
+        assert!(tracing::enabled!(Level::DEBUG));
+        assert_eq!(filter.current(), "debug");
+
+        let refused = filter.set("weft_proxy=loud").unwrap_err();
+        assert!(
+            matches!(&refused, Error::ParseLogFilter { directives, .. } if directives == "weft_proxy=loud"),
+            "{refused}"
+        );
+        assert_eq!(filter.current(), "debug");
+        assert!(tracing::enabled!(Level::DEBUG));
+
+        filter.set("warn").unwrap();
+        assert!(!tracing::enabled!(Level::INFO));
+    }
+}

@@ -1,0 +1,135 @@
+//! End to end on the testbed: a node proxy told to stop (SIGTERM, or
+//! `POST /drain` on its admin endpoint) refuses new connections, lets the
+//! open ones finish, takes its capture rules away and exits cleanly.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use weft_testbed::{PROXY_ADMIN_PORT, PodSpec, Target, Testbed, WeftMesh};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A meshed client on node-1, a meshed server on node-2.
+fn cluster() -> (Testbed, WeftMesh) {
+    let pod = |node, name| PodSpec {
+        node,
+        namespace: "shop",
+        name,
+        service_account: name,
+        labels: &[],
+        meshed: true,
+    };
+    let testbed = Testbed::builder()
+        .node("node-1")
+        .node("node-2")
+        .pod(pod("node-1", "client"))
+        .pod(pod("node-2", "server"))
+        .build()
+        .unwrap();
+    let mesh = WeftMesh::start(&testbed).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    (testbed, mesh)
+}
+
+fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).unwrap();
+    let mut echoed = vec![0; message.len()];
+    stream.read_exact(&mut echoed).unwrap();
+    echoed
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Sigterm,
+    AdminDrain,
+}
+
+/// Stops node-1's proxy by `stop` while a connection through it is open,
+/// and checks the drain from start to exit.
+fn drains_open_connections_then_removes_the_capture(stop: Stop) {
+    let (testbed, mesh) = cluster();
+    let _server = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let target = SocketAddr::from((testbed.pod_ip("server").unwrap(), 8080));
+    let mut open = testbed.connect(Target::Pod("client"), target).unwrap();
+    assert_eq!(round_trip(&mut open, b"before"), b"before");
+
+    let proxy = mesh.proxy("node-1").unwrap();
+    match stop {
+        Stop::Sigterm => {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(proxy.pid()).unwrap());
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        }
+        Stop::AdminDrain => {
+            // A GET must not do it.
+            let (status, _) = admin(&testbed, "GET", "/drain");
+            assert_eq!(status, 405);
+            assert_eq!(round_trip(&mut open, b"still up"), b"still up");
+            let (status, body) = admin(&testbed, "POST", "/drain");
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    proxy.wait_for_output("draining", WAIT).unwrap();
+
+    // Draining: the open connection carries on, new ones are not accepted.
+    assert_eq!(round_trip(&mut open, b"during"), b"during");
+    let refused = testbed
+        .connect(Target::Pod("client"), target)
+        .and_then(|mut s| {
+            s.write_all(b"x")?;
+            let mut byte = [0u8; 1];
+            Ok(s.read(&mut byte)?)
+        });
+    assert!(
+        !matches!(refused, Ok(1)),
+        "{stop:?}: a new connection was proxied while draining"
+    );
+
+    // The last connection ends; the proxy exits cleanly and takes its rules along.
+    drop(open);
+    let status = proxy.wait(WAIT).unwrap();
+    assert!(status.success(), "{stop:?}: {status:?}");
+    let mut nft = std::process::Command::new("nft");
+    nft.args(["list", "tables"]);
+    let listing = testbed.spawn(Target::Node("node-1"), nft).unwrap();
+    assert!(listing.wait(WAIT).unwrap().success());
+    assert!(
+        !listing.stdout().unwrap().contains("weft"),
+        "{}",
+        listing.stdout().unwrap()
+    );
+    let log = proxy.stdout().unwrap();
+    assert!(
+        log.contains("all connections finished") && log.contains("capture rules removed"),
+        "{log}"
+    );
+}
+
+/// One request to node-1's admin endpoint: status and body.
+fn admin(testbed: &Testbed, method: &str, path: &str) -> (u16, String) {
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_ADMIN_PORT));
+    let mut stream = testbed.connect(Target::Node("node-1"), admin).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_removes_the_capture() {
+    drains_open_connections_then_removes_the_capture(Stop::Sigterm);
+}
+
+#[test]
+fn a_drain_requested_on_the_admin_endpoint_does_the_same() {
+    drains_open_connections_then_removes_the_capture(Stop::AdminDrain);
+}
