@@ -4,6 +4,8 @@
 # default, a node proxy per node) and prints what the mesh costs: direct vs a
 # plain relay vs weft. Arguments go to weft-bench (try --help). Needs root.
 set -euo pipefail
+# Output files (--json, --chart) are relative to where the command was run.
+caller="$PWD"
 cd "$(dirname "$0")/.."
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -19,6 +21,7 @@ if ((${#missing[@]})); then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
 
-target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --bins --locked
-exec "$target/release/weft-bench" "$@"
+bench="$(realpath "${CARGO_TARGET_DIR:-target}")/release/weft-bench"
+cd "$caller"
+exec "$bench" "$@"
