@@ -213,6 +213,18 @@ fn the_destination_proxy_names_the_source_principal() {
                 && l.ends_with(" 5")),
         "{metrics}"
     );
+    // The source proxy counts the same bytes, including any it sent as
+    // early data with the CONNECT.
+    wait_until(WAIT, || {
+        let metrics = mesh.proxy_metrics(&testbed, "node-1")?;
+        Ok(metrics.lines().any(|l| {
+            l.starts_with("istio_tcp_received_bytes_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains(&principal)
+                && l.ends_with(" 5")
+        }))
+    })
+    .unwrap();
     let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
     assert!(
         log.lines()

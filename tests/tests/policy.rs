@@ -107,7 +107,7 @@ spec:
 
 #[test]
 fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {
-    let (testbed, mesh, _server) = start();
+    let (testbed, mesh, server) = start();
     assert!(
         echoes(&testbed, "batch-1"),
         "before any policy, batch reaches db"
@@ -119,6 +119,19 @@ fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {
 
     mesh.write_manifest("policy.yaml", ALLOW_WEB).unwrap();
     wait_for_reach(&testbed, "batch-1", false);
+    // A refused client's first bytes travel with its CONNECT (early data),
+    // before the destination proxy has decided: they must not reach db.
+    let batch_ip = testbed.pod_ip("batch-1").unwrap();
+    let from_batch = || server.peers().iter().filter(|p| p.ip() == batch_ip).count();
+    let reached_before = from_batch();
+    for _ in 0..3 {
+        assert!(!echoes(&testbed, "batch-1"));
+    }
+    assert_eq!(
+        from_batch(),
+        reached_before,
+        "a refused connection reached db"
+    );
     // The attack: a meshed pod of another identity, and plaintext that has
     // no identity at all; both refused. web still gets through.
     assert!(!echoes(&testbed, "old-1"));

@@ -8,11 +8,17 @@
 //! connection limit and split (in [`RouteTable::resolve`]), the endpoint
 //! choice, the connect timeout, retries of a failed connect on endpoints not
 //! tried yet, outlier ejection, and the idle timeout.
+//!
+//! A tunnel carries the client's first bytes with its `CONNECT` when they
+//! are already there ([`EarlyData`]), so a new connection's first request
+//! does not wait for the tunnel's answer to cross back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -33,6 +39,48 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
     super::serve_captured(listener, plane, "outbound", proxy).await;
 }
 
+/// Early data: at most this much of what the client sent before its tunnel
+/// opens goes with the `CONNECT`. A request or a TLS ClientHello fits; the
+/// rest of a large upload follows the 200 as usual.
+pub const EARLY_DATA_LIMIT: usize = 16 * 1024;
+
+/// The captured connection and what is known of it.
+struct Client {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// The local workload it comes from, if the config knows it.
+    source: Option<Arc<Workload>>,
+    /// What the client had sent when the first tunnel was tried, read once
+    /// without waiting (a server-first protocol sends nothing, and must not
+    /// be held up). The bytes are out of the socket from then on, so every
+    /// attempt after that must deliver them: a tunnel sends them with its
+    /// `CONNECT`, a direct connection writes them first.
+    early: Option<Bytes>,
+}
+
+impl Client {
+    /// The early bytes, reading them on the first call.
+    fn read_early(&mut self) -> Bytes {
+        let stream = &self.stream;
+        self.early
+            .get_or_insert_with(|| {
+                let mut buf = [0u8; EARLY_DATA_LIMIT];
+                match stream.try_read(&mut buf) {
+                    Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+                    // Nothing yet (WouldBlock), or an error the relay
+                    // will meet again on its first read.
+                    Err(_) => Bytes::new(),
+                }
+            })
+            .clone()
+    }
+
+    /// The early bytes already read, if any.
+    fn early_taken(&self) -> &[u8] {
+        self.early.as_deref().unwrap_or_default()
+    }
+}
+
 /// An open connection towards the destination.
 enum Upstream {
     Tunnel(HboneStream, Peer),
@@ -49,33 +97,29 @@ enum ConnectError {
 
 async fn proxy(
     plane: Arc<DataPlane>,
-    mut client: TcpStream,
+    stream: TcpStream,
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
     let routes = plane.routes.borrow().clone();
-    let source = routes.local_workload(client_addr.ip()).cloned();
+    let mut client = Client {
+        stream,
+        addr: client_addr,
+        source: routes.local_workload(client_addr.ip()).cloned(),
+        early: None,
+    };
     let mut connection = match routes.resolve(destination) {
         Ok(Destination::Service(connection)) => connection,
         Ok(Destination::Direct(route)) => {
             let connected = tokio::time::timeout(
                 DEFAULT_CONNECT_TIMEOUT,
-                connect(&plane, &routes, client_addr, source.as_ref(), &route),
+                connect(&plane, &routes, &mut client, &route),
             )
             .await
             .unwrap_or(Err(ConnectError::Endpoint("connect_timeout")));
             match connected {
                 Ok(upstream) => {
-                    relay(
-                        &plane,
-                        &mut client,
-                        client_addr,
-                        source.as_ref(),
-                        &route,
-                        upstream,
-                        None,
-                    )
-                    .await;
+                    relay(&plane, &mut client, &route, upstream, None).await;
                 }
                 Err(ConnectError::Endpoint(reason) | ConnectError::Local(reason)) => {
                     plane.metrics.failure(Direction::Outbound, reason);
@@ -108,29 +152,18 @@ async fn proxy(
             break;
         };
         let started = Instant::now();
-        let connected = tokio::time::timeout(
-            timeout,
-            connect(&plane, &routes, client_addr, source.as_ref(), &route),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            debug!(?timeout, target = %route.target, "outbound: connect timed out");
-            Err(ConnectError::Endpoint("connect_timeout"))
-        });
+        let connected =
+            tokio::time::timeout(timeout, connect(&plane, &routes, &mut client, &route))
+                .await
+                .unwrap_or_else(|_| {
+                    debug!(?timeout, target = %route.target, "outbound: connect timed out");
+                    Err(ConnectError::Endpoint("connect_timeout"))
+                });
         match connected {
             Ok(upstream) => {
                 lease.succeeded(started.elapsed());
                 let idle = policy.as_ref().and_then(|p| p.idle_timeout);
-                relay(
-                    &plane,
-                    &mut client,
-                    client_addr,
-                    source.as_ref(),
-                    &route,
-                    upstream,
-                    idle,
-                )
-                .await;
+                relay(&plane, &mut client, &route, upstream, idle).await;
                 drop(lease);
                 return;
             }
@@ -154,14 +187,15 @@ async fn proxy(
 
 /// Opens the connection `route` decided on: a tunnel between meshed pods
 /// on different nodes, else a direct connection from the client's address.
+/// Either way the client's early bytes are on their way when it returns.
 async fn connect(
     plane: &DataPlane,
     routes: &RouteTable,
-    client_addr: SocketAddr,
-    source: Option<&Arc<Workload>>,
+    client: &mut Client,
     route: &Route,
 ) -> Result<Upstream, ConnectError> {
-    let meshed_source = source.filter(|w| w.meshed);
+    let client_addr = client.addr;
+    let meshed_source = client.source.as_ref().filter(|w| w.meshed);
     let meshed_destination = route.workload.as_ref().filter(|w| w.meshed);
     match (meshed_source, meshed_destination) {
         (Some(src), Some(dst)) if !route.local => {
@@ -184,7 +218,8 @@ async fn connect(
             };
             // Dial, handshakes and the CONNECT's answer together; the
             // caller bounds the time.
-            match plane.pool.connect(request).await {
+            let early_data = client.read_early();
+            match plane.pool.connect_sending(request, early_data).await {
                 Ok(tunnel) => Ok(Upstream::Tunnel(tunnel, Peer::workload(dst))),
                 Err(error) => {
                     warn!(%error, "outbound: HBONE tunnel failed");
@@ -205,6 +240,14 @@ async fn connect(
             let dialled =
                 sockets::connect_from(Some(client_addr.ip()), route.target, sockets::PROXY_MARK)
                     .await;
+            let dialled = match dialled {
+                // Bytes an earlier (tunnel) attempt took from the client.
+                Ok(mut upstream) => match upstream.write_all(client.early_taken()).await {
+                    Ok(()) => Ok(upstream),
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            };
             match dialled {
                 Ok(upstream) => {
                     let peer = route
@@ -227,14 +270,20 @@ async fn connect(
 /// idle for `idle`.
 async fn relay(
     plane: &DataPlane,
-    client: &mut TcpStream,
-    client_addr: SocketAddr,
-    source: Option<&Arc<Workload>>,
+    client: &mut Client,
     route: &Route,
     upstream: Upstream,
     idle: Option<Duration>,
 ) {
-    let source_peer = source.map(Peer::workload).unwrap_or_default();
+    let source_peer = client
+        .source
+        .as_ref()
+        .map(Peer::workload)
+        .unwrap_or_default();
+    let client_addr = client.addr;
+    // Already upstream: sent with the tunnel's CONNECT, or written first.
+    let early_len = client.early_taken().len();
+    let client = &mut client.stream;
     let open = |security, peer: &Peer| {
         ConnectionRecord::open(
             &plane.metrics,
@@ -250,11 +299,15 @@ async fn relay(
         match upstream {
             Upstream::Tunnel(tunnel, peer) => {
                 let record = open(Security::MutualTls, &peer);
-                super::relay(client, Metered::new(activity.watch(tunnel), record)).await;
+                let metered =
+                    Metered::new(activity.watch(tunnel), record).already_written(early_len);
+                super::relay(client, metered).await;
             }
             Upstream::Direct(stream, peer, security) => {
                 let record = open(security, &peer);
-                super::relay(client, Metered::new(activity.watch(stream), record)).await;
+                let metered =
+                    Metered::new(activity.watch(stream), record).already_written(early_len);
+                super::relay(client, metered).await;
             }
         }
     };

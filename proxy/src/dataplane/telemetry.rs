@@ -316,6 +316,13 @@ impl<S> Metered<S> {
         }
     }
 
+    /// Counts `bytes` from the client that reached upstream before it was
+    /// wrapped (early data sent with a tunnel's `CONNECT`).
+    pub fn already_written(mut self, bytes: usize) -> Metered<S> {
+        self.written += bytes as u64;
+        self
+    }
+
     /// Keeps `registration` until the connection ends.
     pub fn keeping(mut self, registration: Option<super::reauthorize::Registration>) -> Metered<S> {
         self._keep = registration;

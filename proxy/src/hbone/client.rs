@@ -90,8 +90,10 @@ pub(crate) async fn handshake(
     })
 }
 
-/// Why opening a stream failed, and what the pool may do about it. No
-/// tunnel data has been sent before the 200, so a retry never repeats any.
+/// Why opening a stream failed, and what the pool may do about it. Tunnel
+/// data sent before the 200 (early data) went to the peer proxy, never to
+/// the destination (it forwards nothing before it answers 200), so a retry
+/// sends the same bytes again and none arrive twice.
 pub(crate) struct OpenFailure {
     pub(crate) error: HboneError,
     pub(crate) retry: Retry,
@@ -109,11 +111,20 @@ pub(crate) enum Retry {
     OnAnotherConnection,
 }
 
-/// Sends the `CONNECT` for `request` on `send_request` and waits for the
-/// answer; the stream is the tunnel once the peer says 200.
+/// Sends the `CONNECT` for `request` on `send_request`, then `early_data`
+/// right behind it, and waits for the answer; the stream is the tunnel
+/// once the peer says 200.
+///
+/// Early data is what the client had sent by the time its connection was
+/// accepted (a request, a TLS ClientHello). Sending it without waiting for
+/// the 200 takes a crossing between the nodes and two wake-ups off every
+/// new connection's first exchange: it usually leaves in the same TLS
+/// record as the `CONNECT`. HTTP/2 lets a client send DATA on a stream
+/// before the response; the peer buffers it within the stream window.
 pub(crate) async fn open_stream(
     send_request: &SendRequest<Bytes>,
     request: &HboneRequest,
+    early_data: &Bytes,
     lease: SlotLease,
 ) -> Result<HboneStream, OpenFailure> {
     let target = request.target;
@@ -144,6 +155,12 @@ pub(crate) async fn open_stream(
         };
         failed(e, retry)
     })?;
+    if !early_data.is_empty() {
+        // Fails only if the stream is already reset; the answer says why.
+        if let Err(error) = send.send_data(early_data.clone(), false) {
+            tracing::debug!(%error, "sending early data failed");
+        }
+    }
     let response = match response.await {
         Ok(response) => response,
         Err(e) if e.is_go_away() || e.is_io() => {

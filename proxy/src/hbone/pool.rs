@@ -146,6 +146,18 @@ impl HbonePool {
     /// that meets a connection the peer is closing (GOAWAY) is retried once
     /// on another connection.
     pub async fn connect(&self, request: HboneRequest) -> Result<HboneStream, HboneError> {
+        self.connect_sending(request, Bytes::new()).await
+    }
+
+    /// [`HbonePool::connect`], sending `early_data` right behind the
+    /// `CONNECT` instead of after its answer (see `client::open_stream`).
+    /// On success the bytes are in the tunnel; on failure none reached the
+    /// destination.
+    pub async fn connect_sending(
+        &self,
+        request: HboneRequest,
+        early_data: Bytes,
+    ) -> Result<HboneStream, HboneError> {
         let span = tracing::debug_span!(
             "hbone_connect",
             source = %request.certificate.identity(),
@@ -153,7 +165,9 @@ impl HbonePool {
             target = %request.target,
             via = %request.hbone_addr,
         );
-        self.connect_once_or_twice(&request).instrument(span).await
+        self.connect_once_or_twice(&request, &early_data)
+            .instrument(span)
+            .await
     }
 
     /// Connections in the pool that take new streams (not those retired and
@@ -179,6 +193,7 @@ impl HbonePool {
     async fn connect_once_or_twice(
         &self,
         request: &HboneRequest,
+        early_data: &Bytes,
     ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
             source: request.certificate.identity().clone(),
@@ -189,10 +204,11 @@ impl HbonePool {
         let mut retried = false;
         loop {
             let (connection, lease) = self.checkout(&key, request).await?;
-            let failure = match open_stream(&connection.send_request, request, lease).await {
-                Ok(stream) => return Ok(stream),
-                Err(failure) => failure,
-            };
+            let failure =
+                match open_stream(&connection.send_request, request, early_data, lease).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(failure) => failure,
+                };
             if failure.retry == Retry::OnAnotherConnection {
                 self.inner.retire(&key, &connection);
             }
