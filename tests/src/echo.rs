@@ -9,6 +9,17 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 
+/// Writes `message` on `stream` and reads back as many bytes: one exchange
+/// with an [`EchoServer`] (through the mesh or not).
+pub fn echo_round_trip(stream: &mut TcpStream, message: &[u8]) -> Result<Vec<u8>> {
+    stream
+        .write_all(message)
+        .context("writing to the echo server")?;
+    let mut echoed = vec![0; message.len()];
+    stream.read_exact(&mut echoed).context("reading the echo")?;
+    Ok(echoed)
+}
+
 /// Echoes every byte back on each accepted connection until the peer closes. Stops
 /// (closing the listener and every open connection) when dropped.
 #[derive(Debug)]

@@ -107,7 +107,7 @@ pub fn repo_root() -> std::path::PathBuf {
         .map(std::path::Path::to_path_buf)
         .unwrap_or(package)
 }
-pub use echo::EchoServer;
+pub use echo::{EchoServer, echo_round_trip};
 pub use forward::LoopbackForward;
 pub use manifests::MESH_LABEL;
 pub use netns::NETNS_PREFIX;

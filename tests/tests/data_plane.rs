@@ -10,7 +10,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use weft_testbed::{
-    Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, start_checksum_server, wait_until,
+    Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echo_round_trip,
+    start_checksum_server, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -78,10 +79,18 @@ fn cluster() -> (Testbed, WeftMesh) {
 }
 
 fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    stream.write_all(message).unwrap();
-    let mut echoed = vec![0; message.len()];
-    stream.read_exact(&mut echoed).unwrap();
-    echoed
+    echo_round_trip(stream, message).unwrap()
+}
+
+/// Waits until a line of `node`'s proxy metrics is `wanted`.
+fn wait_for_metric(mesh: &WeftMesh, testbed: &Testbed, node: &str, wanted: impl Fn(&str) -> bool) {
+    wait_until(WAIT, || {
+        Ok(mesh.proxy_metrics(testbed, node)?.lines().any(&wanted))
+    })
+    .unwrap_or_else(|e| {
+        let metrics = mesh.proxy_metrics(testbed, node).unwrap_or_default();
+        panic!("{node}: no such metric line: {e}\n{metrics}")
+    });
 }
 
 fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
@@ -194,37 +203,22 @@ fn the_destination_proxy_names_the_source_principal() {
     drop(stream);
 
     let principal = format!("source_principal=\"{CLIENT_ID}\"");
-    wait_until(WAIT, || {
-        let metrics = mesh.proxy_metrics(&testbed, "node-2")?;
-        Ok(metrics.lines().any(|l| {
-            l.starts_with("istio_tcp_connections_closed_total")
-                && l.contains("reporter=\"destination\"")
-                && l.contains(&principal)
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-        }))
-    })
-    .unwrap();
-    let metrics = mesh.proxy_metrics(&testbed, "node-2").unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_tcp_received_bytes_total")
-                && l.contains(&principal)
-                && l.ends_with(" 5")),
-        "{metrics}"
-    );
+    wait_for_metric(&mesh, &testbed, "node-2", |l| {
+        l.starts_with("istio_tcp_connections_closed_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains(&principal)
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+    });
+    let received_5 = |reporter: &str, l: &str| {
+        l.starts_with("istio_tcp_received_bytes_total")
+            && l.contains(&format!("reporter=\"{reporter}\""))
+            && l.contains(&principal)
+            && l.ends_with(" 5")
+    };
+    wait_for_metric(&mesh, &testbed, "node-2", |l| received_5("destination", l));
     // The source proxy counts the same bytes, including any it sent as
     // early data with the CONNECT.
-    wait_until(WAIT, || {
-        let metrics = mesh.proxy_metrics(&testbed, "node-1")?;
-        Ok(metrics.lines().any(|l| {
-            l.starts_with("istio_tcp_received_bytes_total")
-                && l.contains("reporter=\"source\"")
-                && l.contains(&principal)
-                && l.ends_with(" 5")
-        }))
-    })
-    .unwrap();
+    wait_for_metric(&mesh, &testbed, "node-1", |l| received_5("source", l));
     let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
     assert!(
         log.lines()

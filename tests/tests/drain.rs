@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use weft_testbed::{PROXY_ADMIN_PORT, PodSpec, Target, Testbed, WeftMesh};
+use weft_testbed::{PROXY_ADMIN_PORT, PodSpec, Target, Testbed, WeftMesh, echo_round_trip};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -33,13 +33,6 @@ fn cluster() -> (Testbed, WeftMesh) {
     (testbed, mesh)
 }
 
-fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    stream.write_all(message).unwrap();
-    let mut echoed = vec![0; message.len()];
-    stream.read_exact(&mut echoed).unwrap();
-    echoed
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Stop {
     Sigterm,
@@ -55,7 +48,7 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
         .unwrap();
     let target = SocketAddr::from((testbed.pod_ip("server").unwrap(), 8080));
     let mut open = testbed.connect(Target::Pod("client"), target).unwrap();
-    assert_eq!(round_trip(&mut open, b"before"), b"before");
+    assert_eq!(echo_round_trip(&mut open, b"before").unwrap(), b"before");
 
     let proxy = mesh.proxy("node-1").unwrap();
     match stop {
@@ -67,7 +60,10 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
             // A GET must not do it.
             let (status, _) = admin(&testbed, "GET", "/drain");
             assert_eq!(status, 405);
-            assert_eq!(round_trip(&mut open, b"still up"), b"still up");
+            assert_eq!(
+                echo_round_trip(&mut open, b"still up").unwrap(),
+                b"still up"
+            );
             let (status, body) = admin(&testbed, "POST", "/drain");
             assert_eq!(status, 202, "{body}");
         }
@@ -75,7 +71,7 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
     proxy.wait_for_output("draining", WAIT).unwrap();
 
     // Draining: the open connection carries on, new ones are not accepted.
-    assert_eq!(round_trip(&mut open, b"during"), b"during");
+    assert_eq!(echo_round_trip(&mut open, b"during").unwrap(), b"during");
     let refused = testbed
         .connect(Target::Pod("client"), target)
         .and_then(|mut s| {
