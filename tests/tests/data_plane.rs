@@ -193,13 +193,26 @@ fn the_destination_proxy_names_the_source_principal() {
     let _server = testbed
         .start_echo_server(Target::Pod("server"), 8080)
         .unwrap();
-    let mut stream = testbed
+    // node-1's proxy is stopped while the client connects and writes (the
+    // kernel completes the handshake for it), so the bytes are waiting
+    // when it accepts: they leave as early data with the CONNECT.
+    let source_proxy = mesh.proxy("node-1").unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(source_proxy.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let connected = testbed
         .connect(
             Target::Pod("client"),
             addr(testbed.pod_ip("server").unwrap(), 8080),
         )
-        .unwrap();
-    assert_eq!(round_trip(&mut stream, b"hello"), b"hello");
+        .and_then(|mut stream| {
+            stream.write_all(b"hello")?;
+            Ok(stream)
+        });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let mut stream = connected.unwrap();
+    let mut echoed = [0u8; 5];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"hello");
     drop(stream);
 
     let principal = format!("source_principal=\"{CLIENT_ID}\"");
@@ -216,8 +229,7 @@ fn the_destination_proxy_names_the_source_principal() {
             && l.ends_with(" 5")
     };
     wait_for_metric(&mesh, &testbed, "node-2", |l| received_5("destination", l));
-    // The source proxy counts the same bytes, including any it sent as
-    // early data with the CONNECT.
+    // The source proxy counts the same bytes, all of them early data.
     wait_for_metric(&mesh, &testbed, "node-1", |l| received_5("source", l));
     let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
     assert!(

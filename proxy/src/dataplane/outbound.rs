@@ -10,8 +10,9 @@
 //! tried yet, outlier ejection, and the idle timeout.
 //!
 //! A tunnel carries the client's first bytes with its `CONNECT` when they
-//! are already there ([`EarlyData`]), so a new connection's first request
-//! does not wait for the tunnel's answer to cross back.
+//! are already there (early data, [`EARLY_DATA_LIMIT`]), so a new
+//! connection's first request does not wait for the tunnel's answer to
+//! cross back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use super::DataPlane;
 use super::idle::{Activity, idle_timeout};
 use super::routes::{Destination, NoRoute, Route, RouteTable};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
-use crate::hbone::{HBONE_PORT, HboneError, HboneRequest, HboneStream};
+use crate::hbone::{EarlyData, HBONE_PORT, HboneError, HboneRequest, HboneStream};
 use crate::node_view::Workload;
 use crate::sockets;
 
@@ -54,30 +55,35 @@ struct Client {
     /// without waiting (a server-first protocol sends nothing, and must not
     /// be held up). The bytes are out of the socket from then on, so every
     /// attempt after that must deliver them: a tunnel sends them with its
-    /// `CONNECT`, a direct connection writes them first.
-    early: Option<Bytes>,
+    /// `CONNECT`, a direct connection writes them first. And once they may
+    /// have arrived somewhere, no attempt may follow.
+    early: Option<EarlyData>,
 }
 
 impl Client {
-    /// The early bytes, reading them on the first call.
-    fn read_early(&mut self) -> Bytes {
+    /// The early data, reading it on the first call.
+    fn read_early(&mut self) -> &EarlyData {
         let stream = &self.stream;
-        self.early
-            .get_or_insert_with(|| {
-                let mut buf = [0u8; EARLY_DATA_LIMIT];
-                match stream.try_read(&mut buf) {
-                    Ok(n) => Bytes::copy_from_slice(&buf[..n]),
-                    // Nothing yet (WouldBlock), or an error the relay
-                    // will meet again on its first read.
-                    Err(_) => Bytes::new(),
-                }
+        self.early.get_or_insert_with(|| {
+            let mut buf = [0u8; EARLY_DATA_LIMIT];
+            EarlyData::new(match stream.try_read(&mut buf) {
+                Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+                // Nothing yet (WouldBlock), or an error the relay will
+                // meet again on its first read.
+                Err(_) => Bytes::new(),
             })
-            .clone()
+        })
     }
 
     /// The early bytes already read, if any.
     fn early_taken(&self) -> &[u8] {
-        self.early.as_deref().unwrap_or_default()
+        self.early.as_ref().map_or(&[], |early| early.bytes())
+    }
+
+    /// Whether a failed attempt may have delivered the early bytes, so
+    /// that another attempt could deliver them twice.
+    fn early_may_have_arrived(&self) -> bool {
+        self.early.as_ref().is_some_and(EarlyData::may_have_arrived)
     }
 }
 
@@ -179,6 +185,12 @@ async fn proxy(
                     warn!(endpoint = %ip, service = connection.target(), "outbound: endpoint ejected");
                     plane.metrics.ejection(connection.target());
                 }
+                if client.early_may_have_arrived() {
+                    // Better to fail the connection than to run the
+                    // client's first request twice.
+                    info!(endpoint = %ip, "outbound: not retrying: the endpoint may have the client's first bytes");
+                    return;
+                }
             }
         }
     }
@@ -218,8 +230,8 @@ async fn connect(
             };
             // Dial, handshakes and the CONNECT's answer together; the
             // caller bounds the time.
-            let early_data = client.read_early();
-            match plane.pool.connect_sending(request, early_data).await {
+            let early = client.read_early();
+            match plane.pool.connect_sending(request, early).await {
                 Ok(tunnel) => Ok(Upstream::Tunnel(tunnel, Peer::workload(dst))),
                 Err(error) => {
                     warn!(%error, "outbound: HBONE tunnel failed");

@@ -3,7 +3,9 @@
 //! HTTP/2 handshake, and a `CONNECT` on an established connection.
 //! [`HbonePool`](super::HbonePool) decides which connection a request uses.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
@@ -39,6 +41,59 @@ pub struct HboneRequest {
     pub forwarded_for: Option<SocketAddr>,
     /// Further request headers, such as `baggage` and `traceparent`.
     pub headers: HeaderMap,
+}
+
+/// Bytes to send right behind a `CONNECT`, before its answer (see
+/// [`HbonePool::connect_sending`](super::HbonePool::connect_sending)), and
+/// whether they may have reached the destination.
+///
+/// The destination proxy forwards them to the pod only after it has
+/// answered 200. So a failure that shows the answer was something else (a
+/// refusal, a reset stream, an orderly GOAWAY: anything sent before it
+/// would have arrived first) proves the pod never got them, and they may be
+/// sent again elsewhere. A broken connection, or giving up while the answer
+/// is on its way, proves nothing: the peer may have answered 200 and passed
+/// the bytes on. Sending them again could then run a request twice.
+#[derive(Default)]
+pub struct EarlyData {
+    bytes: Bytes,
+    /// Sent on a stream whose answer has not ruled out delivery.
+    in_flight: AtomicBool,
+}
+
+impl EarlyData {
+    /// Early data of `bytes` (may be empty: then this is a plain `CONNECT`).
+    pub fn new(bytes: Bytes) -> EarlyData {
+        EarlyData {
+            bytes,
+            in_flight: AtomicBool::new(false),
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Whether the bytes may have reached the destination although no
+    /// tunnel came of it: if so, no other attempt may send them.
+    pub fn may_have_arrived(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn set_in_flight(&self, in_flight: bool) {
+        self.in_flight.store(in_flight, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for EarlyData {
+    // Never the bytes themselves: they are the client's payload.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EarlyData")
+            .field("len", &self.bytes.len())
+            .field("may_have_arrived", &self.may_have_arrived())
+            .finish()
+    }
 }
 
 /// The HTTP/2 connection future the pool's driver task polls.
@@ -90,10 +145,8 @@ pub(crate) async fn handshake(
     })
 }
 
-/// Why opening a stream failed, and what the pool may do about it. Tunnel
-/// data sent before the 200 (early data) went to the peer proxy, never to
-/// the destination (it forwards nothing before it answers 200), so a retry
-/// sends the same bytes again and none arrive twice.
+/// Why opening a stream failed, and what the pool may do about it (early
+/// data that may have arrived forbids any retry: see [`EarlyData`]).
 pub(crate) struct OpenFailure {
     pub(crate) error: HboneError,
     pub(crate) retry: Retry,
@@ -124,7 +177,7 @@ pub(crate) enum Retry {
 pub(crate) async fn open_stream(
     send_request: &SendRequest<Bytes>,
     request: &HboneRequest,
-    early_data: &Bytes,
+    early: &EarlyData,
     lease: SlotLease,
 ) -> Result<HboneStream, OpenFailure> {
     let target = request.target;
@@ -155,24 +208,34 @@ pub(crate) async fn open_stream(
         };
         failed(e, retry)
     })?;
-    if !early_data.is_empty() {
-        // Fails only if the stream is already reset; the answer says why.
-        if let Err(error) = send.send_data(early_data.clone(), false) {
-            tracing::debug!(%error, "sending early data failed");
+    if !early.bytes.is_empty() {
+        // Set before the send: if this future is dropped from here on (a
+        // connect timeout), the bytes may be on their way.
+        early.set_in_flight(true);
+        if let Err(e) = send.send_data(early.bytes.clone(), false) {
+            // The stream or connection failed before the bytes left.
+            early.set_in_flight(false);
+            let retry = retry_after(&e);
+            return Err(failed(e, retry));
         }
     }
     let response = match response.await {
         Ok(response) => response,
-        Err(e) if e.is_go_away() || e.is_io() => {
+        Err(e) if e.is_io() => {
+            // Broken mid-answer: a 200 may have been on its way.
             return Err(failed(e, Retry::OnAnotherConnection));
         }
-        Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
-            return Err(failed(e, Retry::Again));
+        Err(e) => {
+            // An orderly end (GOAWAY, a reset stream): a 200 would have
+            // come first, so the peer forwarded nothing.
+            early.set_in_flight(false);
+            let retry = retry_after(&e);
+            return Err(failed(e, retry));
         }
-        Err(e) => return Err(failed(e, Retry::Never)),
     };
     let status = response.status();
     if status != StatusCode::OK {
+        early.set_in_flight(false);
         send.send_reset(h2::Reason::CANCEL);
         return Err(OpenFailure {
             error: HboneError::Refused {
@@ -184,6 +247,17 @@ pub(crate) async fn open_stream(
         });
     }
     Ok(HboneStream::new(send, response.into_body(), Some(lease)))
+}
+
+/// Whether a `CONNECT` that failed with `e` may be tried again, and where.
+fn retry_after(e: &h2::Error) -> Retry {
+    if e.is_go_away() || e.is_io() {
+        Retry::OnAnotherConnection
+    } else if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Retry::Again
+    } else {
+        Retry::Never
+    }
 }
 
 /// `CONNECT <ip>:<port>` in authority form (`[v6]:port` for IPv6).

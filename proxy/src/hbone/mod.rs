@@ -27,7 +27,7 @@ mod slots;
 mod stream;
 mod tuning;
 
-pub use client::HboneRequest;
+pub use client::{EarlyData, HboneRequest};
 pub use error::HboneError;
 pub use headers::parse_forwarded_for;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};

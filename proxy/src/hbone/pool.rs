@@ -24,7 +24,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::Instrument;
 use weft_certs::{Identity, WorkloadCertificate};
 
-use super::client::{ClientConnection, Handshaken, HboneRequest, Retry, handshake, open_stream};
+use super::client::{
+    ClientConnection, EarlyData, Handshaken, HboneRequest, Retry, handshake, open_stream,
+};
 use super::error::HboneError;
 use super::slots::{SlotLease, StreamSlots};
 use super::stream::HboneStream;
@@ -146,17 +148,18 @@ impl HbonePool {
     /// that meets a connection the peer is closing (GOAWAY) is retried once
     /// on another connection.
     pub async fn connect(&self, request: HboneRequest) -> Result<HboneStream, HboneError> {
-        self.connect_sending(request, Bytes::new()).await
+        self.connect_sending(request, &EarlyData::default()).await
     }
 
-    /// [`HbonePool::connect`], sending `early_data` right behind the
-    /// `CONNECT` instead of after its answer (see `client::open_stream`).
-    /// On success the bytes are in the tunnel; on failure none reached the
-    /// destination.
+    /// [`HbonePool::connect`], sending `early` right behind the `CONNECT`
+    /// instead of after its answer (see `client::open_stream`). On success
+    /// the bytes are in the tunnel. On failure, or if this future is
+    /// dropped, [`EarlyData::may_have_arrived`] says whether they might
+    /// have reached the destination anyway; if so, nothing is retried.
     pub async fn connect_sending(
         &self,
         request: HboneRequest,
-        early_data: Bytes,
+        early: &EarlyData,
     ) -> Result<HboneStream, HboneError> {
         let span = tracing::debug_span!(
             "hbone_connect",
@@ -165,7 +168,7 @@ impl HbonePool {
             target = %request.target,
             via = %request.hbone_addr,
         );
-        self.connect_once_or_twice(&request, &early_data)
+        self.connect_once_or_twice(&request, early)
             .instrument(span)
             .await
     }
@@ -193,7 +196,7 @@ impl HbonePool {
     async fn connect_once_or_twice(
         &self,
         request: &HboneRequest,
-        early_data: &Bytes,
+        early: &EarlyData,
     ) -> Result<HboneStream, HboneError> {
         let key = PoolKey {
             source: request.certificate.identity().clone(),
@@ -204,15 +207,14 @@ impl HbonePool {
         let mut retried = false;
         loop {
             let (connection, lease) = self.checkout(&key, request).await?;
-            let failure =
-                match open_stream(&connection.send_request, request, early_data, lease).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(failure) => failure,
-                };
+            let failure = match open_stream(&connection.send_request, request, early, lease).await {
+                Ok(stream) => return Ok(stream),
+                Err(failure) => failure,
+            };
             if failure.retry == Retry::OnAnotherConnection {
                 self.inner.retire(&key, &connection);
             }
-            if retried || failure.retry == Retry::Never {
+            if retried || failure.retry == Retry::Never || early.may_have_arrived() {
                 return Err(failure.error);
             }
             tracing::debug!(error = %failure.error, "retrying once");
