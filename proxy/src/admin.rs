@@ -1,8 +1,11 @@
 //! The admin endpoint (localhost:15000 by default): what the proxy was told
 //! and what it holds, for the operator at 3 a.m., and the two knobs they
-//! need then. Plain HTTP/1.1. It listens on loopback only: whoever can reach
-//! it is already root-equivalent on the node (the proxy's own network
-//! namespace), so there is no further authentication.
+//! need then. Plain HTTP/1.1, on loopback. Anyone on the node can read it;
+//! only the proxy's own user (root, normally) can change anything: a POST
+//! is answered only when the kernel's socket table says the connecting
+//! socket belongs to that user, and never when it carries an `Origin`
+//! (a browser page). A drain takes the node's capture rules away, so an
+//! unprivileged process must not be able to ask for one.
 //!
 //! - `GET /config_dump`: the proxy's settings, the control-plane link, the
 //!   applied config version (and the last refused one), trust domain, and
@@ -30,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::certificates::CertificateMap;
 use crate::control_plane::{ControlPlaneStatus, ViewReceiver};
-use crate::http_server::{self, text};
+use crate::http_server::{self, Connection, text};
 use crate::logging::LogFilter;
 use crate::node_view::NodeView;
 use crate::wall_clock::{rfc3339, seconds_until};
@@ -80,6 +83,16 @@ pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let method = request.method();
+    if method == Method::POST
+        && let Err(refusal) = may_change(request)
+    {
+        tracing::warn!(reason = %refusal, path = request.uri().path(), "admin: refused a POST");
+        return http_server::respond(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            format!("{refusal}\n"),
+        );
+    }
     match (request.uri().path(), method) {
         ("/healthz", &Method::GET) => text(StatusCode::OK, "ok"),
         ("/config_dump", &Method::GET) => json_response(config_dump(state)),
@@ -109,6 +122,33 @@ fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             StatusCode::NOT_FOUND,
             "not found; try /config_dump, /certs, /logging, /drain or /healthz\n",
         ),
+    }
+}
+
+/// Whether `request` may change the proxy: it comes from a socket owned by
+/// the proxy's own user, and not from a browser page.
+fn may_change(request: &Request<Incoming>) -> Result<(), String> {
+    if request.headers().contains_key(hyper::header::ORIGIN) {
+        return Err(
+            "refused: requests from web pages (with an Origin) may not change the proxy".into(),
+        );
+    }
+    let Some(connection) = request.extensions().get::<Connection>() else {
+        return Err("refused: the connection is unknown".into());
+    };
+    let own = crate::local_peer::own_uid()
+        .map_err(|e| format!("refused: cannot tell which user the proxy runs as: {e}"))?;
+    match crate::local_peer::socket_owner(connection.peer, connection.local) {
+        Ok(Some(uid)) if uid == own => Ok(()),
+        Ok(Some(uid)) => Err(format!(
+            "refused: only uid {own} may change the proxy; {} belongs to uid {uid}",
+            connection.peer
+        )),
+        Ok(None) => Err(format!(
+            "refused: {} is not a socket on this host",
+            connection.peer
+        )),
+        Err(e) => Err(format!("refused: reading the socket table: {e}")),
     }
 }
 

@@ -13,6 +13,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info_span, warn};
 
+/// The connection a request came on (a request extension), for handlers
+/// that care who is asking.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Connection {
+    /// The client's address.
+    pub(crate) peer: std::net::SocketAddr,
+    /// The address the client connected to.
+    pub(crate) local: std::net::SocketAddr,
+}
+
 /// Answers one request.
 pub(crate) type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
@@ -29,9 +39,16 @@ pub(crate) async fn serve(listener: TcpListener, name: &'static str, handler: Ha
             }
         };
         let handler = handler.clone();
+        let local = stream.local_addr().unwrap_or_else(|_| {
+            listener
+                .local_addr()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+        });
+        let about = Connection { peer, local };
         let connection = async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 let handler = handler.clone();
+                request.extensions_mut().insert(about);
                 async move { Ok::<_, Infallible>(handler(&request)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -34,6 +34,7 @@ pub mod dataplane;
 mod error;
 pub mod hbone;
 mod http_server;
+mod local_peer;
 pub mod logging;
 mod monitoring;
 mod node_proxy;
