@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 use weft_certs::{Identity, WorkloadCertificate};
 
@@ -19,7 +18,7 @@ use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::certificates::CertificateMap;
 use weft_api::authorization::Connection;
 
-use crate::hbone::{self, HANDSHAKE_TIMEOUT, InboundHandler, InboundRequest, Refusal};
+use crate::hbone::{self, HboneError, InboundHandler, InboundRequest, Refusal};
 use crate::sockets;
 
 /// What a cached server config was built from: the certificate (by its
@@ -107,24 +106,26 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
             .failure(Direction::Inbound, "handshake_overload");
         return;
     };
-    let tls = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsAcceptor::from(config).accept(hbone::hbone_socket(tcp)),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            let reason = handshake_failure(&error);
-            warn!(%error, reason, "inbound: TLS handshake refused");
+    let tls = match hbone::accept_tls(tcp, config).await {
+        Ok(tls) => tls,
+        Err(HboneError::TlsAccept { failure, .. }) => {
+            let reason = handshake_failure(&failure);
+            warn!(error = %failure, reason, "inbound: TLS handshake refused");
             plane.metrics.failure(Direction::Inbound, reason);
             return;
         }
-        Err(_) => {
-            warn!("inbound: TLS handshake timed out");
+        Err(error @ HboneError::HandshakeTimeout { .. }) => {
+            warn!(%error, "inbound: TLS handshake timed out");
             plane
                 .metrics
                 .failure(Direction::Inbound, "handshake_timeout");
+            return;
+        }
+        Err(error) => {
+            warn!(%error, "inbound: TLS handshake failed");
+            plane
+                .metrics
+                .failure(Direction::Inbound, "handshake_failed");
             return;
         }
     };

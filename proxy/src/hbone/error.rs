@@ -56,12 +56,13 @@ pub enum HboneError {
 
     /// The TLS handshake of an inbound connection failed (garbage, plaintext,
     /// a client certificate the mesh does not trust).
-    #[error("TLS handshake with client {peer}: {problem}")]
+    #[error("TLS handshake with client {peer}: {}", tls_problem(failure))]
     TlsAccept {
         /// The client's address.
         peer: SocketAddr,
-        /// Why the handshake failed.
-        problem: String,
+        /// Why the handshake failed, whole, so that callers can tell the
+        /// kinds apart (not a `source`: the message already says it).
+        failure: std::io::Error,
     },
 
     /// An inbound client did not finish a handshake in time (TLS, or the

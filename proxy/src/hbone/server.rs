@@ -20,7 +20,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 use weft_certs::Identity;
 
-use super::error::{HboneError, tls_problem};
+use super::error::HboneError;
 use super::headers::parse_forwarded_for;
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
 use super::tuning::{
@@ -135,10 +135,7 @@ pub async fn accept_tls(
     let handshake = TlsAcceptor::from(config).accept(hbone_socket(tcp));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(HboneError::TlsAccept {
-            peer,
-            problem: tls_problem(&e),
-        }),
+        Ok(Err(failure)) => Err(HboneError::TlsAccept { peer, failure }),
         Err(_) => Err(HboneError::HandshakeTimeout {
             peer,
             step: "TLS",
