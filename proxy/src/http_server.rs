@@ -39,16 +39,18 @@ pub(crate) async fn serve(listener: TcpListener, name: &'static str, handler: Ha
             }
         };
         let handler = handler.clone();
-        let local = stream.local_addr().unwrap_or_else(|_| {
-            listener
-                .local_addr()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
-        });
-        let about = Connection { peer, local };
+        // Unknown only if the socket is already broken; handlers that need
+        // it then refuse.
+        let about = stream
+            .local_addr()
+            .ok()
+            .map(|local| Connection { peer, local });
         let connection = async move {
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 let handler = handler.clone();
-                request.extensions_mut().insert(about);
+                if let Some(about) = about {
+                    request.extensions_mut().insert(about);
+                }
                 async move { Ok::<_, Infallible>(handler(&request)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -254,10 +254,10 @@ async fn connect(
                     .await;
             let dialled = match dialled {
                 // Bytes an earlier (tunnel) attempt took from the client.
-                Ok(mut upstream) => match upstream.write_all(client.early_taken()).await {
-                    Ok(()) => Ok(upstream),
-                    Err(error) => Err(error),
-                },
+                Ok(mut upstream) => upstream
+                    .write_all(client.early_taken())
+                    .await
+                    .map(|()| upstream),
                 Err(error) => Err(error),
             };
             match dialled {
