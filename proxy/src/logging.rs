@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::level_filters::LevelFilter;
+use tracing_log::AsLog;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -55,19 +56,8 @@ impl LogFilter {
         directives.clone_into(&mut current);
         // Crates that log through `log` (rustls) are filtered by its own
         // maximum, fixed when the subscriber was installed: follow along.
-        log::set_max_level(as_log(LevelFilter::current()));
+        tracing_log::log::set_max_level(LevelFilter::current().as_log());
         Ok(())
-    }
-}
-
-fn as_log(filter: LevelFilter) -> log::LevelFilter {
-    match filter.into_level() {
-        None => log::LevelFilter::Off,
-        Some(tracing::Level::ERROR) => log::LevelFilter::Error,
-        Some(tracing::Level::WARN) => log::LevelFilter::Warn,
-        Some(tracing::Level::INFO) => log::LevelFilter::Info,
-        Some(tracing::Level::DEBUG) => log::LevelFilter::Debug,
-        Some(tracing::Level::TRACE) => log::LevelFilter::Trace,
     }
 }
 
@@ -116,7 +106,7 @@ mod tests {
         assert!(tracing::enabled!(Level::DEBUG));
         assert_eq!(filter.current(), "debug");
         assert!(
-            log::max_level() >= log::LevelFilter::Debug,
+            tracing_log::log::max_level() >= tracing_log::log::LevelFilter::Debug,
             "rustls's records too"
         );
 
