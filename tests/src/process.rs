@@ -203,6 +203,14 @@ impl Process {
         }
     }
 
+    /// Sends `signal` to the process itself (not its group): SIGTERM to ask
+    /// it to stop, SIGSTOP and SIGCONT to hold it still for a moment.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = i32::try_from(self.pid()).context("the pid does not fit a pid_t")?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to {}", self.tracked.label))
+    }
+
     /// Stops it now (SIGTERM, grace, SIGKILL) and returns how it ended. Dropping the
     /// handle does the same.
     pub fn stop(&self) -> Result<ExitStatus> {

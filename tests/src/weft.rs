@@ -397,21 +397,37 @@ impl WeftMesh {
 
 /// A plain HTTP/1.1 GET from inside a namespace; the body of a 200 answer.
 pub fn http_get(testbed: &Testbed, from: Target<'_>, to: SocketAddr, path: &str) -> Result<String> {
+    let (status, body) = http_request(testbed, from, to, "GET", path)?;
+    if status != 200 {
+        bail!("GET {path} from {to}: status {status}: {body}");
+    }
+    Ok(body)
+}
+
+/// One plain HTTP/1.1 request without a body from inside a namespace:
+/// the answer's status and body, whatever the status.
+pub fn http_request(
+    testbed: &Testbed,
+    from: Target<'_>,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String)> {
     let mut stream = testbed.connect(from, to)?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("GET {path} from {to}: malformed response"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        bail!("GET {path} from {to}: status {status}: {body}");
-    }
-    Ok(body.to_owned())
+    let malformed = || format!("{method} {path} from {to}: malformed response");
+    let (head, body) = response.split_once("\r\n\r\n").with_context(malformed)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .with_context(malformed)?;
+    Ok((status, body.to_owned()))
 }
 
 /// Polls `condition` until it holds, fails, or `timeout` passes.

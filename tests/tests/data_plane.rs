@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use weft_testbed::{
     Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echo_round_trip,
     start_checksum_server, wait_until,
@@ -197,8 +198,7 @@ fn the_destination_proxy_names_the_source_principal() {
     // kernel completes the handshake for it), so the bytes are waiting
     // when it accepts: they leave as early data with the CONNECT.
     let source_proxy = mesh.proxy("node-1").unwrap();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(source_proxy.pid()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    source_proxy.signal(Signal::SIGSTOP).unwrap();
     let connected = testbed
         .connect(
             Target::Pod("client"),
@@ -208,7 +208,7 @@ fn the_destination_proxy_names_the_source_principal() {
             stream.write_all(b"hello")?;
             Ok(stream)
         });
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    source_proxy.signal(Signal::SIGCONT).unwrap();
     let mut stream = connected.unwrap();
     let mut echoed = [0u8; 5];
     stream.read_exact(&mut echoed).unwrap();

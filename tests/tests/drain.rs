@@ -7,7 +7,10 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use weft_testbed::{PROXY_ADMIN_PORT, PodSpec, Target, Testbed, WeftMesh, echo_round_trip};
+use nix::sys::signal::Signal;
+use weft_testbed::{
+    PROXY_ADMIN_PORT, PodSpec, Target, Testbed, WeftMesh, echo_round_trip, http_request,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -53,8 +56,7 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
     let proxy = mesh.proxy("node-1").unwrap();
     match stop {
         Stop::Sigterm => {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(proxy.pid()).unwrap());
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            proxy.signal(Signal::SIGTERM).unwrap();
         }
         Stop::AdminDrain => {
             // A GET must not do it.
@@ -107,17 +109,7 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
 /// One request to node-1's admin endpoint: status and body.
 fn admin(testbed: &Testbed, method: &str, path: &str) -> (u16, String) {
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_ADMIN_PORT));
-    let mut stream = testbed.connect(Target::Node("node-1"), admin).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    http_request(testbed, Target::Node("node-1"), admin, method, path).unwrap()
 }
 
 #[test]
