@@ -3,10 +3,13 @@
 //! `proto/weft/v1/weft.proto` at build time.
 //!
 //! This crate is the contract and nothing else: no conversions to domain
-//! types (those live next to the code that owns the domain), and one piece of
-//! behaviour that is part of the contract's meaning: how an authorization
-//! policy decides a connection ([`authorization`]), shared by the proxy that
-//! enforces it and the control plane that explains it. Start
+//! types (those live next to the code that owns the domain), except for the
+//! parts of the contract's meaning that both sides must read alike: how an
+//! authorization policy decides a connection ([`authorization`]), shared by
+//! the proxy that enforces it and the control plane that explains it, and
+//! what a traffic policy's values are ([`traffic`]), which the control plane
+//! checks with the proxy's own conversion before it sends an object. A
+//! value that does not convert is an [`Error`] naming the field. Start
 //! with [`v1::ConfigUpdate`], the message that carries a node's view of the
 //! mesh, and [`v1::node_config_server::NodeConfig`], the stream that carries it.
 
@@ -17,6 +20,10 @@ pub mod v1 {
 }
 
 pub mod authorization;
+mod error;
+pub mod traffic;
+
+pub use error::Error;
 
 /// The gRPC metadata key that carries a proxy's credential.
 pub const AUTHORIZATION_HEADER: &str = "authorization";

@@ -161,9 +161,15 @@ impl NodeStream {
                 debug!(version = ack.version, "proxy applied config");
                 self.registry.acked(&self.node, ack.version);
             }
+            Some(Kind::Nack(nack)) if nack.applied => {
+                warn!(version = nack.version, reason = %nack.reason, "proxy applied config except some entries it refused");
+                self.registry
+                    .nacked(&self.node, nack.version, &nack.reason, true);
+            }
             Some(Kind::Nack(nack)) => {
                 warn!(version = nack.version, reason = %nack.reason, "proxy refused config");
-                self.registry.nacked(&self.node, nack.version, &nack.reason);
+                self.registry
+                    .nacked(&self.node, nack.version, &nack.reason, false);
             }
             Some(Kind::Hello(_)) | None => {
                 warn!("unexpected message on an open stream; ignored");

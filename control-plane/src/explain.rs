@@ -1,7 +1,10 @@
 //! `weft-control-plane explain`: what would happen to a connection, and
 //! why. It derives the mesh from the same sources the control plane serves
 //! from and decides with the same evaluation the destination proxy runs
-//! ([`weft_api::authorization`]), so its answer is the proxy's answer.
+//! ([`weft_api::authorization::decide`]: STRICT, policies refused as
+//! invalid, DENY, ALLOW, AUDIT), so its answer is the proxy's answer on
+//! every path: a tunnel from another node and a connection from a pod on
+//! the destination's own node are decided alike, with the client's identity.
 
 use std::fmt::Write as _;
 
@@ -89,6 +92,12 @@ pub fn explain(
         .and_then(|(target, port)| Some((target, port.parse::<u16>().ok()?)))
         .ok_or_else(|| format!("--to {:?}: expected <target>:<port>", args.to))?;
     let destinations = destinations(&mesh, target, port)?;
+    // Compiled as the proxy compiles them when it applies its config.
+    let compiled: std::collections::BTreeMap<&str, authorization::Policy> = mesh
+        .authorization_policies
+        .iter()
+        .filter_map(|(key, wire)| Some((key.as_str(), authorization::Policy::compile(wire).ok()?)))
+        .collect();
 
     let mut report = String::new();
     let source = if args.plaintext {
@@ -108,22 +117,14 @@ pub fn explain(
             );
             continue;
         }
-        let strict = pod.mtls_mode == pb::MtlsMode::Strict as i32;
-        if args.plaintext && strict {
-            allowed = false;
-            let _ = writeln!(
-                report,
-                "{where_}: denied: plaintext is refused, mTLS mode STRICT set by MtlsPolicy {}",
-                pod.mtls_policy
-            );
-            continue;
-        }
-        let policies = pod
-            .authorization_policies
-            .iter()
-            .filter_map(|key| mesh.authorization_policies.get(key));
-        let decision = authorization::evaluate(
-            policies,
+        let destination = authorization::Destination {
+            mtls_strict: pod.mtls_mode == pb::MtlsMode::Strict as i32,
+            mtls_policy: &pod.mtls_policy,
+            policies: &pod.authorization_policies,
+        };
+        let decision = authorization::decide(
+            &destination,
+            |key| compiled.get(key),
             &Connection {
                 source_principal: (!args.plaintext).then_some(principal.as_str()),
                 source_ip: args.from_ip,

@@ -51,6 +51,9 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, Vec<ClusterObject>>,
     /// Problems of the last read, by file.
     problems: BTreeMap<PathBuf, Vec<ManifestProblem>>,
+    /// Documents of a kind weft does not use, by file (not problems: the
+    /// file is still read, but nothing is dropped without a word).
+    ignored: BTreeMap<PathBuf, Vec<ManifestProblem>>,
 }
 
 impl ManifestDir {
@@ -82,10 +85,12 @@ impl ManifestDir {
         }
         self.files.retain(|path, _| present.contains(path));
         self.problems.retain(|path, _| present.contains(path));
+        self.ignored.retain(|path, _| present.contains(path));
         for path in present {
             match read_file(&path) {
-                Ok(objects) => {
+                Ok((objects, ignored)) => {
                     self.problems.remove(&path);
+                    self.ignored.insert(path.clone(), ignored);
                     self.files.insert(path, objects);
                 }
                 Err(problems) => {
@@ -117,10 +122,21 @@ impl ManifestDir {
     pub fn problems(&self) -> Vec<ManifestProblem> {
         self.problems.values().flatten().cloned().collect()
     }
+
+    /// The problems, then the documents skipped as kinds weft does not use:
+    /// what `/debug/manifests` lists.
+    pub fn notes(&self) -> Vec<ManifestProblem> {
+        let ignored = self.ignored.values().flatten().cloned();
+        self.problems().into_iter().chain(ignored).collect()
+    }
 }
 
 /// Reads one file into objects, or every problem that stops it.
-fn read_file(path: &Path) -> Result<Vec<ClusterObject>, Vec<ManifestProblem>> {
+/// The objects of one file and notes on the documents it skipped (kinds
+/// weft does not use), or every problem that refuses the file.
+type FileObjects = (Vec<ClusterObject>, Vec<ManifestProblem>);
+
+fn read_file(path: &Path) -> Result<FileObjects, Vec<ManifestProblem>> {
     let problem = |document: Option<usize>, reason: String| ManifestProblem {
         file: path.to_owned(),
         document,
@@ -143,23 +159,74 @@ fn read_file(path: &Path) -> Result<Vec<ClusterObject>, Vec<ManifestProblem>> {
 
     let mut objects = Vec::new();
     let mut problems = Vec::new();
+    let mut ignored = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
         if document.is_null() {
             continue;
         }
-        match ClusterObject::from_value(document) {
+        match ClusterObject::from_value(apply_defaults(document)) {
             Ok(object) => objects.push(object),
             Err(ObjectProblem::Ignored { kind }) => {
                 debug!(file = %path.display(), index, kind, "ignoring object of an unused kind");
+                ignored.push(problem(
+                    Some(index),
+                    format!("ignored: weft does not use kind {kind}"),
+                ));
             }
             Err(ObjectProblem::Invalid { reason }) => problems.push(problem(Some(index), reason)),
         }
     }
     if problems.is_empty() {
-        Ok(objects)
+        Ok((objects, ignored))
     } else {
         Err(problems)
     }
+}
+
+/// The namespace of an object written without one, as `kubectl apply`
+/// without `-n` would give it.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What the API server (and kubectl) would fill in before anyone saw the
+/// object: the namespace of a namespaced object written without one, and
+/// the ServiceAccount of a pod without one (the ServiceAccount admission
+/// plugin's `default`; never for a static pod's mirror, which it skips).
+/// Demo applications' YAML (Online Boutique, bookinfo, httpbin) relies on
+/// both.
+fn apply_defaults(mut document: Value) -> Value {
+    let kind = document.get("kind").and_then(Value::as_str).unwrap_or("");
+    let is_namespace = kind == "Namespace";
+    let is_pod = kind == "Pod" && document.get("apiVersion").and_then(Value::as_str) == Some("v1");
+    let Some(object) = document.as_object_mut() else {
+        return document;
+    };
+    if !is_namespace {
+        let metadata = object
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(metadata) = metadata.as_object_mut() {
+            let namespace = metadata.get("namespace").and_then(Value::as_str);
+            if namespace.is_none_or(str::is_empty) {
+                metadata.insert("namespace".into(), DEFAULT_NAMESPACE.into());
+            }
+        }
+    }
+    if is_pod {
+        let mirror = object
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get("kubernetes.io/config.mirror"))
+            .is_some();
+        if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
+            && !mirror
+        {
+            let account = spec.get("serviceAccountName").and_then(Value::as_str);
+            if account.is_none_or(str::is_empty) {
+                spec.insert("serviceAccountName".into(), "default".into());
+            }
+        }
+    }
+    document
 }
 
 /// Splits a multi-document YAML text into JSON values.
@@ -185,7 +252,7 @@ pub fn watch_dir(
     source.reload()?;
     info!(dir = %dir.display(), files = source.files.len(), "read local manifests");
     let (state_tx, state_rx) = watch::channel(source.state());
-    let (problems_tx, problems_rx) = watch::channel(source.problems());
+    let (problems_tx, problems_rx) = watch::channel(source.notes());
 
     let (event_tx, mut event_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -219,7 +286,7 @@ pub fn watch_dir(
                 warn!(%error, "re-reading manifests failed; keeping the last state");
                 continue;
             }
-            let problems = source.problems();
+            let problems = source.notes();
             problems_tx.send_if_modified(|current| {
                 let changed = *current != problems;
                 *current = problems;

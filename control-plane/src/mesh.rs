@@ -46,10 +46,21 @@ impl Mesh {
     /// Derives the mesh from the cluster. Pods that cannot be part of it
     /// (finished, unscheduled, or whose identity is invalid) are left out.
     pub fn derive(cluster: &ClusterState, trust: pb::TrustBundle) -> Mesh {
+        let policies = policy::AuthorizationPolicies::of(cluster);
         let mut workloads = BTreeMap::new();
         for (uid, pod) in &cluster.pods {
-            if let Some(workload) = workload_of(cluster, uid, pod, &trust.trust_domain) {
+            if let Some(workload) = workload_of(cluster, &policies, uid, pod, &trust.trust_domain) {
                 workloads.insert(uid.clone(), workload);
+            }
+        }
+        refuse_shared_ips(&mut workloads);
+        for (key, problem) in &policies.invalid {
+            tracing::warn!(policy = %key, %problem, "AuthorizationPolicy is invalid: not sent; the pods it selects refuse every connection (an AUDIT one is only left out)");
+        }
+        for (key, traffic) in &cluster.traffic_policies {
+            let namespace = traffic.metadata.namespace.as_deref().unwrap_or("");
+            if let Err(problem) = crate::traffic::to_wire(key, namespace, traffic) {
+                tracing::warn!(policy = %key, %problem, "TrafficPolicy is invalid: it configures nothing");
             }
         }
         let services = cluster
@@ -60,7 +71,7 @@ impl Mesh {
         Mesh {
             workloads,
             services,
-            authorization_policies: policy::authorization_policies(cluster),
+            authorization_policies: policies.valid,
             trust,
         }
     }
@@ -74,8 +85,62 @@ impl Mesh {
     }
 }
 
+/// The annotation the kubelet puts on the API server's mirror of a static
+/// pod (one defined by a file on the node, not by the API).
+const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Why a pod gets no identity, if it gets none: a static pod's mirror (its
+/// spec comes from a node's disk, so the node, not the API, says who it
+/// is), a pod without a ServiceAccount, or one in the host's network
+/// namespace (its address is the node's: capturing it would capture the
+/// node). Such pods are left out of the mesh: no certificate, no capture.
+fn no_identity_reason(pod: &Pod) -> Option<&'static str> {
+    let spec = pod.spec.as_ref()?;
+    if pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION))
+    {
+        return Some("a static pod's mirror");
+    }
+    if spec.host_network == Some(true) {
+        return Some("in the host's network namespace");
+    }
+    if spec
+        .service_account_name
+        .as_deref()
+        .unwrap_or("")
+        .is_empty()
+    {
+        return Some("without a ServiceAccount");
+    }
+    None
+}
+
+/// An address claimed by two pods names neither: the address is taken off
+/// both (so neither is reached, captured or trusted at it), which is logged,
+/// never resolved by which pod sorts first.
+fn refuse_shared_ips(workloads: &mut BTreeMap<String, MeshWorkload>) {
+    let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (uid, workload) in workloads.iter() {
+        for ip in &workload.workload.ips {
+            owners.entry(ip.clone()).or_default().push(uid.clone());
+        }
+    }
+    for (ip, uids) in owners.into_iter().filter(|(_, uids)| uids.len() > 1) {
+        tracing::warn!(%ip, pods = ?uids, "an IP is claimed by more than one pod; it is refused for all of them");
+        for uid in &uids {
+            if let Some(workload) = workloads.get_mut(uid) {
+                workload.workload.ips.retain(|own| *own != ip);
+            }
+        }
+    }
+}
+
 fn workload_of(
     cluster: &ClusterState,
+    policies: &policy::AuthorizationPolicies,
     uid: &str,
     pod: &Pod,
     trust_domain: &str,
@@ -87,13 +152,17 @@ fn workload_of(
     if phase == "Succeeded" || phase == "Failed" {
         return None;
     }
+    if let Some(reason) = no_identity_reason(pod) {
+        tracing::debug!(
+            pod = uid,
+            reason,
+            "pod left out of the mesh: it gets no identity"
+        );
+        return None;
+    }
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
+    let service_account = spec.service_account_name.clone().unwrap_or_default();
     let identity = match Identity::new(trust_domain, &namespace, &service_account) {
         Ok(identity) => identity,
         Err(error) => {
@@ -127,7 +196,7 @@ fn workload_of(
     };
 
     let workload_name = workload_name(pod, &name, &labels);
-    let authorization_policies = policy::authorization_policies_of(cluster, &namespace, &labels);
+    let applicable = policies.applying_to(cluster, &namespace, &labels);
     let (mtls_mode, mtls_policy) = policy::mtls_mode_of(cluster, &namespace, &labels);
     Some(MeshWorkload {
         workload: pb::Workload {
@@ -141,7 +210,8 @@ fn workload_of(
             ips,
             meshed,
             labels: labels.into_iter().collect(),
-            authorization_policies,
+            authorization_policies: applicable.keys,
+            invalid_authorization_policies: applicable.invalid,
             mtls_mode: mtls_mode as i32,
             mtls_policy,
         },

@@ -2,6 +2,14 @@
 //! workload, an AuthorizationPolicy in its wire form, and the mTLS mode that
 //! wins for a workload. The rules themselves are evaluated by
 //! [`weft_api::authorization`], in the proxy and in `explain` alike.
+//!
+//! Every AuthorizationPolicy is compiled with the proxy's own compiler
+//! ([`weft_api::authorization::Policy::compile`]) before it is sent. One
+//! that fails is not sent and reports `Invalid` in its status; an ALLOW or
+//! DENY among them still applies to the pods it selects, which then refuse
+//! every connection (fail closed: a DENY that is broken must not let
+//! through what it was written to stop). An invalid AUDIT policy is only
+//! left out: it never decided anything.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -29,34 +37,76 @@ pub fn applies(
     }
 }
 
-/// Every AuthorizationPolicy in its wire form, by `<namespace>/<name>`.
-pub fn authorization_policies(cluster: &ClusterState) -> BTreeMap<String, pb::AuthorizationPolicy> {
-    cluster
-        .authorization_policies
-        .iter()
-        .map(|(key, policy)| (key.clone(), to_wire(policy)))
-        .collect()
+/// The cluster's AuthorizationPolicies, each converted and compiled once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuthorizationPolicies {
+    /// The valid ones in their wire form, by `<namespace>/<name>`.
+    pub valid: BTreeMap<String, pb::AuthorizationPolicy>,
+    /// The invalid ones: why, by `<namespace>/<name>`.
+    pub invalid: BTreeMap<String, String>,
 }
 
-/// The keys of the AuthorizationPolicies that apply to a pod, sorted.
-pub fn authorization_policies_of(
-    cluster: &ClusterState,
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
-) -> Vec<String> {
-    cluster
-        .authorization_policies
-        .iter()
-        .filter(|(_, policy)| {
-            applies(
+/// The AuthorizationPolicies that apply to one pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applicable {
+    /// Their keys, sorted (invalid ALLOW and DENY policies included).
+    pub keys: Vec<String>,
+    /// Those of `keys` that are invalid and not sent.
+    pub invalid: Vec<String>,
+}
+
+impl AuthorizationPolicies {
+    /// Converts and compiles every policy of `cluster`.
+    pub fn of(cluster: &ClusterState) -> AuthorizationPolicies {
+        let mut out = AuthorizationPolicies::default();
+        for (key, policy) in &cluster.authorization_policies {
+            let wire = to_wire(policy);
+            match weft_api::authorization::Policy::compile(&wire) {
+                Ok(_) => {
+                    out.valid.insert(key.clone(), wire);
+                }
+                Err(error) => {
+                    let why = match error {
+                        weft_api::Error::InvalidAuthorizationPolicy { field, problem, .. } => {
+                            format!("{field}: {problem}")
+                        }
+                        other => other.to_string(),
+                    };
+                    out.invalid.insert(key.clone(), why);
+                }
+            }
+        }
+        out
+    }
+
+    /// The policies that apply to a pod in `namespace` with `labels`.
+    pub fn applying_to(
+        &self,
+        cluster: &ClusterState,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Applicable {
+        let mut applicable = Applicable::default();
+        for (key, policy) in &cluster.authorization_policies {
+            let reaches = applies(
                 policy.metadata.namespace.as_deref().unwrap_or(""),
                 policy.spec.selector.as_ref(),
                 namespace,
                 labels,
-            )
-        })
-        .map(|(key, _)| key.clone())
-        .collect()
+            );
+            if !reaches {
+                continue;
+            }
+            if self.invalid.contains_key(key) {
+                if policy.spec.action == Action::Audit {
+                    continue;
+                }
+                applicable.invalid.push(key.clone());
+            }
+            applicable.keys.push(key.clone());
+        }
+        applicable
+    }
 }
 
 /// The mTLS mode of a pod and the policy that set it (empty for the
@@ -169,20 +219,21 @@ spec: {rules: []}
     #[test]
     fn policies_reach_their_namespace_their_selection_and_mesh_wide() {
         let cluster = cluster(POLICIES);
+        let policies = AuthorizationPolicies::of(&cluster);
+        let of = |namespace: &str, l: &[(&str, &str)]| {
+            policies.applying_to(&cluster, namespace, &labels(l)).keys
+        };
         assert_eq!(
-            authorization_policies_of(&cluster, "shop", &labels(&[("app", "db")])),
+            of("shop", &[("app", "db")]),
             ["shop/db-only", "shop/whole-shop", "weft-system/mesh-wide"]
         );
         assert_eq!(
-            authorization_policies_of(&cluster, "shop", &labels(&[("app", "web")])),
+            of("shop", &[("app", "web")]),
             ["shop/whole-shop", "weft-system/mesh-wide"]
         );
         // A selector never reaches across namespaces, even with matching labels.
-        assert_eq!(
-            authorization_policies_of(&cluster, "billing", &labels(&[("app", "db")])),
-            ["weft-system/mesh-wide"]
-        );
-        let wire = authorization_policies(&cluster);
+        assert_eq!(of("billing", &[("app", "db")]), ["weft-system/mesh-wide"]);
+        let wire = &policies.valid;
         let mesh_wide = &wire["weft-system/mesh-wide"];
         assert_eq!(mesh_wide.action, pb::AuthorizationAction::Deny as i32);
         assert_eq!(mesh_wide.rules[0].principals, ["*/sa/evil"]);
@@ -191,6 +242,36 @@ spec: {rules: []}
             wire["shop/db-only"].action,
             pb::AuthorizationAction::Allow as i32
         );
+    }
+
+    #[test]
+    fn an_invalid_policy_is_not_sent_and_fails_closed_unless_it_only_audits() {
+        let cluster = cluster(
+            "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bad-deny, namespace: shop}
+spec: {action: DENY, rules: [{from: {ipBlocks: ['10.0.0.0/8', '10.1.2.300']}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bad-audit, namespace: shop}
+spec: {action: AUDIT, rules: [{from: {notIpBlocks: ['nope']}}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: good, namespace: shop}
+spec: {rules: [{}]}
+",
+        );
+        let policies = AuthorizationPolicies::of(&cluster);
+        assert_eq!(policies.valid.keys().collect::<Vec<_>>(), ["shop/good"]);
+        assert_eq!(
+            policies.invalid["shop/bad-deny"],
+            "rules[0].from.ipBlocks[1]: \"10.1.2.300\" is not an IP address or CIDR"
+        );
+        let applicable = policies.applying_to(&cluster, "shop", &labels(&[]));
+        assert_eq!(applicable.keys, ["shop/bad-deny", "shop/good"]);
+        assert_eq!(applicable.invalid, ["shop/bad-deny"]);
     }
 
     #[test]

@@ -109,11 +109,15 @@ impl NodeRegistry {
         self.with_node(node, |status| status.acked_version = version);
     }
 
-    /// `node` refused `version`.
-    pub fn nacked(&self, node: &str, version: u64, reason: &str) {
-        self.count_update("nack");
+    /// `node` refused `version`: whole, or (`applied`) only the entries
+    /// `reason` names, having applied the rest.
+    pub fn nacked(&self, node: &str, version: u64, reason: &str, applied: bool) {
+        self.count_update(if applied { "partial" } else { "nack" });
         self.with_node(node, |status| {
             status.last_nack = Some((version, reason.to_owned()));
+            if applied {
+                status.acked_version = version;
+            }
         });
     }
 

@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 
 use crate::cluster::ClusterState;
 use crate::crd::{
-    CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, REASON_ACCEPTED, REASON_CONFLICTED,
-    REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED, REASON_SERVICE_NOT_FOUND, WorkloadSelector,
+    Action, CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, REASON_ACCEPTED, REASON_CONFLICTED,
+    REASON_INVALID, REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED, REASON_SERVICE_NOT_FOUND,
+    WorkloadSelector,
 };
+use crate::policy::AuthorizationPolicies;
 use crate::traffic;
 
 /// One condition as the control plane sees it.
@@ -40,12 +42,24 @@ pub enum Kind {
 /// The conditions of every weft object, by kind and `<namespace>/<name>`.
 pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>> {
     let mut out = BTreeMap::new();
+    let authorization = AuthorizationPolicies::of(cluster);
     for (key, policy) in &cluster.authorization_policies {
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
+        let accepted = match authorization.invalid.get(key) {
+            Some(problem) => invalid(
+                problem,
+                if policy.spec.action == Action::Audit {
+                    "it is not sent to the node proxies"
+                } else {
+                    "it is not sent to the node proxies, and the pods it selects refuse every connection until it is fixed"
+                },
+            ),
+            None => accepted(),
+        };
         out.insert(
             (Kind::AuthorizationPolicy, key.clone()),
             vec![
-                accepted(),
+                accepted,
                 selection(cluster, namespace, policy.spec.selector.as_ref()),
             ],
         );
@@ -64,8 +78,9 @@ pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
         let service = format!("{namespace}/{}", policy.spec.service);
         let winner = traffic::winning_policy(cluster, namespace, &policy.spec.service);
-        let accepted = match winner {
-            Some((winner, _)) if winner != key => Verdict {
+        let accepted = match (traffic::to_wire(key, namespace, policy), winner) {
+            (Err(problem), _) => invalid(&problem, "it configures nothing"),
+            (Ok(_), Some((winner, _, _))) if winner != key => Verdict {
                 type_: CONDITION_ACCEPTED,
                 status: false,
                 reason: REASON_CONFLICTED,
@@ -96,6 +111,17 @@ pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>
         out.insert((Kind::TrafficPolicy, key.clone()), vec![accepted, resolved]);
     }
     out
+}
+
+/// `Accepted=False`, reason `Invalid`: `problem` names the field, `effect`
+/// says what that means for traffic.
+fn invalid(problem: &str, effect: &str) -> Verdict {
+    Verdict {
+        type_: CONDITION_ACCEPTED,
+        status: false,
+        reason: REASON_INVALID,
+        message: format!("invalid: {problem}; {effect}"),
+    }
 }
 
 fn accepted() -> Verdict {

@@ -1,6 +1,12 @@
 //! TrafficPolicies: which one configures a Service, and its wire form.
 //!
-//! At most one policy configures a Service: of those in the Service's
+//! Every policy is converted with the proxy's own conversion
+//! ([`weft_api::traffic::TrafficPolicy::from_wire`]) before anything is
+//! sent: one that fails is invalid, configures nothing and says why in its
+//! status, so an object the API server admitted can never make a proxy
+//! refuse its config.
+//!
+//! At most one valid policy configures a Service: of those in the Service's
 //! namespace that name it, the oldest (by creation time, then name) wins. A
 //! policy without a creation time (a local manifest) counts as newer than
 //! any with one.
@@ -10,13 +16,13 @@ use weft_api::v1 as pb;
 use crate::cluster::ClusterState;
 use crate::crd::{LoadBalancingMode, TrafficPolicy, parse_duration};
 
-/// The key (`<namespace>/<name>`) and object of the policy that configures
-/// the Service `namespace/name`, if any.
+/// The key (`<namespace>/<name>`), object and wire form of the valid policy
+/// that configures the Service `namespace/name`, if any.
 pub fn winning_policy<'a>(
     cluster: &'a ClusterState,
     namespace: &str,
     name: &str,
-) -> Option<(&'a str, &'a TrafficPolicy)> {
+) -> Option<(&'a str, &'a TrafficPolicy, pb::TrafficPolicy)> {
     cluster
         .traffic_policies
         .iter()
@@ -24,14 +30,15 @@ pub fn winning_policy<'a>(
             policy.metadata.namespace.as_deref().unwrap_or("") == namespace
                 && policy.spec.service == name
         })
-        .min_by(|(a_key, a), (b_key, b)| {
+        .filter_map(|(key, policy)| Some((key, policy, to_wire(key, namespace, policy).ok()?)))
+        .min_by(|(a_key, a, _), (b_key, b, _)| {
             let created = |p: &TrafficPolicy| {
                 let time = p.metadata.creation_timestamp.as_ref();
                 (time.is_none(), time.cloned())
             };
             created(a).cmp(&created(b)).then_with(|| a_key.cmp(b_key))
         })
-        .map(|(key, policy)| (key.as_str(), policy))
+        .map(|(key, policy, wire)| (key.as_str(), policy, wire))
 }
 
 /// The wire form of the policy that configures the Service `namespace/name`.
@@ -40,24 +47,23 @@ pub fn traffic_policy_of(
     namespace: &str,
     name: &str,
 ) -> Option<pb::TrafficPolicy> {
-    let (key, policy) = winning_policy(cluster, namespace, name)?;
-    Some(to_wire(key, namespace, policy))
+    winning_policy(cluster, namespace, name).map(|(_, _, wire)| wire)
 }
 
-/// Converts a policy. A duration that does not parse (the API server
-/// refuses those; a local manifest may still carry one) is left unset,
-/// with a warning.
-pub fn to_wire(key: &str, namespace: &str, policy: &TrafficPolicy) -> pb::TrafficPolicy {
+/// Converts a policy to its wire form and checks that form with the
+/// proxy's conversion. `Err` names the field and the problem: a duration
+/// that does not parse (the API server refuses those; a local manifest may
+/// still carry one) or a value the proxy would refuse.
+pub fn to_wire(
+    key: &str,
+    namespace: &str,
+    policy: &TrafficPolicy,
+) -> Result<pb::TrafficPolicy, String> {
     let spec = &policy.spec;
-    let millis = |field: &str, text: Option<&str>| -> u64 {
-        let Some(text) = text else { return 0 };
-        match parse_duration(text) {
-            Ok(duration) => u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            Err(error) => {
-                tracing::warn!(policy = key, field, %error, "TrafficPolicy: field ignored");
-                0
-            }
-        }
+    let millis = |field: &str, text: Option<&str>| -> Result<u64, String> {
+        let Some(text) = text else { return Ok(0) };
+        let duration = parse_duration(text).map_err(|error| format!("{field}: {error}"))?;
+        Ok(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
     };
     let mode = match spec.load_balancing.as_ref().map(|lb| lb.mode) {
         None | Some(LoadBalancingMode::RoundRobin) => pb::LoadBalancing::RoundRobin,
@@ -65,19 +71,29 @@ pub fn to_wire(key: &str, namespace: &str, policy: &TrafficPolicy) -> pb::Traffi
         Some(LoadBalancingMode::PowerOfTwoChoices) => pb::LoadBalancing::PowerOfTwoChoices,
     };
     let outlier = spec.outlier_detection.as_ref();
-    let base = outlier.map_or(0, |o| {
-        millis("baseEjectionTime", Some(&o.base_ejection_time))
-    });
-    let max = outlier.map_or(0, |o| millis("maxEjectionTime", Some(&o.max_ejection_time)));
-    pb::TrafficPolicy {
+    let base = match outlier {
+        Some(o) => millis(
+            "outlierDetection.baseEjectionTime",
+            Some(&o.base_ejection_time),
+        )?,
+        None => 0,
+    };
+    let max = match outlier {
+        Some(o) => millis(
+            "outlierDetection.maxEjectionTime",
+            Some(&o.max_ejection_time),
+        )?,
+        None => 0,
+    };
+    let wire = pb::TrafficPolicy {
         mode: mode as i32,
-        connect_timeout_ms: millis("connectTimeout", spec.connect_timeout.as_deref()),
-        idle_timeout_ms: millis("idleTimeout", spec.idle_timeout.as_deref()),
+        connect_timeout_ms: millis("connectTimeout", spec.connect_timeout.as_deref())?,
+        idle_timeout_ms: millis("idleTimeout", spec.idle_timeout.as_deref())?,
         max_connections: spec.max_connections.unwrap_or(0),
         retry_attempts: spec.retries.as_ref().map_or(0, |r| r.attempts),
         outlier_consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
         outlier_base_ejection_ms: base,
-        outlier_max_ejection_ms: max.max(base),
+        outlier_max_ejection_ms: max,
         split: spec
             .split
             .iter()
@@ -87,7 +103,19 @@ pub fn to_wire(key: &str, namespace: &str, policy: &TrafficPolicy) -> pb::Traffi
             })
             .collect(),
         policy: key.to_owned(),
+    };
+    if outlier.is_some_and(|o| o.consecutive_failures == 0) {
+        // On the wire 0 means "no outlier detection": the proxy would not
+        // refuse it, it would silently ignore what the operator asked for.
+        return Err("outlierDetection.consecutiveFailures: must be at least 1".to_owned());
     }
+    weft_api::traffic::TrafficPolicy::from_wire(namespace, &wire).map_err(|error| match error {
+        weft_api::Error::InvalidTrafficPolicy { field, problem, .. } => {
+            format!("{field}: {problem}")
+        }
+        other => other.to_string(),
+    })?;
+    Ok(wire)
 }
 
 #[cfg(test)]
@@ -200,11 +228,30 @@ mod tests {
     }
 
     #[test]
-    fn an_unparsable_duration_is_left_unset() {
-        let mut p = policy("shop", "tp", "db", None);
-        p.spec.connect_timeout = Some("soon".to_owned());
-        let wire = traffic_policy_of(&cluster(vec![p]), "shop", "db").unwrap();
-        assert_eq!(wire.connect_timeout_ms, 0);
-        assert_eq!(wire.mode, pb::LoadBalancing::RoundRobin as i32);
+    fn an_invalid_policy_configures_nothing_and_says_why() {
+        let mut bad = policy("shop", "a-bad", "db", Some("2024-01-01T00:00:00Z"));
+        bad.spec.connect_timeout = Some("soon".to_owned());
+        let error = to_wire("shop/a-bad", "shop", &bad).unwrap_err();
+        assert!(
+            error.starts_with("connectTimeout: invalid duration"),
+            "{error}"
+        );
+
+        let mut zero = policy("shop", "b-zero", "db", Some("2024-01-02T00:00:00Z"));
+        zero.spec.outlier_detection = Some(OutlierDetection {
+            consecutive_failures: 1,
+            base_ejection_time: "0s".to_owned(),
+            max_ejection_time: "1m".to_owned(),
+        });
+        let error = to_wire("shop/b-zero", "shop", &zero).unwrap_err();
+        assert_eq!(
+            error,
+            "outlierDetection.baseEjectionTime: must be longer than 0s"
+        );
+
+        // The invalid ones are passed over: the next valid one wins.
+        let good = policy("shop", "c-good", "db", Some("2024-01-03T00:00:00Z"));
+        let c = cluster(vec![bad, zero, good]);
+        assert_eq!(winning_policy(&c, "shop", "db").unwrap().0, "shop/c-good");
     }
 }

@@ -338,7 +338,8 @@ fn traffic_fields_are_validated() {
         at(outlier, "consecutiveFailures")["maximum"].as_f64(),
         Some(100.0)
     );
-    assert_eq!(rules_of(outlier).len(), 1);
+    // maxEjectionTime not below baseEjectionTime; baseEjectionTime above 0s.
+    assert_eq!(rules_of(outlier).len(), 2);
     let split = at(&traffic, "spec.split");
     assert_eq!(split["maxItems"], json!(16));
     assert_eq!(split["x-kubernetes-list-type"], json!("map"));

@@ -239,6 +239,7 @@ async fn a_node_gets_its_full_state_then_only_what_changed() {
     tx.send(message(Kind::Nack(pb::Nack {
         version: 2,
         reason: "test refuses".into(),
+        applied: false,
     })))
     .await
     .unwrap();

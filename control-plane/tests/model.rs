@@ -295,11 +295,11 @@ fn a_broken_file_is_reported_and_keeps_its_last_good_objects() {
         "other files are untouched"
     );
 
-    // Invalid YAML, a document without kind, and a Pod without namespace.
+    // Invalid YAML, a document without kind, and a Pod without a name.
     for bad in [
         "a: [unclosed",
         "apiVersion: v1\nmetadata: {name: x}\n",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {namespace: shop}\n",
     ] {
         write(dir.path(), "extra.yaml", bad);
         source.reload().unwrap();
@@ -374,4 +374,113 @@ status: {{phase: Running, podIP: 10.244.1.9}}
         "batch-1",
         "nothing better than the pod's name"
     );
+}
+
+/// Demo applications' YAML (bookinfo, Online Boutique, httpbin) is written
+/// for `kubectl apply -n <namespace>`: no `metadata.namespace`, pods
+/// without a ServiceAccount, and kinds weft does not use.
+const DEMO: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: httpbin}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, labels: {app: httpbin}}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 8000, targetPort: 8080}]
+  selector: {app: httpbin}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin}
+spec: {replicas: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-1, labels: {app: httpbin}}
+spec: {nodeName: node-1, serviceAccountName: httpbin, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.20}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: curl-1}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.21}
+"#;
+
+#[test]
+fn demo_yaml_without_namespaces_is_read_as_kubectl_would() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "httpbin.yaml", DEMO);
+    let (mesh, source) = mesh_of(dir.path());
+    assert!(source.problems().is_empty(), "{:?}", source.problems());
+    let state = source.state();
+    assert!(state.service_accounts.contains_key("default/httpbin"));
+    assert!(mesh.services.contains_key("default/httpbin"));
+    assert_eq!(
+        mesh.workloads["default/httpbin-1"].workload.identity,
+        "spiffe://cluster.local/ns/default/sa/httpbin"
+    );
+    // The ServiceAccount admission plugin's default.
+    assert_eq!(
+        mesh.workloads["default/curl-1"].workload.identity,
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    // The Deployment is not dropped without a word.
+    let notes: Vec<String> = source.notes().iter().map(ToString::to_string).collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].ends_with(
+            "httpbin.yaml document 2: ignored: weft does not use kind apps/v1/Deployment"
+        ),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn pods_that_cannot_prove_an_identity_are_left_out_and_shared_ips_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = |name: &str, extra_meta: &str, spec: &str, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop{extra_meta}}}\nspec: {{nodeName: node-1, containers: [{{name: c, image: x}}]{spec}}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+        )
+    };
+    let yaml = [
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n"
+            .to_owned(),
+        // A static pod's mirror: the node wrote its spec, no SA admission.
+        pod(
+            "mirror",
+            ", annotations: {kubernetes.io/config.mirror: abc}",
+            "",
+            "10.244.1.30",
+        ),
+        pod(
+            "mirror-sa",
+            ", annotations: {kubernetes.io/config.mirror: abc}",
+            ", serviceAccountName: web",
+            "10.244.1.31",
+        ),
+        pod("host", "", ", hostNetwork: true, serviceAccountName: web", "192.168.0.1"),
+        pod("a", "", ", serviceAccountName: web", "10.244.1.40"),
+        pod("b", "", ", serviceAccountName: db", "10.244.1.40"),
+        pod("ok", "", ", serviceAccountName: web", "10.244.1.41"),
+    ]
+    .concat();
+    write(dir.path(), "pods.yaml", &yaml);
+    let (mesh, source) = mesh_of(dir.path());
+    assert!(source.problems().is_empty(), "{:?}", source.problems());
+    let uids: Vec<&str> = mesh.workloads.keys().map(String::as_str).collect();
+    assert_eq!(uids, ["shop/a", "shop/b", "shop/ok"]);
+    assert!(mesh.workloads["shop/a"].workload.ips.is_empty());
+    assert!(mesh.workloads["shop/b"].workload.ips.is_empty());
+    assert_eq!(mesh.workloads["shop/ok"].workload.ips, ["10.244.1.41"]);
+    let web = weft_certs::Identity::new("cluster.local", "shop", "web").unwrap();
+    assert!(!mesh.node_runs(
+        "node-1",
+        &weft_certs::Identity::new("cluster.local", "shop", "default").unwrap()
+    ));
+    assert!(mesh.node_runs("node-1", &web));
 }

@@ -18,7 +18,7 @@ use weft_api::v1::node_config_client::NodeConfigClient;
 use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
 
 use crate::backoff::Backoff;
-use crate::node_view::NodeView;
+use crate::node_view::{Applied, NodeView};
 use crate::transport::SharedTransport;
 use crate::{Error, error_chain};
 
@@ -46,11 +46,11 @@ pub struct ControlPlaneStatus {
     pub streams_opened: u64,
     /// Why the last connection or stream failed, if one did.
     pub last_error: Option<String>,
-    /// The last update the proxy refused, if any.
+    /// The last update the proxy refused, whole or in part, if any.
     pub last_nack: Option<RefusedUpdate>,
 }
 
-/// An update the proxy refused.
+/// An update the proxy refused, whole or in part.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefusedUpdate {
     /// Its version.
@@ -196,14 +196,29 @@ impl ControlPlaneClient {
             };
             let version = update.version;
             match self.apply(&update) {
-                Ok(()) => {
+                Ok(refused) if refused.is_empty() => {
                     *applied = true;
                     let ack = proxy_message::Kind::Ack(Ack { version });
                     send(&outgoing, ack, "Ack", &address).await?;
                 }
+                Ok(refused) => {
+                    // Applied except the entries named: the proxy follows
+                    // on from this version, and says what it left out.
+                    *applied = true;
+                    let nack = proxy_message::Kind::Nack(Nack {
+                        version,
+                        reason: refused,
+                        applied: true,
+                    });
+                    send(&outgoing, nack, "Nack", &address).await?;
+                }
                 Err(problem) => {
                     let reason = problem.to_string();
-                    let nack = proxy_message::Kind::Nack(Nack { version, reason });
+                    let nack = proxy_message::Kind::Nack(Nack {
+                        version,
+                        reason,
+                        applied: false,
+                    });
                     send(&outgoing, nack, "Nack", &address).await?;
                     if problem.needs_full_state() {
                         // Every later delta builds on a version this proxy
@@ -217,22 +232,35 @@ impl ControlPlaneClient {
         }
     }
 
-    /// Applies one update to the current view and publishes the result, or
-    /// records why it was refused; a refused update publishes nothing.
-    fn apply(&self, update: &ConfigUpdate) -> Result<(), crate::UpdateProblem> {
+    /// Applies one update to the current view and publishes the result.
+    /// Returns the entries it refused (joined into one reason, empty when
+    /// none was), or why the whole update was refused, which publishes
+    /// nothing. Either kind of refusal is logged and kept for the admin
+    /// endpoint.
+    fn apply(&self, update: &ConfigUpdate) -> Result<String, crate::UpdateProblem> {
         let current = self.view.borrow().clone();
-        match NodeView::apply(current.as_deref(), update, &self.node) {
-            Ok(view) => {
+        let applied = NodeView::apply(current.as_deref(), update, &self.node);
+        let (reason, result) = match applied {
+            Ok(Applied { view, refused }) => {
                 info!(
                     version = update.version,
                     full_state = update.full_state,
                     local_workloads = view.local_workloads().len(),
                     remote_workloads = view.remote_workloads().len(),
                     services = view.services().len(),
+                    refused_entries = refused.len(),
                     "applied config"
                 );
+                for problem in &refused {
+                    warn!(version = update.version, reason = %problem, "refused one entry of the config; applied the rest");
+                }
                 self.view.send_replace(Some(Arc::new(view)));
-                Ok(())
+                let reason = refused
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (reason.clone(), Ok(reason))
             }
             Err(problem) => {
                 warn!(
@@ -242,16 +270,19 @@ impl ControlPlaneClient {
                     reason = %problem,
                     "refused config; keeping the last good one"
                 );
-                let refused = RefusedUpdate {
-                    version: update.version,
-                    reason: problem.to_string(),
-                    at: SystemTime::now(),
-                };
-                self.status
-                    .send_modify(|status| status.last_nack = Some(refused));
-                Err(problem)
+                (problem.to_string(), Err(problem))
             }
+        };
+        if !reason.is_empty() {
+            let refused = RefusedUpdate {
+                version: update.version,
+                reason,
+                at: SystemTime::now(),
+            };
+            self.status
+                .send_modify(|status| status.last_nack = Some(refused));
         }
+        result
     }
 }
 

@@ -50,6 +50,6 @@ pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, V
 pub use error::{Error, error_chain};
 pub use node_proxy::NodeProxy;
 pub use node_view::{
-    Endpoint, EntryKind, NodeView, Service, ServicePort, Trust, UpdateProblem, Workload,
+    Applied, Endpoint, EntryKind, NodeView, Service, ServicePort, Trust, UpdateProblem, Workload,
 };
 pub use transport::{BearerToken, ControlPlaneTransport};

@@ -51,7 +51,7 @@ async fn hello_names_the_node_with_the_token_and_a_good_update_is_acked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_delta_is_nacked_and_the_last_good_state_keeps_serving() {
+async fn a_bad_entry_is_refused_alone_and_the_rest_flows_on() {
     let mut cp = TestControlPlane::start().await;
     let (proxy, _files) = start_proxy(&cp).await;
     let mut stream = cp.next_stream().await;
@@ -59,17 +59,25 @@ async fn a_bad_delta_is_nacked_and_the_last_good_state_keeps_serving() {
     stream.send(full_state(&cp, 1, local, vec![])).await;
     assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
 
-    // A delta that would remove web and add a pod with a broken identity.
+    // A delta that removes web, adds db, and adds a pod with a broken
+    // identity: only the broken pod is refused.
     let mut bad = delta(2);
     bad.removed_local_workloads = vec!["default/web".into()];
     let mut broken = workload("default", "api", "api", NODE, "10.0.1.6", true);
     broken.identity = "spiffe://cluster.local/namespace/default/sa/api".into();
-    bad.local_workloads = vec![broken];
+    let db = workload("default", "db", "db", NODE, "10.0.1.7", true);
+    bad.local_workloads = vec![broken, db];
     stream.send(bad).await;
-    let Kind::Nack(Nack { version, reason }) = stream.reply().await else {
+    let Kind::Nack(Nack {
+        version,
+        reason,
+        applied,
+    }) = stream.reply().await
+    else {
         panic!("expected a Nack");
     };
     assert_eq!(version, 2);
+    assert!(applied, "the rest of the update is applied");
     assert!(
         reason.starts_with(
             "local workload default/api: identity \
@@ -82,31 +90,45 @@ async fn a_bad_delta_is_nacked_and_the_last_good_state_keeps_serving() {
     })
     .await;
     let view = proxy.view().borrow().clone().unwrap();
-    assert_eq!(view.version(), 1);
+    assert_eq!(view.version(), 2);
     let uids: Vec<_> = view.local_workloads().keys().collect();
-    assert_eq!(uids, ["default/web"]);
+    assert_eq!(uids, ["default/db"]);
     let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
-    assert_eq!(dump["applied_version"], 1);
+    assert_eq!(dump["applied_version"], 2);
     assert_eq!(dump["last_nack"]["version"], 2);
     assert_eq!(dump["last_nack"]["reason"], reason.as_str());
 
-    // The control plane's next delta builds on the version the proxy
-    // refused: the proxy cannot follow, says so, and comes back for a full
-    // state on a new stream.
-    stream.send(delta(3)).await;
-    let Kind::Nack(Nack { version, reason }) = stream.reply().await else {
+    // The control plane's next delta builds on version 2, which the proxy
+    // holds: it follows on.
+    let mut next = delta(3);
+    next.local_workloads = vec![workload("default", "api", "api", NODE, "10.0.1.6", true)];
+    stream.send(next).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 3 }));
+    let view = proxy.view().borrow().clone().unwrap();
+    let uids: Vec<_> = view.local_workloads().keys().collect();
+    assert_eq!(uids, ["default/api", "default/db"]);
+
+    // A delta that skips a version cannot be followed: the proxy says so,
+    // keeps what it has and comes back for a full state on a new stream.
+    stream.send(delta(5)).await;
+    let Kind::Nack(Nack {
+        version,
+        reason,
+        applied,
+    }) = stream.reply().await
+    else {
         panic!("expected a Nack");
     };
-    assert_eq!(version, 3);
+    assert_eq!((version, applied), (5, false));
     assert_eq!(
         reason,
-        "delta version 3 does not follow the applied version 1"
+        "delta version 5 does not follow the applied version 3"
     );
     let mut stream = cp.next_stream().await;
-    assert_eq!(proxy.view().borrow().as_ref().map(|v| v.version()), Some(1));
+    assert_eq!(proxy.view().borrow().as_ref().map(|v| v.version()), Some(3));
     let local = vec![workload("default", "api", "api", NODE, "10.0.1.6", true)];
-    stream.send(full_state(&cp, 4, local, vec![])).await;
-    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 4 }));
+    stream.send(full_state(&cp, 6, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 6 }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

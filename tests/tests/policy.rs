@@ -55,14 +55,7 @@ fn cluster() -> Testbed {
 /// Whether an echo round trip from `from` to db-1:5432 works.
 fn echoes(testbed: &Testbed, from: &str) -> bool {
     let to = SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432));
-    let Ok(mut stream) = testbed.connect(Target::Pod(from), to) else {
-        return false;
-    };
-    if stream.write_all(b"ping").is_err() {
-        return false;
-    }
-    let mut echoed = [0u8; 4];
-    stream.read_exact(&mut echoed).is_ok() && &echoed == b"ping"
+    weft_testbed::echoes(testbed, from, to)
 }
 
 /// Waits until `from` reaches db-1 (or is refused), as a policy change
@@ -87,11 +80,7 @@ fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
 }
 
 fn metric(mesh: &WeftMesh, testbed: &Testbed, node: &str, needle: &str) -> u64 {
-    let text = mesh.proxy_metrics(testbed, node).unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    weft_testbed::metric_sum(mesh, testbed, node, needle).unwrap()
 }
 
 const ALLOW_WEB: &str = "apiVersion: weft.dev/v1alpha1
@@ -315,26 +304,8 @@ spec: {mode: STRICT}
     );
 }
 
-/// Runs `weft-control-plane explain` on the mesh's manifests; its report
-/// and whether it says allowed (exit 0) or denied (exit 1).
 fn explain(mesh: &WeftMesh, args: &[&str]) -> (String, bool) {
-    let output =
-        std::process::Command::new(weft_testbed::weft_binary("weft-control-plane").unwrap())
-            .arg("--manifests")
-            .arg(mesh.manifests_dir())
-            .arg("explain")
-            .args(args)
-            .output()
-            .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    match output.status.code() {
-        Some(0) => (report, true),
-        Some(1) => (report, false),
-        other => panic!(
-            "explain failed ({other:?}): {report}{}",
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    }
+    weft_testbed::explain(mesh, args).unwrap()
 }
 
 #[test]

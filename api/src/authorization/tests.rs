@@ -4,7 +4,7 @@ use super::*;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
-fn policy(
+fn wire(
     name: &str,
     action: v1::AuthorizationAction,
     rules: Vec<v1::AuthorizationRule>,
@@ -15,6 +15,27 @@ fn policy(
         action: action as i32,
         rules,
     }
+}
+
+fn policy(
+    name: &str,
+    action: v1::AuthorizationAction,
+    rules: Vec<v1::AuthorizationRule>,
+) -> Policy {
+    Policy::compile(&wire(name, action, rules)).unwrap()
+}
+
+fn rule_matches(rule: &v1::AuthorizationRule, connection: &Connection<'_>) -> bool {
+    let policy = policy("p", v1::AuthorizationAction::Allow, vec![rule.clone()]);
+    policy.rules[0].matches(connection)
+}
+
+fn principal_matches(pattern: &str, principal: &str) -> bool {
+    PrincipalPattern::parse(pattern).unwrap().matches(principal)
+}
+
+fn ip_block_contains(block: &str, ip: IpAddr) -> bool {
+    IpBlock::parse(block).unwrap().contains(ip)
 }
 
 fn from_principals(principals: &[&str]) -> v1::AuthorizationRule {
@@ -139,14 +160,105 @@ fn audit_is_reported_and_never_enforced() {
 }
 
 #[test]
-fn an_unknown_action_refuses() {
-    let mut strange = policy(
+fn an_unknown_action_is_refused_when_compiled() {
+    let mut strange = wire(
         "future",
         v1::AuthorizationAction::Allow,
         vec![Default::default()],
     );
     strange.action = 42;
-    assert!(!evaluate([&strange], &conn(Some(WEB), "10.0.0.1", 80)).allowed());
+    let error = Policy::compile(&strange).unwrap_err().to_string();
+    assert!(
+        error.contains("shop/future") && error.contains("action"),
+        "{error}"
+    );
+}
+
+#[test]
+fn values_that_do_not_parse_refuse_the_policy_naming_the_field() {
+    let cases = [
+        (
+            v1::AuthorizationRule {
+                ip_blocks: vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()],
+                ..Default::default()
+            },
+            "rules[1].from.ipBlocks[1]",
+        ),
+        (
+            v1::AuthorizationRule {
+                not_ip_blocks: vec!["not-an-ip".into()],
+                ..Default::default()
+            },
+            "rules[1].from.notIpBlocks[0]",
+        ),
+        (
+            v1::AuthorizationRule {
+                principals: vec!["spiffe://cluster.local/*/sa/web".into()],
+                ..Default::default()
+            },
+            "rules[1].from.principals[0]",
+        ),
+        (
+            v1::AuthorizationRule {
+                not_ports: vec![70000],
+                ..Default::default()
+            },
+            "rules[1].to.notPorts[0]",
+        ),
+        (
+            v1::AuthorizationRule {
+                ports: vec![0],
+                ..Default::default()
+            },
+            "rules[1].to.ports[0]",
+        ),
+    ];
+    for (bad, field) in cases {
+        let deny = wire(
+            "broken",
+            v1::AuthorizationAction::Deny,
+            vec![Default::default(), bad],
+        );
+        let error = Policy::compile(&deny).unwrap_err().to_string();
+        assert!(error.contains(field), "{field}: {error}");
+        assert!(error.contains("shop/broken"), "{error}");
+    }
+}
+
+#[test]
+fn decide_refuses_plaintext_into_strict_and_policies_not_applied() {
+    let allow_all = policy(
+        "all",
+        v1::AuthorizationAction::Allow,
+        vec![Default::default()],
+    );
+    let keys = vec!["shop/all".to_owned()];
+    let lookup = |key: &str| (key == "shop/all").then_some(&allow_all);
+    let strict = Destination {
+        mtls_strict: true,
+        mtls_policy: "shop/strict",
+        policies: &keys,
+    };
+    let plaintext = decide(&strict, lookup, &conn(None, "10.0.0.1", 80));
+    assert_eq!(
+        plaintext.outcome,
+        Outcome::PlaintextRefused("shop/strict".into())
+    );
+    assert!(decide(&strict, lookup, &conn(Some(WEB), "10.0.0.1", 80)).allowed());
+
+    let missing = vec!["shop/all".to_owned(), "shop/invalid".to_owned()];
+    let permissive = Destination {
+        mtls_strict: false,
+        mtls_policy: "",
+        policies: &missing,
+    };
+    let refused = decide(&permissive, lookup, &conn(Some(WEB), "10.0.0.1", 80));
+    assert_eq!(
+        refused.outcome,
+        Outcome::PolicyNotApplied("shop/invalid".into())
+    );
+    assert!(!refused.allowed());
+    assert_eq!(refused.policy(), "shop/invalid");
 }
 
 #[test]
@@ -241,16 +353,21 @@ fn ip_blocks() {
     assert!(!ip_block_contains("fd00::/8", ip("fe80::1")));
     assert!(ip_block_contains("::/0", ip("fe80::1")));
     assert!(!ip_block_contains("10.0.0.0/8", ip("fd12::1")));
-    // Garbage contains nothing, so it can never widen a rule.
+    // Host bits are ignored.
+    assert!(ip_block_contains("10.1.2.3/8", ip("10.200.0.1")));
+    // Garbage does not parse: it is refused when the policy is applied,
+    // never silently a block that matches nothing.
     for bad in [
         "",
         "10.0.0.0/33",
         "10.0.0/8",
         "x/8",
         "10.0.0.0/-1",
+        "10.0.0.0/+8",
         "fd00::/129",
+        "10.0.0.256",
     ] {
-        assert!(!ip_block_contains(bad, ip("10.0.0.1")), "{bad}");
+        assert!(IpBlock::parse(bad).is_err(), "{bad}");
     }
 }
 

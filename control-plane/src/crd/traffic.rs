@@ -140,14 +140,17 @@ pub struct Retries {
 #[x_kube(
     validation = kube::core::Rule::new("!self.baseEjectionTime.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$') || !self.maxEjectionTime.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$') || duration(self.maxEjectionTime) >= duration(self.baseEjectionTime)")
         .message("maxEjectionTime must not be shorter than baseEjectionTime")
-        .field_path(".maxEjectionTime")
+        .field_path(".maxEjectionTime"),
+    validation = kube::core::Rule::new("!self.baseEjectionTime.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$') || duration(self.baseEjectionTime) > duration('0s')")
+        .message("baseEjectionTime must be longer than 0s")
+        .field_path(".baseEjectionTime")
 )]
 pub struct OutlierDetection {
     /// Failed connects in a row that eject an endpoint, 1–100; default 5.
     #[serde(default = "default_consecutive_failures")]
     #[schemars(range(min = 1, max = 100))]
     pub consecutive_failures: u32,
-    /// How long the first ejection lasts; default `30s`.
+    /// How long the first ejection lasts, above `0s`; default `30s`.
     #[serde(default = "default_base_ejection_time")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     pub base_ejection_time: String,

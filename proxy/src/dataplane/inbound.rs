@@ -13,10 +13,10 @@ use tracing::{debug, warn};
 use weft_certs::{Identity, WorkloadCertificate};
 
 use super::DataPlane;
+use super::gate::{self, GateRequest, Path};
 use super::routes::RouteTable;
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::certificates::CertificateMap;
-use weft_api::authorization::Connection;
 
 use crate::hbone::{self, HboneError, InboundHandler, InboundRequest, Refusal};
 use crate::sockets;
@@ -184,15 +184,13 @@ impl InboundHandler for InboundTunnel {
             )));
         }
         let principal = request.peer_identity.to_string();
-        let decision = routes.authorize(
-            &workload,
-            &Connection {
-                source_principal: Some(&principal),
-                source_ip: peer.ip(),
-                destination_port: request.target.port(),
-            },
-        );
-        if !super::admit(plane, &decision, &workload, peer, request.target) {
+        let gate = GateRequest {
+            path: Path::Hbone,
+            principal: Some(&principal),
+            source: peer,
+            destination: request.target,
+        };
+        if let Err(decision) = gate::admit(&routes, &plane.metrics, &workload, &gate) {
             return Err(Refusal::Denied(decision.to_string()));
         }
         let upstream =
@@ -216,10 +214,13 @@ impl InboundHandler for InboundTunnel {
             (request.target, &Peer::workload(&workload)),
             None,
         );
-        let registration =
-            plane
-                .inbound
-                .register(&upstream, source.principal.clone(), peer, request.target);
+        let registration = plane.inbound.register(
+            &upstream,
+            Path::Hbone,
+            source.principal.clone(),
+            peer,
+            request.target,
+        );
         Ok(Metered::new(upstream, record).keeping(registration))
     }
 }

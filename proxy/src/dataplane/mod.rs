@@ -5,12 +5,16 @@
 //! - [`outbound`] (15001): traffic leaving local pods.
 //! - [`inbound`] (15008): HBONE tunnels arriving for local pods.
 //! - [`plaintext`] (15006): plaintext arriving for meshed local pods.
+//! - [`gate`]: the one authorization decision every path into a meshed
+//!   local pod passes; [`reauthorize`]: the same for open connections when
+//!   policy changes.
 //! - [`routes`]: where a connection goes; [`balancer`]: endpoint choice
 //!   and TrafficPolicy state; [`telemetry`]: metrics and access logs;
 //!   [`drain`]: graceful shutdown.
 
 pub mod balancer;
 pub mod drain;
+pub mod gate;
 mod idle;
 pub mod inbound;
 pub mod outbound;
@@ -164,35 +168,4 @@ where
         tracing::debug!(%error, "connection ended with an error");
         upstream.failed(error);
     }
-}
-
-/// Applies an authorization decision to a new inbound connection: logs and
-/// counts AUDIT matches and denials, naming the policy. Returns whether the
-/// connection may proceed.
-fn admit(
-    plane: &DataPlane,
-    decision: &weft_api::authorization::Decision,
-    workload: &crate::node_view::Workload,
-    source: std::net::SocketAddr,
-    destination: std::net::SocketAddr,
-) -> bool {
-    plane.metrics.authorization(decision, workload);
-    for audit in &decision.audits {
-        tracing::info!(
-            %source, %destination, pod = %workload.uid, policy = %audit.policy, rule = audit.rule,
-            allowed = decision.allowed(),
-            "authorization audit: an AUDIT policy matched"
-        );
-    }
-    if decision.allowed() {
-        return true;
-    }
-    tracing::warn!(
-        %source, %destination, pod = %workload.uid, policy = %decision.policy(),
-        "inbound connection denied: {decision}"
-    );
-    plane
-        .metrics
-        .failure(telemetry::Direction::Inbound, "denied_by_policy");
-    false
 }

@@ -1,6 +1,8 @@
 //! Outbound (15001): TCP captured as it leaves a local pod. Find where it
 //! was going, then carry it: through an HBONE tunnel to a meshed pod on
-//! another node, straight to a meshed pod on this node, or as plain TCP to
+//! another node, straight to a meshed pod on this node (after the
+//! authorization gate, which the destination's proxy would otherwise have
+//! run: here the destination's proxy is this one), or as plain TCP to
 //! anything outside the mesh. Every path dials from the source pod's IP, so
 //! the destination sees the real client.
 //!
@@ -24,7 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::DataPlane;
+use super::gate::{self, GateRequest, Path};
 use super::idle::{Activity, idle_timeout};
+use super::reauthorize::Registration;
 use super::routes::{Destination, NoRoute, Route, RouteTable};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::hbone::{EarlyData, HBONE_PORT, HboneError, HboneRequest, HboneStream};
@@ -90,7 +94,9 @@ impl Client {
 /// An open connection towards the destination.
 enum Upstream {
     Tunnel(HboneStream, Peer),
-    Direct(TcpStream, Peer, Security),
+    /// A direct connection; one into a meshed pod of this node is watched
+    /// for policy changes while the registration lives.
+    Direct(TcpStream, Peer, Security, Option<Registration>),
 }
 
 /// Why a connect did not work: whether another endpoint may do better.
@@ -99,6 +105,9 @@ enum ConnectError {
     Endpoint(&'static str),
     /// Nothing to do with the endpoint (no certificate yet).
     Local(&'static str),
+    /// The destination pod's policy refuses the client (already counted
+    /// and logged by the gate). Another endpoint may admit it.
+    Denied,
 }
 
 async fn proxy(
@@ -130,6 +139,7 @@ async fn proxy(
                 Err(ConnectError::Endpoint(reason) | ConnectError::Local(reason)) => {
                     plane.metrics.failure(Direction::Outbound, reason);
                 }
+                Err(ConnectError::Denied) => {}
             }
             return;
         }
@@ -177,6 +187,9 @@ async fn proxy(
                 plane.metrics.failure(Direction::Outbound, reason);
                 return;
             }
+            // As a tunnel's 401 would: the next endpoint may admit it, and
+            // nothing of the client's has been sent anywhere.
+            Err(ConnectError::Denied) => {}
             Err(ConnectError::Endpoint(reason)) => {
                 plane.metrics.failure(Direction::Outbound, reason);
                 let outlier = policy.as_ref().and_then(|p| p.outlier.as_ref());
@@ -241,14 +254,35 @@ async fn connect(
         }
         _ => {
             // Same node, or not both meshed: a direct connection from the
-            // client's own address. Same-node meshed traffic never leaves the
-            // node, and both identities are known from the node's config.
-            let security = if route.local && meshed_source.is_some() && meshed_destination.is_some()
-            {
-                Security::NodeLocal
-            } else {
-                Security::None
+            // client's own address. Into a meshed pod of this node it passes
+            // the gate first, with the source's identity from the node's
+            // config (or none: plaintext), exactly as a tunnel would at the
+            // destination; it never leaves the node.
+            let local_destination = route.workload.as_ref().filter(|w| route.local && w.meshed);
+            let security = match (local_destination, meshed_source) {
+                (Some(_), Some(_)) => Security::NodeLocal,
+                _ => Security::None,
             };
+            let gate = local_destination.map(|workload| {
+                let principal = meshed_source.map(|w| w.identity.to_string());
+                let path = if principal.is_some() {
+                    Path::NodeLocal
+                } else {
+                    Path::Plaintext
+                };
+                (workload, path, principal)
+            });
+            if let Some((workload, path, principal)) = &gate {
+                let request = GateRequest {
+                    path: *path,
+                    principal: principal.as_deref(),
+                    source: client_addr,
+                    destination: route.target,
+                };
+                if gate::admit(routes, &plane.metrics, workload, &request).is_err() {
+                    return Err(ConnectError::Denied);
+                }
+            }
             let dialled =
                 sockets::connect_from(Some(client_addr.ip()), route.target, sockets::PROXY_MARK)
                     .await;
@@ -267,7 +301,21 @@ async fn connect(
                         .as_ref()
                         .map(Peer::workload)
                         .unwrap_or_default();
-                    Ok(Upstream::Direct(upstream, peer, security))
+                    let registration = gate.map(|(_, path, principal)| {
+                        plane.inbound.register(
+                            &upstream,
+                            path,
+                            principal,
+                            client_addr,
+                            route.target,
+                        )
+                    });
+                    Ok(Upstream::Direct(
+                        upstream,
+                        peer,
+                        security,
+                        registration.flatten(),
+                    ))
                 }
                 Err(error) => {
                     debug!(%error, target = %route.target, "outbound: connect failed");
@@ -315,10 +363,11 @@ async fn relay(
                     Metered::new(activity.watch(tunnel), record).already_written(early_len);
                 super::relay(client, metered).await;
             }
-            Upstream::Direct(stream, peer, security) => {
+            Upstream::Direct(stream, peer, security, registration) => {
                 let record = open(security, &peer);
-                let metered =
-                    Metered::new(activity.watch(stream), record).already_written(early_len);
+                let metered = Metered::new(activity.watch(stream), record)
+                    .already_written(early_len)
+                    .keeping(registration);
                 super::relay(client, metered).await;
             }
         }

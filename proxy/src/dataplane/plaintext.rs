@@ -1,18 +1,18 @@
 //! Inbound plaintext (15006): TCP for a meshed local pod that did not come
-//! through a tunnel, from an unmeshed client. Refused when the pod's mTLS
-//! mode is STRICT; otherwise (PERMISSIVE) decided by its authorization
-//! policies as a source without a principal, then counted and logged as
-//! unauthenticated. A refusal closes the connection: plaintext has no way
-//! to say why.
+//! through a tunnel, from an unmeshed client. The gate ([`super::gate`])
+//! decides it as a source without a principal: refused when the pod's mTLS
+//! mode is STRICT, otherwise (PERMISSIVE) by its authorization policies;
+//! admitted connections are counted and logged as unauthenticated. A
+//! refusal closes the connection: plaintext has no way to say why.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
-use weft_api::authorization::Connection;
+use tracing::{debug, info};
 
 use super::DataPlane;
+use super::gate::{self, GateRequest, Path};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::sockets;
 
@@ -35,27 +35,14 @@ async fn proxy(
             .failure(Direction::Inbound, "no_local_workload");
         return;
     };
-    if workload.mtls_strict {
-        warn!(
-            pod = %workload.uid,
-            client = %client_addr,
-            policy = %workload.mtls_policy,
-            "inbound plaintext refused: the pod's mTLS mode is STRICT"
-        );
-        plane
-            .metrics
-            .failure(Direction::Inbound, "plaintext_refused_strict");
-        return;
-    }
-    let decision = routes.authorize(
-        &workload,
-        &Connection {
-            source_principal: None,
-            source_ip: client_addr.ip(),
-            destination_port: destination.port(),
-        },
-    );
-    if !super::admit(&plane, &decision, &workload, client_addr, destination) {
+    // No principal: STRICT refuses it, and identity rules cannot match it.
+    let gate = GateRequest {
+        path: Path::Plaintext,
+        principal: None,
+        source: client_addr,
+        destination,
+    };
+    if gate::admit(&routes, &plane.metrics, &workload, &gate).is_err() {
         return;
     }
     info!(pod = %workload.uid, "accepting unauthenticated plaintext for a meshed pod (PERMISSIVE)");
@@ -85,9 +72,10 @@ async fn proxy(
         (destination, &Peer::workload(&workload)),
         None,
     );
-    let registration = plane
-        .inbound
-        .register(&upstream, None, client_addr, destination);
+    let registration =
+        plane
+            .inbound
+            .register(&upstream, Path::Plaintext, None, client_addr, destination);
     super::relay(
         &mut client,
         Metered::new(upstream, record).keeping(registration),

@@ -1,7 +1,8 @@
-//! Open inbound connections stay subject to policy. Every inbound connection
-//! the proxy forwards to a local pod is registered here with what its
-//! authorization was decided on; when a new config is applied, each is
-//! decided again, and the ones now refused (a new DENY, an ALLOW that no
+//! Open connections stay subject to policy. Every connection the proxy
+//! forwards to a meshed local pod (HBONE, plaintext or node-local) is
+//! registered here with what its authorization was decided on; when a new
+//! config is applied, each is decided again by the gate
+//! ([`super::gate`]), and the ones now refused (a new DENY, an ALLOW that no
 //! longer matches, STRICT for plaintext) are closed.
 //!
 //! Closing is a `shutdown` of the socket to the pod: both copy directions
@@ -17,13 +18,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tracing::warn;
-use weft_api::authorization::Connection;
 
+use super::gate::{self, GateRequest, Path};
 use super::routes::RouteTable;
-use super::telemetry::{Direction, TrafficMetrics};
+use super::telemetry::TrafficMetrics;
 
-/// One open inbound connection.
+/// One open connection into a local pod.
 struct OpenInbound {
+    path: Path,
     principal: Option<String>,
     source: SocketAddr,
     destination: SocketAddr,
@@ -52,13 +54,15 @@ impl Drop for Registration {
 }
 
 impl InboundRegistry {
-    /// Registers a connection from `source` (with `principal` when it came
-    /// through mutual TLS) to `destination`, forwarded on `upstream`.
-    /// `None` when the socket cannot be duplicated (out of descriptors):
-    /// the connection then runs unwatched, which is logged.
+    /// Registers a connection from `source` (with the `principal` the gate
+    /// admitted it with, `None` for plaintext) to `destination`, arriving
+    /// by `path` and forwarded on `upstream`. `None` when the socket cannot
+    /// be duplicated (out of descriptors): the connection then runs
+    /// unwatched, which is logged.
     pub fn register(
         self: &Arc<Self>,
         upstream: &TcpStream,
+        path: Path,
         principal: Option<String>,
         source: SocketAddr,
         destination: SocketAddr,
@@ -72,6 +76,7 @@ impl InboundRegistry {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = OpenInbound {
+            path,
             principal,
             source,
             destination,
@@ -95,35 +100,23 @@ impl InboundRegistry {
             let Some(workload) = routes.local_workload(connection.destination.ip()) else {
                 continue; // the pod is gone; its connections end with it
             };
-            let refused_plaintext = connection.principal.is_none() && workload.mtls_strict;
-            let decision = routes.authorize(
-                workload,
-                &Connection {
-                    source_principal: connection.principal.as_deref(),
-                    source_ip: connection.source.ip(),
-                    destination_port: connection.destination.port(),
-                },
-            );
-            if decision.allowed() && !refused_plaintext {
+            let request = GateRequest {
+                path: connection.path,
+                principal: connection.principal.as_deref(),
+                source: connection.source,
+                destination: connection.destination,
+            };
+            let decision = gate::decide(routes, workload, &request);
+            if decision.allowed() {
                 continue;
             }
-            let why = if refused_plaintext {
-                "plaintext is refused now (STRICT)".to_owned()
-            } else {
-                decision.to_string()
-            };
-            warn!(
-                source = %connection.source,
-                destination = %connection.destination,
-                pod = %workload.uid,
-                policy = %decision.policy(),
-                "closing an open connection after a policy change: {why}"
+            gate::record(
+                metrics,
+                &decision,
+                workload,
+                &request,
+                "closing an open connection after a policy change",
             );
-            if refused_plaintext {
-                metrics.failure(Direction::Inbound, "plaintext_refused_strict");
-            } else {
-                metrics.authorization(&decision, workload);
-            }
             let _ = connection.upstream.shutdown(Shutdown::Both);
             closed += 1;
         }

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
-use weft_api::authorization::{self, Connection, Decision};
-use weft_api::v1;
+use weft_api::authorization::{self, Connection, Decision, Policy};
 
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
 use crate::node_view::{NodeView, Service, ServicePort, TrafficPolicy, Workload};
@@ -35,7 +34,7 @@ pub struct RouteTable {
     /// Workloads by uid, to follow an endpoint to its pod.
     by_uid: HashMap<String, Arc<Workload>>,
     /// AuthorizationPolicies by `<namespace>/<name>`.
-    authorization_policies: std::collections::BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
+    authorization_policies: std::collections::BTreeMap<String, Arc<Policy>>,
 }
 
 /// A Service with its ready endpoints and balancing state.
@@ -195,15 +194,20 @@ impl RouteTable {
         }
     }
 
-    /// Decides a new connection to the local `workload` against the
-    /// AuthorizationPolicies that apply to it.
+    /// Decides a connection to the local `workload`: its mTLS mode and the
+    /// AuthorizationPolicies that apply to it (the gate, [`super::gate`],
+    /// is the one caller on the data path).
     pub fn authorize(&self, workload: &Workload, connection: &Connection<'_>) -> Decision {
-        let policies = workload
-            .authorization_policies
-            .iter()
-            .filter_map(|key| self.authorization_policies.get(key))
-            .map(|policy| &**policy);
-        authorization::evaluate(policies, connection)
+        let destination = authorization::Destination {
+            mtls_strict: workload.mtls_strict,
+            mtls_policy: &workload.mtls_policy,
+            policies: &workload.authorization_policies,
+        };
+        authorization::decide(
+            &destination,
+            |key| self.authorization_policies.get(key).map(|p| &**p),
+            connection,
+        )
     }
 
     /// The local workload with this IP.

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_api::authorization::Decision;
+use weft_api::authorization::{Decision, Outcome};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -161,7 +161,9 @@ impl TrafficMetrics {
                 })
                 .inc();
         };
-        if !decision.allowed() {
+        // Plaintext refused by STRICT is an MtlsPolicy's doing, counted
+        // as a failure (`plaintext_refused_strict`), not here.
+        if !decision.allowed() && !matches!(decision.outcome, Outcome::PlaintextRefused(_)) {
             count("deny", decision.policy());
         }
         for audit in &decision.audits {

@@ -215,6 +215,21 @@ pub(crate) async fn open_stream(
         if let Err(e) = send.send_data(early.bytes.clone(), false) {
             // The stream or connection failed before the bytes left.
             early.set_in_flight(false);
+            // The peer may have answered and ended the stream before the
+            // bytes could follow (a refusal right after the headers): then
+            // its answer, already here, says why, not the dead stream.
+            if let Some(Ok(answer)) = futures::FutureExt::now_or_never(response)
+                && answer.status() != StatusCode::OK
+            {
+                return Err(OpenFailure {
+                    error: HboneError::Refused {
+                        target,
+                        address,
+                        status: answer.status(),
+                    },
+                    retry: Retry::Never,
+                });
+            }
             let retry = retry_after(&e);
             return Err(failed(e, retry));
         }

@@ -7,15 +7,11 @@ use std::net::IpAddr;
 use weft_api::v1;
 use weft_certs::{Identity, TrustBundle};
 
-use std::time::Duration;
+use weft_api::authorization::Policy;
 
 use super::{
-    Endpoint, EntryKind, LoadBalancing, OutlierDetection, Service, ServicePort, TrafficPolicy,
-    Trust, UpdateProblem, Workload,
+    Endpoint, EntryKind, Service, ServicePort, TrafficPolicy, Trust, UpdateProblem, Workload,
 };
-
-/// More retries than this is not a policy but a mistake.
-const MAX_RETRY_ATTEMPTS: u32 = 16;
 
 pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
     let invalid = |reason: String| UpdateProblem::InvalidTrust { reason };
@@ -114,11 +110,12 @@ pub(super) fn workload(
     Ok((wire.uid.clone(), workload))
 }
 
-/// Checks an AuthorizationPolicy's key and action; its rules are taken as
-/// they come (an address block that does not parse matches nothing).
+/// Compiles an AuthorizationPolicy: every principal pattern, address block
+/// and port is parsed now, once, and one that does not parse refuses the
+/// policy (never a rule that silently matches nothing).
 pub(super) fn authorization_policy(
     wire: &v1::AuthorizationPolicy,
-) -> Result<(String, v1::AuthorizationPolicy), UpdateProblem> {
+) -> Result<(String, Policy), UpdateProblem> {
     let kind = EntryKind::AuthorizationPolicy;
     if wire.namespace.is_empty() || wire.name.is_empty() {
         return Err(UpdateProblem::EmptyKey {
@@ -127,14 +124,12 @@ pub(super) fn authorization_policy(
         });
     }
     let key = format!("{}/{}", wire.namespace, wire.name);
-    if v1::AuthorizationAction::try_from(wire.action).is_err() {
-        return Err(UpdateProblem::InvalidEntry {
-            kind,
-            key,
-            reason: format!("unknown action {}", wire.action),
-        });
-    }
-    Ok((key, wire.clone()))
+    let policy = Policy::compile(wire).map_err(|error| UpdateProblem::InvalidEntry {
+        kind,
+        key: key.clone(),
+        reason: error.to_string(),
+    })?;
+    Ok((key, policy))
 }
 
 pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdateProblem> {
@@ -185,7 +180,7 @@ pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdatePro
     let traffic = wire
         .traffic_policy
         .as_ref()
-        .map(|t| traffic_policy(&wire.namespace, t).map_err(invalid))
+        .map(|t| TrafficPolicy::from_wire(&wire.namespace, t).map_err(|e| invalid(e.to_string())))
         .transpose()?;
     let service = Service {
         namespace: wire.namespace.clone(),
@@ -196,77 +191,6 @@ pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdatePro
         traffic,
     };
     Ok((key, service))
-}
-
-/// Checks a Service's TrafficPolicy. Split targets must be Services of the
-/// same namespace, each named once; a target that is not in the view is
-/// allowed (it gets no connections until it is).
-fn traffic_policy(namespace: &str, wire: &v1::TrafficPolicy) -> Result<TrafficPolicy, String> {
-    let prefix = |what: String| format!("traffic policy {:?}: {what}", wire.policy);
-    let mode = match v1::LoadBalancing::try_from(wire.mode) {
-        Ok(v1::LoadBalancing::RoundRobin) => LoadBalancing::RoundRobin,
-        Ok(v1::LoadBalancing::LeastConnections) => LoadBalancing::LeastConnections,
-        Ok(v1::LoadBalancing::PowerOfTwoChoices) => LoadBalancing::PowerOfTwoChoices,
-        Err(_) => return Err(prefix(format!("unknown load-balancing mode {}", wire.mode))),
-    };
-    if wire.retry_attempts > MAX_RETRY_ATTEMPTS {
-        return Err(prefix(format!(
-            "retry_attempts {} is above {MAX_RETRY_ATTEMPTS}",
-            wire.retry_attempts
-        )));
-    }
-    let outlier = match wire.outlier_consecutive_failures {
-        0 => None,
-        consecutive_failures => {
-            let base_ejection = Duration::from_millis(wire.outlier_base_ejection_ms);
-            let max_ejection = Duration::from_millis(wire.outlier_max_ejection_ms);
-            if base_ejection.is_zero() || max_ejection < base_ejection {
-                return Err(prefix(format!(
-                    "outlier ejection times base {} ms, max {} ms: base must be above 0 and max not below it",
-                    wire.outlier_base_ejection_ms, wire.outlier_max_ejection_ms
-                )));
-            }
-            Some(OutlierDetection {
-                consecutive_failures,
-                base_ejection,
-                max_ejection,
-            })
-        }
-    };
-    let mut split: Vec<(String, u32)> = Vec::new();
-    for target in &wire.split {
-        let same_namespace = target
-            .service
-            .split_once('/')
-            .is_some_and(|(ns, name)| ns == namespace && !name.is_empty() && !name.contains('/'));
-        if !same_namespace {
-            return Err(prefix(format!(
-                "split target {:?} is not a Service of namespace {namespace}",
-                target.service
-            )));
-        }
-        if split.iter().any(|(s, _)| *s == target.service) {
-            return Err(prefix(format!(
-                "split target {:?} is listed twice",
-                target.service
-            )));
-        }
-        split.push((target.service.clone(), target.weight));
-    }
-    if !split.is_empty() && split.iter().all(|(_, w)| *w == 0) {
-        return Err(prefix("every split weight is 0".to_owned()));
-    }
-    let millis = |ms: u64| Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
-    Ok(TrafficPolicy {
-        policy: wire.policy.clone(),
-        mode,
-        connect_timeout: millis(wire.connect_timeout_ms),
-        idle_timeout: millis(wire.idle_timeout_ms),
-        max_connections: Some(wire.max_connections).filter(|m| *m != 0),
-        retry_attempts: wire.retry_attempts,
-        outlier,
-        split,
-    })
 }
 
 fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {

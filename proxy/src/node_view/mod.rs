@@ -19,7 +19,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
-use weft_api::v1::{self, ConfigUpdate};
+use weft_api::authorization::Policy;
+pub use weft_api::traffic::{LoadBalancing, OutlierDetection, TrafficPolicy};
+use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle};
 
 /// One applied version of the node's config. Maps are keyed as on the wire:
@@ -32,7 +34,17 @@ pub struct NodeView {
     remote_workloads: BTreeMap<String, Arc<Workload>>,
     services: BTreeMap<String, Arc<Service>>,
     #[serde(serialize_with = "policy_summaries")]
-    authorization_policies: BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
+    authorization_policies: BTreeMap<String, Arc<Policy>>,
+}
+
+/// An applied update, and the entries of it that were refused (each kept
+/// at its previous value, or left out if it had none).
+#[derive(Debug)]
+pub struct Applied {
+    /// The new view.
+    pub view: NodeView,
+    /// What was refused, entry by entry.
+    pub refused: Vec<UpdateProblem>,
 }
 
 /// The mesh roots, with the trust domain they are for.
@@ -71,7 +83,8 @@ pub struct Workload {
     /// The pod's labels (local workloads only).
     pub labels: BTreeMap<String, String>,
     /// Keys of the AuthorizationPolicies that apply to the pod (local
-    /// workloads only); each is in the view.
+    /// workloads only). One that is not in the view (refused) refuses every
+    /// connection to the pod.
     pub authorization_policies: Vec<String>,
     /// Whether plaintext inbound is refused (local workloads only).
     pub mtls_strict: bool,
@@ -94,51 +107,6 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// The TrafficPolicy that configures it, if any.
     pub traffic: Option<TrafficPolicy>,
-}
-
-/// How connections to a Service behave, as its TrafficPolicy sets it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TrafficPolicy {
-    /// The policy, `<namespace>/<name>`.
-    pub policy: String,
-    /// How an endpoint is picked.
-    pub mode: LoadBalancing,
-    /// The connect timeout; `None`: the proxy's default.
-    pub connect_timeout: Option<std::time::Duration>,
-    /// The idle timeout; `None`: never.
-    pub idle_timeout: Option<std::time::Duration>,
-    /// Connections this proxy keeps open to the Service at most.
-    pub max_connections: Option<u32>,
-    /// Further endpoints a failed connect is retried on.
-    pub retry_attempts: u32,
-    /// Ejection of failing endpoints.
-    pub outlier: Option<OutlierDetection>,
-    /// Weighted targets (`<namespace>/<name>`, weight); empty: no split.
-    pub split: Vec<(String, u32)>,
-}
-
-/// The load-balancing algorithms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum LoadBalancing {
-    /// Each endpoint in turn.
-    #[default]
-    RoundRobin,
-    /// The fewest open connections.
-    LeastConnections,
-    /// The cheaper of two random endpoints.
-    PowerOfTwoChoices,
-}
-
-/// Ejection of endpoints whose connects keep failing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct OutlierDetection {
-    /// Failed connects in a row that eject an endpoint (at least 1).
-    pub consecutive_failures: u32,
-    /// The first ejection's length (above 0).
-    pub base_ejection: std::time::Duration,
-    /// The longest ejection (at least `base_ejection`).
-    pub max_ejection: std::time::Duration,
 }
 
 /// A port of a Service.
@@ -269,13 +237,19 @@ impl NodeView {
     /// for the proxy of `node`, following the proto's rules: a full state
     /// replaces everything; a delta needs a previous view whose version is
     /// exactly one less, adds or replaces the entries it lists whole and
-    /// deletes the keys it removes. Returns the new view, or why the update
-    /// cannot be applied; `previous` is never modified.
+    /// deletes the keys it removes.
+    ///
+    /// An entry that does not convert is refused alone: it keeps its
+    /// previous value (or stays out if it had none) and is reported in
+    /// [`Applied::refused`]; the rest applies, so one bad object cannot
+    /// freeze the node's config. Only a problem with the update as a whole
+    /// (no base, a version gap, unusable roots) refuses all of it.
+    /// `previous` is never modified.
     pub fn apply(
         previous: Option<&NodeView>,
         update: &ConfigUpdate,
         node: &str,
-    ) -> Result<NodeView, UpdateProblem> {
+    ) -> Result<Applied, UpdateProblem> {
         let base = if update.full_state {
             None
         } else {
@@ -295,56 +269,66 @@ impl NodeView {
             (None, Some(base)) => base.trust.clone(),
             (None, None) => return Err(UpdateProblem::MissingTrust),
         };
+        let mut refused = Vec::new();
         let local_workloads = merge(
             EntryKind::LocalWorkload,
-            base.map(|b| &b.local_workloads),
+            (base.is_some(), previous.map(|p| &p.local_workloads)),
             &update.local_workloads,
             &update.removed_local_workloads,
             |w| convert::workload(EntryKind::LocalWorkload, w, Some(node)),
-        )?;
+            &mut refused,
+        );
         let remote_workloads = merge(
             EntryKind::RemoteWorkload,
-            base.map(|b| &b.remote_workloads),
+            (base.is_some(), previous.map(|p| &p.remote_workloads)),
             &update.remote_workloads,
             &update.removed_remote_workloads,
             |w| convert::workload(EntryKind::RemoteWorkload, w, None),
-        )?;
+            &mut refused,
+        );
         let services = merge(
             EntryKind::Service,
-            base.map(|b| &b.services),
+            (base.is_some(), previous.map(|p| &p.services)),
             &update.services,
             &update.removed_services,
             convert::service,
-        )?;
+            &mut refused,
+        );
         let authorization_policies = merge(
             EntryKind::AuthorizationPolicy,
-            base.map(|b| &b.authorization_policies),
+            (base.is_some(), previous.map(|p| &p.authorization_policies)),
             &update.authorization_policies,
             &update.removed_authorization_policies,
             convert::authorization_policy,
-        )?;
-        // A workload whose policy is missing would be less protected than
-        // its operator wrote: refuse the update rather than fail open.
-        for workload in local_workloads.values() {
-            if let Some(missing) = workload
-                .authorization_policies
-                .iter()
-                .find(|key| !authorization_policies.contains_key(*key))
-            {
-                return Err(UpdateProblem::InvalidEntry {
+            &mut refused,
+        );
+        // A workload whose policy is missing refuses every connection
+        // (fail closed, see `weft_api::authorization::decide`); say so,
+        // unless the control plane already said the policy is invalid.
+        for wire in &update.local_workloads {
+            for missing in wire.authorization_policies.iter().filter(|key| {
+                !authorization_policies.contains_key(*key)
+                    && !wire.invalid_authorization_policies.contains(key)
+            }) {
+                refused.push(UpdateProblem::InvalidEntry {
                     kind: EntryKind::LocalWorkload,
-                    key: workload.uid.clone(),
-                    reason: format!("refers to authorization policy {missing}, which is not sent"),
+                    key: wire.uid.clone(),
+                    reason: format!(
+                        "refers to authorization policy {missing}, which is not applied: connections to it are refused"
+                    ),
                 });
             }
         }
-        Ok(NodeView {
-            version: update.version,
-            trust,
-            local_workloads,
-            remote_workloads,
-            services,
-            authorization_policies,
+        Ok(Applied {
+            view: NodeView {
+                version: update.version,
+                trust,
+                local_workloads,
+                remote_workloads,
+                services,
+                authorization_policies,
+            },
+            refused,
         })
     }
 
@@ -373,8 +357,9 @@ impl NodeView {
         &self.services
     }
 
-    /// AuthorizationPolicies local workloads refer to, by `<namespace>/<name>`.
-    pub fn authorization_policies(&self) -> &BTreeMap<String, Arc<v1::AuthorizationPolicy>> {
+    /// AuthorizationPolicies local workloads refer to, compiled, by
+    /// `<namespace>/<name>`.
+    pub fn authorization_policies(&self) -> &BTreeMap<String, Arc<Policy>> {
         &self.authorization_policies
     }
 
@@ -398,35 +383,59 @@ impl Service {
 
 /// Builds one keyed map of the next view: the base's entries (none for a
 /// full state), minus the removed keys, plus the listed entries, each
-/// converted (and so validated) by `convert`.
+/// converted (and so validated) by `convert`. `(is_delta, previous)`: whether
+/// the update builds on `previous`, the map of the view applied last. An
+/// entry that does not convert, is listed twice, or is both listed and
+/// removed is reported in `refused` and keeps its previous value.
 fn merge<P, T>(
     kind: EntryKind,
-    base: Option<&BTreeMap<String, Arc<T>>>,
+    (is_delta, previous): (bool, Option<&BTreeMap<String, Arc<T>>>),
     listed: &[P],
     removed: &[String],
     convert: impl Fn(&P) -> Result<(String, T), UpdateProblem>,
-) -> Result<BTreeMap<String, Arc<T>>, UpdateProblem> {
-    let mut map = base.cloned().unwrap_or_default();
+    refused: &mut Vec<UpdateProblem>,
+) -> BTreeMap<String, Arc<T>> {
+    let mut map = match (is_delta, previous) {
+        (true, Some(previous)) => previous.clone(),
+        _ => BTreeMap::new(),
+    };
     // A full state has no base to remove from; its removed lists mean nothing.
-    let removed: HashSet<&str> = match base {
-        Some(_) => removed.iter().map(String::as_str).collect(),
-        None => HashSet::new(),
+    let removed: HashSet<&str> = if is_delta {
+        removed.iter().map(String::as_str).collect()
+    } else {
+        HashSet::new()
     };
     for key in &removed {
         map.remove(*key);
     }
+    let keep_previous = |map: &mut BTreeMap<String, Arc<T>>, key: &str| {
+        if let Some(old) = previous.and_then(|p| p.get(key)) {
+            map.insert(key.to_owned(), old.clone());
+        }
+    };
     let mut seen = HashSet::new();
     for entry in listed {
-        let (key, value) = convert(entry)?;
+        let (key, value) = match convert(entry) {
+            Ok(converted) => converted,
+            Err(problem) => {
+                if let UpdateProblem::InvalidEntry { key, .. } = &problem {
+                    keep_previous(&mut map, key);
+                }
+                refused.push(problem);
+                continue;
+            }
+        };
         if removed.contains(key.as_str()) {
-            return Err(UpdateProblem::UpdatedAndRemoved { kind, key });
+            refused.push(UpdateProblem::UpdatedAndRemoved { kind, key });
+            continue;
         }
         if !seen.insert(key.clone()) {
-            return Err(UpdateProblem::Duplicate { kind, key });
+            refused.push(UpdateProblem::Duplicate { kind, key });
+            continue;
         }
         map.insert(key, Arc::new(value));
     }
-    Ok(map)
+    map
 }
 
 /// Serializes a value by its `Display` form (identities in JSON dumps).
@@ -439,16 +448,13 @@ pub(crate) fn display<T: fmt::Display, S: serde::Serializer>(
 
 /// AuthorizationPolicies in the config dump: action and rule count by key.
 fn policy_summaries<S: serde::Serializer>(
-    policies: &BTreeMap<String, Arc<v1::AuthorizationPolicy>>,
+    policies: &BTreeMap<String, Arc<Policy>>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(policies.iter().map(|(key, policy)| {
-        let action = v1::AuthorizationAction::try_from(policy.action)
-            .map(|a| a.as_str_name())
-            .unwrap_or("UNKNOWN");
         (
             key,
-            serde_json::json!({ "action": action, "rules": policy.rules.len() }),
+            serde_json::json!({ "action": policy.action.as_str(), "rules": policy.rules.len() }),
         )
     }))
 }

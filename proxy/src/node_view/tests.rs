@@ -82,11 +82,25 @@ fn delta(version: u64) -> v1::ConfigUpdate {
 }
 
 fn applied(update: &v1::ConfigUpdate) -> NodeView {
-    NodeView::apply(None, update, NODE).unwrap()
+    let applied = NodeView::apply(None, update, NODE).unwrap();
+    assert!(applied.refused.is_empty(), "{:?}", applied.refused);
+    applied.view
 }
 
-/// Applies an update that must be refused, checks that the view it was
-/// meant for is exactly as before, and returns the NACK reason.
+/// Applies an update of which exactly one entry must be refused; returns
+/// the view and why.
+fn refused_entry(
+    previous: Option<&NodeView>,
+    update: &v1::ConfigUpdate,
+) -> (NodeView, UpdateProblem) {
+    let Applied { view, mut refused } = NodeView::apply(previous, update, NODE).unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(view.version(), update.version, "the rest is applied");
+    (view, refused.remove(0))
+}
+
+/// Applies an update that must be refused as a whole, checks that the view
+/// it was meant for is exactly as before, and returns the NACK reason.
 fn refused(previous: Option<&NodeView>, update: &v1::ConfigUpdate) -> UpdateProblem {
     let before = previous.map(|v| serde_json::to_value(v).unwrap());
     let problem = NodeView::apply(previous, update, NODE).unwrap_err();
@@ -131,7 +145,7 @@ fn a_full_state_replaces_everything_at_any_version() {
     second.services.clear();
     // Removed lists mean nothing in a full state.
     second.removed_local_workloads = vec!["other/api".into()];
-    let view = NodeView::apply(Some(&first), &second, NODE).unwrap();
+    let view = NodeView::apply(Some(&first), &second, NODE).unwrap().view;
     assert_eq!(view.version(), 3);
     assert_eq!(uids(view.local_workloads()), ["other/api"]);
     assert!(view.remote_workloads().is_empty());
@@ -148,7 +162,7 @@ fn a_delta_adds_replaces_and_removes_whole_entries() {
     update.removed_local_workloads = vec!["default/db".into(), "default/never-existed".into()];
     update.removed_remote_workloads = vec!["shop/cart".into()];
     update.services = vec![service("shop", "cart", "10.0.2.7")];
-    let view = NodeView::apply(Some(&base), &update, NODE).unwrap();
+    let view = NodeView::apply(Some(&base), &update, NODE).unwrap().view;
 
     assert_eq!(view.version(), 2);
     assert_eq!(
@@ -201,7 +215,7 @@ fn an_invalid_identity_is_refused_naming_workload_and_value() {
     let mut web = workload("default", "web", "web", "10.0.1.5", true);
     web.identity = "spiffe://cluster.local/ns/default/serviceaccount/web".into();
     update.local_workloads = vec![web];
-    let problem = refused(Some(&base), &update);
+    let problem = refused_entry(Some(&base), &update).1;
     let reason = problem.to_string();
     assert!(
         reason.starts_with(
@@ -217,7 +231,7 @@ fn an_invalid_identity_is_refused_naming_workload_and_value() {
 fn an_identity_that_contradicts_the_pod_is_refused() {
     let mut update = full(1);
     update.local_workloads[0].service_account = "admin".into();
-    let reason = refused(None, &update).to_string();
+    let reason = refused_entry(None, &update).1.to_string();
     assert_eq!(
         reason,
         "local workload default/web: identity spiffe://cluster.local/ns/default/sa/web \
@@ -229,7 +243,7 @@ fn an_identity_that_contradicts_the_pod_is_refused() {
 fn an_invalid_ip_is_refused() {
     let mut update = full(1);
     update.remote_workloads[0].ips.push("10.0.2.300".into());
-    let reason = refused(None, &update).to_string();
+    let reason = refused_entry(None, &update).1.to_string();
     assert!(
         reason.starts_with("remote workload shop/cart: ip \"10.0.2.300\": "),
         "{reason}"
@@ -237,7 +251,7 @@ fn an_invalid_ip_is_refused() {
 
     let mut update = full(1);
     update.services[0].vips = vec!["fd00::zz".into()];
-    let reason = refused(None, &update).to_string();
+    let reason = refused_entry(None, &update).1.to_string();
     assert!(
         reason.starts_with("service default/web: vip \"fd00::zz\": "),
         "{reason}"
@@ -245,7 +259,7 @@ fn an_invalid_ip_is_refused() {
 
     let mut update = full(1);
     update.services[0].endpoints[0].ip = String::new();
-    let reason = refused(None, &update).to_string();
+    let reason = refused_entry(None, &update).1.to_string();
     assert!(
         reason.starts_with("service default/web: endpoint \"\": "),
         "{reason}"
@@ -256,7 +270,7 @@ fn an_invalid_ip_is_refused() {
 fn ports_must_fit_in_sixteen_bits() {
     let mut update = full(1);
     update.services[0].ports[0].target_port = 70000;
-    let reason = refused(None, &update).to_string();
+    let reason = refused_entry(None, &update).1.to_string();
     assert_eq!(
         reason,
         "service default/web: port \"http\": target port 70000 is not a port"
@@ -264,7 +278,8 @@ fn ports_must_fit_in_sixteen_bits() {
     let mut update = full(1);
     update.services[0].ports[0].port = 0;
     assert!(
-        refused(None, &update)
+        refused_entry(None, &update)
+            .1
             .to_string()
             .contains("0 is not a port")
     );
@@ -275,7 +290,7 @@ fn empty_keys_are_refused() {
     let mut update = full(1);
     update.local_workloads[1].uid.clear();
     assert_eq!(
-        refused(None, &update),
+        refused_entry(None, &update).1,
         UpdateProblem::EmptyKey {
             kind: EntryKind::LocalWorkload,
             reason: "uid is empty"
@@ -284,7 +299,7 @@ fn empty_keys_are_refused() {
     let mut update = full(1);
     update.services[0].name.clear();
     assert_eq!(
-        refused(None, &update).to_string(),
+        refused_entry(None, &update).1.to_string(),
         "service with an empty key: name is empty"
     );
 }
@@ -294,7 +309,7 @@ fn a_local_workload_of_another_node_is_refused() {
     let mut update = full(1);
     update.local_workloads[0].node = "node-2".into();
     assert_eq!(
-        refused(None, &update).to_string(),
+        refused_entry(None, &update).1.to_string(),
         "local workload default/web: sent as local to node \"node-1\" but runs on node \"node-2\""
     );
     // Remote workloads run elsewhere by definition.
@@ -310,7 +325,7 @@ fn duplicates_and_contradictions_are_refused() {
         .local_workloads
         .push(update.local_workloads[0].clone());
     assert_eq!(
-        refused(None, &update).to_string(),
+        refused_entry(None, &update).1.to_string(),
         "local workload default/web is listed twice"
     );
 
@@ -319,7 +334,7 @@ fn duplicates_and_contradictions_are_refused() {
     update.services = vec![service("default", "web", "10.0.1.5")];
     update.removed_services = vec!["default/web".into()];
     assert_eq!(
-        refused(Some(&base), &update).to_string(),
+        refused_entry(Some(&base), &update).1.to_string(),
         "service default/web is both updated and removed"
     );
 }
@@ -346,22 +361,50 @@ fn a_full_state_needs_valid_roots_and_a_delta_keeps_them() {
     assert!(refused(None, &update).to_string().contains("trust domain"));
 
     let base = applied(&full(1));
-    let view = NodeView::apply(Some(&base), &delta(2), NODE).unwrap();
+    let view = NodeView::apply(Some(&base), &delta(2), NODE).unwrap().view;
     assert_eq!(view.trust().bundle.roots(), base.trust().bundle.roots());
 }
 
 #[test]
-fn a_refused_update_in_the_middle_of_a_delta_leaves_nothing_behind() {
-    // The first entries are valid and would change the view; the last one
-    // is not. Nothing of it may show.
+fn a_refused_entry_keeps_its_last_good_value_and_the_rest_applies() {
     let base = applied(&full(1));
     let mut update = delta(2);
     update.removed_local_workloads = vec!["default/db".into()];
     update.services = vec![service("shop", "cart", "10.0.2.7")];
-    update.remote_workloads = vec![workload("shop", "bad", "bad", "not-an-ip", true)];
-    refused(Some(&base), &update);
+    // An update to a known entry that does not convert, and a new one.
+    update.remote_workloads = vec![
+        workload("shop", "cart", "cart", "not-an-ip", true),
+        workload("shop", "bad", "bad", "not-an-ip", true),
+    ];
+    let Applied { view, refused } = NodeView::apply(Some(&base), &update, NODE).unwrap();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[0]
+            .to_string()
+            .starts_with("remote workload shop/cart: ip")
+    );
+    assert_eq!(view.version(), 2);
+    assert_eq!(uids(view.local_workloads()), ["default/web"]);
+    assert!(view.services().contains_key("shop/cart"));
+    // shop/cart keeps the value it had; shop/bad never had one.
+    assert_eq!(uids(view.remote_workloads()), ["shop/cart"]);
+    assert_eq!(
+        view.remote_workloads()["shop/cart"],
+        base.remote_workloads()["shop/cart"]
+    );
+    // The base is untouched.
     assert_eq!(base.version(), 1);
     assert_eq!(uids(base.local_workloads()), ["default/db", "default/web"]);
+
+    // A full state after that: the bad entry keeps its last good value too.
+    let mut again = full(7);
+    again.remote_workloads[0].ips = vec!["nope".into()];
+    let (view, problem) = refused_entry(Some(&view), &again);
+    assert!(problem.to_string().starts_with("remote workload shop/cart"));
+    assert_eq!(
+        view.remote_workloads()["shop/cart"],
+        base.remote_workloads()["shop/cart"]
+    );
 }
 
 #[test]
@@ -395,7 +438,7 @@ fn the_view_serializes_for_the_config_dump() {
 }
 
 #[test]
-fn a_workload_refers_only_to_policies_that_are_sent() {
+fn a_workload_whose_policy_is_not_sent_is_kept_and_reported() {
     let mut web = workload("shop", "web-1", "web", "10.244.1.2", true);
     web.authorization_policies = vec!["shop/deny-batch".into()];
     let mut update = v1::ConfigUpdate {
@@ -405,10 +448,19 @@ fn a_workload_refers_only_to_policies_that_are_sent() {
         trust: Some(trust()),
         ..Default::default()
     };
-    // Without the policy the workload would be less protected than written.
-    let problem = refused(None, &update);
+    // The workload stays (its connections are refused by the gate, fail
+    // closed), and the update says why.
+    let (view, problem) = refused_entry(None, &update);
     assert!(problem.to_string().contains("shop/deny-batch"), "{problem}");
+    assert_eq!(uids(view.local_workloads()), ["shop/web-1"]);
 
+    // Unless the control plane said the policy is invalid and left out.
+    update.local_workloads[0].invalid_authorization_policies = vec!["shop/deny-batch".into()];
+    applied(&update);
+
+    update.local_workloads[0]
+        .invalid_authorization_policies
+        .clear();
     update.authorization_policies = vec![v1::AuthorizationPolicy {
         namespace: "shop".into(),
         name: "deny-batch".into(),
@@ -417,14 +469,31 @@ fn a_workload_refers_only_to_policies_that_are_sent() {
     }];
     let view = applied(&update);
     assert_eq!(view.authorization_policies().len(), 1);
+}
 
-    // A delta that removes a policy still in use is refused too.
-    let delta = v1::ConfigUpdate {
-        version: 2,
-        removed_authorization_policies: vec!["shop/deny-batch".into()],
+#[test]
+fn an_authorization_policy_is_compiled_when_applied() {
+    let update = v1::ConfigUpdate {
+        version: 1,
+        full_state: true,
+        trust: Some(trust()),
+        authorization_policies: vec![v1::AuthorizationPolicy {
+            namespace: "shop".into(),
+            name: "deny".into(),
+            action: v1::AuthorizationAction::Deny as i32,
+            rules: vec![v1::AuthorizationRule {
+                ip_blocks: vec!["10.0.0.0/8".into(), "10.0.0.0/40".into()],
+                ..Default::default()
+            }],
+        }],
         ..Default::default()
     };
-    assert!(NodeView::apply(Some(&view), &delta, NODE).is_err());
+    let (view, problem) = refused_entry(None, &update);
+    assert_eq!(
+        problem.to_string(),
+        "authorization policy shop/deny: AuthorizationPolicy shop/deny: rules[0].from.ipBlocks[1]: \"10.0.0.0/40\": the prefix length must be a number from 0 to 32"
+    );
+    assert!(view.authorization_policies().is_empty());
 }
 
 #[test]
@@ -442,7 +511,8 @@ fn unknown_policy_actions_and_mtls_modes_are_refused() {
         ..Default::default()
     };
     assert!(
-        refused(None, &update)
+        refused_entry(None, &update)
+            .1
             .to_string()
             .contains("unknown action")
     );
@@ -450,7 +520,12 @@ fn unknown_policy_actions_and_mtls_modes_are_refused() {
     let mut web = workload("shop", "web-1", "web", "10.244.1.2", true);
     web.mtls_mode = 7;
     update.local_workloads = vec![web];
-    assert!(refused(None, &update).to_string().contains("mtls_mode"));
+    assert!(
+        refused_entry(None, &update)
+            .1
+            .to_string()
+            .contains("mtls_mode")
+    );
 }
 
 fn with_policy(policy: v1::TrafficPolicy) -> v1::ConfigUpdate {
@@ -476,7 +551,7 @@ fn a_traffic_policy_is_converted() {
         policy: "default/tp".into(),
         ..v1::TrafficPolicy::default()
     });
-    let view = NodeView::apply(None, &update, NODE).unwrap();
+    let view = applied(&update);
     let traffic = view.services()["default/web"].traffic.clone().unwrap();
     assert_eq!(traffic.mode, super::LoadBalancing::PowerOfTwoChoices);
     assert_eq!(
@@ -519,10 +594,13 @@ fn a_nonsensical_traffic_policy_is_refused() {
         },
     ];
     for policy in nonsense {
-        let problem = NodeView::apply(None, &with_policy(policy.clone()), NODE).unwrap_err();
+        let (view, problem) = refused_entry(None, &with_policy(policy.clone()));
         assert!(
-            problem.to_string().contains("traffic policy"),
+            problem
+                .to_string()
+                .starts_with("service default/web: TrafficPolicy"),
             "{policy:?}: {problem}"
         );
+        assert!(!view.services().contains_key("default/web"));
     }
 }

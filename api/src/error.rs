@@ -1,0 +1,30 @@
+//! What can go wrong turning wire messages into the typed values both sides
+//! act on.
+
+/// A wire entry that does not make sense. The text names the object and
+/// the field (in the CRD's spelling, so an operator finds it) and the
+/// problem; it is what an object's `Invalid` status and a proxy's NACK say.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Compiling an AuthorizationPolicy failed.
+    #[error("AuthorizationPolicy {policy}: {field}: {problem}")]
+    InvalidAuthorizationPolicy {
+        /// `<namespace>/<name>`.
+        policy: String,
+        /// The field at fault.
+        field: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// Converting a TrafficPolicy failed.
+    #[error("TrafficPolicy {policy}: {field}: {problem}")]
+    InvalidTrafficPolicy {
+        /// `<namespace>/<name>`.
+        policy: String,
+        /// The field at fault.
+        field: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+}

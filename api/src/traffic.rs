@@ -1,0 +1,153 @@
+//! What a [`TrafficPolicy`](v1::TrafficPolicy) means, as typed values: the
+//! one conversion the client's node proxy applies and the control plane
+//! runs on every object before it sends anything, so that an object the
+//! control plane sends is one the proxy accepts.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::{Error, v1};
+
+/// More retries than this is not a policy but a mistake (the CRD allows 5).
+pub const MAX_RETRY_ATTEMPTS: u32 = 16;
+
+/// How connections to a Service behave, as its TrafficPolicy sets it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TrafficPolicy {
+    /// The policy, `<namespace>/<name>`.
+    pub policy: String,
+    /// How an endpoint is picked.
+    pub mode: LoadBalancing,
+    /// The connect timeout; `None`: the proxy's default.
+    pub connect_timeout: Option<Duration>,
+    /// The idle timeout; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Connections this proxy keeps open to the Service at most.
+    pub max_connections: Option<u32>,
+    /// Further endpoints a failed connect is retried on.
+    pub retry_attempts: u32,
+    /// Ejection of failing endpoints.
+    pub outlier: Option<OutlierDetection>,
+    /// Weighted targets (`<namespace>/<name>`, weight); empty: no split.
+    pub split: Vec<(String, u32)>,
+}
+
+/// The load-balancing algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancing {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The fewest open connections.
+    LeastConnections,
+    /// The cheaper of two random endpoints.
+    PowerOfTwoChoices,
+}
+
+/// Ejection of endpoints whose connects keep failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Failed connects in a row that eject an endpoint (at least 1).
+    pub consecutive_failures: u32,
+    /// The first ejection's length (above 0).
+    pub base_ejection: Duration,
+    /// The longest ejection (at least `base_ejection`).
+    pub max_ejection: Duration,
+}
+
+impl TrafficPolicy {
+    /// Converts the TrafficPolicy of a Service in `namespace`. Split targets
+    /// must be Services of the same namespace, each named once; a target
+    /// that does not exist is allowed (it gets no connections until it
+    /// does). Field names in errors are the CRD's.
+    pub fn from_wire(namespace: &str, wire: &v1::TrafficPolicy) -> Result<TrafficPolicy, Error> {
+        let invalid = |field: &str, problem: String| Error::InvalidTrafficPolicy {
+            policy: wire.policy.clone(),
+            field: field.to_owned(),
+            problem,
+        };
+        let mode = match v1::LoadBalancing::try_from(wire.mode) {
+            Ok(v1::LoadBalancing::RoundRobin) => LoadBalancing::RoundRobin,
+            Ok(v1::LoadBalancing::LeastConnections) => LoadBalancing::LeastConnections,
+            Ok(v1::LoadBalancing::PowerOfTwoChoices) => LoadBalancing::PowerOfTwoChoices,
+            Err(_) => {
+                return Err(invalid(
+                    "loadBalancing.mode",
+                    format!("unknown load-balancing mode {}", wire.mode),
+                ));
+            }
+        };
+        if wire.retry_attempts > MAX_RETRY_ATTEMPTS {
+            return Err(invalid(
+                "retries.attempts",
+                format!("{} is above {MAX_RETRY_ATTEMPTS}", wire.retry_attempts),
+            ));
+        }
+        let outlier = match wire.outlier_consecutive_failures {
+            0 => None,
+            consecutive_failures => {
+                let base_ejection = Duration::from_millis(wire.outlier_base_ejection_ms);
+                let max_ejection = Duration::from_millis(wire.outlier_max_ejection_ms);
+                if base_ejection.is_zero() {
+                    return Err(invalid(
+                        "outlierDetection.baseEjectionTime",
+                        "must be longer than 0s".to_owned(),
+                    ));
+                }
+                if max_ejection < base_ejection {
+                    return Err(invalid(
+                        "outlierDetection.maxEjectionTime",
+                        format!(
+                            "{} ms is shorter than baseEjectionTime {} ms",
+                            wire.outlier_max_ejection_ms, wire.outlier_base_ejection_ms
+                        ),
+                    ));
+                }
+                Some(OutlierDetection {
+                    consecutive_failures,
+                    base_ejection,
+                    max_ejection,
+                })
+            }
+        };
+        let mut split: Vec<(String, u32)> = Vec::new();
+        for (index, target) in wire.split.iter().enumerate() {
+            let field = format!("split[{index}].service");
+            let same_namespace = target.service.split_once('/').is_some_and(|(ns, name)| {
+                ns == namespace && !name.is_empty() && !name.contains('/')
+            });
+            if !same_namespace {
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "{:?} is not a Service of namespace {namespace}",
+                        target.service
+                    ),
+                ));
+            }
+            if split.iter().any(|(s, _)| *s == target.service) {
+                return Err(invalid(
+                    &field,
+                    format!("{:?} is listed twice", target.service),
+                ));
+            }
+            split.push((target.service.clone(), target.weight));
+        }
+        if !split.is_empty() && split.iter().all(|(_, w)| *w == 0) {
+            return Err(invalid("split", "every weight is 0".to_owned()));
+        }
+        let millis = |ms: u64| Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
+        Ok(TrafficPolicy {
+            policy: wire.policy.clone(),
+            mode,
+            connect_timeout: millis(wire.connect_timeout_ms),
+            idle_timeout: millis(wire.idle_timeout_ms),
+            max_connections: Some(wire.max_connections).filter(|m| *m != 0),
+            retry_attempts: wire.retry_attempts,
+            outlier,
+            split,
+        })
+    }
+}
