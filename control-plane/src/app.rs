@@ -245,14 +245,20 @@ pub async fn run_on(
     });
     let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
 
-    let config_service = ConfigStreamService::new(mesh_rx.clone(), auth.clone(), nodes.clone());
+    let config_service = ConfigStreamService::new(
+        mesh_rx.clone(),
+        auth.clone(),
+        nodes.clone(),
+        config.max_config_message_bytes,
+    );
     let signing_service = SigningService::new(ca, mesh_rx, auth, nodes);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(pb::node_config_server::NodeConfigServer::new(
-            config_service,
-        ))
+        .add_service(
+            pb::node_config_server::NodeConfigServer::new(config_service)
+                .max_encoding_message_size(config.max_config_message_bytes),
+        )
         .add_service(pb::certificates_server::CertificatesServer::new(
             signing_service,
         ))

@@ -116,6 +116,14 @@ pub struct ControlPlaneConfig {
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// The largest config message sent to a proxy, in bytes (a node's full
+    /// state grows with the cluster, about 200 bytes per pod and per Service
+    /// endpoint). The same default as the proxy's
+    /// `--max-config-message-bytes`; a node whose full state is larger gets
+    /// none, with an error in this log naming the node and the size.
+    #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_config_message_bytes: usize,
 }
 
 /// Where the cluster comes from.

@@ -12,7 +12,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
@@ -33,19 +33,24 @@ pub struct ConfigStreamService {
     mesh: watch::Receiver<Arc<Mesh>>,
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
+    max_message_bytes: usize,
 }
 
 impl ConfigStreamService {
-    /// A service streaming `mesh` to proxies that authenticate with `auth`.
+    /// A service streaming `mesh` to proxies that authenticate with `auth`,
+    /// in messages of at most `max_message_bytes` (the server's encoding
+    /// limit, which this service only reports on).
     pub fn new(
         mesh: watch::Receiver<Arc<Mesh>>,
         auth: Arc<NodeAuthenticator>,
         registry: Arc<NodeRegistry>,
+        max_message_bytes: usize,
     ) -> ConfigStreamService {
         ConfigStreamService {
             mesh,
             auth,
             registry,
+            max_message_bytes,
         }
     }
 }
@@ -82,6 +87,7 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
         let span = info_span!("config_stream", node = %node);
         let stream = NodeStream {
             node,
+            max_message_bytes: self.max_message_bytes,
             mesh: self.mesh.clone(),
             registry: self.registry.clone(),
             updates,
@@ -95,6 +101,7 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
 /// One proxy's stream.
 struct NodeStream {
     node: String,
+    max_message_bytes: usize,
     mesh: watch::Receiver<Arc<Mesh>>,
     registry: Arc<NodeRegistry>,
     updates: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
@@ -140,6 +147,17 @@ impl NodeStream {
 
     async fn send(&self, update: pb::ConfigUpdate) -> bool {
         let version = update.version;
+        let bytes = prost::Message::encoded_len(&update);
+        if bytes > self.max_message_bytes {
+            // gRPC will refuse to send it and end the stream; say why here,
+            // where the operator can raise the limit.
+            error!(
+                version,
+                bytes,
+                limit = self.max_message_bytes,
+                "config update is larger than --max-config-message-bytes; the proxy gets none"
+            );
+        }
         debug!(
             version,
             full = update.full_state,

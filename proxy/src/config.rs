@@ -103,7 +103,19 @@ pub struct ProxyConfig {
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info,weft_proxy=debug`).
     #[arg(long, env = "WEFT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// The largest config message the proxy accepts from the control plane,
+    /// in bytes. A node's full state grows with the cluster (about 200
+    /// bytes per pod and per Service endpoint): 128 MiB holds well over
+    /// 500,000 of them. gRPC's usual 4 MiB would cut a node off at about
+    /// 20,000 pods.
+    #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_CONFIG_MESSAGE_BYTES)]
+    pub max_config_message_bytes: usize,
 }
+
+/// The default of [`ProxyConfig::max_config_message_bytes`], the same as the
+/// control plane's.
+pub const DEFAULT_MAX_CONFIG_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
 impl fmt::Display for LogFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,7 +132,8 @@ impl fmt::Display for ProxyConfig {
             f,
             "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
              admin_addr={} data_plane={} capture={} metrics_addr={} readiness_addr={} \
-             drain_seconds={} worker_threads={} log_format={} log_level={}",
+             drain_seconds={} worker_threads={} log_format={} log_level={} \
+             max_config_message_bytes={}",
             self.node,
             self.control_plane,
             self.control_plane_identity,
@@ -135,6 +148,7 @@ impl fmt::Display for ProxyConfig {
             self.worker_threads,
             self.log_format,
             self.log_level,
+            self.max_config_message_bytes,
         )
     }
 }

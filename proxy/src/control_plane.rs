@@ -66,13 +66,20 @@ pub struct RefusedUpdate {
 pub struct ControlPlaneClient {
     transport: SharedTransport,
     node: String,
+    /// The largest config message accepted.
+    max_message_bytes: usize,
     view: watch::Sender<Option<Arc<NodeView>>>,
     status: watch::Sender<ControlPlaneStatus>,
 }
 
 impl ControlPlaneClient {
-    /// A client for the proxy of `node`, not yet connected.
-    pub fn new(transport: SharedTransport, node: String) -> ControlPlaneClient {
+    /// A client for the proxy of `node`, not yet connected, that accepts
+    /// config messages of up to `max_message_bytes`.
+    pub fn new(
+        transport: SharedTransport,
+        node: String,
+        max_message_bytes: usize,
+    ) -> ControlPlaneClient {
         let (view, _) = watch::channel(None);
         let (status, _) = watch::channel(ControlPlaneStatus {
             connected: false,
@@ -84,6 +91,7 @@ impl ControlPlaneClient {
         ControlPlaneClient {
             transport,
             node,
+            max_message_bytes,
             view,
             status,
         }
@@ -158,7 +166,8 @@ impl ControlPlaneClient {
             .map(|view| view.trust().bundle.clone());
         let channel = self.transport.connect(known_roots.as_ref()).await?;
         let token = self.transport.token().await?;
-        let mut client = NodeConfigClient::with_interceptor(channel, token);
+        let mut client = NodeConfigClient::with_interceptor(channel, token)
+            .max_decoding_message_size(self.max_message_bytes);
 
         let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
         let hello = proxy_message::Kind::Hello(Hello {
@@ -255,11 +264,7 @@ impl ControlPlaneClient {
                     warn!(version = update.version, reason = %problem, "refused one entry of the config; applied the rest");
                 }
                 self.view.send_replace(Some(Arc::new(view)));
-                let reason = refused
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let reason = nack_reason(&refused);
                 (reason.clone(), Ok(reason))
             }
             Err(problem) => {
@@ -284,6 +289,28 @@ impl ControlPlaneClient {
         }
         result
     }
+}
+
+/// Refused entries named in one Nack at most; the log has every one.
+const NACK_ENTRIES: usize = 16;
+
+/// The Nack reason for refused entries: the first [`NACK_ENTRIES`] and a
+/// count of the rest, so that a full state with thousands of bad entries
+/// does not become a message larger than the control plane accepts.
+fn nack_reason(refused: &[crate::UpdateProblem]) -> String {
+    let mut reason = refused
+        .iter()
+        .take(NACK_ENTRIES)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if refused.len() > NACK_ENTRIES {
+        reason.push_str(&format!(
+            "; and {} more refused entries (see the proxy's log)",
+            refused.len() - NACK_ENTRIES
+        ));
+    }
+    reason
 }
 
 async fn send(

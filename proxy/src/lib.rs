@@ -45,7 +45,9 @@ mod wall_clock;
 
 pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};
-pub use config::{DEFAULT_CONTROL_PLANE_IDENTITY, LogFormat, ProxyConfig};
+pub use config::{
+    DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat, ProxyConfig,
+};
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};
 pub use node_proxy::NodeProxy;

@@ -61,7 +61,11 @@ impl NodeProxy {
             source,
         })?;
 
-        let client = ControlPlaneClient::new(transport.clone(), config.node.clone());
+        let client = ControlPlaneClient::new(
+            transport.clone(),
+            config.node.clone(),
+            config.max_config_message_bytes,
+        );
         let view = client.view();
         let status = client.status();
         let node_certificates = NodeCertificates::new(transport, view.clone());

@@ -320,3 +320,24 @@ async fn the_admin_endpoint_answers_health_and_refuses_the_rest() {
     );
     assert_eq!(dump["local_workloads"], serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_larger_than_four_mebibytes_is_delivered_and_applied() {
+    let mut cp = TestControlPlane::start().await;
+    let (proxy, _files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    // 40,000 pods on other nodes: a cluster of over 1,000 nodes.
+    let remote: Vec<_> = (0..40_000u32)
+        .map(|i| {
+            let ip = format!("10.{}.{}.{}", 64 + i / 65_536, (i / 256) % 256, i % 256);
+            workload("shop", &format!("pod-{i}"), "cart", "node-2", &ip, true)
+        })
+        .collect();
+    let update = full_state(&cp, 1, vec![], remote);
+    let bytes = prost::Message::encoded_len(&update);
+    assert!(bytes > 4 * 1024 * 1024, "only {bytes} bytes");
+    stream.send(update).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    let view = proxy.view().borrow().clone().unwrap();
+    assert_eq!(view.remote_workloads().len(), 40_000);
+}

@@ -263,7 +263,9 @@ impl TestControlPlane {
         };
         tasks.spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(NodeConfigServer::new(service.clone()))
+                .add_service(
+                    NodeConfigServer::new(service.clone()).max_encoding_message_size(usize::MAX),
+                )
                 .add_service(CertificatesServer::new(service))
                 .serve_with_incoming(ReceiverStream::new(incoming))
                 .await
@@ -373,6 +375,7 @@ impl ProxyFiles {
             worker_threads: 1,
             log_format: LogFormat::Text,
             log_level: "debug".into(),
+            max_config_message_bytes: weft_proxy::DEFAULT_MAX_CONFIG_MESSAGE_BYTES,
         }
     }
 }
