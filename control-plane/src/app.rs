@@ -147,7 +147,12 @@ async fn kubernetes_backing(
         rand::random::<u32>()
     );
     let leader = kubernetes::hold_lease(client.clone(), &config.namespace, &config.lease, holder);
-    tokio::spawn(kubernetes::write_statuses(client, cluster.clone(), leader));
+    tokio::spawn(kubernetes::write_statuses(
+        client,
+        cluster.clone(),
+        leader,
+        config.namespace.clone(),
+    ));
     // The API server validates objects; there is no file to report on.
     let (_, problems) = watch::channel(Vec::new());
     Ok(Backing {
@@ -202,14 +207,15 @@ pub async fn run_on(
     };
     let auth = Arc::new(auth);
     let cluster_for_pages = cluster.clone();
-    let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
+    let mesh_namespace = config.namespace.clone();
+    let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone(), &mesh_namespace);
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
     // This task owns the only sender of the mesh: when it ends, every config
     // stream sees the channel close and finishes, which lets the gRPC server
     // drain instead of waiting on streams that never end.
     let derive = tokio::spawn(async move {
         while cluster.changed().await.is_ok() {
-            let mesh = Mesh::derive(&cluster.borrow_and_update(), trust.clone());
+            let mesh = Mesh::derive(&cluster.borrow_and_update(), trust.clone(), &mesh_namespace);
             mesh_tx.send_if_modified(|current| {
                 let changed = **current != mesh;
                 if changed {
@@ -242,6 +248,7 @@ pub async fn run_on(
         problems,
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
         cluster: cluster_for_pages,
+        mesh_namespace: config.namespace.clone(),
     });
     let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
 

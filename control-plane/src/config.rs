@@ -89,7 +89,7 @@ pub struct ControlPlaneConfig {
     #[arg(
         long,
         env = "WEFT_CONTROL_PLANE_NAMESPACE",
-        default_value = "weft-system"
+        default_value = crate::crd::DEFAULT_MESH_NAMESPACE
     )]
     pub namespace: String,
 

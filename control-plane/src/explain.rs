@@ -73,10 +73,11 @@ pub struct Explanation {
 pub fn explain(
     cluster: &ClusterState,
     trust: pb::TrustBundle,
+    mesh_namespace: &str,
     args: &ExplainArgs,
 ) -> Result<Explanation, String> {
     let trust_domain = trust.trust_domain.clone();
-    let mesh = Mesh::derive(cluster, trust);
+    let mesh = Mesh::derive(cluster, trust, mesh_namespace);
     let (namespace, service_account) = args.from.split_once('/').ok_or_else(|| {
         format!(
             "--from {:?}: expected <namespace>/<serviceaccount>",

@@ -20,8 +20,9 @@ async fn main() -> anyhow::Result<()> {
                 trust_domain: config.trust_domain.clone(),
                 roots_pem: String::new(),
             };
-            let explanation = weft_control_plane::explain::explain(&cluster, trust, args)
-                .map_err(anyhow::Error::msg)?;
+            let explanation =
+                weft_control_plane::explain::explain(&cluster, trust, &config.namespace, args)
+                    .map_err(anyhow::Error::msg)?;
             print!("{}", explanation.report);
             std::process::exit(if explanation.allowed { 0 } else { 1 });
         }

@@ -45,8 +45,8 @@ pub struct Mesh {
 impl Mesh {
     /// Derives the mesh from the cluster. Pods that cannot be part of it
     /// (finished, unscheduled, or whose identity is invalid) are left out.
-    pub fn derive(cluster: &ClusterState, trust: pb::TrustBundle) -> Mesh {
-        let policies = policy::AuthorizationPolicies::of(cluster);
+    pub fn derive(cluster: &ClusterState, trust: pb::TrustBundle, mesh_namespace: &str) -> Mesh {
+        let policies = policy::AuthorizationPolicies::of(cluster, mesh_namespace);
         let mut workloads = BTreeMap::new();
         for (uid, pod) in &cluster.pods {
             if let Some(workload) = workload_of(cluster, &policies, uid, pod, &trust.trust_domain) {
@@ -152,7 +152,14 @@ fn workload_of(
     if phase == "Succeeded" || phase == "Failed" {
         return None;
     }
-    if let Some(reason) = no_identity_reason(pod) {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let reason = if namespace == policies.mesh_namespace {
+        // The control plane's own identities are never a workload's.
+        Some("in the control plane's namespace")
+    } else {
+        no_identity_reason(pod)
+    };
+    if let Some(reason) = reason {
         tracing::debug!(
             pod = uid,
             reason,
@@ -160,7 +167,6 @@ fn workload_of(
         );
         return None;
     }
-    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let service_account = spec.service_account_name.clone().unwrap_or_default();
     let identity = match Identity::new(trust_domain, &namespace, &service_account) {
@@ -197,7 +203,8 @@ fn workload_of(
 
     let workload_name = workload_name(pod, &name, &labels);
     let applicable = policies.applying_to(cluster, &namespace, &labels);
-    let (mtls_mode, mtls_policy) = policy::mtls_mode_of(cluster, &namespace, &labels);
+    let (mtls_mode, mtls_policy) =
+        policy::mtls_mode_of(cluster, &policies.mesh_namespace, &namespace, &labels);
     Some(MeshWorkload {
         workload: pb::Workload {
             workload_name,

@@ -30,6 +30,8 @@ pub struct Monitoring {
     pub config_json: String,
     /// The cluster as the source holds it, for the policies' conditions.
     pub cluster: watch::Receiver<ClusterState>,
+    /// The control plane's namespace (mesh-wide policies live there).
+    pub mesh_namespace: String,
 }
 
 /// Serves the monitoring pages on `listener` until the task is dropped.
@@ -92,7 +94,8 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
         "/debug/policies" => {
             // What the status conditions say, also where there is no API
             // server to write them to (local manifests).
-            let verdicts = crate::status::verdicts(&monitoring.cluster.borrow());
+            let verdicts =
+                crate::status::verdicts(&monitoring.cluster.borrow(), &monitoring.mesh_namespace);
             let listed: Vec<serde_json::Value> = verdicts
                 .into_iter()
                 .map(|((kind, key), conditions)| {

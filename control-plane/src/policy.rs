@@ -17,22 +17,21 @@ use std::collections::BTreeMap;
 use weft_api::v1 as pb;
 
 use crate::cluster::ClusterState;
-use crate::crd::{
-    Action, AuthorizationPolicy, MESH_NAMESPACE, MtlsMode, MtlsPolicy, WorkloadSelector,
-};
+use crate::crd::{Action, AuthorizationPolicy, MtlsMode, MtlsPolicy, WorkloadSelector};
 
 /// Whether a policy in `policy_namespace` with `selector` applies to a pod in
 /// `namespace` with `labels`: a policy reaches its own namespace (all pods,
 /// or those its selector matches), and a policy without a selector in
-/// [`MESH_NAMESPACE`] reaches every pod in the mesh.
+/// `mesh_namespace` (the control plane's) reaches every pod in the mesh.
 pub fn applies(
+    mesh_namespace: &str,
     policy_namespace: &str,
     selector: Option<&WorkloadSelector>,
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> bool {
     match selector {
-        None => policy_namespace == namespace || policy_namespace == MESH_NAMESPACE,
+        None => policy_namespace == namespace || policy_namespace == mesh_namespace,
         Some(selector) => policy_namespace == namespace && selector.matches(labels),
     }
 }
@@ -40,6 +39,9 @@ pub fn applies(
 /// The cluster's AuthorizationPolicies, each converted and compiled once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthorizationPolicies {
+    /// The control plane's namespace, whose policies without a selector
+    /// reach the whole mesh.
+    pub mesh_namespace: String,
     /// The valid ones in their wire form, by `<namespace>/<name>`.
     pub valid: BTreeMap<String, pb::AuthorizationPolicy>,
     /// The invalid ones: why, by `<namespace>/<name>`.
@@ -56,22 +58,19 @@ pub struct Applicable {
 }
 
 impl AuthorizationPolicies {
-    /// Converts and compiles every policy of `cluster`.
-    pub fn of(cluster: &ClusterState) -> AuthorizationPolicies {
-        let mut out = AuthorizationPolicies::default();
+    /// Converts and compiles every policy of `cluster`, where
+    /// `mesh_namespace` is the control plane's namespace.
+    pub fn of(cluster: &ClusterState, mesh_namespace: &str) -> AuthorizationPolicies {
+        let mut out = AuthorizationPolicies {
+            mesh_namespace: mesh_namespace.to_owned(),
+            ..AuthorizationPolicies::default()
+        };
         for (key, policy) in &cluster.authorization_policies {
-            let wire = to_wire(policy);
-            match weft_api::authorization::Policy::compile(&wire) {
-                Ok(_) => {
+            match to_checked_wire(policy) {
+                Ok(wire) => {
                     out.valid.insert(key.clone(), wire);
                 }
-                Err(error) => {
-                    let why = match error {
-                        weft_api::Error::InvalidAuthorizationPolicy { field, problem, .. } => {
-                            format!("{field}: {problem}")
-                        }
-                        other => other.to_string(),
-                    };
+                Err(why) => {
                     out.invalid.insert(key.clone(), why);
                 }
             }
@@ -89,6 +88,7 @@ impl AuthorizationPolicies {
         let mut applicable = Applicable::default();
         for (key, policy) in &cluster.authorization_policies {
             let reaches = applies(
+                &self.mesh_namespace,
                 policy.metadata.namespace.as_deref().unwrap_or(""),
                 policy.spec.selector.as_ref(),
                 namespace,
@@ -116,13 +116,20 @@ impl AuthorizationPolicies {
 /// loosen another one by accident.
 pub fn mtls_mode_of(
     cluster: &ClusterState,
+    mesh_namespace: &str,
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> (pb::MtlsMode, String) {
     let rank = |policy: &MtlsPolicy| -> Option<u8> {
         let policy_namespace = policy.metadata.namespace.as_deref().unwrap_or("");
         let selector = policy.spec.selector.as_ref();
-        if !applies(policy_namespace, selector, namespace, labels) {
+        if !applies(
+            mesh_namespace,
+            policy_namespace,
+            selector,
+            namespace,
+            labels,
+        ) {
             return None;
         }
         Some(match (selector, policy_namespace == namespace) {
@@ -141,6 +148,20 @@ pub fn mtls_mode_of(
         Some((_, MtlsMode::Strict, key)) => (pb::MtlsMode::Strict, key.clone()),
         Some((_, MtlsMode::Permissive, key)) => (pb::MtlsMode::Permissive, key.clone()),
         None => (pb::MtlsMode::Permissive, String::new()),
+    }
+}
+
+/// Converts a policy to its wire form and compiles that with the proxy's
+/// compiler; `Err` names the field (`rules[0].from.ipBlocks[1]`) and the
+/// problem.
+pub fn to_checked_wire(policy: &AuthorizationPolicy) -> Result<pb::AuthorizationPolicy, String> {
+    let wire = to_wire(policy);
+    match weft_api::authorization::Policy::compile(&wire) {
+        Ok(_) => Ok(wire),
+        Err(weft_api::Error::InvalidAuthorizationPolicy { field, problem, .. }) => {
+            Err(format!("{field}: {problem}"))
+        }
+        Err(other) => Err(other.to_string()),
     }
 }
 
@@ -219,7 +240,7 @@ spec: {rules: []}
     #[test]
     fn policies_reach_their_namespace_their_selection_and_mesh_wide() {
         let cluster = cluster(POLICIES);
-        let policies = AuthorizationPolicies::of(&cluster);
+        let policies = AuthorizationPolicies::of(&cluster, "weft-system");
         let of = |namespace: &str, l: &[(&str, &str)]| {
             policies.applying_to(&cluster, namespace, &labels(l)).keys
         };
@@ -263,7 +284,7 @@ metadata: {name: good, namespace: shop}
 spec: {rules: [{}]}
 ",
         );
-        let policies = AuthorizationPolicies::of(&cluster);
+        let policies = AuthorizationPolicies::of(&cluster, "weft-system");
         assert_eq!(policies.valid.keys().collect::<Vec<_>>(), ["shop/good"]);
         assert_eq!(
             policies.invalid["shop/bad-deny"],
@@ -284,18 +305,21 @@ spec: {rules: [{}]}
         let db = labels(&[("app", "db")]);
         let none = ClusterState::default();
         assert_eq!(
-            mtls_mode_of(&none, "shop", &db),
+            mtls_mode_of(&none, "weft-system", "shop", &db),
             (pb::MtlsMode::Permissive, String::new())
         );
 
         let mesh_strict = mtls("all", "weft-system", "", "STRICT");
         let c = cluster(&mesh_strict);
-        assert_eq!(mtls_mode_of(&c, "shop", &db).0, pb::MtlsMode::Strict);
+        assert_eq!(
+            mtls_mode_of(&c, "weft-system", "shop", &db).0,
+            pb::MtlsMode::Strict
+        );
 
         let ns_permissive = mesh_strict.clone() + &mtls("relaxed", "shop", "", "PERMISSIVE");
         let c = cluster(&ns_permissive);
         assert_eq!(
-            mtls_mode_of(&c, "shop", &db),
+            mtls_mode_of(&c, "weft-system", "shop", &db),
             (pb::MtlsMode::Permissive, "shop/relaxed".into())
         );
 
@@ -308,11 +332,11 @@ spec: {rules: [{}]}
             );
         let c = cluster(&workload_strict);
         assert_eq!(
-            mtls_mode_of(&c, "shop", &db),
+            mtls_mode_of(&c, "weft-system", "shop", &db),
             (pb::MtlsMode::Strict, "shop/db".into())
         );
         assert_eq!(
-            mtls_mode_of(&c, "shop", &labels(&[])).0,
+            mtls_mode_of(&c, "weft-system", "shop", &labels(&[])).0,
             pb::MtlsMode::Permissive
         );
 
@@ -322,7 +346,7 @@ spec: {rules: [{}]}
             mtls("a-loose", "shop", "", "PERMISSIVE") + &mtls("b-strict", "shop", "", "STRICT");
         let c = cluster(&tie);
         assert_eq!(
-            mtls_mode_of(&c, "shop", &db),
+            mtls_mode_of(&c, "weft-system", "shop", &db),
             (pb::MtlsMode::Strict, "shop/b-strict".into())
         );
     }

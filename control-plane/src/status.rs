@@ -40,9 +40,12 @@ pub enum Kind {
 }
 
 /// The conditions of every weft object, by kind and `<namespace>/<name>`.
-pub fn verdicts(cluster: &ClusterState) -> BTreeMap<(Kind, String), Vec<Verdict>> {
+pub fn verdicts(
+    cluster: &ClusterState,
+    mesh_namespace: &str,
+) -> BTreeMap<(Kind, String), Vec<Verdict>> {
     let mut out = BTreeMap::new();
-    let authorization = AuthorizationPolicies::of(cluster);
+    let authorization = AuthorizationPolicies::of(cluster, mesh_namespace);
     for (key, policy) in &cluster.authorization_policies {
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("");
         let accepted = match authorization.invalid.get(key) {
@@ -218,7 +221,7 @@ metadata: {name: b-second, namespace: shop}
 spec: {service: db}
 ",
         );
-        let v = verdicts(&c);
+        let v = verdicts(&c, "weft-system");
         let typo = &v[&(Kind::AuthorizationPolicy, "shop/typo".into())];
         assert!(typo[0].status);
         assert_eq!(typo[1].reason, REASON_NO_MATCHING_WORKLOADS);

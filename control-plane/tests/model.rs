@@ -89,7 +89,10 @@ fn write(dir: &Path, name: &str, text: &str) {
 fn mesh_of(dir: &Path) -> (Mesh, ManifestDir) {
     let mut source = ManifestDir::new(dir);
     source.reload().unwrap();
-    (Mesh::derive(&source.state(), trust()), source)
+    (
+        Mesh::derive(&source.state(), trust(), "weft-system"),
+        source,
+    )
 }
 
 #[test]
@@ -263,7 +266,7 @@ fn a_broken_file_is_reported_and_keeps_its_last_good_objects() {
     let mut source = ManifestDir::new(dir.path());
     source.reload().unwrap();
     assert!(
-        Mesh::derive(&source.state(), trust())
+        Mesh::derive(&source.state(), trust(), "weft-system")
             .workloads
             .contains_key("shop/extra")
     );
@@ -284,7 +287,7 @@ fn a_broken_file_is_reported_and_keeps_its_last_good_objects() {
         message.contains("extra.yaml document 1") && message.contains("Pod"),
         "{message}"
     );
-    let mesh = Mesh::derive(&source.state(), trust());
+    let mesh = Mesh::derive(&source.state(), trust(), "weft-system");
     assert_eq!(
         mesh.workloads["shop/extra"].workload.ips,
         vec!["10.244.1.7"],
@@ -305,7 +308,7 @@ fn a_broken_file_is_reported_and_keeps_its_last_good_objects() {
         source.reload().unwrap();
         assert_eq!(source.problems().len(), 1, "{bad}");
         assert!(
-            Mesh::derive(&source.state(), trust())
+            Mesh::derive(&source.state(), trust(), "weft-system")
                 .workloads
                 .contains_key("shop/extra"),
             "{bad}"
@@ -317,7 +320,7 @@ fn a_broken_file_is_reported_and_keeps_its_last_good_objects() {
     source.reload().unwrap();
     assert!(source.problems().is_empty());
     assert!(
-        !Mesh::derive(&source.state(), trust())
+        !Mesh::derive(&source.state(), trust(), "weft-system")
             .workloads
             .contains_key("shop/extra")
     );
@@ -483,4 +486,54 @@ fn pods_that_cannot_prove_an_identity_are_left_out_and_shared_ips_refused() {
         &weft_certs::Identity::new("cluster.local", "shop", "default").unwrap()
     ));
     assert!(mesh.node_runs("node-1", &web));
+}
+
+#[test]
+fn the_control_planes_namespace_holds_mesh_wide_policies_and_no_workloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh-ops, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sneaky, namespace: mesh-ops}
+spec: {nodeName: node-1, serviceAccountName: weft-control-plane, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.3}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: everywhere, namespace: mesh-ops}
+spec: {action: AUDIT, rules: [{}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: not-everywhere, namespace: weft-system}
+spec: {action: AUDIT, rules: [{}]}
+"#;
+    write(dir.path(), "cluster.yaml", yaml);
+    let mut source = ManifestDir::new(dir.path());
+    source.reload().unwrap();
+    let mesh = Mesh::derive(&source.state(), trust(), "mesh-ops");
+    assert_eq!(
+        mesh.workloads["shop/web-1"].workload.authorization_policies,
+        ["mesh-ops/everywhere"]
+    );
+    // No workload in the control plane's namespace: its identities are
+    // never signed for a workload.
+    assert!(!mesh.workloads.contains_key("mesh-ops/sneaky"));
+    let control_plane =
+        weft_certs::Identity::new("cluster.local", "mesh-ops", "weft-control-plane").unwrap();
+    assert!(!mesh.node_runs("node-1", &control_plane));
 }

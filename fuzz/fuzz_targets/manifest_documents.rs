@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         trust_domain: "cluster.local".into(),
         roots_pem: String::new(),
     };
-    let mesh = Mesh::derive(&cluster, trust);
+    let mesh = Mesh::derive(&cluster, trust, "weft-system");
     let empty = NodeView::default();
     for workload in mesh.workloads.values() {
         let view = NodeView::of(&mesh, &workload.workload.node);

@@ -220,6 +220,13 @@ fn config_dump(state: &AdminState) -> Value {
         "local_workloads": view.map_or(json!([]), |v| listed(v.local_workloads())),
         "remote_workloads": view.map_or(json!([]), |v| listed(v.remote_workloads())),
         "services": view.map_or(json!([]), |v| listed(v.services())),
+        "authorization_policies": view.map_or(json!({}), |v| {
+            v.authorization_policies()
+                .iter()
+                .map(|(key, policy)| (key.clone(), crate::node_view::policy_summary(policy)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        }),
     })
 }
 

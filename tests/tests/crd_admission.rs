@@ -3,6 +3,7 @@
 //! valid and refused with a message naming the field when not.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
+use rand::SeedableRng;
 use serde_json::{Value, json};
 use weft_testbed::apiserver::KubeApiServer;
 use weft_testbed::kube_cluster::{apply_object, apply_objects, install_crds};
@@ -180,6 +181,13 @@ async fn policies_are_validated_by_the_api_server() {
             traffic(json!({"service": "Bad_Name"})),
             vec!["spec.service"],
         ),
+        (
+            traffic(json!({"outlierDetection": {"baseEjectionTime": "0s"}})),
+            vec![
+                "spec.outlierDetection.baseEjectionTime",
+                "must be longer than 0s",
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (object, wanted) in bad {
@@ -225,4 +233,325 @@ fn policy(kind: &str, name: &str, spec: Value) -> Value {
         "metadata": {"name": name, "namespace": "shop"},
         "spec": spec,
     })
+}
+
+/// What the CRD admits, the proxy accepts: objects generated within the
+/// schema (and its boundaries: `0s`, empty lists, the largest numbers and
+/// lists) are admitted by the API server and then converted without
+/// complaint by the control plane and the proxy's own conversion (which
+/// the control plane runs before it sends anything). A generator that
+/// strayed outside the schema is caught by the API server's refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_object_the_crd_admits_converts_for_the_proxy() {
+    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
+    let client = api.client().await.unwrap();
+    install_crds(&client).await.unwrap();
+    apply_objects(
+        &client,
+        &[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})],
+    )
+    .await
+    .unwrap();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x3eef);
+    let mut objects = generated::boundaries();
+    for i in 0..60 {
+        objects.push(policy(
+            "AuthorizationPolicy",
+            &format!("authz-{i}"),
+            generated::authorization_spec(&mut rng),
+        ));
+        objects.push(policy(
+            "TrafficPolicy",
+            &format!("traffic-{i}"),
+            generated::traffic_spec(&mut rng),
+        ));
+    }
+    let mut failures = Vec::new();
+    for object in &objects {
+        // Admitted, with the API server's defaults filled in.
+        let stored = match apply_object(&client, object).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                failures.push(format!("refused {}: {e}", object["spec"]));
+                continue;
+            }
+        };
+        let stored = serde_json::to_value(&stored).unwrap();
+        if let Err(problem) = converts(stored) {
+            failures.push(format!("admitted but not accepted: {problem}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    // Many more, through the conversion alone (no API server round trip).
+    for _ in 0..5_000 {
+        for object in [
+            policy(
+                "AuthorizationPolicy",
+                "a",
+                generated::authorization_spec(&mut rng),
+            ),
+            policy("TrafficPolicy", "t", generated::traffic_spec(&mut rng)),
+        ] {
+            if let Err(problem) = converts(object) {
+                failures.push(problem);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Runs an object through the control plane's conversion, which checks
+/// it with the proxy's.
+fn converts(object: Value) -> Result<(), String> {
+    use weft_control_plane::crd::{AuthorizationPolicy, TrafficPolicy};
+    let spec = object["spec"].clone();
+    match object["kind"].as_str() {
+        Some("AuthorizationPolicy") => {
+            let policy: AuthorizationPolicy =
+                serde_json::from_value(object).map_err(|e| format!("{spec}: {e}"))?;
+            weft_control_plane::policy::to_checked_wire(&policy)
+                .map(drop)
+                .map_err(|e| format!("{spec}: {e}"))
+        }
+        Some("TrafficPolicy") => {
+            let policy: TrafficPolicy =
+                serde_json::from_value(object).map_err(|e| format!("{spec}: {e}"))?;
+            weft_control_plane::traffic::to_wire("shop/t", "shop", &policy)
+                .map(drop)
+                .map_err(|e| format!("{spec}: {e}"))
+        }
+        other => Err(format!("unexpected kind {other:?}")),
+    }
+}
+
+/// Specs within the CRDs' schemas, by construction.
+mod generated {
+    use rand::Rng;
+    use rand::seq::IndexedRandom;
+    use serde_json::{Value, json};
+
+    use super::policy;
+
+    /// Objects at the edges of what the schema admits.
+    pub fn boundaries() -> Vec<Value> {
+        let max_duration = "99999h99999h99999h99999h";
+        let long_principal = format!("spiffe://cluster.local/ns/shop/sa/{}", "a".repeat(2000));
+        vec![
+            policy("AuthorizationPolicy", "empty-rules", json!({"rules": []})),
+            policy(
+                "AuthorizationPolicy",
+                "empty-rule",
+                json!({"action": "DENY", "rules": [{}]}),
+            ),
+            policy(
+                "AuthorizationPolicy",
+                "empty-lists",
+                json!({"rules": [{
+                    "from": {"principals": [], "notPrincipals": [], "namespaces": [], "notNamespaces": [],
+                             "ipBlocks": [], "notIpBlocks": []},
+                    "to": {"ports": [], "notPorts": []},
+                }]}),
+            ),
+            policy(
+                "AuthorizationPolicy",
+                "largest",
+                json!({
+                    "action": "AUDIT",
+                    "rules": (0..128).map(|i| json!({
+                        "from": {"principals": [long_principal.clone(), "*", "spiffe://*"],
+                                 "ipBlocks": ["0.0.0.0/0", "::/0", "255.255.255.255/32", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"]},
+                        "to": {"ports": if i == 0 { (1..=256).collect::<Vec<u32>>() } else { vec![65535] }},
+                    })).collect::<Vec<_>>(),
+                }),
+            ),
+            policy(
+                "TrafficPolicy",
+                "zeroes",
+                json!({
+                    "service": "a", "idleTimeout": "0s", "connectTimeout": "1ms",
+                    "retries": {"attempts": 0},
+                    "split": [{"service": "a", "weight": 0}, {"service": "b", "weight": 1}],
+                }),
+            ),
+            policy(
+                "TrafficPolicy",
+                "largest",
+                json!({
+                    "service": "a".repeat(63), "idleTimeout": max_duration, "connectTimeout": max_duration,
+                    "maxConnections": u32::MAX, "retries": {"attempts": 5},
+                    "outlierDetection": {"consecutiveFailures": 100, "baseEjectionTime": max_duration,
+                                         "maxEjectionTime": max_duration},
+                    "split": (0..16).map(|i| json!({"service": format!("s{i}"), "weight": 1000})).collect::<Vec<_>>(),
+                }),
+            ),
+            policy(
+                "TrafficPolicy",
+                "smallest-ejection",
+                json!({
+                    "service": "a",
+                    "outlierDetection": {"consecutiveFailures": 1, "baseEjectionTime": "1ms", "maxEjectionTime": "1ms"},
+                }),
+            ),
+        ]
+    }
+
+    fn pick<'a, T>(rng: &mut impl Rng, items: &'a [T]) -> &'a T {
+        items.choose(rng).expect("a non-empty list")
+    }
+
+    /// A Gateway API duration: 1-4 groups of 0-99999 in h, m, s or ms,
+    /// with its length in milliseconds.
+    fn duration(rng: &mut impl Rng) -> (String, u128) {
+        let mut text = String::new();
+        let mut millis = 0u128;
+        for _ in 0..rng.random_range(1..=4) {
+            let any = rng.random_range(0..=99_999);
+            let number: u128 = *pick(rng, &[0, 1, 7, 59, 99_999, any]);
+            let (unit, scale) = *pick(
+                rng,
+                &[("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)],
+            );
+            text.push_str(&format!("{number}{unit}"));
+            millis += number * scale;
+        }
+        (text, millis)
+    }
+
+    fn positive_duration(rng: &mut impl Rng) -> (String, u128) {
+        loop {
+            let (text, millis) = duration(rng);
+            if millis > 0 {
+                return (text, millis);
+            }
+        }
+    }
+
+    /// A DNS-1035 label of 1-63 characters.
+    fn label(rng: &mut impl Rng, prefix: &str) -> String {
+        let len = rng.random_range(0..=(62 - prefix.len()));
+        let tail: String = (0..len)
+            .map(|_| *pick(rng, &['a', 'z', '0', '9', '-']))
+            .collect();
+        format!("{prefix}{}", tail.trim_end_matches('-'))
+    }
+
+    pub fn traffic_spec(rng: &mut impl Rng) -> Value {
+        let mut spec = json!({"service": label(rng, "s")});
+        if rng.random_bool(0.5) {
+            let mode = *pick(
+                rng,
+                &["ROUND_ROBIN", "LEAST_CONNECTIONS", "POWER_OF_TWO_CHOICES"],
+            );
+            spec["loadBalancing"] = json!({"mode": mode});
+        }
+        if rng.random_bool(0.5) {
+            spec["connectTimeout"] = json!(positive_duration(rng).0);
+        }
+        if rng.random_bool(0.5) {
+            spec["idleTimeout"] = json!(duration(rng).0);
+        }
+        if rng.random_bool(0.5) {
+            let any = rng.random_range(1..=u32::MAX);
+            spec["maxConnections"] = json!(*pick(rng, &[1, u32::MAX, any]));
+        }
+        if rng.random_bool(0.5) {
+            spec["retries"] = json!({"attempts": rng.random_range(0..=5)});
+        }
+        if rng.random_bool(0.5) {
+            let (mut base, mut max) = (positive_duration(rng), positive_duration(rng));
+            if max.1 < base.1 {
+                std::mem::swap(&mut base, &mut max);
+            }
+            spec["outlierDetection"] = json!({
+                "consecutiveFailures": rng.random_range(1..=100),
+                "baseEjectionTime": base.0, "maxEjectionTime": max.0,
+            });
+        }
+        if rng.random_bool(0.5) {
+            let count = rng.random_range(1..=16);
+            let mut split: Vec<Value> = (0..count)
+                .map(|i| json!({"service": format!("t{i}"), "weight": rng.random_range(0..=1000)}))
+                .collect();
+            split[0]["weight"] = json!(rng.random_range(1..=1000));
+            spec["split"] = json!(split);
+        }
+        spec
+    }
+
+    fn principal(rng: &mut impl Rng) -> String {
+        let path = format!("/ns/{}/sa/{}", label(rng, "n"), label(rng, "a"));
+        match rng.random_range(0..4) {
+            0 => "*".to_owned(),
+            1 => format!("*{path}"),
+            2 => format!("spiffe://cluster.local{path}"),
+            _ => format!(
+                "spiffe://cluster.local{}*",
+                &path[..rng.random_range(0..path.len())]
+            ),
+        }
+    }
+
+    fn ip_block(rng: &mut impl Rng) -> String {
+        if rng.random_bool(0.5) {
+            let ip = std::net::Ipv4Addr::from(rng.random::<u32>());
+            match rng.random_range(0..2) {
+                0 => ip.to_string(),
+                _ => format!("{ip}/{}", rng.random_range(0..=32)),
+            }
+        } else {
+            let ip = std::net::Ipv6Addr::from(rng.random::<u128>());
+            match rng.random_range(0..2) {
+                0 => ip.to_string(),
+                _ => format!("{ip}/{}", rng.random_range(0..=128)),
+            }
+        }
+    }
+
+    fn list<R: Rng, T>(rng: &mut R, max: usize, mut item: impl FnMut(&mut R) -> T) -> Vec<T> {
+        let len = rng.random_range(0..=max);
+        let mut out = Vec::with_capacity(len);
+        for _ in 0..len {
+            out.push(item(rng));
+        }
+        out
+    }
+
+    pub fn authorization_spec(rng: &mut impl Rng) -> Value {
+        let mut spec = json!({});
+        if rng.random_bool(0.5) {
+            spec["action"] = json!(*pick(rng, &["ALLOW", "DENY", "AUDIT"]));
+        }
+        if rng.random_bool(0.3) {
+            spec["selector"] = json!({"matchLabels": {"app": label(rng, "x")}});
+        }
+        let rules: Vec<Value> = list(rng, 6, |rng| {
+            let mut from = json!({});
+            let mut to = json!({});
+            for field in ["principals", "notPrincipals"] {
+                if rng.random_bool(0.4) {
+                    from[field] = json!(list(rng, 4, |r| principal(r)));
+                }
+            }
+            for field in ["namespaces", "notNamespaces"] {
+                if rng.random_bool(0.4) {
+                    from[field] = json!(list(rng, 4, |r| label(r, "n")));
+                }
+            }
+            for field in ["ipBlocks", "notIpBlocks"] {
+                if rng.random_bool(0.4) {
+                    from[field] = json!(list(rng, 4, |r| ip_block(r)));
+                }
+            }
+            for field in ["ports", "notPorts"] {
+                if rng.random_bool(0.4) {
+                    to[field] = json!(list(rng, 4, |r| r.random_range(1..=65535u32)));
+                }
+            }
+            json!({"from": from, "to": to})
+        });
+        spec["rules"] = json!(rules);
+        spec
+    }
 }

@@ -12,9 +12,11 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "weft.dev";
 /// The API version of every weft kind.
 pub const VERSION: &str = "v1alpha1";
-/// The namespace of the control plane. A policy without a selector in this
-/// namespace applies to the whole mesh (see each kind for how it combines).
-pub const MESH_NAMESPACE: &str = "weft-system";
+/// The control plane's namespace unless `--namespace` says otherwise (the
+/// Helm chart's and `deploy/weft.yaml`'s). A policy without a selector in
+/// the control plane's namespace applies to the whole mesh (see each kind
+/// for how it combines), and no workload there gets an identity.
+pub const DEFAULT_MESH_NAMESPACE: &str = "weft-system";
 
 /// The condition type every weft kind reports: `True` when the control plane
 /// has taken the object into the mesh and sends it to the proxies, `False`
@@ -54,7 +56,7 @@ pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 ///
 /// All the labels listed must be present on a pod with these values. When a
 /// policy has no selector it applies to every pod in its namespace (and, in
-/// [`MESH_NAMESPACE`], to every pod in the mesh).
+/// the control plane's namespace, to every pod in the mesh).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {

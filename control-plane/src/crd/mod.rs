@@ -13,7 +13,8 @@
 //! (with their OpenAPI schemas and CEL rules, so that the API server refuses
 //! bad objects with a message naming the field) are generated from them by
 //! [`crds`] and written to `deploy/crds/weft.dev.yaml` by [`crds_yaml`]. A
-//! policy without a selector in [`MESH_NAMESPACE`] applies mesh-wide. Every
+//! policy without a selector in the control plane's namespace
+//! ([`DEFAULT_MESH_NAMESPACE`] unless configured) applies mesh-wide. Every
 //! kind reports in its status whether the control plane took it
 //! ([`CONDITION_ACCEPTED`]).
 
@@ -30,10 +31,10 @@ pub use authorization::{
     PRINCIPAL_PATTERN, Rule, Source,
 };
 pub use common::{
-    CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, DNS1035_LABEL_PATTERN, DNS1123_LABEL_PATTERN,
-    DURATION_PATTERN, GROUP, MESH_NAMESPACE, PolicyStatus, REASON_ACCEPTED, REASON_CONFLICTED,
-    REASON_INVALID, REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED, REASON_SERVICE_NOT_FOUND,
-    VERSION, WorkloadSelector, parse_duration,
+    CONDITION_ACCEPTED, CONDITION_RESOLVED_REFS, DEFAULT_MESH_NAMESPACE, DNS1035_LABEL_PATTERN,
+    DNS1123_LABEL_PATTERN, DURATION_PATTERN, GROUP, PolicyStatus, REASON_ACCEPTED,
+    REASON_CONFLICTED, REASON_INVALID, REASON_NO_MATCHING_WORKLOADS, REASON_RESOLVED,
+    REASON_SERVICE_NOT_FOUND, VERSION, WorkloadSelector, parse_duration,
 };
 pub use mtls::{MtlsMode, MtlsPolicy, MtlsPolicySpec};
 pub use traffic::{

@@ -25,11 +25,12 @@ pub async fn write_statuses(
     client: kube::Client,
     mut cluster: watch::Receiver<ClusterState>,
     mut leader: watch::Receiver<bool>,
+    mesh_namespace: String,
 ) {
     loop {
         if *leader.borrow_and_update() {
             let state = cluster.borrow_and_update().clone();
-            write_all(&client, &state).await;
+            write_all(&client, &state, &mesh_namespace).await;
         }
         tokio::select! {
             changed = cluster.changed() => if changed.is_err() { return },
@@ -38,8 +39,8 @@ pub async fn write_statuses(
     }
 }
 
-async fn write_all(client: &kube::Client, cluster: &ClusterState) {
-    for ((kind, key), verdict) in verdicts(cluster) {
+async fn write_all(client: &kube::Client, cluster: &ClusterState, mesh_namespace: &str) {
+    for ((kind, key), verdict) in verdicts(cluster, mesh_namespace) {
         match kind {
             Kind::AuthorizationPolicy => {
                 if let Some(object) = cluster.authorization_policies.get(&key) {

@@ -451,12 +451,16 @@ fn policy_summaries<S: serde::Serializer>(
     policies: &BTreeMap<String, Arc<Policy>>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(policies.iter().map(|(key, policy)| {
-        (
-            key,
-            serde_json::json!({ "action": policy.action.as_str(), "rules": policy.rules.len() }),
-        )
-    }))
+    serializer.collect_map(
+        policies
+            .iter()
+            .map(|(key, policy)| (key, policy_summary(policy))),
+    )
+}
+
+/// What the config dump shows of an AuthorizationPolicy.
+pub(crate) fn policy_summary(policy: &Policy) -> serde_json::Value {
+    serde_json::json!({ "action": policy.action.as_str(), "rules": policy.rules.len() })
 }
 
 fn roots_count<S: serde::Serializer>(
