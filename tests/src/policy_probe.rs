@@ -1,11 +1,54 @@
-//! Probes the policy tests share: does a connection get through, what do
-//! the proxy's metrics count, and what does `explain` say about it.
+//! What the policy tests share: the `shop` they protect (a meshed `db`
+//! behind a Service, clients of several identities), and probes: does a
+//! connection get through, what do the proxy's metrics count, and what does
+//! `explain` say about it.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Target, Testbed, WeftMesh, echo_round_trip, weft_binary};
+use crate::{
+    CONFIG_WAIT, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echo_round_trip, wait_until,
+    weft_binary,
+};
+
+/// A meshed pod of namespace `shop`.
+pub fn shop_pod<'a>(
+    node: &'a str,
+    name: &'a str,
+    service_account: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> PodSpec<'a> {
+    PodSpec {
+        node,
+        namespace: "shop",
+        name,
+        service_account,
+        labels,
+        meshed: true,
+    }
+}
+
+/// Service `shop/db` on port 5432, selecting the pods labelled `app: db`.
+pub const SHOP_DB_SERVICE: ServiceSpec<'static> = ServiceSpec {
+    namespace: "shop",
+    name: "db",
+    port: 5432,
+    target_port: 5432,
+    selector: &[("app", "db")],
+};
+
+/// An ALLOW policy that admits only `shop/web` to the `db` pods' port 5432.
+pub const ALLOW_WEB_TO_DB: &str = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
+    to: {ports: [5432]}
+";
 
 /// Whether one echo round trip from the pod `from` to `to` works: the
 /// connection is accepted, carried and answered. A connection that a policy
@@ -15,6 +58,16 @@ pub fn echoes(testbed: &Testbed, from: &str, to: SocketAddr) -> bool {
         return false;
     };
     echo_round_trip(&mut stream, b"ping").is_ok_and(|echoed| echoed == b"ping")
+}
+
+/// Waits until `from` reaches `to` (or is refused), as a policy change
+/// takes effect; panics naming the connection if it never does.
+pub fn wait_for_reach(testbed: &Testbed, from: &str, to: SocketAddr, reachable: bool) {
+    let waited = wait_until(CONFIG_WAIT, || Ok(echoes(testbed, from, to) == reachable));
+    if waited.is_err() {
+        let became = if reachable { "reachable" } else { "refused" };
+        panic!("{from} -> {to} never became {became}");
+    }
 }
 
 /// The sum of the samples of the node proxy's metric lines that contain

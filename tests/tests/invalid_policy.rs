@@ -8,33 +8,19 @@ use std::net::SocketAddr;
 
 use serde_json::Value;
 use weft_testbed::{
-    CONFIG_WAIT, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echoes, wait_until,
+    CONFIG_WAIT, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, echoes, shop_pod, wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop); node-2: db-1 (meshed, shop,
 /// behind Service shop/db), which echoes on 5432.
 fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
-    let pod = |node, name, service_account, labels| PodSpec {
-        node,
-        namespace: "shop",
-        name,
-        service_account,
-        labels,
-        meshed: true,
-    };
     let testbed = Testbed::builder()
         .node("node-1")
         .node("node-2")
-        .pod(pod("node-1", "web-1", "web", &[("app", "web")]))
-        .pod(pod("node-1", "batch-1", "batch", &[("app", "batch")]))
-        .pod(pod("node-2", "db-1", "db", &[("app", "db")]))
-        .service(ServiceSpec {
-            namespace: "shop",
-            name: "db",
-            port: 5432,
-            target_port: 5432,
-            selector: &[("app", "db")],
-        })
+        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
+        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
+        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
+        .service(SHOP_DB_SERVICE)
         .build()
         .unwrap();
     let server = testbed

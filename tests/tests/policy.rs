@@ -7,66 +7,45 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 
-use weft_testbed::{CONFIG_WAIT, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, wait_until};
+use weft_testbed::{
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, PodSpec, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, shop_pod,
+    wait_until,
+};
 
 /// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
 /// namespace); node-2: db-1 (meshed, shop), which echoes on 5432.
 fn cluster() -> Testbed {
-    let pod = |node, namespace, name, service_account, labels, meshed| PodSpec {
-        node,
-        namespace,
-        name,
-        service_account,
-        labels,
-        meshed,
-    };
     Testbed::builder()
         .node("node-1")
         .node("node-2")
-        .pod(pod(
-            "node-1",
-            "shop",
-            "web-1",
-            "web",
-            &[("app", "web")],
-            true,
-        ))
-        .pod(pod(
-            "node-1",
-            "shop",
-            "batch-1",
-            "batch",
-            &[("app", "batch")],
-            true,
-        ))
-        .pod(pod("node-1", "legacy", "old-1", "default", &[], false))
-        .pod(pod("node-2", "shop", "db-1", "db", &[("app", "db")], true))
-        .service(ServiceSpec {
-            namespace: "shop",
-            name: "db",
-            port: 5432,
-            target_port: 5432,
-            selector: &[("app", "db")],
+        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
+        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
+        .pod(PodSpec {
+            node: "node-1",
+            namespace: "legacy",
+            name: "old-1",
+            meshed: false,
+            ..PodSpec::default()
         })
+        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
+        .service(SHOP_DB_SERVICE)
         .build()
         .unwrap()
 }
 
+fn db(testbed: &Testbed) -> SocketAddr {
+    SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432))
+}
+
 /// Whether an echo round trip from `from` to db-1:5432 works.
 fn echoes(testbed: &Testbed, from: &str) -> bool {
-    let to = SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432));
-    weft_testbed::echoes(testbed, from, to)
+    weft_testbed::echoes(testbed, from, db(testbed))
 }
 
 /// Waits until `from` reaches db-1 (or is refused), as a policy change
 /// takes effect.
 fn wait_for_reach(testbed: &Testbed, from: &str, reachable: bool) {
-    wait_until(CONFIG_WAIT, || Ok(echoes(testbed, from) == reachable)).unwrap_or_else(|_| {
-        panic!(
-            "{from} -> db-1 never became {}",
-            if reachable { "reachable" } else { "refused" }
-        )
-    });
+    weft_testbed::wait_for_reach(testbed, from, db(testbed), reachable);
 }
 
 fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
@@ -83,16 +62,7 @@ fn metric(mesh: &WeftMesh, testbed: &Testbed, node: &str, needle: &str) -> u64 {
     weft_testbed::metric_sum(mesh, testbed, node, needle).unwrap()
 }
 
-const ALLOW_WEB: &str = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: db-from-web, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: ALLOW
-  rules:
-  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
-    to: {ports: [5432]}
-";
+const ALLOW_WEB: &str = ALLOW_WEB_TO_DB;
 
 #[test]
 fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {

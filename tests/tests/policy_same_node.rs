@@ -9,51 +9,29 @@
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    CONFIG_WAIT, EchoServer, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echo_round_trip,
-    echoes, explain, metric_sum, wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, EchoServer, PodSpec, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
+    echo_round_trip, echoes, explain, metric_sum, shop_pod, wait_for_reach, wait_until,
 };
 
 /// node-1: web-1, batch-1 and db-1 (meshed, shop) and old-1 (an unmeshed
 /// namespace); node-2: db-2 (meshed, shop). db-1 and db-2 echo on 5432 and
 /// are the endpoints of Service shop/db.
 fn start() -> (Testbed, WeftMesh, Vec<EchoServer>) {
-    let pod = |node, namespace, name, service_account, labels, meshed| PodSpec {
-        node,
-        namespace,
-        name,
-        service_account,
-        labels,
-        meshed,
-    };
     let testbed = Testbed::builder()
         .node("node-1")
         .node("node-2")
-        .pod(pod(
-            "node-1",
-            "shop",
-            "web-1",
-            "web",
-            &[("app", "web")],
-            true,
-        ))
-        .pod(pod(
-            "node-1",
-            "shop",
-            "batch-1",
-            "batch",
-            &[("app", "batch")],
-            true,
-        ))
-        .pod(pod("node-1", "shop", "db-1", "db", &[("app", "db")], true))
-        .pod(pod("node-1", "legacy", "old-1", "default", &[], false))
-        .pod(pod("node-2", "shop", "db-2", "db", &[("app", "db")], true))
-        .service(ServiceSpec {
-            namespace: "shop",
-            name: "db",
-            port: 5432,
-            target_port: 5432,
-            selector: &[("app", "db")],
+        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
+        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
+        .pod(shop_pod("node-1", "db-1", "db", &[("app", "db")]))
+        .pod(PodSpec {
+            node: "node-1",
+            namespace: "legacy",
+            name: "old-1",
+            meshed: false,
+            ..PodSpec::default()
         })
+        .pod(shop_pod("node-2", "db-2", "db", &[("app", "db")]))
+        .service(SHOP_DB_SERVICE)
         .build()
         .unwrap();
     let servers = ["db-1", "db-2"]
@@ -73,30 +51,9 @@ fn vip(testbed: &Testbed) -> SocketAddr {
     SocketAddr::from((testbed.service_vip("shop", "db").unwrap(), 5432))
 }
 
-/// Waits until `from` reaches `to` (or is refused), as a change takes effect.
-fn wait_for_reach(testbed: &Testbed, from: &str, to: SocketAddr, reachable: bool) {
-    wait_until(CONFIG_WAIT, || Ok(echoes(testbed, from, to) == reachable)).unwrap_or_else(|_| {
-        panic!(
-            "{from} -> {to} never became {}",
-            if reachable { "reachable" } else { "refused" }
-        )
-    });
-}
-
 fn metric(mesh: &WeftMesh, testbed: &Testbed, needle: &str) -> u64 {
     metric_sum(mesh, testbed, "node-1", needle).unwrap()
 }
-
-const ALLOW_WEB: &str = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: db-from-web, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: ALLOW
-  rules:
-  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
-    to: {ports: [5432]}
-";
 
 #[test]
 fn an_allow_policy_holds_for_a_neighbour_on_the_same_node() {
@@ -104,7 +61,7 @@ fn an_allow_policy_holds_for_a_neighbour_on_the_same_node() {
     let db1 = pod_addr(&testbed, "db-1");
     assert!(echoes(&testbed, "batch-1", db1), "no policy yet");
 
-    mesh.write_manifest("policy.yaml", ALLOW_WEB).unwrap();
+    mesh.write_manifest("policy.yaml", ALLOW_WEB_TO_DB).unwrap();
     // The attack: batch on db-1's own node, by pod IP and by the Service
     // (whose endpoints are db-1 here and db-2 on node-2): every attempt is
     // refused, and none of its bytes reach a db.
@@ -259,7 +216,7 @@ kind: MtlsPolicy
 metadata: {name: strict, namespace: shop}
 spec: {mode: STRICT}
 ";
-    mesh.write_manifest("policies.yaml", &format!("{ALLOW_WEB}---\n{strict}"))
+    mesh.write_manifest("policies.yaml", &format!("{ALLOW_WEB_TO_DB}---\n{strict}"))
         .unwrap();
     let db1 = pod_addr(&testbed, "db-1");
     wait_for_reach(&testbed, "old-1", db1, false);

@@ -9,36 +9,28 @@ use kube::api::Api;
 use serde_json::{Value, json};
 use weft_testbed::apiserver::KubeApiServer;
 use weft_testbed::kube_cluster::{self, apply_objects, wait_for_condition};
-use weft_testbed::{PodSpec, ServiceSpec, Testbed, WeftMesh};
+use weft_testbed::{SHOP_DB_SERVICE, Testbed, WeftMesh, shop_pod};
 
 /// Blocking testbed calls off the async test's worker.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
+/// One node with db-1 (meshed, shop) behind Service shop/db.
+fn one_db() -> Testbed {
+    Testbed::builder()
+        .node("node-1")
+        .pod(shop_pod("node-1", "db-1", "db", &[("app", "db")]))
+        .service(SHOP_DB_SERVICE)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_control_plane_reports_on_each_policy_in_its_status() {
     let api = blocking(KubeApiServer::start).unwrap();
     let client = api.client().await.unwrap();
-    let testbed = Testbed::builder()
-        .node("node-1")
-        .pod(PodSpec {
-            node: "node-1",
-            namespace: "shop",
-            name: "db-1",
-            service_account: "db",
-            labels: &[("app", "db")],
-            meshed: true,
-        })
-        .service(ServiceSpec {
-            namespace: "shop",
-            name: "db",
-            port: 5432,
-            target_port: 5432,
-            selector: &[("app", "db")],
-        })
-        .build()
-        .unwrap();
+    let testbed = one_db();
     let _mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
     let policy = |kind: &str, name: &str, spec: Value| {
         json!({
@@ -143,4 +135,78 @@ async fn the_control_plane_reports_on_each_policy_in_its_status() {
         .await
         .unwrap();
     assert!(lease.spec.unwrap().holder_identity.is_some());
+}
+
+/// An object that an older CRD admitted (here: one without the rule that
+/// refuses `baseEjectionTime: 0s`) is still in the cluster after an
+/// upgrade. The control plane reports it `Invalid`, naming the field, and
+/// keeps it out of every proxy's config; the other policies are accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_an_older_crd_admitted_is_reported_invalid() {
+    let api = blocking(KubeApiServer::start).unwrap();
+    let client = api.client().await.unwrap();
+    let testbed = one_db();
+    let _mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
+
+    let mut older = kube_cluster::read_deploy_file("crds/weft.dev.yaml")
+        .unwrap()
+        .into_iter()
+        .find(|crd| crd["spec"]["names"]["kind"] == "TrafficPolicy")
+        .unwrap();
+    let rules = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["outlierDetection"]["x-kubernetes-validations"]
+        .as_array_mut()
+        .unwrap();
+    let before = rules.len();
+    rules.retain(|rule| rule["message"] != "baseEjectionTime must be longer than 0s");
+    assert_eq!(rules.len(), before - 1, "the rule this test removes");
+    apply_objects(&client, &[older]).await.unwrap();
+
+    let bad = json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": { "name": "eject-now", "namespace": "shop" },
+        "spec": { "service": "db", "outlierDetection": { "baseEjectionTime": "0s" } },
+    });
+    // The API server takes a moment to serve the older schema.
+    let deadline = tokio::time::Instant::now() + weft_testbed::CONFIG_WAIT;
+    while kube_cluster::apply_object(&client, &bad).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never admitted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    apply_objects(
+        &client,
+        &[json!({
+            "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": { "name": "db", "namespace": "shop" },
+            "spec": { "selector": { "matchLabels": { "app": "db" } }, "rules": [{}] },
+        })],
+    )
+    .await
+    .unwrap();
+
+    wait_for_condition(
+        &client,
+        "trafficpolicies",
+        "shop",
+        "eject-now",
+        "Accepted",
+        |c| {
+            c.status == "False"
+                && c.reason == "Invalid"
+                && c.message
+                    .contains("outlierDetection.baseEjectionTime: must be longer than 0s")
+        },
+    )
+    .await
+    .unwrap();
+    wait_for_condition(
+        &client,
+        "authorizationpolicies",
+        "shop",
+        "db",
+        "Accepted",
+        |c| c.status == "True",
+    )
+    .await
+    .unwrap();
 }
