@@ -164,6 +164,14 @@ fn read_file(path: &Path) -> Result<FileObjects, Vec<ManifestProblem>> {
         if document.is_null() {
             continue;
         }
+        // What an API server would refuse on admission, refused here too.
+        if let Err(reason) = crate::crd::check_against_crd(&document) {
+            problems.push(problem(
+                Some(index),
+                format!("{}: {reason}", describe(&document)),
+            ));
+            continue;
+        }
         match ClusterObject::from_value(apply_defaults(document)) {
             Ok(object) => objects.push(object),
             Err(ObjectProblem::Ignored { kind }) => {
@@ -180,6 +188,20 @@ fn read_file(path: &Path) -> Result<FileObjects, Vec<ManifestProblem>> {
         Ok((objects, ignored))
     } else {
         Err(problems)
+    }
+}
+
+/// `Kind namespace/name` of a document, for messages.
+fn describe(document: &Value) -> String {
+    let text = |value: Option<&Value>| value.and_then(Value::as_str).unwrap_or("").to_owned();
+    let metadata = document.get("metadata");
+    let namespace = text(metadata.and_then(|m| m.get("namespace")));
+    let name = text(metadata.and_then(|m| m.get("name")));
+    let kind = text(document.get("kind"));
+    if namespace.is_empty() {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {namespace}/{name}")
     }
 }
 

@@ -104,6 +104,11 @@ pub fn to_wire(
             .collect(),
         policy: key.to_owned(),
     };
+    if spec.connect_timeout.is_some() && wire.connect_timeout_ms == 0 {
+        // On the wire 0 means "the proxy's default": the CRD refuses 0s
+        // (a connect that may take no time at all), and so does this.
+        return Err("connectTimeout: must be longer than 0s".to_owned());
+    }
     if outlier.is_some_and(|o| o.consecutive_failures == 0) {
         // On the wire 0 means "no outlier detection": the proxy would not
         // refuse it, it would silently ignore what the operator asked for.
@@ -251,6 +256,11 @@ mod tests {
 
         // The invalid ones are passed over: the next valid one wins.
         let good = policy("shop", "c-good", "db", Some("2024-01-03T00:00:00Z"));
+        let mut instant = policy("shop", "b-instant", "db", None);
+        instant.spec.connect_timeout = Some("0ms".to_owned());
+        let error = to_wire("shop/b-instant", "shop", &instant).unwrap_err();
+        assert_eq!(error, "connectTimeout: must be longer than 0s");
+
         let c = cluster(vec![bad, zero, good]);
         assert_eq!(winning_policy(&c, "shop", "db").unwrap().0, "shop/c-good");
     }

@@ -537,3 +537,24 @@ spec: {action: AUDIT, rules: [{}]}
         weft_certs::Identity::new("cluster.local", "mesh-ops", "weft-control-plane").unwrap();
     assert!(!mesh.node_runs("node-1", &control_plane));
 }
+
+#[test]
+fn a_weft_object_the_api_server_would_refuse_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "traffic.yaml",
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: shop}\nspec: {service: db, retries: {attempts: 6}}\n",
+    );
+    let mut source = ManifestDir::new(dir.path());
+    source.reload().unwrap();
+    let problems: Vec<String> = source.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains(
+            "TrafficPolicy shop/tp: spec.retries.attempts: 6 is greater than the maximum of 5"
+        ),
+        "{problems:?}"
+    );
+    assert!(source.state().traffic_policies.is_empty());
+}

@@ -21,6 +21,7 @@
 mod authorization;
 mod common;
 mod mtls;
+mod schema_check;
 mod traffic;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -37,6 +38,7 @@ pub use common::{
     REASON_SERVICE_NOT_FOUND, VERSION, WorkloadSelector, parse_duration,
 };
 pub use mtls::{MtlsMode, MtlsPolicy, MtlsPolicySpec};
+pub use schema_check::check_against_crd;
 pub use traffic::{
     LoadBalancing, LoadBalancingMode, OutlierDetection, Retries, TrafficPolicy, TrafficPolicySpec,
     WeightedService,
