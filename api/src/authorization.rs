@@ -8,9 +8,10 @@
 //! the policy with an [`Error`] naming the field. Per connection nothing is
 //! parsed.
 //!
-//! Order of decision ([`decide`]): plaintext into a STRICT workload is
-//! refused; a policy the workload refers to but that is not applied
-//! (refused as invalid) refuses everything (fail closed); any matching DENY
+//! Order of decision ([`decide`]): a quarantined workload refuses
+//! everything; plaintext into a STRICT workload is refused; a policy the
+//! workload refers to but that is not applied (refused as invalid) refuses
+//! everything (fail closed); any matching DENY
 //! refuses; otherwise, if any ALLOW policy applies to the workload, one of
 //! them must match; otherwise the connection is allowed. AUDIT policies
 //! never change the outcome; the ones that match are reported next to it.
@@ -42,6 +43,10 @@ pub struct Destination<'a> {
     pub mtls_policy: &'a str,
     /// The keys of the AuthorizationPolicies that apply to the workload.
     pub policies: &'a [String],
+    /// Those of `policies` that were refused as invalid.
+    pub invalid_policies: &'a [String],
+    /// Why every connection to the workload is refused, if it is.
+    pub quarantine: Option<&'a str>,
 }
 
 /// A compiled AuthorizationPolicy: every value parsed.
@@ -326,6 +331,8 @@ pub enum Outcome {
     /// A policy that applies to the workload is not applied (it was refused
     /// as invalid): the workload refuses every connection until it is.
     PolicyNotApplied(String),
+    /// The workload refuses every connection, for this reason.
+    Quarantined(String),
 }
 
 /// The outcome and the AUDIT rules that matched along the way.
@@ -353,6 +360,7 @@ impl Decision {
             Outcome::Allowed(rule) | Outcome::Denied(rule) => rule.policy.clone(),
             Outcome::NotAllowed(policies) => policies.join(","),
             Outcome::PlaintextRefused(policy) | Outcome::PolicyNotApplied(policy) => policy.clone(),
+            Outcome::Quarantined(_) => String::new(),
         }
     }
 }
@@ -376,6 +384,9 @@ impl fmt::Display for Decision {
                 f,
                 "denied: AuthorizationPolicy {policy} applies to this workload but is not applied (invalid); every connection is refused until it is fixed"
             )?,
+            Outcome::Quarantined(reason) => {
+                write!(f, "denied: the workload refuses every connection: {reason}")?
+            }
         }
         for audit in &self.audits {
             write!(f, "; audited by AUDIT {audit}")?;
@@ -392,22 +403,26 @@ pub fn decide<'p>(
     lookup: impl Fn(&str) -> Option<&'p Policy>,
     connection: &Connection<'_>,
 ) -> Decision {
+    let refuse = |outcome| Decision {
+        outcome,
+        audits: Vec::new(),
+    };
+    if let Some(reason) = destination.quarantine {
+        return refuse(Outcome::Quarantined(reason.to_owned()));
+    }
     if connection.source_principal.is_none() && destination.mtls_strict {
-        return Decision {
-            outcome: Outcome::PlaintextRefused(destination.mtls_policy.to_owned()),
-            audits: Vec::new(),
-        };
+        return refuse(Outcome::PlaintextRefused(
+            destination.mtls_policy.to_owned(),
+        ));
+    }
+    if let Some(invalid) = destination.invalid_policies.first() {
+        return refuse(Outcome::PolicyNotApplied(invalid.clone()));
     }
     let mut policies = Vec::with_capacity(destination.policies.len());
     for key in destination.policies {
         match lookup(key) {
             Some(policy) => policies.push(policy),
-            None => {
-                return Decision {
-                    outcome: Outcome::PolicyNotApplied(key.clone()),
-                    audits: Vec::new(),
-                };
-            }
+            None => return refuse(Outcome::PolicyNotApplied(key.clone())),
         }
     }
     evaluate(policies, connection)

@@ -12,6 +12,11 @@ use crate::{Error, v1};
 /// More retries than this is not a policy but a mistake (the CRD allows 5).
 pub const MAX_RETRY_ATTEMPTS: u32 = 16;
 
+/// The longest duration the CRD's syntax can write (four groups of 99999
+/// h), in milliseconds. Anything longer is refused: added to a clock, a
+/// duration near `u64::MAX` milliseconds would overflow it.
+pub const MAX_DURATION_MS: u64 = 4 * 99_999 * 3_600_000;
+
 /// How connections to a Service behave, as its TrafficPolicy sets it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TrafficPolicy {
@@ -79,6 +84,25 @@ impl TrafficPolicy {
                 ));
             }
         };
+        for (field, ms) in [
+            ("connectTimeout", wire.connect_timeout_ms),
+            ("idleTimeout", wire.idle_timeout_ms),
+            (
+                "outlierDetection.baseEjectionTime",
+                wire.outlier_base_ejection_ms,
+            ),
+            (
+                "outlierDetection.maxEjectionTime",
+                wire.outlier_max_ejection_ms,
+            ),
+        ] {
+            if ms > MAX_DURATION_MS {
+                return Err(invalid(
+                    field,
+                    format!("{ms} ms is longer than the longest duration, {MAX_DURATION_MS} ms"),
+                ));
+            }
+        }
         if wire.retry_attempts > MAX_RETRY_ATTEMPTS {
             return Err(invalid(
                 "retries.attempts",

@@ -122,6 +122,8 @@ pub fn explain(
             mtls_strict: pod.mtls_mode == pb::MtlsMode::Strict as i32,
             mtls_policy: &pod.mtls_policy,
             policies: &pod.authorization_policies,
+            invalid_policies: &pod.invalid_authorization_policies,
+            quarantine: Some(pod.quarantine.as_str()).filter(|q| !q.is_empty()),
         };
         let decision = authorization::decide(
             &destination,

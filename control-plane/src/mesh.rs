@@ -53,7 +53,7 @@ impl Mesh {
                 workloads.insert(uid.clone(), workload);
             }
         }
-        refuse_shared_ips(&mut workloads);
+        quarantine_shared_ips(&mut workloads);
         for (key, problem) in &policies.invalid {
             tracing::warn!(policy = %key, %problem, "AuthorizationPolicy is invalid: not sent; the pods it selects refuse every connection (an AUDIT one is only left out)");
         }
@@ -118,10 +118,11 @@ fn no_identity_reason(pod: &Pod) -> Option<&'static str> {
     None
 }
 
-/// An address claimed by two pods names neither: the address is taken off
-/// both (so neither is reached, captured or trusted at it), which is logged,
-/// never resolved by which pod sorts first.
-fn refuse_shared_ips(workloads: &mut BTreeMap<String, MeshWorkload>) {
+/// An address claimed by two pods names neither, and is never resolved by
+/// which pod sorts first: every pod that claims it is quarantined (it
+/// keeps its addresses, so its traffic stays captured, and refuses every
+/// connection), which is logged, until only one claims it.
+fn quarantine_shared_ips(workloads: &mut BTreeMap<String, MeshWorkload>) {
     let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (uid, workload) in workloads.iter() {
         for ip in &workload.workload.ips {
@@ -129,10 +130,11 @@ fn refuse_shared_ips(workloads: &mut BTreeMap<String, MeshWorkload>) {
         }
     }
     for (ip, uids) in owners.into_iter().filter(|(_, uids)| uids.len() > 1) {
-        tracing::warn!(%ip, pods = ?uids, "an IP is claimed by more than one pod; it is refused for all of them");
+        tracing::warn!(%ip, pods = ?uids, "an IP is claimed by more than one pod; they refuse every connection until one remains");
+        let reason = format!("IP {ip} is claimed by pods {}", uids.join(", "));
         for uid in &uids {
             if let Some(workload) = workloads.get_mut(uid) {
-                workload.workload.ips.retain(|own| *own != ip);
+                workload.workload.quarantine = reason.clone();
             }
         }
     }
@@ -219,6 +221,7 @@ fn workload_of(
             labels: labels.into_iter().collect(),
             authorization_policies: applicable.keys,
             invalid_authorization_policies: applicable.invalid,
+            quarantine: String::new(),
             mtls_mode: mtls_mode as i32,
             mtls_policy,
         },

@@ -42,7 +42,11 @@ pub struct AuthorizationPolicies {
     /// The control plane's namespace, whose policies without a selector
     /// reach the whole mesh.
     pub mesh_namespace: String,
-    /// The valid ones in their wire form, by `<namespace>/<name>`.
+    /// What is sent, by `<namespace>/<name>`: the valid ones in their wire
+    /// form, and for each invalid ALLOW or DENY a stand-in that refuses
+    /// every connection (a DENY with one empty rule), so that a proxy
+    /// that does not know `Workload.invalid_authorization_policies` fails
+    /// closed too.
     pub valid: BTreeMap<String, pb::AuthorizationPolicy>,
     /// The invalid ones: why, by `<namespace>/<name>`.
     pub invalid: BTreeMap<String, String>,
@@ -71,6 +75,9 @@ impl AuthorizationPolicies {
                     out.valid.insert(key.clone(), wire);
                 }
                 Err(why) => {
+                    if policy.spec.action != Action::Audit {
+                        out.valid.insert(key.clone(), refuse_everything(policy));
+                    }
                     out.invalid.insert(key.clone(), why);
                 }
             }
@@ -162,6 +169,17 @@ pub fn to_checked_wire(policy: &AuthorizationPolicy) -> Result<pb::Authorization
             Err(format!("{field}: {problem}"))
         }
         Err(other) => Err(other.to_string()),
+    }
+}
+
+/// The stand-in for an invalid ALLOW or DENY: a DENY that matches every
+/// connection.
+fn refuse_everything(policy: &AuthorizationPolicy) -> pb::AuthorizationPolicy {
+    pb::AuthorizationPolicy {
+        namespace: policy.metadata.namespace.clone().unwrap_or_default(),
+        name: policy.metadata.name.clone().unwrap_or_default(),
+        action: pb::AuthorizationAction::Deny as i32,
+        rules: vec![pb::AuthorizationRule::default()],
     }
 }
 
@@ -285,7 +303,14 @@ spec: {rules: [{}]}
 ",
         );
         let policies = AuthorizationPolicies::of(&cluster, "weft-system");
-        assert_eq!(policies.valid.keys().collect::<Vec<_>>(), ["shop/good"]);
+        // The broken DENY is sent as a stand-in that refuses everything.
+        assert_eq!(
+            policies.valid.keys().collect::<Vec<_>>(),
+            ["shop/bad-deny", "shop/good"]
+        );
+        let stand_in = &policies.valid["shop/bad-deny"];
+        assert_eq!(stand_in.action, pb::AuthorizationAction::Deny as i32);
+        assert_eq!(stand_in.rules, [pb::AuthorizationRule::default()]);
         assert_eq!(
             policies.invalid["shop/bad-deny"],
             "rules[0].from.ipBlocks[1]: \"10.1.2.300\" is not an IP address or CIDR"

@@ -443,7 +443,7 @@ fn demo_yaml_without_namespaces_is_read_as_kubectl_would() {
 }
 
 #[test]
-fn pods_that_cannot_prove_an_identity_are_left_out_and_shared_ips_refused() {
+fn pods_that_cannot_prove_an_identity_are_left_out_and_shared_ips_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let pod = |name: &str, extra_meta: &str, spec: &str, ip: &str| {
         format!(
@@ -477,9 +477,17 @@ fn pods_that_cannot_prove_an_identity_are_left_out_and_shared_ips_refused() {
     assert!(source.problems().is_empty(), "{:?}", source.problems());
     let uids: Vec<&str> = mesh.workloads.keys().map(String::as_str).collect();
     assert_eq!(uids, ["shop/a", "shop/b", "shop/ok"]);
-    assert!(mesh.workloads["shop/a"].workload.ips.is_empty());
-    assert!(mesh.workloads["shop/b"].workload.ips.is_empty());
+    // Both claimants keep the address (still captured) and are quarantined.
+    for uid in ["shop/a", "shop/b"] {
+        let workload = &mesh.workloads[uid].workload;
+        assert_eq!(workload.ips, ["10.244.1.40"]);
+        assert_eq!(
+            workload.quarantine,
+            "IP 10.244.1.40 is claimed by pods shop/a, shop/b"
+        );
+    }
     assert_eq!(mesh.workloads["shop/ok"].workload.ips, ["10.244.1.41"]);
+    assert_eq!(mesh.workloads["shop/ok"].workload.quarantine, "");
     let web = weft_certs::Identity::new("cluster.local", "shop", "web").unwrap();
     assert!(!mesh.node_runs(
         "node-1",

@@ -238,6 +238,8 @@ fn decide_refuses_plaintext_into_strict_and_policies_not_applied() {
         mtls_strict: true,
         mtls_policy: "shop/strict",
         policies: &keys,
+        invalid_policies: &[],
+        quarantine: None,
     };
     let plaintext = decide(&strict, lookup, &conn(None, "10.0.0.1", 80));
     assert_eq!(
@@ -251,6 +253,8 @@ fn decide_refuses_plaintext_into_strict_and_policies_not_applied() {
         mtls_strict: false,
         mtls_policy: "",
         policies: &missing,
+        invalid_policies: &[],
+        quarantine: None,
     };
     let refused = decide(&permissive, lookup, &conn(Some(WEB), "10.0.0.1", 80));
     assert_eq!(
@@ -259,6 +263,29 @@ fn decide_refuses_plaintext_into_strict_and_policies_not_applied() {
     );
     assert!(!refused.allowed());
     assert_eq!(refused.policy(), "shop/invalid");
+
+    // Invalid (a stand-in is sent under its key) or quarantined: refused,
+    // saying why.
+    let invalid = vec!["shop/all".to_owned()];
+    let listed = Destination {
+        invalid_policies: &invalid,
+        ..permissive
+    };
+    let refused = decide(&listed, lookup, &conn(Some(WEB), "10.0.0.1", 80));
+    assert_eq!(
+        refused.outcome,
+        Outcome::PolicyNotApplied("shop/all".into())
+    );
+    let quarantined = Destination {
+        quarantine: Some("IP 10.0.0.9 is claimed by shop/a and shop/b"),
+        ..strict
+    };
+    let refused = decide(&quarantined, lookup, &conn(Some(WEB), "10.0.0.1", 80));
+    assert!(!refused.allowed());
+    assert!(
+        refused.to_string().contains("claimed by shop/a"),
+        "{refused}"
+    );
 }
 
 #[test]

@@ -202,6 +202,17 @@ impl InboundHandler for InboundTunnel {
                     return Err(Refusal::Unavailable(format!("the pod refused: {error}")));
                 }
             };
+        let registration = plane.inbound.register_admitted(
+            &plane.routes,
+            &plane.metrics,
+            routes.version,
+            &upstream,
+            &gate,
+        );
+        let registration = match registration {
+            Ok(registration) => registration,
+            Err(decision) => return Err(Refusal::Denied(decision.to_string())),
+        };
         let source = Peer {
             workload: source,
             principal: Some(principal),
@@ -213,13 +224,6 @@ impl InboundHandler for InboundTunnel {
             (peer, &source),
             (request.target, &Peer::workload(&workload)),
             None,
-        );
-        let registration = plane.inbound.register(
-            &upstream,
-            Path::Hbone,
-            source.principal.clone(),
-            peer,
-            request.target,
         );
         Ok(Metered::new(upstream, record).keeping(registration))
     }

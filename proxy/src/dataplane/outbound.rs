@@ -105,8 +105,8 @@ enum ConnectError {
     Endpoint(&'static str),
     /// Nothing to do with the endpoint (no certificate yet).
     Local(&'static str),
-    /// The destination pod's policy refuses the client (already counted
-    /// and logged by the gate). Another endpoint may admit it.
+    /// The destination pod's policy refuses the client (counted and
+    /// logged where it was found). Another endpoint may admit it.
     Denied,
 }
 
@@ -246,6 +246,17 @@ async fn connect(
             let early = client.read_early();
             match plane.pool.connect_sending(request, early).await {
                 Ok(tunnel) => Ok(Upstream::Tunnel(tunnel, Peer::workload(dst))),
+                Err(HboneError::Refused { status, .. })
+                    if status == http::StatusCode::UNAUTHORIZED =>
+                {
+                    // The destination's policy refused this client: nothing
+                    // wrong with the endpoint, so no outlier failure (a
+                    // denied client must not get endpoints ejected for
+                    // everyone on its node).
+                    info!(destination = %route.target, "outbound: denied by the destination's policy");
+                    plane.metrics.failure(Direction::Outbound, "connect_denied");
+                    Err(ConnectError::Denied)
+                }
                 Err(error) => {
                     warn!(%error, "outbound: HBONE tunnel failed");
                     Err(ConnectError::Endpoint(failure_reason(&error)))
@@ -272,56 +283,60 @@ async fn connect(
                 };
                 (workload, path, principal)
             });
-            if let Some((workload, path, principal)) = &gate {
+            let request = gate.as_ref().map(|(workload, path, principal)| {
                 let request = GateRequest {
                     path: *path,
                     principal: principal.as_deref(),
                     source: client_addr,
                     destination: route.target,
                 };
-                if gate::admit(routes, &plane.metrics, workload, &request).is_err() {
-                    return Err(ConnectError::Denied);
-                }
+                (workload, request)
+            });
+            if let Some((workload, request)) = &request
+                && gate::admit(routes, &plane.metrics, workload, request).is_err()
+            {
+                return Err(ConnectError::Denied);
             }
-            let dialled =
-                sockets::connect_from(Some(client_addr.ip()), route.target, sockets::PROXY_MARK)
-                    .await;
-            let dialled = match dialled {
-                // Bytes an earlier (tunnel) attempt took from the client.
-                Ok(mut upstream) => upstream
-                    .write_all(client.early_taken())
-                    .await
-                    .map(|()| upstream),
-                Err(error) => Err(error),
-            };
-            match dialled {
-                Ok(upstream) => {
-                    let peer = route
-                        .workload
-                        .as_ref()
-                        .map(Peer::workload)
-                        .unwrap_or_default();
-                    let registration = gate.map(|(_, path, principal)| {
-                        plane.inbound.register(
-                            &upstream,
-                            path,
-                            principal,
-                            client_addr,
-                            route.target,
-                        )
-                    });
-                    Ok(Upstream::Direct(
-                        upstream,
-                        peer,
-                        security,
-                        registration.flatten(),
-                    ))
-                }
+            let mut upstream = match sockets::connect_from(
+                Some(client_addr.ip()),
+                route.target,
+                sockets::PROXY_MARK,
+            )
+            .await
+            {
+                Ok(upstream) => upstream,
                 Err(error) => {
                     debug!(%error, target = %route.target, "outbound: connect failed");
-                    Err(ConnectError::Endpoint("connect_failed"))
+                    return Err(ConnectError::Endpoint("connect_failed"));
                 }
+            };
+            // Watched for policy changes from now on, and decided again if
+            // one was applied since the gate's decision; before any byte
+            // of the client's is written.
+            let registration = match &request {
+                Some((_, request)) => match plane.inbound.register_admitted(
+                    &plane.routes,
+                    &plane.metrics,
+                    routes.version,
+                    &upstream,
+                    request,
+                ) {
+                    Ok(registration) => registration,
+                    Err(_) => return Err(ConnectError::Denied),
+                },
+                None => None,
+            };
+            // Bytes an earlier (tunnel) attempt took from the client.
+            if let Err(error) = upstream.write_all(client.early_taken()).await {
+                debug!(%error, target = %route.target, "outbound: connect failed");
+                return Err(ConnectError::Endpoint("connect_failed"));
             }
+            let peer = route
+                .workload
+                .as_ref()
+                .map(Peer::workload)
+                .unwrap_or_default();
+            Ok(Upstream::Direct(upstream, peer, security, registration))
         }
     }
 }

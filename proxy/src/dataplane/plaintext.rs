@@ -56,6 +56,16 @@ async fn proxy(
                 return;
             }
         };
+    let registration = plane.inbound.register_admitted(
+        &plane.routes,
+        &plane.metrics,
+        routes.version,
+        &upstream,
+        &gate,
+    );
+    let Ok(registration) = registration else {
+        return;
+    };
     let record = ConnectionRecord::open(
         &plane.metrics,
         Direction::Inbound,
@@ -72,10 +82,6 @@ async fn proxy(
         (destination, &Peer::workload(&workload)),
         None,
     );
-    let registration =
-        plane
-            .inbound
-            .register(&upstream, Path::Plaintext, None, client_addr, destination);
     super::relay(
         &mut client,
         Metered::new(upstream, record).keeping(registration),

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::warn;
+use weft_api::authorization::{Decision, Outcome};
 
 use super::gate::{self, GateRequest, Path};
 use super::routes::RouteTable;
@@ -54,12 +56,52 @@ impl Drop for Registration {
 }
 
 impl InboundRegistry {
+    /// Registers a connection the gate admitted (`request`) on the table of
+    /// version `decided_on`, forwarded on `upstream`. If a newer config was
+    /// applied in between, its sweep ran before this registration and
+    /// missed the connection: it is decided again on the newest table, and
+    /// `Err` says that table refuses it (the caller must not carry it).
+    /// `Ok(None)` when the socket cannot be duplicated (out of
+    /// descriptors): the connection then runs unwatched, which is logged.
+    pub fn register_admitted(
+        self: &Arc<Self>,
+        routes: &watch::Receiver<Arc<RouteTable>>,
+        metrics: &TrafficMetrics,
+        decided_on: u64,
+        upstream: &TcpStream,
+        request: &GateRequest<'_>,
+    ) -> Result<Option<Registration>, Decision> {
+        let registration = self.register(
+            upstream,
+            request.path,
+            request.principal.map(str::to_owned),
+            request.source,
+            request.destination,
+        );
+        let current = routes.borrow().clone();
+        if current.version == decided_on {
+            return Ok(registration);
+        }
+        let decision = match current.local_workload(request.destination.ip()) {
+            Some(workload) => {
+                let decision = gate::decide(&current, workload, request);
+                let what = "inbound connection denied by a config applied while it opened";
+                gate::record(metrics, &decision, workload, request, what);
+                decision
+            }
+            None => gone(),
+        };
+        if decision.allowed() {
+            Ok(registration)
+        } else {
+            Err(decision)
+        }
+    }
+
     /// Registers a connection from `source` (with the `principal` the gate
     /// admitted it with, `None` for plaintext) to `destination`, arriving
-    /// by `path` and forwarded on `upstream`. `None` when the socket cannot
-    /// be duplicated (out of descriptors): the connection then runs
-    /// unwatched, which is logged.
-    pub fn register(
+    /// by `path` and forwarded on `upstream`.
+    fn register(
         self: &Arc<Self>,
         upstream: &TcpStream,
         path: Path,
@@ -97,26 +139,31 @@ impl InboundRegistry {
         };
         let mut closed = 0;
         for connection in open.values() {
-            let Some(workload) = routes.local_workload(connection.destination.ip()) else {
-                continue; // the pod is gone; its connections end with it
-            };
             let request = GateRequest {
                 path: connection.path,
                 principal: connection.principal.as_deref(),
                 source: connection.source,
                 destination: connection.destination,
             };
-            let decision = gate::decide(routes, workload, &request);
-            if decision.allowed() {
-                continue;
+            let what = "closing an open connection after a policy change";
+            match routes.local_workload(connection.destination.ip()) {
+                Some(workload) => {
+                    let decision = gate::decide(routes, workload, &request);
+                    if decision.allowed() {
+                        continue;
+                    }
+                    gate::record(metrics, &decision, workload, &request, what);
+                }
+                // Deleted pods take their connections along; a pod that
+                // is still there but left the config (its entry refused,
+                // say) is no longer vouched for.
+                None => warn!(
+                    source = %connection.source,
+                    destination = %connection.destination,
+                    "{what}: {}",
+                    gone()
+                ),
             }
-            gate::record(
-                metrics,
-                &decision,
-                workload,
-                &request,
-                "closing an open connection after a policy change",
-            );
             let _ = connection.upstream.shutdown(Shutdown::Both);
             closed += 1;
         }
@@ -131,5 +178,14 @@ impl InboundRegistry {
     /// Whether no inbound connection is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The decision for a connection whose pod is no longer in this node's
+/// config: refused.
+fn gone() -> Decision {
+    Decision {
+        outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
+        audits: Vec::new(),
     }
 }

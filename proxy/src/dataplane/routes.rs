@@ -147,10 +147,31 @@ impl RouteTable {
                 .collect()
         };
         balancers.retain(|key| view.services().get(key).map(|s| ready_ips(s)));
-        let index = |workloads: &std::collections::BTreeMap<String, Arc<Workload>>| {
-            workloads
-                .values()
-                .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
+        // An address two pods claim vouches for neither (the control plane
+        // quarantines such pods; this holds if it did not): a remote one is
+        // left out of the index, a local one stays, captured, and refuses
+        // every connection.
+        let index = |workloads: &std::collections::BTreeMap<String, Arc<Workload>>, local: bool| {
+            let mut owners: HashMap<IpAddr, Option<Arc<Workload>>> = HashMap::new();
+            for workload in workloads.values() {
+                for ip in &workload.ips {
+                    owners
+                        .entry(*ip)
+                        .and_modify(|owner| {
+                            *owner = owner.take().filter(|_| local).map(|first| {
+                                let reason = format!("IP {ip} is claimed by another pod too");
+                                Arc::new(Workload {
+                                    quarantine: Some(reason),
+                                    ..(*first).clone()
+                                })
+                            });
+                        })
+                        .or_insert_with(|| Some(workload.clone()));
+                }
+            }
+            owners
+                .into_iter()
+                .filter_map(|(ip, owner)| Some((ip, owner?)))
                 .collect::<HashMap<_, _>>()
         };
         let services_by_key: HashMap<String, Arc<ServiceRoute>> = view
@@ -185,8 +206,8 @@ impl RouteTable {
         RouteTable {
             version: view.version(),
             trust: Some(view.trust().bundle.clone()),
-            local: index(view.local_workloads()),
-            remote: index(view.remote_workloads()),
+            local: index(view.local_workloads(), true),
+            remote: index(view.remote_workloads(), false),
             services,
             services_by_key,
             by_uid,
@@ -202,6 +223,8 @@ impl RouteTable {
             mtls_strict: workload.mtls_strict,
             mtls_policy: &workload.mtls_policy,
             policies: &workload.authorization_policies,
+            invalid_policies: &workload.invalid_authorization_policies,
+            quarantine: workload.quarantine.as_deref(),
         };
         authorization::decide(
             &destination,

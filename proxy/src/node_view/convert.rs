@@ -98,6 +98,8 @@ pub(super) fn workload(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         authorization_policies: wire.authorization_policies.clone(),
+        invalid_authorization_policies: wire.invalid_authorization_policies.clone(),
+        quarantine: Some(wire.quarantine.clone()).filter(|q| !q.is_empty()),
         mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
             Ok(v1::MtlsMode::Permissive) => false,
             Ok(v1::MtlsMode::Strict) => true,

@@ -86,6 +86,13 @@ pub struct Workload {
     /// workloads only). One that is not in the view (refused) refuses every
     /// connection to the pod.
     pub authorization_policies: Vec<String>,
+    /// Those of `authorization_policies` the control plane refused as
+    /// invalid: while one is listed, every connection is refused.
+    pub invalid_authorization_policies: Vec<String>,
+    /// Why every connection to the pod is refused, if it is (local
+    /// workloads only): another pod claims its IP, or its last update was
+    /// refused. Its addresses stay captured.
+    pub quarantine: Option<String>,
     /// Whether plaintext inbound is refused (local workloads only).
     pub mtls_strict: bool,
     /// The MtlsPolicy that set the mode, empty for the default.
@@ -270,12 +277,20 @@ impl NodeView {
             (None, None) => return Err(UpdateProblem::MissingTrust),
         };
         let mut refused = Vec::new();
+        // What a refused entry leaves behind, kind by kind, so that a
+        // refusal never loosens anything. A local pod keeps its last good
+        // entry, quarantined: its addresses stay captured and every
+        // connection to it is refused. A remote pod is dropped: its
+        // addresses vouch for no identity. A Service keeps its last good
+        // routing. A policy is dropped: the pods it applies to refuse every
+        // connection until it is back.
         let local_workloads = merge(
             EntryKind::LocalWorkload,
             (base.is_some(), previous.map(|p| &p.local_workloads)),
             &update.local_workloads,
             &update.removed_local_workloads,
             |w| convert::workload(EntryKind::LocalWorkload, w, Some(node)),
+            |old, problem| Some(Arc::new(old.quarantined(problem))),
             &mut refused,
         );
         let remote_workloads = merge(
@@ -284,6 +299,7 @@ impl NodeView {
             &update.remote_workloads,
             &update.removed_remote_workloads,
             |w| convert::workload(EntryKind::RemoteWorkload, w, None),
+            |_, _| None,
             &mut refused,
         );
         let services = merge(
@@ -292,6 +308,7 @@ impl NodeView {
             &update.services,
             &update.removed_services,
             convert::service,
+            |old, _| Some(old.clone()),
             &mut refused,
         );
         let authorization_policies = merge(
@@ -300,19 +317,38 @@ impl NodeView {
             &update.authorization_policies,
             &update.removed_authorization_policies,
             convert::authorization_policy,
+            |_, _| None,
             &mut refused,
         );
         // A workload whose policy is missing refuses every connection
-        // (fail closed, see `weft_api::authorization::decide`); say so,
-        // unless the control plane already said the policy is invalid.
-        for wire in &update.local_workloads {
-            for missing in wire.authorization_policies.iter().filter(|key| {
+        // (fail closed, see `weft_api::authorization::decide`). Say so when
+        // this update made it so: the workload is listed, or the policy was
+        // removed or refused.
+        let listed: HashSet<&str> = update
+            .local_workloads
+            .iter()
+            .map(|w| w.uid.as_str())
+            .collect();
+        let touched: HashSet<String> = update
+            .removed_authorization_policies
+            .iter()
+            .cloned()
+            .chain(
+                update
+                    .authorization_policies
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name)),
+            )
+            .collect();
+        for workload in local_workloads.values() {
+            let missing = workload.authorization_policies.iter().filter(|key| {
                 !authorization_policies.contains_key(*key)
-                    && !wire.invalid_authorization_policies.contains(key)
-            }) {
+                    && (listed.contains(workload.uid.as_str()) || touched.contains(*key))
+            });
+            for missing in missing {
                 refused.push(UpdateProblem::InvalidEntry {
                     kind: EntryKind::LocalWorkload,
-                    key: wire.uid.clone(),
+                    key: workload.uid.clone(),
                     reason: format!(
                         "refers to authorization policy {missing}, which is not applied: connections to it are refused"
                     ),
@@ -374,6 +410,17 @@ impl NodeView {
     }
 }
 
+impl Workload {
+    /// This workload refusing every connection because `problem` refused
+    /// its update.
+    fn quarantined(&self, problem: &UpdateProblem) -> Workload {
+        Workload {
+            quarantine: Some(format!("its last update was refused ({problem})")),
+            ..self.clone()
+        }
+    }
+}
+
 impl Service {
     /// The key a Service has on the wire: `<namespace>/<name>`.
     pub fn key(&self) -> String {
@@ -385,14 +432,17 @@ impl Service {
 /// full state), minus the removed keys, plus the listed entries, each
 /// converted (and so validated) by `convert`. `(is_delta, previous)`: whether
 /// the update builds on `previous`, the map of the view applied last. An
-/// entry that does not convert, is listed twice, or is both listed and
-/// removed is reported in `refused` and keeps its previous value.
+/// entry that does not convert is reported in `refused`, and its key gets
+/// what `fallback` makes of its previous value (nothing if it had none, or
+/// if the update also removes it). An entry listed twice or both listed and
+/// removed is reported; the first listing, or the removal, stands.
 fn merge<P, T>(
     kind: EntryKind,
     (is_delta, previous): (bool, Option<&BTreeMap<String, Arc<T>>>),
     listed: &[P],
     removed: &[String],
     convert: impl Fn(&P) -> Result<(String, T), UpdateProblem>,
+    fallback: impl Fn(&Arc<T>, &UpdateProblem) -> Option<Arc<T>>,
     refused: &mut Vec<UpdateProblem>,
 ) -> BTreeMap<String, Arc<T>> {
     let mut map = match (is_delta, previous) {
@@ -408,18 +458,20 @@ fn merge<P, T>(
     for key in &removed {
         map.remove(*key);
     }
-    let keep_previous = |map: &mut BTreeMap<String, Arc<T>>, key: &str| {
-        if let Some(old) = previous.and_then(|p| p.get(key)) {
-            map.insert(key.to_owned(), old.clone());
-        }
-    };
     let mut seen = HashSet::new();
     for entry in listed {
         let (key, value) = match convert(entry) {
             Ok(converted) => converted,
             Err(problem) => {
                 if let UpdateProblem::InvalidEntry { key, .. } = &problem {
-                    keep_previous(&mut map, key);
+                    map.remove(key);
+                    let old = previous.and_then(|p| p.get(key));
+                    if let Some(kept) = old
+                        .filter(|_| !removed.contains(key.as_str()))
+                        .and_then(|old| fallback(old, &problem))
+                    {
+                        map.insert(key.clone(), kept);
+                    }
                 }
                 refused.push(problem);
                 continue;

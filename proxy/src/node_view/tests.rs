@@ -366,45 +366,57 @@ fn a_full_state_needs_valid_roots_and_a_delta_keeps_them() {
 }
 
 #[test]
-fn a_refused_entry_keeps_its_last_good_value_and_the_rest_applies() {
+fn a_refused_entry_never_loosens_anything_and_the_rest_applies() {
     let base = applied(&full(1));
     let mut update = delta(2);
     update.removed_local_workloads = vec!["default/db".into()];
     update.services = vec![service("shop", "cart", "10.0.2.7")];
-    // An update to a known entry that does not convert, and a new one.
+    // Updates to known entries that do not convert, and a new one.
+    let mut web = workload("default", "web", "web", "10.0.1.5", true);
+    web.mtls_mode = 9;
+    let mut svc = service("default", "web", "10.0.1.5");
+    svc.vips = vec!["nope".into()];
+    update.local_workloads = vec![web];
+    update.services.push(svc);
     update.remote_workloads = vec![
         workload("shop", "cart", "cart", "not-an-ip", true),
         workload("shop", "bad", "bad", "not-an-ip", true),
     ];
     let Applied { view, refused } = NodeView::apply(Some(&base), &update, NODE).unwrap();
-    assert_eq!(refused.len(), 2, "{refused:?}");
-    assert!(
-        refused[0]
-            .to_string()
-            .starts_with("remote workload shop/cart: ip")
-    );
+    assert_eq!(refused.len(), 4, "{refused:?}");
     assert_eq!(view.version(), 2);
-    assert_eq!(uids(view.local_workloads()), ["default/web"]);
     assert!(view.services().contains_key("shop/cart"));
-    // shop/cart keeps the value it had; shop/bad never had one.
-    assert_eq!(uids(view.remote_workloads()), ["shop/cart"]);
+    // A local pod keeps its last good entry, quarantined: still captured,
+    // refusing every connection.
+    assert_eq!(uids(view.local_workloads()), ["default/web"]);
+    let web = &view.local_workloads()["default/web"];
+    assert_eq!(web.ips, base.local_workloads()["default/web"].ips);
+    let quarantine = web.quarantine.as_deref().unwrap();
+    assert!(quarantine.contains("unknown mtls_mode 9"), "{quarantine}");
+    // A Service keeps its last good routing.
     assert_eq!(
-        view.remote_workloads()["shop/cart"],
-        base.remote_workloads()["shop/cart"]
+        view.services()["default/web"],
+        base.services()["default/web"]
     );
+    // A remote pod is dropped: its address vouches for no identity.
+    assert!(view.remote_workloads().is_empty());
     // The base is untouched.
     assert_eq!(base.version(), 1);
     assert_eq!(uids(base.local_workloads()), ["default/db", "default/web"]);
+    assert!(base.local_workloads()["default/web"].quarantine.is_none());
+}
 
-    // A full state after that: the bad entry keeps its last good value too.
-    let mut again = full(7);
-    again.remote_workloads[0].ips = vec!["nope".into()];
-    let (view, problem) = refused_entry(Some(&view), &again);
-    assert!(problem.to_string().starts_with("remote workload shop/cart"));
-    assert_eq!(
-        view.remote_workloads()["shop/cart"],
-        base.remote_workloads()["shop/cart"]
-    );
+#[test]
+fn a_refused_entry_that_is_also_removed_stays_removed() {
+    let base = applied(&full(1));
+    let mut update = delta(2);
+    let mut web = workload("default", "web", "web", "10.0.1.5", true);
+    web.mtls_mode = 9;
+    update.local_workloads = vec![web];
+    update.removed_local_workloads = vec!["default/web".into()];
+    let Applied { view, refused } = NodeView::apply(Some(&base), &update, NODE).unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(uids(view.local_workloads()), ["default/db"]);
 }
 
 #[test]
@@ -437,6 +449,15 @@ fn the_view_serializes_for_the_config_dump() {
     );
 }
 
+fn deny_all(name: &str) -> v1::AuthorizationPolicy {
+    v1::AuthorizationPolicy {
+        namespace: "shop".into(),
+        name: name.into(),
+        action: v1::AuthorizationAction::Deny as i32,
+        rules: vec![Default::default()],
+    }
+}
+
 #[test]
 fn a_workload_whose_policy_is_not_sent_is_kept_and_reported() {
     let mut web = workload("shop", "web-1", "web", "10.244.1.2", true);
@@ -454,21 +475,24 @@ fn a_workload_whose_policy_is_not_sent_is_kept_and_reported() {
     assert!(problem.to_string().contains("shop/deny-batch"), "{problem}");
     assert_eq!(uids(view.local_workloads()), ["shop/web-1"]);
 
-    // Unless the control plane said the policy is invalid and left out.
-    update.local_workloads[0].invalid_authorization_policies = vec!["shop/deny-batch".into()];
-    applied(&update);
-
-    update.local_workloads[0]
-        .invalid_authorization_policies
-        .clear();
-    update.authorization_policies = vec![v1::AuthorizationPolicy {
-        namespace: "shop".into(),
-        name: "deny-batch".into(),
-        action: v1::AuthorizationAction::Deny as i32,
-        rules: vec![Default::default()],
-    }];
+    update.authorization_policies = vec![deny_all("deny-batch")];
     let view = applied(&update);
     assert_eq!(view.authorization_policies().len(), 1);
+
+    // A delta that removes the policy while web still refers to it: said.
+    let removal = v1::ConfigUpdate {
+        version: 2,
+        removed_authorization_policies: vec!["shop/deny-batch".into()],
+        ..Default::default()
+    };
+    let (_, problem) = refused_entry(Some(&view), &removal);
+    assert!(problem.to_string().contains("shop/web-1"), "{problem}");
+
+    // An invalid policy comes with a stand-in under its key: nothing to say.
+    update.local_workloads[0].invalid_authorization_policies = vec!["shop/deny-batch".into()];
+    let view = applied(&update);
+    let web = &view.local_workloads()["shop/web-1"];
+    assert_eq!(web.invalid_authorization_policies, ["shop/deny-batch"]);
 }
 
 #[test]
@@ -571,6 +595,16 @@ fn a_nonsensical_traffic_policy_is_refused() {
     let nonsense = [
         v1::TrafficPolicy {
             mode: 7,
+            ..v1::TrafficPolicy::default()
+        },
+        v1::TrafficPolicy {
+            idle_timeout_ms: u64::MAX,
+            ..v1::TrafficPolicy::default()
+        },
+        v1::TrafficPolicy {
+            outlier_consecutive_failures: 1,
+            outlier_base_ejection_ms: 1,
+            outlier_max_ejection_ms: u64::MAX,
             ..v1::TrafficPolicy::default()
         },
         v1::TrafficPolicy {
