@@ -560,7 +560,8 @@ fn a_weft_object_the_api_server_would_refuse_is_refused_naming_the_field() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
         problems[0].contains(
-            "TrafficPolicy shop/tp: spec.retries.attempts: 6 is greater than the maximum of 5"
+            "TrafficPolicy shop/tp: spec.retries.attempts: Invalid value: 6: \
+             spec.retries.attempts in body should be less than or equal to 5"
         ),
         "{problems:?}"
     );

@@ -316,7 +316,8 @@ fn a_malformed_manifest_is_reported_and_nothing_is_lost() {
     let before = uids(&dump(&mesh, &testbed, "node-1"), "remote_workloads");
 
     // extra.yaml gets a broken second document; a new file is not YAML at all.
-    let broken = format!("{EXTRA_POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: bad}}\n");
+    let broken =
+        format!("{EXTRA_POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{namespace: shop}}\n");
     mesh.write_manifest("extra.yaml", &broken).unwrap();
     mesh.write_manifest("garbage.yaml", "kind: [unclosed")
         .unwrap();

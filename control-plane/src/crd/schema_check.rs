@@ -53,7 +53,8 @@ pub fn check_against_crd(object: &Value) -> Result<(), String> {
         .take(MAX_ERRORS)
         .map(|error| {
             let path = field_path(&error.instance_path().to_string());
-            format!("{path}: {error}")
+            api_server_message(&path, error.instance(), error.kind())
+                .unwrap_or_else(|| format!("{}: {error}", shown_path(&path)))
         })
         .collect();
     if problems.is_empty() {
@@ -61,6 +62,121 @@ pub fn check_against_crd(object: &Value) -> Result<(), String> {
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// The API server's (and `kubectl apply`'s) wording for a schema violation
+/// at `path` by `value`, so that a manifest refused here reads as it would
+/// have on a cluster. `None` for kinds of violation weft's schemas do not
+/// produce.
+fn api_server_message(
+    path: &str,
+    value: &Value,
+    kind: &jsonschema::error::ValidationErrorKind,
+) -> Option<String> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let shown = value.to_string();
+    let child = |name: &str| {
+        if path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    let quoted = |list: &[Value]| {
+        list.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Some(match kind {
+        Kind::Maximum { limit } => {
+            format!(
+                "{path}: Invalid value: {shown}: {path} in body should be less than or equal to {}",
+                number(limit)
+            )
+        }
+        Kind::Minimum { limit } => {
+            format!(
+                "{path}: Invalid value: {shown}: {path} in body should be greater than or equal to {}",
+                number(limit)
+            )
+        }
+        Kind::Pattern { pattern } => {
+            format!("{path}: Invalid value: {shown}: {path} in body should match '{pattern}'")
+        }
+        Kind::Enum { options } => format!(
+            "{path}: Unsupported value: {shown}: supported values: {}",
+            quoted(options.as_array().map(Vec::as_slice).unwrap_or_default())
+        ),
+        Kind::Required { property } => {
+            format!("{}: Required value", child(property.as_str().unwrap_or("")))
+        }
+        Kind::AdditionalProperties { unexpected } => unexpected
+            .iter()
+            .map(|name| format!("unknown field \"{}\"", child(name)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Kind::MaxItems { limit } => {
+            let count = value.as_array().map_or(0, Vec::len);
+            format!("{path}: Too many: {count}: must have at most {limit} items")
+        }
+        Kind::MinItems { limit } => {
+            format!(
+                "{path}: Invalid value: {shown}: {path} in body should have at least {limit} items"
+            )
+        }
+        Kind::MaxLength { limit } => {
+            format!("{path}: Too long: may not be more than {limit} bytes")
+        }
+        Kind::MinLength { limit } => {
+            format!(
+                "{path}: Invalid value: {shown}: {path} in body should be at least {limit} chars long"
+            )
+        }
+        Kind::MaxProperties { limit } => {
+            format!("{path}: Too many: must have at most {limit} items")
+        }
+        Kind::MinProperties { limit } => {
+            format!("{path}: Invalid value: {path} in body should have at least {limit} properties")
+        }
+        Kind::Type { kind } => {
+            let actual = match value {
+                Value::Null => "null",
+                Value::Bool(_) => "boolean",
+                Value::Number(_) => "number",
+                Value::String(_) => "string",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+            };
+            let expected = match kind {
+                jsonschema::error::TypeKind::Single(expected) => expected.to_string(),
+                // A nullable field: the type besides null.
+                jsonschema::error::TypeKind::Multiple(types) => types
+                    .iter()
+                    .map(|t| t.to_string())
+                    .filter(|t| t != "null")
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            };
+            format!(
+                "{path}: Invalid value: \"{actual}\": {path} in body must be of type {expected}: {shown}"
+            )
+        }
+        _ => return None,
+    })
+}
+
+/// A number as the API server prints a schema's bound: `5`, not `5.0`.
+fn number(value: &Value) -> String {
+    match value.as_f64() {
+        Some(n) if n.fract() == 0.0 && n.abs() < 1e15 => format!("{}", n as i64),
+        _ => value.to_string(),
+    }
+}
+
+/// A field path for a message: the object itself has none.
+fn shown_path(path: &str) -> &str {
+    if path.is_empty() { "<object>" } else { path }
 }
 
 /// `/spec/rules/0/to/ports/1` → `spec.rules[0].to.ports[1]`.
@@ -77,11 +193,7 @@ fn field_path(pointer: &str) -> String {
             path.push_str(&segment);
         }
     }
-    if path.is_empty() {
-        "<object>".to_owned()
-    } else {
-        path
-    }
+    path
 }
 
 /// An OpenAPI v3 structural schema as plain JSON Schema: `nullable` becomes
@@ -152,26 +264,33 @@ mod tests {
         let cases = [
             (
                 json!({"service": "db", "retries": {"attempts": 6}}),
-                "spec.retries.attempts: ",
-            ),
-            (json!({"service": "Bad_Name"}), "spec.service: "),
-            (
-                json!({"service": "db", "connectTimeout": "5 minutes"}),
-                "spec.connectTimeout: ",
-            ),
-            (json!({"service": "db", "acton": "x"}), "spec: "),
-            (
-                json!({"retries": {}}),
-                "spec: \"service\" is a required property",
+                "spec.retries.attempts: Invalid value: 6: spec.retries.attempts in body should be less than or equal to 5",
             ),
             (
-                json!({"service": "db", "split": [{"service": "a", "weight": 1001}]}),
-                "spec.split[0].weight: ",
+                json!({"service": "Bad_Name"}),
+                "spec.service: Invalid value: \"Bad_Name\": spec.service in body should match '^[a-z]([-a-z0-9]*[a-z0-9])?$'",
+            ),
+            (
+                json!({"service": "db", "acton": "x"}),
+                "unknown field \"spec.acton\"",
+            ),
+            (json!({"retries": {}}), "spec.service: Required value"),
+            (
+                json!({"service": "db", "maxConnections": "many"}),
+                "spec.maxConnections: Invalid value: \"string\": spec.maxConnections in body must be of type integer: \"many\"",
+            ),
+            (
+                json!({"service": "db", "loadBalancing": {"mode": "RANDOM"}}),
+                "spec.loadBalancing.mode: Unsupported value: \"RANDOM\": supported values: \"ROUND_ROBIN\", \"LEAST_CONNECTIONS\", \"POWER_OF_TWO_CHOICES\"",
+            ),
+            (
+                json!({"service": "db", "split": (0..17).map(|i| json!({"service": format!("s{i}"), "weight": 1})).collect::<Vec<_>>()}),
+                "spec.split: Too many: 17: must have at most 16 items",
             ),
         ];
-        for (spec, field) in cases {
+        for (spec, message) in cases {
             let error = check_against_crd(&traffic(spec.clone())).unwrap_err();
-            assert!(error.contains(field), "{spec}: {error}");
+            assert!(error.contains(message), "{spec}: {error}");
         }
         let authz = json!({
             "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
@@ -179,7 +298,10 @@ mod tests {
             "spec": {"rules": [{"to": {"ports": [1, 70000]}}]},
         });
         let error = check_against_crd(&authz).unwrap_err();
-        assert!(error.starts_with("spec.rules[0].to.ports[1]: "), "{error}");
+        assert!(
+            error.starts_with("spec.rules[0].to.ports[1]: Invalid value: 70000: "),
+            "{error}"
+        );
         // Other kinds are not this module's business.
         assert_eq!(
             check_against_crd(&json!({"kind": "Pod", "spec": {"x": 1}})),
@@ -193,7 +315,7 @@ mod tests {
             field_path("/spec/rules/0/to/ports/12"),
             "spec.rules[0].to.ports[12]"
         );
-        assert_eq!(field_path(""), "<object>");
+        assert_eq!(field_path(""), "");
         assert_eq!(field_path("/metadata/labels/a~1b"), "metadata.labels.a/b");
     }
 }
