@@ -13,6 +13,25 @@ mkdir -p "$WEFT_CACHE"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Keeps the build cache from filling the disk. Every change to a crate
+# leaves its old test executables (about 150 MB each with debug info) and
+# incremental-compilation directories behind under new hashes; of each
+# name, the three newest survive (a crate's lib and bin unit tests share a
+# name, and so do two crates' test files of one name), the rest belong to
+# builds that will never run again.
+prune_stale_builds() {
+    local dir
+    for dir in "$CARGO_TARGET_DIR"/{debug,release}/{deps,incremental}; do
+        [[ -d "$dir" ]] || continue
+        find "$dir" -mindepth 1 -maxdepth 1 \( -type d -o \( -type f ! -name '*.*' \) \) \
+            -printf '%T@ %f\n' |
+            sort -rn |
+            awk '{ name = $2; sub(/-[0-9a-z]+$/, "", name); if (++seen[name] > 3) print $2 }' |
+            while read -r stale; do rm -rf -- "${dir:?}/$stale"; done
+    done
+    echo "build cache: $(du -sh "$CARGO_TARGET_DIR" 2>/dev/null | cut -f1) in $CARGO_TARGET_DIR"
+}
+
 step "toolchain"
 for tool in cargo rustfmt cargo-clippy; do
     command -v "$tool" >/dev/null || {
@@ -37,6 +56,9 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "the end-to-end tests create network namespaces: run as root" >&2
     exit 1
 fi
+
+step "prune stale builds from the cache"
+prune_stale_builds
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
