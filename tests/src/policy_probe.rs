@@ -60,6 +60,17 @@ pub fn echoes(testbed: &Testbed, from: &str, to: SocketAddr) -> bool {
     echo_round_trip(&mut stream, b"ping").is_ok_and(|echoed| echoed == b"ping")
 }
 
+/// A DENY policy that refuses `shop/batch` at the `db` pods.
+pub const DENY_BATCH_TO_DB: &str = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-batch, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/batch\"]}
+";
+
 /// Waits until `from` reaches `to` (or is refused), as a policy change
 /// takes effect; panics naming the connection if it never does.
 pub fn wait_for_reach(testbed: &Testbed, from: &str, to: SocketAddr, reachable: bool) {

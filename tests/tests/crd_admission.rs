@@ -12,15 +12,7 @@ use weft_testbed::kube_cluster::{apply_object, apply_objects, install_crds};
 /// ones are refused with a message that names the field.
 #[tokio::test(flavor = "multi_thread")]
 async fn policies_are_validated_by_the_api_server() {
-    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
-    let client = api.client().await.unwrap();
-    install_crds(&client).await.unwrap();
-    apply_objects(
-        &client,
-        &[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})],
-    )
-    .await
-    .unwrap();
+    let (_api, client) = api_with_weft_crds().await;
 
     for object in [
         authz(json!({})),
@@ -211,6 +203,20 @@ async fn policies_are_validated_by_the_api_server() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// A real API server with weft's CRDs and namespace `shop`.
+async fn api_with_weft_crds() -> (KubeApiServer, kube::Client) {
+    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
+    let client = api.client().await.unwrap();
+    install_crds(&client).await.unwrap();
+    apply_objects(
+        &client,
+        &[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})],
+    )
+    .await
+    .unwrap();
+    (api, client)
+}
+
 fn authz(spec: Value) -> Value {
     policy("AuthorizationPolicy", "authz", spec)
 }
@@ -243,15 +249,7 @@ fn policy(kind: &str, name: &str, spec: Value) -> Value {
 /// strayed outside the schema is caught by the API server's refusal.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_object_the_crd_admits_converts_for_the_proxy() {
-    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
-    let client = api.client().await.unwrap();
-    install_crds(&client).await.unwrap();
-    apply_objects(
-        &client,
-        &[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})],
-    )
-    .await
-    .unwrap();
+    let (_api, client) = api_with_weft_crds().await;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x3eef);
     let mut objects = generated::boundaries();

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 
 use serde_json::Value;
 use weft_testbed::{
-    CONFIG_WAIT, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, echoes, shop_pod, wait_until,
+    CONFIG_WAIT, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, echoes, shop_pod,
+    wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop); node-2: db-1 (meshed, shop,
@@ -55,15 +56,7 @@ spec:
   outlierDetection: {consecutiveFailures: 1, baseEjectionTime: 0s}
 ";
 
-const DENY_BATCH: &str = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: no-batch, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: DENY
-  rules:
-  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/batch\"]}
-";
+const DENY_BATCH: &str = DENY_BATCH_TO_DB;
 
 /// A mesh-wide DENY: it reaches every proxy (each has a pod it applies to).
 const MESH_DENY_BATCH: &str = "apiVersion: weft.dev/v1alpha1

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    ALLOW_WEB_TO_DB, CONFIG_WAIT, PodSpec, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, shop_pod,
-    wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, PodSpec, SHOP_DB_SERVICE, Target, Testbed,
+    WeftMesh, shop_pod, wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
@@ -245,15 +245,7 @@ fn an_open_connection_is_closed_when_a_deny_appears() {
         assert!(round_trip(stream));
     }
 
-    let deny = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: no-batch, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: DENY
-  rules:
-  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/batch\"]}
-";
+    let deny = DENY_BATCH_TO_DB;
     let strict = "apiVersion: weft.dev/v1alpha1
 kind: MtlsPolicy
 metadata: {name: strict, namespace: shop}

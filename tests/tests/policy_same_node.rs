@@ -9,8 +9,9 @@
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    ALLOW_WEB_TO_DB, CONFIG_WAIT, EchoServer, PodSpec, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
-    echo_round_trip, echoes, explain, metric_sum, shop_pod, wait_for_reach, wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, EchoServer, PodSpec, SHOP_DB_SERVICE, Target,
+    Testbed, WeftMesh, echo_round_trip, echoes, explain, metric_sum, shop_pod, wait_for_reach,
+    wait_until,
 };
 
 /// node-1: web-1, batch-1 and db-1 (meshed, shop) and old-1 (an unmeshed
@@ -181,15 +182,7 @@ fn an_open_same_node_connection_is_closed_when_a_deny_appears() {
     for stream in [&mut batch, &mut web] {
         assert_eq!(echo_round_trip(stream, b"ping").unwrap(), b"ping");
     }
-    let deny = "apiVersion: weft.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: no-batch, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: DENY
-  rules:
-  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/batch\"]}
-";
+    let deny = DENY_BATCH_TO_DB;
     mesh.write_manifest("deny.yaml", deny).unwrap();
     wait_until(CONFIG_WAIT, || {
         Ok(echo_round_trip(&mut batch, b"ping").is_err())
