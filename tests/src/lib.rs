@@ -114,8 +114,8 @@ pub use manifests::MESH_LABEL;
 pub use netns::NETNS_PREFIX;
 pub use observe::{CONFIG_WAIT, sign_over, uids};
 pub use policy_probe::{
-    ALLOW_WEB_TO_DB, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, echoes, explain, metric_sum, shop_pod,
-    wait_for_reach,
+    ALLOW_WEB_TO_DB, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, echoes, explain, legacy_pod, metric_sum,
+    shop_pod, start_mesh_with_db_echo, wait_for_reach,
 };
 pub use process::Process;
 pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};

@@ -29,6 +29,26 @@ pub fn shop_pod<'a>(
     }
 }
 
+/// A pod outside the mesh: namespace `legacy`, ServiceAccount `default`.
+pub fn legacy_pod<'a>(node: &'a str, name: &'a str) -> PodSpec<'a> {
+    PodSpec {
+        node,
+        namespace: "legacy",
+        name,
+        meshed: false,
+        ..PodSpec::default()
+    }
+}
+
+/// Starts an echo server on `db-1`'s port 5432, then weft on `testbed`,
+/// and waits until its data plane serves.
+pub fn start_mesh_with_db_echo(testbed: &Testbed) -> Result<(WeftMesh, crate::EchoServer)> {
+    let server = testbed.start_echo_server(Target::Pod("db-1"), 5432)?;
+    let mesh = WeftMesh::start(testbed)?;
+    mesh.wait_for_data_plane(testbed)?;
+    Ok((mesh, server))
+}
+
 /// Service `shop/db` on port 5432, selecting the pods labelled `app: db`.
 pub const SHOP_DB_SERVICE: ServiceSpec<'static> = ServiceSpec {
     namespace: "shop",

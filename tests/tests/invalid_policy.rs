@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 
 use serde_json::Value;
 use weft_testbed::{
-    CONFIG_WAIT, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, echoes, shop_pod,
-    wait_until,
+    CONFIG_WAIT, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Testbed, WeftMesh, echoes, shop_pod, wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop); node-2: db-1 (meshed, shop,
@@ -24,11 +23,7 @@ fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
         .service(SHOP_DB_SERVICE)
         .build()
         .unwrap();
-    let server = testbed
-        .start_echo_server(Target::Pod("db-1"), 5432)
-        .unwrap();
-    let mesh = WeftMesh::start(&testbed).unwrap();
-    mesh.wait_for_data_plane(&testbed).unwrap();
+    let (mesh, server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
     (testbed, mesh, server)
 }
 

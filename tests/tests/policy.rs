@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, PodSpec, SHOP_DB_SERVICE, Target, Testbed,
-    WeftMesh, shop_pod, wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
+    shop_pod, wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
@@ -20,13 +20,7 @@ fn cluster() -> Testbed {
         .node("node-2")
         .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
         .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
-        .pod(PodSpec {
-            node: "node-1",
-            namespace: "legacy",
-            name: "old-1",
-            meshed: false,
-            ..PodSpec::default()
-        })
+        .pod(weft_testbed::legacy_pod("node-1", "old-1"))
         .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
         .service(SHOP_DB_SERVICE)
         .build()
@@ -50,11 +44,7 @@ fn wait_for_reach(testbed: &Testbed, from: &str, reachable: bool) {
 
 fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
     let testbed = cluster();
-    let server = testbed
-        .start_echo_server(Target::Pod("db-1"), 5432)
-        .unwrap();
-    let mesh = WeftMesh::start(&testbed).unwrap();
-    mesh.wait_for_data_plane(&testbed).unwrap();
+    let (mesh, server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
     (testbed, mesh, server)
 }
 

@@ -9,9 +9,8 @@
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, EchoServer, PodSpec, SHOP_DB_SERVICE, Target,
-    Testbed, WeftMesh, echo_round_trip, echoes, explain, metric_sum, shop_pod, wait_for_reach,
-    wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, EchoServer, SHOP_DB_SERVICE, Target, Testbed,
+    WeftMesh, echo_round_trip, echoes, explain, metric_sum, shop_pod, wait_for_reach, wait_until,
 };
 
 /// node-1: web-1, batch-1 and db-1 (meshed, shop) and old-1 (an unmeshed
@@ -24,13 +23,7 @@ fn start() -> (Testbed, WeftMesh, Vec<EchoServer>) {
         .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
         .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
         .pod(shop_pod("node-1", "db-1", "db", &[("app", "db")]))
-        .pod(PodSpec {
-            node: "node-1",
-            namespace: "legacy",
-            name: "old-1",
-            meshed: false,
-            ..PodSpec::default()
-        })
+        .pod(weft_testbed::legacy_pod("node-1", "old-1"))
         .pod(shop_pod("node-2", "db-2", "db", &[("app", "db")]))
         .service(SHOP_DB_SERVICE)
         .build()
