@@ -28,3 +28,15 @@ pub enum Error {
         problem: String,
     },
 }
+
+impl Error {
+    /// The field and the problem, without the object's name: what an
+    /// object's own status says about it (`outlierDetection.baseEjectionTime:
+    /// must be longer than 0s`).
+    pub fn field_problem(&self) -> String {
+        match self {
+            Error::InvalidAuthorizationPolicy { field, problem, .. }
+            | Error::InvalidTrafficPolicy { field, problem, .. } => format!("{field}: {problem}"),
+        }
+    }
+}

@@ -14,6 +14,10 @@ use crate::crd::{AuthorizationPolicy, MtlsPolicy, TrafficPolicy};
 /// `apiVersion` of weft's own kinds.
 const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
 
+/// The annotation the kubelet puts on the API server's mirror of a static
+/// pod (one defined by a file on the node, not by the API).
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// `<namespace>/<name>`, or just `<name>` for cluster-scoped objects.
 pub type ObjectKey = String;
 

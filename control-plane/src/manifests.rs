@@ -237,7 +237,7 @@ fn apply_defaults(mut document: Value) -> Value {
         let mirror = object
             .get("metadata")
             .and_then(|m| m.get("annotations"))
-            .and_then(|a| a.get("kubernetes.io/config.mirror"))
+            .and_then(|a| a.get(crate::cluster::MIRROR_POD_ANNOTATION))
             .is_some();
         if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
             && !mirror

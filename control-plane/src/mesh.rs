@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::v1 as pb;
 use weft_certs::Identity;
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, MIRROR_POD_ANNOTATION};
 use crate::policy;
 
 /// The label that turns the mesh on for a namespace, or on or off for a pod.
@@ -84,10 +84,6 @@ impl Mesh {
         })
     }
 }
-
-/// The annotation the kubelet puts on the API server's mirror of a static
-/// pod (one defined by a file on the node, not by the API).
-const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// Why a pod gets no identity, if it gets none: a static pod's mirror (its
 /// spec comes from a node's disk, so the node, not the API, says who it

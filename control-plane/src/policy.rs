@@ -163,13 +163,8 @@ pub fn mtls_mode_of(
 /// problem.
 pub fn to_checked_wire(policy: &AuthorizationPolicy) -> Result<pb::AuthorizationPolicy, String> {
     let wire = to_wire(policy);
-    match weft_api::authorization::Policy::compile(&wire) {
-        Ok(_) => Ok(wire),
-        Err(weft_api::Error::InvalidAuthorizationPolicy { field, problem, .. }) => {
-            Err(format!("{field}: {problem}"))
-        }
-        Err(other) => Err(other.to_string()),
-    }
+    weft_api::authorization::Policy::compile(&wire).map_err(|e| e.field_problem())?;
+    Ok(wire)
 }
 
 /// The stand-in for an invalid ALLOW or DENY: a DENY that matches every

@@ -114,12 +114,7 @@ pub fn to_wire(
         // refuse it, it would silently ignore what the operator asked for.
         return Err("outlierDetection.consecutiveFailures: must be at least 1".to_owned());
     }
-    weft_api::traffic::TrafficPolicy::from_wire(namespace, &wire).map_err(|error| match error {
-        weft_api::Error::InvalidTrafficPolicy { field, problem, .. } => {
-            format!("{field}: {problem}")
-        }
-        other => other.to_string(),
-    })?;
+    weft_api::traffic::TrafficPolicy::from_wire(namespace, &wire).map_err(|e| e.field_problem())?;
     Ok(wire)
 }
 

@@ -274,18 +274,17 @@ async fn connect(
                 (Some(_), Some(_)) => Security::NodeLocal,
                 _ => Security::None,
             };
-            let gate = local_destination.map(|workload| {
-                let principal = meshed_source.map(|w| w.identity.to_string());
+            let principal = local_destination
+                .and(meshed_source)
+                .map(|w| w.identity.to_string());
+            let request = local_destination.map(|workload| {
                 let path = if principal.is_some() {
                     Path::NodeLocal
                 } else {
                     Path::Plaintext
                 };
-                (workload, path, principal)
-            });
-            let request = gate.as_ref().map(|(workload, path, principal)| {
                 let request = GateRequest {
-                    path: *path,
+                    path,
                     principal: principal.as_deref(),
                     source: client_addr,
                     destination: route.target,

@@ -82,15 +82,8 @@ impl InboundRegistry {
         if current.version == decided_on {
             return Ok(registration);
         }
-        let decision = match current.local_workload(request.destination.ip()) {
-            Some(workload) => {
-                let decision = gate::decide(&current, workload, request);
-                let what = "inbound connection denied by a config applied while it opened";
-                gate::record(metrics, &decision, workload, request, what);
-                decision
-            }
-            None => gone(),
-        };
+        let what = "inbound connection denied by a config applied while it opened";
+        let decision = decide_again(&current, metrics, request, what);
         if decision.allowed() {
             Ok(registration)
         } else {
@@ -146,23 +139,8 @@ impl InboundRegistry {
                 destination: connection.destination,
             };
             let what = "closing an open connection after a policy change";
-            match routes.local_workload(connection.destination.ip()) {
-                Some(workload) => {
-                    let decision = gate::decide(routes, workload, &request);
-                    if decision.allowed() {
-                        continue;
-                    }
-                    gate::record(metrics, &decision, workload, &request, what);
-                }
-                // Deleted pods take their connections along; a pod that
-                // is still there but left the config (its entry refused,
-                // say) is no longer vouched for.
-                None => warn!(
-                    source = %connection.source,
-                    destination = %connection.destination,
-                    "{what}: {}",
-                    gone()
-                ),
+            if decide_again(routes, metrics, &request, what).allowed() {
+                continue;
             }
             let _ = connection.upstream.shutdown(Shutdown::Both);
             closed += 1;
@@ -181,11 +159,29 @@ impl InboundRegistry {
     }
 }
 
-/// The decision for a connection whose pod is no longer in this node's
-/// config: refused.
-fn gone() -> Decision {
-    Decision {
-        outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
-        audits: Vec::new(),
+/// Decides an already admitted connection again on `routes`, and records a
+/// refusal (not the AUDIT matches, counted when it was admitted); `what`
+/// says what the refusal does. A connection whose pod is no longer in this
+/// node's config is refused: deleted pods take their connections along,
+/// and a pod still there but out of the config (its entry refused, say)
+/// is no longer vouched for.
+fn decide_again(
+    routes: &RouteTable,
+    metrics: &TrafficMetrics,
+    request: &GateRequest<'_>,
+    what: &str,
+) -> Decision {
+    let Some(workload) = routes.local_workload(request.destination.ip()) else {
+        let gone = Decision {
+            outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
+            audits: Vec::new(),
+        };
+        warn!(source = %request.source, destination = %request.destination, "{what}: {gone}");
+        return gone;
+    };
+    let decision = gate::decide(routes, workload, request);
+    if !decision.allowed() {
+        gate::record(metrics, &decision, workload, request, what);
     }
+    decision
 }
