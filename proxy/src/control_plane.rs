@@ -26,6 +26,11 @@ use crate::{Error, error_chain};
 const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 /// The longest delay before reconnecting.
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
+/// How often a proxy whose roots file does not exist yet looks for it: on
+/// Kubernetes it appears when the kubelet syncs the ConfigMap the control
+/// plane writes on its first start, and a proxy should connect right after,
+/// not after a backoff grown while it waited.
+const ROOTS_POLL: Duration = Duration::from_secs(1);
 /// How long to wait for the control plane to close a stream the proxy is
 /// leaving, so that the last Nack is delivered before the connection goes.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -70,6 +75,11 @@ pub struct ControlPlaneClient {
     max_message_bytes: usize,
     view: watch::Sender<Option<Arc<NodeView>>>,
     status: watch::Sender<ControlPlaneStatus>,
+}
+
+/// Whether `error` is the roots file not being there (yet).
+fn is_missing_roots(error: &Error) -> bool {
+    matches!(error, Error::ReadRoots { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
 impl ControlPlaneClient {
@@ -133,6 +143,13 @@ impl ControlPlaneClient {
                 }
                 status.last_error = Some(reason.clone());
             });
+            if is_missing_roots(&error) {
+                if attempt == 1 {
+                    warn!(reason = %reason, "waiting for the control-plane roots file");
+                }
+                tokio::time::sleep(ROOTS_POLL).await;
+                continue;
+            }
             let delay = backoff.next_delay();
             let serving = self.view.borrow().as_ref().map(|view| view.version());
             warn!(

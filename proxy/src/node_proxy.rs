@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::certificates::{CertificateMap, NodeCertificates};
@@ -49,12 +49,26 @@ impl NodeProxy {
         log_filter: Option<LogFilter>,
     ) -> Result<NodeProxy, Error> {
         let transport = Arc::new(ControlPlaneTransport::new(&config)?);
-        let roots = transport.load_roots().await?;
-        info!(
-            path = %config.root_cert.display(),
-            roots = roots.roots().len(),
-            "loaded the roots that authenticate the control plane"
-        );
+        match transport.load_roots().await {
+            Ok(roots) => info!(
+                path = %config.root_cert.display(),
+                roots = roots.roots().len(),
+                "loaded the roots that authenticate the control plane"
+            ),
+            // On Kubernetes the roots are a ConfigMap the control plane writes
+            // on its first start, mounted as optional: until it exists the
+            // file is missing. The client reads the file again for every
+            // connection attempt, so waiting is the client's backoff.
+            Err(Error::ReadRoots { path, source })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                warn!(
+                    path = %path.display(),
+                    "the control-plane roots are not there yet; connecting once they appear"
+                );
+            }
+            Err(e) => return Err(e),
+        }
         let listener = admin::bind(config.admin_addr)?;
         let admin_addr = listener.local_addr().map_err(|source| Error::BindAdmin {
             addr: config.admin_addr,

@@ -149,9 +149,10 @@ impl WeftMesh {
     /// Loads the testbed into `api` the way a cluster would hold it (weft's
     /// `deploy/` objects, a Node per node, the testbed's objects with pod
     /// status), then starts the control plane on the first node with
-    /// `--source kubernetes` as its own ServiceAccount, publishes its roots
-    /// to the proxies as the ConfigMap mount would, and starts a proxy per
-    /// node with a projected, pod-bound token.
+    /// `--source kubernetes` as its own ServiceAccount and a proxy per node
+    /// with a projected, pod-bound token, and publishes the roots to the
+    /// proxies as the ConfigMap mount would, once the control plane wrote
+    /// them (the proxies start without them, as on a cluster).
     pub async fn start_on_kubernetes(testbed: &Testbed, api: &KubeApiServer) -> Result<WeftMesh> {
         let client = api.client().await?;
         kube_cluster::install_weft(&client).await?;
@@ -192,11 +193,17 @@ impl WeftMesh {
         };
         std::fs::create_dir_all(&mesh.state_dir)?;
         tokio::task::block_in_place(|| mesh.start_control_plane(testbed))?;
-        let roots = kube_cluster::wait_for_roots(&client, STARTUP_TIMEOUT).await?;
-        std::fs::write(mesh.state_dir.join("root-cert.pem"), roots)?;
+        // As on a cluster, where the DaemonSet and the control plane start
+        // together: the proxies come up before the roots ConfigMap exists
+        // and must wait for its file to appear.
         for node in nodes {
             mesh.start_proxy(testbed, &node)?;
         }
+        let roots = kube_cluster::wait_for_roots(&client, STARTUP_TIMEOUT).await?;
+        let path = mesh.state_dir.join("root-cert.pem");
+        let partial = mesh.state_dir.join(".root-cert.pem.partial");
+        std::fs::write(&partial, roots)?;
+        std::fs::rename(&partial, &path)?;
         Ok(mesh)
     }
 
