@@ -1,11 +1,11 @@
-//! Turning a planned [`Topology`] into namespaces, veths, addresses, routes and
-//! sysctls. Nothing is created in the host's root namespace: every `ip` command runs
-//! with `-n <testbed namespace>`, and veth peers are created directly in their
-//! target namespace.
+//! Turning a planned [`Topology`] into namespaces, veths, bridges, addresses, routes
+//! and sysctls. Nothing is created in the host's root namespace: every `ip` command
+//! runs with `-n <testbed namespace>`, veth peers are created directly in their target
+//! namespace, and sysctls are written from inside the namespace they belong to.
 
 use anyhow::{Context, Result};
 
-use crate::topology::{BRIDGE, NODE_NETWORK, Topology};
+use crate::topology::{BRIDGE, NODE_NETWORK, POD_BRIDGE, PodNetwork, Topology};
 use crate::{cleanup, netns};
 
 /// Creates every namespace of `topology`. Each name is recorded in `created` (and
@@ -29,16 +29,23 @@ pub(crate) fn wire(topology: &Topology) -> Result<()> {
     for pod in &topology.pods {
         let node = &topology.nodes[pod.node];
         let gateway = node.pod_gateway;
-        netns::ip_batch(
-            &pod.netns,
-            &[
+        let commands = match topology.pod_network {
+            PodNetwork::PointToPoint => vec![
                 format!("addr add {}/32 dev eth0", pod.ip),
                 "link set eth0 up".to_owned(),
                 format!("route add {gateway} dev eth0 scope link"),
                 format!("route add default via {gateway} dev eth0"),
             ],
-        )
-        .with_context(|| format!("wiring pod {}", pod.name))?;
+            // The /24 brings the route to the node's other pods (and the
+            // gateway) on the link.
+            PodNetwork::Bridge => vec![
+                format!("addr add {}/{} dev eth0", pod.ip, node.pod_cidr.prefix_len),
+                "link set eth0 up".to_owned(),
+                format!("route add default via {gateway} dev eth0"),
+            ],
+        };
+        netns::ip_batch(&pod.netns, &commands)
+            .with_context(|| format!("wiring pod {}", pod.name))?;
     }
     Ok(())
 }
@@ -69,15 +76,32 @@ fn wire_node(topology: &Topology, index: usize) -> Result<()> {
         "link set eth0 up".to_owned(),
     ];
     let mut interfaces = vec!["lo".to_owned(), "eth0".to_owned()];
+    if topology.pod_network == PodNetwork::Bridge {
+        commands.push(format!("link add {POD_BRIDGE} type bridge"));
+        commands.push(format!(
+            "addr add {}/{} dev {POD_BRIDGE}",
+            node.pod_gateway, node.pod_cidr.prefix_len
+        ));
+        commands.push(format!("link set {POD_BRIDGE} up"));
+        interfaces.push(POD_BRIDGE.to_owned());
+    }
     for pod in topology.pods.iter().filter(|p| p.node == index) {
         let veth = &pod.node_veth;
         commands.push(format!(
             "link add {veth} type veth peer name eth0 netns {}",
             pod.netns
         ));
-        commands.push(format!("addr add {}/32 dev {veth}", node.pod_gateway));
-        commands.push(format!("link set {veth} up"));
-        commands.push(format!("route add {}/32 dev {veth}", pod.ip));
+        match topology.pod_network {
+            PodNetwork::PointToPoint => {
+                commands.push(format!("addr add {}/32 dev {veth}", node.pod_gateway));
+                commands.push(format!("link set {veth} up"));
+                commands.push(format!("route add {}/32 dev {veth}", pod.ip));
+            }
+            PodNetwork::Bridge => {
+                commands.push(format!("link set {veth} master {POD_BRIDGE}"));
+                commands.push(format!("link set {veth} up"));
+            }
+        }
         interfaces.push(veth.clone());
     }
     for other in topology.nodes.iter().filter(|n| n.name != node.name) {
@@ -96,6 +120,13 @@ fn wire_node(topology: &Topology, index: usize) -> Result<()> {
         .chain(interfaces)
     {
         sysctls.push((format!("ipv4/conf/{conf}/rp_filter"), "0"));
+    }
+    if topology.pod_network == PodNetwork::Bridge {
+        // Per namespace; set explicitly rather than trusting the default
+        // of a new namespace. The root namespace's is never touched.
+        for family in ["iptables", "ip6tables"] {
+            sysctls.push((format!("bridge/bridge-nf-call-{family}"), "1"));
+        }
     }
     netns::set_sysctls(&node.netns, &sysctls)
         .with_context(|| format!("setting sysctls on node {}", node.name))

@@ -12,7 +12,9 @@ use tempfile::TempDir;
 
 use crate::echo::EchoServer;
 use crate::process::{self, Process, TrackedProcess};
-use crate::topology::{Ipv4Cidr, PodDecl, PodSpec, ServiceDecl, ServiceSpec, Target, Topology};
+use crate::topology::{
+    Ipv4Cidr, PodDecl, PodNetwork, PodSpec, ServiceDecl, ServiceSpec, Target, Topology,
+};
 use crate::{cleanup, manifests, netns, network};
 
 /// Declares nodes, pods and services; [`TestbedBuilder::build`] creates them.
@@ -21,6 +23,7 @@ pub struct TestbedBuilder {
     nodes: Vec<String>,
     pods: Vec<PodDecl>,
     services: Vec<ServiceDecl>,
+    pod_network: PodNetwork,
 }
 
 impl TestbedBuilder {
@@ -43,6 +46,14 @@ impl TestbedBuilder {
         self
     }
 
+    /// Wires every node's pods as `pod_network` says (the CNI the testbed
+    /// plays); [`PodNetwork::PointToPoint`] unless set. Addresses are the
+    /// same either way.
+    pub fn pod_network(mut self, pod_network: PodNetwork) -> Self {
+        self.pod_network = pod_network;
+        self
+    }
+
     /// Sweeps namespaces left by dead runs, then creates and wires every namespace.
     /// On failure, whatever was created is deleted again.
     pub fn build(self) -> Result<Testbed> {
@@ -50,7 +61,8 @@ impl TestbedBuilder {
         cleanup::sweep_stale();
 
         let prefix = netns::unique_prefix();
-        let topology = Topology::plan(&prefix, &self.nodes, &self.pods, &self.services)?;
+        let topology = Topology::plan(&prefix, &self.nodes, &self.pods, &self.services)?
+            .with_pod_network(self.pod_network);
 
         let dir = tempfile::Builder::new()
             .prefix(&format!("weft-testbed-{prefix}-"))
@@ -71,6 +83,7 @@ impl TestbedBuilder {
             prefix = testbed.prefix,
             nodes = testbed.topology.nodes.len(),
             pods = testbed.topology.pods.len(),
+            pod_network = ?testbed.topology.pod_network,
             "testbed ready"
         );
         Ok(testbed)
@@ -221,6 +234,17 @@ impl Testbed {
     /// The node's pod CIDR (`10.244.<n>.0/24`).
     pub fn pod_cidr(&self, node: &str) -> Result<Ipv4Cidr> {
         Ok(self.topology.node(node)?.pod_cidr)
+    }
+
+    /// The gateway of the node's pods (`10.244.<n>.1`), an address of the
+    /// node: its own connections to its pods come from it.
+    pub fn pod_gateway(&self, node: &str) -> Result<Ipv4Addr> {
+        Ok(self.topology.node(node)?.pod_gateway)
+    }
+
+    /// How the pods are wired to their nodes.
+    pub fn pod_network(&self) -> PodNetwork {
+        self.topology.pod_network
     }
 
     /// The service's ClusterIP (`10.96.1.<k>`); it exists only in the manifests.

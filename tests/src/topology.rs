@@ -86,6 +86,30 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
+/// How a node's pods are wired to it: the two shapes of CNI the testbed
+/// plays. Both give pod `k` of node `n` the IP `10.244.<n>.<k+2>` and a
+/// default route via `10.244.<n>.1`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// A veth per pod, routed by the node (as kindnet or Calico wire pods):
+    /// the pod's `eth0` has a `/32`, the node end of the veth `pod<k>`
+    /// carries the gateway address, and every packet between two pods,
+    /// also of one node, is routed by the node.
+    #[default]
+    PointToPoint,
+    /// The standard `bridge` CNI plugin: the node ends of the pods' veths
+    /// (`pod<k>`) are ports of a Linux bridge `cni0`, which carries the
+    /// gateway as `10.244.<n>.1/24`; the pod's `eth0` has a `/24`, so pods
+    /// of one node reach each other across the bridge without the node
+    /// routing them. br_netfilter's `net.bridge.bridge-nf-call-iptables`
+    /// (and `-ip6tables`) is set to 1 in the node namespace, as kube-proxy
+    /// needs it: bridged IPv4 frames pass the IP netfilter hooks.
+    Bridge,
+}
+
+/// Name of the pods' bridge in a node namespace, in [`PodNetwork::Bridge`].
+pub(crate) const POD_BRIDGE: &str = "cni0";
+
 /// Which network namespace to act in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target<'a> {
@@ -174,7 +198,8 @@ pub(crate) struct Pod {
     /// Index into [`Topology::nodes`].
     pub node: usize,
     pub netns: String,
-    /// Name of the node-side veth (`pod0`, `pod1`, ... per node).
+    /// Name of the node-side veth (`pod0`, `pod1`, ... per node); a port of
+    /// [`POD_BRIDGE`] in [`PodNetwork::Bridge`].
     pub node_veth: String,
     pub ip: Ipv4Addr,
 }
@@ -205,6 +230,9 @@ impl Service {
 /// The whole plan: every namespace name and address, before anything exists.
 #[derive(Debug, Clone)]
 pub(crate) struct Topology {
+    /// How pods are wired to their node ([`PodNetwork::PointToPoint`] from
+    /// [`Topology::plan`]; see [`Topology::with_pod_network`]).
+    pub pod_network: PodNetwork,
     pub fabric_netns: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
@@ -321,11 +349,21 @@ impl Topology {
         }
 
         Ok(Topology {
+            pod_network: PodNetwork::default(),
             fabric_netns: format!("{prefix}-fabric"),
             nodes: planned_nodes,
             pods: planned_pods,
             services: planned_services,
         })
+    }
+
+    /// The same plan with its pods wired as `pod_network` says; names and
+    /// addresses do not change.
+    pub fn with_pod_network(self, pod_network: PodNetwork) -> Topology {
+        Topology {
+            pod_network,
+            ..self
+        }
     }
 
     pub fn node(&self, name: &str) -> Result<&Node> {
@@ -442,6 +480,10 @@ pub(crate) mod tests {
         assert!(t.services[0].selects(t.pod("b").unwrap()));
         assert!(!t.services[0].selects(t.pod("c").unwrap()));
         assert_eq!(t.netns_of(Target::Pod("a")).unwrap(), "wft1x0-p-a");
+        assert_eq!(t.pod_network, PodNetwork::PointToPoint);
+        let bridged = t.with_pod_network(PodNetwork::Bridge);
+        assert_eq!(bridged.pod_network, PodNetwork::Bridge);
+        assert_eq!(bridged.pod("c").unwrap().ip, Ipv4Addr::new(10, 244, 2, 3));
     }
 
     #[test]

@@ -14,11 +14,22 @@
 //! - packets of the proxy's transparent sockets are delivered to them, also
 //!   after their pod left the mesh, and packets carrying the proxy's mark
 //!   are never steered;
-//! - what the node itself sends (kubelet probes) is never steered.
+//! - connections the node itself opens (kubelet probes, hostNetwork
+//!   clients) are never steered, their replies included: conntrack marks
+//!   them as the node's when they leave;
+//! - pods behind a Linux bridge (the `bridge` CNI) are captured too. With
+//!   br_netfilter on (`bridge-nf-call-iptables=1`, as kube-proxy needs),
+//!   so is TCP between two pods of the same bridge; with it off, such
+//!   frames never reach IP's hooks and pass uncaptured.
 //!
-//! The rule by rule account is with the table, in `ruleset.rs`. One
-//! limit: a connection a pod opened before it was meshed is reset, as its
-//! next packet is steered to a listener that does not know it.
+//! The rule by rule account is with the table, in `ruleset.rs`. Limits: a
+//! connection a pod opened before it was meshed is reset, as its next
+//! packet is steered to a listener that does not know it; and a connection
+//! that reaches a meshed pod past these rules (a DNAT to it after the
+//! prerouting hook, e.g. kube-proxy's for a ClusterIP or NodePort, by a
+//! client that is not the node) is not carried and does not work: the
+//! pod's replies are steered like any packet of a meshed pod, never let
+//! through in plaintext.
 //!
 //! This module programs the kernel and nothing else: it does not open the
 //! listeners, and it does not decide which pods are meshed.
@@ -57,6 +68,13 @@ use crate::sockets::{
 use command::{NetnsId, run};
 use routing::Family;
 
+/// The conntrack mark bit the capture sets on every TCP connection the
+/// node opens itself (in its `output` hook): replies to those connections
+/// are never steered. A conntrack mark, not a packet mark; it differs from
+/// [`CAPTURE_MARK`] and [`PROXY_MARK`] all the same, so that a component
+/// that copies conntrack marks to packets cannot turn it into either.
+pub const NODE_CONNECTION_MARK: u32 = 0x4;
+
 /// What the capture steers where, and the marks and routing it uses. The
 /// default is what the rest of weft expects (the constants in
 /// [`crate::sockets`]); change it only together with the listeners.
@@ -74,6 +92,9 @@ pub struct CaptureConfig {
     /// The bit the rules set to route a packet locally; must not overlap
     /// `proxy_mark`.
     pub capture_mark: u32,
+    /// The conntrack mark bit of the connections the node opens itself,
+    /// whose replies are never steered (see [`NODE_CONNECTION_MARK`]).
+    pub node_connection_mark: u32,
     /// The routing table holding `local default dev lo`.
     pub route_table: u32,
     /// Priority of the policy rule; must come before `main` (32766).
@@ -94,6 +115,7 @@ impl Default for CaptureConfig {
             hbone_port: HBONE_PORT,
             proxy_mark: PROXY_MARK,
             capture_mark: CAPTURE_MARK,
+            node_connection_mark: NODE_CONNECTION_MARK,
             route_table: CAPTURE_ROUTE_TABLE,
             rule_priority: CAPTURE_RULE_PRIORITY,
             ipv6: true,
@@ -118,8 +140,8 @@ impl CaptureConfig {
                 "the listener ports must be distinct and not 0, got {ports:?}"
             ));
         }
-        if self.capture_mark == 0 || self.proxy_mark == 0 {
-            return Some("the capture and proxy marks must not be 0".to_owned());
+        if self.capture_mark == 0 || self.proxy_mark == 0 || self.node_connection_mark == 0 {
+            return Some("the capture, proxy and node connection marks must not be 0".to_owned());
         }
         if self.capture_mark & self.proxy_mark != 0 {
             return Some(format!(
@@ -258,8 +280,10 @@ impl NodeCapture {
 
     /// Makes exactly `ips` the captured pods: adds the new ones to the
     /// sets and deletes the gone ones, in one nftables transaction. The
-    /// rules themselves are not reloaded, and connections already captured
-    /// for a pod that leaves keep going through the proxy until they end.
+    /// rules themselves are not reloaded (but for one chain, whose hook is
+    /// registered anew so that it keeps running ahead of br_netfilter's,
+    /// see `ruleset.rs`), and connections already captured for a pod that
+    /// leaves keep going through the proxy until they end.
     ///
     /// If the kernel's sets have diverged from what this `NodeCapture`
     /// last set (somebody edited them), the sets are rewritten whole.
@@ -275,7 +299,7 @@ impl NodeCapture {
         }
         let add: Vec<IpAddr> = wanted.difference(&self.meshed).copied().collect();
         let remove: Vec<IpAddr> = self.meshed.difference(&wanted).copied().collect();
-        let Some(script) = ruleset::update_script(&add, &remove) else {
+        let Some(script) = ruleset::update_script(&self.config, &add, &remove) else {
             return Ok(());
         };
         let operation = format!("{operation} (adding {add:?}, removing {remove:?})");
@@ -283,7 +307,7 @@ impl NodeCapture {
             tracing::warn!(%error, "rewriting the meshed pod sets whole");
             nft(
                 "rewriting the meshed pod sets",
-                &ruleset::rewrite_script(&wanted, self.config.ipv6),
+                &ruleset::rewrite_script(&self.config, &wanted),
             )?;
         }
         tracing::info!(added = ?add, removed = ?remove, "updated the meshed pods");

@@ -17,6 +17,18 @@ const MESHED_V4: &str = "meshed_v4";
 /// The set of meshed local pods' IPv6 addresses.
 const MESHED_V6: &str = "meshed_v6";
 
+/// The chain that steers again in br_netfilter's second pass (see
+/// [`table`]). It is the one chain [`reregister_script`] re-creates.
+const AFTER_BRIDGE: &str = "after_bridge";
+/// Its priority: br_netfilter's `ip_sabotage_in` sits at `NF_IP_PRI_FIRST`
+/// (`INT_MIN`) and skips every later prerouting hook in that pass, so this
+/// chain must be at the same priority and come first. Of two hooks at one
+/// priority, the one registered later runs first.
+const AFTER_BRIDGE_PRIORITY: i32 = i32::MIN;
+/// Just after the `dstnat` priority (-100), where kube-proxy translates
+/// ClusterIPs and NodePorts.
+const AFTER_DNAT_PRIORITY: i32 = -90;
+
 /// Replaces weft's table, whatever a crashed run left of it, with a fresh
 /// one holding empty sets, in one transaction: `nft -f` applies the whole
 /// script or nothing, so no packet ever sees half a ruleset. (Creating the
@@ -24,6 +36,7 @@ const MESHED_V6: &str = "meshed_v6";
 pub(super) fn install_script(config: &CaptureConfig) -> String {
     let mut script = format!("table {TABLE} {{}}\ndelete table {TABLE}\n");
     script.push_str(&table(config));
+    script.push_str(&after_bridge_chain(config));
     script
 }
 
@@ -32,10 +45,36 @@ pub(super) fn remove_script() -> String {
     format!("table {TABLE} {{}}\ndelete table {TABLE}\n")
 }
 
-/// Adds and removes meshed pods' IPs in one transaction; `None` when there
-/// is nothing to do. The caller guarantees that `add` holds no IP already
-/// in the sets and `remove` none that is missing: nft refuses both.
-pub(super) fn update_script(add: &[IpAddr], remove: &[IpAddr]) -> Option<String> {
+/// Adds and removes meshed pods' IPs, and re-registers the
+/// [`AFTER_BRIDGE`] chain (see [`reregister_script`]), in one transaction;
+/// `None` when there is nothing to do. The caller guarantees that `add`
+/// holds no IP already in the sets and `remove` none that is missing: nft
+/// refuses both.
+pub(super) fn update_script(
+    config: &CaptureConfig,
+    add: &[IpAddr],
+    remove: &[IpAddr],
+) -> Option<String> {
+    let elements = element_updates(add, remove);
+    (!elements.is_empty()).then(|| elements + &reregister_script(config))
+}
+
+/// Empties the sets and fills them with `meshed`, and re-registers the
+/// [`AFTER_BRIDGE`] chain, in one transaction: the way back when the sets
+/// are not what the caller thought they were.
+pub(super) fn rewrite_script(config: &CaptureConfig, meshed: &BTreeSet<IpAddr>) -> String {
+    let mut script = format!("flush set {TABLE} {MESHED_V4}\n");
+    if config.ipv6 {
+        let _ = writeln!(script, "flush set {TABLE} {MESHED_V6}");
+    }
+    let all: Vec<IpAddr> = meshed.iter().copied().collect();
+    script.push_str(&element_updates(&all, &[]));
+    script.push_str(&reregister_script(config));
+    script
+}
+
+/// `add element` / `delete element` lines, per family.
+fn element_updates(add: &[IpAddr], remove: &[IpAddr]) -> String {
     let mut script = String::new();
     for (verb, ips) in [("delete", remove), ("add", add)] {
         for (set, v4) in [(MESHED_V4, true), (MESHED_V6, false)] {
@@ -53,72 +92,192 @@ pub(super) fn update_script(add: &[IpAddr], remove: &[IpAddr]) -> Option<String>
             }
         }
     }
-    (!script.is_empty()).then_some(script)
-}
-
-/// Empties the sets and fills them with `meshed`, in one transaction: the
-/// way back when the sets are not what the caller thought they were.
-pub(super) fn rewrite_script(meshed: &BTreeSet<IpAddr>, ipv6: bool) -> String {
-    let mut script = format!("flush set {TABLE} {MESHED_V4}\n");
-    if ipv6 {
-        let _ = writeln!(script, "flush set {TABLE} {MESHED_V6}");
-    }
-    let all: Vec<IpAddr> = meshed.iter().copied().collect();
-    script.push_str(&update_script(&all, &[]).unwrap_or_default());
     script
 }
 
-/// The table: the sets, and one chain at the prerouting hook that, in
-/// order,
+/// Deletes and re-creates the [`AFTER_BRIDGE`] chain, which registers its
+/// hook anew. br_netfilter registers its hooks in a namespace when the
+/// first bridge appears there, which may be after the capture was
+/// installed (a fresh node gets its CNI bridge with its first pod); its
+/// `ip_sabotage_in` then runs first and the chain never sees the second
+/// pass. A pod is meshed only after its CNI set it up, so re-registering
+/// with every update puts the chain back in front before any pod on a new
+/// bridge is captured. Both hooks exist until the transaction commits:
+/// no packet passes between them. (The first line creates the chain if
+/// somebody deleted it, so that the delete succeeds.)
+fn reregister_script(config: &CaptureConfig) -> String {
+    format!(
+        "{}flush chain {TABLE} {AFTER_BRIDGE}\ndelete chain {TABLE} {AFTER_BRIDGE}\n{}",
+        after_bridge_declaration(),
+        after_bridge_chain(config)
+    )
+}
+
+/// `add chain` for the [`AFTER_BRIDGE`] chain, with its hook.
+fn after_bridge_declaration() -> String {
+    format!(
+        "add chain {TABLE} {AFTER_BRIDGE} {{ type filter hook prerouting \
+         priority {AFTER_BRIDGE_PRIORITY}; policy accept; }}\n"
+    )
+}
+
+/// The `tproxy` statement that hands a packet to the listener on `port`.
+fn tproxy(ip: &str, loopback: &str, port: u16) -> String {
+    format!("tproxy {ip} to {loopback}:{port}")
+}
+
+/// The IP families to write rules for: (`ip` or `ip6`, the set of meshed
+/// pods, the listeners' loopback address).
+fn families(config: &CaptureConfig) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut families = vec![("ip", MESHED_V4, "127.0.0.1")];
+    if config.ipv6 {
+        families.push(("ip6", MESHED_V6, "[::1]"));
+    }
+    families
+}
+
+/// The [`AFTER_BRIDGE`] chain as `add chain` and `add rule` commands (it
+/// is re-created alone, see [`reregister_script`]). It acts only on the
+/// packets the `prerouting` chain handed to the proxy (`capture_mark`) and
+/// that arrived through a bridge: it puts their destination back (see
+/// `restore_destination` in [`table`]) and hands them to the same
+/// listener, or to their established socket, again.
+fn after_bridge_chain(config: &CaptureConfig) -> String {
+    let capture = config.capture_mark;
+    let chain = format!("{TABLE} {AFTER_BRIDGE}");
+    let mut script = after_bridge_declaration();
+    let mut rules = vec![
+        format!("meta mark & {capture:#x} != {capture:#x} accept"),
+        "meta iifkind != \"bridge\" accept".to_owned(),
+        "meta l4proto != tcp accept".to_owned(),
+        "jump restore_destination".to_owned(),
+    ];
+    for (ip, set, loopback) in families(config) {
+        rules.push(format!(
+            "{ip} saddr @{set} meta l4proto tcp {} accept",
+            tproxy(ip, loopback, config.outbound_port)
+        ));
+        rules.push(format!(
+            "{ip} daddr @{set} tcp dport {} {} accept",
+            config.hbone_port,
+            tproxy(ip, loopback, config.hbone_port)
+        ));
+        rules.push(format!(
+            "{ip} daddr @{set} meta l4proto tcp {} accept",
+            tproxy(ip, loopback, config.inbound_plaintext_port)
+        ));
+    }
+    for rule in rules {
+        let _ = writeln!(script, "add rule {chain} {rule}");
+    }
+    script
+}
+
+/// The table: the sets, and these chains.
+///
+/// `prerouting` (at the mangle priority) decides. In order, it
 /// 1. lets everything but TCP through untouched;
 /// 2. lets the proxy's own packets (`proxy_mark`) through, never steered;
 /// 3. hands packets of the proxy's existing transparent sockets (replies to
 ///    [`connect_from`](crate::sockets::connect_from) connections, the rest
 ///    of captured connections) to local delivery: `capture_mark` makes the
 ///    policy rule route them to `lo`;
-/// 4. steers TCP leaving a meshed pod to the outbound listener, when it
+/// 4. lets through the replies to connections the node itself opened from
+///    one of its own addresses (kubelet probes, hostNetwork clients, the
+///    node's NodePort and ClusterIP clients, whose DNAT happens in its
+///    `output` hook): `output` marks those connections in conntrack
+///    (`node_connection_mark`) when their first packet leaves. Without
+///    this, a meshed pod's SYN-ACK to a probe matched rule 5, whose
+///    `tproxy` finds the node's socket, not transparent, and gives up, and
+///    the fail-closed drop below took it. Only conntrack's view is trusted,
+///    not addresses: only the node's own first packet makes such an entry,
+///    a pod's packet is a reply to it only when the pod answers the node,
+///    and `fib daddr type local` keeps the rule to packets delivered to the
+///    node itself (not to the proxy's transparent connections, which the
+///    output hook marks too, but from a pod's address), never forwarded
+///    to a pod. Connections that reach a pod without passing rule 6 or 7
+///    (DNAT by kube-proxy after this hook, for a pod's packets to a
+///    ClusterIP or NodePort) were opened in `prerouting`, not by the node:
+///    `prerouting_after_dnat` captures them to the inbound plaintext
+///    listener, so they meet the authorization gate like any other;
+/// 5. steers TCP leaving a meshed pod to the outbound listener, when it
 ///    arrived on the interface that leads to that pod (a reverse-path
 ///    check: nodes run with `rp_filter=0`, and nobody else may borrow a
 ///    meshed pod's IP, and with it its identity);
-/// 5. steers TCP to a meshed pod's HBONE port to the HBONE listener;
-/// 6. steers any other TCP to a meshed pod to the inbound plaintext
-///    listener.
+/// 6. steers TCP to a meshed pod's HBONE port to the HBONE listener;
+/// 7. steers any other TCP to a meshed pod to the inbound plaintext
+///    listener;
+/// 8. drops what 5 to 7 would have steered but could not (see below).
 ///
 /// Traffic from and to pods that are not in the sets matches nothing after
-/// rule 3, and the node's own traffic (kubelet probes) never passes the
-/// prerouting hook at all.
+/// rule 4.
+///
+/// The rest makes rules 3 and 5 to 7 work for pods behind a Linux bridge
+/// (the `bridge` CNI) with br_netfilter on (`bridge-nf-call-iptables=1`,
+/// which kube-proxy needs). br_netfilter runs the IP prerouting hooks
+/// while the frame is still in the bridge, with the bridge as `iif`; that
+/// is where `prerouting` sees the packet. `tproxy` assigns the listener's
+/// socket to the packet there, but when the bridge then passes the frame up
+/// to IP, `ip_rcv` orphans it ("because of tproxy") and br_netfilter's
+/// `ip_sabotage_in` skips every other prerouting hook: the SYN reaches TCP
+/// with no socket and is dropped. Frames between two pods of the bridge do
+/// not go up at all: the bridge forwards them, past the proxy. (Rule 5's
+/// reverse-path check holds in both passes, which see the bridge as
+/// `iif`; as without br_netfilter, it cannot tell apart the pods of one
+/// bridge.) So:
+/// - `hide_destination` (the end of rules 3 and 5 to 7, and of
+///   `prerouting_after_dnat`) overwrites the destination of every packet
+///   handed to the proxy with its source address. br_netfilter sees a
+///   changed destination, as after a DNAT, routes the packet
+///   (`capture_mark`: locally) and passes it up to IP instead of
+///   forwarding it in the bridge. Without a bridge it keeps kube-proxy's
+///   DNAT (priority dstnat, after this hook) from translating a meshed
+///   client's connection to a ClusterIP: the proxy's socket must see the
+///   destination the client dialled on every packet, or the handshake's
+///   ACK, looked up by the ClusterIP here, misses the socket TCP made from
+///   the translated SYN and is reset. Conntrack has already seen the
+///   packet, and the rewrite is undone before any socket sees it;
+/// - `after_bridge`, at priority `INT_MIN` ahead of `ip_sabotage_in` (see
+///   [`reregister_script`]), runs in that second pass: it restores the
+///   destination and hands the packet to its socket again;
+/// - `input` restores the destination of every other captured packet
+///   (one prerouting pass: no bridge, or a bridge without br_netfilter);
+/// - `restore_destination` takes the destination from conntrack, by the
+///   packet's direction: for the original direction, where replies come
+///   from (the pod a NodePort or ClusterIP was translated to, else the
+///   address dialled); a packet without a conntrack entry keeps the
+///   rewritten one and reaches no socket.
+///
+/// Fail closed: a tproxy finds no listener (the proxy is gone or not up
+/// yet) and the rule falls through. Without rule 8, a meshed pod's traffic
+/// would then flow in plaintext, past policy.
 fn table(config: &CaptureConfig) -> String {
     let capture = config.capture_mark;
     let proxy = config.proxy_mark;
-    let set_mark = format!("meta mark set meta mark | {capture:#x}");
+    let node = config.node_connection_mark;
+    let to_proxy = format!("meta mark set meta mark | {capture:#x} goto hide_destination");
     let mut chain = vec![
         "meta l4proto != tcp accept".to_owned(),
         format!("meta mark & {proxy:#x} == {proxy:#x} accept"),
-        format!("socket transparent 1 {set_mark} accept"),
+        format!("socket transparent 1 {to_proxy}"),
+        format!("ct direction reply ct mark & {node:#x} == {node:#x} fib daddr type local accept"),
     ];
-    let mut families = vec![("ip", MESHED_V4, "127.0.0.1")];
-    if config.ipv6 {
-        families.push(("ip6", MESHED_V6, "[::1]"));
-    }
+    let families = families(config);
     for &(ip, set, loopback) in &families {
-        let tproxy = |port: u16| format!("tproxy {ip} to {loopback}:{port} {set_mark} accept");
         chain.push(format!(
-            "{ip} saddr @{set} fib saddr . iif oif exists meta l4proto tcp {}",
-            tproxy(config.outbound_port)
+            "{ip} saddr @{set} fib saddr . iif oif exists meta l4proto tcp {} {to_proxy}",
+            tproxy(ip, loopback, config.outbound_port)
         ));
         chain.push(format!(
-            "{ip} daddr @{set} tcp dport {} {}",
+            "{ip} daddr @{set} tcp dport {} {} {to_proxy}",
             config.hbone_port,
-            tproxy(config.hbone_port)
+            tproxy(ip, loopback, config.hbone_port)
         ));
         chain.push(format!(
-            "{ip} daddr @{set} meta l4proto tcp {}",
-            tproxy(config.inbound_plaintext_port)
+            "{ip} daddr @{set} meta l4proto tcp {} {to_proxy}",
+            tproxy(ip, loopback, config.inbound_plaintext_port)
         ));
     }
-    // Fail closed: a tproxy finds no listener (the proxy is gone or not up
-    // yet) and the rule above falls through. Without these, a meshed pod's
-    // traffic would then flow in plaintext, past policy.
     for (ip, set, _) in &families {
         chain.push(format!(
             "{ip} saddr @{set} fib saddr . iif oif exists meta l4proto tcp drop"
@@ -126,17 +285,83 @@ fn table(config: &CaptureConfig) -> String {
         chain.push(format!("{ip} daddr @{set} meta l4proto tcp drop"));
     }
 
+    // After kube-proxy's DNAT (priority dstnat = -100): connections to a
+    // meshed pod that the chain above could not see as such, because they
+    // were addressed to a ClusterIP or a NodePort of this node. Those the
+    // chain above captured (a meshed client's) carry the capture mark.
+    let mut after_dnat = vec![
+        "meta l4proto != tcp accept".to_owned(),
+        format!("meta mark & {proxy:#x} == {proxy:#x} accept"),
+        format!("meta mark & {capture:#x} == {capture:#x} accept"),
+        "ct status & dnat == 0 accept".to_owned(),
+    ];
+    for &(ip, set, loopback) in &families {
+        after_dnat.push(format!(
+            "{ip} daddr @{set} meta l4proto tcp {} {to_proxy}",
+            tproxy(ip, loopback, config.inbound_plaintext_port)
+        ));
+        after_dnat.push(format!("{ip} daddr @{set} meta l4proto tcp drop"));
+    }
+
+    let mut hide_destination = Vec::new();
+    let mut restore = Vec::new();
+    for (ip, _, _) in &families {
+        hide_destination.push(format!("{ip} daddr set {ip} saddr accept"));
+        // The destination as the connection's replies come from it: for a
+        // connection kube-proxy DNAT'd (a ClusterIP, a NodePort) that is
+        // the pod, not the address the client dialled.
+        restore.push(format!(
+            "ct direction original {ip} daddr set ct reply {ip} saddr return"
+        ));
+        restore.push(format!(
+            "ct direction reply {ip} daddr set ct reply {ip} daddr return"
+        ));
+    }
+
     let mut table = format!("table {TABLE} {{\n");
     let _ = writeln!(table, "\tset {MESHED_V4} {{\n\t\ttype ipv4_addr\n\t}}");
     if config.ipv6 {
         let _ = writeln!(table, "\tset {MESHED_V6} {{\n\t\ttype ipv6_addr\n\t}}");
     }
-    table.push_str("\tchain prerouting {\n");
-    table.push_str("\t\ttype filter hook prerouting priority mangle; policy accept;\n");
-    for rule in chain {
-        let _ = writeln!(table, "\t\t{rule}");
+    let base = |hook: &str| format!("type filter hook {hook} priority mangle; policy accept;");
+    let chains = [
+        ("prerouting", Some(base("prerouting")), chain),
+        (
+            "prerouting_after_dnat",
+            Some(format!(
+                "type filter hook prerouting priority {AFTER_DNAT_PRIORITY}; policy accept;"
+            )),
+            after_dnat,
+        ),
+        ("hide_destination", None, hide_destination),
+        ("restore_destination", None, restore),
+        (
+            "input",
+            Some(base("input")),
+            vec![format!(
+                "meta mark & {capture:#x} == {capture:#x} meta l4proto tcp \
+                 jump restore_destination"
+            )],
+        ),
+        (
+            "output",
+            Some(base("output")),
+            vec![format!(
+                "meta l4proto tcp ct state new ct mark set ct mark | {node:#x}"
+            )],
+        ),
+    ];
+    for (name, hook, rules) in chains {
+        let _ = writeln!(table, "\tchain {name} {{");
+        if let Some(hook) = hook {
+            let _ = writeln!(table, "\t\t{hook}");
+        }
+        for rule in rules {
+            let _ = writeln!(table, "\t\t{rule}");
+        }
+        table.push_str("\t}\n");
     }
-    table.push_str("\t}\n}\n");
+    table.push_str("}\n");
     table
 }
 
@@ -148,35 +373,155 @@ mod tests {
         text.parse().expect("a literal IP address")
     }
 
+    /// The rules of `chain` in `script`, in order, as written by [`table`].
+    fn chain_rules<'a>(script: &'a str, chain: &str) -> Vec<&'a str> {
+        let start = script
+            .find(&format!("\tchain {chain} {{\n"))
+            .unwrap_or_else(|| panic!("no chain {chain}:\n{script}"));
+        script[start..]
+            .lines()
+            .skip(1)
+            .take_while(|line| *line != "\t}")
+            .map(str::trim)
+            .filter(|line| !line.starts_with("type "))
+            .collect()
+    }
+
+    const TO_PROXY: &str = "meta mark set meta mark | 0x1 goto hide_destination";
+
     #[test]
     fn the_default_table_steers_meshed_pods_to_the_three_listeners() {
         let script = install_script(&CaptureConfig::default());
         assert!(script.starts_with("table inet weft {}\ndelete table inet weft\n"));
-        for rule in [
-            "meta l4proto != tcp accept",
-            "meta mark & 0x2 == 0x2 accept",
-            "socket transparent 1 meta mark set meta mark | 0x1 accept",
-            "ip saddr @meshed_v4 fib saddr . iif oif exists meta l4proto tcp \
-             tproxy ip to 127.0.0.1:15001 meta mark set meta mark | 0x1 accept",
-            "ip daddr @meshed_v4 tcp dport 15008 \
-             tproxy ip to 127.0.0.1:15008 meta mark set meta mark | 0x1 accept",
-            "ip daddr @meshed_v4 meta l4proto tcp \
-             tproxy ip to 127.0.0.1:15006 meta mark set meta mark | 0x1 accept",
-            "ip6 daddr @meshed_v6 tcp dport 15008 \
-             tproxy ip6 to [::1]:15008 meta mark set meta mark | 0x1 accept",
-            "ip saddr @meshed_v4 fib saddr . iif oif exists meta l4proto tcp drop",
-            "ip daddr @meshed_v4 meta l4proto tcp drop",
-        ] {
-            assert!(
-                script.contains(&format!("\t\t{rule}\n")),
-                "{rule}\n{script}"
-            );
-        }
-        // The socket match comes before any steering: replies to the proxy's
-        // transparent connections must never be captured again.
-        let socket = script.find("socket transparent");
-        let first_tproxy = script.find("tproxy");
-        assert!(socket < first_tproxy);
+        let prerouting = chain_rules(&script, "prerouting");
+        let expected = [
+            "meta l4proto != tcp accept".to_owned(),
+            "meta mark & 0x2 == 0x2 accept".to_owned(),
+            format!("socket transparent 1 {TO_PROXY}"),
+            "ct direction reply ct mark & 0x4 == 0x4 fib daddr type local accept".to_owned(),
+            format!(
+                "ip saddr @meshed_v4 fib saddr . iif oif exists meta l4proto tcp \
+                 tproxy ip to 127.0.0.1:15001 {TO_PROXY}"
+            ),
+            format!("ip daddr @meshed_v4 tcp dport 15008 tproxy ip to 127.0.0.1:15008 {TO_PROXY}"),
+            format!("ip daddr @meshed_v4 meta l4proto tcp tproxy ip to 127.0.0.1:15006 {TO_PROXY}"),
+            format!(
+                "ip6 saddr @meshed_v6 fib saddr . iif oif exists meta l4proto tcp \
+                 tproxy ip6 to [::1]:15001 {TO_PROXY}"
+            ),
+            format!("ip6 daddr @meshed_v6 tcp dport 15008 tproxy ip6 to [::1]:15008 {TO_PROXY}"),
+            format!("ip6 daddr @meshed_v6 meta l4proto tcp tproxy ip6 to [::1]:15006 {TO_PROXY}"),
+            "ip saddr @meshed_v4 fib saddr . iif oif exists meta l4proto tcp drop".to_owned(),
+            "ip daddr @meshed_v4 meta l4proto tcp drop".to_owned(),
+            "ip6 saddr @meshed_v6 fib saddr . iif oif exists meta l4proto tcp drop".to_owned(),
+            "ip6 daddr @meshed_v6 meta l4proto tcp drop".to_owned(),
+        ];
+        assert_eq!(prerouting, expected, "{script}");
+    }
+
+    #[test]
+    fn replies_to_the_node_pass_but_only_after_the_proxys_own_sockets() {
+        let script = install_script(&CaptureConfig::default());
+        let prerouting = chain_rules(&script, "prerouting");
+        let position = |needle: &str| {
+            prerouting
+                .iter()
+                .position(|rule| rule.contains(needle))
+                .unwrap_or_else(|| panic!("no rule with {needle:?}: {prerouting:?}"))
+        };
+        let exemption = position("ct direction reply");
+        // Replies to the proxy's transparent connections keep reaching the
+        // proxy (and get the capture mark the policy routing needs).
+        assert!(position("socket transparent 1") < exemption);
+        // ... and the exemption comes before any steering or dropping.
+        assert!(exemption < position("tproxy ip to 127.0.0.1:15001"));
+        assert!(exemption < position(" drop"));
+        // It trusts conntrack, not addresses: only connections the node's
+        // own output hook marked, and only packets delivered to the node.
+        let rule = prerouting[exemption];
+        assert!(rule.contains("ct mark & 0x4 == 0x4"), "{rule}");
+        assert!(rule.contains("fib daddr type local"), "{rule}");
+        assert!(!rule.contains("saddr"), "{rule}");
+        assert_eq!(
+            chain_rules(&script, "output"),
+            ["meta l4proto tcp ct state new ct mark set ct mark | 0x4"]
+        );
+        assert!(script.contains("type filter hook output priority mangle;"));
+    }
+
+    #[test]
+    fn connections_kube_proxy_translated_to_a_meshed_pod_are_captured_after_it() {
+        let script = install_script(&CaptureConfig::default());
+        assert!(script.contains("type filter hook prerouting priority -90;"));
+        assert_eq!(
+            chain_rules(&script, "prerouting_after_dnat"),
+            [
+                "meta l4proto != tcp accept",
+                "meta mark & 0x2 == 0x2 accept",
+                "meta mark & 0x1 == 0x1 accept",
+                "ct status & dnat == 0 accept",
+                "ip daddr @meshed_v4 meta l4proto tcp tproxy ip to 127.0.0.1:15006 \
+                 meta mark set meta mark | 0x1 goto hide_destination",
+                "ip daddr @meshed_v4 meta l4proto tcp drop",
+                "ip6 daddr @meshed_v6 meta l4proto tcp tproxy ip6 to [::1]:15006 \
+                 meta mark set meta mark | 0x1 goto hide_destination",
+                "ip6 daddr @meshed_v6 meta l4proto tcp drop",
+            ]
+        );
+    }
+
+    #[test]
+    fn packets_through_a_bridge_are_lifted_to_ip_and_steered_again() {
+        let script = install_script(&CaptureConfig::default());
+        assert_eq!(
+            chain_rules(&script, "hide_destination"),
+            [
+                "ip daddr set ip saddr accept",
+                "ip6 daddr set ip6 saddr accept",
+            ]
+        );
+        assert_eq!(
+            chain_rules(&script, "restore_destination"),
+            [
+                "ct direction original ip daddr set ct reply ip saddr return",
+                "ct direction reply ip daddr set ct reply ip daddr return",
+                "ct direction original ip6 daddr set ct reply ip6 saddr return",
+                "ct direction reply ip6 daddr set ct reply ip6 daddr return",
+            ]
+        );
+        assert_eq!(
+            chain_rules(&script, "input"),
+            ["meta mark & 0x1 == 0x1 meta l4proto tcp jump restore_destination"]
+        );
+        // The second pass: at INT_MIN, only for packets already handed to
+        // the proxy, restoring before steering.
+        let after_bridge = after_bridge_chain(&CaptureConfig::default());
+        assert!(script.ends_with(&after_bridge), "{script}");
+        let lines: Vec<&str> = after_bridge.lines().collect();
+        assert_eq!(
+            lines[0],
+            "add chain inet weft after_bridge { type filter hook prerouting \
+             priority -2147483648; policy accept; }"
+        );
+        let rules: Vec<&str> = lines[1..]
+            .iter()
+            .map(|line| {
+                line.strip_prefix("add rule inet weft after_bridge ")
+                    .unwrap_or_else(|| panic!("not a rule of after_bridge: {line}"))
+            })
+            .collect();
+        assert_eq!(
+            rules[..6],
+            [
+                "meta mark & 0x1 != 0x1 accept",
+                "meta iifkind != \"bridge\" accept",
+                "meta l4proto != tcp accept",
+                "jump restore_destination",
+                "ip saddr @meshed_v4 meta l4proto tcp tproxy ip to 127.0.0.1:15001 accept",
+                "ip daddr @meshed_v4 tcp dport 15008 tproxy ip to 127.0.0.1:15008 accept",
+            ]
+        );
+        assert_eq!(rules.len(), 10, "{after_bridge}");
     }
 
     #[test]
@@ -192,28 +537,45 @@ mod tests {
 
     #[test]
     fn a_rewrite_empties_the_sets_first() {
+        let config = CaptureConfig {
+            ipv6: false,
+            ..CaptureConfig::default()
+        };
         let meshed = BTreeSet::from([ip("10.244.1.2")]);
-        assert_eq!(
-            rewrite_script(&meshed, false),
-            "flush set inet weft meshed_v4\n\
-             add element inet weft meshed_v4 { 10.244.1.2 }\n"
+        let script = rewrite_script(&config, &meshed);
+        assert!(
+            script.starts_with(
+                "flush set inet weft meshed_v4\n\
+                 add element inet weft meshed_v4 { 10.244.1.2 }\n\
+                 add chain inet weft after_bridge { type filter hook prerouting \
+                 priority -2147483648; policy accept; }\n\
+                 flush chain inet weft after_bridge\n"
+            ),
+            "{script}"
         );
+        assert!(script.ends_with(&after_bridge_chain(&config)), "{script}");
     }
 
     #[test]
-    fn updates_touch_only_the_difference_per_family() {
-        assert_eq!(update_script(&[], &[]), None);
+    fn updates_touch_only_the_difference_per_family_and_reregister_the_second_pass() {
+        let config = CaptureConfig::default();
+        assert_eq!(update_script(&config, &[], &[]), None);
         let script = update_script(
+            &config,
             &[ip("10.244.1.2"), ip("10.244.1.3"), ip("fd00::2")],
             &[ip("10.244.1.9")],
         );
-        assert_eq!(
-            script.as_deref(),
-            Some(
-                "delete element inet weft meshed_v4 { 10.244.1.9 }\n\
-                 add element inet weft meshed_v4 { 10.244.1.2, 10.244.1.3 }\n\
-                 add element inet weft meshed_v6 { fd00::2 }\n"
-            )
+        let expected = format!(
+            "delete element inet weft meshed_v4 {{ 10.244.1.9 }}\n\
+             add element inet weft meshed_v4 {{ 10.244.1.2, 10.244.1.3 }}\n\
+             add element inet weft meshed_v6 {{ fd00::2 }}\n\
+             add chain inet weft after_bridge {{ type filter hook prerouting \
+             priority -2147483648; policy accept; }}\n\
+             flush chain inet weft after_bridge\n\
+             delete chain inet weft after_bridge\n\
+             {}",
+            after_bridge_chain(&config)
         );
+        assert_eq!(script, Some(expected));
     }
 }
