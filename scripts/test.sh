@@ -48,6 +48,11 @@ missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
 command -v tcpdump >/dev/null || missing+=(tcpdump)
+# The real-cluster tests (tests/tests/real_nodes.rs) run nodes of containerd,
+# runc and the standard CNI plugins.
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}"
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
@@ -74,11 +79,18 @@ WEFT_HELM="$(bash scripts/helm.sh path)"
 export WEFT_HELM
 echo "$WEFT_HELM"
 
+step "Kubernetes node binaries, CoreDNS and test images (scripts/kube.sh)"
+WEFT_KUBE_DIR="$(bash scripts/kube.sh build)"
+export WEFT_KUBE_DIR
+echo "$WEFT_KUBE_DIR"
+step "weft's container images (scripts/images.sh: the release build, then the images)"
+WEFT_IMAGES_DIR="$(bash scripts/images.sh)"
+export WEFT_IMAGES_DIR
 step "cargo test"
 cargo test --workspace --locked
 
 step "benchmark smoke run (the README's main command, shortened)"
-cargo build --release --bins --locked
+cargo build --release --bins --locked # built for the images already: instant
 "$CARGO_TARGET_DIR/release/weft-bench" --duration 1 --connect-duration 1 --bulk-duration 0.5 \
     --idle-connections 50 --rounds 1 --json "$WEFT_CACHE/bench-smoke.json" --chart "$WEFT_CACHE/bench-smoke.svg"
 python3 - "$WEFT_CACHE/bench-smoke.json" <<'PY'

@@ -314,7 +314,7 @@ async fn config_from(kubeconfig: &Path) -> Result<kube::Config> {
 }
 
 /// The kube-apiserver binary: `WEFT_KUBE_APISERVER`, or built by the script.
-fn apiserver_binary() -> Result<PathBuf> {
+pub(crate) fn apiserver_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEFT_KUBE_APISERVER") {
         return Ok(path.into());
     }
@@ -373,7 +373,7 @@ fn write_credentials(dir: &Path) -> Result<String> {
 }
 
 /// 32 random bytes from the kernel, hex-encoded.
-fn random_token() -> Result<String> {
+pub(crate) fn random_token() -> Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     File::open("/dev/urandom")?.read_exact(&mut bytes)?;

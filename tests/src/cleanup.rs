@@ -13,16 +13,19 @@ use std::sync::{Mutex, MutexGuard, Once};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
-use crate::netns;
+use crate::{cgroups, netns};
 
 struct Live {
     netns: BTreeSet<String>,
     process_groups: BTreeSet<i32>,
+    /// Cgroup roots of real-cluster nodes (names, made in every hierarchy).
+    cgroups: BTreeSet<String>,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live {
     netns: BTreeSet::new(),
     process_groups: BTreeSet::new(),
+    cgroups: BTreeSet::new(),
 });
 
 fn live() -> MutexGuard<'static, Live> {
@@ -35,6 +38,14 @@ pub(crate) fn track_netns(name: &str) {
 
 pub(crate) fn untrack_netns(name: &str) {
     live().netns.remove(name);
+}
+
+pub(crate) fn track_cgroup(name: &str) {
+    live().cgroups.insert(name.to_owned());
+}
+
+pub(crate) fn untrack_cgroup(name: &str) {
+    live().cgroups.remove(name);
 }
 
 pub(crate) fn track_process_group(pgid: i32) {
@@ -75,13 +86,26 @@ pub(crate) fn install_signal_handler() {
 
 fn clean_up_everything() {
     let live = live();
+    for name in &live.cgroups {
+        cgroups::kill(name);
+    }
     for pgid in &live.process_groups {
         let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
     }
     for name in live.netns.iter().rev() {
+        // Daemons that left our process groups (containerd's shims) still
+        // sit in their node's namespace.
+        if let Ok(pids) = netns::open(name).and_then(|ns| netns::pids_in(&ns)) {
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
         if let Err(e) = netns::delete(name) {
             eprintln!("weft-testbed: {e:#}");
         }
+    }
+    for name in &live.cgroups {
+        cgroups::remove(name);
     }
 }
 
@@ -89,6 +113,7 @@ fn clean_up_everything() {
 /// processes still inside it. Errors are logged, not returned: a sweep that loses a
 /// race with another process sweeping the same namespace is fine.
 pub(crate) fn sweep_stale() {
+    sweep_stale_cgroups();
     let names = match netns::list() {
         Ok(names) => names,
         Err(e) => {
@@ -124,5 +149,34 @@ pub(crate) fn sweep_stale() {
             }
             Err(e) => tracing::warn!("listing processes in {name}: {e:#}"),
         }
+    }
+}
+
+/// Kills the processes of, and removes, every node cgroup root left by a
+/// real cluster whose creating process is gone.
+fn sweep_stale_cgroups() {
+    let Ok(hierarchies) = cgroups::hierarchies() else {
+        return;
+    };
+    let mut stale = BTreeSet::new();
+    for hierarchy in hierarchies {
+        let Ok(entries) = std::fs::read_dir(&hierarchy) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = netns::creator_pid(&name) else {
+                continue;
+            };
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                stale.insert(name);
+            }
+        }
+    }
+    for name in stale {
+        tracing::info!(cgroup = name, "removing a cgroup left by a dead process");
+        cgroups::kill(&name);
+        cgroups::remove(&name);
     }
 }

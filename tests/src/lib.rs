@@ -51,6 +51,15 @@
 //!   `10.244.<m>.0/24 via 172.30.0.<m+1>` for each other node `m`; `ip_forward=1` and
 //!   `rp_filter=0` (all, default and each interface).
 //!
+//! That is the default, [`PodNetwork::PointToPoint`]. With
+//! `.pod_network(PodNetwork::Bridge)` the pods are wired as the standard `bridge` CNI
+//! plugin wires them: the `pod<k>` veths are ports of a bridge `cni0` in the node
+//! namespace, which carries the gateway as `10.244.<n>.1/24`; a pod's `eth0` has
+//! `10.244.<n>.<k+2>/24` and `default via 10.244.<n>.1`, so pods of one node talk
+//! across the bridge, not through the node's routing. br_netfilter's
+//! `net.bridge.bridge-nf-call-iptables` (and `-ip6tables`) is set to 1 in each node
+//! namespace (a per-namespace setting; the host's is never touched).
+//!
 //! Services get ClusterIPs 10.96.1.1, 10.96.1.2, ... in declaration order. No
 //! namespace routes or translates them: they exist in the manifests for the mesh to
 //! resolve. Nothing is ever created in the host's root namespace, and all traffic
@@ -64,6 +73,14 @@
 //! admission, TokenRequest and TokenReview. It is independent of the network
 //! namespaces.
 //!
+//! # A real Kubernetes cluster
+//!
+//! [`real_cluster::RealCluster`] starts the real thing on this machine: etcd, the
+//! API server, controller-manager and scheduler, and nodes with containerd, runc,
+//! the kubelet, kube-proxy and a CNI plugin (`bridge` with br_netfilter, or
+//! `ptp`), plus CoreDNS, from binaries and images that `scripts/kube.sh build`
+//! makes. Tests install weft into it with helm, as a user does.
+//!
 //! # Cleanup
 //!
 //! Namespaces are named `wft<pid>x<counter>-fabric`, `...-n-<node>` and
@@ -76,6 +93,7 @@
 //! normal drop, and kept (its path printed) when the test panicked.
 
 pub mod apiserver;
+mod cgroups;
 mod checksum;
 mod cleanup;
 mod echo;
@@ -87,6 +105,7 @@ mod network;
 mod observe;
 mod policy_probe;
 mod process;
+pub mod real_cluster;
 mod testbed;
 mod topology;
 mod weft;
@@ -119,7 +138,7 @@ pub use policy_probe::{
 };
 pub use process::Process;
 pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};
-pub use topology::{Ipv4Cidr, PodSpec, ServiceSpec, Target};
+pub use topology::{Ipv4Cidr, PodNetwork, PodSpec, ServiceSpec, Target};
 pub use weft::{
     CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, ControlPlaneReplica, PROXY_ADMIN_PORT,
     PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, http_request,

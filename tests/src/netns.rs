@@ -163,13 +163,21 @@ where
     T: Send,
     F: FnOnce() -> T + Send,
 {
-    let ns_file = open(netns)?;
+    run_in_file(&open(netns)?, f).with_context(|| format!("in network namespace {netns}"))
+}
+
+/// [`run_in`] for a namespace given as an open file (e.g. `/proc/<pid>/ns/net`).
+pub(crate) fn run_in_file<T, F>(ns_file: &File, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> T + Send,
+{
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
-            .name(format!("netns {netns}"))
+            .name("in a netns".to_owned())
             .spawn_scoped(scope, move || -> Result<T> {
-                setns(&ns_file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("entering network namespace {netns} (setns)"))?;
+                setns(ns_file, CloneFlags::CLONE_NEWNET)
+                    .context("entering a network namespace (setns)")?;
                 Ok(f())
             })
             .context("starting a thread to enter a network namespace")?;

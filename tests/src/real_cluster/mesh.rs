@@ -1,0 +1,207 @@
+//! weft on the real cluster, installed and removed the way the README tells
+//! a user to (`helm install` of `deploy/helm/weft`, which carries the CRDs,
+//! with the images of `scripts/images.sh` already on the nodes), and what a
+//! user checks on a node: weft's rules, and the packets on the wire.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::RealCluster;
+use crate::process::{self, Process};
+
+/// The release and namespace weft is installed as.
+pub const RELEASE: &str = "weft";
+/// weft's namespace.
+pub const WEFT_NAMESPACE: &str = "weft-system";
+/// How long tcpdump may take to start listening.
+const CAPTURE_START: Duration = Duration::from_secs(30);
+
+impl RealCluster {
+    /// `helm install weft deploy/helm/weft -n weft-system --create-namespace`
+    /// and waits until the control plane and a proxy on every node are
+    /// ready.
+    pub fn install_weft(&self) -> Result<()> {
+        let chart = crate::repo_root().join("deploy/helm/weft");
+        self.helm(&[
+            "install",
+            RELEASE,
+            &chart.to_string_lossy(),
+            "--namespace",
+            WEFT_NAMESPACE,
+            "--create-namespace",
+        ])?;
+        self.kubectl(&[
+            "-n",
+            WEFT_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/weft-control-plane",
+            &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
+        ])?;
+        self.kubectl(&[
+            "-n",
+            WEFT_NAMESPACE,
+            "rollout",
+            "status",
+            "daemonset/weft-node-proxy",
+            &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
+        ])?;
+        Ok(())
+    }
+
+    /// `helm uninstall weft`, then waits until no weft pod is left.
+    pub fn uninstall_weft(&self) -> Result<()> {
+        self.helm(&[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            WEFT_NAMESPACE,
+            "--wait",
+        ])?;
+        self.wait_until("every weft pod gone", || {
+            let pods = self.kubectl(&["-n", WEFT_NAMESPACE, "get", "pods", "-o", "name"])?;
+            Ok(pods.trim().is_empty())
+        })
+    }
+
+    /// What weft left on `node`: its nftables table, policy-routing rules
+    /// and routes (empty when nothing).
+    pub fn weft_state_on(&self, node: &str) -> Result<Vec<String>> {
+        let netns = self.node_netns(node)?.to_owned();
+        let mut found = Vec::new();
+        let run = |args: &[&str]| -> Result<String> {
+            let output = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .with_context(|| format!("running {args:?}"))?;
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        };
+        let tables = run(&["ip", "netns", "exec", &netns, "nft", "list", "tables"])?;
+        found.extend(
+            tables
+                .lines()
+                .filter(|l| l.contains("weft"))
+                .map(str::to_owned),
+        );
+        for family in ["-4", "-6"] {
+            let rules = run(&["ip", family, "-n", &netns, "rule", "show"])?;
+            found.extend(
+                rules
+                    .lines()
+                    .filter(|l| l.contains("lookup 100"))
+                    .map(|l| format!("rule {l}")),
+            );
+            let routes = run(&["ip", family, "-n", &netns, "route", "show", "table", "100"])?;
+            found.extend(routes.lines().map(|l| format!("route {l}")));
+        }
+        Ok(found)
+    }
+
+    /// Starts tcpdump on `node`'s link to the other nodes (its `eth0`).
+    pub fn capture_node_link(&self, node: &str) -> Result<LinkCapture> {
+        let file = self.dir()?.join(format!(
+            "{node}-{}.pcap",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        let mut command = Command::new("tcpdump");
+        command
+            .args([
+                "-i",
+                "eth0",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp");
+        let process = process::spawn(
+            self.node_netns(node)?,
+            command,
+            format!("tcpdump on {node}"),
+            file.with_extension("stdout"),
+            file.with_extension("stderr"),
+        )?;
+        process.wait_for_output("listening on", CAPTURE_START)?;
+        Ok(LinkCapture { process, file })
+    }
+}
+
+/// A running capture; [`LinkCapture::finish`] stops it.
+pub struct LinkCapture {
+    process: Process,
+    file: PathBuf,
+}
+
+/// What a capture saw.
+pub struct Captured {
+    /// The raw pcap file.
+    pub bytes: Vec<u8>,
+    file: PathBuf,
+}
+
+impl LinkCapture {
+    /// Waits until tcpdump has written a packet matching `filter` (e.g. the
+    /// last answer of an exchange: it writes packets in the order it sees
+    /// them, so everything before is in the file too), then stops it.
+    pub fn finish_after(self, filter: &str) -> Result<Captured> {
+        let deadline = std::time::Instant::now() + CAPTURE_START;
+        loop {
+            let seen = Captured {
+                bytes: Vec::new(),
+                file: self.file.clone(),
+            };
+            if seen.count(filter)? > 0 {
+                return self.finish();
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("tcpdump never wrote a packet matching {filter:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops tcpdump and reads what it wrote.
+    pub fn finish(self) -> Result<Captured> {
+        self.process.stop()?;
+        let bytes = std::fs::read(&self.file)
+            .with_context(|| format!("reading {}", self.file.display()))?;
+        Ok(Captured {
+            bytes,
+            file: self.file,
+        })
+    }
+}
+
+impl Captured {
+    /// Whether `needle` appears anywhere in the captured packets.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        self.bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// How many captured packets match tcpdump filter `filter`.
+    pub fn count(&self, filter: &str) -> Result<usize> {
+        let output = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .arg(filter)
+            .output()
+            .context("running tcpdump -r")?;
+        if !output.status.success() {
+            bail!(
+                "tcpdump -r {} {filter}: {}",
+                self.file.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).lines().count())
+    }
+}

@@ -1,0 +1,300 @@
+//! weft on real Kubernetes nodes: kubelet, containerd, runc, a CNI plugin,
+//! kube-proxy and CoreDNS (see `weft_testbed::real_cluster`), with weft
+//! installed the way a user installs it (`helm install` of deploy/helm/weft
+//! with the images of scripts/images.sh) and the checks a user makes in
+//! their first hour. Each CNI configuration runs the same scenarios, in
+//! order, on a cluster of its own; one cluster runs at a time.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use weft_testbed::real_cluster::{self, Cni, PodRef, RealCluster, SERVICE_PORT};
+
+/// Two clusters at once would only compete for the machine's two cores.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const MESHED: &str = "shop";
+const PLAIN: &str = "legacy";
+
+fn start(cni: Cni) -> (std::sync::MutexGuard<'static, ()>, RealCluster) {
+    let guard = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let images = real_cluster::weft_images().unwrap();
+    let cluster = RealCluster::start(cni, 2, &images).unwrap();
+    (guard, cluster)
+}
+
+/// In each of a meshed and an unmeshed namespace: `web-1` on node-1,
+/// `web-2` on node-2, each with a Service, and a `client` on node-1.
+fn deploy_apps(cluster: &RealCluster) {
+    let mut yaml = String::new();
+    for (namespace, meshed) in [(MESHED, true), (PLAIN, false)] {
+        yaml.push_str(&real_cluster::namespace(namespace, meshed));
+        for (app, node) in [
+            ("web-1", "node-1"),
+            ("web-2", "node-2"),
+            ("client", "node-1"),
+        ] {
+            yaml.push_str("---\n");
+            yaml.push_str(&real_cluster::app(namespace, app, 1, Some(node)));
+        }
+        yaml.push_str("---\n");
+    }
+    cluster.deploy(&yaml).unwrap();
+}
+
+/// Every pod of the meshed namespace is Ready and was never restarted:
+/// the kubelet's probes (from the node itself) pass through the capture.
+fn meshed_pods_stay_ready(cluster: &RealCluster) {
+    let text = cluster
+        .kubectl(&[
+            "-n",
+            MESHED,
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].ready} {.status.containerStatuses[0].restartCount}{\"\\n\"}{end}",
+        ])
+        .unwrap();
+    for line in text.lines() {
+        assert!(
+            line.ends_with(" true 0"),
+            "a meshed pod is not ready or restarted: {line}"
+        );
+    }
+}
+
+fn pod(cluster: &RealCluster, namespace: &str, app: &str) -> PodRef {
+    cluster.pod(namespace, app).unwrap()
+}
+
+/// Every client reaches every server, by pod IP and by Service name, on
+/// its node and across nodes; the answer comes from the pod addressed.
+fn every_pair_connects(cluster: &RealCluster) {
+    for client_ns in [MESHED, PLAIN] {
+        let client = pod(cluster, client_ns, "client");
+        for server_ns in [MESHED, PLAIN] {
+            for web in ["web-1", "web-2"] {
+                let server = pod(cluster, server_ns, web);
+                let by_ip = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+                let body = cluster.wait_for_http(&client, by_ip, "/").unwrap();
+                assert_eq!(body.trim(), server.name, "{client_ns} -> {by_ip}");
+                let name = format!("{web}.{server_ns}.svc.cluster.local");
+                let vip = cluster.resolve_from(&client, &name).unwrap();
+                let by_name = SocketAddr::from((vip, SERVICE_PORT));
+                let body = cluster.wait_for_http(&client, by_name, "/").unwrap();
+                assert_eq!(body.trim(), server.name, "{client_ns} -> {name}");
+            }
+        }
+    }
+}
+
+/// On the wire between the nodes, a meshed pair's request is TLS to port
+/// 15008; an unmeshed pair's is the plaintext request itself.
+fn only_tls_between_meshed_pods(cluster: &RealCluster) {
+    for (namespace, meshed) in [(MESHED, true), (PLAIN, false)] {
+        let client = pod(cluster, namespace, "client");
+        let server = pod(cluster, namespace, "web-2");
+        let marker = format!("/?wire-check-{namespace}");
+        let capture = cluster.capture_node_link("node-1").unwrap();
+        let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+        cluster.http_get_from(&client, to, &marker).unwrap();
+        // The answer's packets: through the tunnel when meshed.
+        let port = if meshed {
+            15008
+        } else {
+            real_cluster::APP_PORT
+        };
+        let seen = capture
+            .finish_after(&format!("src host {} and src port {port}", server.ip))
+            .unwrap();
+        let plaintext = seen.contains(marker.as_bytes());
+        let tunnel = seen
+            .count(&format!("host {} and port 15008", server.ip))
+            .unwrap();
+        if meshed {
+            assert!(
+                !plaintext,
+                "the meshed request crossed the link in plaintext"
+            );
+            assert!(tunnel > 0);
+        } else {
+            assert!(plaintext, "the capture did not see the unmeshed request");
+            assert_eq!(tunnel, 0);
+        }
+    }
+}
+
+/// STRICT and an ALLOW policy applied with kubectl are enforced on one
+/// node and across nodes, and reported Accepted.
+fn policies_are_enforced_and_reported(cluster: &RealCluster) {
+    let legacy = pod(cluster, PLAIN, "client");
+    let client = pod(cluster, MESHED, "client");
+    cluster
+        .apply(&format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: MtlsPolicy\nmetadata:\n  name: strict\n  \
+             namespace: {MESHED}\nspec:\n  mode: STRICT\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  \
+             name: web-2-from-client\n  namespace: {MESHED}\nspec:\n  selector:\n    \
+             matchLabels: {{app: web-2}}\n  action: ALLOW\n  rules:\n  - from:\n      \
+             principals: [\"spiffe://cluster.local/ns/{MESHED}/sa/web-1\"]\n"
+        ))
+        .unwrap();
+    for web in ["web-1", "web-2"] {
+        let server = pod(cluster, MESHED, web);
+        let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+        cluster
+            .wait_until(&format!("plaintext to {web} refused"), || {
+                Ok(cluster.http_get_from(&legacy, to, "/").is_err())
+            })
+            .unwrap();
+    }
+    // web-2 admits only web-1's identity: the client (same namespace,
+    // meshed, other identity) is refused; web-1 itself gets through.
+    let web_1 = pod(cluster, MESHED, "web-1");
+    let web_2 = pod(cluster, MESHED, "web-2");
+    let to_web_2 = SocketAddr::from((web_2.ip, real_cluster::APP_PORT));
+    cluster
+        .wait_until("the client refused by web-2's policy", || {
+            Ok(cluster.http_get_from(&client, to_web_2, "/").is_err())
+        })
+        .unwrap();
+    let body = cluster.wait_for_http(&web_1, to_web_2, "/").unwrap();
+    assert_eq!(body.trim(), web_2.name);
+    // The same node: client and web-1 are both on node-1; STRICT holds
+    // there too, and the meshed client still reaches web-1.
+    let to_web_1 = SocketAddr::from((web_1.ip, real_cluster::APP_PORT));
+    assert!(cluster.http_get_from(&legacy, to_web_1, "/").is_err());
+    cluster.wait_for_http(&client, to_web_1, "/").unwrap();
+
+    cluster
+        .wait_until("both policies Accepted", || {
+            let table = cluster.kubectl(&["get", "authz,mtls", "-A"])?;
+            let accepted = table.lines().filter(|l| l.contains("True")).count();
+            Ok(accepted == 2)
+        })
+        .unwrap();
+    let table = cluster.kubectl(&["get", "authz", "-A"]).unwrap();
+    assert!(table.contains("ACCEPTED"), "{table}");
+
+    cluster
+        .kubectl(&[
+            "-n",
+            MESHED,
+            "delete",
+            "mtlspolicy,authorizationpolicy",
+            "--all",
+        ])
+        .unwrap();
+    cluster.wait_for_http(&legacy, to_web_1, "/").unwrap();
+}
+
+/// A rolling restart of web-2 while the client sends requests through the
+/// Service, each on a new connection, before, during and after it: none
+/// fails, and the answers come from the old pod and then the new one.
+fn rolling_restart_drops_nothing(cluster: &RealCluster) {
+    let client = pod(cluster, MESHED, "client");
+    let old = pod(cluster, MESHED, "web-2");
+    let vip = cluster
+        .resolve_from(&client, &format!("web-2.{MESHED}.svc.cluster.local"))
+        .unwrap();
+    let to = SocketAddr::from((vip, SERVICE_PORT));
+    cluster.wait_for_http(&client, to, "/").unwrap();
+    let netns = cluster.pod_netns(MESHED, &client.name).unwrap();
+    let restarted = AtomicBool::new(false);
+    let (answers, failures) = (Mutex::new(BTreeSet::new()), Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut after_restart = 0;
+            // Requests go on until well after the rollout: connections the
+            // old pod's removal could break come late.
+            while after_restart < 30 {
+                if restarted.load(Ordering::Relaxed) {
+                    after_restart += 1;
+                }
+                let answer = real_cluster::connect_in(&netns, to)
+                    .and_then(|stream| real_cluster::http_get(stream, to, "/"));
+                match answer {
+                    Ok(body) => lock(&answers).insert(body.trim().to_owned()),
+                    Err(e) => {
+                        lock(&failures).push(format!("{e:#}"));
+                        false
+                    }
+                };
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let restart = cluster
+            .kubectl(&["-n", MESHED, "rollout", "restart", "deployment/web-2"])
+            .and_then(|_| cluster.rollout_status(MESHED, "web-2"));
+        restarted.store(true, Ordering::Relaxed);
+        restart.unwrap();
+    });
+    let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    assert!(failures.is_empty(), "requests failed: {failures:?}");
+    let new = pod(cluster, MESHED, "web-2");
+    assert_ne!(new.name, old.name);
+    let answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
+    assert!(
+        answers.contains(&old.name) && answers.contains(&new.name),
+        "answers from {answers:?}, not from both {} and {}",
+        old.name,
+        new.name
+    );
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `helm uninstall`: pods keep talking, unmeshed, and no weft table, rule
+/// or route is left on any node.
+fn uninstall_leaves_nothing(cluster: &RealCluster) {
+    cluster.uninstall_weft().unwrap();
+    for node in cluster.node_names() {
+        let left = cluster.weft_state_on(&node).unwrap();
+        assert!(left.is_empty(), "weft left on {node}: {left:?}");
+    }
+    let client = pod(cluster, MESHED, "client");
+    for web in ["web-1", "web-2"] {
+        let server = pod(cluster, MESHED, web);
+        let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+        let body = cluster.http_get_from(&client, to, "/").unwrap();
+        assert_eq!(body.trim(), server.name);
+    }
+}
+
+fn scenarios(cni: Cni) {
+    let (_guard, cluster) = start(cni);
+    deploy_apps(&cluster);
+    cluster.install_weft().unwrap();
+    // The meshed pods, probes and all, are still (and stay) Ready once the
+    // proxies capture them.
+    for app in ["web-1", "web-2", "client"] {
+        cluster.rollout_status(MESHED, app).unwrap();
+    }
+    every_pair_connects(&cluster);
+    meshed_pods_stay_ready(&cluster);
+    only_tls_between_meshed_pods(&cluster);
+    policies_are_enforced_and_reported(&cluster);
+    meshed_pods_stay_ready(&cluster);
+    rolling_restart_drops_nothing(&cluster);
+    uninstall_leaves_nothing(&cluster);
+}
+
+#[test]
+fn on_a_bridge_cni_with_br_netfilter() {
+    scenarios(Cni::Bridge);
+}
+
+#[test]
+fn on_a_point_to_point_cni() {
+    scenarios(Cni::Ptp);
+}
