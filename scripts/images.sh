@@ -33,7 +33,8 @@
 # checkout. Output contract: stdout gets exactly one line, the absolute path of
 # <out>; progress, each archive's path and size, and errors go to stderr. The
 # images also stay in buildah's local store under their names (replacing the
-# previous build of the same tag), for `buildah push`.
+# previous build of the same tag), for `buildah push`; WEFT_BUILDAH_STORE=DIR
+# keeps that store in DIR instead of the machine's default one.
 #
 # Needs root (buildah's store, chroot, apt-get); installs buildah, nftables
 # and iproute2 with apt-get when they are missing. The images are for the
@@ -166,10 +167,16 @@ release="$CARGO_TARGET_DIR/release"
 # --- assembling a root file system -------------------------------------------
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/weft-images.XXXXXX")"
+# WEFT_BUILDAH_STORE: a buildah store of its own (scripts/test.sh keeps one
+# under $WEFT_CACHE), instead of the machine's default one.
+store=()
+if [[ -n "${WEFT_BUILDAH_STORE:-}" ]]; then
+    store=(--root "$WEFT_BUILDAH_STORE/root" --runroot "$WEFT_BUILDAH_STORE/run")
+fi
 container="" # buildah's working container, while there is one
 cleanup() {
     if [[ -n "$container" ]]; then
-        buildah rm "$container" >/dev/null 2>&1 || true
+        buildah "${store[@]}" rm "$container" >/dev/null 2>&1 || true
     fi
     rm -rf -- "$work"
 }
@@ -300,8 +307,8 @@ commit_image() {
     local image="$registry/$name:$v"
     local archive="$out/$name-$v.tar"
 
-    container="$(buildah from scratch)"
-    buildah copy --quiet "$container" "$rootfs" / >/dev/null
+    container="$(buildah "${store[@]}" from scratch)"
+    buildah "${store[@]}" copy --quiet "$container" "$rootfs" / >/dev/null
     local labels=() label
     for label in \
         "title=$name" \
@@ -312,7 +319,7 @@ commit_image() {
         "licenses=${license[$name]}"; do
         [[ -n "${label#*=}" ]] && labels+=(--label "org.opencontainers.image.$label")
     done
-    buildah config \
+    buildah "${store[@]}" config \
         --entrypoint "[\"$bindir/$name\"]" \
         --cmd '' \
         --user "$user" \
@@ -323,20 +330,20 @@ commit_image() {
         "$container"
 
     local previous=""
-    previous="$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)"
+    previous="$(buildah "${store[@]}" inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)"
     local commit=(--identity-label=false --quiet)
     [[ -n "$timestamp" ]] && commit+=(--timestamp "$timestamp")
     local id
-    id="$(buildah commit "${commit[@]}" "$container" "$image")"
-    buildah rm "$container" >/dev/null
+    id="$(buildah "${store[@]}" commit "${commit[@]}" "$container" "$image")"
+    buildah "${store[@]}" rm "$container" >/dev/null
     container=""
     # The previous build of this tag, now nameless: keep the store bounded.
     if [[ -n "$previous" && "$previous" != "$id" ]]; then
-        buildah rmi "$previous" >/dev/null 2>&1 || true
+        buildah "${store[@]}" rmi "$previous" >/dev/null 2>&1 || true
     fi
 
     rm -f -- "$archive"
-    buildah push --quiet "$image" "docker-archive:$archive:$image" >&2
+    buildah "${store[@]}" push --quiet "$image" "docker-archive:$archive:$image" >&2
     log "$image -> $archive ($(du -h "$archive" | cut -f1), $(stat -c %s "$archive") bytes)"
 }
 

@@ -84,7 +84,7 @@ WEFT_KUBE_DIR="$(bash scripts/kube.sh build)"
 export WEFT_KUBE_DIR
 echo "$WEFT_KUBE_DIR"
 step "weft's container images (scripts/images.sh: the release build, then the images)"
-WEFT_IMAGES_DIR="$(bash scripts/images.sh)"
+WEFT_IMAGES_DIR="$(WEFT_BUILDAH_STORE="$WEFT_CACHE/buildah" bash scripts/images.sh)"
 export WEFT_IMAGES_DIR
 step "cargo test"
 cargo test --workspace --locked

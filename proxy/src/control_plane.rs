@@ -78,7 +78,7 @@ pub struct ControlPlaneClient {
 }
 
 /// Whether `error` is the roots file not being there (yet).
-fn is_missing_roots(error: &Error) -> bool {
+pub(crate) fn is_missing_roots(error: &Error) -> bool {
     matches!(error, Error::ReadRoots { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
@@ -123,6 +123,7 @@ impl ControlPlaneClient {
     pub async fn run(self) {
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
         let mut attempt: u64 = 0;
+        let mut waiting_for_roots = false;
         loop {
             attempt += 1;
             let span = info_span!(
@@ -144,12 +145,15 @@ impl ControlPlaneClient {
                 status.last_error = Some(reason.clone());
             });
             if is_missing_roots(&error) {
-                if attempt == 1 {
+                // Once per absence, not once a second.
+                if !waiting_for_roots {
                     warn!(reason = %reason, "waiting for the control-plane roots file");
                 }
+                waiting_for_roots = true;
                 tokio::time::sleep(ROOTS_POLL).await;
                 continue;
             }
+            waiting_for_roots = false;
             let delay = backoff.next_delay();
             let serving = self.view.borrow().as_ref().map(|view| view.version());
             warn!(

@@ -57,13 +57,11 @@ impl NodeProxy {
             ),
             // On Kubernetes the roots are a ConfigMap the control plane writes
             // on its first start, mounted as optional: until it exists the
-            // file is missing. The client reads the file again for every
-            // connection attempt, so waiting is the client's backoff.
-            Err(Error::ReadRoots { path, source })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+            // file is missing. The client looks for it every second (it reads
+            // the file again for every connection attempt).
+            Err(e) if crate::control_plane::is_missing_roots(&e) => {
                 warn!(
-                    path = %path.display(),
+                    path = %config.root_cert.display(),
                     "the control-plane roots are not there yet; connecting once they appear"
                 );
             }

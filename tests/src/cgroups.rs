@@ -78,9 +78,10 @@ pub(crate) fn remove(name: &str) {
             }
             dirs.push(dir);
         }
+        // A cgroup whose last process just died may be busy a moment; one
+        // deadline for the whole tree, so a stuck one cannot hold a drop up.
+        let deadline = Instant::now() + Duration::from_secs(5);
         for dir in dirs.iter().rev() {
-            // A cgroup whose last process just died may be busy a moment.
-            let deadline = Instant::now() + Duration::from_secs(5);
             while dir.exists() && std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }

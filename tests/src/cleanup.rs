@@ -86,9 +86,8 @@ pub(crate) fn install_signal_handler() {
 
 fn clean_up_everything() {
     let live = live();
-    for name in &live.cgroups {
-        cgroups::kill(name);
-    }
+    // Daemons first (a kubelet would start containers again), then what
+    // runs in the cgroups, then the namespaces and cgroups themselves.
     for pgid in &live.process_groups {
         let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
     }
@@ -100,6 +99,11 @@ fn clean_up_everything() {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+    }
+    for name in &live.cgroups {
+        cgroups::kill(name);
+    }
+    for name in live.netns.iter().rev() {
         if let Err(e) = netns::delete(name) {
             eprintln!("weft-testbed: {e:#}");
         }
@@ -113,7 +117,13 @@ fn clean_up_everything() {
 /// processes still inside it. Errors are logged, not returned: a sweep that loses a
 /// race with another process sweeping the same namespace is fine.
 pub(crate) fn sweep_stale() {
+    sweep_stale_namespaces();
+    // After the namespaces' processes (a real cluster's kubelet and
+    // containerd among them) are gone, nothing restarts containers.
     sweep_stale_cgroups();
+}
+
+fn sweep_stale_namespaces() {
     let names = match netns::list() {
         Ok(names) => names,
         Err(e) => {

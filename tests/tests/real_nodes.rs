@@ -19,6 +19,8 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const MESHED: &str = "shop";
 const PLAIN: &str = "legacy";
+/// The NodePort of the meshed web-1.
+const NODE_PORT: u16 = 30080;
 
 fn start(cni: Cni) -> (std::sync::MutexGuard<'static, ()>, RealCluster) {
     let guard = ONE_CLUSTER_AT_A_TIME
@@ -45,6 +47,7 @@ fn deploy_apps(cluster: &RealCluster) {
         }
         yaml.push_str("---\n");
     }
+    yaml.push_str(&real_cluster::node_port(MESHED, "web-1", NODE_PORT));
     cluster.deploy(&yaml).unwrap();
 }
 
@@ -94,6 +97,28 @@ fn every_pair_connects(cluster: &RealCluster) {
     }
 }
 
+/// The node's own clients (the kubelet, hostNetwork pods) reach meshed
+/// pods on it and on the other node, and a client outside the nodes
+/// reaches a meshed Service through its NodePort on either node.
+fn node_traffic_and_node_ports_work(cluster: &RealCluster) {
+    for web in ["web-1", "web-2"] {
+        let server = pod(cluster, MESHED, web);
+        let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+        let body = cluster.http_get_from_node("node-1", to, "/").unwrap();
+        assert_eq!(body.trim(), server.name, "node-1 -> {web}");
+    }
+    let web_1 = pod(cluster, MESHED, "web-1");
+    for node in cluster.node_names() {
+        let to = SocketAddr::from((cluster.node_ip(&node).unwrap(), NODE_PORT));
+        cluster
+            .wait_until(&format!("the NodePort on {node}"), || {
+                let body = cluster.http_get_from_outside(to, "/")?;
+                Ok(body.trim() == web_1.name)
+            })
+            .unwrap();
+    }
+}
+
 /// On the wire between the nodes, a meshed pair's request is TLS to port
 /// 15008; an unmeshed pair's is the plaintext request itself.
 fn only_tls_between_meshed_pods(cluster: &RealCluster) {
@@ -123,6 +148,13 @@ fn only_tls_between_meshed_pods(cluster: &RealCluster) {
                 "the meshed request crossed the link in plaintext"
             );
             assert!(tunnel > 0);
+            let other = seen
+                .count(&format!(
+                    "host {} and host {} and not port 15008",
+                    client.ip, server.ip
+                ))
+                .unwrap();
+            assert_eq!(other, 0, "meshed pods exchanged packets outside the tunnel");
         } else {
             assert!(plaintext, "the capture did not see the unmeshed request");
             assert_eq!(tunnel, 0);
@@ -130,21 +162,29 @@ fn only_tls_between_meshed_pods(cluster: &RealCluster) {
     }
 }
 
-/// STRICT and an ALLOW policy applied with kubectl are enforced on one
-/// node and across nodes, and reported Accepted.
+/// STRICT and ALLOW policies applied with kubectl are enforced on one node
+/// and across nodes, through NodePorts too, and reported Accepted.
 fn policies_are_enforced_and_reported(cluster: &RealCluster) {
     let legacy = pod(cluster, PLAIN, "client");
     let client = pod(cluster, MESHED, "client");
+    let allow = |name: &str, app: &str, from: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  \
+             name: {name}\n  namespace: {MESHED}\nspec:\n  selector:\n    \
+             matchLabels: {{app: {app}}}\n  action: ALLOW\n  rules:\n  - from:\n      \
+             principals: [\"spiffe://cluster.local/ns/{MESHED}/sa/{from}\"]\n"
+        )
+    };
     cluster
         .apply(&format!(
             "apiVersion: weft.dev/v1alpha1\nkind: MtlsPolicy\nmetadata:\n  name: strict\n  \
-             namespace: {MESHED}\nspec:\n  mode: STRICT\n---\n\
-             apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  \
-             name: web-2-from-client\n  namespace: {MESHED}\nspec:\n  selector:\n    \
-             matchLabels: {{app: web-2}}\n  action: ALLOW\n  rules:\n  - from:\n      \
-             principals: [\"spiffe://cluster.local/ns/{MESHED}/sa/web-1\"]\n"
+             namespace: {MESHED}\nspec:\n  mode: STRICT\n---\n{}---\n{}",
+            allow("web-2-from-web-1", "web-2", "web-1"),
+            allow("web-1-from-web-2", "web-1", "web-2"),
         ))
         .unwrap();
+    // STRICT: plaintext from the unmeshed client is refused on its node
+    // (web-1) and across (web-2), and through web-1's NodePort.
     for web in ["web-1", "web-2"] {
         let server = pod(cluster, MESHED, web);
         let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
@@ -154,44 +194,52 @@ fn policies_are_enforced_and_reported(cluster: &RealCluster) {
             })
             .unwrap();
     }
-    // web-2 admits only web-1's identity: the client (same namespace,
-    // meshed, other identity) is refused; web-1 itself gets through.
-    let web_1 = pod(cluster, MESHED, "web-1");
-    let web_2 = pod(cluster, MESHED, "web-2");
+    for node in cluster.node_names() {
+        let to = SocketAddr::from((cluster.node_ip(&node).unwrap(), NODE_PORT));
+        assert!(
+            cluster.http_get_from_outside(to, "/").is_err(),
+            "plaintext through the NodePort on {node} reached a STRICT pod"
+        );
+    }
+    // ALLOW: each web admits only the other web's identity. The meshed
+    // client is refused by web-1 on its own node and by web-2 across, by
+    // pod IP and through web-1's NodePort on its node; the webs reach
+    // each other.
+    let (web_1, web_2) = (pod(cluster, MESHED, "web-1"), pod(cluster, MESHED, "web-2"));
+    let to_web_1 = SocketAddr::from((web_1.ip, real_cluster::APP_PORT));
     let to_web_2 = SocketAddr::from((web_2.ip, real_cluster::APP_PORT));
-    cluster
-        .wait_until("the client refused by web-2's policy", || {
-            Ok(cluster.http_get_from(&client, to_web_2, "/").is_err())
-        })
-        .unwrap();
+    for to in [to_web_1, to_web_2] {
+        cluster
+            .wait_until(&format!("the client refused by {to}"), || {
+                Ok(cluster.http_get_from(&client, to, "/").is_err())
+            })
+            .unwrap();
+    }
+    let own_node_port = SocketAddr::from((cluster.node_ip("node-1").unwrap(), NODE_PORT));
+    assert!(
+        cluster.http_get_from(&client, own_node_port, "/").is_err(),
+        "the meshed client reached web-1 through its node's NodePort"
+    );
     let body = cluster.wait_for_http(&web_1, to_web_2, "/").unwrap();
     assert_eq!(body.trim(), web_2.name);
-    // The same node: client and web-1 are both on node-1; STRICT holds
-    // there too, and the meshed client still reaches web-1.
-    let to_web_1 = SocketAddr::from((web_1.ip, real_cluster::APP_PORT));
-    assert!(cluster.http_get_from(&legacy, to_web_1, "/").is_err());
-    cluster.wait_for_http(&client, to_web_1, "/").unwrap();
+    let body = cluster.wait_for_http(&web_2, to_web_1, "/").unwrap();
+    assert_eq!(body.trim(), web_1.name);
 
     cluster
-        .wait_until("both policies Accepted", || {
+        .wait_until("every policy Accepted", || {
             let table = cluster.kubectl(&["get", "authz,mtls", "-A"])?;
             let accepted = table.lines().filter(|l| l.contains("True")).count();
-            Ok(accepted == 2)
+            Ok(accepted == 3)
         })
         .unwrap();
     let table = cluster.kubectl(&["get", "authz", "-A"]).unwrap();
     assert!(table.contains("ACCEPTED"), "{table}");
 
     cluster
-        .kubectl(&[
-            "-n",
-            MESHED,
-            "delete",
-            "mtlspolicy,authorizationpolicy",
-            "--all",
-        ])
+        .kubectl(&["-n", MESHED, "delete", "mtlspolicy,authorizationpolicy", "--all"])
         .unwrap();
     cluster.wait_for_http(&legacy, to_web_1, "/").unwrap();
+    cluster.wait_for_http(&client, to_web_2, "/").unwrap();
 }
 
 /// A rolling restart of web-2 while the client sends requests through the
@@ -281,6 +329,7 @@ fn scenarios(cni: Cni) {
         cluster.rollout_status(MESHED, app).unwrap();
     }
     every_pair_connects(&cluster);
+    node_traffic_and_node_ports_work(&cluster);
     meshed_pods_stay_ready(&cluster);
     only_tls_between_meshed_pods(&cluster);
     policies_are_enforced_and_reported(&cluster);

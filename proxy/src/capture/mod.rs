@@ -22,14 +22,17 @@
 //!   so is TCP between two pods of the same bridge; with it off, such
 //!   frames never reach IP's hooks and pass uncaptured.
 //!
+//! - connections kube-proxy translates to a meshed pod after the capture
+//!   hook (an unmeshed client's ClusterIP, a NodePort) are captured after
+//!   the translation into the inbound plaintext listener, and its gate;
+//!   the proxy's own pass-through connections that the node translates to
+//!   one of its meshed pods (a meshed client dialling a NodePort, a
+//!   hostPort or a ClusterIP the proxy does not know yet) are reset: they
+//!   would reach the pod past the gate.
+//!
 //! The rule by rule account is with the table, in `ruleset.rs`. Limits: a
 //! connection a pod opened before it was meshed is reset, as its next
-//! packet is steered to a listener that does not know it; and a connection
-//! that reaches a meshed pod past these rules (a DNAT to it after the
-//! prerouting hook, e.g. kube-proxy's for a ClusterIP or NodePort, by a
-//! client that is not the node) is not carried and does not work: the
-//! pod's replies are steered like any packet of a meshed pod, never let
-//! through in plaintext.
+//! packet is steered to a listener that does not know it.
 //!
 //! This module programs the kernel and nothing else: it does not open the
 //! listeners, and it does not decide which pods are meshed.
@@ -142,6 +145,12 @@ impl CaptureConfig {
         }
         if self.capture_mark == 0 || self.proxy_mark == 0 || self.node_connection_mark == 0 {
             return Some("the capture, proxy and node connection marks must not be 0".to_owned());
+        }
+        if self.node_connection_mark & (self.capture_mark | self.proxy_mark) != 0 {
+            return Some(format!(
+                "the node connection mark {:#x} overlaps the capture or proxy mark",
+                self.node_connection_mark
+            ));
         }
         if self.capture_mark & self.proxy_mark != 0 {
             return Some(format!(

@@ -77,6 +77,13 @@ impl RealCluster {
                 .args(&args[1..])
                 .output()
                 .with_context(|| format!("running {args:?}"))?;
+            if !output.status.success() {
+                bail!(
+                    "{args:?} failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         };
         let tables = run(&["ip", "netns", "exec", &netns, "nft", "list", "tables"])?;

@@ -54,7 +54,9 @@ use control_plane::ControlPlane;
 pub use mesh::{Captured, LinkCapture, RELEASE, WEFT_NAMESPACE};
 use node::Node;
 use pki::Credentials;
-pub use workloads::{APP_IMAGE, APP_PORT, PodRef, SERVICE_PORT, app, http_get, namespace};
+pub use workloads::{
+    APP_IMAGE, APP_PORT, PodRef, SERVICE_PORT, app, http_get, namespace, node_port,
+};
 
 /// The API server's address on the control-plane bridge.
 pub const APISERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);

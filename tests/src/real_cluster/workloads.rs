@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{DNS_SERVICE_IP, RealCluster};
+use crate::netns;
 use crate::MESH_LABEL;
 
 /// The test app's image (from `scripts/kube.sh build`).
@@ -21,6 +22,10 @@ pub const APP_PORT: u16 = 8080;
 pub const SERVICE_PORT: u16 = 80;
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a DNS query waits for its answer before it is sent again.
+const DNS_RETRY: Duration = Duration::from_secs(2);
+/// How many times a DNS query is sent.
+const DNS_ATTEMPTS: usize = 5;
 
 /// A namespace, labelled into the mesh or not.
 pub fn namespace(name: &str, meshed: bool) -> String {
@@ -60,7 +65,7 @@ spec:
       labels: {{app: {app}}}
     spec:
       serviceAccountName: {app}
-      terminationGracePeriodSeconds: 5
+      terminationGracePeriodSeconds: 15
 {node_selector}      containers:
       - name: app
         image: {APP_IMAGE}
@@ -70,12 +75,16 @@ spec:
         readinessProbe:
           httpGet: {{path: /healthz, port: {APP_PORT}}}
           periodSeconds: 1
+          timeoutSeconds: 5
         livenessProbe:
           httpGet: {{path: /healthz, port: {APP_PORT}}}
           periodSeconds: 5
+          timeoutSeconds: 5
         lifecycle:
+          # What well-behaved apps do: keep serving while the endpoint's
+          # removal reaches kube-proxy and the mesh.
           preStop:
-            exec: {{command: [sleep, "2"]}}
+            exec: {{command: [sleep, "5"]}}
 ---
 apiVersion: v1
 kind: Service
@@ -87,6 +96,15 @@ spec:
   ports:
   - {{name: http, port: {SERVICE_PORT}, targetPort: {APP_PORT}}}
 "#
+    )
+}
+
+/// A NodePort Service `<app>-nodeport` in front of `app`, on `node_port`.
+pub fn node_port(namespace: &str, app: &str, node_port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {app}-nodeport\n  namespace: {namespace}\n\
+         spec:\n  type: NodePort\n  selector: {{app: {app}}}\n  ports:\n  \
+         - {{port: {SERVICE_PORT}, targetPort: {APP_PORT}, nodePort: {node_port}}}\n"
     )
 }
 
@@ -191,6 +209,26 @@ impl RealCluster {
             .with_context(|| format!("GET http://{to}{path} from {}", from.name))
     }
 
+    /// `GET path` from `node` itself (as a hostNetwork pod or the kubelet).
+    pub fn http_get_from_node(&self, node: &str, to: SocketAddr, path: &str) -> Result<String> {
+        let stream = self
+            .run_in_node(node, || {
+                TcpStream::connect_timeout(&to, crate::IO_TIMEOUT)
+            })?
+            .with_context(|| format!("connecting from {node} to {to}"))?;
+        http_get(stream, to, path).with_context(|| format!("GET http://{to}{path} from {node}"))
+    }
+
+    /// `GET path` from outside the nodes (the control plane's namespace, on
+    /// the nodes' network), as a client of a NodePort.
+    pub fn http_get_from_outside(&self, to: SocketAddr, path: &str) -> Result<String> {
+        let stream = netns::run_in(&self.control_netns, || {
+            TcpStream::connect_timeout(&to, crate::IO_TIMEOUT)
+        })?
+        .with_context(|| format!("connecting from outside the nodes to {to}"))?;
+        http_get(stream, to, path).with_context(|| format!("GET http://{to}{path} from outside"))
+    }
+
     /// [`RealCluster::http_get_from`] until it succeeds: Services and
     /// policies reach kube-proxy and weft's proxies some time after the API
     /// server has them.
@@ -208,13 +246,22 @@ impl RealCluster {
         let query = dns_query(name)?;
         let answer = self.run_in_pod(&from.namespace, &from.name, || -> Result<Vec<u8>> {
             let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            socket.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+            socket.set_read_timeout(Some(DNS_RETRY))?;
             socket.connect((DNS_SERVICE_IP, 53))?;
-            socket.send(&query)?;
             let mut buf = vec![0; 1500];
-            let n = socket.recv(&mut buf)?;
-            buf.truncate(n);
-            Ok(buf)
+            // UDP: a lost query or answer is asked again, as resolvers do.
+            let mut last = None;
+            for _ in 0..DNS_ATTEMPTS {
+                socket.send(&query)?;
+                match socket.recv(&mut buf) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Ok(buf);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.map_or_else(|| anyhow::anyhow!("no DNS answer"), anyhow::Error::from))
         })??;
         first_a_record(&answer).with_context(|| format!("resolving {name} from {}", from.name))
     }
