@@ -236,7 +236,13 @@ fn policies_are_enforced_and_reported(cluster: &RealCluster) {
     assert!(table.contains("ACCEPTED"), "{table}");
 
     cluster
-        .kubectl(&["-n", MESHED, "delete", "mtlspolicy,authorizationpolicy", "--all"])
+        .kubectl(&[
+            "-n",
+            MESHED,
+            "delete",
+            "mtlspolicy,authorizationpolicy",
+            "--all",
+        ])
         .unwrap();
     cluster.wait_for_http(&legacy, to_web_1, "/").unwrap();
     cluster.wait_for_http(&client, to_web_2, "/").unwrap();

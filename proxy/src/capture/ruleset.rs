@@ -178,7 +178,9 @@ fn after_bridge_chain(config: &CaptureConfig) -> String {
 /// The table: the sets, and these chains.
 ///
 /// `prerouting` (at the mangle priority) decides. In order, it
-/// 1. lets everything but TCP through untouched;
+/// 1. lets everything but TCP through untouched, and drops TCP from
+///    outside the node to a loopback address (a martian, but rule 3 would
+///    hand it to one of the proxy's loopback listeners);
 /// 2. lets the proxy's own packets (`proxy_mark`) through, never steered;
 /// 3. hands packets of the proxy's existing transparent sockets (replies to
 ///    [`connect_from`](crate::sockets::connect_from) connections, the rest
@@ -260,15 +262,16 @@ fn table(config: &CaptureConfig) -> String {
     let to_proxy = format!("meta mark set meta mark | {capture:#x} goto hide_destination");
     let mut chain = vec![
         "meta l4proto != tcp accept".to_owned(),
-        // Loopback destinations arriving from outside are martians the
-        // routing would drop; rule 3 would hand them to the proxy's
-        // loopback listeners instead.
         "iif != \"lo\" ip daddr 127.0.0.0/8 drop".to_owned(),
-        "iif != \"lo\" ip6 daddr ::1 drop".to_owned(),
+    ];
+    if config.ipv6 {
+        chain.push("iif != \"lo\" ip6 daddr ::1 drop".to_owned());
+    }
+    chain.extend([
         format!("meta mark & {proxy:#x} == {proxy:#x} accept"),
         format!("socket transparent 1 {to_proxy}"),
         format!("ct direction reply ct mark & {node:#x} == {node:#x} fib daddr type local accept"),
-    ];
+    ]);
     let families = families(config);
     for &(ip, set, loopback) in &families {
         chain.push(format!(

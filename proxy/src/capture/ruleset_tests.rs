@@ -29,6 +29,8 @@ fn the_default_table_steers_meshed_pods_to_the_three_listeners() {
     let prerouting = chain_rules(&script, "prerouting");
     let expected = [
         "meta l4proto != tcp accept".to_owned(),
+        "iif != \"lo\" ip daddr 127.0.0.0/8 drop".to_owned(),
+        "iif != \"lo\" ip6 daddr ::1 drop".to_owned(),
         "meta mark & 0x2 == 0x2 accept".to_owned(),
         format!("socket transparent 1 {TO_PROXY}"),
         "ct direction reply ct mark & 0x4 == 0x4 fib daddr type local accept".to_owned(),
@@ -68,7 +70,7 @@ fn replies_to_the_node_pass_but_only_after_the_proxys_own_sockets() {
     assert!(position("socket transparent 1") < exemption);
     // ... and the exemption comes before any steering or dropping.
     assert!(exemption < position("tproxy ip to 127.0.0.1:15001"));
-    assert!(exemption < position(" drop"));
+    assert!(exemption < position("@meshed_v4 fib saddr . iif oif exists meta l4proto tcp drop"));
     // It trusts conntrack, not addresses: only connections the node's
     // own output hook marked, and only packets delivered to the node.
     let rule = prerouting[exemption];

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{DNS_SERVICE_IP, RealCluster};
-use crate::netns;
 use crate::MESH_LABEL;
+use crate::netns;
 
 /// The test app's image (from `scripts/kube.sh build`).
 pub const APP_IMAGE: &str = "localhost/weft-test/app:1";
@@ -212,9 +212,7 @@ impl RealCluster {
     /// `GET path` from `node` itself (as a hostNetwork pod or the kubelet).
     pub fn http_get_from_node(&self, node: &str, to: SocketAddr, path: &str) -> Result<String> {
         let stream = self
-            .run_in_node(node, || {
-                TcpStream::connect_timeout(&to, crate::IO_TIMEOUT)
-            })?
+            .run_in_node(node, || TcpStream::connect_timeout(&to, crate::IO_TIMEOUT))?
             .with_context(|| format!("connecting from {node} to {to}"))?;
         http_get(stream, to, path).with_context(|| format!("GET http://{to}{path} from {node}"))
     }
