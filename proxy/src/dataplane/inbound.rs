@@ -70,7 +70,7 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
 }
 
 async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr) {
-    let routes = plane.routes.borrow().clone();
+    let routes = plane.routes.current();
     let Some(workload) = routes
         .local_workload(local.ip())
         .filter(|w| w.meshed)
@@ -150,7 +150,7 @@ impl InboundHandler for InboundTunnel {
 
     async fn connect(&self, request: &InboundRequest) -> Result<Metered<TcpStream>, Refusal> {
         let plane = &self.plane;
-        let routes = plane.routes.borrow().clone();
+        let routes = plane.routes.current();
         let Some(workload) = routes
             .local_workload(request.target.ip())
             .filter(|w| w.meshed)

@@ -41,7 +41,7 @@ use telemetry::TrafficMetrics;
 /// What every connection handler shares.
 pub struct DataPlane {
     /// The applied config, indexed for lookups.
-    pub routes: watch::Receiver<Arc<RouteTable>>,
+    pub routes: Arc<Routes>,
     /// The node's workload certificates.
     pub certificates: watch::Receiver<CertificateMap>,
     /// Metric families.
@@ -62,30 +62,67 @@ pub struct DataPlane {
 /// Inbound TLS handshakes in progress at most.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 
-/// Keeps a [`RouteTable`] in step with the applied config. The tables share
-/// one balancing state, so it survives config changes.
-pub fn route_table(mut view: ViewReceiver) -> watch::Receiver<Arc<RouteTable>> {
-    let balancers = Arc::new(balancer::Balancers::default());
-    let initial = view
-        .borrow_and_update()
-        .as_deref()
-        .map(|v| RouteTable::with_balancers(v, &balancers))
-        .unwrap_or_default();
-    let (tx, rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(async move {
-        while view.changed().await.is_ok() {
-            let table = view
-                .borrow_and_update()
-                .as_deref()
-                .map(|v| RouteTable::with_balancers(v, &balancers));
-            if let Some(table) = table
-                && tx.send(Arc::new(table)).is_err()
-            {
-                return;
+/// The route table of the applied config. A task keeps it in step with the
+/// view and wakes whoever waits for changes; a connection that arrives
+/// between a config's application and that task's turn (a busy node)
+/// builds the table itself, so that nothing accepted after a config was
+/// applied (and shown in the config dump, and acknowledged) runs on the
+/// config before. All tables share one balancing state, so it survives
+/// config changes.
+pub struct Routes {
+    view: ViewReceiver,
+    balancers: Arc<balancer::Balancers>,
+    table: watch::Sender<Arc<RouteTable>>,
+}
+
+impl Routes {
+    /// Builds the table of the current view and starts the task that
+    /// follows it.
+    pub fn follow(view: ViewReceiver) -> Arc<Routes> {
+        let balancers = Arc::new(balancer::Balancers::default());
+        let initial = view
+            .borrow()
+            .as_deref()
+            .map(|v| RouteTable::with_balancers(v, &balancers))
+            .unwrap_or_default();
+        let routes = Arc::new(Routes {
+            view: view.clone(),
+            balancers,
+            table: watch::channel(Arc::new(initial)).0,
+        });
+        let (follower, mut changes) = (routes.clone(), view);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                changes.borrow_and_update();
+                follower.current();
             }
-        }
-    });
-    rx
+        });
+        routes
+    }
+
+    /// The table of the config applied now.
+    pub fn current(&self) -> Arc<RouteTable> {
+        let table = self.table.borrow().clone();
+        let view = self.view.borrow().clone();
+        let Some(view) = view.filter(|v| v.version() > table.version) else {
+            return table;
+        };
+        let newer = Arc::new(RouteTable::with_balancers(&view, &self.balancers));
+        // Two builders may race; the newest version wins.
+        self.table.send_if_modified(|current| {
+            let newest = newer.version > current.version;
+            if newest {
+                *current = newer.clone();
+            }
+            newest
+        });
+        self.table.borrow().clone()
+    }
+
+    /// Changes of the table, for those who act on every new config.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.table.subscribe()
+    }
 }
 
 /// Runs a capture listener: each connection whose original destination is

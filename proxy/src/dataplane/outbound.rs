@@ -116,7 +116,7 @@ async fn proxy(
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
-    let routes = plane.routes.borrow().clone();
+    let routes = plane.routes.current();
     let mut client = Client {
         stream,
         addr: client_addr,

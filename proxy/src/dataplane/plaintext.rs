@@ -27,7 +27,7 @@ async fn proxy(
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
-    let routes = plane.routes.borrow().clone();
+    let routes = plane.routes.current();
     let Some(workload) = routes.local_workload(destination.ip()).cloned() else {
         debug!("inbound plaintext: not a local pod");
         plane

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tracing::warn;
 use weft_api::authorization::{Decision, Outcome};
 
@@ -65,7 +64,7 @@ impl InboundRegistry {
     /// descriptors): the connection then runs unwatched, which is logged.
     pub fn register_admitted(
         self: &Arc<Self>,
-        routes: &watch::Receiver<Arc<RouteTable>>,
+        routes: &super::Routes,
         metrics: &TrafficMetrics,
         decided_on: u64,
         upstream: &TcpStream,
@@ -78,7 +77,7 @@ impl InboundRegistry {
             request.source,
             request.destination,
         );
-        let current = routes.borrow().clone();
+        let current = routes.current();
         if current.version == decided_on {
             return Ok(registration);
         }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::drain::{self, DrainTrigger};
 use super::routes::RouteTable;
 use super::telemetry::TrafficMetrics;
-use super::{DataPlane, inbound, outbound, plaintext, route_table};
+use super::{DataPlane, Routes, inbound, outbound, plaintext};
 use crate::capture::{CaptureConfig, NodeCapture};
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
@@ -47,7 +47,7 @@ pub async fn start(
 ) -> Result<RunningDataPlane, Error> {
     let mut registry = Registry::default();
     let metrics = TrafficMetrics::new(&mut registry);
-    let routes = route_table(view);
+    let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
     let dialer: crate::hbone::Dialer = Arc::new(|source, destination| {
         Box::pin(sockets::connect_from(source, destination, PROXY_MARK))
@@ -66,7 +66,7 @@ pub async fn start(
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.
-    let (mut versions, watched) = (routes.clone(), plane.clone());
+    let (mut versions, watched) = (routes.subscribe(), plane.clone());
     tokio::spawn(async move {
         while versions.changed().await.is_ok() {
             let table = versions.borrow_and_update().clone();
@@ -115,9 +115,9 @@ pub async fn start(
     // capture (traffic arrives by other means) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
     let capture = if config.capture {
-        Some(start_capture(routes.clone(), programmed_tx, ipv6)?)
+        Some(start_capture(routes.subscribe(), programmed_tx, ipv6)?)
     } else {
-        let mut versions = routes.clone();
+        let mut versions = routes.subscribe();
         tokio::spawn(async move {
             loop {
                 let version = versions.borrow_and_update().version;
@@ -149,7 +149,7 @@ pub async fn start(
         http_server::serve(
             readiness_listener,
             "readiness",
-            monitoring::readiness(routes, programmed, drain),
+            monitoring::readiness(routes.subscribe(), programmed, drain),
         )
         .await;
         "readiness endpoint"
