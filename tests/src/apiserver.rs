@@ -338,18 +338,7 @@ pub(crate) fn apiserver_binary() -> Result<PathBuf> {
 /// Writes the CA, the serving certificate and the ServiceAccount key pair into
 /// `dir` and returns the CA's PEM.
 fn write_credentials(dir: &Path) -> Result<String> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "weft test kube CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
+    let (ca_cert, issuer) = kube_ca("weft test kube CA")?;
 
     let serving_key = KeyPair::generate()?;
     let mut serving = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
@@ -370,6 +359,23 @@ fn write_credentials(dir: &Path) -> Result<String> {
         std::fs::write(dir.join(name), pem).with_context(|| format!("writing {name}"))?;
     }
     Ok(ca_cert.pem())
+}
+
+/// A self-signed CA for a test cluster's API server (serving and client
+/// certificates), named `common_name`, and the issuer that signs with it.
+pub(crate) fn kube_ca(common_name: &str) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>)> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    Ok((ca_cert, Issuer::new(ca, ca_key)))
 }
 
 /// 32 random bytes from the kernel, hex-encoded.

@@ -83,6 +83,12 @@ pub(crate) fn open(netns: &str) -> Result<File> {
 /// `ip netns pids` finds them, but also after the name was deleted).
 pub(crate) fn pids_in(ns: &File) -> Result<Vec<i32>> {
     let target = ns.metadata().context("stat of a network namespace")?;
+    pids_sharing("net", target.dev(), target.ino())
+}
+
+/// Pids of the processes whose namespace of `kind` (`net`, `mnt`, ... as
+/// in `/proc/<pid>/ns/`) is the one with device `dev` and inode `ino`.
+pub(crate) fn pids_sharing(kind: &str, dev: u64, ino: u64) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").context("listing /proc")? {
         let Ok(entry) = entry else { continue };
@@ -94,10 +100,10 @@ pub(crate) fn pids_in(ns: &File) -> Result<Vec<i32>> {
             continue;
         };
         // Processes may exit while we look; they are not in the namespace any more.
-        let Ok(meta) = std::fs::metadata(entry.path().join("ns/net")) else {
+        let Ok(meta) = std::fs::metadata(entry.path().join("ns").join(kind)) else {
             continue;
         };
-        if meta.dev() == target.dev() && meta.ino() == target.ino() {
+        if meta.dev() == dev && meta.ino() == ino {
             pids.push(pid);
         }
     }

@@ -33,22 +33,16 @@ impl RealCluster {
             WEFT_NAMESPACE,
             "--create-namespace",
         ])?;
-        self.kubectl(&[
-            "-n",
-            WEFT_NAMESPACE,
-            "rollout",
-            "status",
-            "deployment/weft-control-plane",
-            &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
-        ])?;
-        self.kubectl(&[
-            "-n",
-            WEFT_NAMESPACE,
-            "rollout",
-            "status",
-            "daemonset/weft-node-proxy",
-            &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
-        ])?;
+        for workload in ["deployment/weft-control-plane", "daemonset/weft-node-proxy"] {
+            self.kubectl(&[
+                "-n",
+                WEFT_NAMESPACE,
+                "rollout",
+                "status",
+                workload,
+                &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
+            ])?;
+        }
         Ok(())
     }
 

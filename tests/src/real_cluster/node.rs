@@ -504,23 +504,8 @@ state = "{d}/state"
 
 /// SIGKILLs every process whose mount namespace is (`dev`, `ino`).
 fn kill_mount_namespace(dev: u64, ino: u64) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(meta) = std::fs::metadata(entry.path().join("ns/mnt"))
-            && meta.dev() == dev
-            && meta.ino() == ino
-        {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+    for pid in netns::pids_sharing("mnt", dev, ino).unwrap_or_default() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 

@@ -10,10 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
 
 /// A component's name toward the API server: its user and groups.
 #[derive(Debug, Clone)]
@@ -37,18 +34,7 @@ impl Credentials {
     /// kubelet per node name.
     pub fn write(dir: &Path, apiserver_ip: Ipv4Addr, nodes: &[String]) -> Result<Credentials> {
         std::fs::create_dir_all(dir)?;
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "weft real-cluster CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca, ca_key);
+        let (ca_cert, issuer) = crate::apiserver::kube_ca("weft real-cluster CA")?;
 
         let serving_key = KeyPair::generate()?;
         let mut serving = CertificateParams::new(vec![
