@@ -14,8 +14,9 @@
 #
 # <version> is each crate's version from `cargo metadata`, and the names are
 # the ones deploy/weft.yaml and the Helm chart use. Each image holds its binary
-# in /usr/local/bin (the entrypoint), the shared libraries `ldd` names and the
-# dynamic loader, and nothing else but a few files from /etc (passwd, group,
+# in /usr/local/bin (the entrypoint; its debug information stripped and kept
+# beside the archive as <name>-<version>.debug), the shared libraries `ldd`
+# names and the dynamic loader, and nothing else but a few files from /etc (passwd, group,
 # nsswitch.conf; for the proxy also protocols, with which `nft` names
 # protocols as on the node, and iproute2's name tables). Before committing,
 # the script runs every executable of an image in a chroot of its root file
@@ -99,6 +100,7 @@ missing=()
 command -v buildah >/dev/null || missing+=(buildah)
 command -v nft >/dev/null || missing+=(nftables)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v objcopy >/dev/null || missing+=(binutils)
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"
 fi
@@ -347,17 +349,30 @@ commit_image() {
     log "$image -> $archive ($(du -h "$archive" | cut -f1), $(stat -c %s "$archive") bytes)"
 }
 
+# Installs weft binary $2 in the root file system $1 without its debug
+# information (the release profile's line tables: three quarters of the
+# binary). The symbols stay, so a backtrace still names its functions; the
+# line tables go to <out>/<name>-<version>.debug, which the binary names
+# (a GNU debuglink) for gdb or addr2line to find.
+install_weft_binary() {
+    local rootfs="$1" name="$2"
+    local debug="$out/$name-${version[$name]}.debug"
+    install_executable "$rootfs" "$release/$name" "$bindir/$name"
+    objcopy --only-keep-debug "$release/$name" "$debug"
+    objcopy --strip-debug --add-gnu-debuglink="$debug" "$rootfs$bindir/$name"
+}
+
 # The control plane.
 rootfs="$work/control-plane"
 write_etc "$rootfs"
-install_executable "$rootfs" "$release/weft-control-plane" "$bindir/weft-control-plane"
+install_weft_binary "$rootfs" weft-control-plane
 smoke_test "$rootfs" "$bindir/weft-control-plane"
 commit_image weft-control-plane "$rootfs" 65532:65532
 
 # The node proxy, with the tools it runs to program capture.
 rootfs="$work/proxy"
 write_etc "$rootfs"
-install_executable "$rootfs" "$release/weft-proxy" "$bindir/weft-proxy"
+install_weft_binary "$rootfs" weft-proxy
 install_executable "$rootfs" "$(command -v nft)" /usr/sbin/nft
 install_executable "$rootfs" "$(command -v ip)" /usr/sbin/ip
 copy_file "$rootfs" /etc/protocols
