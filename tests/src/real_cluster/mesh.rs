@@ -66,19 +66,10 @@ impl RealCluster {
     pub fn weft_state_on(&self, node: &str) -> Result<Vec<String>> {
         let netns = self.node_netns(node)?.to_owned();
         let mut found = Vec::new();
-        let run = |args: &[&str]| -> Result<String> {
-            let output = Command::new(args[0])
-                .args(&args[1..])
-                .output()
-                .with_context(|| format!("running {args:?}"))?;
-            if !output.status.success() {
-                bail!(
-                    "{args:?} failed ({}): {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-            }
-            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let run = |args: &[&str]| {
+            let mut command = Command::new(args[0]);
+            command.args(&args[1..]);
+            super::run_command(command)
         };
         let tables = run(&["ip", "netns", "exec", &netns, "nft", "list", "tables"])?;
         found.extend(

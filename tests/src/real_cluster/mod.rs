@@ -292,18 +292,8 @@ impl RealCluster {
         self.run_in_control_plane(command)
     }
 
-    fn run_in_control_plane(&self, mut command: Command) -> Result<String> {
-        let shown = format!("{command:?}");
-        let output = netns::run_in(&self.control_netns, || command.output())?
-            .with_context(|| format!("running {shown}"))?;
-        if !output.status.success() {
-            bail!(
-                "{shown} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    fn run_in_control_plane(&self, command: Command) -> Result<String> {
+        netns::run_in(&self.control_netns, || run_command(command))?
     }
 
     /// Runs `f` on a thread inside `node`'s network namespace.
@@ -384,6 +374,23 @@ impl RealCluster {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// Runs `command` to its end and returns its stdout; fails with its stderr
+/// when it fails.
+pub(crate) fn run_command(mut command: Command) -> Result<String> {
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .with_context(|| format!("running {shown}"))?;
+    if !output.status.success() {
+        bail!(
+            "{shown} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A TCP connection to `to` from inside network namespace `netns`.

@@ -14,7 +14,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::pki::Credentials;
-use super::{APISERVER_IP, CLUSTER_CIDR, Cni, DNS_SERVICE_IP, KubeBinaries, apiserver_url};
+use super::{
+    APISERVER_IP, CLUSTER_CIDR, Cni, DNS_SERVICE_IP, KubeBinaries, apiserver_url, run_command,
+};
 use crate::process::{self, Process};
 use crate::{cgroups, cleanup, netns};
 
@@ -221,18 +223,12 @@ impl Node {
                 file = file.display()
             );
         }
-        let output = Command::new("nsenter")
+        let mut mount = Command::new("nsenter");
+        mount
             .arg("-t")
             .arg(pid.to_string())
-            .args(["-m", "--", "sh", "-c", &script])
-            .output()
-            .context("running nsenter")?;
-        if !output.status.success() {
-            bail!(
-                "mounting the node's private directories failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+            .args(["-m", "--", "sh", "-c", &script]);
+        run_command(mount).context("mounting the node's private directories")?;
         Ok(())
     }
 
@@ -308,29 +304,18 @@ state = "{d}/state"
         command.arg("--config").arg(&config);
         self.containerd = Some(self.spawn(dir, "containerd", command)?);
         let socket = Self::containerd_socket(dir);
-        wait_for(
-            DAEMON_TIMEOUT,
-            "containerd's socket",
-            || Ok(socket.exists()),
-        )
+        crate::wait_until(DAEMON_TIMEOUT, || Ok(socket.exists()))
+            .context("waiting for containerd's socket")
     }
 
     fn import(&self, dir: &Path, archive: &Path) -> Result<()> {
-        let output = Command::new("ctr")
-            .arg("--address")
+        let mut ctr = Command::new("ctr");
+        ctr.arg("--address")
             .arg(Self::containerd_socket(dir))
             .args(["-n", "k8s.io", "images", "import"])
-            .arg(archive)
-            .output()
-            .context("running ctr")?;
-        if !output.status.success() {
-            bail!(
-                "importing {} into {}: {}",
-                archive.display(),
-                self.name,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+            .arg(archive);
+        run_command(ctr)
+            .with_context(|| format!("importing {} into {}", archive.display(), self.name))?;
         Ok(())
     }
 
@@ -507,15 +492,4 @@ fn kill_mount_namespace(dev: u64, ino: u64) {
     for pid in netns::pids_sharing("mnt", dev, ino).unwrap_or_default() {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-}
-
-fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ready()? {
-        if Instant::now() > deadline {
-            bail!("waited {timeout:?} for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
