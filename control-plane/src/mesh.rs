@@ -25,8 +25,11 @@ pub struct MeshWorkload {
     pub workload: pb::Workload,
     /// The parsed identity.
     pub identity: Identity,
-    /// Whether the pod is in phase Running (only running pods get certificates).
-    pub running: bool,
+    /// Whether the pod has an IP: from then on its containers (init
+    /// containers first) can open connections, and they must be meshed, so
+    /// the CA signs its identity. A pod that is only scheduled has none
+    /// yet; a finished one is not a workload at all.
+    pub has_ip: bool,
 }
 
 /// The whole mesh, derived from one snapshot of the cluster.
@@ -76,11 +79,12 @@ impl Mesh {
         }
     }
 
-    /// Whether `node` runs a running, meshed pod with `identity`: the CA's
-    /// condition for signing that identity for that node.
+    /// Whether `node` runs a meshed pod with `identity` that has an IP
+    /// (Pending with its init containers, or Running): the CA's condition
+    /// for signing that identity for that node.
     pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
         self.workloads.values().any(|w| {
-            w.running && w.workload.meshed && w.workload.node == node && &w.identity == identity
+            w.has_ip && w.workload.meshed && w.workload.node == node && &w.identity == identity
         })
     }
 }
@@ -199,6 +203,7 @@ fn workload_of(
         _ => namespace_meshed,
     };
 
+    let has_ip = !ips.is_empty();
     let workload_name = workload_name(pod, &name, &labels);
     let applicable = policies.applying_to(cluster, &namespace, &labels);
     let (mtls_mode, mtls_policy) =
@@ -222,7 +227,7 @@ fn workload_of(
             mtls_policy,
         },
         identity,
-        running: phase == "Running",
+        has_ip,
     })
 }
 

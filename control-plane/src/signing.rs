@@ -1,5 +1,6 @@
 //! The `Certificates` service: signs a workload CSR for a node proxy, but
-//! only for an identity that has a running, meshed pod on that proxy's node.
+//! only for an identity that has a meshed pod with an IP (Pending with its
+//! init containers, or Running) on that proxy's node.
 //! This is the check that keeps a compromised node from minting identities
 //! of workloads it does not host.
 
@@ -67,7 +68,7 @@ impl pb::certificates_server::Certificates for SigningService {
             return Err(self.refuse(
                 "denied",
                 Status::permission_denied(format!(
-                    "node {node} runs no running, meshed pod with identity {identity}"
+                    "node {node} runs no meshed pod with an IP and identity {identity}"
                 )),
             ));
         }

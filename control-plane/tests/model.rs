@@ -109,7 +109,7 @@ fn pods_become_workloads_with_identity_node_and_mesh_membership() {
     );
     assert_eq!(web.workload.node, "node-1");
     assert_eq!(web.workload.ips, vec!["10.244.1.2"]);
-    assert!(web.workload.meshed && web.running);
+    assert!(web.workload.meshed && web.has_ip);
     assert_eq!(
         web.workload.labels.get("app").map(String::as_str),
         Some("web")
@@ -155,7 +155,7 @@ fn services_carry_vips_resolved_ports_and_endpoints() {
 }
 
 #[test]
-fn the_ca_condition_needs_a_running_meshed_pod_on_that_node() {
+fn the_ca_condition_needs_a_meshed_pod_with_an_ip_on_that_node() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "cluster.yaml", CLUSTER);
     let (mesh, _) = mesh_of(dir.path());
@@ -169,6 +169,37 @@ fn the_ca_condition_needs_a_running_meshed_pod_on_that_node() {
     assert!(!mesh.node_runs("node-2", &web), "web runs on node-1 only");
     assert!(!mesh.node_runs("node-1", &default), "batch-1 is not meshed");
     assert!(!mesh.node_runs("node-2", &legacy), "legacy is not meshed");
+}
+
+#[test]
+fn the_ca_signs_for_a_pending_pod_once_it_has_an_ip() {
+    // Init containers run while the pod is Pending; their connections must
+    // be meshed, so the identity is signed as soon as the pod has an IP.
+    let dir = tempfile::tempdir().unwrap();
+    let pod = |ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{weft.dev/mesh: enabled}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: init-1, namespace: shop}}\n\
+             spec: {{nodeName: node-1, serviceAccountName: init, containers: [{{name: c, image: x}}]}}\n\
+             status: {{phase: Pending{ip}}}\n"
+        )
+    };
+    let init = "spiffe://cluster.local/ns/shop/sa/init".parse().unwrap();
+
+    write(dir.path(), "cluster.yaml", &pod(""));
+    let (mesh, _) = mesh_of(dir.path());
+    assert!(
+        !mesh.node_runs("node-1", &init),
+        "scheduled but without an IP: nothing can connect yet"
+    );
+
+    write(dir.path(), "cluster.yaml", &pod(", podIP: 10.244.1.40"));
+    let (mesh, _) = mesh_of(dir.path());
+    assert!(
+        mesh.node_runs("node-1", &init),
+        "Pending with an IP: signed"
+    );
+    assert!(!mesh.node_runs("node-2", &init), "only for its own node");
 }
 
 #[test]

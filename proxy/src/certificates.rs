@@ -14,12 +14,13 @@
 //! task stopped a moment ago cannot put back a certificate that was dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use weft_api::v1::SignRequest;
 use weft_api::v1::certificates_client::CertificatesClient;
 use weft_certs::{CertificateRequest, Identity, TrustBundle, WorkloadCertificate};
@@ -188,7 +189,12 @@ async fn keep_certified(
     let report = |report| reports.send((identity.clone(), generation, report));
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     let mut expires: Option<SystemTime> = None;
+    let mut view = view;
     loop {
+        let attempted = tokio::time::Instant::now();
+        // What the attempt was made with: a change from this wakes the wait
+        // after a failure, even one that came while the attempt ran.
+        let pods = pods_of(&identity, &mut view);
         match sign(&transport, &view, &identity).await {
             Ok(cert) => {
                 backoff.reset();
@@ -218,7 +224,7 @@ async fn keep_certified(
                     current_expires = %expires.map_or_else(|| "none".to_owned(), rfc3339),
                     "could not obtain a certificate"
                 );
-                tokio::time::sleep(delay).await;
+                wait_for_retry(&identity, &pods, attempted, delay, &mut view).await;
                 if expires.is_some_and(|not_after| SystemTime::now() >= not_after) {
                     warn!("the certificate expired before it could be renewed; dropping it");
                     expires = None;
@@ -229,6 +235,56 @@ async fn keep_certified(
             }
         }
     }
+}
+
+/// Waits `delay` after a failed attempt, or less when the node's pods of
+/// `identity` change meanwhile: the CA refuses an identity until the
+/// node's pod of it has an IP, and the config that brings the IP is the
+/// moment to ask again, not the end of a backoff grown to a minute. Other
+/// config changes do not wake it (a busy cluster changes its config all
+/// the time, and every proxy would ask the CA again with each change), and
+/// it never asks sooner than [`RETRY_INITIAL`] after the attempt.
+async fn wait_for_retry(
+    identity: &Identity,
+    before: &[(String, Vec<IpAddr>)],
+    attempted: tokio::time::Instant,
+    delay: Duration,
+    view: &mut ViewReceiver,
+) {
+    let retry = tokio::time::Instant::now() + delay;
+    let pods_changed = async {
+        if pods_of(identity, view) != before {
+            return;
+        }
+        while view.changed().await.is_ok() {
+            if pods_of(identity, view) != before {
+                return;
+            }
+        }
+        // The view's sender is gone: only the delay is left.
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(retry) => return,
+        () = pods_changed => {}
+    }
+    tokio::time::sleep_until((attempted + RETRY_INITIAL).min(retry)).await;
+    debug!("this identity's pods on the node changed; asking for the certificate again");
+}
+
+/// The node's meshed pods with `identity` and their IPs, as the current
+/// view has them.
+fn pods_of(identity: &Identity, view: &mut ViewReceiver) -> Vec<(String, Vec<IpAddr>)> {
+    view.borrow_and_update()
+        .as_ref()
+        .map(|view| {
+            view.local_workloads()
+                .values()
+                .filter(|w| w.meshed && &w.identity == identity)
+                .map(|w| (w.uid.clone(), w.ips.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One signing round trip: key and CSR here, signature there, checks here.
@@ -286,4 +342,104 @@ async fn sign(
             identity: identity.clone(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+    use weft_api::v1;
+    use weft_certs::MeshCa;
+
+    use super::*;
+    use crate::node_view::NodeView;
+
+    /// A view of node-1 with the pod `shop/init-1` (identity `shop/init`)
+    /// at `ips`, and a Service whose port is `port`.
+    fn view(version: u64, ips: &[&str], port: u32) -> Option<Arc<NodeView>> {
+        let roots = MeshCa::generate_root("cluster.local", SystemTime::now())
+            .unwrap()
+            .trust_bundle()
+            .to_pem();
+        let update = v1::ConfigUpdate {
+            version,
+            full_state: true,
+            local_workloads: vec![v1::Workload {
+                uid: "shop/init-1".into(),
+                namespace: "shop".into(),
+                name: "init-1".into(),
+                service_account: "init".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/init".into(),
+                node: "node-1".into(),
+                ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
+                meshed: true,
+                ..v1::Workload::default()
+            }],
+            services: vec![v1::Service {
+                namespace: "shop".into(),
+                name: "db".into(),
+                vips: vec!["10.96.0.10".into()],
+                ports: vec![v1::ServicePort {
+                    name: "sql".into(),
+                    port,
+                    target_port: port,
+                }],
+                ..v1::Service::default()
+            }],
+            trust: Some(v1::TrustBundle {
+                trust_domain: "cluster.local".into(),
+                roots_pem: roots,
+            }),
+            ..v1::ConfigUpdate::default()
+        };
+        Some(Arc::new(
+            NodeView::apply(None, &update, "node-1").unwrap().view,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_signing_is_retried_when_the_identitys_pod_gets_its_ip() {
+        let identity: Identity = "spiffe://cluster.local/ns/shop/sa/init".parse().unwrap();
+        let (config, mut receiver) = watch::channel(view(1, &[], 5432));
+        let before = pods_of(&identity, &mut receiver);
+        let start = Instant::now();
+        let waiting = tokio::spawn(async move {
+            let backoff = Duration::from_secs(60);
+            wait_for_retry(&identity, &before, start, backoff, &mut receiver).await;
+            Instant::now()
+        });
+
+        // Other changes leave the backoff alone.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        config.send_replace(view(2, &[], 5433));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished(), "woken by an unrelated change");
+
+        // The pod gets its IP: the next attempt is now, not in 50 s.
+        config.send_replace(view(3, &["10.244.1.40"], 5433));
+        let woken = waiting.await.unwrap();
+        assert_eq!(woken - start, Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_never_come_sooner_than_the_first_backoff_step() {
+        let identity: Identity = "spiffe://cluster.local/ns/shop/sa/init".parse().unwrap();
+        // The IP arrived while the attempt ran: no wait for the change, but
+        // not a tight loop either.
+        let (_config, mut receiver) = watch::channel(view(2, &["10.244.1.40"], 5432));
+        let start = Instant::now();
+        let before = vec![("shop/init-1".to_owned(), Vec::new())];
+        wait_for_retry(
+            &identity,
+            &before,
+            start,
+            Duration::from_secs(60),
+            &mut receiver,
+        )
+        .await;
+        assert_eq!(Instant::now() - start, RETRY_INITIAL);
+    }
 }
