@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData, SanType};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::pem::encode_certificates;
@@ -189,6 +190,48 @@ impl WorkloadCertificate {
     /// Time left until expiry (zero once expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.not_after.duration_since(now).unwrap_or_default()
+    }
+
+    /// The private key (PKCS#8 `PRIVATE KEY`) and the chain (leaf first) as
+    /// PEM, so that the node can keep the certificate across a restart of
+    /// its proxy (see [`WorkloadCertificate::from_private_pem`]). It holds
+    /// the private key: write it only to a file its owner alone can read,
+    /// on the node; it must never leave the node.
+    pub fn to_private_pem(&self) -> String {
+        let mut pem = crate::pem::encode_block("PRIVATE KEY", &self.key_pkcs8);
+        pem.push_str(&encode_certificates(&self.chain));
+        pem
+    }
+
+    /// A certificate that [`WorkloadCertificate::to_private_pem`] wrote,
+    /// checked as it was when issued: the leaf is for `identity` and for
+    /// this key, and the chain verifies against `trust` at `now` for both
+    /// usages. An expired one is refused like any other that does not
+    /// verify.
+    pub fn from_private_pem(
+        identity: &Identity,
+        pem: &str,
+        trust: TrustBundle,
+        now: SystemTime,
+    ) -> Result<WorkloadCertificate, Error> {
+        let parse = |reason: String| Error::ParsePem {
+            what: "stored workload key",
+            reason,
+        };
+        let key = match PrivateKeyDer::from_pem_slice(pem.as_bytes()) {
+            Ok(PrivateKeyDer::Pkcs8(pkcs8)) => {
+                KeyPair::try_from(&pkcs8).map_err(|e| parse(e.to_string()))?
+            }
+            Ok(_) => return Err(parse("the key is not PKCS#8".into())),
+            Err(e) => return Err(parse(e.to_string())),
+        };
+        let chain = crate::pem::parse_certificates(pem, "stored workload certificate")?;
+        CertificateRequest {
+            identity: identity.clone(),
+            key,
+            csr_der: Vec::new(),
+        }
+        .complete(chain, trust, now)
     }
 
     /// A fresh copy of the private key for a rustls config.

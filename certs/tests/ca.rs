@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use support::*;
-use weft_certs::{CertificateRequest, Error, MeshCa, SigningPolicy, TrustBundle};
+use weft_certs::{
+    CertificateRequest, Error, MeshCa, SigningPolicy, TrustBundle, WorkloadCertificate,
+};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -417,4 +419,61 @@ fn a_bundle_is_refused_when_the_chain_is_not_trusted() {
         .to_string();
 
     assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+#[test]
+fn a_stored_bundle_comes_back_only_for_its_identity_key_and_roots_and_while_valid() {
+    let ca = new_ca();
+    let now = SystemTime::now();
+    let cert = workload_at(&ca, CHECKOUT, now);
+    let pem = cert.to_private_pem();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+
+    let back =
+        WorkloadCertificate::from_private_pem(&id(CHECKOUT), &pem, ca.trust_bundle().clone(), now)
+            .unwrap();
+    assert_eq!(back.identity(), cert.identity());
+    assert_eq!(back.chain(), cert.chain());
+    assert_eq!(back.not_after(), cert.not_after());
+
+    // Another identity, other roots, after expiry, another key: refused.
+    let other_identity =
+        WorkloadCertificate::from_private_pem(&id(FRONTEND), &pem, ca.trust_bundle().clone(), now);
+    assert!(other_identity.is_err());
+    let other_roots = new_ca().trust_bundle().clone();
+    assert!(WorkloadCertificate::from_private_pem(&id(CHECKOUT), &pem, other_roots, now).is_err());
+    let expired = WorkloadCertificate::from_private_pem(
+        &id(CHECKOUT),
+        &pem,
+        ca.trust_bundle().clone(),
+        cert.not_after() + Duration::from_secs(1),
+    );
+    assert!(expired.is_err());
+    let stranger = workload_at(&ca, CHECKOUT, now).to_private_pem();
+    let (stranger_key, _) = stranger.split_at(stranger.find("-----BEGIN CERTIFICATE").unwrap());
+    let (_, chain) = pem.split_at(pem.find("-----BEGIN CERTIFICATE").unwrap());
+    let swapped = format!("{stranger_key}{chain}");
+    assert!(
+        WorkloadCertificate::from_private_pem(
+            &id(CHECKOUT),
+            &swapped,
+            ca.trust_bundle().clone(),
+            now
+        )
+        .is_err()
+    );
+    for garbage in [
+        "",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ] {
+        assert!(
+            WorkloadCertificate::from_private_pem(
+                &id(CHECKOUT),
+                garbage,
+                ca.trust_bundle().clone(),
+                now
+            )
+            .is_err()
+        );
+    }
 }

@@ -27,6 +27,7 @@ use weft_certs::{CertificateRequest, Identity, TrustBundle, WorkloadCertificate}
 
 use crate::backoff::Backoff;
 use crate::control_plane::ViewReceiver;
+use crate::node_state::NodeState;
 use crate::transport::SharedTransport;
 use crate::wall_clock::{rfc3339, sleep_until};
 use crate::{Error, error_chain};
@@ -47,6 +48,8 @@ pub struct NodeCertificates {
     transport: SharedTransport,
     view: ViewReceiver,
     published: watch::Sender<CertificateMap>,
+    /// Where certificates are kept on the node, if anywhere.
+    state: Option<NodeState>,
 }
 
 /// What a renewal task reports.
@@ -78,7 +81,40 @@ impl NodeCertificates {
             transport,
             view,
             published,
+            state: None,
         }
+    }
+
+    /// Keeps every certificate (with its key) in `state` from now on, and
+    /// starts from those stored there that the current view still wants
+    /// and that verify against its roots: a restarted proxy serves its
+    /// pods at once, also while the control plane is unreachable. Each is
+    /// renewed at its own renewal time. Returns how many were restored.
+    pub fn keep_in(&mut self, state: NodeState) -> usize {
+        let restored = match self.view.borrow().as_ref() {
+            Some(view) => state.load_certificates(
+                &view.meshed_local_identities(),
+                &view.trust().bundle,
+                SystemTime::now(),
+            ),
+            None => Vec::new(),
+        };
+        for certificate in &restored {
+            info!(
+                identity = %certificate.identity(),
+                not_after = %rfc3339(certificate.not_after()),
+                "restored a certificate from the node"
+            );
+        }
+        let count = restored.len();
+        self.published.send_replace(Arc::new(
+            restored
+                .into_iter()
+                .map(|certificate| (certificate.identity().clone(), certificate))
+                .collect(),
+        ));
+        self.state = Some(state);
+        count
     }
 
     /// The current certificates, updated on every issue, renewal and drop.
@@ -129,6 +165,7 @@ impl NodeCertificates {
             let keep = wanted.contains(identity);
             if !keep {
                 info!(%identity, "no meshed pod on this node has this identity any more; dropping its certificate");
+                self.forget(identity);
             }
             keep
         });
@@ -144,12 +181,14 @@ impl NodeCertificates {
                 continue;
             }
             *generation += 1;
+            let held = self.published.borrow().get(&identity).cloned();
             let renewal = keep_certified(
                 identity.clone(),
                 *generation,
                 self.transport.clone(),
                 self.view.clone(),
                 reports.clone(),
+                held,
             )
             .instrument(info_span!("certificate", identity = %identity));
             let handle = tokio::spawn(renewal).abort_handle();
@@ -164,6 +203,10 @@ impl NodeCertificates {
     }
 
     fn publish(&self, identity: Identity, report: Report) {
+        match &report {
+            Report::Issued(cert) => self.keep(cert),
+            Report::Expired => self.forget(&identity),
+        }
         self.published.send_modify(|map| {
             let map = Arc::make_mut(map);
             match report {
@@ -176,6 +219,25 @@ impl NodeCertificates {
             }
         });
     }
+
+    /// Stores a new certificate on the node (a few hundred bytes: written
+    /// in place, not worth a thread). A failure costs only the restart.
+    fn keep(&self, certificate: &WorkloadCertificate) {
+        if let Some(state) = &self.state
+            && let Err(error) = state.store_certificate(certificate)
+        {
+            warn!(%error, identity = %certificate.identity(), "storing the certificate on the node failed");
+        }
+    }
+
+    /// Removes a certificate the node no longer needs from its storage.
+    fn forget(&self, identity: &Identity) {
+        if let Some(state) = &self.state
+            && let Err(error) = state.remove_certificate(identity)
+        {
+            warn!(%error, %identity, "removing the stored certificate failed");
+        }
+    }
 }
 
 /// Obtains and renews the certificate of one identity until aborted.
@@ -185,11 +247,17 @@ async fn keep_certified(
     transport: SharedTransport,
     view: ViewReceiver,
     reports: mpsc::Sender<(Identity, u64, Report)>,
+    held: Option<WorkloadCertificate>,
 ) {
     let report = |report| reports.send((identity.clone(), generation, report));
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     let mut expires: Option<SystemTime> = None;
     let mut view = view;
+    if let Some(held) = held {
+        // Restored from the node: it serves until its own renewal time.
+        expires = Some(held.not_after());
+        sleep_until(held.renew_at()).await;
+    }
     loop {
         let attempted = tokio::time::Instant::now();
         // What the attempt was made with: a change from this wakes the wait

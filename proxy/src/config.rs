@@ -87,6 +87,29 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 10)]
     pub drain_seconds: u64,
 
+    /// How long a captured connection may wait for what it needs to go
+    /// meshed, in milliseconds: the source pod's certificate (outbound) or
+    /// the addressed pod's config and certificate (inbound), which a pod's
+    /// first connections (an init container's) can arrive ahead of. It then
+    /// proceeds meshed, or is closed; it never goes out in plaintext.
+    #[arg(long, env = "WEFT_PENDING_CONNECTION_WAIT_MS", default_value_t = 5000)]
+    pub pending_connection_wait_ms: u64,
+
+    /// Where the proxy keeps its last good state on the node: the applied
+    /// config and the workload certificates with their keys (see
+    /// `node_state.rs`). A proxy that restarts serves and enforces it until
+    /// the control plane sends a newer one, so a restart while the control
+    /// plane is unreachable loses no policy. Created private to the
+    /// proxy's user. Unset: nothing is kept.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// The least time between two writes of the stored config, in
+    /// milliseconds: a node's full state can be megabytes, and a busy
+    /// cluster changes it many times a second.
+    #[arg(long, env = "WEFT_STATE_WRITE_INTERVAL_MS", default_value_t = 1000)]
+    pub state_write_interval_ms: u64,
+
     /// Threads that carry traffic. With 1 (the default) the data plane runs
     /// on one single-threaded runtime: a connection's tasks (its copy loop
     /// and its HTTP/2 connection) never wake each other across threads, and
@@ -132,7 +155,8 @@ impl fmt::Display for ProxyConfig {
             f,
             "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
              admin_addr={} data_plane={} capture={} metrics_addr={} readiness_addr={} \
-             drain_seconds={} worker_threads={} log_format={} log_level={} \
+             drain_seconds={} pending_connection_wait_ms={} state_dir={} \
+             state_write_interval_ms={} worker_threads={} log_format={} log_level={} \
              max_config_message_bytes={}",
             self.node,
             self.control_plane,
@@ -145,6 +169,11 @@ impl fmt::Display for ProxyConfig {
             self.metrics_addr,
             self.readiness_addr,
             self.drain_seconds,
+            self.pending_connection_wait_ms,
+            self.state_dir
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |dir| dir.display().to_string()),
+            self.state_write_interval_ms,
             self.worker_threads,
             self.log_format,
             self.log_level,

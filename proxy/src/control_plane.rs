@@ -13,11 +13,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use weft_api::v1::node_config_client::NodeConfigClient;
 use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
 
 use crate::backoff::Backoff;
+use crate::node_state::NodeState;
 use crate::node_view::{Applied, NodeView};
 use crate::transport::SharedTransport;
 use crate::{Error, error_chain};
@@ -75,6 +76,19 @@ pub struct ControlPlaneClient {
     max_message_bytes: usize,
     view: watch::Sender<Option<Arc<NodeView>>>,
     status: watch::Sender<ControlPlaneStatus>,
+    /// Where the applied config is kept on the node, if anywhere.
+    kept: Option<Arc<KeptConfig>>,
+}
+
+/// The applied config as one full state, and the node's copy of it: the
+/// client folds every applied update in, a writer task stores it.
+struct KeptConfig {
+    state: NodeState,
+    /// The least time between two writes.
+    interval: Duration,
+    config: std::sync::Mutex<Arc<ConfigUpdate>>,
+    /// Bumped with every change, for the writer.
+    changed: watch::Sender<u64>,
 }
 
 /// Whether `error` is the roots file not being there (yet).
@@ -104,7 +118,52 @@ impl ControlPlaneClient {
             max_message_bytes,
             view,
             status,
+            kept: None,
         }
+    }
+
+    /// Keeps the applied config in `state` from now on (at most one write
+    /// per `interval`), and starts from the config stored there, if there
+    /// is one the proxy can apply: until the control plane sends a full
+    /// state, that is what the proxy serves and enforces. Returns the
+    /// restored view's version. A stored config that cannot be read or
+    /// applied is logged and ignored.
+    pub fn keep_in(&mut self, state: NodeState, interval: Duration) -> Option<u64> {
+        let restored = match state.load_config(self.max_message_bytes) {
+            Ok(stored) => stored,
+            Err(error) => {
+                warn!(%error, "cannot use the stored config; starting without one");
+                None
+            }
+        };
+        let restored = restored.and_then(|stored| {
+            match NodeView::apply(None, &stored, &self.node) {
+                Ok(Applied { view, refused }) => {
+                    info!(
+                        version = view.version(),
+                        local_workloads = view.local_workloads().len(),
+                        refused_entries = refused.len(),
+                        dir = %state.dir().display(),
+                        "restored the last applied config from the node; serving it until the \
+                         control plane sends a newer one"
+                    );
+                    self.view.send_replace(Some(Arc::new(view)));
+                    Some(stored)
+                }
+                Err(problem) => {
+                    warn!(reason = %problem, "cannot apply the stored config; starting without one");
+                    None
+                }
+            }
+        });
+        let version = restored.as_ref().map(|config| config.version);
+        self.kept = Some(Arc::new(KeptConfig {
+            state,
+            interval,
+            config: std::sync::Mutex::new(Arc::new(restored.unwrap_or_default())),
+            changed: watch::channel(0).0,
+        }));
+        version
     }
 
     /// The applied view, updated with every accepted update.
@@ -121,6 +180,14 @@ impl ControlPlaneClient {
     /// with exponential backoff and jitter. The backoff starts over after a
     /// stream that delivered a config the proxy applied.
     pub async fn run(self) {
+        if let Some(kept) = &self.kept {
+            // It ends when this client is gone (it holds no strong
+            // reference, and the change channel closes with the last one).
+            tokio::spawn(write_kept_config(
+                Arc::downgrade(kept),
+                kept.changed.subscribe(),
+            ));
+        }
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
         let mut attempt: u64 = 0;
         let mut waiting_for_roots = false;
@@ -285,6 +352,9 @@ impl ControlPlaneClient {
                     warn!(version = update.version, reason = %problem, "refused one entry of the config; applied the rest");
                 }
                 self.view.send_replace(Some(Arc::new(view)));
+                if let Some(kept) = &self.kept {
+                    kept.fold_in(update);
+                }
                 let reason = nack_reason(&refused);
                 (reason.clone(), Ok(reason))
             }
@@ -309,6 +379,47 @@ impl ControlPlaneClient {
                 .send_modify(|status| status.last_nack = Some(refused));
         }
         result
+    }
+}
+
+impl KeptConfig {
+    /// Folds an applied update into the kept config and wakes the writer.
+    fn fold_in(&self, update: &ConfigUpdate) {
+        let mut config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Copies only while the writer still holds the last snapshot.
+        crate::node_state::merge(Arc::make_mut(&mut config), update);
+        drop(config);
+        self.changed.send_modify(|changes| *changes += 1);
+    }
+}
+
+/// Stores the kept config after each change, at most once per interval,
+/// off the runtime's threads. A failed write is logged; the file keeps the
+/// last config stored, and the next change tries again.
+async fn write_kept_config(kept: std::sync::Weak<KeptConfig>, mut changes: watch::Receiver<u64>) {
+    while changes.changed().await.is_ok() {
+        let Some(strong) = kept.upgrade() else {
+            return;
+        };
+        let snapshot = strong
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (state, interval) = (strong.state.clone(), strong.interval);
+        drop(strong);
+        let version = snapshot.version;
+        match tokio::task::spawn_blocking(move || state.store_config(&snapshot)).await {
+            Ok(Ok(())) => debug!(version, "stored the applied config on the node"),
+            Ok(Err(error)) => {
+                warn!(%error, version, "storing the applied config failed; the last stored one stays");
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

@@ -56,6 +56,33 @@ pub enum Error {
         source: weft_certs::Error,
     },
 
+    /// A file of the node's stored state could not be read.
+    #[error("reading the stored state {path}: {source}")]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
+    /// A file of the node's stored state does not hold what it should.
+    #[error("reading the stored state {path}: {reason}")]
+    DecodeState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The node's stored state could not be written.
+    #[error("writing the stored state {path}: {source}")]
+    WriteState {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
     /// The control-plane address is not `host:port`.
     #[error("parsing the control-plane address {address:?}: {reason}")]
     ControlPlaneAddress {

@@ -19,8 +19,8 @@
 //! connection from the source pod to the destination pod.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
-//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `config` → `logging`, `transport` →
-//! `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
+//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `node_state`, `config` → `logging`,
+//! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
 //! `node_proxy`; nothing points back down.
 
 mod admin;
@@ -38,6 +38,7 @@ mod local_peer;
 pub mod logging;
 mod monitoring;
 mod node_proxy;
+mod node_state;
 mod node_view;
 pub mod sockets;
 mod transport;
@@ -51,6 +52,7 @@ pub use config::{
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};
 pub use node_proxy::NodeProxy;
+pub use node_state::NodeState;
 pub use node_view::{
     Applied, Endpoint, EntryKind, NodeView, Service, ServicePort, Trust, UpdateProblem, Workload,
 };

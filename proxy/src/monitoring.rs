@@ -48,7 +48,7 @@ pub(crate) fn readiness(
         "/healthz/ready" => {
             if drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if routes.borrow().version == 0 {
+            } else if routes.borrow().generation == 0 {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config applied yet\n")
             } else if *programmed.borrow() == 0 {
                 text(

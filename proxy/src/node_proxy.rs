@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::certificates::{CertificateMap, NodeCertificates};
 use crate::control_plane::{ControlPlaneClient, ControlPlaneStatus, ViewReceiver};
 use crate::logging::LogFilter;
+use crate::node_state::NodeState;
 use crate::transport::ControlPlaneTransport;
 use crate::{Error, ProxyConfig};
 
@@ -73,14 +75,25 @@ impl NodeProxy {
             source,
         })?;
 
-        let client = ControlPlaneClient::new(
+        let mut client = ControlPlaneClient::new(
             transport.clone(),
             config.node.clone(),
             config.max_config_message_bytes,
         );
+        let state = match &config.state_dir {
+            Some(dir) => Some(NodeState::open(dir)?),
+            None => None,
+        };
+        if let Some(state) = &state {
+            let interval = Duration::from_millis(config.state_write_interval_ms);
+            client.keep_in(state.clone(), interval);
+        }
         let view = client.view();
         let status = client.status();
-        let node_certificates = NodeCertificates::new(transport, view.clone());
+        let mut node_certificates = NodeCertificates::new(transport, view.clone());
+        if let Some(state) = state {
+            node_certificates.keep_in(state);
+        }
         let certificates = node_certificates.subscribe();
         let data_plane_config = config.clone();
         let (drain_requests, drain_requested) = watch::channel(false);

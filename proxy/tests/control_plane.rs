@@ -341,3 +341,65 @@ async fn a_full_state_larger_than_four_mebibytes_is_delivered_and_applied() {
     let view = proxy.view().borrow().clone().unwrap();
     assert_eq!(view.remote_workloads().len(), 40_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_serves_its_last_config_and_certificates_without_the_control_plane() {
+    let mut cp = TestControlPlane::start().await;
+    let files = ProxyFiles::new(&cp);
+    let state_dir = files.dir.path().join("state");
+    let mut config = files.config(&cp);
+    config.state_dir = Some(state_dir.clone());
+    config.state_write_interval_ms = 10;
+    init_logging();
+    let proxy = weft_proxy::NodeProxy::start(config.clone()).await.unwrap();
+    let mut stream = cp.next_stream().await;
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    stream.send(full_state(&cp, 1, local, vec![])).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    let mut added = delta(2);
+    added
+        .local_workloads
+        .push(workload("default", "db", "db", NODE, "10.0.1.7", true));
+    stream.send(added).await;
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 2 }));
+    wait_for("certificates for web and db", &proxy.certificates(), |c| {
+        c.len() == 2
+    })
+    .await;
+    let state = weft_proxy::NodeState::open(&state_dir).unwrap();
+    eventually("version 2 stored on the node", || {
+        state
+            .load_config(1 << 20)
+            .ok()
+            .flatten()
+            .is_some_and(|stored| stored.version == 2)
+    })
+    .await;
+    let before = proxy.certificates().borrow().clone();
+    proxy.shutdown().await;
+
+    // The control plane is gone; the proxy starts again on the same node.
+    drop(stream);
+    drop(cp);
+    let proxy = weft_proxy::NodeProxy::start(config).await.unwrap();
+    let view = proxy
+        .view()
+        .borrow()
+        .clone()
+        .expect("a view restored at start");
+    assert_eq!(view.version(), 2);
+    let uids: Vec<&String> = view.local_workloads().keys().collect();
+    assert_eq!(uids, ["default/db", "default/web"]);
+    let restored = proxy.certificates().borrow().clone();
+    assert_eq!(restored.len(), 2);
+    for (identity, certificate) in before.iter() {
+        assert_eq!(
+            restored[identity].chain(),
+            certificate.chain(),
+            "{identity}"
+        );
+    }
+    assert!(!proxy.status().borrow().connected);
+    let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
+    assert_eq!(dump["applied_version"], 2);
+}

@@ -45,7 +45,7 @@ impl ServerConfigs {
             .unwrap_or_else(PoisonError::into_inner);
         // Identities that left the node take their configs (and keys) along.
         cache.retain(|identity, _| certificates.contains_key(identity));
-        let key = (certificate.not_before(), routes.version);
+        let key = (certificate.not_before(), routes.generation);
         if let Some((cached, config)) = cache.get(certificate.identity())
             && *cached == key
         {
@@ -70,21 +70,20 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
 }
 
 async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr) {
-    let routes = plane.routes.current();
-    let Some(workload) = routes
-        .local_workload(local.ip())
-        .filter(|w| w.meshed)
-        .cloned()
-    else {
+    let (routes, workload) = plane.with_local_pod(local.ip()).await;
+    let Some(workload) = workload else {
         warn!("inbound: no meshed local pod has this address");
         plane
             .metrics
             .failure(Direction::Inbound, "no_local_workload");
         return;
     };
-    let certificates = plane.certificates.borrow().clone();
+    let certificates = plane
+        .certificates_with(&workload.identity)
+        .await
+        .unwrap_or_default();
     let Some(certificate) = certificates.get(&workload.identity) else {
-        warn!(identity = %workload.identity, "inbound: no certificate yet for the addressed pod");
+        warn!(identity = %workload.identity, "inbound: no certificate for the addressed pod");
         plane.metrics.failure(Direction::Inbound, "no_certificate");
         return;
     };
@@ -205,7 +204,7 @@ impl InboundHandler for InboundTunnel {
         let registration = plane.inbound.register_admitted(
             &plane.routes,
             &plane.metrics,
-            routes.version,
+            routes.generation,
             &upstream,
             &gate,
         );

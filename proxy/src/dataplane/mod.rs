@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use weft_certs::Identity;
 
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
@@ -57,6 +58,52 @@ pub struct DataPlane {
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Open inbound connections, decided again when policy changes.
     pub inbound: Arc<reauthorize::InboundRegistry>,
+    /// How long a connection waits for a certificate or config it needs
+    /// (`--pending-connection-wait-ms`).
+    pub pending_wait: std::time::Duration,
+}
+
+impl DataPlane {
+    /// The node's certificates once they hold one for `identity`, waiting
+    /// up to [`DataPlane::pending_wait`] for it (a pod's first connection
+    /// can come before its certificate); `None` if none came.
+    pub async fn certificates_with(&self, identity: &Identity) -> Option<CertificateMap> {
+        certificates_with(&self.certificates, identity, self.pending_wait).await
+    }
+
+    /// The route table once it knows `ip` as a meshed local pod, waiting up
+    /// to [`DataPlane::pending_wait`] for such a config (a connection can
+    /// come for a pod before its config); the table and the pod, or the
+    /// latest table and `None`.
+    pub async fn with_local_pod(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> (Arc<RouteTable>, Option<Arc<crate::node_view::Workload>>) {
+        let meshed_pod =
+            |table: &RouteTable| table.local_workload(ip).filter(|w| w.meshed).cloned();
+        let table = self.routes.current();
+        if let Some(pod) = meshed_pod(&table) {
+            return (table, Some(pod));
+        }
+        tracing::info!(%ip, wait = ?self.pending_wait, "waiting for the config of a local pod");
+        let mut tables = self.routes.subscribe();
+        let found = tokio::time::timeout(self.pending_wait, async {
+            loop {
+                let table = self.routes.current();
+                if let Some(pod) = meshed_pod(&table) {
+                    return Some((table, pod));
+                }
+                if tables.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some((table, pod))) => (table, Some(pod)),
+            _ => (self.routes.current(), None),
+        }
+    }
 }
 
 /// Inbound TLS handshakes in progress at most.
@@ -104,13 +151,13 @@ impl Routes {
     pub fn current(&self) -> Arc<RouteTable> {
         let table = self.table.borrow().clone();
         let view = self.view.borrow().clone();
-        let Some(view) = view.filter(|v| v.version() > table.version) else {
+        let Some(view) = view.filter(|v| v.generation() > table.generation) else {
             return table;
         };
         let newer = Arc::new(RouteTable::with_balancers(&view, &self.balancers));
         // Two builders may race; the newest version wins.
         self.table.send_if_modified(|current| {
-            let newest = newer.version > current.version;
+            let newest = newer.generation > current.generation;
             if newest {
                 *current = newer.clone();
             }
@@ -122,6 +169,25 @@ impl Routes {
     /// Changes of the table, for those who act on every new config.
     pub fn subscribe(&self) -> watch::Receiver<Arc<RouteTable>> {
         self.table.subscribe()
+    }
+}
+
+/// The certificates once they hold one for `identity`, waiting up to
+/// `wait` for it; `None` if none came.
+async fn certificates_with(
+    certificates: &watch::Receiver<CertificateMap>,
+    identity: &Identity,
+    wait: std::time::Duration,
+) -> Option<CertificateMap> {
+    let mut certificates = certificates.clone();
+    let has = |map: &CertificateMap| map.contains_key(identity);
+    if let Some(ready) = Some(certificates.borrow().clone()).filter(has) {
+        return Some(ready);
+    }
+    tracing::info!(%identity, ?wait, "waiting for a certificate");
+    match tokio::time::timeout(wait, certificates.wait_for(has)).await {
+        Ok(Ok(map)) => Some(map.clone()),
+        _ => None,
     }
 }
 
@@ -204,5 +270,96 @@ where
     if let Err(error) = crate::copy::copy_bidirectional(client, &mut upstream).await {
         tracing::debug!(%error, "connection ended with an error");
         upstream.failed(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+    use std::collections::BTreeMap;
+    use std::time::{Duration, SystemTime};
+
+    use weft_api::v1;
+    use weft_certs::{CertificateRequest, MeshCa};
+
+    use super::*;
+    use crate::node_view::NodeView;
+
+    fn full_state(ca: &MeshCa, pod_ip: &str) -> v1::ConfigUpdate {
+        v1::ConfigUpdate {
+            version: 1,
+            full_state: true,
+            local_workloads: vec![v1::Workload {
+                uid: "shop/web-1".into(),
+                namespace: "shop".into(),
+                name: "web-1".into(),
+                service_account: "web".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                node: "node-1".into(),
+                ips: vec![pod_ip.into()],
+                meshed: true,
+                ..v1::Workload::default()
+            }],
+            trust: Some(v1::TrustBundle {
+                trust_domain: "cluster.local".into(),
+                roots_pem: ca.trust_bundle().to_pem(),
+            }),
+            ..v1::ConfigUpdate::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_follows_a_new_stream_whose_versions_start_over() {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        let first = NodeView::apply(None, &full_state(&ca, "10.244.1.5"), "node-1")
+            .unwrap()
+            .view;
+        let (views, receiver) = watch::channel(Some(Arc::new(first.clone())));
+        let routes = Routes::follow(receiver);
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        assert!(routes.current().local_workload(ip("10.244.1.5")).is_some());
+
+        // A reconnect: version 1 again, with the pod at another address.
+        let again = full_state(&ca, "10.244.1.9");
+        let second = NodeView::apply(Some(&first), &again, "node-1")
+            .unwrap()
+            .view;
+        views.send_replace(Some(Arc::new(second)));
+        let table = routes.current();
+        assert!(table.local_workload(ip("10.244.1.9")).is_some());
+        assert!(table.local_workload(ip("10.244.1.5")).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_waits_a_bounded_time_for_its_certificate() {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        let web: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let (certificates, receiver) = watch::channel(CertificateMap::default());
+        let wait = Duration::from_secs(5);
+
+        // None comes: given up after the wait, not before.
+        let start = tokio::time::Instant::now();
+        assert!(certificates_with(&receiver, &web, wait).await.is_none());
+        assert_eq!(start.elapsed(), wait);
+
+        // One comes after a second: the connection goes on with it then.
+        let request = CertificateRequest::generate(&web).unwrap();
+        let chain = ca
+            .sign_csr(request.csr_der(), &web, SystemTime::now())
+            .unwrap();
+        let certificate = request
+            .complete(chain, ca.trust_bundle().clone(), SystemTime::now())
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let (receiver, web) = (receiver.clone(), web.clone());
+            async move { certificates_with(&receiver, &web, wait).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        certificates.send_replace(Arc::new(BTreeMap::from([(web.clone(), certificate)])));
+        let map = waiting.await.unwrap().unwrap();
+        assert!(map.contains_key(&web));
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 }

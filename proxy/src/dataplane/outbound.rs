@@ -116,11 +116,20 @@ async fn proxy(
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
-    let routes = plane.routes.current();
+    let mut routes = plane.routes.current();
+    let source = routes.local_workload(client_addr.ip()).cloned();
+    if let Some(meshed) = source.as_ref().filter(|w| w.meshed) {
+        // A pod's first connections (an init container's) can come before
+        // its certificate: they wait for it here, before any endpoint's
+        // connect timeout runs, and go meshed (or fail) once it is there.
+        if plane.certificates_with(&meshed.identity).await.is_some() {
+            routes = plane.routes.current();
+        }
+    }
     let mut client = Client {
         stream,
         addr: client_addr,
-        source: routes.local_workload(client_addr.ip()).cloned(),
+        source,
         early: None,
     };
     let mut connection = match routes.resolve(destination) {
@@ -226,7 +235,7 @@ async fn connect(
         (Some(src), Some(dst)) if !route.local => {
             let certificates = plane.certificates.borrow().clone();
             let Some(certificate) = certificates.get(&src.identity) else {
-                warn!(identity = %src.identity, "outbound: no certificate yet for the source identity");
+                warn!(identity = %src.identity, "outbound: no certificate for the source identity");
                 return Err(ConnectError::Local("no_certificate"));
             };
             let request = HboneRequest {
@@ -316,7 +325,7 @@ async fn connect(
                 Some((_, request)) => match plane.inbound.register_admitted(
                     &plane.routes,
                     &plane.metrics,
-                    routes.version,
+                    routes.generation,
                     &upstream,
                     request,
                 ) {

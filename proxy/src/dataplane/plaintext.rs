@@ -27,8 +27,13 @@ async fn proxy(
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
-    let routes = plane.routes.current();
-    let Some(workload) = routes.local_workload(destination.ip()).cloned() else {
+    let mut routes = plane.routes.current();
+    let mut workload = routes.local_workload(destination.ip()).cloned();
+    if workload.is_none() {
+        // Captured for a pod whose config has not arrived yet.
+        (routes, workload) = plane.with_local_pod(destination.ip()).await;
+    }
+    let Some(workload) = workload else {
         debug!("inbound plaintext: not a local pod");
         plane
             .metrics
@@ -59,7 +64,7 @@ async fn proxy(
     let registration = plane.inbound.register_admitted(
         &plane.routes,
         &plane.metrics,
-        routes.version,
+        routes.generation,
         &upstream,
         &gate,
     );

@@ -78,7 +78,7 @@ impl InboundRegistry {
             request.destination,
         );
         let current = routes.current();
-        if current.version == decided_on {
+        if current.generation == decided_on {
             return Ok(registration);
         }
         let what = "inbound connection denied by a config applied while it opened";

@@ -18,8 +18,9 @@ use crate::node_view::{NodeView, Service, ServicePort, TrafficPolicy, Workload};
 /// The applied config, indexed for the data path.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    /// The config version this table was built from (0: none yet).
-    pub version: u64,
+    /// The [generation](NodeView::generation) of the config this table was
+    /// built from (0: none yet).
+    pub generation: u64,
     /// The mesh roots of that version: peers are verified against these,
     /// not the (possibly older) roots a certificate was issued with.
     pub trust: Option<weft_certs::TrustBundle>,
@@ -204,7 +205,7 @@ impl RouteTable {
             .map(|(uid, w)| (uid.clone(), w.clone()))
             .collect();
         RouteTable {
-            version: view.version(),
+            generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
             local: index(view.local_workloads(), true),
             remote: index(view.remote_workloads(), false),

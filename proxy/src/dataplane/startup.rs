@@ -63,6 +63,7 @@ pub async fn start(
             super::MAX_CONCURRENT_HANDSHAKES,
         )),
         inbound: Arc::default(),
+        pending_wait: Duration::from_millis(config.pending_connection_wait_ms),
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.
@@ -120,7 +121,7 @@ pub async fn start(
         let mut versions = routes.subscribe();
         tokio::spawn(async move {
             loop {
-                let version = versions.borrow_and_update().version;
+                let version = versions.borrow_and_update().generation;
                 if programmed_tx.send(version).is_err() || versions.changed().await.is_err() {
                     return;
                 }
@@ -214,7 +215,7 @@ fn start_capture(
         loop {
             let (version, pods) = {
                 let table = routes.borrow_and_update();
-                (table.version, table.meshed_local_ips())
+                (table.generation, table.meshed_local_ips())
             };
             if updates.send((version, pods)).is_err() || routes.changed().await.is_err() {
                 return;

@@ -31,6 +31,7 @@ use weft_certs::{Identity, TrustBundle};
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeView {
     version: u64,
+    generation: u64,
     trust: Trust,
     local_workloads: BTreeMap<String, Arc<Workload>>,
     remote_workloads: BTreeMap<String, Arc<Workload>>,
@@ -360,6 +361,7 @@ impl NodeView {
         Ok(Applied {
             view: NodeView {
                 version: update.version,
+                generation: previous.map_or(1, |p| p.generation.saturating_add(1)),
                 trust,
                 local_workloads,
                 remote_workloads,
@@ -370,9 +372,18 @@ impl NodeView {
         })
     }
 
-    /// The version this view was built from.
+    /// The version this view was built from, as the control plane numbered
+    /// it. Each config stream numbers from 1 again, so it tells nothing
+    /// about which of two views is newer: see [`NodeView::generation`].
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// How many views this proxy applied up to and including this one (a
+    /// restored view counts as the first): newer views have larger
+    /// generations, across config streams and control-plane restarts.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The mesh roots.

@@ -454,3 +454,17 @@ fn the_view_serializes_for_the_config_dump() {
         "10.0.1.5"
     );
 }
+
+#[test]
+fn generations_grow_across_streams_whose_versions_start_over() {
+    // Stream one: versions 1 and 2. Stream two (a reconnect, or a restarted
+    // control plane) starts at 1 again; the view is still the newest.
+    let first = applied(&full(1));
+    let second = NodeView::apply(Some(&first), &delta(2), NODE).unwrap().view;
+    let third = NodeView::apply(Some(&second), &full(1), NODE).unwrap().view;
+    assert_eq!(
+        [first.generation(), second.generation(), third.generation()],
+        [1, 2, 3]
+    );
+    assert_eq!(third.version(), 1, "the version is the control plane's");
+}

@@ -1,0 +1,172 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::os::unix::fs::PermissionsExt;
+
+use weft_api::v1;
+use weft_certs::{CertificateRequest, MeshCa};
+
+use super::*;
+use crate::node_view::NodeView;
+
+fn workload(uid: &str, ip: &str) -> v1::Workload {
+    let (namespace, name) = uid.split_once('/').unwrap();
+    v1::Workload {
+        uid: uid.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        service_account: "web".into(),
+        identity: format!("spiffe://cluster.local/ns/{namespace}/sa/web"),
+        node: "node-1".into(),
+        ips: vec![ip.into()],
+        meshed: true,
+        ..v1::Workload::default()
+    }
+}
+
+fn policy(name: &str) -> v1::AuthorizationPolicy {
+    v1::AuthorizationPolicy {
+        namespace: "shop".into(),
+        name: name.into(),
+        action: v1::AuthorizationAction::Deny as i32,
+        rules: Vec::new(),
+    }
+}
+
+fn full_state(ca: &MeshCa) -> v1::ConfigUpdate {
+    v1::ConfigUpdate {
+        version: 1,
+        full_state: true,
+        local_workloads: vec![
+            workload("shop/web-1", "10.244.1.2"),
+            workload("shop/web-2", "10.244.1.3"),
+        ],
+        authorization_policies: vec![policy("deny-all")],
+        trust: Some(v1::TrustBundle {
+            trust_domain: "cluster.local".into(),
+            roots_pem: ca.trust_bundle().to_pem(),
+        }),
+        ..v1::ConfigUpdate::default()
+    }
+}
+
+#[test]
+fn merged_deltas_give_the_view_the_deltas_gave() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let full = full_state(&ca);
+    let mut web_1 = workload("shop/web-1", "10.244.1.9");
+    web_1.authorization_policies = vec!["shop/deny-all".into()];
+    let deltas = [
+        v1::ConfigUpdate {
+            version: 2,
+            local_workloads: vec![web_1, workload("shop/web-3", "10.244.1.4")],
+            removed_local_workloads: vec!["shop/web-2".into()],
+            ..v1::ConfigUpdate::default()
+        },
+        v1::ConfigUpdate {
+            version: 3,
+            authorization_policies: vec![policy("deny-more")],
+            removed_authorization_policies: vec!["shop/deny-all".into()],
+            ..v1::ConfigUpdate::default()
+        },
+    ];
+
+    let mut view = NodeView::apply(None, &full, "node-1").unwrap().view;
+    let mut stored = v1::ConfigUpdate::default();
+    merge(&mut stored, &full);
+    for delta in &deltas {
+        view = NodeView::apply(Some(&view), delta, "node-1").unwrap().view;
+        merge(&mut stored, delta);
+    }
+    assert!(stored.full_state);
+    assert_eq!(stored.version, 3);
+    let replayed = NodeView::apply(None, &stored, "node-1").unwrap().view;
+    // Alike but for the generation: the replay is this proxy's first view.
+    let dump = |view: &NodeView| {
+        let mut dump = serde_json::to_value(view).unwrap();
+        dump["generation"] = serde_json::Value::Null;
+        dump
+    };
+    assert_eq!(dump(&replayed), dump(&view));
+}
+
+#[test]
+fn the_config_survives_a_restart_and_a_damaged_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = NodeState::open(&dir.path().join("state")).unwrap();
+    let mode = fs::metadata(state.dir()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(state.load_config(1 << 20).unwrap().is_none());
+
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let full = full_state(&ca);
+    state.store_config(&full).unwrap();
+    let file = state.dir().join(CONFIG_FILE);
+    assert_eq!(
+        fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = NodeState::open(state.dir()).unwrap();
+    assert_eq!(again.load_config(1 << 20).unwrap(), Some(full.clone()));
+
+    // Too large for the limit, a delta, garbage: errors, never a panic.
+    assert!(again.load_config(16).is_err());
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        ..v1::ConfigUpdate::default()
+    };
+    again.store_config(&delta).unwrap();
+    assert!(again.load_config(1 << 20).is_err());
+    fs::write(&file, b"\xff\xff\xff garbage").unwrap();
+    let error = again.load_config(1 << 20).unwrap_err();
+    assert!(error.to_string().contains("config.pb"), "{error}");
+}
+
+#[test]
+fn certificates_come_back_only_while_wanted_and_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = NodeState::open(dir.path()).unwrap();
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let now = SystemTime::now();
+    let issue = |identity: &str| {
+        let identity: Identity = identity.parse().unwrap();
+        let request = CertificateRequest::generate(&identity).unwrap();
+        let chain = ca.sign_csr(request.csr_der(), &identity, now).unwrap();
+        request
+            .complete(chain, ca.trust_bundle().clone(), now)
+            .unwrap()
+    };
+    let web = issue("spiffe://cluster.local/ns/shop/sa/web");
+    let db = issue("spiffe://cluster.local/ns/shop/sa/db");
+    state.store_certificate(&web).unwrap();
+    state.store_certificate(&db).unwrap();
+    for entry in fs::read_dir(dir.path().join(CERTS_DIR)).unwrap() {
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "a key file others can read");
+    }
+
+    // Only web is still wanted: db's file goes.
+    let wanted = BTreeSet::from([web.identity().clone()]);
+    let restored = state.load_certificates(&wanted, ca.trust_bundle(), now);
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].identity(), web.identity());
+    assert_eq!(restored[0].chain(), web.chain());
+    assert_eq!(fs::read_dir(dir.path().join(CERTS_DIR)).unwrap().count(), 1);
+
+    // Expired, or against other roots: not used, and removed.
+    let later = web.not_after() + std::time::Duration::from_secs(1);
+    assert!(
+        state
+            .load_certificates(&wanted, ca.trust_bundle(), later)
+            .is_empty()
+    );
+    assert_eq!(fs::read_dir(dir.path().join(CERTS_DIR)).unwrap().count(), 0);
+
+    state.store_certificate(&web).unwrap();
+    state.remove_certificate(web.identity()).unwrap();
+    state.remove_certificate(web.identity()).unwrap();
+    assert!(
+        state
+            .load_certificates(&wanted, ca.trust_bundle(), now)
+            .is_empty()
+    );
+}
