@@ -318,7 +318,7 @@ fn meshing_and_unmeshing_a_pod_turns_its_capture_on_and_off() -> Result<()> {
 }
 
 #[test]
-fn install_replaces_leftovers_and_remove_leaves_nothing_behind() -> Result<()> {
+fn install_adopts_leftovers_and_remove_leaves_nothing_behind() -> Result<()> {
     let cluster = Cluster::build()?;
     let _echo = cluster
         .testbed
@@ -332,7 +332,22 @@ fn install_replaces_leftovers_and_remove_leaves_nothing_behind() -> Result<()> {
     std::mem::forget(capture);
     let mut capture = cluster
         .testbed
-        .run_in(NODE_1, || install_for(&[cluster.client, fd00]))??;
+        .run_in(NODE_1, || NodeCapture::install(CaptureConfig::default()))??;
+    // The next run's install keeps the pods captured (failing closed while
+    // no listener serves them) until its first update says which.
+    let v4 = cluster.on_node_1_output("nft", &["list", "set", "inet", "weft", "meshed_v4"])?;
+    assert!(v4.contains(&cluster.client.to_string()), "{v4}");
+    let steered = cluster.connect("client");
+    assert!(
+        steered.and_then(round_trip).is_err(),
+        "a meshed pod's connection went through with no proxy"
+    );
+    cluster.testbed.run_in(NODE_1, || {
+        capture.set_meshed_pods(&BTreeSet::from([cluster.plain, fd00]))
+    })??;
+    let v4 = cluster.on_node_1_output("nft", &["list", "set", "inet", "weft", "meshed_v4"])?;
+    assert!(!v4.contains(&cluster.client.to_string()), "{v4}");
+    assert!(v4.contains(&cluster.plain.to_string()), "{v4}");
 
     let rules = cluster.on_node_1_output("ip", &["rule", "list"])?;
     assert_eq!(rules.matches("lookup 100").count(), 1, "{rules}");

@@ -250,15 +250,20 @@ pub struct NodeCapture {
     config: CaptureConfig,
     netns: NetnsId,
     meshed: BTreeSet<IpAddr>,
+    /// Whether the sets were taken over from an earlier run: their content
+    /// is unknown until the first update rewrites them whole.
+    adopted: bool,
     installed: bool,
 }
 
 impl NodeCapture {
-    /// Installs weft's table with empty sets and the policy routing in the
-    /// calling thread's network namespace, replacing whatever a crashed run
-    /// left there. Nothing is captured until
-    /// [`set_meshed_pods`](NodeCapture::set_meshed_pods). On failure,
-    /// what was installed is removed again.
+    /// Installs weft's table and the policy routing in the calling
+    /// thread's network namespace. The pods an earlier run left in the sets
+    /// (a crash, a SIGKILL) stay captured, and fail closed until a
+    /// listener serves them, up to the first
+    /// [`set_meshed_pods`](NodeCapture::set_meshed_pods), which replaces
+    /// them whole; on a clean node nothing is captured until then. On
+    /// failure, what was installed is removed again.
     pub fn install(mut config: CaptureConfig) -> Result<NodeCapture, CaptureError> {
         if let Some(reason) = config.problem() {
             return Err(CaptureError::Config { reason });
@@ -269,17 +274,25 @@ impl NodeCapture {
             config.ipv6 = false;
         }
         let netns = NetnsId::current("installing the capture rules")?;
-        let capture = NodeCapture {
+        let mut capture = NodeCapture {
             config,
             netns,
             meshed: BTreeSet::new(),
+            adopted: true,
             // From here on, dropping `capture` undoes what was done.
             installed: true,
         };
-        nft(
-            "installing the capture rules (table inet weft)",
-            &ruleset::install_script(&capture.config),
-        )?;
+        if let Err(error) = nft(
+            "installing the capture rules, keeping the meshed pods of the last run",
+            &ruleset::adopt_script(&capture.config),
+        ) {
+            tracing::warn!(%error, "cannot take over the table left behind; replacing it");
+            capture.adopted = false;
+            nft(
+                "installing the capture rules (table inet weft)",
+                &ruleset::install_script(&capture.config),
+            )?;
+        }
         for family in capture.families() {
             routing::install(&capture.config, family)?;
         }
@@ -305,6 +318,18 @@ impl NodeCapture {
             .partition(|ip| ip.is_ipv4() || self.config.ipv6);
         if !ignored.is_empty() {
             tracing::warn!(?ignored, "IPv6 capture is off: not capturing these pod IPs");
+        }
+        if self.adopted {
+            // Whatever the last run left in the sets becomes exactly
+            // `wanted`, in one transaction: no pod of both is ever out.
+            nft(
+                "replacing the meshed pods of the last run",
+                &ruleset::rewrite_script(&self.config, &wanted),
+            )?;
+            tracing::info!(meshed = ?wanted, "took over the capture of the last run");
+            self.adopted = false;
+            self.meshed = wanted;
+            return Ok(());
         }
         let add: Vec<IpAddr> = wanted.difference(&self.meshed).copied().collect();
         let remove: Vec<IpAddr> = self.meshed.difference(&wanted).copied().collect();

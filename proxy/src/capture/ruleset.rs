@@ -29,10 +29,51 @@ const AFTER_BRIDGE_PRIORITY: i32 = i32::MIN;
 /// ClusterIPs and NodePorts.
 const AFTER_DNAT_PRIORITY: i32 = -90;
 
-/// Replaces weft's table, whatever a crashed run left of it, with a fresh
-/// one holding empty sets, in one transaction: `nft -f` applies the whole
-/// script or nothing, so no packet ever sees half a ruleset. (Creating the
-/// table before deleting it makes the delete succeed when there is none.)
+/// Every chain of weft's table, for [`adopt_script`].
+const CHAINS: [&str; 8] = [
+    "prerouting",
+    "prerouting_after_dnat",
+    "output_after_dnat",
+    "hide_destination",
+    "restore_destination",
+    "input",
+    "output",
+    AFTER_BRIDGE,
+];
+
+/// Installs weft's table, taking over the meshed pod sets that a proxy
+/// before this one (crashed, killed, or stopped for an upgrade) left in
+/// the kernel: their elements stay, so the pods they hold stay captured
+/// (and fail closed while no listener serves them) from the old process's
+/// end to the new one's first update. Every chain is replaced. One
+/// transaction: `nft -f` applies the whole script or nothing, so no packet
+/// ever sees half a ruleset. (Each `add` creates what is missing, so that
+/// the deletes succeed on a node without the table.)
+pub(super) fn adopt_script(config: &CaptureConfig) -> String {
+    let mut script = format!("add table {TABLE}
+");
+    for (set, family) in [(MESHED_V4, "ipv4_addr"), (MESHED_V6, "ipv6_addr")] {
+        if family == "ipv4_addr" || config.ipv6 {
+            let _ = writeln!(script, "add set {TABLE} {set} {{ type {family}; }}");
+        }
+    }
+    for chain in CHAINS {
+        let _ = writeln!(script, "add chain {TABLE} {chain}");
+    }
+    // Rules go first (jumps and gotos refer to chains), then the chains.
+    let _ = writeln!(script, "flush table {TABLE}");
+    for chain in CHAINS {
+        let _ = writeln!(script, "delete chain {TABLE} {chain}");
+    }
+    script.push_str(&table(config));
+    script.push_str(&after_bridge_chain(config));
+    script
+}
+
+/// Replaces weft's table, whatever was left of it, with a fresh one holding
+/// empty sets, in one transaction: the way back when the table left behind
+/// cannot be adopted (a set of another type, say). (Creating the table
+/// before deleting it makes the delete succeed when there is none.)
 pub(super) fn install_script(config: &CaptureConfig) -> String {
     let mut script = format!("table {TABLE} {{}}\ndelete table {TABLE}\n");
     script.push_str(&table(config));

@@ -232,3 +232,46 @@ fn updates_touch_only_the_difference_per_family_and_reregister_the_second_pass()
     );
     assert_eq!(script, Some(expected));
 }
+
+#[test]
+fn adopting_keeps_the_sets_and_replaces_every_chain() {
+    let config = CaptureConfig::default();
+    let script = adopt_script(&config);
+    assert!(script.starts_with("add table inet weft\n"), "{script}");
+    // The sets are only ever added to (kept if there), never flushed or
+    // deleted: their elements are the pods the last run captured.
+    assert!(!script.contains("delete table"), "{script}");
+    assert!(!script.contains("flush set"), "{script}");
+    assert!(script.contains("add set inet weft meshed_v4 { type ipv4_addr; }"));
+    assert!(script.contains("add set inet weft meshed_v6 { type ipv6_addr; }"));
+    // Every chain the table defines is deleted first, so that none of the
+    // last run's rules survives next to the new ones.
+    let defined: BTreeSet<&str> = script
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("chain "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .chain(
+            script
+                .lines()
+                .filter_map(|line| line.strip_prefix("add chain inet weft "))
+                .filter_map(|rest| rest.split_whitespace().next()),
+        )
+        .collect();
+    let deleted: BTreeSet<&str> = script
+        .lines()
+        .filter_map(|line| line.strip_prefix("delete chain inet weft "))
+        .collect();
+    assert_eq!(defined, deleted, "{script}");
+    // The rules are those of a fresh install.
+    let fresh = install_script(&config);
+    assert_eq!(
+        chain_rules(&script, "prerouting"),
+        chain_rules(&fresh, "prerouting")
+    );
+
+    let v4_only = adopt_script(&CaptureConfig {
+        ipv6: false,
+        ..config
+    });
+    assert!(!v4_only.contains("meshed_v6"), "{v4_only}");
+}
