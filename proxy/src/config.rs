@@ -106,8 +106,11 @@ pub struct ProxyConfig {
 
     /// The least time between two writes of the stored config, in
     /// milliseconds: a node's full state can be megabytes, and a busy
-    /// cluster changes it many times a second.
-    #[arg(long, env = "WEFT_STATE_WRITE_INTERVAL_MS", default_value_t = 1000)]
+    /// cluster changes it many times a second. A change is written at once
+    /// unless the last write was less than this long ago; a crash within
+    /// this time of a change may restart without it (the control plane
+    /// sends it again once reachable).
+    #[arg(long, env = "WEFT_STATE_WRITE_INTERVAL_MS", default_value_t = 200)]
     pub state_write_interval_ms: u64,
 
     /// Threads that carry traffic. With 1 (the default) the data plane runs

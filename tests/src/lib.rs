@@ -109,6 +109,7 @@ pub mod real_cluster;
 mod testbed;
 mod topology;
 mod weft;
+mod wire;
 
 pub use checksum::{Checksum, start_checksum_server};
 
@@ -144,3 +145,4 @@ pub use weft::{
     PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, http_request,
     wait_until, weft_binary,
 };
+pub use wire::{WireCapture, WireWatch};

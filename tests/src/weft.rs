@@ -277,7 +277,55 @@ impl WeftMesh {
         process.stop()
     }
 
-    fn start_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<()> {
+    /// Kills `node`'s proxy with SIGKILL, as a crash or an OOM kill would:
+    /// none of its own clean-up runs.
+    pub fn kill_proxy(&mut self, node: &str) -> Result<()> {
+        let process = self
+            .proxies
+            .remove(node)
+            .with_context(|| format!("no proxy runs on {node}"))?;
+        process.signal(nix::sys::signal::Signal::SIGKILL)?;
+        process.wait(STARTUP_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Stops `node`'s proxy as Kubernetes does (SIGTERM, its drain) and
+    /// returns how it exited.
+    pub fn stop_proxy(&mut self, node: &str) -> Result<std::process::ExitStatus> {
+        self.proxies
+            .remove(node)
+            .with_context(|| format!("no proxy runs on {node}"))?
+            .stop()
+    }
+
+    /// Where `node`'s proxy keeps its last good state (`--state-dir`).
+    pub fn proxy_state_dir(&self, testbed: &Testbed, node: &str) -> PathBuf {
+        testbed.dir().join(format!("proxy-state-{node}"))
+    }
+
+    /// Waits until `node`'s proxy has stored a config holding `needle` (a
+    /// name: the file is the wire message, whose strings are plain bytes).
+    pub fn wait_for_stored_config(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        needle: &str,
+    ) -> Result<()> {
+        let file = self.proxy_state_dir(testbed, node).join("config.pb");
+        wait_until(STARTUP_TIMEOUT, || {
+            let stored = std::fs::read(&file).unwrap_or_default();
+            Ok(stored
+                .windows(needle.len())
+                .any(|window| window == needle.as_bytes()))
+        })
+        .with_context(|| format!("{node}'s proxy never stored a config with {needle:?}"))
+    }
+
+    /// Starts `node`'s proxy (again), with the state directory it had.
+    pub fn start_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<()> {
+        if self.proxies.contains_key(node) {
+            bail!("a proxy already runs on {node}");
+        }
         let mut command = Command::new(weft_binary("weft-proxy")?);
         command
             .arg("--node")
@@ -288,6 +336,8 @@ impl WeftMesh {
             .arg(testbed.dir().join(format!("token-{node}")))
             .arg("--root-cert")
             .arg(self.state_dir.join("root-cert.pem"))
+            .arg("--state-dir")
+            .arg(self.proxy_state_dir(testbed, node))
             .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
         let process = testbed.spawn(Target::Node(node), command)?;
         self.proxies.insert(node.to_owned(), process);

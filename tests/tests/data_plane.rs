@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use weft_testbed::{
-    Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, echo_round_trip,
+    Checksum, PodSpec, ServiceSpec, Target, Testbed, WeftMesh, WireWatch, echo_round_trip,
     start_checksum_server, wait_until,
 };
 
@@ -147,14 +147,7 @@ fn the_link_between_nodes_carries_only_tls() {
     let _server = testbed
         .start_echo_server(Target::Pod("server"), 8080)
         .unwrap();
-    let capture_file = testbed.dir().join("node-2-eth0.pcap");
-    let mut tcpdump = std::process::Command::new("tcpdump");
-    tcpdump
-        .args(["-i", "eth0", "--immediate-mode", "-U", "-w"])
-        .arg(&capture_file)
-        .arg("tcp");
-    let tcpdump = testbed.spawn(Target::Node("node-2"), tcpdump).unwrap();
-    tcpdump.wait_for_output("listening on", WAIT).unwrap();
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
 
     let marker = b"weft-plaintext-marker-7f3a9c";
     let mut stream = testbed
@@ -167,24 +160,7 @@ fn the_link_between_nodes_carries_only_tls() {
         assert_eq!(round_trip(&mut stream, marker), marker);
     }
     drop(stream);
-    std::thread::sleep(Duration::from_millis(300));
-    tcpdump.stop().unwrap();
-
-    let captured = std::fs::read(&capture_file).unwrap();
-    let contains = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
-    assert!(
-        captured.len() > 1000,
-        "tcpdump saw the traffic ({} bytes)",
-        captured.len()
-    );
-    assert!(
-        contains(&[0x17, 0x03, 0x03]),
-        "TLS 1.3 application-data records on the wire"
-    );
-    assert!(
-        !contains(marker),
-        "the marker crossed the link in plaintext"
-    );
+    wire.finish().unwrap().check_only_tls(marker).unwrap();
     mesh.stop_control_plane().unwrap();
 }
 

@@ -50,8 +50,10 @@ const CHAINS: [&str; 8] = [
 /// ever sees half a ruleset. (Each `add` creates what is missing, so that
 /// the deletes succeed on a node without the table.)
 pub(super) fn adopt_script(config: &CaptureConfig) -> String {
-    let mut script = format!("add table {TABLE}
-");
+    let mut script = format!(
+        "add table {TABLE}
+"
+    );
     for (set, family) in [(MESHED_V4, "ipv4_addr"), (MESHED_V6, "ipv6_addr")] {
         if family == "ipv4_addr" || config.ipv6 {
             let _ = writeln!(script, "add set {TABLE} {set} {{ type {family}; }}");

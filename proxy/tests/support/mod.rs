@@ -374,7 +374,7 @@ impl ProxyFiles {
             drain_seconds: 1,
             pending_connection_wait_ms: 5000,
             state_dir: None,
-            state_write_interval_ms: 1000,
+            state_write_interval_ms: 200,
             worker_threads: 1,
             log_format: LogFormat::Text,
             log_level: "debug".into(),
