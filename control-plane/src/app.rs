@@ -139,7 +139,7 @@ async fn kubernetes_backing(
         "Failed watches of the API server (each is retried with backoff)",
         watch_errors.clone(),
     );
-    let cluster = kubernetes::watch_cluster(client.clone(), watch_errors).await;
+    let cluster = kubernetes::watch_cluster(client.clone(), &config.namespace, watch_errors).await;
     // Every replica serves; the one holding the Lease also writes status.
     let holder = format!(
         "{}-{:08x}",

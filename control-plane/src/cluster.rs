@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
@@ -40,6 +41,9 @@ pub enum ClusterObject {
     MtlsPolicy(Box<MtlsPolicy>),
     /// How connections to a Service behave.
     TrafficPolicy(Box<TrafficPolicy>),
+    /// A DaemonSet; only weft's node proxies' is read (its annotations say
+    /// whether the mesh is being uninstalled).
+    DaemonSet(Box<DaemonSet>),
 }
 
 /// Why a document could not be turned into a [`ClusterObject`].
@@ -94,6 +98,9 @@ impl ClusterObject {
             (WEFT_API_VERSION, "TrafficPolicy") => {
                 ClusterObject::TrafficPolicy(serde_json::from_value(value).map_err(invalid)?)
             }
+            ("apps/v1", "DaemonSet") => {
+                ClusterObject::DaemonSet(serde_json::from_value(value).map_err(invalid)?)
+            }
             _ => {
                 return Err(ObjectProblem::Ignored {
                     kind: format!("{api_version}/{kind}"),
@@ -129,6 +136,7 @@ impl ClusterObject {
             ClusterObject::AuthorizationPolicy(o) => &o.metadata,
             ClusterObject::MtlsPolicy(o) => &o.metadata,
             ClusterObject::TrafficPolicy(o) => &o.metadata,
+            ClusterObject::DaemonSet(o) => &o.metadata,
         }
     }
 
@@ -153,6 +161,7 @@ impl ClusterObject {
             ClusterObject::AuthorizationPolicy(_) => "AuthorizationPolicy",
             ClusterObject::MtlsPolicy(_) => "MtlsPolicy",
             ClusterObject::TrafficPolicy(_) => "TrafficPolicy",
+            ClusterObject::DaemonSet(_) => "DaemonSet",
         };
         format!("{kind} {}", self.key())
     }
@@ -177,6 +186,9 @@ pub struct ClusterState {
     pub mtls_policies: BTreeMap<ObjectKey, MtlsPolicy>,
     /// TrafficPolicies by `<namespace>/<name>`.
     pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
+    /// DaemonSets by `<namespace>/<name>` (from Kubernetes, only weft's
+    /// node proxies').
+    pub daemon_sets: BTreeMap<ObjectKey, DaemonSet>,
 }
 
 impl ClusterState {
@@ -195,6 +207,7 @@ impl ClusterState {
             }
             ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, *o).is_some(),
             ClusterObject::TrafficPolicy(o) => self.traffic_policies.insert(key, *o).is_some(),
+            ClusterObject::DaemonSet(o) => self.daemon_sets.insert(key, *o).is_some(),
         }
     }
 }

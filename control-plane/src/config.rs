@@ -146,6 +146,13 @@ pub enum Command {
     /// and rule, from the cluster as the source (`--manifests` or
     /// `--source kubernetes`) describes it. Exits 1 when it is denied.
     Explain(crate::explain::ExplainArgs),
+    /// Tell every node proxy that the mesh is being uninstalled, so that
+    /// each removes its capture when it stops (a stopping proxy otherwise
+    /// leaves it, holding its meshed pods' traffic until the next proxy
+    /// serves it), and wait until each has confirmed. Run it before
+    /// deleting weft; the Helm chart does (a pre-delete hook). Needs
+    /// `--source kubernetes` credentials in the control plane's namespace.
+    Uninstall(crate::kubernetes::UninstallArgs),
 }
 
 /// How log lines are written.

@@ -33,7 +33,7 @@ pub async fn load_cluster(config: &ControlPlaneConfig) -> Result<ClusterState, E
         Source::Kubernetes => {
             let client = crate::kubernetes::connect().await?;
             let errors = prometheus_client::metrics::counter::Counter::default();
-            let state = crate::kubernetes::watch_cluster(client, errors).await;
+            let state = crate::kubernetes::watch_cluster(client, &config.namespace, errors).await;
             let cluster = state.borrow().clone();
             Ok(cluster)
         }

@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", explanation.report);
             std::process::exit(if explanation.allowed { 0 } else { 1 });
         }
-        None => {}
+        Some(Command::Uninstall(_)) | None => {}
     }
     let filter = EnvFilter::try_new(&config.log_level).context("parsing --log-level")?;
     let subscriber = tracing_subscriber::fmt()
@@ -35,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
     match config.log_format {
         LogFormat::Json => subscriber.json().init(),
         LogFormat::Text => subscriber.init(),
+    }
+    if let Some(Command::Uninstall(args)) = &config.command {
+        let client = weft_control_plane::kubernetes::connect().await?;
+        weft_control_plane::kubernetes::announce_uninstall(client, &config.namespace, args).await?;
+        return Ok(());
     }
     tracing::info!(config = %serde_json::to_string(&config)?, "starting weft-control-plane");
     let shutdown = async {

@@ -15,6 +15,13 @@ use crate::policy;
 
 /// The label that turns the mesh on for a namespace, or on or off for a pod.
 pub const MESH_LABEL: &str = "weft.dev/mesh";
+/// The DaemonSet of weft's node proxies, in the control plane's namespace.
+pub const NODE_PROXY_DAEMONSET: &str = "weft-node-proxy";
+/// The annotation on [`NODE_PROXY_DAEMONSET`] that says the mesh is being
+/// uninstalled (value `"true"`), set by `weft-control-plane uninstall`.
+/// The DaemonSet goes with the installation, so the next one starts
+/// without it.
+pub const UNINSTALL_ANNOTATION: &str = "weft.dev/uninstall";
 /// The EndpointSlice label naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -43,6 +50,9 @@ pub struct Mesh {
     pub authorization_policies: BTreeMap<String, pb::AuthorizationPolicy>,
     /// The mesh roots and trust domain.
     pub trust: pb::TrustBundle,
+    /// Whether the mesh is being uninstalled (see [`UNINSTALL_ANNOTATION`]):
+    /// proxies that stop remove their capture.
+    pub uninstalling: bool,
 }
 
 impl Mesh {
@@ -71,11 +81,18 @@ impl Mesh {
             .iter()
             .map(|(key, service)| (key.clone(), service_of(cluster, service)))
             .collect();
+        let uninstalling = cluster
+            .daemon_sets
+            .get(&format!("{mesh_namespace}/{NODE_PROXY_DAEMONSET}"))
+            .and_then(|daemon_set| daemon_set.metadata.annotations.as_ref())
+            .and_then(|annotations| annotations.get(UNINSTALL_ANNOTATION))
+            .is_some_and(|value| value == "true");
         Mesh {
             workloads,
             services,
             authorization_policies: policies.valid,
             trust,
+            uninstalling,
         }
     }
 

@@ -27,6 +27,8 @@ pub struct NodeView {
     pub authorization_policies: BTreeMap<String, pb::AuthorizationPolicy>,
     /// Mesh roots.
     pub trust: pb::TrustBundle,
+    /// Whether the mesh is being uninstalled.
+    pub uninstalling: bool,
 }
 
 impl NodeView {
@@ -35,6 +37,7 @@ impl NodeView {
         let mut view = NodeView {
             services: mesh.services.clone(),
             trust: mesh.trust.clone(),
+            uninstalling: mesh.uninstalling,
             ..NodeView::default()
         };
         for (uid, workload) in &mesh.workloads {
@@ -71,6 +74,7 @@ impl NodeView {
             services: self.services.values().cloned().collect(),
             trust: Some(self.trust.clone()),
             authorization_policies: self.authorization_policies.values().cloned().collect(),
+            uninstalling: Some(self.uninstalling),
             ..pb::ConfigUpdate::default()
         }
     }
@@ -84,6 +88,7 @@ impl NodeView {
         let (authorization_policies, removed_authorization_policies) =
             diff(&self.authorization_policies, &next.authorization_policies);
         let trust = (self.trust != next.trust).then(|| next.trust.clone());
+        let uninstalling = (self.uninstalling != next.uninstalling).then_some(next.uninstalling);
         let update = pb::ConfigUpdate {
             version,
             full_state: false,
@@ -96,6 +101,7 @@ impl NodeView {
             trust,
             authorization_policies,
             removed_authorization_policies,
+            uninstalling,
         };
         let empty = update.local_workloads.is_empty()
             && update.removed_local_workloads.is_empty()
@@ -105,7 +111,8 @@ impl NodeView {
             && update.removed_services.is_empty()
             && update.trust.is_none()
             && update.authorization_policies.is_empty()
-            && update.removed_authorization_policies.is_empty();
+            && update.removed_authorization_policies.is_empty()
+            && update.uninstalling.is_none();
         (!empty).then_some(update)
     }
 }

@@ -598,3 +598,37 @@ fn a_weft_object_the_api_server_would_refuse_is_refused_naming_the_field() {
     );
     assert!(source.state().traffic_policies.is_empty());
 }
+
+#[test]
+fn an_annotated_node_proxy_daemon_set_announces_the_uninstall_to_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "cluster.yaml", CLUSTER);
+    let (before, _) = mesh_of(dir.path());
+    assert!(!before.uninstalling);
+    let daemon_set = |namespace: &str, annotation: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: weft-node-proxy, namespace: {namespace}, annotations: {{weft.dev/uninstall: \"{annotation}\"}}}}\nspec: {{selector: {{matchLabels: {{app: p}}}}, template: {{metadata: {{labels: {{app: p}}}}, spec: {{containers: []}}}}}}\n"
+        )
+    };
+
+    // Another namespace's DaemonSet of that name, or another value: nothing.
+    for (namespace, value) in [("shop", "true"), ("weft-system", "false")] {
+        write(dir.path(), "ds.yaml", &daemon_set(namespace, value));
+        let (mesh, _) = mesh_of(dir.path());
+        assert!(!mesh.uninstalling, "{namespace} {value}");
+    }
+
+    write(dir.path(), "ds.yaml", &daemon_set("weft-system", "true"));
+    let (during, _) = mesh_of(dir.path());
+    assert!(during.uninstalling);
+    let (old, new) = (
+        NodeView::of(&before, "node-1"),
+        NodeView::of(&during, "node-1"),
+    );
+    assert_eq!(new.full_update(1).uninstalling, Some(true));
+    assert_eq!(old.full_update(1).uninstalling, Some(false));
+    let delta = old.delta_to(&new, 2).expect("the announcement is a change");
+    assert_eq!(delta.uninstalling, Some(true));
+    assert!(delta.local_workloads.is_empty() && delta.services.is_empty());
+    assert!(new.delta_to(&new.clone(), 3).is_none());
+}

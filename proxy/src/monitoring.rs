@@ -59,6 +59,19 @@ pub(crate) fn readiness(
                 text(StatusCode::OK, "ready\n")
             }
         }
+        // `weft-control-plane uninstall` asks every proxy this before the
+        // mesh is deleted: 200 once this proxy knows, and so will remove its
+        // capture when it stops.
+        "/uninstall" => {
+            if routes.borrow().uninstalling {
+                text(StatusCode::OK, "the capture goes when this proxy stops\n")
+            } else {
+                text(
+                    StatusCode::CONFLICT,
+                    "not told of an uninstall: the capture stays when this proxy stops\n",
+                )
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found; try /healthz/ready\n"),
     })
 }

@@ -31,6 +31,8 @@ pub struct NodeProxy {
     drain_requested: watch::Receiver<bool>,
     data_plane: Option<crate::dataplane::RunningDataPlane>,
     tasks: JoinSet<&'static str>,
+    /// The last good state on the node, if kept.
+    state: Option<NodeState>,
 }
 
 impl NodeProxy {
@@ -91,8 +93,8 @@ impl NodeProxy {
         let view = client.view();
         let status = client.status();
         let mut node_certificates = NodeCertificates::new(transport, view.clone());
-        if let Some(state) = state {
-            node_certificates.keep_in(state);
+        if let Some(state) = &state {
+            node_certificates.keep_in(state.clone());
         }
         let certificates = node_certificates.subscribe();
         let data_plane_config = config.clone();
@@ -150,6 +152,7 @@ impl NodeProxy {
             drain_requested,
             data_plane,
             tasks,
+            state,
         })
     }
 
@@ -198,12 +201,27 @@ impl NodeProxy {
     }
 
     /// Drains the data plane (stop accepting, let open connections finish
-    /// within the deadline, remove the capture rules), then stops every
-    /// task and waits until they are gone.
+    /// within the deadline, leave the capture rules to the next proxy),
+    /// then stops every task and waits until they are gone. If the mesh is
+    /// being uninstalled, the capture rules and the state kept on the node
+    /// (config, certificates and their keys) go too.
     pub async fn shutdown(mut self) {
         if let Some(data_plane) = self.data_plane.take() {
             data_plane.drain().await;
         }
         self.tasks.shutdown().await;
+        let uninstalling = self
+            .view
+            .borrow()
+            .as_ref()
+            .is_some_and(|view| view.uninstalling());
+        if let Some(state) = self.state.take().filter(|_| uninstalling) {
+            match state.clear() {
+                Ok(()) => {
+                    info!(dir = %state.dir().display(), "the mesh is being uninstalled: removed the state kept on the node")
+                }
+                Err(error) => warn!(%error, "removing the state kept on the node failed"),
+            }
+        }
     }
 }

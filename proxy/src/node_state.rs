@@ -166,6 +166,27 @@ impl NodeState {
         }
     }
 
+    /// Removes everything stored (the mesh is being uninstalled: no key
+    /// may stay behind on the node). The directory itself stays, empty:
+    /// on Kubernetes it is the mount point of a hostPath volume.
+    pub fn clear(&self) -> Result<(), Error> {
+        let error = |path: &Path, source| Error::WriteState {
+            path: path.to_owned(),
+            source,
+        };
+        let entries = fs::read_dir(&self.dir).map_err(|e| error(&self.dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| error(&self.dir, e))?.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(|e| error(&path, e))?;
+        }
+        Ok(())
+    }
+
     fn certs_dir(&self) -> PathBuf {
         self.dir.join(CERTS_DIR)
     }
@@ -242,6 +263,9 @@ pub fn merge(stored: &mut ConfigUpdate, update: &ConfigUpdate) {
     );
     if update.trust.is_some() {
         stored.trust = update.trust.clone();
+    }
+    if update.uninstalling.is_some() {
+        stored.uninstalling = update.uninstalling;
     }
 }
 

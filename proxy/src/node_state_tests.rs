@@ -170,3 +170,14 @@ fn certificates_come_back_only_while_wanted_and_valid() {
             .is_empty()
     );
 }
+
+#[test]
+fn clearing_leaves_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = NodeState::open(dir.path()).unwrap();
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    state.store_config(&full_state(&ca)).unwrap();
+    state.clear().unwrap();
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert!(state.load_config(1 << 20).unwrap().is_none());
+}

@@ -298,6 +298,36 @@ impl WeftMesh {
             .stop()
     }
 
+    /// Does what `weft-control-plane uninstall` does to a cluster, for the
+    /// manifests source: writes weft's node-proxy DaemonSet with the
+    /// uninstall annotation, which the control plane passes on to every
+    /// proxy.
+    pub fn announce_uninstall(&self) -> Result<()> {
+        self.write_manifest(
+            "uninstall.yaml",
+            "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: weft-node-proxy, namespace: weft-system, annotations: {weft.dev/uninstall: \"true\"}}
+spec:
+  selector: {matchLabels: {app: weft-node-proxy}}
+  template:
+    metadata: {labels: {app: weft-node-proxy}}
+    spec: {containers: [{name: proxy, image: weft-proxy}]}
+",
+        )
+    }
+
+    /// Waits until `node`'s proxy confirms (on its readiness port, as
+    /// `weft-control-plane uninstall` asks) that it will remove its capture
+    /// when it stops.
+    pub fn wait_for_uninstall_confirmed(&self, testbed: &Testbed, node: &str) -> Result<()> {
+        let readiness = SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_READINESS_PORT));
+        wait_until(STARTUP_TIMEOUT, || {
+            Ok(http_get(testbed, Target::Node(node), readiness, "/uninstall").is_ok())
+        })
+        .with_context(|| format!("the proxy of {node} never confirmed the uninstall"))
+    }
+
     /// Where `node`'s proxy keeps its last good state (`--state-dir`).
     pub fn proxy_state_dir(&self, testbed: &Testbed, node: &str) -> PathBuf {
         testbed.dir().join(format!("proxy-state-{node}"))

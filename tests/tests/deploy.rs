@@ -23,6 +23,7 @@ use weft_testbed::kube_cluster::{self, deploy_dir, yaml_objects};
 
 const CONTROL_PLANE: &str = "system:serviceaccount:weft-system:weft-control-plane";
 const NODE_PROXY: &str = "system:serviceaccount:weft-system:weft-node-proxy";
+const UNINSTALL: &str = "system:serviceaccount:weft-system:weft-uninstall";
 
 fn read_objects(path: &Path) -> Vec<Value> {
     let text =
@@ -98,6 +99,26 @@ fn without_helm_labels(mut object: Value) -> Value {
     object
 }
 
+/// Whether Helm runs `object` as a hook rather than installing it.
+fn is_hook(object: &Value) -> bool {
+    object["metadata"]["annotations"]
+        .as_object()
+        .is_some_and(|annotations| annotations.contains_key("helm.sh/hook"))
+}
+
+/// Drops Helm's hook annotations, so hook objects compare with
+/// `uninstall.yaml`.
+fn without_hook_annotations(mut object: Value) -> Value {
+    let metadata = &mut object["metadata"];
+    if let Some(annotations) = metadata["annotations"].as_object_mut() {
+        annotations.retain(|key, _| !key.starts_with("helm.sh/"));
+        if annotations.is_empty() {
+            metadata.as_object_mut().map(|m| m.remove("annotations"));
+        }
+    }
+    object
+}
+
 #[test]
 fn the_chart_renders_the_objects_of_weft_yaml() {
     let rendered = rendered_chart();
@@ -105,6 +126,33 @@ fn the_chart_renders_the_objects_of_weft_yaml() {
         .into_iter()
         .partition(|o| o["kind"] == "CustomResourceDefinition");
     assert_eq!(crds, read_objects(&deploy_dir().join("crds/weft.dev.yaml")));
+    let (hooks, rendered): (Vec<_>, Vec<_>) = rendered.into_iter().partition(is_hook);
+
+    // The uninstall announcement runs before anything is deleted, and is
+    // what `uninstall.yaml` gives kubectl users.
+    for hook in &hooks {
+        assert_eq!(
+            hook["metadata"]["annotations"]["helm.sh/hook"], "pre-delete",
+            "{hook}"
+        );
+    }
+    let hooks: BTreeMap<String, Value> = hooks
+        .into_iter()
+        .map(|o| (key(&o), without_hook_annotations(without_helm_labels(o))))
+        .collect();
+    let uninstall: BTreeMap<String, Value> = read_objects(&deploy_dir().join("uninstall.yaml"))
+        .into_iter()
+        .map(|o| (key(&o), o))
+        .collect();
+    assert_eq!(
+        hooks, uninstall,
+        "the chart's hooks and uninstall.yaml differ"
+    );
+    assert_eq!(
+        uninstall["Job weft-system/weft-uninstall"]["spec"]["template"]["spec"]["containers"][0]["args"]
+            [0],
+        "uninstall"
+    );
 
     let chart: BTreeMap<String, Value> = rendered
         .into_iter()
@@ -333,8 +381,15 @@ async fn rbac_is_least_privilege() {
             "weft-control-plane",
         ),
         access("create", "coordination.k8s.io/leases", "weft-system", ""),
+        access("watch", "apps/daemonsets", "weft-system", "weft-node-proxy"),
+        access("list", "apps/daemonsets", "weft-system", "weft-node-proxy"),
     ];
     let control_plane_may_not = [
+        // Patching the node proxies' DaemonSet would run any image as root
+        // on every node.
+        access("patch", "apps/daemonsets", "weft-system", "weft-node-proxy"),
+        access("watch", "apps/daemonsets", "weft-system", ""),
+        access("list", "apps/daemonsets", "", ""),
         access("get", "/secrets", "default", "weft-ca"),
         access("get", "/secrets", "shop", "weft-ca"),
         access("get", "/secrets", "weft-system", "other"),
@@ -406,11 +461,36 @@ async fn rbac_is_least_privilege() {
             "weft-control-plane",
         ),
     ];
+    // The uninstall hook's account, while it exists, may announce and check
+    // and nothing else.
+    apply(&client, &read_objects(&deploy_dir().join("uninstall.yaml")))
+        .await
+        .unwrap();
+    let uninstall_may = [
+        access("patch", "apps/daemonsets", "weft-system", "weft-node-proxy"),
+        access("list", "/pods", "weft-system", ""),
+    ];
+    let uninstall_may_not = [
+        access("patch", "apps/daemonsets", "weft-system", "other"),
+        access("patch", "apps/daemonsets", "shop", "weft-node-proxy"),
+        access(
+            "update",
+            "apps/daemonsets",
+            "weft-system",
+            "weft-node-proxy",
+        ),
+        access("list", "/pods", "", ""),
+        access("patch", "/pods", "weft-system", "weft-node-proxy-x"),
+        access("get", "/secrets", "weft-system", "weft-ca"),
+        access("create", "/pods/exec", "weft-system", "weft-node-proxy-x"),
+    ];
     let mut wrong = Vec::new();
     for (user, checks, want) in [
         (CONTROL_PLANE, &control_plane_may[..], true),
         (CONTROL_PLANE, &control_plane_may_not[..], false),
         (NODE_PROXY, &node_proxy_may_not[..], false),
+        (UNINSTALL, &uninstall_may[..], true),
+        (UNINSTALL, &uninstall_may_not[..], false),
     ] {
         for check in checks {
             if allowed(&client, user, check).await != want {

@@ -1,6 +1,9 @@
 //! End to end on the testbed: a node proxy told to stop (SIGTERM, or
 //! `POST /drain` on its admin endpoint) refuses new connections, lets the
-//! open ones finish, takes its capture rules away and exits cleanly.
+//! open ones finish and exits cleanly. It leaves its capture rules to the
+//! next proxy (its meshed pods' traffic is held meanwhile, never sent in
+//! plaintext), unless the mesh is being uninstalled: then it takes them
+//! away.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::io::{Read, Write};
@@ -43,9 +46,14 @@ enum Stop {
 }
 
 /// Stops node-1's proxy by `stop` while a connection through it is open,
-/// and checks the drain from start to exit.
-fn drains_open_connections_then_removes_the_capture(stop: Stop) {
+/// during an uninstall or not, and checks the drain from start to exit.
+fn drains_open_connections(stop: Stop, uninstall: bool) {
     let (testbed, mesh) = cluster();
+    if uninstall {
+        mesh.announce_uninstall().unwrap();
+        mesh.wait_for_uninstall_confirmed(&testbed, "node-1")
+            .unwrap();
+    }
     let _server = testbed
         .start_echo_server(Target::Pod("server"), 8080)
         .unwrap();
@@ -86,24 +94,46 @@ fn drains_open_connections_then_removes_the_capture(stop: Stop) {
         "{stop:?}: a new connection was proxied while draining"
     );
 
-    // The last connection ends; the proxy exits cleanly and takes its rules along.
+    // The last connection ends; the proxy exits cleanly.
     drop(open);
     let status = proxy.wait(WAIT).unwrap();
     assert!(status.success(), "{stop:?}: {status:?}");
+    let log = proxy.stdout().unwrap();
+    assert!(log.contains("all connections finished"), "{log}");
     let mut nft = std::process::Command::new("nft");
-    nft.args(["list", "tables"]);
+    nft.args(["list", "ruleset"]);
     let listing = testbed.spawn(Target::Node("node-1"), nft).unwrap();
     assert!(listing.wait(WAIT).unwrap().success());
-    assert!(
-        !listing.stdout().unwrap().contains("weft"),
-        "{}",
-        listing.stdout().unwrap()
-    );
-    let log = proxy.stdout().unwrap();
-    assert!(
-        log.contains("all connections finished") && log.contains("capture rules removed"),
-        "{log}"
-    );
+    let ruleset = listing.stdout().unwrap();
+    let client = testbed.pod_ip("client").unwrap().to_string();
+    if uninstall {
+        // It took its rules along: the pods talk directly again.
+        assert!(!ruleset.contains("weft"), "{ruleset}");
+        assert!(log.contains("capture rules removed"), "{log}");
+        // And the state it kept on the node, keys included.
+        let state = mesh.proxy_state_dir(&testbed, "node-1");
+        assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+        let mut direct = testbed.connect(Target::Pod("client"), target).unwrap();
+        assert_eq!(echo_round_trip(&mut direct, b"after").unwrap(), b"after");
+    } else {
+        // It left them: the client is still captured, and its traffic is
+        // held until the next proxy serves it, never let through.
+        assert!(ruleset.contains("table inet weft"), "{ruleset}");
+        assert!(ruleset.contains(&client), "{ruleset}");
+        assert!(log.contains("leaving the capture rules in place"), "{log}");
+        let state = mesh.proxy_state_dir(&testbed, "node-1");
+        assert!(
+            state.join("config.pb").is_file(),
+            "the next proxy starts from it"
+        );
+        let held = testbed
+            .connect(Target::Pod("client"), target)
+            .and_then(|mut s| echo_round_trip(&mut s, b"x"));
+        assert!(
+            held.is_err(),
+            "{stop:?}: a meshed pod's connection went through with no proxy"
+        );
+    }
 }
 
 /// One request to node-1's admin endpoint: status and body.
@@ -113,11 +143,11 @@ fn admin(testbed: &Testbed, method: &str, path: &str) -> (u16, String) {
 }
 
 #[test]
-fn sigterm_drains_open_connections_then_removes_the_capture() {
-    drains_open_connections_then_removes_the_capture(Stop::Sigterm);
+fn sigterm_drains_open_connections_and_leaves_the_capture_failing_closed() {
+    drains_open_connections(Stop::Sigterm, false);
 }
 
 #[test]
-fn a_drain_requested_on_the_admin_endpoint_does_the_same() {
-    drains_open_connections_then_removes_the_capture(Stop::AdminDrain);
+fn during_an_uninstall_a_drain_requested_on_the_admin_endpoint_removes_the_capture() {
+    drains_open_connections(Stop::AdminDrain, true);
 }

@@ -17,6 +17,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
@@ -30,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::cluster::{ClusterObject, ClusterState};
 use crate::crd::{AuthorizationPolicy, MtlsPolicy, TrafficPolicy};
+use crate::mesh::NODE_PROXY_DAEMONSET;
 
 /// Changes arriving within this window are published as one state.
 const SETTLE: Duration = Duration::from_millis(10);
@@ -49,6 +51,8 @@ struct Stores {
     authorization_policies: Store<AuthorizationPolicy>,
     mtls_policies: Store<MtlsPolicy>,
     traffic_policies: Store<TrafficPolicy>,
+    /// Only weft's node proxies' DaemonSet, in the control plane's namespace.
+    node_proxy_daemon_set: Store<DaemonSet>,
 }
 
 impl Stores {
@@ -67,6 +71,7 @@ impl Stores {
                 ),
                 ("mtlspolicies.weft.dev", is_ready(&self.mtls_policies)),
                 ("trafficpolicies.weft.dev", is_ready(&self.traffic_policies)),
+                ("daemonsets", is_ready(&self.node_proxy_daemon_set)),
             ]
             .into_iter()
             .filter(|(_, ready)| !ready)
@@ -84,6 +89,7 @@ impl Stores {
                 let _ = self.authorization_policies.wait_until_ready().await;
                 let _ = self.mtls_policies.wait_until_ready().await;
                 let _ = self.traffic_policies.wait_until_ready().await;
+                let _ = self.node_proxy_daemon_set.wait_until_ready().await;
             };
             if tokio::time::timeout(WAITING_LOG_EVERY, all).await.is_err() {
                 warn!(
@@ -111,7 +117,8 @@ impl Stores {
             .chain(owned(&self.endpoint_slices).map(ClusterObject::EndpointSlice))
             .chain(owned(&self.authorization_policies).map(ClusterObject::AuthorizationPolicy))
             .chain(owned(&self.mtls_policies).map(ClusterObject::MtlsPolicy))
-            .chain(owned(&self.traffic_policies).map(ClusterObject::TrafficPolicy));
+            .chain(owned(&self.traffic_policies).map(ClusterObject::TrafficPolicy))
+            .chain(owned(&self.node_proxy_daemon_set).map(ClusterObject::DaemonSet));
         for object in objects {
             state.insert(object);
         }
@@ -133,18 +140,28 @@ where
 /// the last state stays in force meanwhile. Runs until the receiver is gone.
 pub async fn watch_cluster(
     client: kube::Client,
+    mesh_namespace: &str,
     watch_errors: Counter,
 ) -> watch::Receiver<ClusterState> {
     let (tick_tx, mut ticks) = mpsc::unbounded_channel();
+    let all = watcher::Config::default();
+    let node_proxies =
+        watcher::Config::default().fields(&format!("metadata.name={NODE_PROXY_DAEMONSET}"));
     let stores = Stores {
-        namespaces: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        service_accounts: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        pods: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        services: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        endpoint_slices: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        authorization_policies: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        mtls_policies: watch_kind(Api::all(client.clone()), &tick_tx, &watch_errors),
-        traffic_policies: watch_kind(Api::all(client), &tick_tx, &watch_errors),
+        namespaces: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        service_accounts: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        pods: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        services: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        endpoint_slices: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        authorization_policies: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        mtls_policies: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        traffic_policies: watch_kind(Api::all(client.clone()), &all, &tick_tx, &watch_errors),
+        node_proxy_daemon_set: watch_kind(
+            Api::namespaced(client, mesh_namespace),
+            &node_proxies,
+            &tick_tx,
+            &watch_errors,
+        ),
     };
     drop(tick_tx);
     stores.wait_until_ready().await;
@@ -169,14 +186,19 @@ pub async fn watch_cluster(
 }
 
 /// Watches one kind into a store, ticking `changes` after each change.
-fn watch_kind<K>(api: Api<K>, changes: &mpsc::UnboundedSender<()>, errors: &Counter) -> Store<K>
+fn watch_kind<K>(
+    api: Api<K>,
+    config: &watcher::Config,
+    changes: &mpsc::UnboundedSender<()>,
+    errors: &Counter,
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, config.clone())
         .default_backoff()
         .modify(|object: &mut K| {
             // Neither is read, and on large clusters they are most of the bytes.

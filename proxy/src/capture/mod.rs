@@ -359,6 +359,20 @@ impl NodeCapture {
         &self.config
     }
 
+    /// Stops managing the rules without removing them: the pods in the sets
+    /// stay captured, and their TCP is dropped (held, as a lost SYN is
+    /// retransmitted) while no proxy listens, until the next proxy
+    /// [installs](NodeCapture::install) and takes them over. What a proxy
+    /// does when it stops, unless the mesh is being uninstalled.
+    pub fn leave(mut self) {
+        self.installed = false;
+        tracing::info!(
+            meshed = self.meshed.len(),
+            "leaving the capture rules in place for the next proxy: the meshed pods' \
+             traffic is held until it serves them"
+        );
+    }
+
     /// Removes the table and the policy routing. Every part is tried even
     /// when one fails; the first failure is returned.
     pub fn remove(mut self) -> Result<(), CaptureError> {

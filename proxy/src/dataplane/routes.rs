@@ -24,6 +24,9 @@ pub struct RouteTable {
     /// The mesh roots of that version: peers are verified against these,
     /// not the (possibly older) roots a certificate was issued with.
     pub trust: Option<weft_certs::TrustBundle>,
+    /// Whether the mesh is being uninstalled (see
+    /// [`NodeView::uninstalling`]).
+    pub uninstalling: bool,
     /// The node's own workloads by IP.
     local: HashMap<IpAddr, Arc<Workload>>,
     /// Every other known workload by IP.
@@ -207,6 +210,7 @@ impl RouteTable {
         RouteTable {
             generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
+            uninstalling: view.uninstalling(),
             local: index(view.local_workloads(), true),
             remote: index(view.remote_workloads(), false),
             services,

@@ -27,14 +27,25 @@ use crate::{Error, ProxyConfig, http_server, monitoring};
 pub struct RunningDataPlane {
     trigger: DrainTrigger,
     deadline: Duration,
+    routes: Arc<Routes>,
     capture: Option<CaptureRunner>,
 }
 
-/// The capture rules' thread and the task that feeds it pod sets; the
-/// thread removes the rules once the feed ends.
+/// The capture rules' thread and the task that feeds it pod sets.
 struct CaptureRunner {
     thread: std::thread::JoinHandle<()>,
     feed: tokio::task::JoinHandle<()>,
+    commands: std::sync::mpsc::Sender<CaptureCommand>,
+}
+
+/// What the capture thread is told.
+enum CaptureCommand {
+    /// Capture exactly these pods (for this config generation).
+    Pods(u64, BTreeSet<IpAddr>),
+    /// The proxy stops: remove the rules (the mesh is being uninstalled),
+    /// or leave them to the next proxy. A thread whose feed ends without
+    /// this leaves them too: failing closed.
+    Stop { remove: bool },
 }
 
 /// Binds the listeners, installs the capture (if configured) and starts
@@ -167,6 +178,7 @@ pub async fn start(
     Ok(RunningDataPlane {
         trigger,
         deadline: Duration::from_secs(config.drain_seconds),
+        routes: plane.routes.clone(),
         capture,
     })
 }
@@ -185,11 +197,22 @@ fn start_capture(
         ..CaptureConfig::default()
     };
     let mut capture = NodeCapture::install(config).map_err(Error::Capture)?;
-    let (updates, received) = std::sync::mpsc::channel::<(u64, BTreeSet<IpAddr>)>();
+    let (updates, received) = std::sync::mpsc::channel::<CaptureCommand>();
     let thread = std::thread::Builder::new()
         .name("weft-capture".into())
         .spawn(move || {
-            while let Ok((version, pods)) = received.recv() {
+            while let Ok(command) = received.recv() {
+                let (version, pods) = match command {
+                    CaptureCommand::Pods(version, pods) => (version, pods),
+                    CaptureCommand::Stop { remove: true } => {
+                        match capture.remove() {
+                            Ok(()) => info!("the mesh is being uninstalled: capture rules removed"),
+                            Err(error) => warn!(%error, "removing the capture rules failed"),
+                        }
+                        return;
+                    }
+                    CaptureCommand::Stop { remove: false } => break,
+                };
                 match capture.set_meshed_pods(&pods) {
                     Ok(()) => {
                         let _ = programmed.send(version);
@@ -202,32 +225,36 @@ fn start_capture(
                     }
                 }
             }
-            match capture.remove() {
-                Ok(()) => info!("capture rules removed"),
-                Err(error) => warn!(%error, "removing the capture rules failed"),
-            }
+            capture.leave();
         })
         .map_err(|source| Error::SpawnThread {
             what: "capture rules",
             source,
         })?;
+    let commands = updates.clone();
     let feed = tokio::spawn(async move {
         loop {
             let (version, pods) = {
                 let table = routes.borrow_and_update();
                 (table.generation, table.meshed_local_ips())
             };
-            if updates.send((version, pods)).is_err() || routes.changed().await.is_err() {
+            let pods = CaptureCommand::Pods(version, pods);
+            if updates.send(pods).is_err() || routes.changed().await.is_err() {
                 return;
             }
         }
     });
-    Ok(CaptureRunner { thread, feed })
+    Ok(CaptureRunner {
+        thread,
+        feed,
+        commands,
+    })
 }
 
 impl RunningDataPlane {
     /// Stops accepting, lets open connections finish within the drain
-    /// deadline, then removes the capture rules.
+    /// deadline, then leaves the capture rules to the next proxy, or
+    /// removes them if the mesh is being uninstalled.
     pub async fn drain(self) {
         info!(deadline = ?self.deadline, "draining");
         let left = self.trigger.drain(self.deadline).await;
@@ -240,10 +267,10 @@ impl RunningDataPlane {
             info!("all connections finished");
         }
         if let Some(capture) = self.capture {
-            // Ending the feed drops the last sender; the thread then removes
-            // the rules and ends.
             capture.feed.abort();
             let _ = capture.feed.await;
+            let remove = self.routes.current().uninstalling;
+            let _ = capture.commands.send(CaptureCommand::Stop { remove });
             let _ = tokio::task::spawn_blocking(move || capture.thread.join()).await;
         }
     }

@@ -32,6 +32,9 @@ use weft_certs::{Identity, TrustBundle};
 pub struct NodeView {
     version: u64,
     generation: u64,
+    /// Whether the mesh is being uninstalled: a proxy that stops now
+    /// removes its capture (else it leaves it, failing closed).
+    uninstalling: bool,
     trust: Trust,
     local_workloads: BTreeMap<String, Arc<Workload>>,
     remote_workloads: BTreeMap<String, Arc<Workload>>,
@@ -362,6 +365,9 @@ impl NodeView {
             view: NodeView {
                 version: update.version,
                 generation: previous.map_or(1, |p| p.generation.saturating_add(1)),
+                uninstalling: update
+                    .uninstalling
+                    .unwrap_or_else(|| base.is_some_and(|b| b.uninstalling)),
                 trust,
                 local_workloads,
                 remote_workloads,
@@ -384,6 +390,11 @@ impl NodeView {
     /// generations, across config streams and control-plane restarts.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether the mesh is being uninstalled (`ConfigUpdate.uninstalling`).
+    pub fn uninstalling(&self) -> bool {
+        self.uninstalling
     }
 
     /// The mesh roots.

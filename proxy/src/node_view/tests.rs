@@ -468,3 +468,26 @@ fn generations_grow_across_streams_whose_versions_start_over() {
     );
     assert_eq!(third.version(), 1, "the version is the control plane's");
 }
+
+#[test]
+fn the_uninstall_announcement_holds_until_the_control_plane_takes_it_back() {
+    let base = applied(&full(1));
+    assert!(
+        !base.uninstalling(),
+        "a full state without it: not uninstalling"
+    );
+    let mut announced = delta(2);
+    announced.uninstalling = Some(true);
+    let during = NodeView::apply(Some(&base), &announced, NODE).unwrap().view;
+    assert!(during.uninstalling());
+    let unrelated = NodeView::apply(Some(&during), &delta(3), NODE)
+        .unwrap()
+        .view;
+    assert!(unrelated.uninstalling(), "a delta without it keeps it");
+    let mut withdrawn = delta(4);
+    withdrawn.uninstalling = Some(false);
+    let after = NodeView::apply(Some(&unrelated), &withdrawn, NODE)
+        .unwrap()
+        .view;
+    assert!(!after.uninstalling());
+}

@@ -17,6 +17,8 @@ pub const RELEASE: &str = "weft";
 /// weft's namespace.
 pub const WEFT_NAMESPACE: &str = "weft-system";
 /// How long tcpdump may take to start listening.
+/// Where the chart has node proxies keep their state on the node.
+const PROXY_STATE_DIR: &str = "/var/lib/weft/proxy";
 const CAPTURE_START: Duration = Duration::from_secs(30);
 
 impl RealCluster {
@@ -62,7 +64,8 @@ impl RealCluster {
     }
 
     /// What weft left on `node`: its nftables table, policy-routing rules
-    /// and routes (empty when nothing).
+    /// and routes, and the files of the proxy's kept state (empty when
+    /// nothing).
     pub fn weft_state_on(&self, node: &str) -> Result<Vec<String>> {
         let netns = self.node_netns(node)?.to_owned();
         let mut found = Vec::new();
@@ -89,6 +92,8 @@ impl RealCluster {
             let routes = run(&["ip", family, "-n", &netns, "route", "show", "table", "100"])?;
             found.extend(routes.lines().map(|l| format!("route {l}")));
         }
+        let state = self.node(node)?.files_under(PROXY_STATE_DIR)?;
+        found.extend(state.into_iter().map(|file| format!("file {file}")));
         Ok(found)
     }
 

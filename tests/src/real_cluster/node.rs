@@ -232,6 +232,15 @@ impl Node {
         Ok(())
     }
 
+    /// The files and directories under `dir` on the node (its own
+    /// `/var/lib`, `/run`, ...), or nothing when `dir` does not exist.
+    pub fn files_under(&self, dir: &str) -> Result<Vec<String>> {
+        let mut command = self.in_node(Path::new("find"))?;
+        command.args([dir, "-mindepth", "1"]);
+        let listing = run_command(command).unwrap_or_default();
+        Ok(listing.lines().map(str::to_owned).collect())
+    }
+
     /// A command run by `nsenter` in the node's mount namespace (and,
     /// spawned from the node's network namespace, in that one).
     fn in_node(&self, program: &Path) -> Result<Command> {
