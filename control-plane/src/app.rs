@@ -215,7 +215,9 @@ pub async fn run_on(
     // drain instead of waiting on streams that never end.
     let derive = tokio::spawn(async move {
         while cluster.changed().await.is_ok() {
-            let mesh = Mesh::derive(&cluster.borrow_and_update(), trust.clone(), &mesh_namespace);
+            let state = cluster.borrow_and_update().clone();
+            let mut mesh = Mesh::derive(&state, trust.clone(), &mesh_namespace);
+            mesh.continue_uninstall(&mesh_tx.borrow(), &state, &mesh_namespace);
             mesh_tx.send_if_modified(|current| {
                 let changed = **current != mesh;
                 if changed {

@@ -96,6 +96,23 @@ impl Mesh {
         }
     }
 
+    /// Keeps an uninstall announced once the node proxies' DaemonSet is
+    /// gone: deleting it is the uninstall itself, and its proxies must
+    /// still hear "uninstalling" (not a change back) until they stop. A
+    /// DaemonSet that comes back (a new installation) brings its own
+    /// annotation, or none.
+    pub fn continue_uninstall(
+        &mut self,
+        previous: &Mesh,
+        cluster: &ClusterState,
+        mesh_namespace: &str,
+    ) {
+        let daemon_set = format!("{mesh_namespace}/{NODE_PROXY_DAEMONSET}");
+        if previous.uninstalling && !cluster.daemon_sets.contains_key(&daemon_set) {
+            self.uninstalling = true;
+        }
+    }
+
     /// Whether `node` runs a meshed pod with `identity` that has an IP
     /// (Pending with its init containers, or Running): the CA's condition
     /// for signing that identity for that node.

@@ -631,4 +631,21 @@ fn an_annotated_node_proxy_daemon_set_announces_the_uninstall_to_every_node() {
     assert_eq!(delta.uninstalling, Some(true));
     assert!(delta.local_workloads.is_empty() && delta.services.is_empty());
     assert!(new.delta_to(&new.clone(), 3).is_none());
+
+    // The DaemonSet is deleted (that is the uninstall): still uninstalling.
+    std::fs::remove_file(dir.path().join("ds.yaml")).unwrap();
+    let (gone, source) = mesh_of(dir.path());
+    assert!(!gone.uninstalling, "derived alone, nothing says so");
+    let mut gone = gone;
+    gone.continue_uninstall(&during, &source.state(), "weft-system");
+    assert!(
+        gone.uninstalling,
+        "an uninstall goes on once its DaemonSet is gone"
+    );
+    // A new installation's DaemonSet, without the annotation: over.
+    write(dir.path(), "ds.yaml", &daemon_set("weft-system", "false"));
+    let (reinstalled, source) = mesh_of(dir.path());
+    let mut reinstalled = reinstalled;
+    reinstalled.continue_uninstall(&gone, &source.state(), "weft-system");
+    assert!(!reinstalled.uninstalling);
 }

@@ -308,8 +308,49 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `helm uninstall`: pods keep talking, unmeshed, and no weft table, rule
-/// or route is left on any node.
+/// The client's node proxy is killed (SIGKILL), then replaced while the
+/// control plane is scaled to zero: the client's requests to web-2, on the
+/// other node, fail or wait meanwhile, never cross the link in plaintext,
+/// and flow again (meshed) once a proxy serves the client, also without a
+/// control plane, from the state the proxy kept on the node.
+fn proxy_restarts_fail_closed(cluster: &RealCluster) {
+    let client = pod(cluster, MESHED, "client");
+    let server = pod(cluster, MESHED, "web-2");
+    let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
+    let marker = "/?fail-closed-marker-91c4";
+    let capture = cluster.capture_node_link("node-1").unwrap();
+
+    cluster.kill_proxy_on("node-1").unwrap();
+    // While no proxy serves it (the kubelet restarts it after a backoff).
+    for _ in 0..3 {
+        let _ = cluster.http_get_from(&client, to, marker);
+    }
+    cluster.wait_for_http(&client, to, marker).unwrap();
+    cluster.wait_for_proxies().unwrap();
+
+    cluster.scale_control_plane(0).unwrap();
+    cluster.replace_proxy_on("node-1").unwrap();
+    cluster.replace_proxy_on("node-2").unwrap();
+    let body = cluster.wait_for_http(&client, to, marker).unwrap();
+    assert_eq!(body.trim(), server.name);
+    cluster.scale_control_plane(2).unwrap();
+
+    let seen = capture.finish().unwrap();
+    assert!(
+        !seen.contains(marker.as_bytes()),
+        "a request crossed the link in plaintext while a proxy restarted"
+    );
+    assert!(
+        seen.count(&format!("host {} and port 15008", server.ip))
+            .unwrap()
+            > 0,
+        "the capture saw no tunnel"
+    );
+}
+
+/// `helm uninstall` (its pre-delete hook tells every proxy first): pods
+/// keep talking, unmeshed, and no weft table, rule, route or kept state is
+/// left on any node.
 fn uninstall_leaves_nothing(cluster: &RealCluster) {
     cluster.uninstall_weft().unwrap();
     for node in cluster.node_names() {
@@ -341,6 +382,7 @@ fn scenarios(cni: Cni) {
     policies_are_enforced_and_reported(&cluster);
     meshed_pods_stay_ready(&cluster);
     rolling_restart_drops_nothing(&cluster);
+    proxy_restarts_fail_closed(&cluster);
     uninstall_leaves_nothing(&cluster);
 }
 

@@ -63,6 +63,113 @@ impl RealCluster {
         })
     }
 
+    /// Kills the node proxy on `node` with SIGKILL, as a crash or the OOM
+    /// killer would (the kubelet restarts its container, after a backoff),
+    /// and returns its pid.
+    pub fn kill_proxy_on(&self, node: &str) -> Result<u32> {
+        let netns = self.node_netns(node)?.to_owned();
+        let mut pids = Command::new("ip");
+        pids.args(["netns", "pids", &netns]);
+        let pids = super::run_command(pids)?;
+        let proxy = pids
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "weft-proxy")
+            })
+            .with_context(|| format!("no weft-proxy process in {node}'s network namespace"))?;
+        let pid = i32::try_from(proxy).context("a pid that does not fit a pid_t")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .with_context(|| format!("killing weft-proxy {proxy} on {node}"))?;
+        Ok(proxy)
+    }
+
+    /// Waits until every node proxy is ready again (a restarted or
+    /// replaced one included).
+    pub fn wait_for_proxies(&self) -> Result<()> {
+        self.wait_until("every node proxy ready", || {
+            let ready = self.kubectl(&[
+                "-n",
+                WEFT_NAMESPACE,
+                "get",
+                "daemonset/weft-node-proxy",
+                "-o",
+                "jsonpath={.status.numberReady}/{.status.desiredNumberScheduled}",
+            ])?;
+            let (ready, desired) = ready.trim().split_once('/').unwrap_or(("0", "-"));
+            Ok(ready == desired)
+        })?;
+        self.kubectl(&[
+            "-n",
+            WEFT_NAMESPACE,
+            "rollout",
+            "status",
+            "daemonset/weft-node-proxy",
+            &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
+        ])
+        .map(drop)
+    }
+
+    /// Scales the control plane to `replicas` and waits until exactly that
+    /// many of its pods run.
+    pub fn scale_control_plane(&self, replicas: u32) -> Result<()> {
+        self.kubectl(&[
+            "-n",
+            WEFT_NAMESPACE,
+            "scale",
+            "deployment/weft-control-plane",
+            &format!("--replicas={replicas}"),
+        ])?;
+        self.wait_until(&format!("{replicas} control-plane pods"), || {
+            let pods = self.kubectl(&[
+                "-n",
+                WEFT_NAMESPACE,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=weft-control-plane",
+                "-o",
+                "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
+            ])?;
+            let running = pods.lines().filter(|phase| *phase == "Running").count();
+            Ok(running == replicas as usize && pods.lines().count() == replicas as usize)
+        })?;
+        if replicas > 0 {
+            self.kubectl(&[
+                "-n",
+                WEFT_NAMESPACE,
+                "rollout",
+                "status",
+                "deployment/weft-control-plane",
+                &format!("--timeout={}s", super::READY_TIMEOUT.as_secs()),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the node proxy's pod on `node` as a rollout does (SIGTERM,
+    /// its drain) and waits until its replacement is ready.
+    pub fn replace_proxy_on(&self, node: &str) -> Result<()> {
+        let name = self.kubectl(&[
+            "-n",
+            WEFT_NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=weft-node-proxy",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        self.kubectl(&["-n", WEFT_NAMESPACE, "delete", "pod", name.trim()])?;
+        self.wait_for_proxies()
+    }
+
     /// What weft left on `node`: its nftables table, policy-routing rules
     /// and routes, and the files of the proxy's kept state (empty when
     /// nothing).
