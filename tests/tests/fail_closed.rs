@@ -153,3 +153,38 @@ fn assert_policy_holds(testbed: &Testbed, mesh: &WeftMesh) {
     let status: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(status["control_plane"]["connected"], false, "{dump}");
 }
+
+#[test]
+fn without_ipv6_listeners_meshed_pods_ipv6_tcp_is_refused_not_passed() {
+    let testbed = cluster();
+    let (mut mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    mesh.stop_proxy("node-1").unwrap();
+    // Something else holds the IPv6 inbound port: the proxy cannot listen
+    // on IPv6.
+    let squatter = testbed
+        .run_in(Target::Node("node-1"), || {
+            std::net::TcpListener::bind("[::1]:15006")
+        })
+        .unwrap()
+        .unwrap();
+    mesh.start_proxy(&testbed, "node-1").unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    let proxy = mesh.proxy("node-1").unwrap();
+    proxy
+        .wait_for_output("meshed pods' IPv6 TCP is refused", Duration::from_secs(30))
+        .unwrap();
+    // The IPv6 rules are in, ending in the drop that catches what no
+    // listener takes.
+    let mut nft = std::process::Command::new("nft");
+    nft.args(["list", "chain", "inet", "weft", "prerouting"]);
+    let listing = testbed.spawn(Target::Node("node-1"), nft).unwrap();
+    assert!(listing.wait(Duration::from_secs(30)).unwrap().success());
+    let chain = listing.stdout().unwrap();
+    assert!(
+        chain.contains("ip6 daddr @meshed_v6 meta l4proto tcp drop"),
+        "{chain}"
+    );
+    // IPv4 is served as ever.
+    assert_eq!(round_trip(&testbed, "web-1", MARKER).unwrap(), MARKER);
+    drop(squatter);
+}

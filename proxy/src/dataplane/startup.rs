@@ -87,8 +87,10 @@ pub async fn start(
     });
 
     // The capture rules steer to loopback listeners: IPv4 always, IPv6 when
-    // the node has it. Without IPv6 listeners the IPv6 rules stay out, or
-    // they would drop (fail closed) every IPv6 connection of a meshed pod.
+    // the node has it. Without IPv6 listeners on a node with IPv6 the IPv6
+    // rules still go in: they find no listener and drop every IPv6
+    // connection of a meshed pod (fail closed) rather than let it through
+    // uncaptured.
     let listeners = |ip: IpAddr| -> Result<Vec<(&'static str, TcpListener)>, Error> {
         [
             ("outbound", OUTBOUND_PORT),
@@ -105,16 +107,13 @@ pub async fn start(
         .collect()
     };
     let mut capture_listeners = listeners(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-    let ipv6 = match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
-        Ok(v6) => {
-            capture_listeners.extend(v6);
-            true
+    match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
+        Ok(v6) => capture_listeners.extend(v6),
+        Err(error) if std::path::Path::new("/proc/sys/net/ipv6").exists() => {
+            warn!(%error, "no IPv6 listeners on a node with IPv6: meshed pods' IPv6 TCP is refused");
         }
-        Err(error) => {
-            info!(%error, "no IPv6 listeners; IPv6 traffic is not captured");
-            false
-        }
-    };
+        Err(error) => info!(%error, "IPv6 is off on this node; capturing IPv4 only"),
+    }
     let plain_bind = |what: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -127,7 +126,7 @@ pub async fn start(
     // capture (traffic arrives by other means) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
     let capture = if config.capture {
-        Some(start_capture(routes.subscribe(), programmed_tx, ipv6)?)
+        Some(start_capture(routes.subscribe(), programmed_tx)?)
     } else {
         let mut versions = routes.subscribe();
         tokio::spawn(async move {
@@ -190,12 +189,9 @@ pub async fn start(
 fn start_capture(
     mut routes: watch::Receiver<Arc<RouteTable>>,
     programmed: watch::Sender<u64>,
-    ipv6: bool,
 ) -> Result<CaptureRunner, Error> {
-    let config = CaptureConfig {
-        ipv6,
-        ..CaptureConfig::default()
-    };
+    // IPv6 unless the node has none (`NodeCapture::install` checks).
+    let config = CaptureConfig::default();
     let mut capture = NodeCapture::install(config).map_err(Error::Capture)?;
     let (updates, received) = std::sync::mpsc::channel::<CaptureCommand>();
     let thread = std::thread::Builder::new()
