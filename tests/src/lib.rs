@@ -60,6 +60,11 @@
 //! `net.bridge.bridge-nf-call-iptables` (and `-ip6tables`) is set to 1 in each node
 //! namespace (a per-namespace setting; the host's is never touched).
 //!
+//! With `.ip_families(IpFamilies::DualStack)` (or `V6Only`) pods also (or only) get
+//! `fd00:10:244:<n>::<k+2>` behind the gateway `fd00:10:244:<n>::1`, nodes an uplink
+//! `fd00:172:30::<n+1>/64` and routes to each other's `fd00:10:244:<m>::/64`, with
+//! IPv6 forwarding on; the manifests list the pods' addresses in that order.
+//!
 //! Services get ClusterIPs 10.96.1.1, 10.96.1.2, ... in declaration order. No
 //! namespace routes or translates them: they exist in the manifests for the mesh to
 //! resolve. Nothing is ever created in the host's root namespace, and all traffic
@@ -139,7 +144,7 @@ pub use policy_probe::{
 };
 pub use process::Process;
 pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};
-pub use topology::{Ipv4Cidr, PodNetwork, PodSpec, ServiceSpec, Target};
+pub use topology::{IpFamilies, Ipv4Cidr, PodNetwork, PodSpec, ServiceSpec, Target};
 pub use weft::{
     CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, ControlPlaneReplica, PROXY_ADMIN_PORT,
     PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, http_request,

@@ -84,7 +84,15 @@ fn pod_object(topology: &Topology, pod: &Pod, namespace_meshed: bool) -> Value {
     if namespace_meshed && !pod.meshed {
         labels.insert(MESH_LABEL, "disabled");
     }
-    let ip = pod.ip.to_string();
+    let mut ips = Vec::new();
+    if topology.ip_families.v4() {
+        ips.push(pod.ip.to_string());
+    }
+    if topology.ip_families.v6() {
+        ips.push(pod.ip6.to_string());
+    }
+    let ip = ips.first().cloned().unwrap_or_default();
+    let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({ "ip": ip })).collect();
     let host_ip = node.ip.to_string();
     json!({
         "apiVersion": "v1",
@@ -105,7 +113,7 @@ fn pod_object(topology: &Topology, pod: &Pod, namespace_meshed: bool) -> Value {
             "hostIP": host_ip,
             "hostIPs": [{ "ip": host_ip }],
             "podIP": ip,
-            "podIPs": [{ "ip": ip }],
+            "podIPs": pod_ips,
         },
     })
 }

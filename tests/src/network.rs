@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::topology::{BRIDGE, NODE_NETWORK, POD_BRIDGE, PodNetwork, Topology};
+use crate::topology::{BRIDGE, NODE_NETWORK, POD_BRIDGE, PodNetwork, Topology, node_ip6, pod_ip6};
 use crate::{cleanup, netns};
 
 /// Creates every namespace of `topology`. Each name is recorded in `created` (and
@@ -26,24 +26,46 @@ pub(crate) fn wire(topology: &Topology) -> Result<()> {
     for node in 0..topology.nodes.len() {
         wire_node(topology, node)?;
     }
+    let families = topology.ip_families;
     for pod in &topology.pods {
         let node = &topology.nodes[pod.node];
         let gateway = node.pod_gateway;
-        let commands = match topology.pod_network {
-            PodNetwork::PointToPoint => vec![
-                format!("addr add {}/32 dev eth0", pod.ip),
-                "link set eth0 up".to_owned(),
-                format!("route add {gateway} dev eth0 scope link"),
-                format!("route add default via {gateway} dev eth0"),
-            ],
-            // The /24 brings the route to the node's other pods (and the
-            // gateway) on the link.
-            PodNetwork::Bridge => vec![
-                format!("addr add {}/{} dev eth0", pod.ip, node.pod_cidr.prefix_len),
-                "link set eth0 up".to_owned(),
-                format!("route add default via {gateway} dev eth0"),
-            ],
-        };
+        let gateway6 = pod_ip6(node.index, 1);
+        let mut commands = vec!["link set eth0 up".to_owned()];
+        match topology.pod_network {
+            PodNetwork::PointToPoint => {
+                if families.v4() {
+                    commands.extend([
+                        format!("addr add {}/32 dev eth0", pod.ip),
+                        format!("route add {gateway} dev eth0 scope link"),
+                        format!("route add default via {gateway} dev eth0"),
+                    ]);
+                }
+                if families.v6() {
+                    commands.extend([
+                        format!("addr add {}/128 dev eth0 nodad", pod.ip6),
+                        format!("route add {gateway6} dev eth0"),
+                        format!("route add ::/0 via {gateway6} dev eth0"),
+                    ]);
+                }
+            }
+            // The /24 (/64) brings the route to the node's other pods (and
+            // the gateway) on the link.
+            PodNetwork::Bridge => {
+                if families.v4() {
+                    commands.extend([
+                        format!("addr add {}/{} dev eth0", pod.ip, node.pod_cidr.prefix_len),
+                        format!("route add default via {gateway} dev eth0"),
+                    ]);
+                }
+                if families.v6() {
+                    commands.extend([
+                        format!("addr add {}/64 dev eth0 nodad", pod.ip6),
+                        format!("route add ::/0 via {gateway6} dev eth0"),
+                    ]);
+                }
+            }
+        }
         netns::ip_batch(&pod.netns, &commands)
             .with_context(|| format!("wiring pod {}", pod.name))?;
     }
@@ -71,10 +93,18 @@ fn wire_fabric(topology: &Topology) -> Result<()> {
 
 fn wire_node(topology: &Topology, index: usize) -> Result<()> {
     let node = &topology.nodes[index];
+    let v6 = topology.ip_families.v6();
     let mut commands = vec![
         format!("addr add {}/{} dev eth0", node.ip, NODE_NETWORK.prefix_len),
         "link set eth0 up".to_owned(),
     ];
+    if v6 {
+        commands.push(format!(
+            "addr add {}/64 dev eth0 nodad",
+            node_ip6(node.index)
+        ));
+    }
+    let gateway6 = pod_ip6(node.index, 1);
     let mut interfaces = vec!["lo".to_owned(), "eth0".to_owned()];
     if topology.pod_network == PodNetwork::Bridge {
         commands.push(format!("link add {POD_BRIDGE} type bridge"));
@@ -82,6 +112,9 @@ fn wire_node(topology: &Topology, index: usize) -> Result<()> {
             "addr add {}/{} dev {POD_BRIDGE}",
             node.pod_gateway, node.pod_cidr.prefix_len
         ));
+        if v6 {
+            commands.push(format!("addr add {gateway6}/64 dev {POD_BRIDGE} nodad"));
+        }
         commands.push(format!("link set {POD_BRIDGE} up"));
         interfaces.push(POD_BRIDGE.to_owned());
     }
@@ -94,8 +127,14 @@ fn wire_node(topology: &Topology, index: usize) -> Result<()> {
         match topology.pod_network {
             PodNetwork::PointToPoint => {
                 commands.push(format!("addr add {}/32 dev {veth}", node.pod_gateway));
+                if v6 {
+                    commands.push(format!("addr add {gateway6}/128 dev {veth} nodad"));
+                }
                 commands.push(format!("link set {veth} up"));
                 commands.push(format!("route add {}/32 dev {veth}", pod.ip));
+                if v6 {
+                    commands.push(format!("route add {}/128 dev {veth}", pod.ip6));
+                }
             }
             PodNetwork::Bridge => {
                 commands.push(format!("link set {veth} master {POD_BRIDGE}"));
@@ -109,11 +148,21 @@ fn wire_node(topology: &Topology, index: usize) -> Result<()> {
             "route add {} via {} dev eth0",
             other.pod_cidr, other.ip
         ));
+        if v6 {
+            commands.push(format!(
+                "route add {}/64 via {} dev eth0",
+                pod_ip6(other.index, 0),
+                node_ip6(other.index)
+            ));
+        }
     }
     netns::ip_batch(&node.netns, &commands)
         .with_context(|| format!("wiring node {}", node.name))?;
 
     let mut sysctls = vec![("ipv4/ip_forward".to_owned(), "1")];
+    if v6 {
+        sysctls.push(("ipv6/conf/all/forwarding".to_owned(), "1"));
+    }
     for conf in ["all", "default"]
         .into_iter()
         .map(str::to_owned)

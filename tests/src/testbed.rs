@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use crate::echo::EchoServer;
 use crate::process::{self, Process, TrackedProcess};
 use crate::topology::{
-    Ipv4Cidr, PodDecl, PodNetwork, PodSpec, ServiceDecl, ServiceSpec, Target, Topology,
+    IpFamilies, Ipv4Cidr, PodDecl, PodNetwork, PodSpec, ServiceDecl, ServiceSpec, Target, Topology,
 };
 use crate::{cleanup, manifests, netns, network};
 
@@ -24,6 +24,7 @@ pub struct TestbedBuilder {
     pods: Vec<PodDecl>,
     services: Vec<ServiceDecl>,
     pod_network: PodNetwork,
+    ip_families: IpFamilies,
 }
 
 impl TestbedBuilder {
@@ -54,6 +55,13 @@ impl TestbedBuilder {
         self
     }
 
+    /// Gives the pods these IP families ([`IpFamilies::V4`] unless set);
+    /// with IPv6, the nodes get IPv6 uplinks and routes too.
+    pub fn ip_families(mut self, ip_families: IpFamilies) -> Self {
+        self.ip_families = ip_families;
+        self
+    }
+
     /// Sweeps namespaces left by dead runs, then creates and wires every namespace.
     /// On failure, whatever was created is deleted again.
     pub fn build(self) -> Result<Testbed> {
@@ -62,7 +70,8 @@ impl TestbedBuilder {
 
         let prefix = netns::unique_prefix();
         let topology = Topology::plan(&prefix, &self.nodes, &self.pods, &self.services)?
-            .with_pod_network(self.pod_network);
+            .with_pod_network(self.pod_network)
+            .with_ip_families(self.ip_families);
 
         let dir = tempfile::Builder::new()
             .prefix(&format!("weft-testbed-{prefix}-"))
@@ -184,6 +193,26 @@ impl Testbed {
     /// The pod's IP (`10.244.<node>.<2..>`).
     pub fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
         Ok(self.topology.pod(pod)?.ip)
+    }
+
+    /// The pod's IPv6 address (`fd00:10:244:<node>::<2..>`); configured only
+    /// with [`TestbedBuilder::ip_families`] other than [`IpFamilies::V4`].
+    pub fn pod_ip6(&self, pod: &str) -> Result<std::net::Ipv6Addr> {
+        let planned = self.topology.pod(pod)?;
+        anyhow::ensure!(
+            self.topology.ip_families.v6(),
+            "pod {pod} has no IPv6 address: the testbed is IPv4 only"
+        );
+        Ok(planned.ip6)
+    }
+
+    /// Starts an echo server bound to `addr` in the target's namespace
+    /// (e.g. a pod's IPv6 address, to serve that family only).
+    pub fn start_echo_server_at(&self, target: Target<'_>, addr: SocketAddr) -> Result<EchoServer> {
+        let listener = self
+            .run_in(target, || TcpListener::bind(addr))?
+            .with_context(|| format!("binding an echo server to {addr} in {target}"))?;
+        EchoServer::start(listener)
     }
 
     /// The node's IP on the node network (`172.30.0.<n+1>`).

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -107,6 +107,45 @@ pub enum PodNetwork {
     Bridge,
 }
 
+/// Which IP families the pods have. IPv6 addresses mirror the IPv4 plan:
+/// pod `k` of node `n` gets `fd00:10:244:<n>::<k+2>`, its gateway is
+/// `fd00:10:244:<n>::1`, node `n`'s uplink `fd00:172:30::<n+1>/64`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IpFamilies {
+    /// IPv4 only.
+    #[default]
+    V4,
+    /// IPv4 and IPv6; the manifests list the IPv4 address first.
+    DualStack,
+    /// IPv6 only: the pods have no IPv4 address (their planned one,
+    /// [`crate::Testbed::pod_ip`], is not configured), and the manifests
+    /// list only the IPv6 one. The nodes keep their IPv4 uplinks.
+    V6Only,
+}
+
+impl IpFamilies {
+    /// Whether pods have an IPv4 address.
+    pub fn v4(self) -> bool {
+        self != IpFamilies::V6Only
+    }
+
+    /// Whether pods (and nodes) have an IPv6 address.
+    pub fn v6(self) -> bool {
+        self != IpFamilies::V4
+    }
+}
+
+/// Pod `slot` of node `index`'s IPv6 address (`fd00:10:244:<n>::<slot+2>`;
+/// `slot` -1 is the gateway, `::1`).
+pub(crate) fn pod_ip6(node: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(node), 0, 0, 0, host)
+}
+
+/// Node `index`'s IPv6 uplink address, `fd00:172:30::<n+1>`.
+pub(crate) fn node_ip6(node: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, u16::from(node) + 1)
+}
+
 /// Name of the pods' bridge in a node namespace, in [`PodNetwork::Bridge`].
 pub(crate) const POD_BRIDGE: &str = "cni0";
 
@@ -202,6 +241,8 @@ pub(crate) struct Pod {
     /// [`POD_BRIDGE`] in [`PodNetwork::Bridge`].
     pub node_veth: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (whether configured: [`Topology::ip_families`]).
+    pub ip6: Ipv6Addr,
 }
 
 /// A planned service.
@@ -233,6 +274,9 @@ pub(crate) struct Topology {
     /// How pods are wired to their node ([`PodNetwork::PointToPoint`] from
     /// [`Topology::plan`]; see [`Topology::with_pod_network`]).
     pub pod_network: PodNetwork,
+    /// Which addresses pods have ([`IpFamilies::V4`] from
+    /// [`Topology::plan`]; see [`Topology::with_ip_families`]).
+    pub ip_families: IpFamilies,
     pub fabric_netns: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
@@ -321,6 +365,7 @@ impl Topology {
                 netns: format!("{prefix}-p-{}", spec.name),
                 node_veth: format!("pod{slot}"),
                 ip: Ipv4Addr::new(10, 244, index, slot + 2),
+                ip6: pod_ip6(index, u16::from(slot) + 2),
             });
         }
 
@@ -350,6 +395,7 @@ impl Topology {
 
         Ok(Topology {
             pod_network: PodNetwork::default(),
+            ip_families: IpFamilies::default(),
             fabric_netns: format!("{prefix}-fabric"),
             nodes: planned_nodes,
             pods: planned_pods,
@@ -362,6 +408,13 @@ impl Topology {
     pub fn with_pod_network(self, pod_network: PodNetwork) -> Topology {
         Topology {
             pod_network,
+            ..self
+        }
+    }
+
+    pub fn with_ip_families(self, ip_families: IpFamilies) -> Topology {
+        Topology {
+            ip_families,
             ..self
         }
     }
@@ -484,6 +537,21 @@ pub(crate) mod tests {
         let bridged = t.with_pod_network(PodNetwork::Bridge);
         assert_eq!(bridged.pod_network, PodNetwork::Bridge);
         assert_eq!(bridged.pod("c").unwrap().ip, Ipv4Addr::new(10, 244, 2, 3));
+    }
+
+    #[test]
+    fn ipv6_addresses_mirror_the_ipv4_plan() {
+        assert_eq!(
+            pod_ip6(2, 3),
+            "fd00:10:244:2::3".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            pod_ip6(1, 1),
+            "fd00:10:244:1::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(node_ip6(1), "fd00:172:30::2".parse::<Ipv6Addr>().unwrap());
+        assert!(IpFamilies::DualStack.v4() && IpFamilies::DualStack.v6());
+        assert!(!IpFamilies::V6Only.v4() && !IpFamilies::V4.v6());
     }
 
     #[test]
