@@ -188,3 +188,69 @@ fn without_ipv6_listeners_meshed_pods_ipv6_tcp_is_refused_not_passed() {
     assert_eq!(round_trip(&testbed, "web-1", MARKER).unwrap(), MARKER);
     drop(squatter);
 }
+
+/// The testbed's manifests with namespace `shop` labelled for the mesh or
+/// not, as JSON documents (which YAML reads).
+fn manifests_with_shop_meshed(testbed: &Testbed, meshed: bool) -> String {
+    testbed
+        .objects()
+        .into_iter()
+        .map(|mut object| {
+            if object["kind"] == "Namespace" && object["metadata"]["name"] == "shop" {
+                object["metadata"]["labels"] = if meshed {
+                    serde_json::json!({ "weft.dev/mesh": "enabled" })
+                } else {
+                    serde_json::json!({})
+                };
+            }
+            object.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// Whether `node`'s capture holds `ip`.
+fn captured_on(testbed: &Testbed, node: &str, ip: std::net::Ipv4Addr) -> bool {
+    let mut nft = std::process::Command::new("nft");
+    nft.args(["list", "set", "inet", "weft", "meshed_v4"]);
+    let listing = testbed.spawn(Target::Node(node), nft).unwrap();
+    assert!(listing.wait(Duration::from_secs(30)).unwrap().success());
+    listing.stdout().unwrap().contains(&ip.to_string())
+}
+
+#[test]
+fn unlabelling_a_namespace_takes_its_pods_out_of_the_capture_and_back() {
+    let testbed = cluster();
+    let (mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    let (web, db_ip) = (
+        testbed.pod_ip("web-1").unwrap(),
+        testbed.pod_ip("db-1").unwrap(),
+    );
+    assert!(captured_on(&testbed, "node-1", web) && captured_on(&testbed, "node-2", db_ip));
+
+    mesh.write_manifest("testbed.yaml", &manifests_with_shop_meshed(&testbed, false))
+        .unwrap();
+    weft_testbed::wait_until(Duration::from_secs(30), || {
+        Ok(!captured_on(&testbed, "node-1", web) && !captured_on(&testbed, "node-2", db_ip))
+    })
+    .unwrap();
+    // Unmeshed, the pods talk as they would without weft: in plaintext.
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+    assert_eq!(round_trip(&testbed, "web-1", MARKER).unwrap(), MARKER);
+    let seen = wire.finish().unwrap();
+    assert!(
+        seen.contains(MARKER),
+        "the unmeshed request was not on the wire as is"
+    );
+
+    mesh.write_manifest("testbed.yaml", &manifests_with_shop_meshed(&testbed, true))
+        .unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    weft_testbed::wait_until(Duration::from_secs(30), || {
+        Ok(captured_on(&testbed, "node-1", web) && captured_on(&testbed, "node-2", db_ip))
+    })
+    .unwrap();
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+    assert_eq!(round_trip(&testbed, "web-1", MARKER).unwrap(), MARKER);
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
