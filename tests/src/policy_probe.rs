@@ -40,6 +40,26 @@ pub fn legacy_pod<'a>(node: &'a str, name: &'a str) -> PodSpec<'a> {
     }
 }
 
+/// The shop: node-1 runs web-1 and batch-1 (meshed, namespace shop, each
+/// its own ServiceAccount) and old-1 (an unmeshed namespace); node-2 runs
+/// db-1 (meshed, shop) behind [`SHOP_DB_SERVICE`].
+pub fn shop_testbed() -> Result<Testbed> {
+    Testbed::builder()
+        .node("node-1")
+        .node("node-2")
+        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
+        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
+        .pod(legacy_pod("node-1", "old-1"))
+        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
+        .service(SHOP_DB_SERVICE)
+        .build()
+}
+
+/// db-1's port 5432 (where [`start_mesh_with_db_echo`] echoes).
+pub fn shop_db(testbed: &Testbed) -> Result<SocketAddr> {
+    Ok(SocketAddr::from((testbed.pod_ip("db-1")?, 5432)))
+}
+
 /// Starts an echo server on `db-1`'s port 5432, then weft on `testbed`,
 /// and waits until its data plane serves.
 pub fn start_mesh_with_db_echo(testbed: &Testbed) -> Result<(WeftMesh, crate::EchoServer)> {

@@ -13,8 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use weft_testbed::{
-    DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Target, Testbed, WeftMesh, WireWatch, echoes, legacy_pod,
-    shop_pod, wait_for_reach,
+    DENY_BATCH_TO_DB, Target, Testbed, WeftMesh, WireWatch, echoes, wait_for_reach,
 };
 
 const MARKER: &[u8] = b"weft-fail-closed-marker-5d21c0";
@@ -24,20 +23,11 @@ const MARKER: &[u8] = b"weft-fail-closed-marker-5d21c0";
 const HELD: Duration = Duration::from_secs(60);
 
 fn cluster() -> Testbed {
-    Testbed::builder()
-        .node("node-1")
-        .node("node-2")
-        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
-        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
-        .pod(legacy_pod("node-1", "old-1"))
-        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
-        .service(SHOP_DB_SERVICE)
-        .build()
-        .unwrap()
+    weft_testbed::shop_testbed().unwrap()
 }
 
 fn db(testbed: &Testbed) -> SocketAddr {
-    SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432))
+    weft_testbed::shop_db(testbed).unwrap()
 }
 
 /// One round trip of `payload` from `pod` to db-1 on a new connection,

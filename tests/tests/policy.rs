@@ -8,27 +8,17 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use weft_testbed::{
-    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
-    shop_pod, wait_until,
+    ALLOW_WEB_TO_DB, CONFIG_WAIT, DENY_BATCH_TO_DB, Target, Testbed, WeftMesh, wait_until,
 };
 
 /// node-1: web-1 and batch-1 (meshed, shop) and old-1 (an unmeshed
 /// namespace); node-2: db-1 (meshed, shop), which echoes on 5432.
 fn cluster() -> Testbed {
-    Testbed::builder()
-        .node("node-1")
-        .node("node-2")
-        .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
-        .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
-        .pod(weft_testbed::legacy_pod("node-1", "old-1"))
-        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
-        .service(SHOP_DB_SERVICE)
-        .build()
-        .unwrap()
+    weft_testbed::shop_testbed().unwrap()
 }
 
 fn db(testbed: &Testbed) -> SocketAddr {
-    SocketAddr::from((testbed.pod_ip("db-1").unwrap(), 5432))
+    weft_testbed::shop_db(testbed).unwrap()
 }
 
 /// Whether an echo round trip from `from` to db-1:5432 works.
