@@ -114,6 +114,20 @@ pub async fn connect_from(
     destination: SocketAddr,
     mark: u32,
 ) -> io::Result<TcpStream> {
+    let socket = outgoing_socket(source, destination, mark)?;
+    connect_socket(socket, source, destination).await
+}
+
+/// The socket [`connect_from`] connects, before it does: marked, with
+/// `TCP_NODELAY`, transparent and bound to `source` if given, non-blocking.
+/// A socket belongs to the network namespace of the thread that makes it,
+/// so one made inside a pod's namespace (see `capture::pod`) connects from
+/// there, wherever [`connect_socket`] later runs.
+pub fn outgoing_socket(
+    source: Option<IpAddr>,
+    destination: SocketAddr,
+    mark: u32,
+) -> io::Result<Socket> {
     if let Some(source) = source
         && source.is_ipv4() != destination.is_ipv4()
     {
@@ -147,6 +161,16 @@ pub async fn connect_from(
             format!("making the socket to {destination} non-blocking"),
         )
     })?;
+    Ok(socket)
+}
+
+/// Connects a socket from [`outgoing_socket`] (`source` only names it in
+/// errors), giving up after [`CONNECT_TIMEOUT`].
+pub async fn connect_socket(
+    socket: Socket,
+    source: Option<IpAddr>,
+    destination: SocketAddr,
+) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(socket.into());
     let from = source.map_or_else(|| "the proxy".to_owned(), |ip| ip.to_string());
     // A peer that drops SYNs would otherwise hold both proxies for the
@@ -162,6 +186,32 @@ pub async fn connect_from(
             ),
         )),
     }
+}
+
+/// Where a connection that a NAT `redirect` brought to one of the proxy's
+/// listeners was going (`SO_ORIGINAL_DST`, or its IPv6 twin): the
+/// destination the pod dialled, or the pod's own address and port for an
+/// inbound one. For redirection inside a pod's namespace (`capture::pod`);
+/// TPROXY needs no lookup (see [`original_destination`]).
+pub fn redirected_destination(stream: &std::net::TcpStream) -> io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let original = if stream.local_addr()?.is_ipv4() {
+        socket.original_dst_v4()
+    } else {
+        socket.original_dst_v6()
+    };
+    original
+        .and_then(|addr| {
+            addr.as_socket().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "not an IP socket address")
+            })
+        })
+        .map_err(|e| {
+            context(
+                e,
+                "reading the original destination (SO_ORIGINAL_DST)".into(),
+            )
+        })
 }
 
 /// How long a TCP connect may take before it counts as failed.

@@ -57,6 +57,7 @@
 //! ```
 
 mod command;
+pub mod pod;
 mod routing;
 mod ruleset;
 
@@ -69,6 +70,9 @@ use crate::sockets::{
     OUTBOUND_PORT, PROXY_MARK,
 };
 use command::{NetnsId, run};
+
+/// The family and name of weft's table, in a node's namespace or a pod's.
+pub(crate) const TABLE_NAME: &str = ruleset::TABLE;
 use routing::Family;
 
 /// The conntrack mark bit the capture sets on every TCP connection the

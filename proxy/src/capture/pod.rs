@@ -1,0 +1,221 @@
+//! Redirection inside a pod's network namespace: the capture that does not
+//! depend on the CNI.
+//!
+//! The node-level capture (the rest of this module) sees a pod's packets
+//! only where the node's netfilter hooks do: with a bridge CNI it needs
+//! br_netfilter and tricks around it, and a CNI that bypasses netfilter
+//! (eBPF host routing) would not pass them there at all. Every pod's
+//! packets do pass its own namespace's hooks, whatever the CNI, so the
+//! field (Istio ambient's in-pod mode) redirects there, and so will weft:
+//! a small table in each meshed pod's namespace sends its TCP to listeners
+//! the proxy opens inside that namespace. What it costs: a table and three
+//! listening sockets per meshed pod, and the proxy must enter each pod's
+//! namespace (it needs the pod's netns file and `CAP_SYS_ADMIN` for
+//! setns).
+//!
+//! In the pod's namespace ([`pod_ruleset`]):
+//! - TCP the pod opens (`output`) goes to `127.0.0.1:<outbound>` (`[::1]`
+//!   for IPv6) by `redirect`, except the proxy's own (its `SO_MARK`) and
+//!   the pod's connections to itself (`lo`);
+//! - TCP arriving for the pod (`prerouting`) goes to `<pod IP>:<inbound
+//!   plaintext>`, except to the HBONE port, where the proxy listens itself;
+//! - the proxy reaches the pod's application from the client's own address
+//!   (a transparent socket, marked): conntrack remembers the mark, and the
+//!   application's replies are routed to `lo` (policy routing on the
+//!   capture mark), back to that socket, instead of out of the pod.
+//!
+//! It fails closed by construction: while no proxy listens in the pod, the
+//! redirected connections are refused (a reset), in both directions; the
+//! table stays with the pod's namespace whatever happens to the proxy.
+//! The proxy learns where a redirected connection was going from
+//! `SO_ORIGINAL_DST` ([`crate::sockets::redirected_destination`]), and
+//! which pod it came from from the listener that accepted it, which no
+//! other pod can forge.
+//!
+//! This file installs and removes those rules and enters namespaces
+//! ([`PodNetns`]); serving pods through it, and the CNI plugin that sets it
+//! up before a pod's first container runs, build on it.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::command::run;
+use super::routing::{self, Family};
+use super::{CaptureConfig, CaptureError, TABLE_NAME};
+
+/// An open handle on a pod's network namespace (its nsfs file, e.g.
+/// `/var/run/netns/cni-...` or `/proc/<pid>/ns/net`). Holding it keeps the
+/// namespace alive, so hold it only while the pod is.
+#[derive(Debug)]
+pub struct PodNetns {
+    file: File,
+    path: PathBuf,
+}
+
+impl PodNetns {
+    /// Opens the namespace at `path`.
+    pub fn open(path: &Path) -> Result<PodNetns, CaptureError> {
+        let file = File::open(path).map_err(|source| CaptureError::Namespace {
+            operation: format!("opening the network namespace {}", path.display()),
+            source,
+        })?;
+        Ok(PodNetns {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Where it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside this namespace, on a thread of its own (a thread
+    /// that entered another namespace is not given back): sockets `f`
+    /// makes belong to the pod's namespace, and so do the commands it
+    /// starts.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, CaptureError> {
+        let entered = |source| CaptureError::Namespace {
+            operation: format!("entering the network namespace {}", self.path.display()),
+            source,
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&self.file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|errno| entered(std::io::Error::from(errno)))?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(entered(std::io::Error::other(
+                        "the thread in the namespace panicked",
+                    )))
+                })
+        })
+    }
+}
+
+/// Installs the redirection into the pod's namespace, replacing any that
+/// is there (one `nft` transaction), with its policy routing; IPv6 too
+/// when the namespace has it.
+pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), CaptureError> {
+    netns.run_in(|| {
+        let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
+        let config = CaptureConfig {
+            ipv6,
+            ..config.clone()
+        };
+        run(
+            "installing the capture in a pod's network namespace",
+            "nft",
+            &["-f", "-"],
+            Some(&pod_ruleset(&config)),
+        )?;
+        routing::install(&config, Family::V4)?;
+        if ipv6 {
+            routing::install(&config, Family::V6)?;
+        }
+        Ok(())
+    })?
+}
+
+/// Removes the redirection and its routing from the pod's namespace (the
+/// pod leaves the mesh); what is not there is not an error.
+pub fn remove_from_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), CaptureError> {
+    netns.run_in(|| {
+        let removed = run(
+            "removing the capture from a pod's network namespace",
+            "nft",
+            &["-f", "-"],
+            Some(&format!(
+                "table {TABLE_NAME} {{}}\ndelete table {TABLE_NAME}\n"
+            )),
+        )
+        .map(drop);
+        let mut result = removed.and(routing::remove(config, Family::V4));
+        if Path::new("/proc/sys/net/ipv6").exists() {
+            result = result.and(routing::remove(config, Family::V6));
+        }
+        result
+    })?
+}
+
+/// The pod's table, replacing whatever table of that name is there (see
+/// the module docs for each rule's reason).
+pub fn pod_ruleset(config: &CaptureConfig) -> String {
+    let (proxy, capture) = (config.proxy_mark, config.capture_mark);
+    let mut script = format!("table {TABLE_NAME} {{}}\ndelete table {TABLE_NAME}\n");
+    let _ = writeln!(script, "table {TABLE_NAME} {{");
+    let chains = [
+        (
+            "prerouting",
+            "type nat hook prerouting priority -100; policy accept;",
+            vec![
+                format!("tcp dport {} accept", config.hbone_port),
+                format!(
+                    "meta l4proto tcp redirect to :{}",
+                    config.inbound_plaintext_port
+                ),
+            ],
+        ),
+        (
+            "output",
+            "type nat hook output priority -100; policy accept;",
+            vec![
+                format!("meta mark & {proxy:#x} == {proxy:#x} accept"),
+                "oif \"lo\" accept".to_owned(),
+                format!("meta l4proto tcp redirect to :{}", config.outbound_port),
+            ],
+        ),
+        (
+            "reply_routing",
+            "type route hook output priority mangle; policy accept;",
+            vec![
+                format!(
+                    "meta l4proto tcp ct state new meta mark & {proxy:#x} == {proxy:#x} \
+                     ct mark set ct mark | {proxy:#x}"
+                ),
+                format!(
+                    "meta l4proto tcp ct direction reply ct mark & {proxy:#x} == {proxy:#x} \
+                     meta mark set meta mark | {capture:#x}"
+                ),
+            ],
+        ),
+    ];
+    for (name, hook, rules) in chains {
+        let _ = writeln!(script, "\tchain {name} {{\n\t\t{hook}");
+        for rule in rules {
+            let _ = writeln!(script, "\t\t{rule}");
+        }
+        script.push_str("\t}\n");
+    }
+    script.push_str("}\n");
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_table_redirects_all_but_the_proxys_own_and_hbone() {
+        let script = pod_ruleset(&CaptureConfig::default());
+        assert!(script.starts_with("table inet weft {}\ndelete table inet weft\n"));
+        for rule in [
+            "tcp dport 15008 accept",
+            "meta l4proto tcp redirect to :15006",
+            "meta mark & 0x2 == 0x2 accept",
+            "oif \"lo\" accept",
+            "meta l4proto tcp redirect to :15001",
+            "meta l4proto tcp ct direction reply ct mark & 0x2 == 0x2 meta mark set meta mark | 0x1",
+        ] {
+            assert!(script.contains(rule), "{rule} missing from:\n{script}");
+        }
+        // The HBONE exception comes before the redirect.
+        assert!(
+            script.find("dport 15008").unwrap_or(usize::MAX) < script.find(":15006").unwrap_or(0)
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Redirection inside a pod's network namespace on the testbed (run as
+//! root): real nftables and policy routing in the pod `client`'s own
+//! namespace, listeners opened there the way the proxy will open them,
+//! real connections. node-1 runs `client`; node-2 runs `server`, an echo
+//! server on port 8080. Nothing is installed on a node.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use weft_proxy::capture::CaptureConfig;
+use weft_proxy::capture::pod::{PodNetns, install_in_pod, remove_from_pod};
+use weft_proxy::sockets::{
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK, outgoing_socket,
+    redirected_destination,
+};
+use weft_testbed::{PodNetwork, PodSpec, Target, Testbed};
+
+const ECHO_PORT: u16 = 8080;
+const APP_PORT: u16 = 9090;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn cluster(network: PodNetwork) -> Testbed {
+    Testbed::builder()
+        .node("node-1")
+        .node("node-2")
+        .pod_network(network)
+        .pod(PodSpec {
+            node: "node-1",
+            name: "client",
+            ..PodSpec::default()
+        })
+        .pod(PodSpec {
+            node: "node-2",
+            name: "server",
+            ..PodSpec::default()
+        })
+        .build()
+        .unwrap()
+}
+
+fn netns_of(testbed: &Testbed, pod: &str) -> PodNetns {
+    let name = testbed.netns_name(Target::Pod(pod)).unwrap();
+    PodNetns::open(&PathBuf::from("/run/netns").join(name)).unwrap()
+}
+
+/// The proxy's three listeners, opened inside the pod's namespace.
+fn listen_in(netns: &PodNetns) -> [TcpListener; 3] {
+    netns
+        .run_in(|| {
+            let bind = |ip: Ipv4Addr, port| {
+                let listener = TcpListener::bind((ip, port)).unwrap();
+                listener.set_nonblocking(false).unwrap();
+                listener
+            };
+            [
+                bind(Ipv4Addr::LOCALHOST, OUTBOUND_PORT),
+                bind(Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT),
+                bind(Ipv4Addr::UNSPECIFIED, HBONE_PORT),
+            ]
+        })
+        .unwrap()
+}
+
+fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    listener.set_nonblocking(false).unwrap();
+    let (stream, peer) = listener.accept().unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    (stream, peer)
+}
+
+fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    stream.write_all(message).unwrap();
+    let mut back = vec![0; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    back
+}
+
+/// Passes what `from` has to `to`, once.
+fn forward(from: &mut TcpStream, to: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    let n = from.read(&mut buf).unwrap();
+    to.write_all(&buf[..n]).unwrap();
+}
+
+/// Relays one message each way between two connections.
+fn relay_once(a: &mut TcpStream, b: &mut TcpStream) {
+    forward(a, b);
+    forward(b, a);
+}
+
+#[test]
+fn on_a_point_to_point_network() {
+    redirected_inside_the_pod_and_refused_without_a_proxy(PodNetwork::PointToPoint);
+}
+
+#[test]
+fn on_a_bridge() {
+    redirected_inside_the_pod_and_refused_without_a_proxy(PodNetwork::Bridge);
+}
+
+/// A pod's TCP is redirected inside its namespace, both ways, and refused
+/// while no proxy listens there; the same whatever the pod network.
+fn redirected_inside_the_pod_and_refused_without_a_proxy(network: PodNetwork) {
+    let testbed = cluster(network);
+    let echo = testbed
+        .start_echo_server(Target::Pod("server"), ECHO_PORT)
+        .unwrap();
+    let client_ip = testbed.pod_ip("client").unwrap();
+    let server = SocketAddr::from((testbed.pod_ip("server").unwrap(), ECHO_PORT));
+    let netns = netns_of(&testbed, "client");
+    let config = CaptureConfig::default();
+    install_in_pod(&netns, &config).unwrap();
+    let [outbound, inbound, hbone] = listen_in(&netns);
+
+    // Outbound: the pod's connection lands on its own 127.0.0.1:15001,
+    // from the pod's address, and says where it was going.
+    let mut pod_side = testbed.connect(Target::Pod("client"), server).unwrap();
+    let (mut captured, peer) = accept(&outbound);
+    assert_eq!(peer.ip(), IpAddr::V4(client_ip));
+    assert_eq!(redirected_destination(&captured).unwrap(), server);
+    // The proxy dials out from inside the pod (its mark skips the
+    // redirect): the server sees the pod's own address.
+    let upstream = netns
+        .run_in(|| outgoing_socket(None, server, PROXY_MARK))
+        .unwrap()
+        .unwrap();
+    upstream.set_nonblocking(false).unwrap();
+    upstream.connect(&server.into()).unwrap();
+    let mut upstream: TcpStream = upstream.into();
+    upstream.set_read_timeout(Some(WAIT)).unwrap();
+    pod_side.write_all(b"hello").unwrap();
+    relay_once(&mut captured, &mut upstream);
+    let mut echoed = [0u8; 5];
+    pod_side.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"hello");
+    assert!(echo.peers().iter().any(|p| p.ip() == IpAddr::V4(client_ip)));
+    assert_eq!(
+        echo.peers().len(),
+        1,
+        "only the proxy's connection reached it"
+    );
+
+    // Inbound: a connection to the pod's application port lands on the
+    // proxy's 15006 in the pod; the proxy reaches the application from the
+    // client's own address, and the replies find their way back.
+    let app = netns
+        .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, APP_PORT)).unwrap())
+        .unwrap();
+    let app_addr = SocketAddr::from((client_ip, APP_PORT));
+    let mut remote = testbed.connect(Target::Pod("server"), app_addr).unwrap();
+    let (mut arrived, from) = accept(&inbound);
+    let server_ip = testbed.pod_ip("server").unwrap();
+    assert_eq!(from.ip(), IpAddr::V4(server_ip));
+    assert_eq!(redirected_destination(&arrived).unwrap(), app_addr);
+    let to_app = netns
+        .run_in(|| outgoing_socket(Some(from.ip()), app_addr, PROXY_MARK))
+        .unwrap()
+        .unwrap();
+    to_app.set_nonblocking(false).unwrap();
+    to_app.connect(&app_addr.into()).unwrap();
+    let mut to_app: TcpStream = to_app.into();
+    to_app.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut at_app, app_peer) = accept(&app);
+    assert_eq!(
+        app_peer.ip(),
+        IpAddr::V4(server_ip),
+        "the app sees the client"
+    );
+    remote.write_all(b"ping").unwrap();
+    forward(&mut arrived, &mut to_app);
+    let mut got = [0u8; 4];
+    at_app.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    at_app.write_all(b"pong").unwrap();
+    forward(&mut to_app, &mut arrived);
+    let mut answer = [0u8; 4];
+    remote.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"pong");
+
+    // HBONE: the proxy's own port in the pod is reached directly.
+    let hbone_addr = SocketAddr::from((client_ip, HBONE_PORT));
+    let mut tunnel = testbed.connect(Target::Pod("server"), hbone_addr).unwrap();
+    let (mut at_hbone, _) = accept(&hbone);
+    tunnel.write_all(b"h2").unwrap();
+    let mut preface = [0u8; 2];
+    at_hbone.read_exact(&mut preface).unwrap();
+    assert_eq!(&preface, b"h2");
+
+    // No proxy listening: both directions are refused at once (a reset),
+    // nothing goes through in plaintext.
+    drop((outbound, inbound, hbone));
+    let out = testbed.connect(Target::Pod("client"), server);
+    assert!(out.is_err(), "the pod reached the server with no proxy");
+    let into = testbed.connect(Target::Pod("server"), app_addr);
+    assert!(into.is_err(), "the app was reached with no proxy");
+    assert_eq!(echo.peers().len(), 1);
+
+    // Removed: the pod talks directly again.
+    remove_from_pod(&netns, &config).unwrap();
+    let mut direct = testbed.connect(Target::Pod("client"), server).unwrap();
+    assert_eq!(round_trip(&mut direct, b"direct"), b"direct");
+    assert_eq!(echo.peers().len(), 2);
+    drop(app);
+}
