@@ -19,6 +19,16 @@ use weft_proxy::sockets::{
 use weft_testbed::{PodNetwork, PodSpec, Target, Testbed};
 
 const ECHO_PORT: u16 = 8080;
+
+/// Every testbed plans the same pod addresses: the tests of this file run
+/// one at a time, so that the search by address finds this test's pods.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const APP_PORT: u16 = 9090;
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -104,6 +114,7 @@ fn on_a_bridge() {
 /// A pod's TCP is redirected inside its namespace, both ways, and refused
 /// while no proxy listens there; the same whatever the pod network.
 fn redirected_inside_the_pod_and_refused_without_a_proxy(network: PodNetwork) {
+    let _serial = one_at_a_time();
     let testbed = cluster(network);
     let echo = testbed
         .start_echo_server(Target::Pod("server"), ECHO_PORT)
@@ -204,4 +215,34 @@ fn redirected_inside_the_pod_and_refused_without_a_proxy(network: PodNetwork) {
     assert_eq!(round_trip(&mut direct, b"direct"), b"direct");
     assert_eq!(echo.peers().len(), 2);
     drop(app);
+}
+
+#[test]
+fn running_pods_are_found_by_their_addresses() {
+    let _serial = one_at_a_time();
+    let testbed = cluster(PodNetwork::PointToPoint);
+    let (client, server) = (
+        IpAddr::V4(testbed.pod_ip("client").unwrap()),
+        IpAddr::V4(testbed.pod_ip("server").unwrap()),
+    );
+    let elsewhere: IpAddr = "10.99.99.99".parse().unwrap();
+    let wanted = std::collections::BTreeSet::from([client, server, elsewhere]);
+    let found = weft_proxy::capture::pod::find_pod_namespaces(
+        &wanted,
+        &[std::path::Path::new("/run/netns")],
+        std::path::Path::new("/proc"),
+    );
+    let name =
+        |pod| PathBuf::from("/run/netns").join(testbed.netns_name(Target::Pod(pod)).unwrap());
+    assert_eq!(found.get(&client), Some(&name("client")));
+    assert_eq!(found.get(&server), Some(&name("server")));
+    assert!(!found.contains_key(&elsewhere));
+    // What was found is the pod: redirection installed there works.
+    let netns = PodNetns::open(&found[&client]).unwrap();
+    install_in_pod(&netns, &CaptureConfig::default()).unwrap();
+    let [outbound, _inbound, _hbone] = listen_in(&netns);
+    let to = SocketAddr::from((testbed.pod_ip("server").unwrap(), ECHO_PORT));
+    let _pod_side = testbed.connect(Target::Pod("client"), to).unwrap();
+    let (captured, _) = accept(&outbound);
+    assert_eq!(redirected_destination(&captured).unwrap(), to);
 }

@@ -36,8 +36,11 @@
 //! ([`PodNetns`]); serving pods through it, and the CNI plugin that sets it
 //! up before a pod's first container runs, build on it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use super::command::run;
@@ -95,6 +98,72 @@ impl PodNetns {
                 })
         })
     }
+}
+
+/// Finds the network namespaces that hold `ips` (pods already running when
+/// the proxy starts, which no CNI call announced): every namespace mounted
+/// under `mount_dirs` (where iproute2 and CNI runtimes keep them, e.g.
+/// `/run/netns`) and every one a process under `proc_dir` is in, each
+/// entered once to read its addresses. Namespaces that cannot be opened or
+/// entered are skipped (a process that exited meanwhile). The proxy's own
+/// namespace is never a pod's.
+pub fn find_pod_namespaces(
+    ips: &BTreeSet<IpAddr>,
+    mount_dirs: &[&Path],
+    proc_dir: &Path,
+) -> BTreeMap<IpAddr, PathBuf> {
+    let own = std::fs::metadata("/proc/thread-self/ns/net").map(|m| (m.dev(), m.ino()));
+    let mut seen = BTreeSet::new();
+    if let Ok(own) = own {
+        seen.insert(own);
+    }
+    let mounted = mount_dirs
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path());
+    let of_processes = std::fs::read_dir(proc_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .map(|entry| entry.path().join("ns/net"));
+    let mut found = BTreeMap::new();
+    for path in mounted.chain(of_processes) {
+        if found.len() == ips.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let Ok(netns) = PodNetns::open(&path) else {
+            continue;
+        };
+        let addresses = netns.run_in(|| {
+            nix::ifaddrs::getifaddrs()
+                .map(|all| {
+                    all.filter_map(|interface| interface.address)
+                        .filter_map(|address| {
+                            address
+                                .as_sockaddr_in()
+                                .map(|a| IpAddr::V4(a.ip()))
+                                .or_else(|| address.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        });
+        for ip in addresses.into_iter().flatten() {
+            if ips.contains(&ip) {
+                found.insert(ip, path.clone());
+            }
+        }
+    }
+    found
 }
 
 /// Installs the redirection into the pod's namespace, replacing any that
