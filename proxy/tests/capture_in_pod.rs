@@ -43,6 +43,11 @@ fn cluster(network: PodNetwork) -> Testbed {
             ..PodSpec::default()
         })
         .pod(PodSpec {
+            node: "node-1",
+            name: "neighbour",
+            ..PodSpec::default()
+        })
+        .pod(PodSpec {
             node: "node-2",
             name: "server",
             ..PodSpec::default()
@@ -245,4 +250,56 @@ fn running_pods_are_found_by_their_addresses() {
     let _pod_side = testbed.connect(Target::Pod("client"), to).unwrap();
     let (captured, _) = accept(&outbound);
     assert_eq!(redirected_destination(&captured).unwrap(), to);
+}
+
+#[test]
+fn the_nodes_own_connections_reach_the_app_and_nobody_elses_do() {
+    let _serial = one_at_a_time();
+    let testbed = cluster(PodNetwork::Bridge);
+    let client_ip = testbed.pod_ip("client").unwrap();
+    let netns = netns_of(&testbed, "client");
+    let config = CaptureConfig::default();
+    install_in_pod(&netns, &config).unwrap();
+    // The node marks its own connections to its meshed pods.
+    let script = weft_proxy::capture::pod::node_source_ruleset(
+        &config,
+        &std::collections::BTreeSet::from([client_ip]),
+    );
+    let node = netns_of_node(&testbed, "node-1");
+    node.run_in(|| {
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "{script}");
+    })
+    .unwrap();
+    let app = netns
+        .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, APP_PORT)).unwrap())
+        .unwrap();
+    let app_addr = SocketAddr::from((client_ip, APP_PORT));
+
+    // No proxy listens in the pod. A probe from the node still reaches the
+    // application, from the node's link-local source...
+    let probe = testbed.connect(Target::Node("node-1"), app_addr).unwrap();
+    let (_at_app, peer) = accept(&app);
+    assert_eq!(peer.ip(), IpAddr::V4(weft_proxy::capture::pod::NODE_SOURCE));
+    drop(probe);
+    // ... while other pods, on the same bridge or another node, are
+    // refused.
+    for pod in ["neighbour", "server"] {
+        let refused = testbed.connect(Target::Pod(pod), app_addr);
+        assert!(refused.is_err(), "{pod} reached the app with no proxy");
+    }
+}
+
+fn netns_of_node(testbed: &Testbed, node: &str) -> PodNetns {
+    let name = testbed.netns_name(Target::Node(node)).unwrap();
+    PodNetns::open(&PathBuf::from("/run/netns").join(name)).unwrap()
 }

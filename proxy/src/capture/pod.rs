@@ -18,7 +18,9 @@
 //!   for IPv6) by `redirect`, except the proxy's own (its `SO_MARK`) and
 //!   the pod's connections to itself (`lo`);
 //! - TCP arriving for the pod (`prerouting`) goes to `<pod IP>:<inbound
-//!   plaintext>`, except to the HBONE port, where the proxy listens itself;
+//!   plaintext>`, except to the HBONE port, where the proxy listens itself,
+//!   and from the node itself (kubelet probes), which the node sends from
+//!   [`NODE_SOURCE`] ([`node_source_ruleset`]);
 //! - the proxy reaches the pod's application from the client's own address
 //!   (a transparent socket, marked): conntrack remembers the mark, and the
 //!   application's replies are routed to `lo` (policy routing on the
@@ -98,6 +100,46 @@ impl PodNetns {
                 })
         })
     }
+}
+
+/// The source address the node gives its own connections to meshed pods
+/// (the kubelet's probes, hostNetwork clients): a link-local address no
+/// pod has, which the pods' redirection lets through ([`pod_ruleset`]),
+/// so that a probe reaches the application as it would without weft,
+/// STRICT or not. The same one Istio's in-pod mode uses.
+pub const NODE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
+
+/// The node's side of [`NODE_SOURCE`], as an `nft -f` script for the
+/// node's namespace: connections the node itself opens (seen in its
+/// `output` hook, which forwarded and translated traffic from elsewhere
+/// never passes) to one of `pods` leave with [`NODE_SOURCE`] as their
+/// source. Replaces any table of that name.
+pub fn node_source_ruleset(config: &CaptureConfig, pods: &BTreeSet<std::net::Ipv4Addr>) -> String {
+    let node = config.node_connection_mark;
+    let table = "ip weft_node_source";
+    let elements = pods
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut script = format!("table {table} {{}}\ndelete table {table}\ntable {table} {{\n");
+    let _ = writeln!(script, "\tset pods {{\n\t\ttype ipv4_addr");
+    if !elements.is_empty() {
+        let _ = writeln!(script, "\t\telements = {{ {elements} }}");
+    }
+    script.push_str("\t}\n");
+    let _ = writeln!(
+        script,
+        "\tchain output {{\n\t\ttype filter hook output priority mangle; policy accept;\n\t\t\
+         meta l4proto tcp ct state new ip daddr @pods ct mark set ct mark | {node:#x}\n\t}}"
+    );
+    let _ = writeln!(
+        script,
+        "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\t\t\
+         ct mark & {node:#x} == {node:#x} ip daddr @pods snat to {NODE_SOURCE}\n\t}}"
+    );
+    script.push_str("}\n");
+    script
 }
 
 /// Finds the network namespaces that hold `ips` (pods already running when
@@ -222,6 +264,7 @@ pub fn pod_ruleset(config: &CaptureConfig) -> String {
             "prerouting",
             "type nat hook prerouting priority -100; policy accept;",
             vec![
+                format!("ip saddr {NODE_SOURCE} accept"),
                 format!("tcp dport {} accept", config.hbone_port),
                 format!(
                     "meta l4proto tcp redirect to :{}",
