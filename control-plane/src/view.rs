@@ -135,3 +135,62 @@ fn diff<T: Clone + PartialEq>(
         .collect();
     (changed, removed)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+    use super::*;
+    use crate::cluster::ClusterState;
+
+    /// The mesh of a cluster holding `daemon_set` (YAML, may be empty).
+    fn mesh_with(daemon_set: &str) -> (Mesh, ClusterState) {
+        let cluster = ClusterState::from_yaml(daemon_set);
+        (
+            Mesh::derive(&cluster, pb::TrustBundle::default(), "weft-system"),
+            cluster,
+        )
+    }
+
+    fn daemon_set(namespace: &str, annotation: &str) -> String {
+        format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: weft-node-proxy, namespace: {namespace}, annotations: {{weft.dev/uninstall: \"{annotation}\"}}}}\nspec: {{selector: {{matchLabels: {{app: p}}}}, template: {{metadata: {{labels: {{app: p}}}}, spec: {{containers: []}}}}}}\n"
+        )
+    }
+
+    #[test]
+    fn an_annotated_node_proxy_daemon_set_announces_the_uninstall_to_every_node() {
+        let (before, _) = mesh_with("");
+        assert!(!before.uninstalling);
+        // Another namespace's DaemonSet of that name, or another value: nothing.
+        for (namespace, value) in [("shop", "true"), ("weft-system", "false")] {
+            let (mesh, _) = mesh_with(&daemon_set(namespace, value));
+            assert!(!mesh.uninstalling, "{namespace} {value}");
+        }
+
+        let (during, _) = mesh_with(&daemon_set("weft-system", "true"));
+        assert!(during.uninstalling);
+        let (old, new) = (
+            NodeView::of(&before, "node-1"),
+            NodeView::of(&during, "node-1"),
+        );
+        assert_eq!(new.full_update(1).uninstalling, Some(true));
+        assert_eq!(old.full_update(1).uninstalling, Some(false));
+        let delta = old.delta_to(&new, 2).expect("the announcement is a change");
+        assert_eq!(delta.uninstalling, Some(true));
+        assert!(delta.local_workloads.is_empty() && delta.services.is_empty());
+        assert!(new.delta_to(&new.clone(), 3).is_none());
+
+        // The DaemonSet is deleted (that is the uninstall): still uninstalling.
+        let (mut gone, cluster) = mesh_with("");
+        gone.continue_uninstall(&during, &cluster, "weft-system");
+        assert!(
+            gone.uninstalling,
+            "an uninstall goes on once its DaemonSet is gone"
+        );
+        // A new installation's DaemonSet, without the annotation: over.
+        let (mut reinstalled, cluster) = mesh_with(&daemon_set("weft-system", "false"));
+        reinstalled.continue_uninstall(&gone, &cluster, "weft-system");
+        assert!(!reinstalled.uninstalling);
+    }
+}
