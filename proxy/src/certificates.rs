@@ -220,8 +220,9 @@ impl NodeCertificates {
         });
     }
 
-    /// Stores a new certificate on the node (a few hundred bytes: written
-    /// in place, not worth a thread). A failure costs only the restart.
+    /// Stores a new certificate on the node (a few hundred bytes, written
+    /// and synced from this task: not worth a thread). A failure costs only
+    /// the restart.
     fn keep(&self, certificate: &WorkloadCertificate) {
         if let Some(state) = &self.state
             && let Err(error) = state.store_certificate(certificate)

@@ -18,7 +18,7 @@ use weft_api::v1::node_config_client::NodeConfigClient;
 use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
 
 use crate::backoff::Backoff;
-use crate::node_state::NodeState;
+use crate::node_state::{NodeState, RefusedKeys};
 use crate::node_view::{Applied, NodeView};
 use crate::transport::SharedTransport;
 use crate::{Error, error_chain};
@@ -353,7 +353,7 @@ impl ControlPlaneClient {
                 }
                 self.view.send_replace(Some(Arc::new(view)));
                 if let Some(kept) = &self.kept {
-                    kept.fold_in(update);
+                    kept.fold_in(update, &refused_keys(&refused));
                 }
                 let reason = nack_reason(&refused);
                 (reason.clone(), Ok(reason))
@@ -384,16 +384,33 @@ impl ControlPlaneClient {
 
 impl KeptConfig {
     /// Folds an applied update into the kept config and wakes the writer.
-    fn fold_in(&self, update: &ConfigUpdate) {
+    fn fold_in(&self, update: &ConfigUpdate, refused: &RefusedKeys) {
         let mut config = self
             .config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Copies only while the writer still holds the last snapshot.
-        crate::node_state::merge(Arc::make_mut(&mut config), update);
+        crate::node_state::merge(Arc::make_mut(&mut config), update, refused);
         drop(config);
         self.changed.send_modify(|changes| *changes += 1);
     }
+}
+
+/// The keys of the entries an update's application refused, by list.
+fn refused_keys(refused: &[crate::UpdateProblem]) -> RefusedKeys {
+    let mut keys = RefusedKeys::default();
+    for problem in refused {
+        if let crate::UpdateProblem::InvalidEntry { kind, key, .. } = problem {
+            let list = match kind {
+                crate::EntryKind::LocalWorkload => &mut keys.local_workloads,
+                crate::EntryKind::RemoteWorkload => &mut keys.remote_workloads,
+                crate::EntryKind::Service => &mut keys.services,
+                crate::EntryKind::AuthorizationPolicy => &mut keys.authorization_policies,
+            };
+            list.insert(key.clone());
+        }
+    }
+    keys
 }
 
 /// Stores the kept config after each change, at most once per interval,

@@ -40,6 +40,10 @@ const CERTS_DIR: &str = "certs";
 #[derive(Clone, Debug)]
 pub struct NodeState {
     dir: PathBuf,
+    /// Set by [`NodeState::clear`]; every write after it is refused, so
+    /// that a write already under way (the config writer is a task of its
+    /// own) cannot put a file back.
+    cleared: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl NodeState {
@@ -48,6 +52,7 @@ impl NodeState {
     pub fn open(dir: &Path) -> Result<NodeState, Error> {
         let state = NodeState {
             dir: dir.to_owned(),
+            cleared: std::sync::Arc::default(),
         };
         for path in [dir.to_owned(), state.certs_dir()] {
             fs::DirBuilder::new()
@@ -100,9 +105,21 @@ impl NodeState {
         Ok(Some(config))
     }
 
-    /// Replaces the stored config.
+    /// Replaces the stored config (nothing once [cleared](NodeState::clear)).
     pub fn store_config(&self, config: &ConfigUpdate) -> Result<(), Error> {
-        write_private(&self.dir.join(CONFIG_FILE), &config.encode_to_vec())
+        self.write(&self.dir.join(CONFIG_FILE), &config.encode_to_vec())
+    }
+
+    /// Writes unless cleared, holding the guard so `clear` waits for it.
+    fn write(&self, path: &Path, contents: &[u8]) -> Result<(), Error> {
+        let cleared = self
+            .cleared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *cleared {
+            return Ok(());
+        }
+        write_private(path, contents)
     }
 
     /// The stored certificates of `wanted` identities that still verify
@@ -147,9 +164,10 @@ impl NodeState {
         restored
     }
 
-    /// Stores `certificate` with its key, replacing the identity's last.
+    /// Stores `certificate` with its key, replacing the identity's last
+    /// (nothing once [cleared](NodeState::clear)).
     pub fn store_certificate(&self, certificate: &WorkloadCertificate) -> Result<(), Error> {
-        write_private(
+        self.write(
             &self.certificate_path(certificate.identity()),
             certificate.to_private_pem().as_bytes(),
         )
@@ -170,6 +188,11 @@ impl NodeState {
     /// may stay behind on the node). The directory itself stays, empty:
     /// on Kubernetes it is the mount point of a hostPath volume.
     pub fn clear(&self) -> Result<(), Error> {
+        let mut cleared = self
+            .cleared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *cleared = true;
         let error = |path: &Path, source| Error::WriteState {
             path: path.to_owned(),
             source,
@@ -191,8 +214,9 @@ impl NodeState {
         self.dir.join(CERTS_DIR)
     }
 
-    /// One file per identity. Trust domains, namespaces and service accounts
-    /// are DNS names (no `_`, no `/`), so the name is unique and safe.
+    /// One file per identity. Namespaces and service accounts are DNS names
+    /// (no `_`, no `/`) and a trust domain has no `/`, so splitting at the
+    /// last two `_` gives the identity back: the name is unique and safe.
     fn certificate_path(&self, identity: &Identity) -> PathBuf {
         self.certs_dir().join(format!(
             "{}_{}_{}.pem",
@@ -227,66 +251,106 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
     fs::rename(&temporary, path).map_err(error)
 }
 
+/// Keys of the entries of an update that the proxy refused, by list.
+#[derive(Clone, Debug, Default)]
+pub struct RefusedKeys {
+    /// Local workloads, by uid.
+    pub local_workloads: BTreeSet<String>,
+    /// Remote workloads, by uid.
+    pub remote_workloads: BTreeSet<String>,
+    /// Services, by `<namespace>/<name>`.
+    pub services: BTreeSet<String>,
+    /// Authorization policies, by `<namespace>/<name>`.
+    pub authorization_policies: BTreeSet<String>,
+}
+
 /// Folds an applied `update` into `stored`, the applied config as one full
 /// state in the wire format: a full state replaces it; a delta replaces and
-/// removes entries by key, and the roots when it carries them. This is the
-/// full state the control plane would send at the update's version.
-pub fn merge(stored: &mut ConfigUpdate, update: &ConfigUpdate) {
+/// removes entries by key, and the roots when it carries them. An entry
+/// the proxy `refused` keeps its stored value, if it had one, as the
+/// applied view keeps its last good value: a local pod whose update was
+/// refused stays captured after a restart, not dropped. (What a restart
+/// does not keep is the refusal itself: such a pod is served with its last
+/// good config, not quarantined.) The announcement of an uninstall is never
+/// stored: a proxy restarted from disk has not been told (see
+/// `NodeView::uninstalling`), and keeps its capture when it stops.
+pub fn merge(stored: &mut ConfigUpdate, update: &ConfigUpdate, refused: &RefusedKeys) {
+    let previous = std::mem::take(stored);
     if update.full_state {
         *stored = update.clone();
-        return;
+    } else {
+        *stored = previous.clone();
+        stored.version = update.version;
+        if update.trust.is_some() {
+            stored.trust = update.trust.clone();
+        }
     }
-    stored.version = update.version;
+    let wire = |w: &weft_api::v1::Workload| w.uid.clone();
+    let named = |namespace: &str, name: &str| format!("{namespace}/{name}");
     merge_keyed(
         &mut stored.local_workloads,
-        &update.local_workloads,
-        &update.removed_local_workloads,
-        |w| w.uid.clone(),
+        (&previous.local_workloads, update),
+        |u| (&u.local_workloads, &u.removed_local_workloads),
+        &refused.local_workloads,
+        wire,
     );
     merge_keyed(
         &mut stored.remote_workloads,
-        &update.remote_workloads,
-        &update.removed_remote_workloads,
-        |w| w.uid.clone(),
+        (&previous.remote_workloads, update),
+        |u| (&u.remote_workloads, &u.removed_remote_workloads),
+        &refused.remote_workloads,
+        wire,
     );
     merge_keyed(
         &mut stored.services,
-        &update.services,
-        &update.removed_services,
-        |s| format!("{}/{}", s.namespace, s.name),
+        (&previous.services, update),
+        |u| (&u.services, &u.removed_services),
+        &refused.services,
+        |s| named(&s.namespace, &s.name),
     );
     merge_keyed(
         &mut stored.authorization_policies,
-        &update.authorization_policies,
-        &update.removed_authorization_policies,
-        |p| format!("{}/{}", p.namespace, p.name),
+        (&previous.authorization_policies, update),
+        |u| (&u.authorization_policies, &u.removed_authorization_policies),
+        &refused.authorization_policies,
+        |p| named(&p.namespace, &p.name),
     );
-    if update.trust.is_some() {
-        stored.trust = update.trust.clone();
-    }
-    if update.uninstalling.is_some() {
-        stored.uninstalling = update.uninstalling;
-    }
+    stored.uninstalling = None;
 }
 
-/// Removes the entries of `list` named in `removed` or replaced by one of
-/// `changed`, then appends `changed`.
+/// One keyed list of [`merge`]: for a delta, removes the entries of `list`
+/// named in the update's removals or replaced by one of its entries, then
+/// appends those; for a full state, `list` already is the update's. Then
+/// each refused key that had a `previous` entry gets it back; one that had
+/// none keeps what the update sent, which a restart refuses (or keeps, as
+/// a pod reported for a missing policy) the same way again.
 fn merge_keyed<T: Clone>(
     list: &mut Vec<T>,
-    changed: &[T],
-    removed: &[String],
+    (previous, update): (&[T], &ConfigUpdate),
+    lists: impl Fn(&ConfigUpdate) -> (&Vec<T>, &Vec<String>),
+    refused: &BTreeSet<String>,
     key: impl Fn(&T) -> String,
 ) {
-    if changed.is_empty() && removed.is_empty() {
+    let (changed, removed) = lists(update);
+    if !update.full_state && !(changed.is_empty() && removed.is_empty()) {
+        let gone: BTreeSet<String> = removed
+            .iter()
+            .cloned()
+            .chain(changed.iter().map(&key))
+            .collect();
+        list.retain(|entry| !gone.contains(&key(entry)));
+        list.extend(changed.iter().cloned());
+    }
+    let kept: Vec<&T> = previous
+        .iter()
+        .filter(|entry| refused.contains(&key(entry)))
+        .collect();
+    if kept.is_empty() {
         return;
     }
-    let gone: BTreeSet<String> = removed
-        .iter()
-        .cloned()
-        .chain(changed.iter().map(&key))
-        .collect();
-    list.retain(|entry| !gone.contains(&key(entry)));
-    list.extend(changed.iter().cloned());
+    let kept_keys: BTreeSet<String> = kept.iter().map(|entry| key(entry)).collect();
+    list.retain(|entry| !kept_keys.contains(&key(entry)));
+    list.extend(kept.into_iter().cloned());
 }
 
 #[cfg(test)]

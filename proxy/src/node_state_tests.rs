@@ -72,10 +72,10 @@ fn merged_deltas_give_the_view_the_deltas_gave() {
 
     let mut view = NodeView::apply(None, &full, "node-1").unwrap().view;
     let mut stored = v1::ConfigUpdate::default();
-    merge(&mut stored, &full);
+    merge(&mut stored, &full, &RefusedKeys::default());
     for delta in &deltas {
         view = NodeView::apply(Some(&view), delta, "node-1").unwrap().view;
-        merge(&mut stored, delta);
+        merge(&mut stored, delta, &RefusedKeys::default());
     }
     assert!(stored.full_state);
     assert_eq!(stored.version, 3);
@@ -177,7 +177,63 @@ fn clearing_leaves_an_empty_directory() {
     let state = NodeState::open(dir.path()).unwrap();
     let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
     state.store_config(&full_state(&ca)).unwrap();
+    let writer = state.clone();
     state.clear().unwrap();
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     assert!(state.load_config(1 << 20).unwrap().is_none());
+    // A write that comes after (the writer task was mid-way) leaves nothing.
+    writer.store_config(&full_state(&ca)).unwrap();
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let mut stored = v1::ConfigUpdate::default();
+    merge(&mut stored, &full_state(&ca), &RefusedKeys::default());
+    // A delta whose new web-1 was refused (say, an unknown mTLS mode): the
+    // stored web-1 stays the last good one, and so captured after a
+    // restart; web-3, refused and new, is stored as sent (a restart
+    // decides about it again).
+    let mut bad = workload("shop/web-1", "10.244.1.9");
+    bad.mtls_mode = 9;
+    let mut new_bad = workload("shop/web-3", "10.244.1.4");
+    new_bad.mtls_mode = 9;
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        local_workloads: vec![bad, new_bad.clone()],
+        uninstalling: Some(true),
+        ..v1::ConfigUpdate::default()
+    };
+    let refused = RefusedKeys {
+        local_workloads: BTreeSet::from(["shop/web-1".to_owned(), "shop/web-3".to_owned()]),
+        ..RefusedKeys::default()
+    };
+    merge(&mut stored, &delta, &refused);
+    let web_1 = stored
+        .local_workloads
+        .iter()
+        .find(|w| w.uid == "shop/web-1")
+        .unwrap();
+    assert_eq!(web_1.ips, ["10.244.1.2"]);
+    assert!(stored.local_workloads.contains(&new_bad));
+    assert_eq!(stored.uninstalling, None);
+    // The same for a full state.
+    let mut full = full_state(&ca);
+    full.version = 3;
+    full.local_workloads[0].mtls_mode = 9;
+    let refused = RefusedKeys {
+        local_workloads: BTreeSet::from(["shop/web-1".to_owned()]),
+        ..RefusedKeys::default()
+    };
+    merge(&mut stored, &full, &refused);
+    let web_1 = stored
+        .local_workloads
+        .iter()
+        .find(|w| w.uid == "shop/web-1")
+        .unwrap();
+    assert_eq!(
+        web_1.mtls_mode, 0,
+        "the last good entry, not the refused one"
+    );
 }

@@ -82,10 +82,40 @@ pub async fn announce_uninstall(
         namespace,
         "told the control plane the mesh is being uninstalled; waiting for every node proxy to confirm"
     );
+    let waited = wait_for_confirmations(client, namespace, &daemon_set, args).await;
+    if waited.is_err() {
+        // Taken back: the proxies that did hear would otherwise remove
+        // their capture at their next restart, an upgrade included.
+        let withdraw = serde_json::json!({
+            "metadata": {"annotations": {UNINSTALL_ANNOTATION: null}}
+        });
+        if let Err(error) = daemon_sets
+            .patch(
+                NODE_PROXY_DAEMONSET,
+                &PatchParams::default(),
+                &Patch::Merge(&withdraw),
+            )
+            .await
+        {
+            warn!(%error, "could not take the uninstall annotation back");
+        }
+    }
+    waited
+}
+
+/// Waits until every running node proxy (the pods of `daemon_set`)
+/// confirms, or fails after the timeout naming those that did not.
+async fn wait_for_confirmations(
+    client: kube::Client,
+    namespace: &str,
+    daemon_set: &DaemonSet,
+    args: &UninstallArgs,
+) -> Result<(), Error> {
     let selector = daemon_set
         .spec
         .selector
         .match_labels
+        .clone()
         .unwrap_or_default()
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
@@ -129,21 +159,6 @@ pub async fn announce_uninstall(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            // Taken back: the proxies that did hear would otherwise remove
-            // their capture at their next restart, an upgrade included.
-            let withdraw = serde_json::json!({
-                "metadata": {"annotations": {UNINSTALL_ANNOTATION: null}}
-            });
-            if let Err(error) = daemon_sets
-                .patch(
-                    NODE_PROXY_DAEMONSET,
-                    &PatchParams::default(),
-                    &Patch::Merge(&withdraw),
-                )
-                .await
-            {
-                warn!(%error, "could not take the uninstall annotation back");
-            }
             return Err(Error::Config(format!(
                 "after {} s, these node proxies have not confirmed the uninstall: {}. \
                  Deleting weft now would leave their nodes' meshed pods without a \

@@ -106,7 +106,9 @@ impl PodNetns {
 /// (the kubelet's probes, hostNetwork clients): a link-local address no
 /// pod has, which the pods' redirection lets through ([`pod_ruleset`]),
 /// so that a probe reaches the application as it would without weft,
-/// STRICT or not. The same one Istio's in-pod mode uses.
+/// STRICT or not. The same one Istio's in-pod mode uses. IPv4 only for
+/// now: the node's IPv6 connections to its pods are redirected like any
+/// other.
 pub const NODE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
 
 /// The node's side of [`NODE_SOURCE`], as an `nft -f` script for the

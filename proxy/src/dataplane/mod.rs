@@ -85,7 +85,7 @@ impl DataPlane {
         if let Some(pod) = meshed_pod(&table) {
             return (table, Some(pod));
         }
-        tracing::info!(%ip, wait = ?self.pending_wait, "waiting for the config of a local pod");
+        tracing::debug!(%ip, wait = ?self.pending_wait, "waiting for the config of a local pod");
         let mut tables = self.routes.subscribe();
         let found = tokio::time::timeout(self.pending_wait, async {
             loop {
@@ -184,7 +184,7 @@ async fn certificates_with(
     if let Some(ready) = Some(certificates.borrow().clone()).filter(has) {
         return Some(ready);
     }
-    tracing::info!(%identity, ?wait, "waiting for a certificate");
+    tracing::debug!(%identity, ?wait, "waiting for a certificate");
     match tokio::time::timeout(wait, certificates.wait_for(has)).await {
         Ok(Ok(map)) => Some(map.clone()),
         _ => None,

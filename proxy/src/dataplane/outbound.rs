@@ -117,8 +117,23 @@ async fn proxy(
     destination: SocketAddr,
 ) {
     let mut routes = plane.routes.current();
-    let source = routes.local_workload(client_addr.ip()).cloned();
-    if let Some(meshed) = source.as_ref().filter(|w| w.meshed) {
+    let mut source = routes.local_workload(client_addr.ip()).cloned();
+    if source.is_none() {
+        // Captured, so a meshed pod as far as the capture knows, but not in
+        // the applied config (none yet: a proxy that started on the sets
+        // its predecessor left, without kept state). Never sent on as an
+        // unknown client's: it waits for a config that knows it, or ends.
+        let (table, pod) = plane.with_local_pod(client_addr.ip()).await;
+        let Some(pod) = pod else {
+            warn!("outbound: the source is no pod of this node's config; closing");
+            plane.metrics.failure(Direction::Outbound, "unknown_source");
+            return;
+        };
+        (routes, source) = (table, Some(pod));
+    }
+    if let Some(meshed) = source.as_ref().filter(|w| w.meshed)
+        && routes.may_tunnel(destination)
+    {
         // A pod's first connections (an init container's) can come before
         // its certificate: they wait for it here, before any endpoint's
         // connect timeout runs, and go meshed (or fail) once it is there.

@@ -257,6 +257,17 @@ impl RouteTable {
         self.local.get(&ip).or_else(|| self.remote.get(&ip))
     }
 
+    /// Whether a connection to `destination` may need a tunnel (and so the
+    /// source's certificate): a meshed pod on another node, or a Service.
+    /// Cheaper than [`RouteTable::resolve`], and without its admission.
+    pub fn may_tunnel(&self, destination: SocketAddr) -> bool {
+        self.services.contains_key(&destination.ip())
+            || self
+                .remote
+                .get(&destination.ip())
+                .is_some_and(|workload| workload.meshed)
+    }
+
     /// Where a connection to `destination` goes: a Service's cluster IP
     /// resolves to a [`ServiceConnection`] (after its TrafficPolicy's
     /// connection limit and split), any other address to itself.

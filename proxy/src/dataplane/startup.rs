@@ -43,8 +43,8 @@ enum CaptureCommand {
     /// Capture exactly these pods (for this config generation).
     Pods(u64, BTreeSet<IpAddr>),
     /// The proxy stops: remove the rules (the mesh is being uninstalled),
-    /// or leave them to the next proxy. A thread whose feed ends without
-    /// this leaves them too: failing closed.
+    /// or leave them to the next proxy. (A process that dies without
+    /// sending it leaves them too: failing closed.)
     Stop { remove: bool },
 }
 
