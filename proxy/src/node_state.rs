@@ -332,7 +332,8 @@ fn merge_keyed<T: Clone>(
     key: impl Fn(&T) -> String,
 ) {
     let (changed, removed) = lists(update);
-    if !update.full_state && !(changed.is_empty() && removed.is_empty()) {
+    let delta_changes = !update.full_state && (!changed.is_empty() || !removed.is_empty());
+    if delta_changes {
         let gone: BTreeSet<String> = removed
             .iter()
             .cloned()
