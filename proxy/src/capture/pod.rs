@@ -299,11 +299,7 @@ pub fn pod_ruleset(config: &CaptureConfig) -> String {
         ),
     ];
     for (name, hook, rules) in chains {
-        let _ = writeln!(script, "\tchain {name} {{\n\t\t{hook}");
-        for rule in rules {
-            let _ = writeln!(script, "\t\t{rule}");
-        }
-        script.push_str("\t}\n");
+        super::ruleset::write_chain(&mut script, name, Some(hook), &rules);
     }
     script.push_str("}\n");
     script

@@ -429,17 +429,24 @@ fn table(config: &CaptureConfig) -> String {
         ),
     ];
     for (name, hook, rules) in chains {
-        let _ = writeln!(table, "\tchain {name} {{");
-        if let Some(hook) = hook {
-            let _ = writeln!(table, "\t\t{hook}");
-        }
-        for rule in rules {
-            let _ = writeln!(table, "\t\t{rule}");
-        }
-        table.push_str("\t}\n");
+        write_chain(&mut table, name, hook.as_deref(), &rules);
     }
     table.push_str("}\n");
     table
+}
+
+/// One chain inside a `table ... {}` block: its name, its hook line (a base
+/// chain) if any, and its rules, one per line. The node's table and a pod's
+/// (`pod.rs`) are written with it.
+pub(super) fn write_chain(script: &mut String, name: &str, hook: Option<&str>, rules: &[String]) {
+    let _ = writeln!(script, "\tchain {name} {{");
+    if let Some(hook) = hook {
+        let _ = writeln!(script, "\t\t{hook}");
+    }
+    for rule in rules {
+        let _ = writeln!(script, "\t\t{rule}");
+    }
+    script.push_str("\t}\n");
 }
 
 #[cfg(test)]
