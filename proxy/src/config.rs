@@ -24,6 +24,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the capture rules live (see [`ProxyConfig::capture_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Redirection inside each meshed pod's network namespace.
+    Pod,
+    /// TPROXY in the node's namespace.
+    Node,
+}
+
 /// Everything the node proxy is configured with.
 #[derive(Clone, Debug, clap::Parser, Serialize)]
 #[command(name = "weft-proxy", version, about = "The weft node proxy")]
@@ -74,6 +84,38 @@ pub struct ProxyConfig {
     /// pod traffic reaches the data plane (needs CAP_NET_ADMIN).
     #[arg(long, env = "WEFT_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub capture: bool,
+
+    /// Where the capture steers pods' TCP: `pod`, by rules inside each
+    /// meshed pod's own network namespace to listeners the proxy opens
+    /// there (works with any CNI; needs the pods' namespaces: the CNI
+    /// plugin announces them, see `--cni-socket`), or `node`, by TPROXY
+    /// rules in the node's namespace (needs a CNI whose pod traffic passes
+    /// the node's netfilter hooks).
+    #[arg(long, env = "WEFT_CAPTURE_MODE", value_enum, default_value_t = CaptureMode::Node)]
+    pub capture_mode: CaptureMode,
+
+    /// The Unix socket on which weft's CNI plugin announces new and
+    /// deleted pods and their network namespaces (capture mode `pod`).
+    /// Unset: no announcements are taken.
+    #[arg(long, env = "WEFT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+
+    /// Search the node's network namespaces (those mounted in
+    /// `--netns-dir` and every process's) for meshed pods nobody announced,
+    /// such as pods running before weft was installed (capture mode
+    /// `pod`). Off where pod addresses are not unique among the node's
+    /// namespaces (the testbed runs several clusters side by side).
+    #[arg(long, env = "WEFT_FIND_RUNNING_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub find_running_pods: bool,
+
+    /// Where mounted network namespaces are searched for running pods.
+    #[arg(long, env = "WEFT_NETNS_DIR", default_value = "/run/netns")]
+    pub netns_dir: PathBuf,
+
+    /// How often a meshed pod that could not be served yet (its namespace
+    /// unknown, its rules not installed) is tried again, in milliseconds.
+    #[arg(long, env = "WEFT_POD_RETRY_MS", default_value_t = 1000)]
+    pub pod_retry_ms: u64,
 
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]

@@ -213,6 +213,15 @@ pub enum Error {
     #[error(transparent)]
     Capture(crate::capture::CaptureError),
 
+    /// The CNI plugin's socket could not be bound.
+    #[error("binding the CNI socket {path}: {source}")]
+    BindCniSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
     /// The admin endpoint could not listen.
     #[error("binding the admin endpoint to {addr}: {source}")]
     BindAdmin {

@@ -27,6 +27,7 @@ mod admin;
 mod backoff;
 pub mod capture;
 mod certificates;
+pub mod cni_api;
 mod config;
 mod control_plane;
 pub mod copy;
@@ -47,7 +48,8 @@ mod wall_clock;
 pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};
 pub use config::{
-    DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat, ProxyConfig,
+    CaptureMode, DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat,
+    ProxyConfig,
 };
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};

@@ -137,6 +137,7 @@ impl NodeProxy {
                     &data_plane_config,
                     view.clone(),
                     certificates.clone(),
+                    state.clone(),
                     &mut tasks,
                 )
                 .await?,

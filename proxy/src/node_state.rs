@@ -3,7 +3,7 @@
 //! serves and enforces what it served before, also while the control plane
 //! is unreachable, instead of starting with nothing.
 //!
-//! Two kinds of files, both written whole to a temporary file and renamed
+//! Three kinds of files, both written whole to a temporary file and renamed
 //! into place (a reader never sees half of one), readable by the proxy's
 //! user only, in a directory only it can enter:
 //! - `config.pb`: the applied config as one full state, in the wire format
@@ -15,12 +15,16 @@
 //!   certificate with its private key. The key never leaves the node; it
 //!   stays on it across restarts. A stored certificate is used only while
 //!   it verifies against the restored roots (so never after it expires).
+//! - `pod-namespaces.json`: where each served pod's network namespace is
+//!   (capture mode `pod`), so that a restarted proxy serves its pods again
+//!   without waiting for anyone to announce them.
 //!
 //! This module reads and writes those files; it does not decide when.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -33,6 +37,9 @@ use crate::Error;
 
 /// The stored config's file name.
 const CONFIG_FILE: &str = "config.pb";
+
+/// The pods' network namespaces, by address (JSON).
+const POD_NAMESPACES_FILE: &str = "pod-namespaces.json";
 /// The directory of stored certificates.
 const CERTS_DIR: &str = "certs";
 
@@ -108,6 +115,40 @@ impl NodeState {
     /// Replaces the stored config (nothing once [cleared](NodeState::clear)).
     pub fn store_config(&self, config: &ConfigUpdate) -> Result<(), Error> {
         self.write(&self.dir.join(CONFIG_FILE), &config.encode_to_vec())
+    }
+
+    /// The stored network namespaces of the node's pods, by address (see
+    /// `dataplane::pods`); an unreadable file is an error, to be logged
+    /// (the next write replaces it).
+    pub fn load_pod_namespaces(&self) -> Result<BTreeMap<IpAddr, PathBuf>, Error> {
+        let path = self.dir.join(POD_NAMESPACES_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => {
+                return Err(Error::DecodeState {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| Error::DecodeState {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Replaces the stored namespaces of the node's pods, if they changed
+    /// (nothing once [cleared](NodeState::clear)).
+    pub fn store_pod_namespaces(&self, pods: &BTreeMap<IpAddr, PathBuf>) -> Result<(), Error> {
+        if self.load_pod_namespaces().ok().as_ref() == Some(pods) {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(pods).map_err(|e| Error::DecodeState {
+            path: self.dir.join(POD_NAMESPACES_FILE),
+            reason: e.to_string(),
+        })?;
+        self.write(&self.dir.join(POD_NAMESPACES_FILE), &text)
     }
 
     /// Writes unless cleared, holding the guard so `clear` waits for it.

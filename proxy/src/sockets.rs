@@ -64,12 +64,28 @@ pub const LISTEN_BACKLOG: i32 = 1024;
 ///
 /// Must be called inside a tokio runtime. Needs `CAP_NET_ADMIN`.
 pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_listener(addr, true)
+}
+
+/// Binds a plain listener for a pod's redirected traffic (see
+/// `capture::pod`), in the namespace of the calling thread: `SO_REUSEADDR`
+/// (a restarted proxy binds again while old connections linger),
+/// `IPV6_V6ONLY` for IPv6, non-blocking, backlog [`LISTEN_BACKLOG`].
+///
+/// Must be called inside a tokio runtime.
+pub fn pod_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_listener(addr, false)
+}
+
+fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| context(e, format!("creating a listening socket for {addr}")))?;
     socket
         .set_reuse_address(true)
         .map_err(|e| context(e, format!("setting SO_REUSEADDR on {addr}")))?;
-    set_transparent(&socket, addr.ip())?;
+    if transparent {
+        set_transparent(&socket, addr.ip())?;
+    }
     if addr.is_ipv6() {
         socket
             .set_only_v6(true)
@@ -80,7 +96,7 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
         .map_err(|e| context(e, format!("making the listener on {addr} non-blocking")))?;
     socket
         .bind(&addr.into())
-        .map_err(|e| context(e, format!("binding a transparent listener to {addr}")))?;
+        .map_err(|e| context(e, format!("binding a listener to {addr}")))?;
     socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| context(e, format!("listening on {addr}")))?;
@@ -193,9 +209,9 @@ pub async fn connect_socket(
 /// destination the pod dialled, or the pod's own address and port for an
 /// inbound one. For redirection inside a pod's namespace (`capture::pod`);
 /// TPROXY needs no lookup (see [`original_destination`]).
-pub fn redirected_destination(stream: &std::net::TcpStream) -> io::Result<SocketAddr> {
+pub fn redirected_destination<S: std::os::fd::AsFd>(stream: &S) -> io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
-    let original = if stream.local_addr()?.is_ipv4() {
+    let original = if socket.local_addr()?.is_ipv4() {
         socket.original_dst_v4()
     } else {
         socket.original_dst_v6()

@@ -44,6 +44,12 @@ pub fn legacy_pod<'a>(node: &'a str, name: &'a str) -> PodSpec<'a> {
 /// its own ServiceAccount) and old-1 (an unmeshed namespace); node-2 runs
 /// db-1 (meshed, shop) behind [`SHOP_DB_SERVICE`].
 pub fn shop_testbed() -> Result<Testbed> {
+    shop_testbed_builder().build()
+}
+
+/// [`shop_testbed`]'s plan, for a test that changes more of it (e.g. the
+/// pod network) before building.
+pub fn shop_testbed_builder() -> crate::TestbedBuilder {
     Testbed::builder()
         .node("node-1")
         .node("node-2")
@@ -52,7 +58,6 @@ pub fn shop_testbed() -> Result<Testbed> {
         .pod(legacy_pod("node-1", "old-1"))
         .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
         .service(SHOP_DB_SERVICE)
-        .build()
 }
 
 /// db-1's port 5432 (where [`start_mesh_with_db_echo`] echoes).

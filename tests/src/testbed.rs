@@ -215,6 +215,21 @@ impl Testbed {
         EchoServer::start(listener)
     }
 
+    /// What a CNI plugin learns of `pod` when the runtime creates it: its
+    /// network namespace (the nsfs mount) and its addresses.
+    pub fn pod_network_of(&self, pod: &str) -> Result<(PathBuf, Vec<std::net::IpAddr>)> {
+        let planned = self.topology.pod(pod)?;
+        let mut ips = Vec::new();
+        if self.topology.ip_families.v4() {
+            ips.push(planned.ip.into());
+        }
+        if self.topology.ip_families.v6() {
+            ips.push(planned.ip6.into());
+        }
+        let netns = self.netns_name(Target::Pod(pod))?;
+        Ok((Path::new("/run/netns").join(netns), ips))
+    }
+
     /// The node's IP on the node network (`172.30.0.<n+1>`).
     pub fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
         Ok(self.topology.node(node)?.ip)

@@ -68,6 +68,17 @@ pub struct WeftMesh {
     kubernetes: Option<KubernetesSource>,
     /// The proxies' `WEFT_LOG_LEVEL`.
     proxy_log_level: String,
+    /// Whether the proxies capture inside the pods' namespaces
+    /// (`--capture-mode=pod`), from [`CAPTURE_MODE_ENV`].
+    capture_in_pods: bool,
+}
+
+/// Set to `pod` to run every test's proxies with `--capture-mode=pod`
+/// (the testbed announces each pod as weft's CNI plugin would).
+pub const CAPTURE_MODE_ENV: &str = "WEFT_TEST_CAPTURE_MODE";
+
+fn capture_in_pods() -> bool {
+    std::env::var(CAPTURE_MODE_ENV).is_ok_and(|mode| mode == "pod")
 }
 
 /// The proxies' log filter in tests: debug for weft's own lines, so a failed
@@ -104,6 +115,21 @@ impl WeftMesh {
         testbed: &Testbed,
         proxy_log_level: &str,
     ) -> Result<WeftMesh> {
+        WeftMesh::start_configured(testbed, proxy_log_level, capture_in_pods())
+    }
+
+    /// [`WeftMesh::start`] with the proxies capturing inside the pods'
+    /// namespaces (`--capture-mode=pod`), whatever [`CAPTURE_MODE_ENV`]
+    /// says.
+    pub fn start_in_pods(testbed: &Testbed) -> Result<WeftMesh> {
+        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true)
+    }
+
+    fn start_configured(
+        testbed: &Testbed,
+        proxy_log_level: &str,
+        capture_in_pods: bool,
+    ) -> Result<WeftMesh> {
         let nodes = testbed.node_names();
         let first = nodes.first().context("the testbed has no nodes")?.clone();
         let manifests_dir = testbed.dir().join("manifests");
@@ -135,6 +161,7 @@ impl WeftMesh {
             tokens_file,
             kubernetes: None,
             proxy_log_level: proxy_log_level.to_owned(),
+            capture_in_pods,
         };
         mesh.start_control_plane(testbed)?;
         let roots = mesh.state_dir.join("root-cert.pem");
@@ -143,7 +170,47 @@ impl WeftMesh {
         for node in nodes {
             mesh.start_proxy(testbed, &node)?;
         }
+        mesh.announce_pods(testbed)?;
         Ok(mesh)
+    }
+
+    /// Tells every proxy (capture mode `pod`) about the pods of its node,
+    /// as weft's CNI plugin does when the runtime creates them.
+    pub fn announce_pods(&self, testbed: &Testbed) -> Result<()> {
+        if !self.capture_in_pods {
+            return Ok(());
+        }
+        for node in self.proxies.keys() {
+            let socket = self.cni_socket(testbed, node);
+            for pod in testbed.pods_on(node) {
+                let (netns, ips) = testbed.pod_network_of(&pod)?;
+                let request = weft_proxy::cni_api::CniRequest {
+                    command: weft_proxy::cni_api::Command::Add,
+                    netns,
+                    ips,
+                    pod_namespace: String::new(),
+                    pod_name: pod.clone(),
+                };
+                let mut last = None;
+                wait_until(STARTUP_TIMEOUT, || {
+                    match weft_proxy::cni_api::send(&socket, &request) {
+                        Ok(reply) if reply.ok => Ok(true),
+                        Ok(reply) => bail!("{node}'s proxy refused pod {pod}: {:?}", reply.error),
+                        Err(error) => {
+                            last = Some(error);
+                            Ok(false)
+                        }
+                    }
+                })
+                .with_context(|| format!("announcing pod {pod} to {node}'s proxy: {last:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The CNI socket of `node`'s proxy.
+    pub fn cni_socket(&self, testbed: &Testbed, node: &str) -> PathBuf {
+        testbed.dir().join(format!("cni-{node}.sock"))
     }
 
     /// Loads the testbed into `api` the way a cluster would hold it (weft's
@@ -190,6 +257,7 @@ impl WeftMesh {
                 _forward: forward,
             }),
             proxy_log_level: TEST_PROXY_LOG_LEVEL.to_owned(),
+            capture_in_pods: capture_in_pods(),
         };
         std::fs::create_dir_all(&mesh.state_dir)?;
         tokio::task::block_in_place(|| mesh.start_control_plane(testbed))?;
@@ -204,6 +272,7 @@ impl WeftMesh {
         let partial = mesh.state_dir.join(".root-cert.pem.partial");
         std::fs::write(&partial, roots)?;
         std::fs::rename(&partial, &path)?;
+        tokio::task::block_in_place(|| mesh.announce_pods(testbed))?;
         Ok(mesh)
     }
 
@@ -369,6 +438,16 @@ spec:
             .arg("--state-dir")
             .arg(self.proxy_state_dir(testbed, node))
             .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
+        if self.capture_in_pods {
+            // Several testbeds plan the same pod addresses side by side:
+            // pods are known from announcements and the state directory,
+            // never from a search of the machine's namespaces.
+            command
+                .arg("--capture-mode=pod")
+                .arg("--cni-socket")
+                .arg(self.cni_socket(testbed, node))
+                .arg("--find-running-pods=false");
+        }
         let process = testbed.spawn(Target::Node(node), command)?;
         self.proxies.insert(node.to_owned(), process);
         Ok(())

@@ -102,6 +102,42 @@ impl PodNetns {
     }
 }
 
+impl PodNetns {
+    /// Runs `f` on the calling thread inside this namespace, then returns
+    /// the thread to the node's namespace: cheap enough for every socket
+    /// the proxy makes in a pod (two `setns` calls), where
+    /// [`PodNetns::run_in`] starts a thread. `f` must not block or yield.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T, CaptureError> {
+        let home = home_namespace()?;
+        nix::sched::setns(&self.file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|errno| {
+            CaptureError::Namespace {
+                operation: format!("entering the network namespace {}", self.path.display()),
+                source: std::io::Error::from(errno),
+            }
+        })?;
+        let result = f();
+        if let Err(errno) = nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET) {
+            // A runtime thread left in a pod's namespace would make every
+            // later socket of the node there: nothing safe can follow.
+            tracing::error!(%errno, "cannot return to the node's network namespace; aborting");
+            std::process::abort();
+        }
+        Ok(result)
+    }
+}
+
+/// The node's network namespace, the one the process started in (its
+/// main thread never leaves it), opened once.
+fn home_namespace() -> Result<&'static File, CaptureError> {
+    static HOME: std::sync::OnceLock<Result<File, std::io::ErrorKind>> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| File::open("/proc/self/ns/net").map_err(|e| e.kind()))
+        .as_ref()
+        .map_err(|kind| CaptureError::Namespace {
+            operation: "opening the node's network namespace (/proc/self/ns/net)".to_owned(),
+            source: std::io::Error::from(*kind),
+        })
+}
+
 /// The source address the node gives its own connections to meshed pods
 /// (the kubelet's probes, hostNetwork clients): a link-local address no
 /// pod has, which the pods' redirection lets through ([`pod_ruleset`]),
@@ -187,27 +223,60 @@ pub fn find_pod_namespaces(
         let Ok(netns) = PodNetns::open(&path) else {
             continue;
         };
-        let addresses = netns.run_in(|| {
-            nix::ifaddrs::getifaddrs()
-                .map(|all| {
-                    all.filter_map(|interface| interface.address)
-                        .filter_map(|address| {
-                            address
-                                .as_sockaddr_in()
-                                .map(|a| IpAddr::V4(a.ip()))
-                                .or_else(|| address.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        });
-        for ip in addresses.into_iter().flatten() {
+        for ip in addresses_of(&netns).into_iter().flatten() {
             if ips.contains(&ip) {
                 found.insert(ip, path.clone());
             }
         }
     }
     found
+}
+
+/// The addresses of every interface in `netns`.
+pub fn addresses_of(netns: &PodNetns) -> Result<BTreeSet<IpAddr>, CaptureError> {
+    netns
+        .run_in(|| {
+            nix::ifaddrs::getifaddrs().map(|all| {
+                all.filter_map(|interface| interface.address)
+                    .filter_map(|address| {
+                        address
+                            .as_sockaddr_in()
+                            .map(|a| IpAddr::V4(a.ip()))
+                            .or_else(|| address.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+                    })
+                    .collect()
+            })
+        })?
+        .map_err(|errno| CaptureError::Namespace {
+            operation: format!("listing the addresses in {}", netns.path().display()),
+            source: std::io::Error::from(errno),
+        })
+}
+
+/// Installs [`node_source_ruleset`] for `pods` in the calling thread's
+/// namespace (the node's), replacing the last one.
+pub fn set_node_sources(
+    config: &CaptureConfig,
+    pods: &BTreeSet<std::net::Ipv4Addr>,
+) -> Result<(), CaptureError> {
+    run(
+        "setting the node's source address for its connections to meshed pods",
+        "nft",
+        &["-f", "-"],
+        Some(&node_source_ruleset(config, pods)),
+    )
+    .map(drop)
+}
+
+/// Removes what [`set_node_sources`] installed; none there is no error.
+pub fn remove_node_sources() -> Result<(), CaptureError> {
+    run(
+        "removing the node's source address rule",
+        "nft",
+        &["-f", "-"],
+        Some("table ip weft_node_source {}\ndelete table ip weft_node_source\n"),
+    )
+    .map(drop)
 }
 
 /// Installs the redirection into the pod's namespace, replacing any that

@@ -19,7 +19,6 @@ use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::certificates::CertificateMap;
 
 use crate::hbone::{self, HboneError, InboundHandler, InboundRequest, Refusal};
-use crate::sockets;
 
 /// What a cached server config was built from: the certificate (by its
 /// issue time) and the config version whose roots it trusts.
@@ -62,8 +61,8 @@ impl ServerConfigs {
 }
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
-pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    super::serve_captured(listener, plane, "HBONE", |plane, tcp, _peer, local| {
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
+    super::serve_captured(listener, plane, "HBONE", pod, |plane, tcp, _peer, local| {
         accept_tunnel(plane, tcp, local)
     })
     .await;
@@ -192,15 +191,13 @@ impl InboundHandler for InboundTunnel {
         if let Err(decision) = gate::admit(&routes, &plane.metrics, &workload, &gate) {
             return Err(Refusal::Denied(decision.to_string()));
         }
-        let upstream =
-            match sockets::connect_from(Some(peer.ip()), request.target, sockets::PROXY_MARK).await
-            {
-                Ok(upstream) => upstream,
-                Err(error) => {
-                    plane.metrics.failure(Direction::Inbound, "connect_failed");
-                    return Err(Refusal::Unavailable(format!("the pod refused: {error}")));
-                }
-            };
+        let upstream = match plane.pods.connect(Some(peer.ip()), request.target).await {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                plane.metrics.failure(Direction::Inbound, "connect_failed");
+                return Err(Refusal::Unavailable(format!("the pod refused: {error}")));
+            }
+        };
         let registration = plane.inbound.register_admitted(
             &plane.routes,
             &plane.metrics,

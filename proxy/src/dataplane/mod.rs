@@ -19,6 +19,7 @@ mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
+pub mod pods;
 pub mod reauthorize;
 pub mod routes;
 mod startup;
@@ -61,6 +62,9 @@ pub struct DataPlane {
     /// How long a connection waits for a certificate or config it needs
     /// (`--pending-connection-wait-ms`).
     pub pending_wait: std::time::Duration,
+    /// The namespaces of the pods served in their own (capture mode
+    /// `pod`), where their connections' sockets are made.
+    pub pods: Arc<pods::PodNamespaces>,
 }
 
 impl DataPlane {
@@ -191,22 +195,39 @@ async fn certificates_with(
     }
 }
 
+/// The pod a listener inside a pod's namespace serves: its addresses.
+pub type ListenerPod = Option<Arc<std::collections::BTreeSet<std::net::IpAddr>>>;
+
 /// Runs a capture listener: each connection whose original destination is
 /// known gets its own task, with a span naming source and destination, and
 /// counts as open for the drain while `handle` runs.
+///
+/// A listener in a pod's namespace (`pod`) serves that pod only: an
+/// outbound connection from an address the pod does not own (a spoofed
+/// one) and an inbound one to such an address are refused. There the
+/// redirected connections' destinations come from `SO_ORIGINAL_DST`
+/// (HBONE, not redirected, is addressed to the pod itself).
 pub async fn serve_captured<F, Fut>(
     listener: tokio::net::TcpListener,
     plane: Arc<DataPlane>,
     listener_name: &'static str,
+    pod: ListenerPod,
     handle: F,
 ) where
     F: Fn(Arc<DataPlane>, tokio::net::TcpStream, std::net::SocketAddr, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;
+    let outbound = listener_name == "outbound";
+    let redirected = pod.is_some() && listener_name != "HBONE";
     loop {
         let (stream, source) = next_connection(&listener, &plane.drain, listener_name).await;
-        let destination = match crate::sockets::original_destination(&stream) {
+        let destination = if redirected {
+            crate::sockets::redirected_destination(&stream)
+        } else {
+            crate::sockets::original_destination(&stream)
+        };
+        let destination = match destination {
             // Not captured (someone dialled the listener itself): refuse
             // rather than connect to ourselves.
             Ok(destination) if destination.ip().is_loopback() => continue,
@@ -216,6 +237,23 @@ pub async fn serve_captured<F, Fut>(
                 continue;
             }
         };
+        if let Some(ips) = &pod {
+            let own = if outbound { source } else { destination };
+            if !ips.contains(&own.ip()) {
+                tracing::warn!(%source, %destination, listener = listener_name, pod = ?ips,
+                    "refused: the address is not the pod's own (spoofed)");
+                plane.metrics.failure(
+                    if outbound {
+                        telemetry::Direction::Outbound
+                    } else {
+                        telemetry::Direction::Inbound
+                    },
+                    "spoofed_address",
+                );
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+                continue;
+            }
+        }
         let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
         let guard = plane.drain.track();
         let connection = handle(plane.clone(), stream, source, destination);

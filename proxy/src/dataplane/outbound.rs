@@ -33,15 +33,14 @@ use super::routes::{Destination, NoRoute, Route, RouteTable};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 use crate::hbone::{EarlyData, HBONE_PORT, HboneError, HboneRequest, HboneStream};
 use crate::node_view::Workload;
-use crate::sockets;
 
 /// How long opening a connection to one endpoint (for a tunnel: dial, TLS,
 /// HTTP/2, CONNECT and its answer) may take, unless a TrafficPolicy says.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
-pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    super::serve_captured(listener, plane, "outbound", proxy).await;
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
+    super::serve_captured(listener, plane, "outbound", pod, proxy).await;
 }
 
 /// Early data: at most this much of what the client sent before its tunnel
@@ -320,12 +319,10 @@ async fn connect(
             {
                 return Err(ConnectError::Denied);
             }
-            let mut upstream = match sockets::connect_from(
-                Some(client_addr.ip()),
-                route.target,
-                sockets::PROXY_MARK,
-            )
-            .await
+            let mut upstream = match plane
+                .pods
+                .connect(Some(client_addr.ip()), route.target)
+                .await
             {
                 Ok(upstream) => upstream,
                 Err(error) => {

@@ -14,11 +14,10 @@ use tracing::{debug, info};
 use super::DataPlane;
 use super::gate::{self, GateRequest, Path};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
-use crate::sockets;
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
-pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>) {
-    super::serve_captured(listener, plane, "inbound plaintext", proxy).await;
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
+    super::serve_captured(listener, plane, "inbound plaintext", pod, proxy).await;
 }
 
 async fn proxy(
@@ -51,16 +50,18 @@ async fn proxy(
         return;
     }
     info!(pod = %workload.uid, "accepting unauthenticated plaintext for a meshed pod (PERMISSIVE)");
-    let upstream =
-        match sockets::connect_from(Some(client_addr.ip()), destination, sockets::PROXY_MARK).await
-        {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                debug!(%error, "inbound plaintext: the pod refused");
-                plane.metrics.failure(Direction::Inbound, "connect_failed");
-                return;
-            }
-        };
+    let upstream = match plane
+        .pods
+        .connect(Some(client_addr.ip()), destination)
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            debug!(%error, "inbound plaintext: the pod refused");
+            plane.metrics.failure(Direction::Inbound, "connect_failed");
+            return;
+        }
+    };
     let registration = plane.inbound.register_admitted(
         &plane.routes,
         &plane.metrics,

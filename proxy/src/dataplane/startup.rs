@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::drain::{self, DrainTrigger};
+use super::pods::{self, PodCaptureSettings, PodDirectory, PodNamespaces};
 use super::routes::RouteTable;
 use super::telemetry::TrafficMetrics;
 use super::{DataPlane, Routes, inbound, outbound, plaintext};
@@ -20,8 +21,9 @@ use crate::capture::{CaptureConfig, NodeCapture};
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::hbone::{HbonePool, PoolConfig};
-use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
-use crate::{Error, ProxyConfig, http_server, monitoring};
+use crate::node_state::NodeState;
+use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::{CaptureMode, Error, ProxyConfig, cni_api, http_server, monitoring};
 
 /// A running data plane; [`RunningDataPlane::drain`] stops it gracefully.
 pub struct RunningDataPlane {
@@ -29,6 +31,13 @@ pub struct RunningDataPlane {
     deadline: Duration,
     routes: Arc<Routes>,
     capture: Option<CaptureRunner>,
+    pods: Option<PodsRunner>,
+}
+
+/// The task that serves pods in their own namespaces (capture mode `pod`).
+struct PodsRunner {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<pods::StopPods>,
 }
 
 /// The capture rules' thread and the task that feeds it pod sets.
@@ -54,14 +63,20 @@ pub async fn start(
     config: &ProxyConfig,
     view: ViewReceiver,
     certificates: watch::Receiver<CertificateMap>,
+    state: Option<NodeState>,
     tasks: &mut JoinSet<&'static str>,
 ) -> Result<RunningDataPlane, Error> {
     let mut registry = Registry::default();
     let metrics = TrafficMetrics::new(&mut registry);
     let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
-    let dialer: crate::hbone::Dialer = Arc::new(|source, destination| {
-        Box::pin(sockets::connect_from(source, destination, PROXY_MARK))
+    // Tunnels leave from the source pod's namespace when it is served in
+    // its own, else from the node's.
+    let pod_namespaces = Arc::new(PodNamespaces::default());
+    let dialing = pod_namespaces.clone();
+    let dialer: crate::hbone::Dialer = Arc::new(move |source, destination| {
+        let dialing = dialing.clone();
+        Box::pin(async move { dialing.connect(source, destination).await })
     });
     let plane = Arc::new(DataPlane {
         routes: routes.clone(),
@@ -75,6 +90,7 @@ pub async fn start(
         )),
         inbound: Arc::default(),
         pending_wait: Duration::from_millis(config.pending_connection_wait_ms),
+        pods: pod_namespaces,
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.
@@ -106,13 +122,17 @@ pub async fn start(
         })
         .collect()
     };
-    let mut capture_listeners = listeners(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-    match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
-        Ok(v6) => capture_listeners.extend(v6),
-        Err(error) if std::path::Path::new("/proc/sys/net/ipv6").exists() => {
-            warn!(%error, "no IPv6 listeners on a node with IPv6: meshed pods' IPv6 TCP is refused");
+    let in_pods = config.capture && config.capture_mode == CaptureMode::Pod;
+    let mut capture_listeners = Vec::new();
+    if !in_pods {
+        capture_listeners = listeners(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
+            Ok(v6) => capture_listeners.extend(v6),
+            Err(error) if std::path::Path::new("/proc/sys/net/ipv6").exists() => {
+                warn!(%error, "no IPv6 listeners on a node with IPv6: meshed pods' IPv6 TCP is refused");
+            }
+            Err(error) => info!(%error, "IPv6 is off on this node; capturing IPv4 only"),
         }
-        Err(error) => info!(%error, "IPv6 is off on this node; capturing IPv4 only"),
     }
     let plain_bind = |what: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -125,7 +145,11 @@ pub async fn start(
     // The config version whose pods the capture rules steer; without
     // capture (traffic arrives by other means) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
-    let capture = if config.capture {
+    let mut pods = None;
+    let capture = if in_pods {
+        pods = Some(start_pods(config, &plane, state, programmed_tx, tasks)?);
+        None
+    } else if config.capture {
         Some(start_capture(routes.subscribe(), programmed_tx)?)
     } else {
         let mut versions = routes.subscribe();
@@ -144,9 +168,9 @@ pub async fn start(
         let plane = plane.clone();
         tasks.spawn(async move {
             match what {
-                "outbound" => outbound::serve(listener, plane).await,
-                "inbound plaintext" => plaintext::serve(listener, plane).await,
-                _ => inbound::serve(listener, plane).await,
+                "outbound" => outbound::serve(listener, plane, None).await,
+                "inbound plaintext" => plaintext::serve(listener, plane, None).await,
+                _ => inbound::serve(listener, plane, None).await,
             }
             "a capture listener"
         });
@@ -172,6 +196,7 @@ pub async fn start(
         metrics = %config.metrics_addr,
         readiness = %config.readiness_addr,
         capture = config.capture,
+        capture_mode = ?config.capture_mode,
         "data plane listening"
     );
     Ok(RunningDataPlane {
@@ -179,7 +204,57 @@ pub async fn start(
         deadline: Duration::from_secs(config.drain_seconds),
         routes: plane.routes.clone(),
         capture,
+        pods,
     })
+}
+
+/// Starts serving pods in their own namespaces: the ones the state
+/// directory remembers at once, announced ones as the CNI plugin tells.
+fn start_pods(
+    config: &ProxyConfig,
+    plane: &Arc<DataPlane>,
+    state: Option<NodeState>,
+    programmed: watch::Sender<u64>,
+    tasks: &mut JoinSet<&'static str>,
+) -> Result<PodsRunner, Error> {
+    let directory = Arc::new(PodDirectory::default());
+    if let Some(state) = &state {
+        match state.load_pod_namespaces() {
+            Ok(stored) => {
+                for (ip, path) in stored {
+                    directory.add(&[ip], &path);
+                }
+            }
+            Err(error) => warn!(%error, "cannot read the stored pod namespaces; searching anew"),
+        }
+    }
+    if let Some(path) = &config.cni_socket {
+        let listener = cni_api::bind(path).map_err(|source| Error::BindCniSocket {
+            path: path.clone(),
+            source,
+        })?;
+        let directory = directory.clone();
+        tasks.spawn(async move {
+            cni_api::serve(listener, directory).await;
+            "CNI socket"
+        });
+        info!(socket = %path.display(), "taking pod announcements from the CNI plugin");
+    }
+    let settings = PodCaptureSettings {
+        find_running_pods: config.find_running_pods,
+        netns_dirs: vec![config.netns_dir.clone()],
+        retry: Duration::from_millis(config.pod_retry_ms),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(pods::follow(
+        plane.clone(),
+        directory,
+        settings,
+        state,
+        programmed,
+        stopped,
+    ));
+    Ok(PodsRunner { task, stop })
 }
 
 /// The capture rules live on a thread of their own: programming them runs
@@ -268,6 +343,11 @@ impl RunningDataPlane {
             let remove = self.routes.current().uninstalling;
             let _ = capture.commands.send(CaptureCommand::Stop { remove });
             let _ = tokio::task::spawn_blocking(move || capture.thread.join()).await;
+        }
+        if let Some(pods) = self.pods {
+            let remove = self.routes.current().uninstalling;
+            let _ = pods.stop.send(pods::StopPods { remove });
+            let _ = pods.task.await;
         }
     }
 }

@@ -369,6 +369,11 @@ impl ProxyFiles {
             // The control side alone: no listeners, no nftables.
             data_plane: false,
             capture: false,
+            capture_mode: weft_proxy::CaptureMode::Node,
+            cni_socket: None,
+            find_running_pods: false,
+            netns_dir: "/run/netns".into(),
+            pod_retry_ms: 1000,
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             readiness_addr: "127.0.0.1:0".parse().unwrap(),
             drain_seconds: 1,

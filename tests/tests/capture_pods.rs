@@ -1,0 +1,183 @@
+//! End to end on the testbed with the capture inside each pod's network
+//! namespace (`--capture-mode=pod`), the pods on a Linux bridge: a pod's
+//! connections are its own, whatever address it forges; a killed proxy
+//! refuses its pods' traffic (never plaintext) and the restarted one serves
+//! them again from what it kept on the node.
+//!
+//! node-1: web-1 and batch-1 (meshed, shop) and old-1 (unmeshed); node-2:
+//! db-1 (meshed, shop), echoing on 5432, which only web may reach.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use weft_testbed::{
+    ALLOW_WEB_TO_DB, PodNetwork, Target, Testbed, WeftMesh, WireWatch, echoes, metric_sum,
+    wait_for_reach, wait_until,
+};
+
+const MARKER: &[u8] = b"weft-in-pod-marker-8e4a1f";
+const WAIT: Duration = Duration::from_secs(20);
+
+const STRICT: &str = "apiVersion: weft.dev/v1alpha1
+kind: MtlsPolicy
+metadata: {name: strict, namespace: shop}
+spec: {mode: STRICT}
+";
+
+fn cluster() -> Testbed {
+    weft_testbed::shop_testbed_builder()
+        .pod_network(PodNetwork::Bridge)
+        .build()
+        .unwrap()
+}
+
+fn start(testbed: &Testbed) -> (WeftMesh, weft_testbed::EchoServer) {
+    let server = testbed
+        .start_echo_server(Target::Pod("db-1"), 5432)
+        .unwrap();
+    let mesh = WeftMesh::start_in_pods(testbed).unwrap();
+    mesh.wait_for_data_plane(testbed).unwrap();
+    (mesh, server)
+}
+
+/// One round trip from `pod` to `to`, the connection bound to `source`
+/// (an address the pod may have taken from a neighbour). Meshed pods send
+/// [`MARKER`], which must never cross the wire in plaintext; unmeshed ones
+/// (plaintext by design) something else.
+fn round_trip_from(
+    testbed: &Testbed,
+    pod: &str,
+    source: IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<Vec<u8>> {
+    let payload: &[u8] = if pod.starts_with("old") {
+        b"legacy hello"
+    } else {
+        MARKER
+    };
+    testbed
+        .run_in(Target::Pod(pod), || -> std::io::Result<Vec<u8>> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+            let mut stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(payload)?;
+            let mut echoed = vec![0; payload.len()];
+            stream.read_exact(&mut echoed)?;
+            Ok(echoed)
+        })
+        .map_err(std::io::Error::other)?
+}
+
+/// Gives `pod` the address `ip` too, as a pod with `CAP_NET_ADMIN` can.
+fn take_address(testbed: &Testbed, pod: &str, ip: IpAddr) {
+    let status = testbed
+        .run_in(Target::Pod(pod), || {
+            Command::new("ip")
+                .args(["addr", "add", &format!("{ip}/32"), "dev", "eth0"])
+                .status()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "ip addr add {ip} in {pod}");
+}
+
+#[test]
+fn a_pod_that_forges_a_neighbours_address_is_refused() {
+    let testbed = cluster();
+    let (mesh, server) = start(&testbed);
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    mesh.write_manifest("only-web.yaml", ALLOW_WEB_TO_DB)
+        .unwrap();
+    wait_for_reach(&testbed, "batch-1", db, false);
+    assert!(echoes(&testbed, "web-1", db));
+    let web = IpAddr::V4(testbed.pod_ip("web-1").unwrap());
+    let seen_before = server.peers().len();
+
+    // batch-1 (meshed, its own identity) takes web-1's address and dials
+    // db-1 from it: its proxy serves batch-1 alone, and refuses it.
+    take_address(&testbed, "batch-1", web);
+    assert!(round_trip_from(&testbed, "batch-1", web, db).is_err());
+    let refused = || metric_sum(&mesh, &testbed, "node-1", "spoofed_address").unwrap();
+    wait_until(WAIT, || Ok(refused() >= 1)).unwrap();
+
+    // old-1 (unmeshed) does the same: its forged plaintext reaches db-1's
+    // proxy without any identity, which the policy refuses.
+    take_address(&testbed, "old-1", web);
+    assert!(round_trip_from(&testbed, "old-1", web, db).is_err());
+
+    // (Taking the address poisons the node's ARP entry for web-1 on the
+    // bridge, so web-1 is not asked again: that is the bridge's problem,
+    // not the mesh's. What matters is that nothing forged got through.)
+    assert_eq!(
+        server.peers().len(),
+        seen_before,
+        "db-1 saw a connection from a forged address"
+    );
+}
+
+#[test]
+fn a_killed_proxy_refuses_its_pods_traffic_until_it_serves_them_again() {
+    let testbed = cluster();
+    let (mut mesh, _server) = start(&testbed);
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    let web = IpAddr::V4(testbed.pod_ip("web-1").unwrap());
+    let old = IpAddr::V4(testbed.pod_ip("old-1").unwrap());
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+    assert_eq!(round_trip_from(&testbed, "web-1", web, db).unwrap(), MARKER);
+
+    // The source's proxy is gone: web-1's connections are refused inside
+    // web-1, nothing leaves it.
+    mesh.kill_proxy("node-1").unwrap();
+    assert!(round_trip_from(&testbed, "web-1", web, db).is_err());
+    // The destination's too: db-1 refuses the unmeshed client's plaintext.
+    mesh.kill_proxy("node-2").unwrap();
+    assert!(round_trip_from(&testbed, "old-1", old, db).is_err());
+
+    // Back, without any announcement: the proxies find their pods in what
+    // they kept on the node.
+    mesh.start_proxy(&testbed, "node-1").unwrap();
+    mesh.start_proxy(&testbed, "node-2").unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    wait_until(WAIT, || {
+        Ok(round_trip_from(&testbed, "web-1", web, db).is_ok_and(|echo| echo == MARKER))
+    })
+    .unwrap();
+    assert_eq!(
+        round_trip_from(&testbed, "old-1", old, db).unwrap(),
+        b"legacy hello"
+    );
+
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
+
+#[test]
+fn the_node_reaches_its_meshed_pods_as_itself_for_probes() {
+    let testbed = cluster();
+    let (mesh, server) = start(&testbed);
+    // STRICT for db-1: plaintext from pods is refused, the node's own
+    // connections (the kubelet's probes) still pass.
+    mesh.write_manifest("strict.yaml", STRICT).unwrap();
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    wait_for_reach(&testbed, "old-1", db, false);
+    let probe = testbed
+        .run_in(Target::Node("node-2"), || {
+            TcpStream::connect_timeout(&db, WAIT)
+        })
+        .unwrap();
+    let mut probe = probe.unwrap();
+    probe.write_all(b"probe").unwrap();
+    let mut echoed = [0; 5];
+    probe.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"probe");
+    let node_source: IpAddr = "169.254.7.127".parse().unwrap();
+    assert!(
+        server.peers().iter().any(|peer| peer.ip() == node_source),
+        "the probe did not come from the node's source address: {:?}",
+        server.peers()
+    );
+}
