@@ -53,6 +53,8 @@ pub struct Mesh {
     /// Whether the mesh is being uninstalled (see [`UNINSTALL_ANNOTATION`]):
     /// proxies that stop remove their capture.
     pub uninstalling: bool,
+    /// The namespaces labelled `weft.dev/mesh: enabled`.
+    pub meshed_namespaces: std::collections::BTreeSet<String>,
 }
 
 impl Mesh {
@@ -87,12 +89,26 @@ impl Mesh {
             .and_then(|daemon_set| daemon_set.metadata.annotations.as_ref())
             .and_then(|annotations| annotations.get(UNINSTALL_ANNOTATION))
             .is_some_and(|value| value == "true");
+        let meshed_namespaces = cluster
+            .namespaces
+            .iter()
+            .filter(|(_, namespace)| {
+                namespace
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get(MESH_LABEL))
+                    .is_some_and(|value| value == "enabled")
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         Mesh {
             workloads,
             services,
             authorization_policies: policies.valid,
             trust,
             uninstalling,
+            meshed_namespaces,
         }
     }
 

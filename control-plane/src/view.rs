@@ -29,6 +29,8 @@ pub struct NodeView {
     pub trust: pb::TrustBundle,
     /// Whether the mesh is being uninstalled.
     pub uninstalling: bool,
+    /// The namespaces labelled meshed.
+    pub meshed_namespaces: std::collections::BTreeSet<String>,
 }
 
 impl NodeView {
@@ -38,6 +40,7 @@ impl NodeView {
             services: mesh.services.clone(),
             trust: mesh.trust.clone(),
             uninstalling: mesh.uninstalling,
+            meshed_namespaces: mesh.meshed_namespaces.clone(),
             ..NodeView::default()
         };
         for (uid, workload) in &mesh.workloads {
@@ -75,6 +78,7 @@ impl NodeView {
             trust: Some(self.trust.clone()),
             authorization_policies: self.authorization_policies.values().cloned().collect(),
             uninstalling: Some(self.uninstalling),
+            meshed_namespaces: Some(meshed_namespaces(&self.meshed_namespaces)),
             ..pb::ConfigUpdate::default()
         }
     }
@@ -89,6 +93,8 @@ impl NodeView {
             diff(&self.authorization_policies, &next.authorization_policies);
         let trust = (self.trust != next.trust).then(|| next.trust.clone());
         let uninstalling = (self.uninstalling != next.uninstalling).then_some(next.uninstalling);
+        let meshed_namespaces = (self.meshed_namespaces != next.meshed_namespaces)
+            .then(|| meshed_namespaces(&next.meshed_namespaces));
         let update = pb::ConfigUpdate {
             version,
             full_state: false,
@@ -102,6 +108,7 @@ impl NodeView {
             authorization_policies,
             removed_authorization_policies,
             uninstalling,
+            meshed_namespaces,
         };
         let empty = update.local_workloads.is_empty()
             && update.removed_local_workloads.is_empty()
@@ -112,8 +119,15 @@ impl NodeView {
             && update.trust.is_none()
             && update.authorization_policies.is_empty()
             && update.removed_authorization_policies.is_empty()
-            && update.uninstalling.is_none();
+            && update.uninstalling.is_none()
+            && update.meshed_namespaces.is_none();
         (!empty).then_some(update)
+    }
+}
+
+fn meshed_namespaces(names: &std::collections::BTreeSet<String>) -> pb::MeshedNamespaces {
+    pb::MeshedNamespaces {
+        names: names.iter().cloned().collect(),
     }
 }
 

@@ -9,9 +9,12 @@
 //! {"ok":true}
 //! ```
 //!
-//! An `add` records where the pod's namespace is (see
-//! [`crate::dataplane::pods::PodDirectory`]); the proxy serves the pod
-//! there as soon as its config says it is meshed. A `del` forgets it.
+//! An `add` records the pod (see [`PodDirectory`]) and is answered once
+//! the proxy serves it (its redirection installed, its listeners open) or
+//! found it is not meshed: the runtime starts the pod's first container
+//! only after that. If neither happens within [`ADD_WAIT`] (no config
+//! yet, the namespace cannot be entered), the answer is an error, and the
+//! runtime tries again later. A `del` forgets the pod.
 //!
 //! Plain JSON lines rather than gRPC: the plugin is a short-lived binary
 //! the runtime starts for every pod, and should start fast and small.
@@ -27,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-use crate::dataplane::pods::PodDirectory;
+use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 
 /// The longest request line taken (a pod's request is well under 1 KiB).
 pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
@@ -35,6 +38,9 @@ pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
 /// How long one request may take to arrive, and the plugin waits for the
 /// answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an `add` waits for the pod to be served before it fails.
+pub const ADD_WAIT: Duration = Duration::from_secs(3);
 
 /// Requests served at once; more wait to be accepted.
 const MAX_CONCURRENT_REQUESTS: usize = 32;
@@ -143,19 +149,20 @@ async fn answer(stream: tokio::net::UnixStream, directory: &PodDirectory) {
         .take(MAX_REQUEST_BYTES)
         .read_until(b'\n', &mut line)
         .await;
-    let reply = match read
+    let request = read
         .map_err(|e| e.to_string())
-        .and_then(|_| parse_request(&line))
-    {
-        Ok(request) => {
-            apply(&request, directory);
-            CniReply {
-                ok: true,
-                error: None,
-            }
-        }
+        .and_then(|_| parse_request(&line));
+    let outcome = match request {
+        Ok(request) => apply(request, directory).await,
+        Err(error) => Err(error),
+    };
+    let reply = match outcome {
+        Ok(()) => CniReply {
+            ok: true,
+            error: None,
+        },
         Err(error) => {
-            warn!(%error, "CNI socket: refused a request");
+            warn!(%error, "CNI socket: a request failed");
             CniReply {
                 ok: false,
                 error: Some(error),
@@ -167,16 +174,28 @@ async fn answer(stream: tokio::net::UnixStream, directory: &PodDirectory) {
     let _ = writer.write_all(&text).await;
 }
 
-fn apply(request: &CniRequest, directory: &PodDirectory) {
+async fn apply(request: CniRequest, directory: &PodDirectory) -> Result<(), String> {
     let pod = format!("{}/{}", request.pod_namespace, request.pod_name);
     match request.command {
         Command::Add => {
             info!(%pod, ips = ?request.ips, netns = %request.netns.display(), "CNI: pod added");
-            directory.add(&request.ips, &request.netns);
+            let netns = request.netns.clone();
+            directory.add(AnnouncedPod {
+                netns: request.netns,
+                ips: request.ips,
+                namespace: request.pod_namespace,
+                name: request.pod_name,
+            });
+            match directory.settled(&netns, ADD_WAIT).await {
+                Some(Outcome::Served | Outcome::NotMeshed) => Ok(()),
+                Some(Outcome::Pending(why)) => Err(format!("pod {pod} is not captured yet: {why}")),
+                None => Err(format!("pod {pod} is not captured yet")),
+            }
         }
         Command::Del => {
             info!(%pod, netns = %request.netns.display(), "CNI: pod deleted");
             directory.remove(&request.netns);
+            Ok(())
         }
     }
 }

@@ -3,7 +3,7 @@
 //! serves and enforces what it served before, also while the control plane
 //! is unreachable, instead of starting with nothing.
 //!
-//! Three kinds of files, both written whole to a temporary file and renamed
+//! These files, both written whole to a temporary file and renamed
 //! into place (a reader never sees half of one), readable by the proxy's
 //! user only, in a directory only it can enter:
 //! - `config.pb`: the applied config as one full state, in the wire format
@@ -15,16 +15,16 @@
 //!   certificate with its private key. The key never leaves the node; it
 //!   stays on it across restarts. A stored certificate is used only while
 //!   it verifies against the restored roots (so never after it expires).
-//! - `pod-namespaces.json`: where each served pod's network namespace is
-//!   (capture mode `pod`), so that a restarted proxy serves its pods again
-//!   without waiting for anyone to announce them.
+//! - `pods.json`: the node's pods and their network namespaces (capture
+//!   mode `pod`), so that a restarted proxy serves its pods again without
+//!   waiting for anyone to announce them; `meshed-namespaces.json`, which
+//!   the CNI plugin reads when the proxy is down.
 //!
 //! This module reads and writes those files; it does not decide when.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -34,12 +34,16 @@ use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle, WorkloadCertificate};
 
 use crate::Error;
+use crate::pod_directory::AnnouncedPod;
 
 /// The stored config's file name.
 const CONFIG_FILE: &str = "config.pb";
 
-/// The pods' network namespaces, by address (JSON).
-const POD_NAMESPACES_FILE: &str = "pod-namespaces.json";
+/// The node's pods and their network namespaces (JSON).
+const PODS_FILE: &str = "pods.json";
+
+/// The namespaces whose pods are meshed (JSON), for the CNI plugin.
+pub const MESHED_NAMESPACES_FILE: &str = "meshed-namespaces.json";
 /// The directory of stored certificates.
 const CERTS_DIR: &str = "certs";
 
@@ -117,14 +121,13 @@ impl NodeState {
         self.write(&self.dir.join(CONFIG_FILE), &config.encode_to_vec())
     }
 
-    /// The stored network namespaces of the node's pods, by address (see
-    /// `dataplane::pods`); an unreadable file is an error, to be logged
-    /// (the next write replaces it).
-    pub fn load_pod_namespaces(&self) -> Result<BTreeMap<IpAddr, PathBuf>, Error> {
-        let path = self.dir.join(POD_NAMESPACES_FILE);
+    /// The stored pods of the node (see `dataplane::pods`); an unreadable
+    /// file is an error, to be logged (the next write replaces it).
+    pub fn load_pods(&self) -> Result<Vec<AnnouncedPod>, Error> {
+        let path = self.dir.join(PODS_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
                 return Err(Error::DecodeState {
                     path,
@@ -138,17 +141,36 @@ impl NodeState {
         })
     }
 
-    /// Replaces the stored namespaces of the node's pods, if they changed
-    /// (nothing once [cleared](NodeState::clear)).
-    pub fn store_pod_namespaces(&self, pods: &BTreeMap<IpAddr, PathBuf>) -> Result<(), Error> {
-        if self.load_pod_namespaces().ok().as_ref() == Some(pods) {
+    /// Replaces the stored pods of the node, if they changed (nothing once
+    /// [cleared](NodeState::clear)).
+    pub fn store_pods(&self, pods: &[AnnouncedPod]) -> Result<(), Error> {
+        if self.load_pods().ok().as_deref() == Some(pods) {
             return Ok(());
         }
-        let text = serde_json::to_vec(pods).map_err(|e| Error::DecodeState {
-            path: self.dir.join(POD_NAMESPACES_FILE),
+        self.write_json(PODS_FILE, &pods)
+    }
+
+    /// Replaces the stored meshed namespaces, if they changed: weft's CNI
+    /// plugin reads them when it cannot reach the proxy, to refuse to start
+    /// a pod of a meshed namespace that nobody would capture.
+    pub fn store_meshed_namespaces(&self, namespaces: &BTreeSet<String>) -> Result<(), Error> {
+        let path = self.dir.join(MESHED_NAMESPACES_FILE);
+        let stored: Option<BTreeSet<String>> = fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok());
+        if stored.as_ref() == Some(namespaces) {
+            return Ok(());
+        }
+        self.write_json(MESHED_NAMESPACES_FILE, namespaces)
+    }
+
+    fn write_json(&self, file: &str, value: &impl serde::Serialize) -> Result<(), Error> {
+        let path = self.dir.join(file);
+        let text = serde_json::to_vec(value).map_err(|e| Error::DecodeState {
+            path: path.clone(),
             reason: e.to_string(),
         })?;
-        self.write(&self.dir.join(POD_NAMESPACES_FILE), &text)
+        self.write(&path, &text)
     }
 
     /// Writes unless cleared, holding the guard so `clear` waits for it.
@@ -322,6 +344,9 @@ pub fn merge(stored: &mut ConfigUpdate, update: &ConfigUpdate, refused: &Refused
     } else {
         *stored = previous.clone();
         stored.version = update.version;
+        if update.meshed_namespaces.is_some() {
+            stored.meshed_namespaces = update.meshed_namespaces.clone();
+        }
         if update.trust.is_some() {
             stored.trust = update.trust.clone();
         }

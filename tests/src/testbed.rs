@@ -216,8 +216,9 @@ impl Testbed {
     }
 
     /// What a CNI plugin learns of `pod` when the runtime creates it: its
-    /// network namespace (the nsfs mount) and its addresses.
-    pub fn pod_network_of(&self, pod: &str) -> Result<(PathBuf, Vec<std::net::IpAddr>)> {
+    /// network namespace (the nsfs mount), its addresses and its
+    /// Kubernetes namespace.
+    pub fn pod_network_of(&self, pod: &str) -> Result<(PathBuf, Vec<std::net::IpAddr>, String)> {
         let planned = self.topology.pod(pod)?;
         let mut ips = Vec::new();
         if self.topology.ip_families.v4() {
@@ -227,7 +228,11 @@ impl Testbed {
             ips.push(planned.ip6.into());
         }
         let netns = self.netns_name(Target::Pod(pod))?;
-        Ok((Path::new("/run/netns").join(netns), ips))
+        Ok((
+            Path::new("/run/netns").join(netns),
+            ips,
+            planned.namespace.clone(),
+        ))
     }
 
     /// The node's IP on the node network (`172.30.0.<n+1>`).
@@ -258,11 +263,17 @@ impl Testbed {
 
     /// The SPIFFE identities (trust domain `cluster.local`) of the meshed pods on `node`.
     pub fn meshed_identities_on(&self, node: &str) -> Vec<String> {
+        self.meshed_identities_on_without(node, &[])
+    }
+
+    /// [`Testbed::meshed_identities_on`] leaving out the pods `except`.
+    pub fn meshed_identities_on_without(&self, node: &str, except: &[&str]) -> Vec<String> {
         let mut identities: Vec<String> = self
             .topology
             .pods
             .iter()
             .filter(|p| p.meshed && self.topology.nodes[p.node].name == node)
+            .filter(|p| !except.contains(&p.name.as_str()))
             .map(|p| {
                 format!(
                     "spiffe://cluster.local/ns/{}/sa/{}",

@@ -71,6 +71,12 @@ pub struct WeftMesh {
     /// Whether the proxies capture inside the pods' namespaces
     /// (`--capture-mode=pod`), from [`CAPTURE_MODE_ENV`].
     capture_in_pods: bool,
+    /// Pods not created yet (see [`WeftMesh::start_in_pods_without`]).
+    later: Vec<String>,
+}
+
+fn is_pod(object: &serde_json::Value, name: &str) -> bool {
+    object["kind"] == "Pod" && object["metadata"]["name"] == name
 }
 
 /// Set to `pod` to run every test's proxies with `--capture-mode=pod`
@@ -115,27 +121,69 @@ impl WeftMesh {
         testbed: &Testbed,
         proxy_log_level: &str,
     ) -> Result<WeftMesh> {
-        WeftMesh::start_configured(testbed, proxy_log_level, capture_in_pods())
+        WeftMesh::start_configured(testbed, proxy_log_level, capture_in_pods(), &[])
     }
 
     /// [`WeftMesh::start`] with the proxies capturing inside the pods'
     /// namespaces (`--capture-mode=pod`), whatever [`CAPTURE_MODE_ENV`]
     /// says.
     pub fn start_in_pods(testbed: &Testbed) -> Result<WeftMesh> {
-        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true)
+        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true, &[])
+    }
+
+    /// [`WeftMesh::start_in_pods`] with the pods `later` not created yet:
+    /// neither in the cluster's objects nor announced, until
+    /// [`WeftMesh::create_pod`] creates one.
+    pub fn start_in_pods_without(testbed: &Testbed, later: &[&str]) -> Result<WeftMesh> {
+        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true, later)
+    }
+
+    /// Creates a pod held back by [`WeftMesh::start_in_pods_without`] the
+    /// way a cluster does: the runtime sets up its sandbox (weft's CNI
+    /// plugin must succeed, the namespace is meshed), then the API server
+    /// publishes it. The caller's traffic from the pod may start in between,
+    /// as an init container's does, before weft's config knows the pod.
+    pub fn create_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
+        let node = testbed.node_of(pod)?;
+        let (succeeded, said) = self.run_cni_plugin(testbed, node, pod, "ADD")?;
+        anyhow::ensure!(succeeded, "weft-cni ADD of {pod} failed: {said}");
+        Ok(())
+    }
+
+    /// Publishes a pod held back by [`WeftMesh::start_in_pods_without`]
+    /// to the control plane.
+    pub fn publish_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
+        let object = testbed
+            .objects()
+            .into_iter()
+            .find(|object| is_pod(object, pod))
+            .with_context(|| format!("no pod {pod} in the testbed"))?;
+        self.write_manifest(&format!("pod-{pod}.yaml"), &object.to_string())
     }
 
     fn start_configured(
         testbed: &Testbed,
         proxy_log_level: &str,
         capture_in_pods: bool,
+        later: &[&str],
     ) -> Result<WeftMesh> {
         let nodes = testbed.node_names();
         let first = nodes.first().context("the testbed has no nodes")?.clone();
         let manifests_dir = testbed.dir().join("manifests");
         let state_dir = testbed.dir().join("control-plane-state");
         std::fs::create_dir_all(&manifests_dir)?;
-        testbed.write_manifests(&manifests_dir)?;
+        if later.is_empty() {
+            testbed.write_manifests(&manifests_dir)?;
+        } else {
+            // JSON documents are YAML documents too.
+            let now: Vec<String> = testbed
+                .objects()
+                .into_iter()
+                .filter(|object| !later.iter().any(|pod| is_pod(object, pod)))
+                .map(|object| object.to_string())
+                .collect();
+            std::fs::write(manifests_dir.join("testbed.yaml"), now.join("\n---\n"))?;
+        }
 
         let tokens: BTreeMap<String, String> = nodes
             .iter()
@@ -162,6 +210,7 @@ impl WeftMesh {
             kubernetes: None,
             proxy_log_level: proxy_log_level.to_owned(),
             capture_in_pods,
+            later: later.iter().map(|pod| (*pod).to_owned()).collect(),
         };
         mesh.start_control_plane(testbed)?;
         let roots = mesh.state_dir.join("root-cert.pem");
@@ -170,42 +219,89 @@ impl WeftMesh {
         for node in nodes {
             mesh.start_proxy(testbed, &node)?;
         }
-        mesh.announce_pods(testbed)?;
+        mesh.announce_pods(testbed, later)?;
         Ok(mesh)
     }
 
     /// Tells every proxy (capture mode `pod`) about the pods of its node,
-    /// as weft's CNI plugin does when the runtime creates them.
-    pub fn announce_pods(&self, testbed: &Testbed) -> Result<()> {
+    /// as the container runtime does when it creates them: it runs weft's
+    /// CNI plugin, after the network plugin's result, until it succeeds.
+    pub fn announce_pods(&self, testbed: &Testbed, later: &[&str]) -> Result<()> {
         if !self.capture_in_pods {
             return Ok(());
         }
         for node in self.proxies.keys() {
+            // Without its proxy, the plugin lets pods of namespaces it never
+            // saw meshed start unannounced (weft is not installed yet).
             let socket = self.cni_socket(testbed, node);
+            wait_until(STARTUP_TIMEOUT, || Ok(socket.exists()))
+                .with_context(|| format!("{node}'s proxy never opened its CNI socket"))?;
             for pod in testbed.pods_on(node) {
-                let (netns, ips) = testbed.pod_network_of(&pod)?;
-                let request = weft_proxy::cni_api::CniRequest {
-                    command: weft_proxy::cni_api::Command::Add,
-                    netns,
-                    ips,
-                    pod_namespace: String::new(),
-                    pod_name: pod.clone(),
-                };
-                let mut last = None;
+                if later.contains(&pod.as_str()) {
+                    continue;
+                }
+                let mut last = String::new();
                 wait_until(STARTUP_TIMEOUT, || {
-                    match weft_proxy::cni_api::send(&socket, &request) {
-                        Ok(reply) if reply.ok => Ok(true),
-                        Ok(reply) => bail!("{node}'s proxy refused pod {pod}: {:?}", reply.error),
-                        Err(error) => {
-                            last = Some(error);
-                            Ok(false)
-                        }
-                    }
+                    let (succeeded, said) = self.run_cni_plugin(testbed, node, &pod, "ADD")?;
+                    last = said;
+                    Ok(succeeded)
                 })
-                .with_context(|| format!("announcing pod {pod} to {node}'s proxy: {last:?}"))?;
+                .with_context(|| {
+                    format!("weft-cni ADD of {pod} on {node} never succeeded: {last}")
+                })?;
             }
         }
         Ok(())
+    }
+
+    /// Runs weft's CNI plugin for `pod` on `node` with `command` (`ADD`,
+    /// `DEL`) as a container runtime would: whether it succeeded, and what
+    /// it printed.
+    pub fn run_cni_plugin(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        pod: &str,
+        command: &str,
+    ) -> Result<(bool, String)> {
+        use std::io::Write as _;
+        let (netns, ips, namespace) = testbed.pod_network_of(pod)?;
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "testbed",
+            "type": "weft-cni",
+            "socket": self.cni_socket(testbed, node),
+            "state_dir": self.proxy_state_dir(testbed, node),
+            "exclude_namespaces": [],
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "ips": ips.iter().map(|ip| serde_json::json!({"address": format!("{ip}/32")})).collect::<Vec<_>>(),
+            },
+        });
+        let mut child = Command::new(weft_binary("weft-cni")?)
+            .env("CNI_COMMAND", command)
+            .env("CNI_NETNS", &netns)
+            .env("CNI_CONTAINERID", pod)
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting weft-cni")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(config.to_string().as_bytes())?;
+        }
+        let output = child.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok((output.status.success(), said))
     }
 
     /// The CNI socket of `node`'s proxy.
@@ -258,6 +354,7 @@ impl WeftMesh {
             }),
             proxy_log_level: TEST_PROXY_LOG_LEVEL.to_owned(),
             capture_in_pods: capture_in_pods(),
+            later: Vec::new(),
         };
         std::fs::create_dir_all(&mesh.state_dir)?;
         tokio::task::block_in_place(|| mesh.start_control_plane(testbed))?;
@@ -272,7 +369,7 @@ impl WeftMesh {
         let partial = mesh.state_dir.join(".root-cert.pem.partial");
         std::fs::write(&partial, roots)?;
         std::fs::rename(&partial, &path)?;
-        tokio::task::block_in_place(|| mesh.announce_pods(testbed))?;
+        tokio::task::block_in_place(|| mesh.announce_pods(testbed, &[]))?;
         Ok(mesh)
     }
 
@@ -533,7 +630,8 @@ spec:
                 Ok(http_get(testbed, Target::Node(node), readiness, "/healthz/ready").is_ok())
             })
             .with_context(|| format!("the proxy of {node} never became ready"))?;
-            let wanted = testbed.meshed_identities_on(node);
+            let later: Vec<&str> = self.later.iter().map(String::as_str).collect();
+            let wanted = testbed.meshed_identities_on_without(node, &later);
             wait_until(STARTUP_TIMEOUT, || {
                 let certs = self
                     .proxy_admin(testbed, node, "/certs")

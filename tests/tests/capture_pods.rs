@@ -181,3 +181,81 @@ fn the_node_reaches_its_meshed_pods_as_itself_for_probes() {
         server.peers()
     );
 }
+
+#[test]
+fn a_new_pods_first_connection_waits_for_its_config_and_goes_meshed_as_itself() {
+    let testbed = weft_testbed::shop_testbed_builder()
+        .pod_network(PodNetwork::Bridge)
+        .pod(weft_testbed::shop_pod("node-1", "fresh-1", "fresh", &[]))
+        .build()
+        .unwrap();
+    let _server = testbed
+        .start_echo_server(Target::Pod("db-1"), 5432)
+        .unwrap();
+    let mesh = WeftMesh::start_in_pods_without(&testbed, &["fresh-1"]).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    let fresh = IpAddr::V4(testbed.pod_ip("fresh-1").unwrap());
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+
+    // The runtime sets the sandbox up: weft-cni returns once the proxy
+    // captures it, though weft's config does not know the pod yet.
+    mesh.create_pod(&testbed, "fresh-1").unwrap();
+    // Its first connection (an init container's) waits for the pod's
+    // config and certificate, which come once the pod is published.
+    let testbed = std::sync::Arc::new(testbed);
+    let first = std::thread::spawn({
+        let testbed = testbed.clone();
+        move || round_trip_from(&testbed, "fresh-1", fresh, db)
+    });
+    mesh.publish_pod(&testbed, "fresh-1").unwrap();
+    assert_eq!(first.join().unwrap().unwrap(), MARKER);
+
+    // It arrived as fresh-1's own identity.
+    let as_fresh = "source_principal=\"spiffe://cluster.local/ns/shop/sa/fresh\"";
+    wait_until(WAIT, || {
+        Ok(metric_sum(&mesh, &testbed, "node-2", as_fresh)? >= 1)
+    })
+    .unwrap();
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
+
+#[test]
+fn a_pod_set_up_while_its_proxy_is_down_waits_until_the_proxy_serves_it() {
+    let testbed = cluster();
+    let (mut mesh, _server) = start(&testbed);
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    let web = IpAddr::V4(testbed.pod_ip("web-1").unwrap());
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+
+    // A node reboot: the proxy is not running yet when the runtime sets up
+    // web-1's sandbox again (a fresh namespace, without capture).
+    mesh.kill_proxy("node-1").unwrap();
+    let removed = testbed
+        .run_in(Target::Pod("web-1"), || {
+            Command::new("nft")
+                .args(["delete", "table", "inet", "weft"])
+                .status()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(removed.success());
+    // weft-cni refuses to let it start ("try again later"): the proxy
+    // cannot be reached and shop is meshed, as the proxy last said.
+    let (started, said) = mesh
+        .run_cni_plugin(&testbed, "node-1", "web-1", "ADD")
+        .unwrap();
+    assert!(!started, "web-1 set up without a proxy: {said}");
+    assert!(said.contains("\"code\":11"), "{said}");
+
+    // The proxy comes back: the runtime's next try succeeds, and web-1's
+    // traffic is meshed.
+    mesh.start_proxy(&testbed, "node-1").unwrap();
+    wait_until(WAIT, || {
+        Ok(mesh.run_cni_plugin(&testbed, "node-1", "web-1", "ADD")?.0)
+    })
+    .unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    assert_eq!(round_trip_from(&testbed, "web-1", web, db).unwrap(), MARKER);
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}

@@ -1,11 +1,14 @@
 //! Serving meshed pods through listeners inside their own network
 //! namespaces (`--capture-mode=pod`; the rules are `capture::pod`'s).
 //!
-//! For each meshed pod of the applied config whose namespace is known
+//! For each meshed pod on the node whose namespace is known
 //! ([`PodDirectory`]: announced by the CNI plugin, kept in the state
 //! directory, or found among the node's namespaces), the proxy installs the
 //! pod's redirection and opens the three listeners there (outbound on
-//! loopback, inbound plaintext and HBONE on the pod's addresses). A
+//! loopback, inbound plaintext and HBONE on the pod's addresses). A pod the
+//! config does not name yet is meshed if its namespace is: it is served
+//! from its announcement on, before its first container runs, and its
+//! connections wait (a bounded time) for its config and certificate. A
 //! connection's pod is the listener's, which no other pod can reach: a
 //! source address the pod does not own is refused (see
 //! [`super::serve_captured`]).
@@ -23,19 +26,20 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::routes::RouteTable;
 use super::{DataPlane, inbound, outbound, plaintext};
 use crate::capture::CaptureConfig;
 use crate::capture::pod::{self, PodNetns};
 use crate::node_state::NodeState;
+use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
 
 /// The namespaces of the pods being served, by pod address: where the
@@ -90,56 +94,6 @@ impl PodNamespaces {
     }
 }
 
-/// Where the network namespace of each known pod address is: told by the
-/// CNI plugin, restored from the state directory, or found by a search.
-#[derive(Debug)]
-pub struct PodDirectory {
-    paths: Mutex<BTreeMap<IpAddr, PathBuf>>,
-    changes: watch::Sender<u64>,
-}
-
-impl Default for PodDirectory {
-    fn default() -> Self {
-        PodDirectory {
-            paths: Mutex::default(),
-            changes: watch::channel(0).0,
-        }
-    }
-}
-
-impl PodDirectory {
-    /// Records that `ips` live in the namespace at `netns`.
-    pub fn add(&self, ips: &[IpAddr], netns: &Path) {
-        let mut paths = self.lock();
-        for ip in ips {
-            paths.insert(*ip, netns.to_owned());
-        }
-        drop(paths);
-        self.changes.send_modify(|n| *n += 1);
-    }
-
-    /// Forgets the namespace at `netns` (the pod is gone).
-    pub fn remove(&self, netns: &Path) {
-        self.lock().retain(|_, path| path != netns);
-        self.changes.send_modify(|n| *n += 1);
-    }
-
-    /// Every known address and its namespace.
-    pub fn snapshot(&self) -> BTreeMap<IpAddr, PathBuf> {
-        self.lock().clone()
-    }
-
-    fn lookup(&self, ip: IpAddr) -> Option<PathBuf> {
-        self.lock().get(&ip).cloned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<IpAddr, PathBuf>> {
-        self.paths
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 /// How pods are found and served (from the proxy's config).
 #[derive(Clone, Debug)]
 pub struct PodCaptureSettings {
@@ -164,10 +118,11 @@ pub(super) struct StopPods {
     pub remove: bool,
 }
 
-/// Follows the applied config: serves every meshed local pod whose
-/// namespace can be found, stops serving (and un-captures) pods that leave
-/// the mesh, and reports the config generation fully served on
-/// `programmed` (0 while a pod is not served). Runs until `stop` says.
+/// Follows the applied config and the pods on the node: serves every
+/// meshed pod whose namespace is known, stops serving (and un-captures)
+/// pods that leave the mesh, reports each announced pod's outcome to the
+/// directory, and the config generation fully served on `programmed` (0
+/// while a meshed pod is not served). Runs until `stop` says.
 pub(super) async fn follow(
     plane: Arc<DataPlane>,
     directory: Arc<PodDirectory>,
@@ -177,13 +132,13 @@ pub(super) async fn follow(
     mut stop: tokio::sync::oneshot::Receiver<StopPods>,
 ) {
     let mut routes = plane.routes.subscribe();
-    let mut announced = directory.changes.subscribe();
-    let mut served: BTreeMap<String, Served> = BTreeMap::new();
+    let mut announced = directory.subscribe();
+    let mut served: BTreeMap<PathBuf, Served> = BTreeMap::new();
     let mut node_sources = None;
     loop {
         let table = routes.borrow_and_update().clone();
         announced.borrow_and_update();
-        let missing = serve_step(&plane, &directory, &settings, &table, &mut served).await;
+        let step = serve_step(&plane, &directory, &settings, &table, &mut served).await;
         let sources: BTreeSet<Ipv4Addr> = served
             .values()
             .flat_map(|pod| &pod.ips)
@@ -198,19 +153,28 @@ pub(super) async fn follow(
                 Err(error) => warn!(%error, "updating the node's probe source rules failed"),
             }
         }
-        if let Some(state) = &state
-            && let Err(error) = state.store_pod_namespaces(&directory.snapshot())
-        {
-            warn!(%error, "storing the pods' namespaces failed");
+        if let Some(state) = &state {
+            let stored = state
+                .store_pods(&directory.pods())
+                .and_then(|()| state.store_meshed_namespaces(&table.meshed_namespaces));
+            if let Err(error) = stored {
+                warn!(%error, "storing the node's pods failed");
+            }
         }
-        let done = if missing.is_empty() && node_sources.is_some() {
-            table.generation
-        } else {
+        let pending = step.unserved_config_pods > 0
+            || step
+                .outcomes
+                .values()
+                .any(|outcome| matches!(outcome, Outcome::Pending(_)));
+        directory.report(step.outcomes);
+        let done = if pending || node_sources.is_none() {
             0
+        } else {
+            table.generation
         };
         programmed.send_replace(done);
         let retry = async {
-            if missing.is_empty() {
+            if !pending {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(settings.retry).await;
@@ -228,95 +192,145 @@ pub(super) async fn follow(
     }
 }
 
-/// One pass: stops serving pods gone from the mesh, serves new ones.
-/// Returns the meshed pods that could not be served.
+/// What one pass found.
+struct Step {
+    /// What became of each pod in the directory.
+    outcomes: BTreeMap<PathBuf, Outcome>,
+    /// Meshed pods of the config whose namespace is not known.
+    unserved_config_pods: usize,
+}
+
+/// Whether a pod of the directory is to be served.
+fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
+    let configured = pod.ips.iter().find_map(|ip| table.local_workload(*ip));
+    match configured {
+        Some(workload) if workload.meshed => Outcome::Served,
+        Some(_) => Outcome::NotMeshed,
+        // Not in the config yet (a new pod): its namespace decides, so
+        // that it is captured before its first container runs.
+        None if table.generation == 0 => Outcome::Pending("the proxy has no config yet".into()),
+        None if !pod.namespace.is_empty() && table.meshed_namespaces.contains(&pod.namespace) => {
+            Outcome::Served
+        }
+        None => Outcome::NotMeshed,
+    }
+}
+
+/// One pass: finds unannounced meshed pods (if allowed), stops serving
+/// pods gone from the mesh, serves new ones.
 async fn serve_step(
     plane: &Arc<DataPlane>,
     directory: &PodDirectory,
     settings: &PodCaptureSettings,
     table: &RouteTable,
-    served: &mut BTreeMap<String, Served>,
-) -> Vec<String> {
-    let mut wanted: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-    for ip in table.meshed_local_ips() {
-        if let Some(workload) = table.local_workload(ip) {
-            wanted.entry(workload.uid.clone()).or_default().insert(ip);
+    served: &mut BTreeMap<PathBuf, Served>,
+) -> Step {
+    directory.prune();
+    let unknown: BTreeSet<IpAddr> = table
+        .meshed_local_ips()
+        .into_iter()
+        .filter(|ip| directory.pod_with(*ip).is_none())
+        .collect();
+    if settings.find_running_pods && !unknown.is_empty() {
+        let (dirs, wanted) = (settings.netns_dirs.clone(), unknown.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+            pod::find_pod_namespaces(&wanted, &dirs, Path::new("/proc"))
+        })
+        .await
+        .unwrap_or_default();
+        let mut by_netns: BTreeMap<PathBuf, Vec<IpAddr>> = BTreeMap::new();
+        for (ip, path) in found {
+            by_netns.entry(path).or_default().push(ip);
+        }
+        for (netns, ips) in by_netns {
+            let workload = ips.iter().find_map(|ip| table.local_workload(*ip));
+            info!(netns = %netns.display(), ?ips, "found a running pod's namespace");
+            directory.add(AnnouncedPod {
+                netns,
+                ips,
+                namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
+                name: workload.map(|w| w.name.clone()).unwrap_or_default(),
+            });
         }
     }
-    let leaving: Vec<String> = served
+    let pods = directory.pods();
+    let unserved_config_pods = table
+        .meshed_local_ips()
+        .into_iter()
+        .filter(|ip| !pods.iter().any(|pod| pod.ips.contains(ip)))
+        .count();
+    let mut outcomes: BTreeMap<PathBuf, Outcome> = pods
         .iter()
-        .filter(|(uid, pod)| wanted.get(*uid) != Some(&pod.ips))
-        .map(|(uid, _)| uid.clone())
+        .map(|pod| (pod.netns.clone(), decide(table, pod)))
         .collect();
-    for uid in leaving {
-        let Some(pod) = served.remove(&uid) else {
+
+    // Pods to let go: no longer wanted, gone, or with other addresses.
+    let leaving: Vec<PathBuf> = served
+        .iter()
+        .filter(|(netns, serving)| {
+            let wanted = outcomes.get(*netns) == Some(&Outcome::Served);
+            let same_ips = pods
+                .iter()
+                .find(|pod| &pod.netns == *netns)
+                .is_some_and(|pod| pod.ips.iter().copied().collect::<BTreeSet<_>>() == serving.ips);
+            !wanted || !same_ips
+        })
+        .map(|(netns, _)| netns.clone())
+        .collect();
+    for netns in leaving {
+        let Some(pod) = served.remove(&netns) else {
             continue;
         };
         plane.pods.set(&pod.ips, None);
         for listener in &pod.listeners {
             listener.abort();
         }
-        // Still on the node but out of the mesh: its traffic is its own
-        // again. (A deleted pod's namespace goes with it.)
-        let still_here = pod.ips.iter().any(|ip| table.local_workload(*ip).is_some());
-        if still_here {
-            let netns = pod.netns.clone();
+        // Out of the mesh but still running: its traffic is its own again.
+        // (A deleted pod keeps its rules: its last connections stay
+        // captured, refused, until its namespace goes.)
+        if outcomes.get(&netns) == Some(&Outcome::NotMeshed) {
+            let netns_handle = pod.netns.clone();
             let removed = tokio::task::spawn_blocking(move || {
-                pod::remove_from_pod(&netns, &CaptureConfig::default())
+                pod::remove_from_pod(&netns_handle, &CaptureConfig::default())
             })
             .await;
             match removed {
-                Ok(Ok(())) => info!(pod = %uid, "left the mesh: capture removed from the pod"),
-                Ok(Err(error)) => warn!(pod = %uid, %error, "removing a pod's capture failed"),
-                Err(error) => warn!(pod = %uid, %error, "removing a pod's capture failed"),
+                Ok(Ok(())) => {
+                    info!(netns = %netns.display(), "left the mesh: capture removed from the pod")
+                }
+                Ok(Err(error)) => {
+                    warn!(netns = %netns.display(), %error, "removing a pod's capture failed")
+                }
+                Err(error) => {
+                    warn!(netns = %netns.display(), %error, "removing a pod's capture failed")
+                }
             }
         } else {
-            info!(pod = %uid, "pod gone: no longer served");
+            info!(netns = %netns.display(), "no longer serving the pod");
         }
     }
-    let mut missing = Vec::new();
-    let unknown: BTreeSet<IpAddr> = wanted
-        .iter()
-        .filter(|(uid, ips)| {
-            !served.contains_key(*uid) && ips.iter().all(|ip| directory.lookup(*ip).is_none())
-        })
-        .flat_map(|(_, ips)| ips.iter().copied())
-        .collect();
-    if settings.find_running_pods && !unknown.is_empty() {
-        let dirs = settings.netns_dirs.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-            pod::find_pod_namespaces(&unknown, &dirs, Path::new("/proc"))
-        })
-        .await
-        .unwrap_or_default();
-        for (ip, path) in found {
-            info!(%ip, netns = %path.display(), "found a running pod's namespace");
-            directory.add(&[ip], &path);
-        }
-    }
-    for (uid, ips) in wanted {
-        if served.contains_key(&uid) {
+    for pod in &pods {
+        if outcomes.get(&pod.netns) != Some(&Outcome::Served) || served.contains_key(&pod.netns) {
             continue;
         }
-        let Some(path) = ips.iter().find_map(|ip| directory.lookup(*ip)) else {
-            debug!(pod = %uid, "not served yet: its network namespace is unknown");
-            missing.push(uid);
-            continue;
-        };
-        match serve_pod(plane, &path, &ips).await {
-            Ok(pod) => {
-                info!(pod = %uid, ?ips, netns = %path.display(), "serving the pod in its namespace");
-                plane.pods.set(&pod.ips, Some(&pod.netns));
-                served.insert(uid, pod);
+        let ips: BTreeSet<IpAddr> = pod.ips.iter().copied().collect();
+        match serve_pod(plane, &pod.netns, &ips).await {
+            Ok(serving) => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), ?ips, netns = %pod.netns.display(), "serving the pod in its namespace");
+                plane.pods.set(&serving.ips, Some(&serving.netns));
+                served.insert(pod.netns.clone(), serving);
             }
             Err(error) => {
-                warn!(pod = %uid, netns = %path.display(), %error, "cannot serve the pod yet");
-                missing.push(uid);
+                warn!(netns = %pod.netns.display(), %error, "cannot serve the pod yet");
+                outcomes.insert(pod.netns.clone(), Outcome::Pending(error));
             }
         }
     }
-    missing
+    Step {
+        outcomes,
+        unserved_config_pods,
+    }
 }
 
 /// Checks that the namespace at `path` holds `ips`, installs the
@@ -418,7 +432,7 @@ async fn set_node_sources(pods: BTreeSet<Ipv4Addr>) -> Result<(), String> {
 
 /// Stops every pod's listeners; with `remove`, takes the redirection out
 /// of each pod and the probe rule off the node.
-async fn stop_serving(served: BTreeMap<String, Served>, remove: bool) {
+async fn stop_serving(served: BTreeMap<PathBuf, Served>, remove: bool) {
     for pod in served.values() {
         for listener in &pod.listeners {
             listener.abort();
@@ -432,9 +446,9 @@ async fn stop_serving(served: BTreeMap<String, Served>, remove: bool) {
         return;
     }
     let removed = tokio::task::spawn_blocking(move || {
-        for (uid, pod) in &served {
+        for (netns, pod) in &served {
             if let Err(error) = pod::remove_from_pod(&pod.netns, &CaptureConfig::default()) {
-                warn!(pod = %uid, %error, "removing a pod's capture failed");
+                warn!(netns = %netns.display(), %error, "removing a pod's capture failed");
             }
         }
         pod::remove_node_sources()

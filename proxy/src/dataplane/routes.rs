@@ -27,6 +27,9 @@ pub struct RouteTable {
     /// Whether the mesh is being uninstalled (see
     /// [`NodeView::uninstalling`]).
     pub uninstalling: bool,
+    /// The namespaces whose new pods are meshed (see
+    /// [`NodeView::namespace_meshed`]).
+    pub meshed_namespaces: std::collections::BTreeSet<String>,
     /// The node's own workloads by IP.
     local: HashMap<IpAddr, Arc<Workload>>,
     /// Every other known workload by IP.
@@ -211,6 +214,7 @@ impl RouteTable {
             generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
             uninstalling: view.uninstalling(),
+            meshed_namespaces: view.meshed_namespaces().clone(),
             local: index(view.local_workloads(), true),
             remote: index(view.remote_workloads(), false),
             services,

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::drain::{self, DrainTrigger};
-use super::pods::{self, PodCaptureSettings, PodDirectory, PodNamespaces};
+use super::pods::{self, PodCaptureSettings, PodNamespaces};
 use super::routes::RouteTable;
 use super::telemetry::TrafficMetrics;
 use super::{DataPlane, Routes, inbound, outbound, plaintext};
@@ -22,6 +22,7 @@ use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::node_state::NodeState;
+use crate::pod_directory::PodDirectory;
 use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::{CaptureMode, Error, ProxyConfig, cni_api, http_server, monitoring};
 
@@ -219,13 +220,9 @@ fn start_pods(
 ) -> Result<PodsRunner, Error> {
     let directory = Arc::new(PodDirectory::default());
     if let Some(state) = &state {
-        match state.load_pod_namespaces() {
-            Ok(stored) => {
-                for (ip, path) in stored {
-                    directory.add(&[ip], &path);
-                }
-            }
-            Err(error) => warn!(%error, "cannot read the stored pod namespaces; searching anew"),
+        match state.load_pods() {
+            Ok(stored) => stored.into_iter().for_each(|pod| directory.add(pod)),
+            Err(error) => warn!(%error, "cannot read the stored pods; searching anew"),
         }
     }
     if let Some(path) = &config.cni_socket {

@@ -35,6 +35,8 @@ pub struct NodeView {
     /// Whether the mesh is being uninstalled: a proxy that stops now
     /// removes its capture (else it leaves it, failing closed).
     uninstalling: bool,
+    /// The namespaces whose new pods are captured on announcement.
+    meshed_namespaces: std::collections::BTreeSet<String>,
     trust: Trust,
     local_workloads: BTreeMap<String, Arc<Workload>>,
     remote_workloads: BTreeMap<String, Arc<Workload>>,
@@ -368,6 +370,12 @@ impl NodeView {
                 uninstalling: update
                     .uninstalling
                     .unwrap_or_else(|| base.is_some_and(|b| b.uninstalling)),
+                meshed_namespaces: match &update.meshed_namespaces {
+                    Some(meshed) => meshed.names.iter().cloned().collect(),
+                    None => base
+                        .map(|b| b.meshed_namespaces.clone())
+                        .unwrap_or_default(),
+                },
                 trust,
                 local_workloads,
                 remote_workloads,
@@ -395,6 +403,17 @@ impl NodeView {
     /// Whether the mesh is being uninstalled (`ConfigUpdate.uninstalling`).
     pub fn uninstalling(&self) -> bool {
         self.uninstalling
+    }
+
+    /// Whether new pods of `namespace` are meshed unless they opt out
+    /// (`ConfigUpdate.meshed_namespaces`).
+    pub fn namespace_meshed(&self, namespace: &str) -> bool {
+        self.meshed_namespaces.contains(namespace)
+    }
+
+    /// Every namespace whose new pods are meshed.
+    pub fn meshed_namespaces(&self) -> &std::collections::BTreeSet<String> {
+        &self.meshed_namespaces
     }
 
     /// The mesh roots.
