@@ -80,8 +80,9 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_DATA_PLANE", default_value_t = true, action = clap::ArgAction::Set)]
     pub data_plane: bool,
 
-    /// Whether to program the node's nftables and policy routing so that
-    /// pod traffic reaches the data plane (needs CAP_NET_ADMIN).
+    /// Whether to capture pod traffic into the data plane (nftables and
+    /// policy routing, see `--capture-mode`; needs CAP_NET_ADMIN, and for
+    /// the capture inside pods CAP_SYS_ADMIN and CAP_SYS_PTRACE too).
     #[arg(long, env = "WEFT_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub capture: bool,
 
@@ -91,7 +92,7 @@ pub struct ProxyConfig {
     /// plugin announces them, see `--cni-socket`), or `node`, by TPROXY
     /// rules in the node's namespace (needs a CNI whose pod traffic passes
     /// the node's netfilter hooks).
-    #[arg(long, env = "WEFT_CAPTURE_MODE", value_enum, default_value_t = CaptureMode::Node)]
+    #[arg(long, env = "WEFT_CAPTURE_MODE", value_enum, default_value_t = CaptureMode::Pod)]
     pub capture_mode: CaptureMode,
 
     /// The Unix socket on which weft's CNI plugin announces new and
@@ -194,36 +195,12 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// Every field, as the JSON the admin endpoint's config dump shows (one
+/// source for both, so neither can leave a field out).
 impl fmt::Display for ProxyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "node={} control_plane={} control_plane_identity={} token_file={} root_cert={} \
-             admin_addr={} data_plane={} capture={} metrics_addr={} readiness_addr={} \
-             drain_seconds={} pending_connection_wait_ms={} state_dir={} \
-             state_write_interval_ms={} worker_threads={} log_format={} log_level={} \
-             max_config_message_bytes={}",
-            self.node,
-            self.control_plane,
-            self.control_plane_identity,
-            self.token_file.display(),
-            self.root_cert.display(),
-            self.admin_addr,
-            self.data_plane,
-            self.capture,
-            self.metrics_addr,
-            self.readiness_addr,
-            self.drain_seconds,
-            self.pending_connection_wait_ms,
-            self.state_dir
-                .as_ref()
-                .map_or_else(|| "none".to_owned(), |dir| dir.display().to_string()),
-            self.state_write_interval_ms,
-            self.worker_threads,
-            self.log_format,
-            self.log_level,
-            self.max_config_message_bytes,
-        )
+        let json = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&json)
     }
 }
 
@@ -287,7 +264,9 @@ mod tests {
         assert_eq!(config.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.log_level, "info");
-        assert!(config.to_string().contains("node=node-1"));
+        let printed = config.to_string();
+        assert!(printed.contains(r#""node":"node-1""#), "{printed}");
+        assert!(printed.contains(r#""capture_mode":"pod""#), "{printed}");
 
         let missing = ProxyConfig::try_parse_from(["weft-proxy", "--token-file", "/t"]);
         assert!(missing.is_err());

@@ -79,12 +79,14 @@ fn is_pod(object: &serde_json::Value, name: &str) -> bool {
     object["kind"] == "Pod" && object["metadata"]["name"] == name
 }
 
-/// Set to `pod` to run every test's proxies with `--capture-mode=pod`
-/// (the testbed announces each pod as weft's CNI plugin would).
+/// Set to `node` to run every test's proxies with the node-level capture
+/// (`--capture-mode=node`); by default they capture inside the pods (the
+/// testbed announces each pod as the runtime does, through weft's CNI
+/// plugin).
 pub const CAPTURE_MODE_ENV: &str = "WEFT_TEST_CAPTURE_MODE";
 
 fn capture_in_pods() -> bool {
-    std::env::var(CAPTURE_MODE_ENV).is_ok_and(|mode| mode == "pod")
+    std::env::var(CAPTURE_MODE_ENV).map_or(true, |mode| mode != "node")
 }
 
 /// The proxies' log filter in tests: debug for weft's own lines, so a failed
@@ -535,7 +537,9 @@ spec:
             .arg("--state-dir")
             .arg(self.proxy_state_dir(testbed, node))
             .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
-        if self.capture_in_pods {
+        if !self.capture_in_pods {
+            command.arg("--capture-mode=node");
+        } else {
             // Several testbeds plan the same pod addresses side by side:
             // pods are known from announcements and the state directory,
             // never from a search of the machine's namespaces.

@@ -1,8 +1,10 @@
 //! End to end on the two pod networks the testbed plays: a veth per pod,
 //! routed by the node, and the standard `bridge` CNI (pods on `cni0`, one
 //! /24 per node, br_netfilter on in the node namespace, as kube-proxy
-//! needs). Each scenario runs on both. On both, the node's own connections
-//! to its pods (kubelet probes, hostNetwork clients) reach them untouched,
+//! needs). Each scenario runs on both, with the capture inside the pods.
+//! On both, the node's own connections to its pods (kubelet probes,
+//! hostNetwork clients) reach them uncaptured, from the node's source
+//! address for them (`NODE_SOURCE`),
 //! meshed pods reach each other through the proxies, on one node and
 //! across nodes, and plaintext from outside the mesh never reaches a STRICT
 //! pod, also not by way of the node's exemption.
@@ -12,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
+use weft_proxy::capture::pod::NODE_SOURCE;
 use weft_testbed::{
     CONFIG_WAIT, EchoServer, PodNetwork, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
     echo_round_trip, echoes, legacy_pod, shop_pod, start_mesh_with_db_echo, wait_for_reach,
@@ -151,13 +154,14 @@ impl Cluster {
 }
 
 /// What a kubelet does: the node's own socket connects to a meshed pod's
-/// port. It reaches the pod in plaintext, from the node's address, even
-/// where the proxy refuses plaintext and while the proxy does not run.
+/// port. It reaches the pod in plaintext, from the node's source address
+/// for its pods, even where the proxy refuses plaintext and while the
+/// proxy does not run.
 fn the_node_reaches_its_meshed_pods_as_itself(pod_network: PodNetwork) {
     let cluster = start(pod_network);
     cluster.make_shop_strict();
     let testbed = &cluster.testbed;
-    let node_ip = testbed.pod_gateway("node-1").unwrap();
+    let node_ip = NODE_SOURCE;
 
     // Had the proxy taken it, STRICT would have refused it.
     let probe = || -> anyhow::Result<Vec<u8>> {
@@ -277,7 +281,7 @@ fn replies_to_the_node_open_no_path_for_pods(pod_network: PodNetwork) {
 
     let mut stream = testbed.connect(Target::Node("node-1"), service).unwrap();
     assert_eq!(echo_round_trip(&mut stream, b"client").unwrap(), b"client");
-    assert_eq!(Cluster::seen_from(&cluster.db1, node_ip), 1);
+    assert_eq!(Cluster::seen_from(&cluster.db1, NODE_SOURCE), 1);
 
     assert!(!echoes(testbed, "stranger-1", service));
     let stranger = testbed.pod_ip("stranger-1").unwrap();

@@ -265,12 +265,21 @@ async fn the_manifests_and_the_chart_are_accepted() {
     let daemonset = apply_one(&client, daemonset).await.unwrap();
     let pod = &daemonset.data["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["hostPID"], true);
     assert_eq!(pod["automountServiceAccountToken"], false);
     let security = &pod["containers"][0]["securityContext"];
     assert_eq!(
         security["capabilities"]["add"],
-        json!(["NET_ADMIN", "NET_RAW"])
+        json!(["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"])
     );
+    let mounts = &pod["containers"][0]["volumeMounts"];
+    let netns = mounts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|mount| mount["name"] == "netns")
+        .unwrap();
+    assert_eq!(netns["mountPropagation"], "HostToContainer");
     assert_eq!(security["privileged"], false);
 
     // Every example in deploy/examples is a valid object (namespaces first).

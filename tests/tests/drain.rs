@@ -1,9 +1,9 @@
 //! End to end on the testbed: a node proxy told to stop (SIGTERM, or
 //! `POST /drain` on its admin endpoint) refuses new connections, lets the
-//! open ones finish and exits cleanly. It leaves its capture rules to the
-//! next proxy (its meshed pods' traffic is held meanwhile, never sent in
-//! plaintext), unless the mesh is being uninstalled: then it takes them
-//! away.
+//! open ones finish and exits cleanly. It leaves the capture in its meshed
+//! pods to the next proxy (their traffic is refused meanwhile, never sent
+//! in plaintext), unless the mesh is being uninstalled: then it takes it
+//! away, from the pods and from the node.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::io::{Read, Write};
@@ -100,16 +100,22 @@ fn drains_open_connections(stop: Stop, uninstall: bool) {
     assert!(status.success(), "{stop:?}: {status:?}");
     let log = proxy.stdout().unwrap();
     assert!(log.contains("all connections finished"), "{log}");
-    let mut nft = std::process::Command::new("nft");
-    nft.args(["list", "ruleset"]);
-    let listing = testbed.spawn(Target::Node("node-1"), nft).unwrap();
-    assert!(listing.wait(WAIT).unwrap().success());
-    let ruleset = listing.stdout().unwrap();
-    let client = testbed.pod_ip("client").unwrap().to_string();
+    let ruleset = |target| {
+        let mut nft = std::process::Command::new("nft");
+        nft.args(["list", "ruleset"]);
+        let listing = testbed.spawn(target, nft).unwrap();
+        assert!(listing.wait(WAIT).unwrap().success());
+        listing.stdout().unwrap()
+    };
+    let (in_client, on_node) = (
+        ruleset(Target::Pod("client")),
+        ruleset(Target::Node("node-1")),
+    );
     if uninstall {
         // It took its rules along: the pods talk directly again.
-        assert!(!ruleset.contains("weft"), "{ruleset}");
-        assert!(log.contains("capture rules removed"), "{log}");
+        assert!(!in_client.contains("weft"), "{in_client}");
+        assert!(!on_node.contains("weft"), "{on_node}");
+        assert!(log.contains("capture removed from every pod"), "{log}");
         // And the state it kept on the node, keys included.
         let state = mesh.proxy_state_dir(&testbed, "node-1");
         assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
@@ -117,10 +123,9 @@ fn drains_open_connections(stop: Stop, uninstall: bool) {
         assert_eq!(echo_round_trip(&mut direct, b"after").unwrap(), b"after");
     } else {
         // It left them: the client is still captured, and its traffic is
-        // held until the next proxy serves it, never let through.
-        assert!(ruleset.contains("table inet weft"), "{ruleset}");
-        assert!(ruleset.contains(&client), "{ruleset}");
-        assert!(log.contains("leaving the capture rules in place"), "{log}");
+        // refused until the next proxy serves it, never let through.
+        assert!(in_client.contains("table inet weft"), "{in_client}");
+        assert!(log.contains("leaving the pods' capture in place"), "{log}");
         let state = mesh.proxy_state_dir(&testbed, "node-1");
         assert!(
             state.join("config.pb").is_file(),

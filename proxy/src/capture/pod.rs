@@ -150,8 +150,9 @@ pub const NODE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7,
 /// The node's side of [`NODE_SOURCE`], as an `nft -f` script for the
 /// node's namespace: connections the node itself opens (seen in its
 /// `output` hook, which forwarded and translated traffic from elsewhere
-/// never passes) to one of `pods` leave with [`NODE_SOURCE`] as their
-/// source. Replaces any table of that name.
+/// never passes) to one of `pods`, also through a DNAT of the node's own
+/// (a ClusterIP), leave with [`NODE_SOURCE`] as their source. Replaces any
+/// table of that name.
 pub fn node_source_ruleset(config: &CaptureConfig, pods: &BTreeSet<std::net::Ipv4Addr>) -> String {
     let node = config.node_connection_mark;
     let table = "ip weft_node_source";
@@ -166,9 +167,12 @@ pub fn node_source_ruleset(config: &CaptureConfig, pods: &BTreeSet<std::net::Ipv
         let _ = writeln!(script, "\t\telements = {{ {elements} }}");
     }
     script.push_str("\t}\n");
+    // After the node's own DNAT (priority -100: kube-proxy's ClusterIPs),
+    // so that a hostNetwork client of a Service backed by a meshed pod is
+    // recognised by the pod it really reaches.
     let _ = writeln!(
         script,
-        "\tchain output {{\n\t\ttype filter hook output priority mangle; policy accept;\n\t\t\
+        "\tchain output {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\t\
          meta l4proto tcp ct state new ip daddr @pods ct mark set ct mark | {node:#x}\n\t}}"
     );
     let _ = writeln!(
@@ -281,7 +285,8 @@ pub fn remove_node_sources() -> Result<(), CaptureError> {
 
 /// Installs the redirection into the pod's namespace, replacing any that
 /// is there (one `nft` transaction), with its policy routing; IPv6 too
-/// when the namespace has it.
+/// when the namespace has it (an IPv6 routing that cannot be installed is
+/// logged: the pod's IPv6 TCP is then refused).
 pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), CaptureError> {
     netns.run_in(|| {
         let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
@@ -296,8 +301,11 @@ pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), Ca
             Some(&pod_ruleset(&config)),
         )?;
         routing::install(&config, Family::V4)?;
-        if ipv6 {
-            routing::install(&config, Family::V6)?;
+        if ipv6 && let Err(error) = routing::install(&config, Family::V6) {
+            // The redirection covers IPv6 all the same: without the
+            // routing (or the listeners) for it, the pod's IPv6 TCP is
+            // refused, never passed, and its IPv4 is served.
+            tracing::warn!(%error, "no IPv6 routing in the pod: its IPv6 TCP is refused");
         }
         Ok(())
     })?
