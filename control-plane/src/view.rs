@@ -207,4 +207,28 @@ mod tests {
         reinstalled.continue_uninstall(&gone, &cluster, "weft-system");
         assert!(!reinstalled.uninstalling);
     }
+
+    #[test]
+    fn the_meshed_namespaces_go_to_every_node_and_change_as_labels_do() {
+        let namespace = |name: &str, label: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{weft.dev/mesh: \"{label}\"}}}}\n"
+            )
+        };
+        let (before, _) = mesh_with(&format!(
+            "{}---\n{}",
+            namespace("shop", "enabled"),
+            namespace("legacy", "disabled")
+        ));
+        let (after, _) = mesh_with(&namespace("legacy", "enabled"));
+        let (old, new) = (
+            NodeView::of(&before, "node-1"),
+            NodeView::of(&after, "node-1"),
+        );
+        let names = |update: &pb::ConfigUpdate| update.meshed_namespaces.clone().map(|m| m.names);
+        assert_eq!(names(&old.full_update(1)), Some(vec!["shop".to_owned()]));
+        let delta = old.delta_to(&new, 2).expect("a label changed");
+        assert_eq!(names(&delta), Some(vec!["legacy".to_owned()]));
+        assert!(new.delta_to(&new.clone(), 3).is_none());
+    }
 }

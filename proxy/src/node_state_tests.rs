@@ -237,3 +237,31 @@ fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
         "the last good entry, not the refused one"
     );
 }
+
+#[test]
+fn the_meshed_namespaces_are_kept_until_an_update_replaces_them() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let meshed = |names: &[&str]| {
+        Some(v1::MeshedNamespaces {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+        })
+    };
+    let mut stored = full_state(&ca);
+    stored.meshed_namespaces = meshed(&["shop"]);
+    // A delta without them keeps them; one with them replaces them.
+    let quiet = v1::ConfigUpdate {
+        version: 2,
+        ..v1::ConfigUpdate::default()
+    };
+    merge(&mut stored, &quiet, &RefusedKeys::default());
+    assert_eq!(stored.meshed_namespaces, meshed(&["shop"]));
+    let relabelled = v1::ConfigUpdate {
+        version: 3,
+        meshed_namespaces: meshed(&["legacy"]),
+        ..v1::ConfigUpdate::default()
+    };
+    merge(&mut stored, &relabelled, &RefusedKeys::default());
+    assert_eq!(stored.meshed_namespaces, meshed(&["legacy"]));
+    let view = NodeView::apply(None, &stored, "node-1").unwrap().view;
+    assert!(view.namespace_meshed("legacy") && !view.namespace_meshed("shop"));
+}

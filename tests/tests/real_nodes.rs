@@ -350,14 +350,26 @@ fn proxy_restarts_fail_closed(cluster: &RealCluster) {
 
 /// `helm uninstall` (its pre-delete hook tells every proxy first): pods
 /// keep talking, unmeshed, and no weft table, rule, route or kept state is
-/// left on any node.
+/// left on any node or in any pod.
 fn uninstall_leaves_nothing(cluster: &RealCluster) {
+    let client = pod(cluster, MESHED, "client");
+    let netns = cluster.pod_netns(MESHED, &client.name).unwrap();
+    assert!(
+        real_cluster::nft_tables_in(&netns)
+            .unwrap()
+            .contains("table inet weft"),
+        "the client was not captured in its own namespace"
+    );
     cluster.uninstall_weft().unwrap();
     for node in cluster.node_names() {
         let left = cluster.weft_state_on(&node).unwrap();
         assert!(left.is_empty(), "weft left on {node}: {left:?}");
     }
-    let client = pod(cluster, MESHED, "client");
+    let tables = real_cluster::nft_tables_in(&netns).unwrap();
+    assert!(
+        !tables.contains("weft"),
+        "weft left in the client: {tables}"
+    );
     for web in ["web-1", "web-2"] {
         let server = pod(cluster, MESHED, web);
         let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));

@@ -196,7 +196,15 @@ impl RealCluster {
                     .filter(|l| l.contains("lookup 100"))
                     .map(|l| format!("rule {l}")),
             );
-            let routes = run(&["ip", family, "-n", &netns, "route", "show", "table", "100"])?;
+            // A table nothing was ever put in does not exist.
+            let routes = run(&["ip", family, "-n", &netns, "route", "show", "table", "100"])
+                .or_else(|e| {
+                    if format!("{e:#}").contains("does not exist") {
+                        Ok(String::new())
+                    } else {
+                        Err(e)
+                    }
+                })?;
             found.extend(routes.lines().map(|l| format!("route {l}")));
         }
         let state = self.node(node)?.files_under(PROXY_STATE_DIR)?;

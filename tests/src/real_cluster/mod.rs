@@ -401,6 +401,23 @@ pub fn connect_in(netns: &std::fs::File, to: SocketAddr) -> Result<std::net::Tcp
     .with_context(|| format!("connecting to {to}"))
 }
 
+/// The nftables tables in the network namespace `netns` (e.g. a pod's,
+/// from [`RealCluster::pod_netns`]), one `table <family> <name>` a line.
+pub fn nft_tables_in(netns: &std::fs::File) -> Result<String> {
+    let output = netns::run_in_file(netns, || {
+        std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+    })?
+    .context("running nft list tables")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "nft list tables: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// The API server's URL inside the cluster's namespaces.
 fn apiserver_url() -> String {
     format!("https://{APISERVER_IP}:{APISERVER_PORT}")

@@ -177,7 +177,11 @@ impl Node {
     }
 
     /// Starts the `sleep` that holds the node's mount namespace and mounts
-    /// what the node's daemons must not share with the host.
+    /// what the node's daemons must not share with the host. Its `/` and
+    /// `/run` are shared mounts inside it (as on a systemd host), so that a
+    /// pod's `HostToContainer` volume sees later mounts, such as the
+    /// runtime's new pod network namespaces; the host's own mounts are
+    /// untouched.
     fn start_holder(&mut self, dir: &Path) -> Result<()> {
         let mut command = Command::new("unshare");
         command.args([
@@ -212,7 +216,9 @@ impl Node {
             "set -e\n\
              mount -t tmpfs -o mode=755 weft-run /run\n\
              mount -t tmpfs -o mode=755 weft-var-lib /var/lib\n\
-             mount -t tmpfs -o mode=755 weft-var-log /var/log\n",
+             mount -t tmpfs -o mode=755 weft-var-log /var/log\n\
+             mount --make-shared /\n\
+             mount --make-shared /run\n",
         );
         for (key, value) in KUBELET_SYSCTLS {
             let file = sysctls.join(key.replace('/', "."));
