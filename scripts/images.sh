@@ -373,6 +373,10 @@ commit_image weft-control-plane "$rootfs" 65532:65532
 rootfs="$work/proxy"
 write_etc "$rootfs"
 install_weft_binary "$rootfs" weft-proxy
+# weft's CNI plugin, which the proxy copies onto the node (beside it, so
+# that it finds it); it runs on the node, outside this image.
+install_executable "$rootfs" "$release/weft-cni" "$bindir/weft-cni"
+objcopy --strip-debug "$rootfs$bindir/weft-cni"
 install_executable "$rootfs" "$(command -v nft)" /usr/sbin/nft
 install_executable "$rootfs" "$(command -v ip)" /usr/sbin/ip
 copy_file "$rootfs" /etc/protocols

@@ -24,16 +24,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where the capture rules live (see [`ProxyConfig::capture_mode`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CaptureMode {
-    /// Redirection inside each meshed pod's network namespace.
-    Pod,
-    /// TPROXY in the node's namespace.
-    Node,
-}
-
 /// Everything the node proxy is configured with.
 #[derive(Clone, Debug, clap::Parser, Serialize)]
 #[command(name = "weft-proxy", version, about = "The weft node proxy")]
@@ -80,32 +70,71 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_DATA_PLANE", default_value_t = true, action = clap::ArgAction::Set)]
     pub data_plane: bool,
 
-    /// Whether to capture pod traffic into the data plane (nftables and
-    /// policy routing, see `--capture-mode`; needs CAP_NET_ADMIN, and for
-    /// the capture inside pods CAP_SYS_ADMIN and CAP_SYS_PTRACE too).
+    /// Whether to capture meshed pods' traffic into the data plane
+    /// (nftables and policy routing inside each pod's network namespace,
+    /// see `capture`; needs CAP_NET_ADMIN, CAP_SYS_ADMIN and, to find
+    /// running pods, CAP_SYS_PTRACE). Off, the data plane serves nothing.
     #[arg(long, env = "WEFT_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub capture: bool,
 
-    /// Where the capture steers pods' TCP: `pod`, by rules inside each
-    /// meshed pod's own network namespace to listeners the proxy opens
-    /// there (works with any CNI; needs the pods' namespaces: the CNI
-    /// plugin announces them, see `--cni-socket`), or `node`, by TPROXY
-    /// rules in the node's namespace (needs a CNI whose pod traffic passes
-    /// the node's netfilter hooks).
-    #[arg(long, env = "WEFT_CAPTURE_MODE", value_enum, default_value_t = CaptureMode::Pod)]
-    pub capture_mode: CaptureMode,
-
     /// The Unix socket on which weft's CNI plugin announces new and
-    /// deleted pods and their network namespaces (capture mode `pod`).
-    /// Unset: no announcements are taken.
+    /// deleted pods and their network namespaces. Unset: no
+    /// announcements are taken.
     #[arg(long, env = "WEFT_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
 
+    /// Where the container runtime looks for CNI plugin binaries (e.g.
+    /// `/opt/cni/bin`, mounted into the proxy's container). With
+    /// `--cni-conf-dir`, the proxy installs weft's CNI plugin there and
+    /// chains it onto the node's network configuration (and takes both
+    /// away when the mesh is uninstalled). Unset: the plugin is not
+    /// installed, and new pods are found by search only.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// Where the container runtime reads the node's network configuration
+    /// (e.g. `/etc/cni/net.d`, mounted into the proxy's container).
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// The `weft-cni` binary to install. Unset: the one beside this
+    /// program.
+    #[arg(long, env = "WEFT_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+
+    /// The proxy's CNI socket as the runtime sees it on the node (written
+    /// into the plugin's configuration).
+    #[arg(long, env = "WEFT_CNI_NODE_SOCKET", default_value = crate::cni_plugin::DEFAULT_SOCKET)]
+    pub cni_node_socket: PathBuf,
+
+    /// The proxy's state directory as the runtime sees it on the node
+    /// (written into the plugin's configuration: the plugin reads the
+    /// meshed namespaces there when the proxy is down).
+    #[arg(long, env = "WEFT_CNI_NODE_STATE_DIR", default_value = crate::cni_plugin::DEFAULT_STATE_DIR)]
+    pub cni_node_state_dir: PathBuf,
+
+    /// Namespaces whose pods the plugin leaves alone (comma-separated):
+    /// weft's own must be among them, or its pods could wait for a proxy
+    /// that needs them.
+    #[arg(
+        long,
+        env = "WEFT_CNI_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub cni_exclude_namespaces: Vec<String>,
+
+    /// How often the proxy checks that its plugin is still chained into
+    /// the node's network configuration (a network plugin may rewrite it),
+    /// in seconds.
+    #[arg(long, env = "WEFT_CNI_RECHECK_SECONDS", default_value_t = 30)]
+    pub cni_recheck_seconds: u64,
+
     /// Search the node's network namespaces (those mounted in
     /// `--netns-dir` and every process's) for meshed pods nobody announced,
-    /// such as pods running before weft was installed (capture mode
-    /// `pod`). Off where pod addresses are not unique among the node's
-    /// namespaces (the testbed runs several clusters side by side).
+    /// such as pods running before weft was installed. Off where pod
+    /// addresses are not unique among the node's namespaces (the testbed
+    /// runs several clusters side by side).
     #[arg(long, env = "WEFT_FIND_RUNNING_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     pub find_running_pods: bool,
 
@@ -266,7 +295,7 @@ mod tests {
         assert_eq!(config.log_level, "info");
         let printed = config.to_string();
         assert!(printed.contains(r#""node":"node-1""#), "{printed}");
-        assert!(printed.contains(r#""capture_mode":"pod""#), "{printed}");
+        assert!(printed.contains(r#""pod_retry_ms":1000"#), "{printed}");
 
         let missing = ProxyConfig::try_parse_from(["weft-proxy", "--token-file", "/t"]);
         assert!(missing.is_err());

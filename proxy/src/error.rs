@@ -213,6 +213,13 @@ pub enum Error {
     #[error(transparent)]
     Capture(crate::capture::CaptureError),
 
+    /// The `weft-cni` binary beside this program could not be located.
+    #[error("locating the weft-cni binary beside this program: {source}")]
+    FindCniPlugin {
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
     /// The CNI plugin's socket could not be bound.
     #[error("binding the CNI socket {path}: {source}")]
     BindCniSocket {

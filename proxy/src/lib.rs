@@ -9,25 +9,30 @@
 //!   and applies updates by [`NodeView::apply`]'s rules (or refuses them);
 //!   [`NodeCertificates`] keeps a certificate per meshed local identity; the
 //!   admin endpoint shows both.
-//! - the data plane ([`dataplane`]): [`capture`] programs the node's
-//!   nftables, [`sockets`] makes transparent sockets, [`hbone`] speaks the
-//!   tunnel protocol, and the listeners in [`dataplane`] carry connections,
-//!   with metrics, access logs and a graceful drain.
+//! - the data plane ([`dataplane`]): [`capture`] programs each meshed pod's
+//!   nftables, [`sockets`] makes the proxy's sockets, [`hbone`] speaks the
+//!   tunnel protocol, and the listeners [`dataplane`] opens in each pod
+//!   carry connections, with metrics, access logs and a graceful drain.
+//! - the pods of the node: [`pod_directory`] knows where each lives, filled
+//!   by the CNI plugin's requests ([`cni_api`]; the plugin itself,
+//!   `weft-cni`, is [`cni_plugin`]).
 //!
 //! Where to start reading: [`NodeProxy::start`] wires everything together;
 //! then `dataplane/outbound.rs` and `dataplane/inbound.rs` follow one
 //! connection from the source pod to the destination pod.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
-//! `copy`, `hbone`, `capture`, `node_view` (with `error`), `node_state`, `config` → `logging`,
-//! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring` →
-//! `node_proxy`; nothing points back down.
+//! `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
+//! → `cni_api` → `cni_plugin`, `config` → `logging`, `transport` → `control_plane` →
+//! `certificates` → `dataplane` → `admin`/`monitoring` → `node_proxy`; nothing points back
+//! down.
 
 mod admin;
 mod backoff;
 pub mod capture;
 mod certificates;
 pub mod cni_api;
+pub mod cni_install;
 pub mod cni_plugin;
 mod config;
 mod control_plane;
@@ -50,8 +55,7 @@ mod wall_clock;
 pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};
 pub use config::{
-    CaptureMode, DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat,
-    ProxyConfig,
+    DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat, ProxyConfig,
 };
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};

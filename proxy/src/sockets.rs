@@ -1,17 +1,18 @@
-//! The proxy's transparent sockets, and the packet marks and routing table
-//! that the capture rules ([`crate::capture`]) and these sockets agree on.
+//! The proxy's sockets, and the packet marks and routing table that the
+//! capture rules ([`crate::capture`]) and these sockets agree on.
 //!
-//! Two kinds of socket make transparent proxying work:
-//! - a [`transparent_listener`] on 127.0.0.1 (or `[::1]`) receives
-//!   connections that the node's TPROXY rules steer to it, addressed to
-//!   somebody else: the accepted socket's local address is where the pod
-//!   meant to go ([`original_destination`]);
-//! - [`connect_from`] dials out with a pod's IP as the source (so the far
-//!   end sees the real client) and with [`PROXY_MARK`], so that the capture
-//!   rules and the policy routing leave the proxy's own packets alone.
+//! - a [`pod_listener`] in a meshed pod's namespace receives the
+//!   connections the pod's rules redirect to it; where they were going is
+//!   [`redirected_destination`] (HBONE, not redirected, is addressed to
+//!   the listener itself: [`original_destination`]);
+//! - [`connect_from`] (or [`outgoing_socket`] made inside a pod's
+//!   namespace, then [`connect_socket`]) dials out with a pod's or a
+//!   client's IP as the source (so the far end sees the real client) and
+//!   with [`PROXY_MARK`], so that the capture rules leave the proxy's own
+//!   packets alone.
 //!
-//! Both need `CAP_NET_ADMIN` (for `IP_TRANSPARENT` and `SO_MARK`), and only
-//! work together with the capture rules: replies to a foreign source IP
+//! Dialling from a foreign address needs `CAP_NET_ADMIN` (`IP_TRANSPARENT`,
+//! `SO_MARK`), and works only together with the pod's rules: replies to it
 //! reach the proxy because those rules mark them and route them locally.
 
 use std::io;
@@ -20,13 +21,13 @@ use std::net::{IpAddr, SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// Where the capture rules steer TCP leaving a meshed local pod.
+/// Where a meshed pod's rules redirect the TCP it opens.
 pub const OUTBOUND_PORT: u16 = 15001;
 
-/// Where the capture rules steer plaintext TCP to a meshed local pod.
+/// Where a meshed pod's rules redirect plaintext TCP to it.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 
-/// Where the capture rules steer TCP to a meshed local pod's port 15008:
+/// Where the proxy listens in a meshed pod for TCP to its port 15008:
 /// HBONE tunnels from other nodes' proxies. The protocol owns the number.
 pub use crate::hbone::HBONE_PORT;
 
@@ -48,24 +49,9 @@ pub const CAPTURE_ROUTE_TABLE: u32 = 100;
 /// [`CAPTURE_ROUTE_TABLE`]: before `main` (32766), after `local` (0).
 pub const CAPTURE_RULE_PRIORITY: u32 = 32764;
 
-/// Backlog of the transparent listeners: bursts of new connections from
-/// every pod of the node all land on the same few listeners.
+/// Backlog of the listeners in pods: a burst of a pod's new connections
+/// lands on one listener.
 pub const LISTEN_BACKLOG: i32 = 1024;
-
-/// Binds a listener that accepts connections addressed to any IP, as
-/// TPROXY hands them over: `IP_TRANSPARENT` (IPv4 or IPv6, after `addr`),
-/// `SO_REUSEADDR` (a restarted proxy binds again while old connections
-/// linger), non-blocking, backlog [`LISTEN_BACKLOG`].
-///
-/// Bind it to the loopback address the capture rules steer to (e.g.
-/// `127.0.0.1:15001`), never to a wildcard address: the rules' `socket
-/// transparent` match would find a wildcard listener for every packet to
-/// its port, and deliver traffic of unmeshed pods to it.
-///
-/// Must be called inside a tokio runtime. Needs `CAP_NET_ADMIN`.
-pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind_listener(addr, true)
-}
 
 /// Binds a plain listener for a pod's redirected traffic (see
 /// `capture::pod`), in the namespace of the calling thread: `SO_REUSEADDR`
@@ -74,18 +60,11 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 ///
 /// Must be called inside a tokio runtime.
 pub fn pod_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind_listener(addr, false)
-}
-
-fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| context(e, format!("creating a listening socket for {addr}")))?;
     socket
         .set_reuse_address(true)
         .map_err(|e| context(e, format!("setting SO_REUSEADDR on {addr}")))?;
-    if transparent {
-        set_transparent(&socket, addr.ip())?;
-    }
     if addr.is_ipv6() {
         socket
             .set_only_v6(true)
@@ -103,13 +82,9 @@ fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener>
     TcpListener::from_std(socket.into())
 }
 
-/// Where a captured connection was going: the destination the pod dialled
-/// (or, for inbound capture, the local pod and port addressed).
-///
-/// TPROXY does not rewrite addresses: it hands the unchanged packet to the
-/// transparent listener, so the accepted socket's own local address *is*
-/// the original destination, and its peer address is the pod that dialled.
-/// No `SO_ORIGINAL_DST` lookup is involved (that one is for NAT redirects).
+/// Where a connection that was not redirected was going: its own local
+/// address (HBONE arrives at the proxy's listener in the pod as
+/// addressed).
 pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     stream.local_addr()
 }
@@ -207,8 +182,7 @@ pub async fn connect_socket(
 /// Where a connection that a NAT `redirect` brought to one of the proxy's
 /// listeners was going (`SO_ORIGINAL_DST`, or its IPv6 twin): the
 /// destination the pod dialled, or the pod's own address and port for an
-/// inbound one. For redirection inside a pod's namespace (`capture::pod`);
-/// TPROXY needs no lookup (see [`original_destination`]).
+/// inbound one (see `capture::pod`).
 pub fn redirected_destination<S: std::os::fd::AsFd>(stream: &S) -> io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     let original = if socket.local_addr()?.is_ipv4() {

@@ -68,25 +68,12 @@ pub struct WeftMesh {
     kubernetes: Option<KubernetesSource>,
     /// The proxies' `WEFT_LOG_LEVEL`.
     proxy_log_level: String,
-    /// Whether the proxies capture inside the pods' namespaces
-    /// (`--capture-mode=pod`), from [`CAPTURE_MODE_ENV`].
-    capture_in_pods: bool,
-    /// Pods not created yet (see [`WeftMesh::start_in_pods_without`]).
+    /// Pods not created yet (see [`WeftMesh::start_without`]).
     later: Vec<String>,
 }
 
 fn is_pod(object: &serde_json::Value, name: &str) -> bool {
     object["kind"] == "Pod" && object["metadata"]["name"] == name
-}
-
-/// Set to `node` to run every test's proxies with the node-level capture
-/// (`--capture-mode=node`); by default they capture inside the pods (the
-/// testbed announces each pod as the runtime does, through weft's CNI
-/// plugin).
-pub const CAPTURE_MODE_ENV: &str = "WEFT_TEST_CAPTURE_MODE";
-
-fn capture_in_pods() -> bool {
-    std::env::var(CAPTURE_MODE_ENV).map_or(true, |mode| mode != "node")
 }
 
 /// The proxies' log filter in tests: debug for weft's own lines, so a failed
@@ -123,24 +110,17 @@ impl WeftMesh {
         testbed: &Testbed,
         proxy_log_level: &str,
     ) -> Result<WeftMesh> {
-        WeftMesh::start_configured(testbed, proxy_log_level, capture_in_pods(), &[])
+        WeftMesh::start_configured(testbed, proxy_log_level, &[])
     }
 
-    /// [`WeftMesh::start`] with the proxies capturing inside the pods'
-    /// namespaces (`--capture-mode=pod`), whatever [`CAPTURE_MODE_ENV`]
-    /// says.
-    pub fn start_in_pods(testbed: &Testbed) -> Result<WeftMesh> {
-        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true, &[])
-    }
-
-    /// [`WeftMesh::start_in_pods`] with the pods `later` not created yet:
+    /// [`WeftMesh::start`] with the pods `later` not created yet:
     /// neither in the cluster's objects nor announced, until
     /// [`WeftMesh::create_pod`] creates one.
-    pub fn start_in_pods_without(testbed: &Testbed, later: &[&str]) -> Result<WeftMesh> {
-        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, true, later)
+    pub fn start_without(testbed: &Testbed, later: &[&str]) -> Result<WeftMesh> {
+        WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, later)
     }
 
-    /// Creates a pod held back by [`WeftMesh::start_in_pods_without`] the
+    /// Creates a pod held back by [`WeftMesh::start_without`] the
     /// way a cluster does: the runtime sets up its sandbox (weft's CNI
     /// plugin must succeed, the namespace is meshed), then the API server
     /// publishes it. The caller's traffic from the pod may start in between,
@@ -152,7 +132,7 @@ impl WeftMesh {
         Ok(())
     }
 
-    /// Publishes a pod held back by [`WeftMesh::start_in_pods_without`]
+    /// Publishes a pod held back by [`WeftMesh::start_without`]
     /// to the control plane.
     pub fn publish_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
         let object = testbed
@@ -166,7 +146,6 @@ impl WeftMesh {
     fn start_configured(
         testbed: &Testbed,
         proxy_log_level: &str,
-        capture_in_pods: bool,
         later: &[&str],
     ) -> Result<WeftMesh> {
         let nodes = testbed.node_names();
@@ -211,7 +190,6 @@ impl WeftMesh {
             tokens_file,
             kubernetes: None,
             proxy_log_level: proxy_log_level.to_owned(),
-            capture_in_pods,
             later: later.iter().map(|pod| (*pod).to_owned()).collect(),
         };
         mesh.start_control_plane(testbed)?;
@@ -225,13 +203,10 @@ impl WeftMesh {
         Ok(mesh)
     }
 
-    /// Tells every proxy (capture mode `pod`) about the pods of its node,
+    /// Tells every proxy about the pods of its node,
     /// as the container runtime does when it creates them: it runs weft's
     /// CNI plugin, after the network plugin's result, until it succeeds.
     pub fn announce_pods(&self, testbed: &Testbed, later: &[&str]) -> Result<()> {
-        if !self.capture_in_pods {
-            return Ok(());
-        }
         for node in self.proxies.keys() {
             // Without its proxy, the plugin lets pods of namespaces it never
             // saw meshed start unannounced (weft is not installed yet).
@@ -355,7 +330,6 @@ impl WeftMesh {
                 _forward: forward,
             }),
             proxy_log_level: TEST_PROXY_LOG_LEVEL.to_owned(),
-            capture_in_pods: capture_in_pods(),
             later: Vec::new(),
         };
         std::fs::create_dir_all(&mesh.state_dir)?;
@@ -537,18 +511,13 @@ spec:
             .arg("--state-dir")
             .arg(self.proxy_state_dir(testbed, node))
             .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
-        if !self.capture_in_pods {
-            command.arg("--capture-mode=node");
-        } else {
-            // Several testbeds plan the same pod addresses side by side:
-            // pods are known from announcements and the state directory,
-            // never from a search of the machine's namespaces.
-            command
-                .arg("--capture-mode=pod")
-                .arg("--cni-socket")
-                .arg(self.cni_socket(testbed, node))
-                .arg("--find-running-pods=false");
-        }
+        // Several testbeds plan the same pod addresses side by side: pods
+        // are known from announcements and the state directory, never from
+        // a search of the machine's namespaces.
+        command
+            .arg("--cni-socket")
+            .arg(self.cni_socket(testbed, node))
+            .arg("--find-running-pods=false");
         let process = testbed.spawn(Target::Node(node), command)?;
         self.proxies.insert(node.to_owned(), process);
         Ok(())

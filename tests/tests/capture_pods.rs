@@ -1,5 +1,5 @@
 //! End to end on the testbed with the capture inside each pod's network
-//! namespace (`--capture-mode=pod`), the pods on a Linux bridge: a pod's
+//! namespace, the pods on a Linux bridge: a pod's
 //! connections are its own, whatever address it forges; a new pod is
 //! captured before it runs and its first connection goes meshed, as
 //! itself; a pod set up while its proxy is down waits for it; the node
@@ -39,7 +39,7 @@ fn start(testbed: &Testbed) -> (WeftMesh, weft_testbed::EchoServer) {
     let server = testbed
         .start_echo_server(Target::Pod("db-1"), 5432)
         .unwrap();
-    let mesh = WeftMesh::start_in_pods(testbed).unwrap();
+    let mesh = WeftMesh::start(testbed).unwrap();
     mesh.wait_for_data_plane(testbed).unwrap();
     (mesh, server)
 }
@@ -158,7 +158,7 @@ fn a_new_pods_first_connection_waits_for_its_config_and_goes_meshed_as_itself() 
     let _server = testbed
         .start_echo_server(Target::Pod("db-1"), 5432)
         .unwrap();
-    let mesh = WeftMesh::start_in_pods_without(&testbed, &["fresh-1"]).unwrap();
+    let mesh = WeftMesh::start_without(&testbed, &["fresh-1"]).unwrap();
     mesh.wait_for_data_plane(&testbed).unwrap();
     let db = weft_testbed::shop_db(&testbed).unwrap();
     let fresh = IpAddr::V4(testbed.pod_ip("fresh-1").unwrap());

@@ -360,6 +360,11 @@ fn uninstall_leaves_nothing(cluster: &RealCluster) {
             .contains("table inet weft"),
         "the client was not captured in its own namespace"
     );
+    let before = cluster.weft_state_on("node-1").unwrap();
+    assert!(
+        before.iter().any(|found| found.starts_with("weft-cni in")),
+        "weft-cni was not chained into node-1's network configuration: {before:?}"
+    );
     cluster.uninstall_weft().unwrap();
     for node in cluster.node_names() {
         let left = cluster.weft_state_on(&node).unwrap();

@@ -1,11 +1,10 @@
-//! Running `nft` and `ip`, and knowing which network namespace they act on.
+//! Running `nft` and `ip`.
 //!
 //! A child process starts in the network namespace of the thread that
 //! spawns it, so both tools act on the namespace the calling thread is in:
-//! the node's, as the proxy runs there.
+//! the node's, or a pod's inside `PodNetns::run_in`.
 
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt as _;
 use std::process::{Command, Stdio};
 
 use super::CaptureError;
@@ -55,30 +54,4 @@ pub(super) fn run(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Identifies a network namespace (the device and inode of its nsfs file),
-/// so that a capture is only ever changed from the namespace it was
-/// installed in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct NetnsId {
-    dev: u64,
-    ino: u64,
-}
-
-impl NetnsId {
-    /// The network namespace of the calling thread (threads of one process
-    /// may be in different ones).
-    pub(super) fn current(operation: &str) -> Result<NetnsId, CaptureError> {
-        let meta = std::fs::metadata("/proc/thread-self/ns/net").map_err(|source| {
-            CaptureError::Namespace {
-                operation: operation.to_owned(),
-                source,
-            }
-        })?;
-        Ok(NetnsId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
 }

@@ -1,17 +1,6 @@
-//! Redirection inside a pod's network namespace: the capture that does not
-//! depend on the CNI.
-//!
-//! The node-level capture (the rest of this module) sees a pod's packets
-//! only where the node's netfilter hooks do: with a bridge CNI it needs
-//! br_netfilter and tricks around it, and a CNI that bypasses netfilter
-//! (eBPF host routing) would not pass them there at all. Every pod's
-//! packets do pass its own namespace's hooks, whatever the CNI, so the
-//! field (Istio ambient's in-pod mode) redirects there, and so will weft:
-//! a small table in each meshed pod's namespace sends its TCP to listeners
-//! the proxy opens inside that namespace. What it costs: a table and three
-//! listening sockets per meshed pod, and the proxy must enter each pod's
-//! namespace (it needs the pod's netns file and `CAP_SYS_ADMIN` for
-//! setns).
+//! Redirection inside a pod's network namespace (see the module above for
+//! why): a small table in each meshed pod's namespace sends its TCP to
+//! listeners the proxy opens inside that namespace.
 //!
 //! In the pod's namespace ([`pod_ruleset`]):
 //! - TCP the pod opens (`output`) goes to `127.0.0.1:<outbound>` (`[::1]`
@@ -34,9 +23,9 @@
 //! which pod it came from from the listener that accepted it, which no
 //! other pod can forge.
 //!
-//! This file installs and removes those rules and enters namespaces
-//! ([`PodNetns`]); serving pods through it, and the CNI plugin that sets it
-//! up before a pod's first container runs, build on it.
+//! This file installs and removes those rules, finds and enters namespaces
+//! ([`PodNetns`]); `dataplane::pods` serves pods through it, and the CNI
+//! plugin (`cni_plugin`) has it set up before a pod's first container runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -288,6 +277,9 @@ pub fn remove_node_sources() -> Result<(), CaptureError> {
 /// when the namespace has it (an IPv6 routing that cannot be installed is
 /// logged: the pod's IPv6 TCP is then refused).
 pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), CaptureError> {
+    if let Some(reason) = config.problem() {
+        return Err(CaptureError::Config { reason });
+    }
     netns.run_in(|| {
         let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
         let config = CaptureConfig {
@@ -376,10 +368,23 @@ pub fn pod_ruleset(config: &CaptureConfig) -> String {
         ),
     ];
     for (name, hook, rules) in chains {
-        super::ruleset::write_chain(&mut script, name, Some(hook), &rules);
+        write_chain(&mut script, name, Some(hook), &rules);
     }
     script.push_str("}\n");
     script
+}
+
+/// One chain inside a `table ... {}` block: its name, its hook line (a base
+/// chain) if any, and its rules, one per line.
+fn write_chain(script: &mut String, name: &str, hook: Option<&str>, rules: &[String]) {
+    let _ = writeln!(script, "\tchain {name} {{");
+    if let Some(hook) = hook {
+        let _ = writeln!(script, "\t\t{hook}");
+    }
+    for rule in rules {
+        let _ = writeln!(script, "\t\t{rule}");
+    }
+    script.push_str("\t}\n");
 }
 
 #[cfg(test)]

@@ -196,17 +196,18 @@ async fn certificates_with(
 }
 
 /// The pod a listener inside a pod's namespace serves: its addresses.
-pub type ListenerPod = Option<Arc<std::collections::BTreeSet<std::net::IpAddr>>>;
+pub type ListenerPod = Arc<std::collections::BTreeSet<std::net::IpAddr>>;
 
 /// Runs a capture listener: each connection whose original destination is
 /// known gets its own task, with a span naming source and destination, and
 /// counts as open for the drain while `handle` runs.
 ///
-/// A listener in a pod's namespace (`pod`) serves that pod only: an
-/// outbound connection from an address the pod does not own (a spoofed
-/// one) and an inbound one to such an address are refused. There the
-/// redirected connections' destinations come from `SO_ORIGINAL_DST`
-/// (HBONE, not redirected, is addressed to the pod itself).
+/// A listener serves the pod whose namespace it is in (`pod`, its
+/// addresses) and no other: an outbound connection from an address the
+/// pod does not own (a spoofed one) and an inbound one to such an address
+/// are refused. The redirected connections' destinations come from
+/// `SO_ORIGINAL_DST` (HBONE, not redirected, is addressed to the pod
+/// itself).
 pub async fn serve_captured<F, Fut>(
     listener: tokio::net::TcpListener,
     plane: Arc<DataPlane>,
@@ -219,7 +220,7 @@ pub async fn serve_captured<F, Fut>(
 {
     use tracing::Instrument;
     let outbound = listener_name == "outbound";
-    let redirected = pod.is_some() && listener_name != "HBONE";
+    let redirected = listener_name != "HBONE";
     loop {
         let (stream, source) = next_connection(&listener, &plane.drain, listener_name).await;
         let destination = if redirected {
@@ -237,22 +238,18 @@ pub async fn serve_captured<F, Fut>(
                 continue;
             }
         };
-        if let Some(ips) = &pod {
-            let own = if outbound { source } else { destination };
-            if !ips.contains(&own.ip()) {
-                tracing::warn!(%source, %destination, listener = listener_name, pod = ?ips,
-                    "refused: the address is not the pod's own (spoofed)");
-                plane.metrics.failure(
-                    if outbound {
-                        telemetry::Direction::Outbound
-                    } else {
-                        telemetry::Direction::Inbound
-                    },
-                    "spoofed_address",
-                );
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-                continue;
-            }
+        let own = if outbound { source } else { destination };
+        if !pod.contains(&own.ip()) {
+            tracing::warn!(%source, %destination, listener = listener_name, pod = ?pod,
+                "refused: the address is not the pod's own (spoofed)");
+            let direction = if outbound {
+                telemetry::Direction::Outbound
+            } else {
+                telemetry::Direction::Inbound
+            };
+            plane.metrics.failure(direction, "spoofed_address");
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            continue;
         }
         let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
         let guard = plane.drain.track();

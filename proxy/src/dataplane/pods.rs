@@ -1,5 +1,5 @@
 //! Serving meshed pods through listeners inside their own network
-//! namespaces (`--capture-mode=pod`; the rules are `capture::pod`'s).
+//! namespaces (the rules are `capture::pod`'s).
 //!
 //! For each meshed pod on the node whose namespace is known
 //! ([`PodDirectory`]: announced by the CNI plugin, kept in the state
@@ -43,8 +43,8 @@ use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
 
 /// The namespaces of the pods being served, by pod address: where the
-/// proxy makes the sockets of their connections. Empty when the node-level
-/// capture is used (every socket is the node's then).
+/// proxy makes the sockets of their connections (any other socket is made
+/// in the node's).
 #[derive(Debug, Default)]
 pub struct PodNamespaces {
     by_ip: RwLock<HashMap<IpAddr, Arc<PodNetns>>>,
@@ -358,7 +358,7 @@ async fn serve_pod(
     let tasks = listeners
         .into_iter()
         .map(|(what, listener)| {
-            let (plane, pod) = (plane.clone(), Some(shared_ips.clone()));
+            let (plane, pod) = (plane.clone(), shared_ips.clone());
             tokio::spawn(async move {
                 match what {
                     Listener::Outbound => outbound::serve(listener, plane, pod).await,

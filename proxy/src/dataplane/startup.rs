@@ -1,61 +1,41 @@
-//! Starting and stopping the data plane: listeners, the capture rules that
-//! follow the config, metrics and readiness, and the drain on shutdown.
+//! Starting and stopping the data plane: the pods served in their own
+//! namespaces (`pods`), the CNI socket, metrics and readiness, and the
+//! drain on shutdown.
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::drain::{self, DrainTrigger};
 use super::pods::{self, PodCaptureSettings, PodNamespaces};
-use super::routes::RouteTable;
 use super::telemetry::TrafficMetrics;
-use super::{DataPlane, Routes, inbound, outbound, plaintext};
-use crate::capture::{CaptureConfig, NodeCapture};
+use super::{DataPlane, Routes, inbound};
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::node_state::NodeState;
 use crate::pod_directory::PodDirectory;
-use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::{CaptureMode, Error, ProxyConfig, cni_api, http_server, monitoring};
+use crate::{Error, ProxyConfig, cni_api, cni_install, http_server, monitoring};
 
 /// A running data plane; [`RunningDataPlane::drain`] stops it gracefully.
 pub struct RunningDataPlane {
     trigger: DrainTrigger,
     deadline: Duration,
     routes: Arc<Routes>,
-    capture: Option<CaptureRunner>,
     pods: Option<PodsRunner>,
+    /// Where weft-cni was installed (binary and configuration directories).
+    cni_dirs: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
-/// The task that serves pods in their own namespaces (capture mode `pod`).
+/// The task that serves pods in their own namespaces.
 struct PodsRunner {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<pods::StopPods>,
-}
-
-/// The capture rules' thread and the task that feeds it pod sets.
-struct CaptureRunner {
-    thread: std::thread::JoinHandle<()>,
-    feed: tokio::task::JoinHandle<()>,
-    commands: std::sync::mpsc::Sender<CaptureCommand>,
-}
-
-/// What the capture thread is told.
-enum CaptureCommand {
-    /// Capture exactly these pods (for this config generation).
-    Pods(u64, BTreeSet<IpAddr>),
-    /// The proxy stops: remove the rules (the mesh is being uninstalled),
-    /// or leave them to the next proxy. (A process that dies without
-    /// sending it leaves them too: failing closed.)
-    Stop { remove: bool },
 }
 
 /// Binds the listeners, installs the capture (if configured) and starts
@@ -103,38 +83,6 @@ pub async fn start(
         }
     });
 
-    // The capture rules steer to loopback listeners: IPv4 always, IPv6 when
-    // the node has it. Without IPv6 listeners on a node with IPv6 the IPv6
-    // rules still go in: they find no listener and drop every IPv6
-    // connection of a meshed pod (fail closed) rather than let it through
-    // uncaptured.
-    let listeners = |ip: IpAddr| -> Result<Vec<(&'static str, TcpListener)>, Error> {
-        [
-            ("outbound", OUTBOUND_PORT),
-            ("inbound plaintext", INBOUND_PLAINTEXT_PORT),
-            ("HBONE", HBONE_PORT),
-        ]
-        .into_iter()
-        .map(|(what, port)| {
-            let addr = SocketAddr::new(ip, port);
-            sockets::transparent_listener(addr)
-                .map(|listener| (what, listener))
-                .map_err(|source| Error::BindListener { what, addr, source })
-        })
-        .collect()
-    };
-    let in_pods = config.capture && config.capture_mode == CaptureMode::Pod;
-    let mut capture_listeners = Vec::new();
-    if !in_pods {
-        capture_listeners = listeners(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-        match listeners(IpAddr::V6(Ipv6Addr::LOCALHOST)) {
-            Ok(v6) => capture_listeners.extend(v6),
-            Err(error) if std::path::Path::new("/proc/sys/net/ipv6").exists() => {
-                warn!(%error, "no IPv6 listeners on a node with IPv6: meshed pods' IPv6 TCP is refused");
-            }
-            Err(error) => info!(%error, "IPv6 is off on this node; capturing IPv4 only"),
-        }
-    }
     let plain_bind = |what: &'static str, addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr)
             .await
@@ -143,15 +91,11 @@ pub async fn start(
     let metrics_listener = plain_bind("metrics", config.metrics_addr).await?;
     let readiness_listener = plain_bind("readiness", config.readiness_addr).await?;
 
-    // The config version whose pods the capture rules steer; without
-    // capture (traffic arrives by other means) every version counts as done.
+    // The config version whose pods are all served; without capture
+    // (nothing is served) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
-    let mut pods = None;
-    let capture = if in_pods {
-        pods = Some(start_pods(config, &plane, state, programmed_tx, tasks)?);
-        None
-    } else if config.capture {
-        Some(start_capture(routes.subscribe(), programmed_tx)?)
+    let pods = if config.capture {
+        Some(start_pods(config, &plane, state, programmed_tx, tasks)?)
     } else {
         let mut versions = routes.subscribe();
         tokio::spawn(async move {
@@ -165,17 +109,6 @@ pub async fn start(
         None
     };
 
-    for (what, listener) in capture_listeners {
-        let plane = plane.clone();
-        tasks.spawn(async move {
-            match what {
-                "outbound" => outbound::serve(listener, plane, None).await,
-                "inbound plaintext" => plaintext::serve(listener, plane, None).await,
-                _ => inbound::serve(listener, plane, None).await,
-            }
-            "a capture listener"
-        });
-    }
     let registry = Arc::new(registry);
     tasks.spawn(async move {
         http_server::serve(metrics_listener, "metrics", monitoring::metrics(registry)).await;
@@ -191,21 +124,17 @@ pub async fn start(
         "readiness endpoint"
     });
     info!(
-        outbound = OUTBOUND_PORT,
-        inbound_plaintext = INBOUND_PLAINTEXT_PORT,
-        hbone = HBONE_PORT,
         metrics = %config.metrics_addr,
         readiness = %config.readiness_addr,
         capture = config.capture,
-        capture_mode = ?config.capture_mode,
-        "data plane listening"
+        "data plane started: it listens inside each meshed pod it serves"
     );
     Ok(RunningDataPlane {
         trigger,
         deadline: Duration::from_secs(config.drain_seconds),
         routes: plane.routes.clone(),
-        capture,
         pods,
+        cni_dirs: config.cni_bin_dir.clone().zip(config.cni_conf_dir.clone()),
     })
 }
 
@@ -237,6 +166,26 @@ fn start_pods(
         });
         info!(socket = %path.display(), "taking pod announcements from the CNI plugin");
     }
+    if let (Some(bin_dir), Some(conf_dir)) = (&config.cni_bin_dir, &config.cni_conf_dir) {
+        let plugin = match &config.cni_plugin {
+            Some(plugin) => plugin.clone(),
+            None => std::env::current_exe()
+                .map(|exe| exe.with_file_name(cni_install::PLUGIN_TYPE))
+                .map_err(|source| Error::FindCniPlugin { source })?,
+        };
+        let entry = cni_install::PluginEntry {
+            socket: config.cni_node_socket.clone(),
+            state_dir: config.cni_node_state_dir.clone(),
+            exclude_namespaces: config.cni_exclude_namespaces.clone(),
+        };
+        let (bin_dir, conf_dir) = (bin_dir.clone(), conf_dir.clone());
+        let recheck = Duration::from_secs(config.cni_recheck_seconds.max(1));
+        let retry = Duration::from_millis(config.pod_retry_ms.max(100));
+        tasks.spawn(async move {
+            keep_cni_plugin_installed(plugin, bin_dir, conf_dir, entry, recheck, retry).await;
+            "CNI plugin installer"
+        });
+    }
     let settings = PodCaptureSettings {
         find_running_pods: config.find_running_pods,
         netns_dirs: vec![config.netns_dir.clone()],
@@ -254,69 +203,49 @@ fn start_pods(
     Ok(PodsRunner { task, stop })
 }
 
-/// The capture rules live on a thread of their own: programming them runs
-/// `nft` and `ip`, which must not block the runtime. The rules follow the
-/// meshed local pods of each applied config; they are removed when the
-/// update channel closes.
-fn start_capture(
-    mut routes: watch::Receiver<Arc<RouteTable>>,
-    programmed: watch::Sender<u64>,
-) -> Result<CaptureRunner, Error> {
-    // IPv6 unless the node has none (`NodeCapture::install` checks).
-    let config = CaptureConfig::default();
-    let mut capture = NodeCapture::install(config).map_err(Error::Capture)?;
-    let (updates, received) = std::sync::mpsc::channel::<CaptureCommand>();
-    let thread = std::thread::Builder::new()
-        .name("weft-capture".into())
-        .spawn(move || {
-            while let Ok(command) = received.recv() {
-                let (version, pods) = match command {
-                    CaptureCommand::Pods(version, pods) => (version, pods),
-                    CaptureCommand::Stop { remove: true } => {
-                        match capture.remove() {
-                            Ok(()) => info!("the mesh is being uninstalled: capture rules removed"),
-                            Err(error) => warn!(%error, "removing the capture rules failed"),
-                        }
-                        return;
-                    }
-                    CaptureCommand::Stop { remove: false } => break,
-                };
-                match capture.set_meshed_pods(&pods) {
-                    Ok(()) => {
-                        let _ = programmed.send(version);
-                    }
-                    Err(error) => {
-                        // Not ready until an update succeeds: some pods of
-                        // this config are not captured.
-                        let _ = programmed.send(0);
-                        warn!(%error, "updating the capture rules failed; the previous rules stay");
-                    }
-                }
-            }
-            capture.leave();
+/// Installs weft's CNI plugin, and checks every `recheck` that it is still
+/// chained in (a network plugin may rewrite its configuration); retries
+/// every `retry` while it cannot (the network plugin's configuration may
+/// not be there yet on a booting node).
+async fn keep_cni_plugin_installed(
+    plugin: std::path::PathBuf,
+    bin_dir: std::path::PathBuf,
+    conf_dir: std::path::PathBuf,
+    entry: cni_install::PluginEntry,
+    recheck: Duration,
+    retry: Duration,
+) {
+    let mut installed_in = None;
+    loop {
+        let (plugin, bin, conf, wanted) = (
+            plugin.clone(),
+            bin_dir.clone(),
+            conf_dir.clone(),
+            entry.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            cni_install::install(&plugin, &bin, &conf, &wanted)
         })
-        .map_err(|source| Error::SpawnThread {
-            what: "capture rules",
-            source,
-        })?;
-    let commands = updates.clone();
-    let feed = tokio::spawn(async move {
-        loop {
-            let (version, pods) = {
-                let table = routes.borrow_and_update();
-                (table.generation, table.meshed_local_ips())
-            };
-            let pods = CaptureCommand::Pods(version, pods);
-            if updates.send(pods).is_err() || routes.changed().await.is_err() {
-                return;
+        .await;
+        let wait = match result {
+            Ok(Ok(conflist)) => {
+                if installed_in.as_ref() != Some(&conflist) {
+                    info!(conflist = %conflist.display(), "weft-cni is chained into the node's network configuration");
+                    installed_in = Some(conflist);
+                }
+                recheck
             }
-        }
-    });
-    Ok(CaptureRunner {
-        thread,
-        feed,
-        commands,
-    })
+            Ok(Err(error)) => {
+                warn!(%error, "cannot install weft-cni yet; new pods are found by search until it is");
+                retry
+            }
+            Err(error) => {
+                warn!(%error, "installing weft-cni failed");
+                retry
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 impl RunningDataPlane {
@@ -334,17 +263,22 @@ impl RunningDataPlane {
         } else {
             info!("all connections finished");
         }
-        if let Some(capture) = self.capture {
-            capture.feed.abort();
-            let _ = capture.feed.await;
-            let remove = self.routes.current().uninstalling;
-            let _ = capture.commands.send(CaptureCommand::Stop { remove });
-            let _ = tokio::task::spawn_blocking(move || capture.thread.join()).await;
-        }
+        let remove = self.routes.current().uninstalling;
         if let Some(pods) = self.pods {
-            let remove = self.routes.current().uninstalling;
             let _ = pods.stop.send(pods::StopPods { remove });
             let _ = pods.task.await;
+        }
+        if let (true, Some((bin_dir, conf_dir))) = (remove, self.cni_dirs) {
+            let removed =
+                tokio::task::spawn_blocking(move || cni_install::uninstall(&bin_dir, &conf_dir))
+                    .await;
+            match removed {
+                Ok(Ok(())) => {
+                    info!("the mesh is being uninstalled: weft-cni removed from the node")
+                }
+                Ok(Err(error)) => warn!(%error, "removing weft-cni failed"),
+                Err(error) => warn!(%error, "removing weft-cni failed"),
+            }
         }
     }
 }

@@ -34,6 +34,10 @@ impl RealCluster {
             "--namespace",
             WEFT_NAMESPACE,
             "--create-namespace",
+            "--set",
+            &format!("cni.binDir={}", super::node::CNI_BIN_DIR),
+            "--set",
+            &format!("cni.confDir={}", super::node::CNI_CONF_DIR),
         ])?;
         for workload in ["deployment/weft-control-plane", "daemonset/weft-node-proxy"] {
             self.kubectl(&[
@@ -209,6 +213,20 @@ impl RealCluster {
         }
         let state = self.node(node)?.files_under(PROXY_STATE_DIR)?;
         found.extend(state.into_iter().map(|file| format!("file {file}")));
+        // weft's CNI plugin: its binary, and its entry in the network
+        // configuration.
+        let plugins = self.node(node)?.files_under(super::node::CNI_BIN_DIR)?;
+        found.extend(
+            plugins
+                .into_iter()
+                .filter(|file| file.contains("weft"))
+                .map(|file| format!("file {file}")),
+        );
+        for conflist in self.node(node)?.files_under(super::node::CNI_CONF_DIR)? {
+            if self.node(node)?.read_file(&conflist)?.contains("weft-cni") {
+                found.push(format!("weft-cni in {conflist}"));
+            }
+        }
         Ok(found)
     }
 

@@ -20,6 +20,13 @@ use super::{
 use crate::process::{self, Process};
 use crate::{cgroups, cleanup, netns};
 
+/// Where a node's container runtime finds CNI plugins (in the node's own
+/// `/var/lib`): the host's network plugins, and what weft installs.
+pub(crate) const CNI_BIN_DIR: &str = "/var/lib/cni/bin";
+
+/// Where a node's container runtime reads its network configuration.
+pub(crate) const CNI_CONF_DIR: &str = "/var/lib/cni/net.d";
+
 /// The `/proc/sys` entries the kubelet sets machine-wide unless they
 /// already hold these values.
 const KUBELET_SYSCTLS: [(&str, &str); 6] = [
@@ -220,6 +227,19 @@ impl Node {
              mount --make-shared /\n\
              mount --make-shared /run\n",
         );
+        // The node's CNI directories where a node has them by default, in
+        // its private /var/lib: the network plugins (links to the host's),
+        // and the configuration the harness writes (bound from the node's
+        // directory), which weft's proxy edits as on any node.
+        let conf_dir = dir.join("cni/net.d");
+        std::fs::create_dir_all(&conf_dir)?;
+        let _ = writeln!(
+            script,
+            "mkdir -p {CNI_BIN_DIR} {CNI_CONF_DIR}\n\
+             for plugin in /usr/lib/cni/*; do ln -s \"$plugin\" {CNI_BIN_DIR}/; done\n\
+             mount --bind {} {CNI_CONF_DIR}",
+            conf_dir.display()
+        );
         for (key, value) in KUBELET_SYSCTLS {
             let file = sysctls.join(key.replace('/', "."));
             std::fs::write(&file, format!("{value}\n"))?;
@@ -236,6 +256,13 @@ impl Node {
             .args(["-m", "--", "sh", "-c", &script]);
         run_command(mount).context("mounting the node's private directories")?;
         Ok(())
+    }
+
+    /// The text of `file` on the node (empty if it cannot be read).
+    pub fn read_file(&self, file: &str) -> Result<String> {
+        let mut command = self.in_node(Path::new("cat"))?;
+        command.arg(file);
+        Ok(run_command(command).unwrap_or_default())
     }
 
     /// The files and directories under `dir` on the node (its own
@@ -309,10 +336,9 @@ state = "{d}/state"
         Root = "{d}/runc"
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{}"
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{CNI_CONF_DIR}"
 "#,
-                dir.join("cni/net.d").display()
             ),
         )?;
         let mut command = self.in_node(Path::new("/usr/bin/containerd"))?;
