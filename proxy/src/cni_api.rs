@@ -179,6 +179,13 @@ async fn apply(request: CniRequest, directory: &PodDirectory) -> Result<(), Stri
     match request.command {
         Command::Add => {
             info!(%pod, ips = ?request.ips, netns = %request.netns.display(), "CNI: pod added");
+            if !request.netns.exists() {
+                return Err(format!(
+                    "the proxy cannot see the network namespace {} of pod {pod}: is the \
+                     runtime's namespace directory mounted into the proxy's container?",
+                    request.netns.display()
+                ));
+            }
             let netns = request.netns.clone();
             directory.add(AnnouncedPod {
                 netns: request.netns,

@@ -323,7 +323,9 @@ state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "localhost/weft-test/pause:3.10"
   restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
+  # Pods' namespaces in the node's own /run/netns, as on any node, where
+  # weft's proxy finds them (the node's /run is private to it).
+  netns_mounts_under_state_dir = false
   disable_apparmor = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
