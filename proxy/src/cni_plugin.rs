@@ -38,17 +38,19 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft/proxy";
 
 /// The CNI versions this plugin speaks (its results are its
 /// predecessors', so it speaks theirs).
-pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.2.0"];
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The largest network configuration read from stdin.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// CNI error code: the request may succeed later.
 pub const TRY_AGAIN_LATER: u32 = 11;
+/// CNI error code: the configuration's version is not supported.
+pub const INCOMPATIBLE_VERSION: u32 = 1;
+/// CNI error code: a needed environment variable is missing or invalid.
+pub const INVALID_ENVIRONMENT: u32 = 4;
 /// CNI error code: the network configuration is invalid.
-pub const INVALID_CONFIG: u32 = 4;
-/// CNI error code: an environment variable is missing or invalid.
-pub const INVALID_ENVIRONMENT: u32 = 7;
+pub const INVALID_CONFIG: u32 = 7;
 
 /// What the runtime handed the plugin.
 #[derive(Clone, Debug, Default)]
@@ -166,6 +168,18 @@ pub fn run(
         Err(_) if invocation.command != "ADD" => return Answer::Done(String::new()),
         Err(msg) => return failed(INVALID_CONFIG, msg),
     };
+    if invocation.command == "ADD"
+        && !config.cni_version.is_empty()
+        && !SUPPORTED_VERSIONS.contains(&config.cni_version.as_str())
+    {
+        return failed(
+            INCOMPATIBLE_VERSION,
+            format!(
+                "CNI version {} is not supported (weft-cni speaks {SUPPORTED_VERSIONS:?})",
+                config.cni_version
+            ),
+        );
+    }
     let namespace = cni_arg(&invocation.args, "K8S_POD_NAMESPACE").unwrap_or_default();
     let name = cni_arg(&invocation.args, "K8S_POD_NAME").unwrap_or_default();
     let left_alone =
@@ -180,7 +194,9 @@ pub fn run(
                 );
             };
             let mut result = prev;
-            if let Some(object) = result.as_object_mut() {
+            if let Some(object) = result.as_object_mut()
+                && !config.cni_version.is_empty()
+            {
                 object.insert(
                     "cniVersion".into(),
                     Value::String(config.cni_version.clone()),

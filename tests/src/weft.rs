@@ -127,9 +127,15 @@ impl WeftMesh {
     /// as an init container's does, before weft's config knows the pod.
     pub fn create_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
         let node = testbed.node_of(pod)?;
-        let (succeeded, said) = self.run_cni_plugin(testbed, node, pod, "ADD")?;
-        anyhow::ensure!(succeeded, "weft-cni ADD of {pod} failed: {said}");
-        Ok(())
+        // As a runtime does: again after a "try again later" (a busy node
+        // may take longer to serve the pod than the plugin waits).
+        let mut last = String::new();
+        wait_until(STARTUP_TIMEOUT, || {
+            let (succeeded, said) = self.run_cni_plugin(testbed, node, pod, "ADD")?;
+            last = said;
+            Ok(succeeded)
+        })
+        .with_context(|| format!("weft-cni ADD of {pod} never succeeded: {last}"))
     }
 
     /// Publishes a pod held back by [`WeftMesh::start_without`]

@@ -21,6 +21,9 @@ use weft_testbed::{
 
 const MARKER: &[u8] = b"weft-in-pod-marker-8e4a1f";
 const WAIT: Duration = Duration::from_secs(20);
+/// A bound on each connect and read (a busy machine), not a timing
+/// assertion.
+const IO_WAIT: Duration = Duration::from_secs(20);
 
 const STRICT: &str = "apiVersion: weft.dev/v1alpha1
 kind: MtlsPolicy
@@ -63,9 +66,9 @@ fn round_trip_from(
         .run_in(Target::Pod(pod), || -> std::io::Result<Vec<u8>> {
             let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             socket.bind(&SocketAddr::new(source, 0).into())?;
-            socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+            socket.connect_timeout(&to.into(), IO_WAIT)?;
             let mut stream: TcpStream = socket.into();
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.set_read_timeout(Some(IO_WAIT))?;
             stream.write_all(payload)?;
             let mut echoed = vec![0; payload.len()];
             stream.read_exact(&mut echoed)?;
@@ -224,4 +227,29 @@ fn a_pod_set_up_while_its_proxy_is_down_waits_until_the_proxy_serves_it() {
     mesh.wait_for_data_plane(&testbed).unwrap();
     assert_eq!(round_trip_from(&testbed, "web-1", web, db).unwrap(), MARKER);
     wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
+
+#[test]
+fn the_proxys_own_ports_in_a_pod_are_refused_not_looped() {
+    let testbed = cluster();
+    let (mesh, _server) = start(&testbed);
+    let db = testbed.pod_ip("db-1").unwrap();
+    let old = IpAddr::V4(testbed.pod_ip("old-1").unwrap());
+    // Plaintext to db-1's 15006 would come back to the proxy's own
+    // listener there, and again; likewise a tunnel to it.
+    for port in [15006, 15001] {
+        let to = SocketAddr::from((db, port));
+        assert!(
+            round_trip_from(&testbed, "old-1", old, to).is_err(),
+            "{port}"
+        );
+    }
+    let refused = || metric_sum(&mesh, &testbed, "node-2", "reason=\"connect_failed\"").unwrap();
+    wait_until(WAIT, || Ok(refused() >= 2)).unwrap();
+    // And the proxy serves on.
+    let to = weft_testbed::shop_db(&testbed).unwrap();
+    assert_eq!(
+        round_trip_from(&testbed, "old-1", old, to).unwrap(),
+        b"legacy hello"
+    );
 }

@@ -104,14 +104,24 @@ impl PodNetns {
                 source: std::io::Error::from(errno),
             }
         })?;
-        let result = f();
-        if let Err(errno) = nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET) {
+        // Back home however `f` ends, a panic included (the runtime would
+        // go on using this thread).
+        let _home = ReturnHome(home);
+        Ok(f())
+    }
+}
+
+/// Returns the calling thread to the node's namespace when dropped.
+struct ReturnHome(&'static File);
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        if let Err(errno) = nix::sched::setns(self.0, nix::sched::CloneFlags::CLONE_NEWNET) {
             // A runtime thread left in a pod's namespace would make every
             // later socket of the node there: nothing safe can follow.
             tracing::error!(%errno, "cannot return to the node's network namespace; aborting");
             std::process::abort();
         }
-        Ok(result)
     }
 }
 
@@ -179,7 +189,8 @@ pub fn node_source_ruleset(config: &CaptureConfig, pods: &BTreeSet<std::net::Ipv
 /// `/run/netns`) and every one a process under `proc_dir` is in, each
 /// entered once to read its addresses. Namespaces that cannot be opened or
 /// entered are skipped (a process that exited meanwhile). The proxy's own
-/// namespace is never a pod's.
+/// namespace is never a pod's, and an address held by several namespaces
+/// is left out.
 pub fn find_pod_namespaces(
     ips: &BTreeSet<IpAddr>,
     mount_dirs: &[&Path],
@@ -202,11 +213,8 @@ pub fn find_pod_namespaces(
         .flatten()
         .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
         .map(|entry| entry.path().join("ns/net"));
-    let mut found = BTreeMap::new();
+    let mut claims: BTreeMap<IpAddr, Vec<PathBuf>> = BTreeMap::new();
     for path in mounted.chain(of_processes) {
-        if found.len() == ips.len() {
-            break;
-        }
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
@@ -218,11 +226,22 @@ pub fn find_pod_namespaces(
         };
         for ip in addresses_of(&netns).into_iter().flatten() {
             if ips.contains(&ip) {
-                found.insert(ip, path.clone());
+                claims.entry(ip).or_default().push(path.clone());
             }
         }
     }
-    found
+    // An address two namespaces hold vouches for neither: a pod that took
+    // a neighbour's address must not be served as that neighbour.
+    claims
+        .into_iter()
+        .filter_map(|(ip, mut paths)| {
+            if paths.len() > 1 {
+                tracing::warn!(%ip, ?paths, "an address is held by several namespaces: serving none of them for it");
+                return None;
+            }
+            paths.pop().map(|path| (ip, path))
+        })
+        .collect()
 }
 
 /// The addresses of every interface in `netns`.

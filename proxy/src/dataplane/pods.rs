@@ -76,14 +76,26 @@ impl PodNamespaces {
     /// [`sockets::connect_from`]), made inside the destination's namespace
     /// if it is a served pod, else inside the source's if that is one,
     /// else in the node's.
+    ///
+    /// A served pod's ports of the proxy's own listeners in it (15001,
+    /// 15006, 15008) are refused: a connection there would reach the
+    /// proxy's listener again, and again, until the node runs out of file
+    /// descriptors.
     pub async fn connect(
         &self,
         source: Option<IpAddr>,
         destination: SocketAddr,
     ) -> std::io::Result<TcpStream> {
-        let netns = self
-            .get(destination.ip())
-            .or_else(|| source.and_then(|ip| self.get(ip)));
+        let into_pod = self.get(destination.ip());
+        if into_pod.is_some()
+            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&destination.port())
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{destination}: the port is weft's own in a meshed pod"),
+            ));
+        }
+        let netns = into_pod.or_else(|| source.and_then(|ip| self.get(ip)));
         let socket = match netns {
             Some(netns) => netns
                 .enter(|| sockets::outgoing_socket(source, destination, PROXY_MARK))
@@ -122,7 +134,8 @@ pub(super) struct StopPods {
 /// meshed pod whose namespace is known, stops serving (and un-captures)
 /// pods that leave the mesh, reports each announced pod's outcome to the
 /// directory, and the config generation fully served on `programmed` (0
-/// while a meshed pod is not served). Runs until `stop` says.
+/// while a pod known on the node is meshed and not served). Runs until
+/// `stop` says.
 pub(super) async fn follow(
     plane: Arc<DataPlane>,
     directory: Arc<PodDirectory>,
@@ -161,11 +174,15 @@ pub(super) async fn follow(
                 warn!(%error, "storing the node's pods failed");
             }
         }
-        let pending = step.unserved_config_pods > 0
-            || step
-                .outcomes
-                .values()
-                .any(|outcome| matches!(outcome, Outcome::Pending(_)));
+        // Ready once every pod known on the node is served. A pod of the
+        // config whose sandbox nobody announced and no search found is not
+        // here (a stale config names a deleted pod; the control plane may be
+        // away): it is searched for again, and does not hold readiness.
+        let pending = step
+            .outcomes
+            .values()
+            .any(|outcome| matches!(outcome, Outcome::Pending(_)));
+        let search_again = settings.find_running_pods && step.unserved_config_pods > 0;
         directory.report(step.outcomes);
         let done = if pending || node_sources.is_none() {
             0
@@ -174,7 +191,7 @@ pub(super) async fn follow(
         };
         programmed.send_replace(done);
         let retry = async {
-            if !pending {
+            if !pending && !search_again {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(settings.retry).await;
@@ -283,8 +300,13 @@ async fn serve_step(
             continue;
         };
         plane.pods.set(&pod.ips, None);
+        // Gone before anything binds the pod's ports again (its addresses
+        // may have changed, the namespace not).
         for listener in &pod.listeners {
             listener.abort();
+        }
+        for listener in pod.listeners {
+            let _ = listener.await;
         }
         // Out of the mesh but still running: its traffic is its own again.
         // (A deleted pod keeps its rules: its last connections stay
