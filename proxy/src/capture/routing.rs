@@ -5,10 +5,11 @@
 //! ip route replace local default dev lo table <route_table>
 //! ```
 //!
-//! A packet the capture rules marked (steered by TPROXY, or on its way to
-//! one of the proxy's transparent sockets) is addressed to a pod, not to
-//! the node: without this, routing would forward it to the pod instead of
-//! delivering it to the proxy.
+//! In a meshed pod, a reply to one of the proxy's transparent sockets (the
+//! proxy reaching the application from the client's address) is addressed
+//! to the client, not to the pod: the capture rules mark it, and without
+//! this routing would send it out of the pod instead of delivering it to
+//! the proxy.
 
 use serde_json::Value;
 
