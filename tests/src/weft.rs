@@ -19,6 +19,8 @@ use crate::apiserver::KubeApiServer;
 use crate::kube_cluster;
 use crate::{LoopbackForward, Process, Target, Testbed};
 
+mod pod_setup;
+
 /// The control plane's gRPC port.
 pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
 /// The control plane's monitoring port.
@@ -72,10 +74,6 @@ pub struct WeftMesh {
     later: Vec<String>,
 }
 
-fn is_pod(object: &serde_json::Value, name: &str) -> bool {
-    object["kind"] == "Pod" && object["metadata"]["name"] == name
-}
-
 /// The proxies' log filter in tests: debug for weft's own lines, so a failed
 /// test's logs tell the story.
 pub const TEST_PROXY_LOG_LEVEL: &str = "info,weft_proxy=debug";
@@ -120,35 +118,6 @@ impl WeftMesh {
         WeftMesh::start_configured(testbed, TEST_PROXY_LOG_LEVEL, later)
     }
 
-    /// Creates a pod held back by [`WeftMesh::start_without`] the
-    /// way a cluster does: the runtime sets up its sandbox (weft's CNI
-    /// plugin must succeed, the namespace is meshed), then the API server
-    /// publishes it. The caller's traffic from the pod may start in between,
-    /// as an init container's does, before weft's config knows the pod.
-    pub fn create_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
-        let node = testbed.node_of(pod)?;
-        // As a runtime does: again after a "try again later" (a busy node
-        // may take longer to serve the pod than the plugin waits).
-        let mut last = String::new();
-        wait_until(STARTUP_TIMEOUT, || {
-            let (succeeded, said) = self.run_cni_plugin(testbed, node, pod, "ADD")?;
-            last = said;
-            Ok(succeeded)
-        })
-        .with_context(|| format!("weft-cni ADD of {pod} never succeeded: {last}"))
-    }
-
-    /// Publishes a pod held back by [`WeftMesh::start_without`]
-    /// to the control plane.
-    pub fn publish_pod(&self, testbed: &Testbed, pod: &str) -> Result<()> {
-        let object = testbed
-            .objects()
-            .into_iter()
-            .find(|object| is_pod(object, pod))
-            .with_context(|| format!("no pod {pod} in the testbed"))?;
-        self.write_manifest(&format!("pod-{pod}.yaml"), &object.to_string())
-    }
-
     fn start_configured(
         testbed: &Testbed,
         proxy_log_level: &str,
@@ -166,7 +135,7 @@ impl WeftMesh {
             let now: Vec<String> = testbed
                 .objects()
                 .into_iter()
-                .filter(|object| !later.iter().any(|pod| is_pod(object, pod)))
+                .filter(|object| !later.iter().any(|pod| pod_setup::is_pod(object, pod)))
                 .map(|object| object.to_string())
                 .collect();
             std::fs::write(manifests_dir.join("testbed.yaml"), now.join("\n---\n"))?;
@@ -207,89 +176,6 @@ impl WeftMesh {
         }
         mesh.announce_pods(testbed, later)?;
         Ok(mesh)
-    }
-
-    /// Tells every proxy about the pods of its node,
-    /// as the container runtime does when it creates them: it runs weft's
-    /// CNI plugin, after the network plugin's result, until it succeeds.
-    pub fn announce_pods(&self, testbed: &Testbed, later: &[&str]) -> Result<()> {
-        for node in self.proxies.keys() {
-            // Without its proxy, the plugin lets pods of namespaces it never
-            // saw meshed start unannounced (weft is not installed yet).
-            let socket = self.cni_socket(testbed, node);
-            wait_until(STARTUP_TIMEOUT, || Ok(socket.exists()))
-                .with_context(|| format!("{node}'s proxy never opened its CNI socket"))?;
-            for pod in testbed.pods_on(node) {
-                if later.contains(&pod.as_str()) {
-                    continue;
-                }
-                let mut last = String::new();
-                wait_until(STARTUP_TIMEOUT, || {
-                    let (succeeded, said) = self.run_cni_plugin(testbed, node, &pod, "ADD")?;
-                    last = said;
-                    Ok(succeeded)
-                })
-                .with_context(|| {
-                    format!("weft-cni ADD of {pod} on {node} never succeeded: {last}")
-                })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs weft's CNI plugin for `pod` on `node` with `command` (`ADD`,
-    /// `DEL`) as a container runtime would: whether it succeeded, and what
-    /// it printed.
-    pub fn run_cni_plugin(
-        &self,
-        testbed: &Testbed,
-        node: &str,
-        pod: &str,
-        command: &str,
-    ) -> Result<(bool, String)> {
-        use std::io::Write as _;
-        let (netns, ips, namespace) = testbed.pod_network_of(pod)?;
-        let config = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "testbed",
-            "type": "weft-cni",
-            "socket": self.cni_socket(testbed, node),
-            "state_dir": self.proxy_state_dir(testbed, node),
-            "exclude_namespaces": [],
-            "prevResult": {
-                "cniVersion": "1.0.0",
-                "ips": ips.iter().map(|ip| serde_json::json!({"address": format!("{ip}/32")})).collect::<Vec<_>>(),
-            },
-        });
-        let mut child = Command::new(weft_binary("weft-cni")?)
-            .env("CNI_COMMAND", command)
-            .env("CNI_NETNS", &netns)
-            .env("CNI_CONTAINERID", pod)
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"),
-            )
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("starting weft-cni")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(config.to_string().as_bytes())?;
-        }
-        let output = child.wait_with_output()?;
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok((output.status.success(), said))
-    }
-
-    /// The CNI socket of `node`'s proxy.
-    pub fn cni_socket(&self, testbed: &Testbed, node: &str) -> PathBuf {
-        testbed.dir().join(format!("cni-{node}.sock"))
     }
 
     /// Loads the testbed into `api` the way a cluster would hold it (weft's
