@@ -141,26 +141,16 @@ impl NodeState {
         })
     }
 
-    /// Replaces the stored pods of the node, if they changed (nothing once
+    /// Replaces the stored pods of the node (nothing once
     /// [cleared](NodeState::clear)).
     pub fn store_pods(&self, pods: &[AnnouncedPod]) -> Result<(), Error> {
-        if self.load_pods().ok().as_deref() == Some(pods) {
-            return Ok(());
-        }
         self.write_json(PODS_FILE, &pods)
     }
 
-    /// Replaces the stored meshed namespaces, if they changed: weft's CNI
-    /// plugin reads them when it cannot reach the proxy, to refuse to start
-    /// a pod of a meshed namespace that nobody would capture.
+    /// Replaces the stored meshed namespaces: weft's CNI plugin reads them
+    /// when it cannot reach the proxy, to refuse to start a pod of a meshed
+    /// namespace that nobody would capture.
     pub fn store_meshed_namespaces(&self, namespaces: &BTreeSet<String>) -> Result<(), Error> {
-        let path = self.dir.join(MESHED_NAMESPACES_FILE);
-        let stored: Option<BTreeSet<String>> = fs::read_to_string(&path)
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok());
-        if stored.as_ref() == Some(namespaces) {
-            return Ok(());
-        }
         self.write_json(MESHED_NAMESPACES_FILE, namespaces)
     }
 

@@ -148,6 +148,7 @@ pub(super) async fn follow(
     let mut announced = directory.subscribe();
     let mut served: BTreeMap<PathBuf, Served> = BTreeMap::new();
     let mut node_sources = None;
+    let (mut stored_pods, mut stored_namespaces) = (None, None);
     loop {
         let table = routes.borrow_and_update().clone();
         announced.borrow_and_update();
@@ -166,12 +167,20 @@ pub(super) async fn follow(
                 Err(error) => warn!(%error, "updating the node's probe source rules failed"),
             }
         }
+        // Written when changed, not read back on every pass.
         if let Some(state) = &state {
-            let stored = state
-                .store_pods(&directory.pods())
-                .and_then(|()| state.store_meshed_namespaces(&table.meshed_namespaces));
-            if let Err(error) = stored {
-                warn!(%error, "storing the node's pods failed");
+            let pods = directory.pods();
+            if stored_pods.as_ref() != Some(&pods) {
+                match state.store_pods(&pods) {
+                    Ok(()) => stored_pods = Some(pods),
+                    Err(error) => warn!(%error, "storing the node's pods failed"),
+                }
+            }
+            if stored_namespaces.as_ref() != Some(&table.meshed_namespaces) {
+                match state.store_meshed_namespaces(&table.meshed_namespaces) {
+                    Ok(()) => stored_namespaces = Some(table.meshed_namespaces.clone()),
+                    Err(error) => warn!(%error, "storing the meshed namespaces failed"),
+                }
             }
         }
         // Ready once every pod known on the node is served. A pod of the
