@@ -253,3 +253,130 @@ fn the_proxys_own_ports_in_a_pod_are_refused_not_looped() {
         b"legacy hello"
     );
 }
+
+/// The testbed with fresh-1 (ServiceAccount `fresh`, label app=fresh) on
+/// node-1, held back: its sandbox exists, weft knows nothing of it.
+fn with_fresh_pod() -> (Testbed, WeftMesh, SocketAddr) {
+    let testbed = weft_testbed::shop_testbed_builder()
+        .pod_network(PodNetwork::Bridge)
+        .pod(weft_testbed::shop_pod(
+            "node-1",
+            "fresh-1",
+            "fresh",
+            &[("app", "fresh")],
+        ))
+        .build()
+        .unwrap();
+    let mesh = WeftMesh::start_without(&testbed, &["fresh-1"]).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    let db = weft_testbed::shop_db(&testbed).unwrap();
+    (testbed, mesh, db)
+}
+
+#[test]
+fn a_pod_at_a_deleted_pods_address_gets_nothing_of_that_pod() {
+    let (testbed, mesh, db) = with_fresh_pod();
+    let _server = testbed
+        .start_echo_server(Target::Pod("db-1"), 5432)
+        .unwrap();
+    mesh.write_manifest("only-web.yaml", ALLOW_WEB_TO_DB)
+        .unwrap();
+    wait_for_reach(&testbed, "batch-1", db, false);
+    let fresh = IpAddr::V4(testbed.pod_ip("fresh-1").unwrap());
+
+    // The config still has gone-1 (ServiceAccount web, deleted) at the
+    // address the runtime now gives fresh-1: the API server's deletion
+    // has not reached weft yet.
+    let mut gone = testbed
+        .objects()
+        .into_iter()
+        .find(|object| object["kind"] == "Pod" && object["metadata"]["name"] == "fresh-1")
+        .unwrap();
+    gone["metadata"]["name"] = "gone-1".into();
+    gone["metadata"]["labels"]["app"] = "web".into();
+    gone["spec"]["serviceAccountName"] = "web".into();
+    mesh.write_manifest("pod-gone-1.yaml", &gone.to_string())
+        .unwrap();
+    wait_until(WAIT, || {
+        Ok(mesh
+            .proxy_admin(&testbed, "node-1", "/config_dump")?
+            .contains("shop/gone-1"))
+    })
+    .unwrap();
+
+    // fresh-1 is announced as itself: its connection waits for a config
+    // that names it there, and never goes as gone-1 (whom db-1 admits).
+    mesh.create_pod(&testbed, "fresh-1").unwrap();
+    assert!(
+        round_trip_from(&testbed, "fresh-1", fresh, db).is_err(),
+        "fresh-1 reached db-1 as gone-1"
+    );
+    let unknown = || metric_sum(&mesh, &testbed, "node-1", "unknown_source").unwrap();
+    wait_until(WAIT, || Ok(unknown() >= 1)).unwrap();
+
+    // The deletion arrives and fresh-1 is published; db-1 now admits
+    // fresh alone: fresh-1 gets in, as itself.
+    std::fs::remove_file(mesh.manifests_dir().join("pod-gone-1.yaml")).unwrap();
+    mesh.write_manifest(
+        "only-web.yaml",
+        &ALLOW_WEB_TO_DB.replace("sa/web", "sa/fresh"),
+    )
+    .unwrap();
+    mesh.publish_pod(&testbed, "fresh-1").unwrap();
+    wait_until(WAIT, || {
+        Ok(round_trip_from(&testbed, "fresh-1", fresh, db).is_ok())
+    })
+    .unwrap();
+    let as_fresh = "source_principal=\"spiffe://cluster.local/ns/shop/sa/fresh\"";
+    assert!(metric_sum(&mesh, &testbed, "node-2", as_fresh).unwrap() >= 1);
+    let as_web = "source_principal=\"spiffe://cluster.local/ns/shop/sa/web\"";
+    assert_eq!(metric_sum(&mesh, &testbed, "node-2", as_web).unwrap(), 0);
+}
+
+#[test]
+fn a_new_pod_is_reached_on_its_node_only_through_its_policy() {
+    let (testbed, mesh, _db) = with_fresh_pod();
+    let server = testbed
+        .start_echo_server(Target::Pod("fresh-1"), 8080)
+        .unwrap();
+    let fresh = SocketAddr::from((testbed.pod_ip("fresh-1").unwrap(), 8080));
+    let web = IpAddr::V4(testbed.pod_ip("web-1").unwrap());
+    mesh.write_manifest(
+        "fresh-not-from-web.yaml",
+        "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: fresh-not-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: fresh}}
+  action: DENY
+  rules:
+  - from: {principals: [\"spiffe://cluster.local/ns/shop/sa/web\"]}
+",
+    )
+    .unwrap();
+
+    // fresh-1 is served from its announcement on, before the config
+    // names it: web-1, on the same node, waits for that config and is
+    // refused, never let in past a policy the proxy has not seen yet.
+    mesh.create_pod(&testbed, "fresh-1").unwrap();
+    assert!(round_trip_from(&testbed, "web-1", web, fresh).is_err());
+    mesh.publish_pod(&testbed, "fresh-1").unwrap();
+    let denied = || metric_sum(&mesh, &testbed, "node-1", "fresh-not-from-web").unwrap();
+    wait_until(WAIT, || {
+        let _ = round_trip_from(&testbed, "web-1", web, fresh);
+        Ok(denied() >= 1)
+    })
+    .unwrap();
+    assert!(round_trip_from(&testbed, "web-1", web, fresh).is_err());
+    assert!(
+        server.peers().is_empty(),
+        "fresh-1 was reached past its policy: {:?}",
+        server.peers()
+    );
+    // Others reach it.
+    let batch = IpAddr::V4(testbed.pod_ip("batch-1").unwrap());
+    assert_eq!(
+        round_trip_from(&testbed, "batch-1", batch, fresh).unwrap(),
+        MARKER
+    );
+}

@@ -62,14 +62,23 @@ impl ServerConfigs {
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
-    super::serve_captured(listener, plane, "HBONE", pod, |plane, tcp, _peer, local| {
-        accept_tunnel(plane, tcp, local)
-    })
+    super::serve_captured(
+        listener,
+        plane,
+        "HBONE",
+        pod,
+        |plane, pod, tcp, _peer, local| accept_tunnel(plane, pod, tcp, local),
+    )
     .await;
 }
 
-async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr) {
-    let (routes, workload) = plane.with_local_pod(local.ip()).await;
+async fn accept_tunnel(
+    plane: Arc<DataPlane>,
+    pod: super::ListenerPod,
+    tcp: TcpStream,
+    local: SocketAddr,
+) {
+    let (routes, workload) = plane.with_local_pod(&pod, local.ip()).await;
     let Some(workload) = workload else {
         warn!("inbound: no meshed local pod has this address");
         plane
@@ -130,6 +139,7 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
     drop(handshaking);
     let handler = Arc::new(InboundTunnel {
         plane: plane.clone(),
+        pod,
     });
     if let Err(error) = hbone::serve_connection(tls, local, handler, plane.drain.signal()).await {
         debug!(%error, "inbound: tunnel connection ended with an error");
@@ -141,6 +151,8 @@ async fn accept_tunnel(plane: Arc<DataPlane>, tcp: TcpStream, local: SocketAddr)
 /// identity that proved itself in the handshake.
 struct InboundTunnel {
     plane: Arc<DataPlane>,
+    /// The pod whose listener accepted the tunnel.
+    pod: super::ListenerPod,
 }
 
 impl InboundHandler for InboundTunnel {
@@ -149,8 +161,9 @@ impl InboundHandler for InboundTunnel {
     async fn connect(&self, request: &InboundRequest) -> Result<Metered<TcpStream>, Refusal> {
         let plane = &self.plane;
         let routes = plane.routes.current();
-        let Some(workload) = routes
-            .local_workload(request.target.ip())
+        let Some(workload) = self
+            .pod
+            .workload(&routes, request.target.ip())
             .filter(|w| w.meshed)
             .cloned()
         else {
@@ -201,7 +214,7 @@ impl InboundHandler for InboundTunnel {
         let registration = plane.inbound.register_admitted(
             &plane.routes,
             &plane.metrics,
-            routes.generation,
+            (routes.generation, &workload.uid),
             &upstream,
             &gate,
         );

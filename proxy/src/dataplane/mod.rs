@@ -75,16 +75,17 @@ impl DataPlane {
         certificates_with(&self.certificates, identity, self.pending_wait).await
     }
 
-    /// The route table once it knows `ip` as a meshed local pod, waiting up
-    /// to [`DataPlane::pending_wait`] for such a config (a connection can
-    /// come for a pod before its config); the table and the pod, or the
-    /// latest table and `None`.
+    /// The route table once it knows `ip` as the meshed local pod `pod`,
+    /// waiting up to [`DataPlane::pending_wait`] for such a config (a
+    /// connection can come for a pod before its config, or while the config
+    /// still gives its address to a deleted pod); the table and the pod, or
+    /// the latest table and `None`.
     pub async fn with_local_pod(
         &self,
+        pod: &ServedPod,
         ip: std::net::IpAddr,
     ) -> (Arc<RouteTable>, Option<Arc<crate::node_view::Workload>>) {
-        let meshed_pod =
-            |table: &RouteTable| table.local_workload(ip).filter(|w| w.meshed).cloned();
+        let meshed_pod = |table: &RouteTable| pod.workload(table, ip).filter(|w| w.meshed).cloned();
         let table = self.routes.current();
         if let Some(pod) = meshed_pod(&table) {
             return (table, Some(pod));
@@ -195,8 +196,39 @@ async fn certificates_with(
     }
 }
 
-/// The pod a listener inside a pod's namespace serves: its addresses.
-pub type ListenerPod = Arc<std::collections::BTreeSet<std::net::IpAddr>>;
+/// The pod a listener inside a pod's namespace serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServedPod {
+    /// Its addresses (those its namespace holds).
+    pub ips: std::collections::BTreeSet<std::net::IpAddr>,
+    /// `<namespace>/<name>`, as the container runtime announced it; empty
+    /// for a pod known by its addresses alone.
+    pub uid: String,
+}
+
+impl ServedPod {
+    /// Whether `ip` is one of the pod's own addresses.
+    pub fn owns(&self, ip: std::net::IpAddr) -> bool {
+        self.ips.contains(&ip)
+    }
+
+    /// The config's workload at `ip`, if it is this pod. A pod that takes
+    /// over a deleted pod's address is not that pod, whatever a config
+    /// that has not caught up yet says: its connections never carry the
+    /// deleted pod's identity or policy.
+    pub fn workload<'t>(
+        &self,
+        table: &'t RouteTable,
+        ip: std::net::IpAddr,
+    ) -> Option<&'t Arc<crate::node_view::Workload>> {
+        table
+            .local_workload(ip)
+            .filter(|w| self.uid.is_empty() || w.uid == self.uid)
+    }
+}
+
+/// A listener's pod, shared by its connections.
+pub type ListenerPod = Arc<ServedPod>;
 
 /// Runs a capture listener: each connection whose original destination is
 /// known gets its own task, with a span naming source and destination, and
@@ -215,7 +247,13 @@ pub async fn serve_captured<F, Fut>(
     pod: ListenerPod,
     handle: F,
 ) where
-    F: Fn(Arc<DataPlane>, tokio::net::TcpStream, std::net::SocketAddr, std::net::SocketAddr) -> Fut,
+    F: Fn(
+        Arc<DataPlane>,
+        ListenerPod,
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        std::net::SocketAddr,
+    ) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;
@@ -239,7 +277,7 @@ pub async fn serve_captured<F, Fut>(
             }
         };
         let own = if outbound { source } else { destination };
-        if !pod.contains(&own.ip()) {
+        if !pod.owns(own.ip()) {
             tracing::warn!(%source, %destination, listener = listener_name, pod = ?pod,
                 "refused: the address is not the pod's own (spoofed)");
             let direction = if outbound {
@@ -253,7 +291,7 @@ pub async fn serve_captured<F, Fut>(
         }
         let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
         let guard = plane.drain.track();
-        let connection = handle(plane.clone(), stream, source, destination);
+        let connection = handle(plane.clone(), pod.clone(), stream, source, destination);
         tokio::spawn(
             async move {
                 let _guard = guard;
@@ -364,6 +402,29 @@ mod tests {
         let table = routes.current();
         assert!(table.local_workload(ip("10.244.1.9")).is_some());
         assert!(table.local_workload(ip("10.244.1.5")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_took_a_deleted_pods_address_is_not_that_pod() {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        // The config still has web-1 (deleted) at the address.
+        let view = NodeView::apply(None, &full_state(&ca, "10.244.1.5"), "node-1")
+            .unwrap()
+            .view;
+        let (_views, receiver) = watch::channel(Some(Arc::new(view)));
+        let table = Routes::follow(receiver).current();
+        let ip: std::net::IpAddr = "10.244.1.5".parse().unwrap();
+        let pod = |uid: &str| ServedPod {
+            ips: [ip].into(),
+            uid: uid.into(),
+        };
+
+        assert!(pod("shop/web-1").workload(&table, ip).is_some());
+        // Known by its addresses alone (found on the node, not announced).
+        assert!(pod("").workload(&table, ip).is_some());
+        // A new pod at web-1's old address gets nothing of web-1's.
+        assert!(pod("shop/web-2").workload(&table, ip).is_none());
+        assert!(pod("other/web-1").workload(&table, ip).is_none());
     }
 
     #[tokio::test(start_paused = true)]

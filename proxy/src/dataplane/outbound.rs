@@ -111,18 +111,20 @@ enum ConnectError {
 
 async fn proxy(
     plane: Arc<DataPlane>,
+    pod: super::ListenerPod,
     stream: TcpStream,
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
     let mut routes = plane.routes.current();
-    let mut source = routes.local_workload(client_addr.ip()).cloned();
+    let mut source = pod.workload(&routes, client_addr.ip()).cloned();
     if source.is_none() {
         // Captured, so a meshed pod as far as the capture knows, but not in
         // the applied config (none yet: a proxy that started on the sets
         // its predecessor left, without kept state). Never sent on as an
-        // unknown client's: it waits for a config that knows it, or ends.
-        let (table, pod) = plane.with_local_pod(client_addr.ip()).await;
+        // unknown client's (nor as the deleted pod whose address it took):
+        // it waits for a config that knows it, or ends.
+        let (table, pod) = plane.with_local_pod(&pod, client_addr.ip()).await;
         let Some(pod) = pod else {
             warn!("outbound: the source is no pod of this node's config; closing");
             plane.metrics.failure(Direction::Outbound, "unknown_source");
@@ -292,7 +294,9 @@ async fn connect(
             // the gate first, with the source's identity from the node's
             // config (or none: plaintext), exactly as a tunnel would at the
             // destination; it never leaves the node.
-            let local_destination = route.workload.as_ref().filter(|w| route.local && w.meshed);
+            let (fresh, local_destination) = local_destination(plane, routes, route).await?;
+            let routes = fresh.as_deref().unwrap_or(routes);
+            let local_destination = local_destination.as_ref();
             let security = match (local_destination, meshed_source) {
                 (Some(_), Some(_)) => Security::NodeLocal,
                 _ => Security::None,
@@ -334,10 +338,10 @@ async fn connect(
             // one was applied since the gate's decision; before any byte
             // of the client's is written.
             let registration = match &request {
-                Some((_, request)) => match plane.inbound.register_admitted(
+                Some((workload, request)) => match plane.inbound.register_admitted(
                     &plane.routes,
                     &plane.metrics,
-                    routes.generation,
+                    (routes.generation, &workload.uid),
                     &upstream,
                     request,
                 ) {
@@ -351,12 +355,41 @@ async fn connect(
                 debug!(%error, target = %route.target, "outbound: connect failed");
                 return Err(ConnectError::Endpoint("connect_failed"));
             }
-            let peer = route
-                .workload
-                .as_ref()
+            let peer = local_destination
+                .or(route.workload.as_ref())
                 .map(Peer::workload)
                 .unwrap_or_default();
             Ok(Upstream::Direct(upstream, peer, security, registration))
+        }
+    }
+}
+
+/// The meshed pod of this node that `route` addresses directly, which the
+/// gate decides for, and the table it was found in if newer than `routes`.
+///
+/// A pod this proxy serves is the pod that holds the address now: one the
+/// config does not name yet (or still names as the deleted pod whose
+/// address it took) is waited for, as its own listeners would wait, and
+/// the connection refused if its config does not come. Without this, a
+/// direct connection into a new pod would pass no gate at all.
+async fn local_destination(
+    plane: &DataPlane,
+    routes: &RouteTable,
+    route: &Route,
+) -> Result<(Option<Arc<RouteTable>>, Option<Arc<Workload>>), ConnectError> {
+    let ip = route.target.ip();
+    let Some(pod) = plane.pods.served(ip) else {
+        let configured = route.workload.as_ref().filter(|w| route.local && w.meshed);
+        return Ok((None, configured.cloned()));
+    };
+    if let Some(workload) = pod.workload(routes, ip).filter(|w| w.meshed) {
+        return Ok((None, Some(workload.clone())));
+    }
+    match plane.with_local_pod(&pod, ip).await {
+        (table, Some(workload)) => Ok((Some(table), Some(workload))),
+        (_, None) => {
+            warn!(target = %route.target, pod = %pod.uid, "outbound: no config for the local pod addressed");
+            Err(ConnectError::Local("no_local_workload"))
         }
     }
 }

@@ -22,15 +22,16 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::Lis
 
 async fn proxy(
     plane: Arc<DataPlane>,
+    pod: super::ListenerPod,
     mut client: TcpStream,
     client_addr: SocketAddr,
     destination: SocketAddr,
 ) {
     let mut routes = plane.routes.current();
-    let mut workload = routes.local_workload(destination.ip()).cloned();
+    let mut workload = pod.workload(&routes, destination.ip()).cloned();
     if workload.is_none() {
         // Captured for a pod whose config has not arrived yet.
-        (routes, workload) = plane.with_local_pod(destination.ip()).await;
+        (routes, workload) = plane.with_local_pod(&pod, destination.ip()).await;
     }
     let Some(workload) = workload else {
         debug!("inbound plaintext: not a local pod");
@@ -65,7 +66,7 @@ async fn proxy(
     let registration = plane.inbound.register_admitted(
         &plane.routes,
         &plane.metrics,
-        routes.generation,
+        (routes.generation, &workload.uid),
         &upstream,
         &gate,
     );

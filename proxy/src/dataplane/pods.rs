@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::routes::RouteTable;
-use super::{DataPlane, inbound, outbound, plaintext};
+use super::{DataPlane, ListenerPod, ServedPod, inbound, outbound, plaintext};
 use crate::capture::CaptureConfig;
 use crate::capture::pod::{self, PodNetns};
 use crate::node_state::NodeState;
@@ -47,7 +47,7 @@ use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PR
 /// in the node's).
 #[derive(Debug, Default)]
 pub struct PodNamespaces {
-    by_ip: RwLock<HashMap<IpAddr, Arc<PodNetns>>>,
+    by_ip: RwLock<HashMap<IpAddr, (Arc<PodNetns>, ListenerPod)>>,
 }
 
 impl PodNamespaces {
@@ -56,17 +56,26 @@ impl PodNamespaces {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&ip)
-            .cloned()
+            .map(|(netns, _)| netns.clone())
     }
 
-    fn set(&self, ips: &BTreeSet<IpAddr>, netns: Option<&Arc<PodNetns>>) {
+    /// The served pod that holds `ip`, if one does.
+    pub fn served(&self, ip: IpAddr) -> Option<ListenerPod> {
+        self.by_ip
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ip)
+            .map(|(_, pod)| pod.clone())
+    }
+
+    fn set(&self, pod: &ListenerPod, netns: Option<&Arc<PodNetns>>) {
         let mut by_ip = self
             .by_ip
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for ip in ips {
+        for ip in &pod.ips {
             match netns {
-                Some(netns) => by_ip.insert(*ip, netns.clone()),
+                Some(netns) => by_ip.insert(*ip, (netns.clone(), pod.clone())),
                 None => by_ip.remove(ip),
             };
         }
@@ -119,7 +128,7 @@ pub struct PodCaptureSettings {
 
 /// A pod being served.
 struct Served {
-    ips: BTreeSet<IpAddr>,
+    pod: ListenerPod,
     netns: Arc<PodNetns>,
     listeners: Vec<JoinHandle<()>>,
 }
@@ -155,7 +164,7 @@ pub(super) async fn follow(
         let step = serve_step(&plane, &directory, &settings, &table, &mut served).await;
         let sources: BTreeSet<Ipv4Addr> = served
             .values()
-            .flat_map(|pod| &pod.ips)
+            .flat_map(|served| &served.pod.ips)
             .filter_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
@@ -228,7 +237,10 @@ struct Step {
 
 /// Whether a pod of the directory is to be served.
 fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
-    let configured = pod.ips.iter().find_map(|ip| table.local_workload(*ip));
+    // A workload the config has at one of its addresses, if it is this
+    // pod (not a deleted one whose address it took).
+    let announced = served_pod(pod);
+    let configured = pod.ips.iter().find_map(|ip| announced.workload(table, *ip));
     match configured {
         Some(workload) if workload.meshed => Outcome::Served,
         Some(_) => Outcome::NotMeshed,
@@ -299,7 +311,7 @@ async fn serve_step(
             let same_ips = pods
                 .iter()
                 .find(|pod| &pod.netns == *netns)
-                .is_some_and(|pod| pod.ips.iter().copied().collect::<BTreeSet<_>>() == serving.ips);
+                .is_some_and(|pod| served_pod(pod) == *serving.pod);
             !wanted || !same_ips
         })
         .map(|(netns, _)| netns.clone())
@@ -308,7 +320,7 @@ async fn serve_step(
         let Some(pod) = served.remove(&netns) else {
             continue;
         };
-        plane.pods.set(&pod.ips, None);
+        plane.pods.set(&pod.pod, None);
         // Gone before anything binds the pod's ports again (its addresses
         // may have changed, the namespace not).
         for listener in &pod.listeners {
@@ -345,11 +357,11 @@ async fn serve_step(
         if outcomes.get(&pod.netns) != Some(&Outcome::Served) || served.contains_key(&pod.netns) {
             continue;
         }
-        let ips: BTreeSet<IpAddr> = pod.ips.iter().copied().collect();
-        match serve_pod(plane, &pod.netns, &ips).await {
+        let wanted = Arc::new(served_pod(pod));
+        match serve_pod(plane, &pod.netns, &wanted).await {
             Ok(serving) => {
-                info!(pod = %format!("{}/{}", pod.namespace, pod.name), ?ips, netns = %pod.netns.display(), "serving the pod in its namespace");
-                plane.pods.set(&serving.ips, Some(&serving.netns));
+                info!(pod = %wanted.uid, ips = ?wanted.ips, netns = %pod.netns.display(), "serving the pod in its namespace");
+                plane.pods.set(&serving.pod, Some(&serving.netns));
                 served.insert(pod.netns.clone(), serving);
             }
             Err(error) => {
@@ -364,15 +376,28 @@ async fn serve_step(
     }
 }
 
-/// Checks that the namespace at `path` holds `ips`, installs the
-/// redirection there and opens the pod's listeners.
+/// What a listener of `pod` serves.
+fn served_pod(pod: &AnnouncedPod) -> ServedPod {
+    let uid = if pod.namespace.is_empty() || pod.name.is_empty() {
+        String::new()
+    } else {
+        format!("{}/{}", pod.namespace, pod.name)
+    };
+    ServedPod {
+        ips: pod.ips.iter().copied().collect(),
+        uid,
+    }
+}
+
+/// Checks that the namespace at `path` holds the pod's addresses, installs
+/// the redirection there and opens the pod's listeners.
 async fn serve_pod(
     plane: &Arc<DataPlane>,
     path: &Path,
-    ips: &BTreeSet<IpAddr>,
+    pod: &ListenerPod,
 ) -> Result<Served, String> {
     let netns = Arc::new(PodNetns::open(path).map_err(|e| e.to_string())?);
-    let (checked, wanted) = (netns.clone(), ips.clone());
+    let (checked, wanted) = (netns.clone(), pod.ips.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let held = pod::addresses_of(&checked).map_err(|e| e.to_string())?;
         if let Some(ip) = wanted.iter().find(|ip| !held.contains(ip)) {
@@ -385,11 +410,10 @@ async fn serve_pod(
     let listeners = netns
         .enter(bind_pod_listeners)
         .map_err(|e| e.to_string())??;
-    let shared_ips = Arc::new(ips.clone());
     let tasks = listeners
         .into_iter()
         .map(|(what, listener)| {
-            let (plane, pod) = (plane.clone(), shared_ips.clone());
+            let (plane, pod) = (plane.clone(), pod.clone());
             tokio::spawn(async move {
                 match what {
                     Listener::Outbound => outbound::serve(listener, plane, pod).await,
@@ -400,7 +424,7 @@ async fn serve_pod(
         })
         .collect();
     Ok(Served {
-        ips: ips.clone(),
+        pod: pod.clone(),
         netns,
         listeners: tasks,
     })

@@ -26,6 +26,8 @@ use super::telemetry::TrafficMetrics;
 
 /// One open connection into a local pod.
 struct OpenInbound {
+    /// The pod it was admitted into (`<namespace>/<name>`).
+    pod: String,
     path: Path,
     principal: Option<String>,
     source: SocketAddr,
@@ -66,11 +68,12 @@ impl InboundRegistry {
         self: &Arc<Self>,
         routes: &super::Routes,
         metrics: &TrafficMetrics,
-        decided_on: u64,
+        (decided_on, pod): (u64, &str),
         upstream: &TcpStream,
         request: &GateRequest<'_>,
     ) -> Result<Option<Registration>, Decision> {
         let registration = self.register(
+            pod,
             upstream,
             request.path,
             request.principal.map(str::to_owned),
@@ -82,7 +85,7 @@ impl InboundRegistry {
             return Ok(registration);
         }
         let what = "inbound connection denied by a config applied while it opened";
-        let decision = decide_again(&current, metrics, request, what);
+        let decision = decide_again(&current, metrics, pod, request, what);
         if decision.allowed() {
             Ok(registration)
         } else {
@@ -95,6 +98,7 @@ impl InboundRegistry {
     /// by `path` and forwarded on `upstream`.
     fn register(
         self: &Arc<Self>,
+        pod: &str,
         upstream: &TcpStream,
         path: Path,
         principal: Option<String>,
@@ -110,6 +114,7 @@ impl InboundRegistry {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = OpenInbound {
+            pod: pod.to_owned(),
             path,
             principal,
             source,
@@ -138,7 +143,7 @@ impl InboundRegistry {
                 destination: connection.destination,
             };
             let what = "closing an open connection after a policy change";
-            if decide_again(routes, metrics, &request, what).allowed() {
+            if decide_again(routes, metrics, &connection.pod, &request, what).allowed() {
                 continue;
             }
             let _ = connection.upstream.shutdown(Shutdown::Both);
@@ -163,14 +168,16 @@ impl InboundRegistry {
 /// says what the refusal does. A connection whose pod is no longer in this
 /// node's config is refused: deleted pods take their connections along,
 /// and a pod still there but out of the config (its entry refused, say)
-/// is no longer vouched for.
+/// is no longer vouched for; nor is `pod` once its address is another's.
 fn decide_again(
     routes: &RouteTable,
     metrics: &TrafficMetrics,
+    pod: &str,
     request: &GateRequest<'_>,
     what: &str,
 ) -> Decision {
-    let Some(workload) = routes.local_workload(request.destination.ip()) else {
+    let workload = routes.local_workload(request.destination.ip());
+    let Some(workload) = workload.filter(|w| w.uid == pod) else {
         let gone = Decision {
             outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
             audits: Vec::new(),
