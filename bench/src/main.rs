@@ -273,6 +273,7 @@ impl Bench {
             service_account: name,
             labels: &[],
             meshed,
+            probe_ports: &[],
         };
         let testbed = builder
             .pod(pod(first, "bench", "client", true))

@@ -273,12 +273,58 @@ fn workload_of(
             authorization_policies: applicable.keys,
             invalid_authorization_policies: applicable.invalid,
             quarantine: String::new(),
+            probe_ports: probe_ports(spec),
             mtls_mode: mtls_mode as i32,
             mtls_policy,
         },
         identity,
         has_ip,
     })
+}
+
+/// The TCP ports the kubelet probes in `spec`: every container's (init
+/// containers' too: restartable ones have probes) liveness, readiness and
+/// startup probes over HTTP, TCP or gRPC, a named port resolved among the
+/// container's ports. A name that matches no port is left out (the kubelet
+/// cannot probe it either).
+fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u32> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    let mut ports = std::collections::BTreeSet::new();
+    for container in containers {
+        let probes = [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ];
+        for probe in probes.into_iter().flatten() {
+            let port = probe
+                .http_get
+                .as_ref()
+                .map(|http| &http.port)
+                .or_else(|| probe.tcp_socket.as_ref().map(|tcp| &tcp.port));
+            let number = match port {
+                Some(IntOrString::Int(number)) => Some(*number),
+                Some(IntOrString::String(name)) => container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map(|p| p.container_port),
+                None => probe.grpc.as_ref().map(|grpc| grpc.port),
+            };
+            if let Some(number) = number
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=65535).contains(n))
+            {
+                ports.insert(number);
+            }
+        }
+    }
+    ports.into_iter().collect()
 }
 
 /// The name of the workload a pod belongs to, for metrics: one name for all

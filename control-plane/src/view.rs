@@ -57,6 +57,7 @@ impl NodeView {
                 let remote = pb::Workload {
                     labels: Default::default(),
                     authorization_policies: Vec::new(),
+                    probe_ports: Vec::new(),
                     mtls_mode: pb::MtlsMode::Permissive as i32,
                     mtls_policy: String::new(),
                     ..workload.workload.clone()

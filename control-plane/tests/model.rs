@@ -598,3 +598,43 @@ fn a_weft_object_the_api_server_would_refuse_is_refused_naming_the_field() {
     );
     assert!(source.state().traffic_policies.is_empty());
 }
+
+#[test]
+fn the_ports_the_kubelet_probes_go_with_the_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "cluster.yaml", CLUSTER);
+    write(
+        dir.path(),
+        "probed.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop}
+spec:
+  nodeName: node-1
+  serviceAccountName: web
+  initContainers:
+  - name: proxy
+    image: x
+    restartPolicy: Always
+    startupProbe: {tcpSocket: {port: 9901}}
+  containers:
+  - name: app
+    image: x
+    ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9000}]
+    readinessProbe: {httpGet: {path: /ready, port: http}}
+    livenessProbe: {httpGet: {path: /live, port: 8081}}
+  - name: rpc
+    image: x
+    livenessProbe: {grpc: {port: 50051}}
+    readinessProbe: {exec: {command: ["true"]}}
+    startupProbe: {httpGet: {path: /, port: missing}}
+status: {phase: Pending, podIP: 10.244.1.9}
+"#,
+    );
+    let (mesh, _) = mesh_of(dir.path());
+    assert_eq!(
+        mesh.workloads["shop/api-1"].workload.probe_ports,
+        [8080, 8081, 9901, 50051]
+    );
+}

@@ -5,13 +5,14 @@
 //! server on port 8080. Nothing is installed on a node.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weft_proxy::capture::CaptureConfig;
 use weft_proxy::capture::pod::{PodNetns, install_in_pod, remove_from_pod};
+use weft_proxy::capture::{CaptureConfig, node_source};
 use weft_proxy::sockets::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK, outgoing_socket,
     redirected_destination,
@@ -30,6 +31,8 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 const APP_PORT: u16 = 9090;
+/// A port of the pod's application that nobody probes.
+const OTHER_PORT: u16 = 9191;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn cluster(network: PodNetwork) -> Testbed {
@@ -128,7 +131,7 @@ fn redirected_inside_the_pod_and_refused_without_a_proxy(network: PodNetwork) {
     let server = SocketAddr::from((testbed.pod_ip("server").unwrap(), ECHO_PORT));
     let netns = netns_of(&testbed, "client");
     let config = CaptureConfig::default();
-    install_in_pod(&netns, &config).unwrap();
+    install_in_pod(&netns, &config, &BTreeSet::new()).unwrap();
     let [outbound, inbound, hbone] = listen_in(&netns);
 
     // Outbound: the pod's connection lands on its own 127.0.0.1:15001,
@@ -244,7 +247,7 @@ fn running_pods_are_found_by_their_addresses() {
     assert!(!found.contains_key(&elsewhere));
     // What was found is the pod: redirection installed there works.
     let netns = PodNetns::open(&found[&client]).unwrap();
-    install_in_pod(&netns, &CaptureConfig::default()).unwrap();
+    install_in_pod(&netns, &CaptureConfig::default(), &BTreeSet::new()).unwrap();
     let [outbound, _inbound, _hbone] = listen_in(&netns);
     let to = SocketAddr::from((testbed.pod_ip("server").unwrap(), ECHO_PORT));
     let _pod_side = testbed.connect(Target::Pod("client"), to).unwrap();
@@ -253,50 +256,80 @@ fn running_pods_are_found_by_their_addresses() {
 }
 
 #[test]
-fn the_nodes_own_connections_reach_the_app_and_nobody_elses_do() {
+fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
     let _serial = one_at_a_time();
     let testbed = cluster(PodNetwork::Bridge);
     let client_ip = testbed.pod_ip("client").unwrap();
     let netns = netns_of(&testbed, "client");
     let config = CaptureConfig::default();
-    install_in_pod(&netns, &config).unwrap();
-    // The node marks its own connections to its meshed pods.
-    let script = weft_proxy::capture::pod::node_source_ruleset(
-        &config,
-        &std::collections::BTreeSet::from([client_ip]),
-    );
+    // APP_PORT is probed, OTHER_PORT is not.
+    install_in_pod(&netns, &config, &BTreeSet::from([APP_PORT])).unwrap();
+    let probe_addr = SocketAddr::from((client_ip, APP_PORT));
+    let other_addr = SocketAddr::from((client_ip, OTHER_PORT));
+    // The node gives its own connections to the probe port its source.
+    let script = node_source::ruleset(&config, &BTreeSet::from([probe_addr]));
     let node = netns_of_node(&testbed, "node-1");
-    node.run_in(|| {
-        let mut nft = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        nft.stdin
-            .take()
+    node.run_in(|| nft(&script)).unwrap();
+    let [app, other] = [APP_PORT, OTHER_PORT].map(|port| {
+        netns
+            .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
             .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(nft.wait().unwrap().success(), "{script}");
-    })
-    .unwrap();
-    let app = netns
-        .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, APP_PORT)).unwrap())
-        .unwrap();
-    let app_addr = SocketAddr::from((client_ip, APP_PORT));
+    });
 
     // No proxy listens in the pod. A probe from the node still reaches the
     // application, from the node's link-local source...
-    let probe = testbed.connect(Target::Node("node-1"), app_addr).unwrap();
+    let probe = testbed.connect(Target::Node("node-1"), probe_addr).unwrap();
     let (_at_app, peer) = accept(&app);
-    assert_eq!(peer.ip(), IpAddr::V4(weft_proxy::capture::pod::NODE_SOURCE));
+    assert_eq!(peer.ip(), IpAddr::V4(node_source::NODE_SOURCE));
     drop(probe);
-    // ... while other pods, on the same bridge or another node, are
-    // refused.
+    // ... but not another port: captured, refused without a proxy.
+    let refused = testbed.connect(Target::Node("node-1"), other_addr);
+    assert!(refused.is_err(), "the node reached a port nobody probes");
+    // Other pods, on the same bridge or another node, are refused.
     for pod in ["neighbour", "server"] {
-        let refused = testbed.connect(Target::Pod(pod), app_addr);
+        let refused = testbed.connect(Target::Pod(pod), probe_addr);
         assert!(refused.is_err(), "{pod} reached the app with no proxy");
     }
+    // A neighbour that forges the node's source address (as a pod with
+    // CAP_NET_ADMIN can) does not get past the capture to any other port.
+    let forged = testbed
+        .run_in(Target::Pod("neighbour"), || {
+            let added = std::process::Command::new("ip")
+                .args(["addr", "add", "169.254.7.127/32", "dev", "eth0"])
+                .status()
+                .unwrap();
+            assert!(added.success());
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket
+                .bind(&SocketAddr::from((node_source::NODE_SOURCE, 0)).into())
+                .unwrap();
+            socket.connect_timeout(&other_addr.into(), std::time::Duration::from_secs(5))
+        })
+        .unwrap();
+    assert!(
+        forged.is_err(),
+        "a forged node source reached a port nobody probes"
+    );
+    other.set_nonblocking(true).unwrap();
+    assert!(
+        other.accept().is_err(),
+        "the app's other port saw a connection"
+    );
+}
+
+fn nft(script: &str) {
+    let mut nft = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "{script}");
 }
 
 fn netns_of_node(testbed: &Testbed, node: &str) -> PodNetns {

@@ -93,6 +93,21 @@ fn pod_object(topology: &Topology, pod: &Pod, namespace_meshed: bool) -> Value {
     }
     let ip = ips.first().cloned().unwrap_or_default();
     let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({ "ip": ip })).collect();
+    // One container per probed port, each with its TCP readiness probe.
+    let mut containers: Vec<Value> = pod
+        .probe_ports
+        .iter()
+        .map(|port| {
+            json!({
+                "name": format!("app-{port}"),
+                "image": "weft-testbed/workload:latest",
+                "readinessProbe": { "tcpSocket": { "port": port } },
+            })
+        })
+        .collect();
+    if containers.is_empty() {
+        containers.push(json!({ "name": "app", "image": "weft-testbed/workload:latest" }));
+    }
     let host_ip = node.ip.to_string();
     json!({
         "apiVersion": "v1",
@@ -105,7 +120,7 @@ fn pod_object(topology: &Topology, pod: &Pod, namespace_meshed: bool) -> Value {
         "spec": {
             "nodeName": node.name,
             "serviceAccountName": pod.service_account,
-            "containers": [{ "name": "app", "image": "weft-testbed/workload:latest" }],
+            "containers": containers,
         },
         "status": {
             "phase": "Running",

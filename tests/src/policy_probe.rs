@@ -26,6 +26,7 @@ pub fn shop_pod<'a>(
         service_account,
         labels,
         meshed: true,
+        probe_ports: &[],
     }
 }
 
@@ -42,7 +43,8 @@ pub fn legacy_pod<'a>(node: &'a str, name: &'a str) -> PodSpec<'a> {
 
 /// The shop: node-1 runs web-1 and batch-1 (meshed, namespace shop, each
 /// its own ServiceAccount) and old-1 (an unmeshed namespace); node-2 runs
-/// db-1 (meshed, shop) behind [`SHOP_DB_SERVICE`].
+/// db-1 (meshed, shop, its port 5432 probed by the kubelet) behind
+/// [`SHOP_DB_SERVICE`].
 pub fn shop_testbed() -> Result<Testbed> {
     shop_testbed_builder().build()
 }
@@ -56,7 +58,7 @@ pub fn shop_testbed_builder() -> crate::TestbedBuilder {
         .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
         .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
         .pod(legacy_pod("node-1", "old-1"))
-        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
+        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]).probed(&[5432]))
         .service(SHOP_DB_SERVICE)
 }
 

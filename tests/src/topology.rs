@@ -30,6 +30,19 @@ pub struct PodSpec<'a> {
     pub labels: &'a [(&'a str, &'a str)],
     /// Whether the pod is part of the mesh (see the manifests' `weft.dev/mesh` label).
     pub meshed: bool,
+    /// The ports the kubelet probes (a TCP readiness probe each, in the
+    /// manifest): the node's own connections to them pass the capture.
+    pub probe_ports: &'a [u16],
+}
+
+impl<'a> PodSpec<'a> {
+    /// The same pod, with the kubelet probing `ports`.
+    pub fn probed(self, ports: &'a [u16]) -> Self {
+        PodSpec {
+            probe_ports: ports,
+            ..self
+        }
+    }
 }
 
 impl Default for PodSpec<'_> {
@@ -41,6 +54,7 @@ impl Default for PodSpec<'_> {
             service_account: "default",
             labels: &[],
             meshed: true,
+            probe_ports: &[],
         }
     }
 }
@@ -176,6 +190,7 @@ pub(crate) struct PodDecl {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub meshed: bool,
+    pub probe_ports: Vec<u16>,
 }
 
 impl From<PodSpec<'_>> for PodDecl {
@@ -187,6 +202,7 @@ impl From<PodSpec<'_>> for PodDecl {
             service_account: spec.service_account.to_owned(),
             labels: to_map(spec.labels),
             meshed: spec.meshed,
+            probe_ports: spec.probe_ports.to_vec(),
         }
     }
 }
@@ -234,6 +250,8 @@ pub(crate) struct Pod {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub meshed: bool,
+    /// The ports the kubelet probes.
+    pub probe_ports: Vec<u16>,
     /// Index into [`Topology::nodes`].
     pub node: usize,
     pub netns: String,
@@ -361,6 +379,7 @@ impl Topology {
                 service_account: spec.service_account.clone(),
                 labels: spec.labels.clone(),
                 meshed: spec.meshed,
+                probe_ports: spec.probe_ports.clone(),
                 node,
                 netns: format!("{prefix}-p-{}", spec.name),
                 node_veth: format!("pod{slot}"),

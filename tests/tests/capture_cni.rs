@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
-use weft_proxy::capture::pod::NODE_SOURCE;
+use weft_proxy::capture::node_source::NODE_SOURCE;
 use weft_testbed::{
     CONFIG_WAIT, EchoServer, PodNetwork, SHOP_DB_SERVICE, Target, Testbed, WeftMesh,
     echo_round_trip, echoes, legacy_pod, shop_pod, start_mesh_with_db_echo, wait_for_reach,
@@ -46,7 +46,7 @@ fn start(pod_network: PodNetwork) -> Cluster {
         .node("node-1")
         .node("node-2")
         .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
-        .pod(shop_pod("node-1", "db-1", "db", &[("app", "db")]))
+        .pod(shop_pod("node-1", "db-1", "db", &[("app", "db")]).probed(&[5432]))
         .pod(legacy_pod("node-1", "old-1"))
         .pod(legacy_pod("node-1", "stranger-1"))
         .pod(shop_pod("node-2", "db-2", "db", &[("app", "db")]))

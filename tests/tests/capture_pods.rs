@@ -125,7 +125,7 @@ fn a_pod_that_forges_a_neighbours_address_is_refused() {
 }
 
 #[test]
-fn the_node_reaches_its_meshed_pods_as_itself_for_probes() {
+fn the_node_reaches_its_meshed_pods_probe_ports_as_itself_and_nothing_else() {
     let testbed = cluster();
     let (mesh, server) = start(&testbed);
     // STRICT for db-1: plaintext from pods is refused, the node's own
@@ -149,6 +149,25 @@ fn the_node_reaches_its_meshed_pods_as_itself_for_probes() {
         "the probe did not come from the node's source address: {:?}",
         server.peers()
     );
+
+    // A port of db-1 that nobody probes: the node is a plaintext client
+    // there like any other, which STRICT refuses.
+    let other = testbed
+        .start_echo_server(Target::Pod("db-1"), 6000)
+        .unwrap();
+    let to_other = SocketAddr::new(db.ip(), 6000);
+    let refused = testbed
+        .run_in(Target::Node("node-2"), || -> std::io::Result<Vec<u8>> {
+            let mut stream = TcpStream::connect_timeout(&to_other, WAIT)?;
+            weft_testbed::echo_round_trip(&mut stream, b"not a probe")
+                .map_err(std::io::Error::other)
+        })
+        .unwrap();
+    assert!(
+        refused.is_err(),
+        "the node reached an unprobed port of a STRICT pod"
+    );
+    assert!(other.peers().is_empty(), "{:?}", other.peers());
 }
 
 #[test]

@@ -26,6 +26,7 @@ fn cluster() -> Testbed {
             service_account: "web",
             labels: &[("app", "web")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-1",
@@ -34,6 +35,7 @@ fn cluster() -> Testbed {
             service_account: "batch",
             labels: &[],
             meshed: false,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -42,6 +44,7 @@ fn cluster() -> Testbed {
             service_account: "db",
             labels: &[("app", "db")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -50,6 +53,7 @@ fn cluster() -> Testbed {
             service_account: "db",
             labels: &[("app", "db")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -58,6 +62,7 @@ fn cluster() -> Testbed {
             service_account: "default",
             labels: &[],
             meshed: false,
+            probe_ports: &[],
         })
         .service(ServiceSpec {
             namespace: "shop",

@@ -32,6 +32,7 @@ fn cluster() -> (Testbed, WeftMesh) {
             service_account: "client",
             labels: &[],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-1",
@@ -40,6 +41,7 @@ fn cluster() -> (Testbed, WeftMesh) {
             service_account: "neighbour",
             labels: &[("app", "neighbour")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-1",
@@ -48,6 +50,7 @@ fn cluster() -> (Testbed, WeftMesh) {
             service_account: "default",
             labels: &[],
             meshed: false,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -56,6 +59,7 @@ fn cluster() -> (Testbed, WeftMesh) {
             service_account: "server",
             labels: &[("app", "server")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -64,6 +68,7 @@ fn cluster() -> (Testbed, WeftMesh) {
             service_account: "default",
             labels: &[],
             meshed: false,
+            probe_ports: &[],
         })
         .service(ServiceSpec {
             namespace: "shop",

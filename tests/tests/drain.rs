@@ -26,6 +26,7 @@ fn cluster() -> (Testbed, WeftMesh) {
         service_account: name,
         labels: &[],
         meshed: true,
+        probe_ports: &[],
     };
     let testbed = Testbed::builder()
         .node("node-1")

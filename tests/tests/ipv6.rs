@@ -2,13 +2,16 @@
 //! CNI) and IPv6-only pods (bridge CNI), across nodes. Their IPv6 TCP is
 //! captured, carried in HBONE tunnels to `[pod IP]:15008` (TLS on the wire,
 //! never the pods' bytes), reaches the server from the client's own
-//! address, and meets the destination's policy.
+//! address, and meets the destination's policy; the node's probes reach
+//! the pods over IPv6 as over IPv4.
 //!
 //! node-1: web-1 (shop/web) and batch-1 (shop/batch); node-2: db-1
 //! (shop/db), echoing on 5432.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::net::SocketAddr;
+
+use weft_proxy::capture::node_source::NODE_SOURCE_V6;
 
 use weft_testbed::{
     DENY_BATCH_TO_DB, IpFamilies, PodNetwork, Target, Testbed, WeftMesh, WireWatch, echoes,
@@ -25,7 +28,7 @@ fn cluster(families: IpFamilies, network: PodNetwork) -> Testbed {
         .ip_families(families)
         .pod(shop_pod("node-1", "web-1", "web", &[("app", "web")]))
         .pod(shop_pod("node-1", "batch-1", "batch", &[("app", "batch")]))
-        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]))
+        .pod(shop_pod("node-2", "db-1", "db", &[("app", "db")]).probed(&[5432]))
         .build()
         .unwrap()
 }
@@ -62,6 +65,20 @@ fn ipv6_is_meshed(testbed: &Testbed, mesh: &WeftMesh, server: &weft_testbed::Ech
     mesh.write_manifest("deny.yaml", DENY_BATCH_TO_DB).unwrap();
     wait_for_reach(testbed, "batch-1", db, false);
     assert!(echoes(testbed, "web-1", db), "web-1 is not denied");
+
+    // The kubelet probes db-1's port over IPv6 from the node: the probe
+    // reaches it past the capture, from the node's IPv6 source for probes.
+    let mut probe = testbed.connect(Target::Node("node-2"), db).unwrap();
+    assert_eq!(
+        weft_testbed::echo_round_trip(&mut probe, b"probe").unwrap(),
+        b"probe"
+    );
+    let node_source = std::net::IpAddr::V6(NODE_SOURCE_V6);
+    assert!(
+        server.peers().iter().any(|peer| peer.ip() == node_source),
+        "the probe came from {:?}",
+        server.peers()
+    );
 }
 
 #[test]

@@ -30,6 +30,7 @@ fn cluster() -> Testbed {
             service_account: "web",
             labels: &[("app", "web")],
             meshed: true,
+            probe_ports: &[],
         })
         .pod(PodSpec {
             node: "node-2",
@@ -38,6 +39,7 @@ fn cluster() -> Testbed {
             service_account: "db",
             labels: &[("app", "db")],
             meshed: true,
+            probe_ports: &[],
         })
         .service(ServiceSpec {
             namespace: "shop",

@@ -22,6 +22,7 @@ fn cluster(with_dead: bool) -> Testbed {
         service_account: "default",
         labels: app,
         meshed: true,
+        probe_ports: &[],
     };
     let service = |name, app| ServiceSpec {
         namespace: "shop",

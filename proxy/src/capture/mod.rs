@@ -2,7 +2,7 @@
 //! network namespace that steer the pod's TCP into the proxy's listeners
 //! there, whatever the CNI does outside the pod ([`pod`], which says rule
 //! by rule why), and the node's one rule for its own connections to its
-//! meshed pods ([`pod::node_source_ruleset`]).
+//! meshed pods' probe ports ([`node_source`]).
 //!
 //! Why inside the pod: every packet a pod sends or receives passes its own
 //! namespace's netfilter hooks, whatever the CNI (a bridge with or without
@@ -26,6 +26,7 @@
 //! script's lines. Both tools must be installed on the node.
 
 mod command;
+pub mod node_source;
 pub mod pod;
 mod routing;
 

@@ -8,8 +8,9 @@
 //!   the pod's connections to itself (`lo`);
 //! - TCP arriving for the pod (`prerouting`) goes to `<pod IP>:<inbound
 //!   plaintext>`, except to the HBONE port, where the proxy listens itself,
-//!   and from the node itself (kubelet probes), which the node sends from
-//!   [`NODE_SOURCE`] ([`node_source_ruleset`]);
+//!   and from the node itself to the pod's probe ports (the kubelet's
+//!   probes), which the node sends from its own source address
+//!   ([`super::node_source`]);
 //! - the proxy reaches the pod's application from the client's own address
 //!   (a transparent socket, marked): conntrack remembers the mark, and the
 //!   application's replies are routed to `lo` (policy routing on the
@@ -35,6 +36,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use super::command::run;
+use super::node_source::{NODE_SOURCE, NODE_SOURCE_V6};
 use super::routing::{self, Family};
 use super::{CaptureConfig, CaptureError, TABLE_NAME};
 
@@ -137,52 +139,6 @@ fn home_namespace() -> Result<&'static File, CaptureError> {
         })
 }
 
-/// The source address the node gives its own connections to meshed pods
-/// (the kubelet's probes, hostNetwork clients): a link-local address no
-/// pod has, which the pods' redirection lets through ([`pod_ruleset`]),
-/// so that a probe reaches the application as it would without weft,
-/// STRICT or not. The same one Istio's in-pod mode uses. IPv4 only for
-/// now: the node's IPv6 connections to its pods are redirected like any
-/// other.
-pub const NODE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
-
-/// The node's side of [`NODE_SOURCE`], as an `nft -f` script for the
-/// node's namespace: connections the node itself opens (seen in its
-/// `output` hook, which forwarded and translated traffic from elsewhere
-/// never passes) to one of `pods`, also through a DNAT of the node's own
-/// (a ClusterIP), leave with [`NODE_SOURCE`] as their source. Replaces any
-/// table of that name.
-pub fn node_source_ruleset(config: &CaptureConfig, pods: &BTreeSet<std::net::Ipv4Addr>) -> String {
-    let node = config.node_connection_mark;
-    let table = "ip weft_node_source";
-    let elements = pods
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut script = format!("table {table} {{}}\ndelete table {table}\ntable {table} {{\n");
-    let _ = writeln!(script, "\tset pods {{\n\t\ttype ipv4_addr");
-    if !elements.is_empty() {
-        let _ = writeln!(script, "\t\telements = {{ {elements} }}");
-    }
-    script.push_str("\t}\n");
-    // After the node's own DNAT (priority -100: kube-proxy's ClusterIPs),
-    // so that a hostNetwork client of a Service backed by a meshed pod is
-    // recognised by the pod it really reaches.
-    let _ = writeln!(
-        script,
-        "\tchain output {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\t\
-         meta l4proto tcp ct state new ip daddr @pods ct mark set ct mark | {node:#x}\n\t}}"
-    );
-    let _ = writeln!(
-        script,
-        "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\t\t\
-         ct mark & {node:#x} == {node:#x} ip daddr @pods snat to {NODE_SOURCE}\n\t}}"
-    );
-    script.push_str("}\n");
-    script
-}
-
 /// Finds the network namespaces that hold `ips` (pods already running when
 /// the proxy starts, which no CNI call announced): every namespace mounted
 /// under `mount_dirs` (where iproute2 and CNI runtimes keep them, e.g.
@@ -265,37 +221,17 @@ pub fn addresses_of(netns: &PodNetns) -> Result<BTreeSet<IpAddr>, CaptureError> 
         })
 }
 
-/// Installs [`node_source_ruleset`] for `pods` in the calling thread's
-/// namespace (the node's), replacing the last one.
-pub fn set_node_sources(
-    config: &CaptureConfig,
-    pods: &BTreeSet<std::net::Ipv4Addr>,
-) -> Result<(), CaptureError> {
-    run(
-        "setting the node's source address for its connections to meshed pods",
-        "nft",
-        &["-f", "-"],
-        Some(&node_source_ruleset(config, pods)),
-    )
-    .map(drop)
-}
-
-/// Removes what [`set_node_sources`] installed; none there is no error.
-pub fn remove_node_sources() -> Result<(), CaptureError> {
-    run(
-        "removing the node's source address rule",
-        "nft",
-        &["-f", "-"],
-        Some("table ip weft_node_source {}\ndelete table ip weft_node_source\n"),
-    )
-    .map(drop)
-}
-
 /// Installs the redirection into the pod's namespace, replacing any that
 /// is there (one `nft` transaction), with its policy routing; IPv6 too
 /// when the namespace has it (an IPv6 routing that cannot be installed is
 /// logged: the pod's IPv6 TCP is then refused).
-pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), CaptureError> {
+/// `probe_ports` are the ports the node's own connections reach
+/// uncaptured (the kubelet's probes).
+pub fn install_in_pod(
+    netns: &PodNetns,
+    config: &CaptureConfig,
+    probe_ports: &BTreeSet<u16>,
+) -> Result<(), CaptureError> {
     if let Some(reason) = config.problem() {
         return Err(CaptureError::Config { reason });
     }
@@ -309,7 +245,7 @@ pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), Ca
             "installing the capture in a pod's network namespace",
             "nft",
             &["-f", "-"],
-            Some(&pod_ruleset(&config)),
+            Some(&pod_ruleset(&config, probe_ports)),
         )?;
         routing::install(&config, Family::V4)?;
         if ipv6 && let Err(error) = routing::install(&config, Family::V6) {
@@ -319,6 +255,29 @@ pub fn install_in_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), Ca
             tracing::warn!(%error, "no IPv6 routing in the pod: its IPv6 TCP is refused");
         }
         Ok(())
+    })?
+}
+
+/// Replaces the pod's table with one that lets the node reach
+/// `probe_ports` (its probes changed); routing is left as it is.
+pub fn set_probe_ports(
+    netns: &PodNetns,
+    config: &CaptureConfig,
+    probe_ports: &BTreeSet<u16>,
+) -> Result<(), CaptureError> {
+    netns.run_in(|| {
+        let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
+        let config = CaptureConfig {
+            ipv6,
+            ..config.clone()
+        };
+        run(
+            "setting the probe ports in a pod's network namespace",
+            "nft",
+            &["-f", "-"],
+            Some(&pod_ruleset(&config, probe_ports)),
+        )
+        .map(drop)
     })?
 }
 
@@ -345,22 +304,40 @@ pub fn remove_from_pod(netns: &PodNetns, config: &CaptureConfig) -> Result<(), C
 
 /// The pod's table, replacing whatever table of that name is there (see
 /// the module docs for each rule's reason).
-pub fn pod_ruleset(config: &CaptureConfig) -> String {
+pub fn pod_ruleset(config: &CaptureConfig, probe_ports: &BTreeSet<u16>) -> String {
     let (proxy, capture) = (config.proxy_mark, config.capture_mark);
     let mut script = format!("table {TABLE_NAME} {{}}\ndelete table {TABLE_NAME}\n");
     let _ = writeln!(script, "table {TABLE_NAME} {{");
+    let mut node_probes = Vec::new();
+    if !probe_ports.is_empty() {
+        let ports = probe_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        node_probes.push(format!(
+            "ip saddr {NODE_SOURCE} tcp dport {{ {ports} }} accept"
+        ));
+        if config.ipv6 {
+            node_probes.push(format!(
+                "ip6 saddr {NODE_SOURCE_V6} tcp dport {{ {ports} }} accept"
+            ));
+        }
+    }
     let chains = [
         (
             "prerouting",
             "type nat hook prerouting priority -100; policy accept;",
-            vec![
-                format!("ip saddr {NODE_SOURCE} accept"),
-                format!("tcp dport {} accept", config.hbone_port),
-                format!(
-                    "meta l4proto tcp redirect to :{}",
-                    config.inbound_plaintext_port
-                ),
-            ],
+            node_probes
+                .into_iter()
+                .chain([
+                    format!("tcp dport {} accept", config.hbone_port),
+                    format!(
+                        "meta l4proto tcp redirect to :{}",
+                        config.inbound_plaintext_port
+                    ),
+                ])
+                .collect(),
         ),
         (
             "output",
@@ -412,9 +389,11 @@ mod tests {
 
     #[test]
     fn the_pod_table_redirects_all_but_the_proxys_own_and_hbone() {
-        let script = pod_ruleset(&CaptureConfig::default());
+        let script = pod_ruleset(&CaptureConfig::default(), &BTreeSet::from([8080, 9090]));
         assert!(script.starts_with("table inet weft {}\ndelete table inet weft\n"));
         for rule in [
+            "ip saddr 169.254.7.127 tcp dport { 8080, 9090 } accept",
+            "ip6 saddr fd00:7765:6674::7f tcp dport { 8080, 9090 } accept",
             "tcp dport 15008 accept",
             "meta l4proto tcp redirect to :15006",
             "meta mark & 0x2 == 0x2 accept",
@@ -424,6 +403,9 @@ mod tests {
         ] {
             assert!(script.contains(rule), "{rule} missing from:\n{script}");
         }
+        // Without probes the node source is captured like anyone.
+        let unprobed = pod_ruleset(&CaptureConfig::default(), &BTreeSet::new());
+        assert!(!unprobed.contains("169.254.7.127"), "{unprobed}");
         // The HBONE exception comes before the redirect.
         assert!(
             script.find("dport 15008").unwrap_or(usize::MAX) < script.find(":15006").unwrap_or(0)

@@ -36,8 +36,8 @@ use tracing::{info, warn};
 
 use super::routes::RouteTable;
 use super::{DataPlane, ListenerPod, ServedPod, inbound, outbound, plaintext};
-use crate::capture::CaptureConfig;
 use crate::capture::pod::{self, PodNetns};
+use crate::capture::{CaptureConfig, node_source};
 use crate::node_state::NodeState;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
@@ -129,6 +129,8 @@ pub struct PodCaptureSettings {
 /// A pod being served.
 struct Served {
     pod: ListenerPod,
+    /// The ports the node reaches uncaptured (the kubelet's probes).
+    probe_ports: BTreeSet<u16>,
     netns: Arc<PodNetns>,
     listeners: Vec<JoinHandle<()>>,
 }
@@ -162,13 +164,10 @@ pub(super) async fn follow(
         let table = routes.borrow_and_update().clone();
         announced.borrow_and_update();
         let step = serve_step(&plane, &directory, &settings, &table, &mut served).await;
-        let sources: BTreeSet<Ipv4Addr> = served
+        follow_probe_ports(&table, &mut served).await;
+        let sources: BTreeSet<SocketAddr> = served
             .values()
-            .flat_map(|served| &served.pod.ips)
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
+            .flat_map(|served| node_source::probes_of(&served.pod.ips, &served.probe_ports))
             .collect();
         if node_sources.as_ref() != Some(&sources) {
             match set_node_sources(sources.clone()).await {
@@ -358,7 +357,8 @@ async fn serve_step(
             continue;
         }
         let wanted = Arc::new(served_pod(pod));
-        match serve_pod(plane, &pod.netns, &wanted).await {
+        let probe_ports = probe_ports_of(table, &wanted);
+        match serve_pod(plane, &pod.netns, &wanted, probe_ports).await {
             Ok(serving) => {
                 info!(pod = %wanted.uid, ips = ?wanted.ips, netns = %pod.netns.display(), "serving the pod in its namespace");
                 plane.pods.set(&serving.pod, Some(&serving.netns));
@@ -395,15 +395,16 @@ async fn serve_pod(
     plane: &Arc<DataPlane>,
     path: &Path,
     pod: &ListenerPod,
+    probe_ports: BTreeSet<u16>,
 ) -> Result<Served, String> {
     let netns = Arc::new(PodNetns::open(path).map_err(|e| e.to_string())?);
-    let (checked, wanted) = (netns.clone(), pod.ips.clone());
+    let (checked, wanted, ports) = (netns.clone(), pod.ips.clone(), probe_ports.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let held = pod::addresses_of(&checked).map_err(|e| e.to_string())?;
         if let Some(ip) = wanted.iter().find(|ip| !held.contains(ip)) {
             return Err(format!("the namespace does not hold {ip}: not this pod's"));
         }
-        pod::install_in_pod(&checked, &CaptureConfig::default()).map_err(|e| e.to_string())
+        pod::install_in_pod(&checked, &CaptureConfig::default(), &ports).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -425,6 +426,7 @@ async fn serve_pod(
         .collect();
     Ok(Served {
         pod: pod.clone(),
+        probe_ports,
         netns,
         listeners: tasks,
     })
@@ -477,12 +479,48 @@ fn bind_pod_listeners() -> Result<Vec<(Listener, TcpListener)>, String> {
 }
 
 /// Installs (or replaces) the node's rule that gives its own connections
-/// to the served pods [`pod::NODE_SOURCE`], so that probes pass.
-async fn set_node_sources(pods: BTreeSet<Ipv4Addr>) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || pod::set_node_sources(&CaptureConfig::default(), &pods))
+/// to the served pods' probe ports the node's source address, so that the
+/// kubelet's probes pass.
+async fn set_node_sources(probes: BTreeSet<SocketAddr>) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || node_source::set(&CaptureConfig::default(), &probes))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+}
+
+/// The ports the kubelet probes on `pod`, as the config says.
+fn probe_ports_of(table: &RouteTable, pod: &ServedPod) -> BTreeSet<u16> {
+    pod.ips
+        .iter()
+        .find_map(|ip| pod.workload(table, *ip))
+        .map(|workload| workload.probe_ports.clone())
+        .unwrap_or_default()
+}
+
+/// Lets the node reach each served pod's probe ports as the config now
+/// says (a pod served before its config came has none yet: its probes
+/// are the plaintext of an unknown client until then).
+async fn follow_probe_ports(table: &RouteTable, served: &mut BTreeMap<PathBuf, Served>) {
+    for (path, serving) in served.iter_mut() {
+        let ports = probe_ports_of(table, &serving.pod);
+        if ports == serving.probe_ports {
+            continue;
+        }
+        let (netns, wanted) = (serving.netns.clone(), ports.clone());
+        let set = tokio::task::spawn_blocking(move || {
+            pod::set_probe_ports(&netns, &CaptureConfig::default(), &wanted)
+        })
+        .await;
+        match set {
+            Ok(Ok(())) => serving.probe_ports = ports,
+            Ok(Err(error)) => {
+                warn!(netns = %path.display(), %error, "setting a pod's probe ports failed")
+            }
+            Err(error) => {
+                warn!(netns = %path.display(), %error, "setting a pod's probe ports failed")
+            }
+        }
+    }
 }
 
 /// Stops every pod's listeners; with `remove`, takes the redirection out
@@ -506,7 +544,7 @@ async fn stop_serving(served: BTreeMap<PathBuf, Served>, remove: bool) {
                 warn!(netns = %netns.display(), %error, "removing a pod's capture failed");
             }
         }
-        pod::remove_node_sources()
+        node_source::remove()
     })
     .await;
     match removed {

@@ -77,6 +77,16 @@ pub(super) fn workload(
         .iter()
         .map(|ip| ip_addr(ip).map_err(|reason| invalid(format!("ip {ip:?}: {reason}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let probe_ports = wire
+        .probe_ports
+        .iter()
+        .map(|port| {
+            u16::try_from(*port)
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| invalid(format!("probe port {port}")))
+        })
+        .collect::<Result<_, _>>()?;
     let workload = Workload {
         uid: wire.uid.clone(),
         namespace: wire.namespace.clone(),
@@ -108,6 +118,7 @@ pub(super) fn workload(
             }
         },
         mtls_policy: wire.mtls_policy.clone(),
+        probe_ports,
     };
     Ok((wire.uid.clone(), workload))
 }

@@ -105,6 +105,9 @@ pub struct Workload {
     pub mtls_strict: bool,
     /// The MtlsPolicy that set the mode, empty for the default.
     pub mtls_policy: String,
+    /// The ports the kubelet probes (local workloads only): the node's own
+    /// connections to them pass the pod's capture.
+    pub probe_ports: std::collections::BTreeSet<u16>,
 }
 
 /// A Kubernetes Service with its endpoints.
