@@ -165,6 +165,19 @@ fi
 log "building the release binaries into $CARGO_TARGET_DIR (cargo build --release --bins --locked)"
 cargo build --release --bins --locked >&2
 release="$CARGO_TARGET_DIR/release"
+# weft-cni runs on the node itself, under the node's container runtime, with
+# whatever C library the node has (an older glibc, or none): linked
+# statically. An explicit --target keeps build scripts and proc macros (which
+# cannot be static) out of RUSTFLAGS; its objects live apart, under
+# $CARGO_TARGET_DIR/<host triple>.
+host_triple="$(rustc -vV | sed -n 's/^host: //p')"
+log "building weft-cni statically linked (--target $host_triple, crt-static)"
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --bin weft-cni --target "$host_triple" >&2
+static_cni="$CARGO_TARGET_DIR/$host_triple/release/weft-cni"
+if readelf -d "$static_cni" | grep -q NEEDED; then
+    die "weft-cni is not statically linked: $(readelf -d "$static_cni" | grep NEEDED)"
+fi
 
 # --- assembling a root file system -------------------------------------------
 
@@ -375,8 +388,13 @@ write_etc "$rootfs"
 install_weft_binary "$rootfs" weft-proxy
 # weft's CNI plugin, which the proxy copies onto the node (beside it, so
 # that it finds it); it runs on the node, outside this image.
-install_executable "$rootfs" "$release/weft-cni" "$bindir/weft-cni"
+install -D -m 0755 "$static_cni" "$rootfs$bindir/weft-cni"
 objcopy --strip-debug "$rootfs$bindir/weft-cni"
+# Alone in an empty root: it needs nothing of the image (nor of the node).
+alone="$work/weft-cni-alone"
+install -D -m 0755 "$rootfs$bindir/weft-cni" "$alone/weft-cni"
+check env CNI_COMMAND=VERSION chroot "$alone" /weft-cni </dev/null
+rm -rf "$alone"
 install_executable "$rootfs" "$(command -v nft)" /usr/sbin/nft
 install_executable "$rootfs" "$(command -v ip)" /usr/sbin/ip
 copy_file "$rootfs" /etc/protocols
