@@ -274,6 +274,7 @@ fn workload_of(
             invalid_authorization_policies: applicable.invalid,
             quarantine: String::new(),
             probe_ports: probe_ports(spec),
+            pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
             mtls_mode: mtls_mode as i32,
             mtls_policy,
         },
@@ -282,11 +283,12 @@ fn workload_of(
     })
 }
 
-/// The TCP ports the kubelet probes in `spec`: every container's (init
-/// containers' too: restartable ones have probes) liveness, readiness and
-/// startup probes over HTTP, TCP or gRPC, a named port resolved among the
-/// container's ports. A name that matches no port is left out (the kubelet
-/// cannot probe it either).
+/// The TCP ports the kubelet itself connects to in `spec`: every
+/// container's (init containers' too: restartable ones have probes)
+/// liveness, readiness and startup probes over HTTP, TCP or gRPC, and its
+/// postStart and preStop hooks over HTTP or TCP, a named port resolved
+/// among the container's ports. A name that matches no port is left out
+/// (the kubelet cannot reach it either).
 fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u32> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let containers = spec
@@ -300,29 +302,40 @@ fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u32> {
             &container.readiness_probe,
             &container.startup_probe,
         ];
+        let mut targets: Vec<Option<&IntOrString>> = Vec::new();
+        let mut numbers: Vec<i32> = Vec::new();
         for probe in probes.into_iter().flatten() {
-            let port = probe
-                .http_get
-                .as_ref()
-                .map(|http| &http.port)
-                .or_else(|| probe.tcp_socket.as_ref().map(|tcp| &tcp.port));
-            let number = match port {
-                Some(IntOrString::Int(number)) => Some(*number),
-                Some(IntOrString::String(name)) => container
+            targets.push(probe.http_get.as_ref().map(|http| &http.port));
+            targets.push(probe.tcp_socket.as_ref().map(|tcp| &tcp.port));
+            numbers.extend(probe.grpc.as_ref().map(|grpc| grpc.port));
+        }
+        let lifecycle = container.lifecycle.as_ref();
+        let hooks = [
+            lifecycle.and_then(|l| l.post_start.as_ref()),
+            lifecycle.and_then(|l| l.pre_stop.as_ref()),
+        ];
+        for hook in hooks.into_iter().flatten() {
+            targets.push(hook.http_get.as_ref().map(|http| &http.port));
+            targets.push(hook.tcp_socket.as_ref().map(|tcp| &tcp.port));
+        }
+        for target in targets.into_iter().flatten() {
+            let number = match target {
+                IntOrString::Int(number) => Some(*number),
+                IntOrString::String(name) => container
                     .ports
                     .iter()
                     .flatten()
                     .find(|p| p.name.as_deref() == Some(name.as_str()))
                     .map(|p| p.container_port),
-                None => probe.grpc.as_ref().map(|grpc| grpc.port),
             };
-            if let Some(number) = number
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| (1..=65535).contains(n))
-            {
-                ports.insert(number);
-            }
+            numbers.extend(number);
         }
+        ports.extend(
+            numbers
+                .into_iter()
+                .filter_map(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=65535).contains(n)),
+        );
     }
     ports.into_iter().collect()
 }

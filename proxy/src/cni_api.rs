@@ -73,6 +73,10 @@ pub struct CniRequest {
     /// The pod's name, for the logs.
     #[serde(default)]
     pub pod_name: String,
+    /// The pod's UID (`metadata.uid`), which tells a pod from an earlier
+    /// one of the same name.
+    #[serde(default)]
+    pub pod_uid: String,
 }
 
 /// The answer.
@@ -192,6 +196,8 @@ async fn apply(request: CniRequest, directory: &PodDirectory) -> Result<(), Stri
                 ips: request.ips,
                 namespace: request.pod_namespace,
                 name: request.pod_name,
+                uid: request.pod_uid,
+                found: false,
             });
             match directory.settled(&netns, ADD_WAIT).await {
                 Some(Outcome::Served | Outcome::NotMeshed) => Ok(()),

@@ -59,7 +59,7 @@ pub struct Invocation {
     pub command: String,
     /// `CNI_NETNS`.
     pub netns: Option<PathBuf>,
-    /// `CNI_ARGS` (`K8S_POD_NAMESPACE=…;K8S_POD_NAME=…`).
+    /// `CNI_ARGS` (`K8S_POD_NAMESPACE=…;K8S_POD_NAME=…;K8S_POD_UID=…`).
     pub args: String,
     /// The network configuration (stdin).
     pub config: Vec<u8>,
@@ -182,6 +182,7 @@ pub fn run(
     }
     let namespace = cni_arg(&invocation.args, "K8S_POD_NAMESPACE").unwrap_or_default();
     let name = cni_arg(&invocation.args, "K8S_POD_NAME").unwrap_or_default();
+    let uid = cni_arg(&invocation.args, "K8S_POD_UID").unwrap_or_default();
     let left_alone =
         namespace.is_empty() || config.exclude_namespaces.iter().any(|n| n == namespace);
     match invocation.command.as_str() {
@@ -220,6 +221,7 @@ pub fn run(
                 ips,
                 pod_namespace: namespace.to_owned(),
                 pod_name: name.to_owned(),
+                pod_uid: uid.to_owned(),
             };
             match send(&config.socket, &request) {
                 Ok(reply) if reply.ok => done,
@@ -258,6 +260,7 @@ pub fn run(
                     ips: Vec::new(),
                     pod_namespace: namespace.to_owned(),
                     pod_name: name.to_owned(),
+                    pod_uid: uid.to_owned(),
                 };
                 let _ = send(&config.socket, &request);
             }

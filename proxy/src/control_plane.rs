@@ -147,7 +147,7 @@ impl ControlPlaneClient {
                         "restored the last applied config from the node; serving it until the \
                          control plane sends a newer one"
                     );
-                    self.view.send_replace(Some(Arc::new(view)));
+                    self.view.send_replace(Some(Arc::new(view.into_restored())));
                     Some(stored)
                 }
                 Err(problem) => {

@@ -27,6 +27,15 @@ pub struct AnnouncedPod {
     /// Its name, if known.
     #[serde(default)]
     pub name: String,
+    /// Its UID (`metadata.uid`), if the runtime said.
+    #[serde(default)]
+    pub uid: String,
+    /// Found on the node by its addresses, not announced by the runtime:
+    /// its namespace and name are what weft's config said of those
+    /// addresses when it was found, and it is that pod only while the
+    /// config still says so.
+    #[serde(default)]
+    pub found: bool,
 }
 
 /// What became of an announced pod.
@@ -140,6 +149,8 @@ mod tests {
             ips: vec![ip.parse().expect("an IP")],
             namespace: "shop".into(),
             name: "web".into(),
+            uid: String::new(),
+            found: false,
         }
     }
 

@@ -270,6 +270,7 @@ fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
     let script = node_source::ruleset(&config, &BTreeSet::from([probe_addr]));
     let node = netns_of_node(&testbed, "node-1");
     node.run_in(|| nft(&script)).unwrap();
+    node.run_in(|| nft(&node_source::bridge_ruleset())).unwrap();
     let [app, other] = [APP_PORT, OTHER_PORT].map(|port| {
         netns
             .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
@@ -290,26 +291,43 @@ fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
         let refused = testbed.connect(Target::Pod(pod), probe_addr);
         assert!(refused.is_err(), "{pod} reached the app with no proxy");
     }
-    // A neighbour that forges the node's source address (as a pod with
-    // CAP_NET_ADMIN can) does not get past the capture to any other port.
-    let forged = testbed
+    // A neighbour on the bridge that forges the node's source address (as
+    // a pod with CAP_NET_ADMIN can) is dropped by the node: not even its
+    // SYN reaches the pod, on a probe port or any other.
+    let added = testbed
         .run_in(Target::Pod("neighbour"), || {
-            let added = std::process::Command::new("ip")
+            std::process::Command::new("ip")
                 .args(["addr", "add", "169.254.7.127/32", "dev", "eth0"])
                 .status()
-                .unwrap();
-            assert!(added.success());
-            let socket =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            socket
-                .bind(&SocketAddr::from((node_source::NODE_SOURCE, 0)).into())
-                .unwrap();
-            socket.connect_timeout(&other_addr.into(), std::time::Duration::from_secs(5))
+                .unwrap()
         })
         .unwrap();
+    assert!(added.success());
+    for to in [probe_addr, other_addr] {
+        let forged = testbed
+            .run_in(Target::Pod("neighbour"), || {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket
+                    .bind(&SocketAddr::from((node_source::NODE_SOURCE, 0)).into())
+                    .unwrap();
+                socket.connect_timeout(&to.into(), Duration::from_secs(3))
+            })
+            .unwrap();
+        assert!(forged.is_err(), "a forged node source reached {to}");
+    }
+    let sockets = netns
+        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap())
+        .unwrap();
+    // The fourth column is the state; 03 is SYN_RECV (a SYN answered).
+    let answered: Vec<&str> = sockets
+        .lines()
+        .filter(|line| line.split_whitespace().nth(3) == Some("03"))
+        .collect();
     assert!(
-        forged.is_err(),
-        "a forged node source reached a port nobody probes"
+        answered.is_empty(),
+        "the pod answered a forged SYN: {answered:?}"
     );
     other.set_nonblocking(true).unwrap();
     assert!(

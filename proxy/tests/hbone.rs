@@ -403,4 +403,29 @@ async fn new_tunnels_use_a_connection_made_with_the_renewed_certificate() {
     assert_eq!(server.accepted(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_pooled_connections_are_retired_when_it_leaves() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let pool = pool(PoolConfig::default());
+    let pod: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+    let mut request = mesh.request(&server, echo);
+    request.source_ip = Some(pod);
+    let mut open = pool.connect(request.clone()).await.unwrap();
+    assert_eq!(pool.connections(), 1);
+
+    let other: std::net::IpAddr = "10.244.9.9".parse().unwrap();
+    assert_eq!(pool.retire_source(other), 0, "another pod's address");
+    assert_eq!(pool.retire_source(pod), 1);
+    assert_eq!(pool.connections(), 0);
+    // The open tunnel goes on; the next request dials a connection of its own.
+    assert_eq!(round_trip(&mut open, b"still").await, b"still");
+    let mut next = pool.connect(request).await.unwrap();
+    assert_eq!(round_trip(&mut next, b"new").await, b"new");
+    assert_eq!(server.accepted(), 2);
+    drop(open);
+    eventually("the retired connection to close", || server.finished() == 1).await;
+}
+
 // ---- the scenario's parts ----

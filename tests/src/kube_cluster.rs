@@ -172,7 +172,13 @@ pub async fn load_testbed(client: &kube::Client, testbed: &Testbed) -> Result<()
         .map(|node| json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node } }))
         .collect();
     apply_objects(client, &nodes).await?;
-    let objects = testbed.objects();
+    // The API server gives each pod its UID (and refuses one it is given).
+    let mut objects = testbed.objects();
+    for object in &mut objects {
+        if let Some(metadata) = object["metadata"].as_object_mut() {
+            metadata.remove("uid");
+        }
+    }
     apply_objects(client, &objects).await?;
     for pod in objects.iter().filter(|o| o["kind"] == "Pod") {
         write_pod_status(client, pod).await?;

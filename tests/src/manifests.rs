@@ -115,6 +115,7 @@ fn pod_object(topology: &Topology, pod: &Pod, namespace_meshed: bool) -> Value {
         "metadata": {
             "name": pod.name,
             "namespace": pod.namespace,
+            "uid": pod_uid(&pod.namespace, &pod.name),
             "labels": labels,
         },
         "spec": {
@@ -186,6 +187,12 @@ fn endpoint_slice(topology: &Topology, service: &Service) -> Value {
         "endpoints": endpoints,
         "ports": [{ "name": "", "protocol": "TCP", "port": service.target_port }],
     })
+}
+
+/// The `metadata.uid` the testbed gives pod `namespace/name` (the API
+/// server would make one up; the testbed's runtime announces the same).
+pub fn pod_uid(namespace: &str, name: &str) -> String {
+    format!("testbed-{namespace}-{name}")
 }
 
 #[cfg(test)]

@@ -312,6 +312,7 @@ fn a_pod_at_a_deleted_pods_address_gets_nothing_of_that_pod() {
         .find(|object| object["kind"] == "Pod" && object["metadata"]["name"] == "fresh-1")
         .unwrap();
     gone["metadata"]["name"] = "gone-1".into();
+    gone["metadata"]["uid"] = "testbed-shop-gone-1".into();
     gone["metadata"]["labels"]["app"] = "web".into();
     gone["spec"]["serviceAccountName"] = "web".into();
     mesh.write_manifest("pod-gone-1.yaml", &gone.to_string())

@@ -10,8 +10,9 @@
 //! namespace (the kubelet, a hostNetwork pod) reaches a meshed pod's probe
 //! ports unauthenticated, as it would without a mesh; every other port of
 //! the pod it reaches as a plaintext client, which STRICT refuses. A pod
-//! that forges the node's source address reaches the probe ports alone,
-//! and its handshakes fail unless it can also take the node's replies.
+//! that forges the node's source address is dropped where the node
+//! forwards its packets (routed, or bridged: [`bridge_ruleset`]); one that
+//! got through would reach the probe ports alone.
 //!
 //! The node's rule (a table of its own in the node's namespace) sees only
 //! connections the node opens itself (its `output` hook, which forwarded
@@ -37,6 +38,8 @@ pub const NODE_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7765, 0x6674, 0, 0,
 const TABLE: &str = "inet weft_node_source";
 /// The table an earlier weft used (IPv4, every port), removed with ours.
 const EARLIER_TABLE: &str = "ip weft_node_source";
+/// weft's table for bridged frames in the node's namespace.
+const BRIDGE_TABLE: &str = "bridge weft_node_source";
 
 /// The node's rules as an `nft -f` script: the node's own new TCP
 /// connections to one of `probes` (a pod's address and probe port) leave
@@ -68,7 +71,9 @@ pub fn ruleset(config: &CaptureConfig, probes: &BTreeSet<SocketAddr>) -> String 
         script.push_str("\t}\n");
     }
     // After the node's own DNAT (priority -100: kube-proxy's ClusterIPs),
-    // so that a connection is recognised by the pod it really reaches.
+    // so that a connection is recognised by the pod it really reaches; the
+    // source translation just before kube-proxy's masquerade (srcnat, 100),
+    // since only the first source translation of a connection counts.
     let _ = writeln!(
         script,
         "\tchain output {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\t\
@@ -77,12 +82,33 @@ pub fn ruleset(config: &CaptureConfig, probes: &BTreeSet<SocketAddr>) -> String 
     );
     let _ = writeln!(
         script,
-        "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\t\t\
+        "\tchain postrouting {{\n\t\ttype nat hook postrouting priority 99; policy accept;\n\t\t\
          ct mark & {node:#x} == {node:#x} ip daddr . tcp dport @probes4 snat ip to {NODE_SOURCE}\n\t\t\
          ct mark & {node:#x} == {node:#x} ip6 daddr . tcp dport @probes6 snat ip6 to {NODE_SOURCE_V6}\n\t}}"
     );
+    // Only the node sends from its source addresses: one forwarded (a pod
+    // forging it, on this node or another) is dropped, routed or bridged
+    // with br_netfilter on (see [`bridge_ruleset`] for bridges without).
+    let _ = writeln!(
+        script,
+        "\tchain forward {{\n\t\ttype filter hook forward priority -10; policy accept;\n\t\t\
+         ip saddr {NODE_SOURCE} drop\n\t\tip6 saddr {NODE_SOURCE_V6} drop\n\t}}"
+    );
     script.push_str("}\n");
     script
+}
+
+/// weft's bridge-family table in the node's namespace: frames that a bridge
+/// forwards between ports (pods on one bridge, br_netfilter off) with the
+/// node's source addresses are dropped too. Separate from [`ruleset`]: a
+/// kernel without bridge support for nftables refuses it, and that must not
+/// take the probes' rules with it.
+pub fn bridge_ruleset() -> String {
+    format!(
+        "table {BRIDGE_TABLE} {{}}\ndelete table {BRIDGE_TABLE}\ntable {BRIDGE_TABLE} {{\n\t\
+         chain forward {{\n\t\ttype filter hook forward priority -10; policy accept;\n\t\t\
+         ip saddr {NODE_SOURCE} drop\n\t\tip6 saddr {NODE_SOURCE_V6} drop\n\t}}\n}}\n"
+    )
 }
 
 /// The probe addresses of a pod: each of its addresses with each port.
@@ -100,8 +126,17 @@ pub fn set(config: &CaptureConfig, probes: &BTreeSet<SocketAddr>) -> Result<(), 
         "nft",
         &["-f", "-"],
         Some(&ruleset(config, probes)),
-    )
-    .map(drop)
+    )?;
+    let bridged = run(
+        "dropping bridged frames from the node's source address",
+        "nft",
+        &["-f", "-"],
+        Some(&bridge_ruleset()),
+    );
+    if let Err(error) = bridged {
+        tracing::warn!(%error, "no bridge-family table: with br_netfilter off, a pod on a bridge can forge the node's source to its neighbours' probe ports");
+    }
+    Ok(())
 }
 
 /// Removes what [`set`] installed (and an earlier weft's table); none
@@ -116,6 +151,16 @@ pub fn remove() -> Result<(), CaptureError> {
         "nft",
         &["-f", "-"],
         Some(&script),
-    )
-    .map(drop)
+    )?;
+    // Best effort, as it was made: a kernel without bridge support for
+    // nftables never had it.
+    let _ = run(
+        "removing the node's bridged-frames rule",
+        "nft",
+        &["-f", "-"],
+        Some(&format!(
+            "table {BRIDGE_TABLE} {{}}\ndelete table {BRIDGE_TABLE}\n"
+        )),
+    );
+    Ok(())
 }

@@ -50,12 +50,28 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
-    /// Opens the namespace at `path`.
+    /// Opens the namespace at `path`, which must be one (an `nsfs` file):
+    /// opened without blocking, so that a path that names a FIFO or a
+    /// device cannot hang the proxy.
     pub fn open(path: &Path) -> Result<PodNetns, CaptureError> {
-        let file = File::open(path).map_err(|source| CaptureError::Namespace {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let failed = |source| CaptureError::Namespace {
             operation: format!("opening the network namespace {}", path.display()),
             source,
-        })?;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(failed)?;
+        let namespace = nix::sys::statfs::fstatfs(&file)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+        if !namespace {
+            return Err(failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a namespace",
+            )));
+        }
         Ok(PodNetns {
             file,
             path: path.to_owned(),
@@ -385,7 +401,21 @@ fn write_chain(script: &mut String, name: &str, hook: Option<&str>, rules: &[Str
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
     use super::*;
+
+    #[test]
+    fn only_a_namespace_opens_and_a_fifo_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(PodNetns::open(&fifo).is_err());
+        let file = dir.path().join("file");
+        std::fs::write(&file, "not a namespace").unwrap();
+        assert!(PodNetns::open(&file).is_err());
+        assert!(PodNetns::open(Path::new("/proc/self/ns/net")).is_ok());
+    }
 
     #[test]
     fn the_pod_table_redirects_all_but_the_proxys_own_and_hbone() {

@@ -19,6 +19,7 @@ mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
+pub mod pod_namespaces;
 pub mod pods;
 pub mod reauthorize;
 pub mod routes;
@@ -64,7 +65,7 @@ pub struct DataPlane {
     pub pending_wait: std::time::Duration,
     /// The namespaces of the pods served in their own (capture mode
     /// `pod`), where their connections' sockets are made.
-    pub pods: Arc<pods::PodNamespaces>,
+    pub pods: Arc<pod_namespaces::PodNamespaces>,
 }
 
 impl DataPlane {
@@ -201,9 +202,13 @@ async fn certificates_with(
 pub struct ServedPod {
     /// Its addresses (those its namespace holds).
     pub ips: std::collections::BTreeSet<std::net::IpAddr>,
-    /// `<namespace>/<name>`, as the container runtime announced it; empty
-    /// for a pod known by its addresses alone.
+    /// `<namespace>/<name>`, as the container runtime announced it (or,
+    /// for a pod found on the node, as the config named it then); empty if
+    /// nobody said.
     pub uid: String,
+    /// Its `metadata.uid`, as the runtime announced it; empty if it did
+    /// not say.
+    pub pod_uid: String,
 }
 
 impl ServedPod {
@@ -221,9 +226,11 @@ impl ServedPod {
         table: &'t RouteTable,
         ip: std::net::IpAddr,
     ) -> Option<&'t Arc<crate::node_view::Workload>> {
-        table
-            .local_workload(ip)
-            .filter(|w| self.uid.is_empty() || w.uid == self.uid)
+        let same_pod = |w: &&Arc<crate::node_view::Workload>| {
+            (self.uid.is_empty() || w.uid == self.uid)
+                && (self.pod_uid.is_empty() || w.pod_uid.is_empty() || w.pod_uid == self.pod_uid)
+        };
+        table.local_workload(ip).filter(same_pod)
     }
 }
 
@@ -367,6 +374,7 @@ mod tests {
                 uid: "shop/web-1".into(),
                 namespace: "shop".into(),
                 name: "web-1".into(),
+                pod_uid: "0b6c3e2a-web-1".into(),
                 service_account: "web".into(),
                 identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
                 node: "node-1".into(),
@@ -417,6 +425,7 @@ mod tests {
         let pod = |uid: &str| ServedPod {
             ips: [ip].into(),
             uid: uid.into(),
+            pod_uid: String::new(),
         };
 
         assert!(pod("shop/web-1").workload(&table, ip).is_some());
@@ -425,6 +434,17 @@ mod tests {
         // A new pod at web-1's old address gets nothing of web-1's.
         assert!(pod("shop/web-2").workload(&table, ip).is_none());
         assert!(pod("other/web-1").workload(&table, ip).is_none());
+        // A later pod of the same name (a StatefulSet's) is not it either.
+        let later = ServedPod {
+            pod_uid: "6b3f0c1e-later".into(),
+            ..pod("shop/web-1")
+        };
+        assert!(later.workload(&table, ip).is_none());
+        let same = ServedPod {
+            pod_uid: "0b6c3e2a-web-1".into(),
+            ..pod("shop/web-1")
+        };
+        assert!(same.workload(&table, ip).is_some());
     }
 
     #[tokio::test(start_paused = true)]

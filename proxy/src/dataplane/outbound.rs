@@ -388,8 +388,9 @@ async fn local_destination(
     match plane.with_local_pod(&pod, ip).await {
         (table, Some(workload)) => Ok((Some(table), Some(workload))),
         (_, None) => {
+            // This endpoint's failure: another endpoint of a Service may do.
             warn!(target = %route.target, pod = %pod.uid, "outbound: no config for the local pod addressed");
-            Err(ConnectError::Local("no_local_workload"))
+            Err(ConnectError::Endpoint("no_local_workload"))
         }
     }
 }

@@ -23,13 +23,13 @@
 //! its redirected TCP is refused until a proxy listens again) and go only
 //! when the pod leaves the mesh or the mesh is uninstalled.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -40,80 +40,7 @@ use crate::capture::pod::{self, PodNetns};
 use crate::capture::{CaptureConfig, node_source};
 use crate::node_state::NodeState;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
-use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
-
-/// The namespaces of the pods being served, by pod address: where the
-/// proxy makes the sockets of their connections (any other socket is made
-/// in the node's).
-#[derive(Debug, Default)]
-pub struct PodNamespaces {
-    by_ip: RwLock<HashMap<IpAddr, (Arc<PodNetns>, ListenerPod)>>,
-}
-
-impl PodNamespaces {
-    fn get(&self, ip: IpAddr) -> Option<Arc<PodNetns>> {
-        self.by_ip
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&ip)
-            .map(|(netns, _)| netns.clone())
-    }
-
-    /// The served pod that holds `ip`, if one does.
-    pub fn served(&self, ip: IpAddr) -> Option<ListenerPod> {
-        self.by_ip
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&ip)
-            .map(|(_, pod)| pod.clone())
-    }
-
-    fn set(&self, pod: &ListenerPod, netns: Option<&Arc<PodNetns>>) {
-        let mut by_ip = self
-            .by_ip
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for ip in &pod.ips {
-            match netns {
-                Some(netns) => by_ip.insert(*ip, (netns.clone(), pod.clone())),
-                None => by_ip.remove(ip),
-            };
-        }
-    }
-
-    /// Opens a TCP connection to `destination` from `source` (see
-    /// [`sockets::connect_from`]), made inside the destination's namespace
-    /// if it is a served pod, else inside the source's if that is one,
-    /// else in the node's.
-    ///
-    /// A served pod's ports of the proxy's own listeners in it (15001,
-    /// 15006, 15008) are refused: a connection there would reach the
-    /// proxy's listener again, and again, until the node runs out of file
-    /// descriptors.
-    pub async fn connect(
-        &self,
-        source: Option<IpAddr>,
-        destination: SocketAddr,
-    ) -> std::io::Result<TcpStream> {
-        let into_pod = self.get(destination.ip());
-        if into_pod.is_some()
-            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&destination.port())
-        {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("{destination}: the port is weft's own in a meshed pod"),
-            ));
-        }
-        let netns = into_pod.or_else(|| source.and_then(|ip| self.get(ip)));
-        let socket = match netns {
-            Some(netns) => netns
-                .enter(|| sockets::outgoing_socket(source, destination, PROXY_MARK))
-                .map_err(std::io::Error::other)??,
-            None => sockets::outgoing_socket(source, destination, PROXY_MARK)?,
-        };
-        sockets::connect_socket(socket, source, destination).await
-    }
-}
+use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 /// How pods are found and served (from the proxy's config).
 #[derive(Clone, Debug)]
@@ -158,12 +85,22 @@ pub(super) async fn follow(
     let mut routes = plane.routes.subscribe();
     let mut announced = directory.subscribe();
     let mut served: BTreeMap<PathBuf, Served> = BTreeMap::new();
+    // The pods the last run left (their capture with them), until each is
+    // served again or released.
+    let mut kept: BTreeSet<PathBuf> = directory.pods().into_iter().map(|pod| pod.netns).collect();
     let mut node_sources = None;
     let (mut stored_pods, mut stored_namespaces) = (None, None);
     loop {
         let table = routes.borrow_and_update().clone();
         announced.borrow_and_update();
-        let step = serve_step(&plane, &directory, &settings, &table, &mut served).await;
+        let step = serve_step(
+            &plane,
+            &directory,
+            &settings,
+            &table,
+            (&mut served, &mut kept),
+        )
+        .await;
         follow_probe_ports(&table, &mut served).await;
         let sources: BTreeSet<SocketAddr> = served
             .values()
@@ -236,6 +173,9 @@ struct Step {
 
 /// Whether a pod of the directory is to be served.
 fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
+    if pod.found {
+        return decide_found(table, pod);
+    }
     // A workload the config has at one of its addresses, if it is this
     // pod (not a deleted one whose address it took).
     let announced = served_pod(pod);
@@ -253,6 +193,23 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     }
 }
 
+/// Whether a pod found by its addresses is still the pod it was found
+/// as: only while the config names it there. Once the config gives its
+/// address to another pod (or none), it is no longer served, and taken out
+/// of the directory to be found again for what it is now.
+fn decide_found(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
+    let found_as = format!("{}/{}", pod.namespace, pod.name);
+    match pod.ips.iter().find_map(|ip| table.local_workload(*ip)) {
+        Some(workload)
+            if workload.uid == found_as && workload.pod_uid == pod.uid && workload.meshed =>
+        {
+            Outcome::Served
+        }
+        _ if table.generation == 0 => Outcome::Pending("the proxy has no config yet".into()),
+        _ => Outcome::NotMeshed,
+    }
+}
+
 /// One pass: finds unannounced meshed pods (if allowed), stops serving
 /// pods gone from the mesh, serves new ones.
 async fn serve_step(
@@ -260,7 +217,7 @@ async fn serve_step(
     directory: &PodDirectory,
     settings: &PodCaptureSettings,
     table: &RouteTable,
-    served: &mut BTreeMap<PathBuf, Served>,
+    (served, kept): (&mut BTreeMap<PathBuf, Served>, &mut BTreeSet<PathBuf>),
 ) -> Step {
     directory.prune();
     let unknown: BTreeSet<IpAddr> = table
@@ -268,7 +225,10 @@ async fn serve_step(
         .into_iter()
         .filter(|ip| directory.pod_with(*ip).is_none())
         .collect();
-    if settings.find_running_pods && !unknown.is_empty() {
+    // Only against a config the control plane sent since the proxy
+    // started: a kept one may give a deleted pod's address, and with it
+    // its identity, to whatever pod holds it now.
+    if settings.find_running_pods && !table.restored && !unknown.is_empty() {
         let (dirs, wanted) = (settings.netns_dirs.clone(), unknown.clone());
         let found = tokio::task::spawn_blocking(move || {
             let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
@@ -288,6 +248,8 @@ async fn serve_step(
                 ips,
                 namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
                 name: workload.map(|w| w.name.clone()).unwrap_or_default(),
+                uid: workload.map(|w| w.pod_uid.clone()).unwrap_or_default(),
+                found: true,
             });
         }
     }
@@ -320,6 +282,17 @@ async fn serve_step(
             continue;
         };
         plane.pods.set(&pod.pod, None);
+        // Its tunnels were dialled from inside its namespace: a pod that
+        // gets its address next must not inherit them.
+        let retired: usize = pod
+            .pod
+            .ips
+            .iter()
+            .map(|ip| plane.pool.retire_source(*ip))
+            .sum();
+        if retired > 0 {
+            info!(netns = %netns.display(), retired, "retired the pod's pooled tunnels");
+        }
         // Gone before anything binds the pod's ports again (its addresses
         // may have changed, the namespace not).
         for listener in &pod.listeners {
@@ -332,24 +305,24 @@ async fn serve_step(
         // (A deleted pod keeps its rules: its last connections stay
         // captured, refused, until its namespace goes.)
         if outcomes.get(&netns) == Some(&Outcome::NotMeshed) {
-            let netns_handle = pod.netns.clone();
-            let removed = tokio::task::spawn_blocking(move || {
-                pod::remove_from_pod(&netns_handle, &CaptureConfig::default())
-            })
-            .await;
-            match removed {
-                Ok(Ok(())) => {
-                    info!(netns = %netns.display(), "left the mesh: capture removed from the pod")
-                }
-                Ok(Err(error)) => {
-                    warn!(netns = %netns.display(), %error, "removing a pod's capture failed")
-                }
-                Err(error) => {
-                    warn!(netns = %netns.display(), %error, "removing a pod's capture failed")
-                }
-            }
+            release(pod.netns.clone()).await;
         } else {
             info!(netns = %netns.display(), "no longer serving the pod");
+        }
+    }
+    // A pod kept from the proxy's last run that is no longer meshed may
+    // still carry that run's capture, which nobody serves now.
+    for pod in &pods {
+        match outcomes.get(&pod.netns) {
+            Some(Outcome::NotMeshed) if kept.remove(&pod.netns) => {
+                if let Ok(netns) = PodNetns::open(&pod.netns) {
+                    release(Arc::new(netns)).await;
+                }
+            }
+            Some(Outcome::Served) => {
+                kept.remove(&pod.netns);
+            }
+            _ => {}
         }
     }
     for pod in &pods {
@@ -370,6 +343,14 @@ async fn serve_step(
             }
         }
     }
+    // Found pods the config no longer names: capture removed above (not
+    // meshed); forgotten, to be found again if their address is meshed.
+    for pod in pods.iter().filter(|pod| pod.found) {
+        if outcomes.get(&pod.netns) == Some(&Outcome::NotMeshed) {
+            outcomes.remove(&pod.netns);
+            directory.remove(&pod.netns);
+        }
+    }
     Step {
         outcomes,
         unserved_config_pods,
@@ -386,6 +367,24 @@ fn served_pod(pod: &AnnouncedPod) -> ServedPod {
     ServedPod {
         ips: pod.ips.iter().copied().collect(),
         uid,
+        pod_uid: pod.uid.clone(),
+    }
+}
+
+/// Takes the capture out of a pod that left the mesh: its traffic is its
+/// own again.
+async fn release(netns: Arc<PodNetns>) {
+    let path = netns.path().to_owned();
+    let removed = tokio::task::spawn_blocking(move || {
+        pod::remove_from_pod(&netns, &CaptureConfig::default())
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {
+            info!(netns = %path.display(), "out of the mesh: capture removed from the pod")
+        }
+        Ok(Err(error)) => warn!(netns = %path.display(), %error, "removing a pod's capture failed"),
+        Err(error) => warn!(netns = %path.display(), %error, "removing a pod's capture failed"),
     }
 }
 
@@ -553,3 +552,7 @@ async fn stop_serving(served: BTreeMap<PathBuf, Served>, remove: bool) {
         Err(error) => warn!(%error, "removing the pods' capture failed"),
     }
 }
+
+#[cfg(test)]
+#[path = "pods_tests.rs"]
+mod tests;

@@ -27,6 +27,9 @@ pub struct RouteTable {
     /// Whether the mesh is being uninstalled (see
     /// [`NodeView::uninstalling`]).
     pub uninstalling: bool,
+    /// Whether the config was restored from the node's kept state (see
+    /// [`NodeView::restored`]).
+    pub restored: bool,
     /// The namespaces whose new pods are meshed (see
     /// [`NodeView::namespace_meshed`]).
     pub meshed_namespaces: std::collections::BTreeSet<String>,
@@ -214,6 +217,7 @@ impl RouteTable {
             generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
             uninstalling: view.uninstalling(),
+            restored: view.restored(),
             meshed_namespaces: view.meshed_namespaces().clone(),
             local: index(view.local_workloads(), true),
             remote: index(view.remote_workloads(), false),

@@ -12,7 +12,8 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::drain::{self, DrainTrigger};
-use super::pods::{self, PodCaptureSettings, PodNamespaces};
+use super::pod_namespaces::PodNamespaces;
+use super::pods::{self, PodCaptureSettings};
 use super::telemetry::TrafficMetrics;
 use super::{DataPlane, Routes, inbound};
 use crate::certificates::CertificateMap;

@@ -183,6 +183,27 @@ impl HbonePool {
             .sum()
     }
 
+    /// Takes every connection made from `source_ip` (a pod that is no
+    /// longer served: its namespace, where those sockets live, is going)
+    /// out of the pool: they take no new streams and close once their
+    /// streams end. A pod that gets the address next dials its own.
+    /// Returns how many were retired.
+    pub fn retire_source(&self, source_ip: IpAddr) -> usize {
+        let mut keys = self.inner.lock();
+        let mut retired = 0;
+        keys.retain(|key, entry| {
+            if key.source_ip != Some(source_ip) {
+                return true;
+            }
+            for connection in &entry.connections {
+                connection.slots.close();
+                retired += 1;
+            }
+            false
+        });
+        retired
+    }
+
     /// Tunnel streams open on pooled connections right now.
     pub fn streams(&self) -> usize {
         self.inner

@@ -91,6 +91,7 @@ pub(super) fn workload(
         uid: wire.uid.clone(),
         namespace: wire.namespace.clone(),
         name: wire.name.clone(),
+        pod_uid: wire.pod_uid.clone(),
         // An older control plane sends no workload name: the pod's will do.
         workload_name: if wire.workload_name.is_empty() {
             wire.name.clone()

@@ -37,6 +37,9 @@ pub struct NodeView {
     uninstalling: bool,
     /// The namespaces whose new pods are captured on announcement.
     meshed_namespaces: std::collections::BTreeSet<String>,
+    /// Whether it was restored from the node's kept state, not received
+    /// from the control plane since the proxy started.
+    restored: bool,
     trust: Trust,
     local_workloads: BTreeMap<String, Arc<Workload>>,
     remote_workloads: BTreeMap<String, Arc<Workload>>,
@@ -74,6 +77,8 @@ pub struct Workload {
     pub namespace: String,
     /// The pod's name.
     pub name: String,
+    /// The pod's `metadata.uid`, empty if the control plane did not say.
+    pub pod_uid: String,
     /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
     /// name metrics use, stable across rollouts.
     pub workload_name: String,
@@ -379,6 +384,7 @@ impl NodeView {
                         .map(|b| b.meshed_namespaces.clone())
                         .unwrap_or_default(),
                 },
+                restored: false,
                 trust,
                 local_workloads,
                 remote_workloads,
@@ -406,6 +412,20 @@ impl NodeView {
     /// Whether the mesh is being uninstalled (`ConfigUpdate.uninstalling`).
     pub fn uninstalling(&self) -> bool {
         self.uninstalling
+    }
+
+    /// Whether this view was restored from the node's kept state (the
+    /// control plane has sent nothing since the proxy started).
+    pub fn restored(&self) -> bool {
+        self.restored
+    }
+
+    /// The same view, marked restored from the node's kept state.
+    pub fn into_restored(self) -> NodeView {
+        NodeView {
+            restored: true,
+            ..self
+        }
     }
 
     /// Whether new pods of `namespace` are meshed unless they opt out

@@ -85,6 +85,17 @@ impl WeftMesh {
     ) -> Result<(bool, String)> {
         use std::io::Write as _;
         let (netns, ips, namespace) = testbed.pod_network_of(pod)?;
+        // The testbed's own UID, where its manifests are the cluster (an API
+        // server gives pods UIDs of its own, which the runtime here does
+        // not learn).
+        let uid = if self.kubernetes.is_none() {
+            format!(
+                ";K8S_POD_UID={}",
+                crate::manifests::pod_uid(&namespace, pod)
+            )
+        } else {
+            String::new()
+        };
         let config = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "testbed",
@@ -104,7 +115,7 @@ impl WeftMesh {
             .env("CNI_IFNAME", "eth0")
             .env(
                 "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"),
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}{uid}"),
             )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
