@@ -21,7 +21,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # builds that will never run again.
 prune_stale_builds() {
     local dir
-    for dir in "$CARGO_TARGET_DIR"/{debug,release}/{deps,incremental}; do
+    # (<triple>/release: the statically linked weft-cni of scripts/images.sh)
+    for dir in "$CARGO_TARGET_DIR"/{debug,release}/{deps,incremental} \
+        "$CARGO_TARGET_DIR"/*-linux-*/release/{deps,incremental}; do
         [[ -d "$dir" ]] || continue
         find "$dir" -mindepth 1 -maxdepth 1 \( -type d -o \( -type f ! -name '*.*' \) \) \
             -printf '%T@ %f\n' |
