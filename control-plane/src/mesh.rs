@@ -274,13 +274,26 @@ fn workload_of(
             invalid_authorization_policies: applicable.invalid,
             quarantine: String::new(),
             probe_ports: probe_ports(spec),
-            pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+            pod_uid: runtime_uid(pod),
             mtls_mode: mtls_mode as i32,
             mtls_policy,
         },
         identity,
         has_ip,
     })
+}
+
+/// The UID the container runtime knows the pod by: a static pod's is the
+/// kubelet's own (the mirror pod the API server holds names it in an
+/// annotation), any other pod's its `metadata.uid`.
+fn runtime_uid(pod: &Pod) -> String {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get("kubernetes.io/config.mirror"))
+        .or(pod.metadata.uid.as_ref())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The TCP ports the kubelet itself connects to in `spec`: every

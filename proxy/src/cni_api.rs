@@ -55,9 +55,10 @@ pub enum Command {
     Del,
 }
 
-/// One request.
+/// One request. Fields it does not know are ignored: a plugin binary of
+/// another weft version (an upgrade or a rollback in progress) still gets
+/// its pods announced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CniRequest {
     /// What happened.
     pub command: Command,
@@ -75,7 +76,7 @@ pub struct CniRequest {
     pub pod_name: String,
     /// The pod's UID (`metadata.uid`), which tells a pod from an earlier
     /// one of the same name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_uid: String,
 }
 
@@ -235,11 +236,13 @@ mod tests {
     fn requests_are_checked() {
         let add = br#"{"command":"add","netns":"/run/netns/cni-1","ips":["10.244.1.5"],"pod_namespace":"shop","pod_name":"web-1"}"#;
         assert!(parse_request(add).is_ok());
+        // A field of another weft version's plugin is ignored.
+        let newer = br#"{"command":"del","netns":"/x","pod_uid":"u-1","extra":1}"#;
+        assert!(parse_request(newer).is_ok());
         for bad in [
             &br#"{"command":"add","netns":"/run/netns/cni-1","ips":[]}"#[..],
             br#"{"command":"add","netns":"relative","ips":["10.244.1.5"]}"#,
             br#"{"command":"nuke","netns":"/x"}"#,
-            br#"{"command":"del","netns":"/x","extra":1}"#,
             b"\xff\xfe",
         ] {
             assert!(

@@ -291,44 +291,6 @@ fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
         let refused = testbed.connect(Target::Pod(pod), probe_addr);
         assert!(refused.is_err(), "{pod} reached the app with no proxy");
     }
-    // A neighbour on the bridge that forges the node's source address (as
-    // a pod with CAP_NET_ADMIN can) is dropped by the node: not even its
-    // SYN reaches the pod, on a probe port or any other.
-    let added = testbed
-        .run_in(Target::Pod("neighbour"), || {
-            std::process::Command::new("ip")
-                .args(["addr", "add", "169.254.7.127/32", "dev", "eth0"])
-                .status()
-                .unwrap()
-        })
-        .unwrap();
-    assert!(added.success());
-    for to in [probe_addr, other_addr] {
-        let forged = testbed
-            .run_in(Target::Pod("neighbour"), || {
-                let socket =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                        .unwrap();
-                socket
-                    .bind(&SocketAddr::from((node_source::NODE_SOURCE, 0)).into())
-                    .unwrap();
-                socket.connect_timeout(&to.into(), Duration::from_secs(3))
-            })
-            .unwrap();
-        assert!(forged.is_err(), "a forged node source reached {to}");
-    }
-    let sockets = netns
-        .run_in(|| std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap())
-        .unwrap();
-    // The fourth column is the state; 03 is SYN_RECV (a SYN answered).
-    let answered: Vec<&str> = sockets
-        .lines()
-        .filter(|line| line.split_whitespace().nth(3) == Some("03"))
-        .collect();
-    assert!(
-        answered.is_empty(),
-        "the pod answered a forged SYN: {answered:?}"
-    );
     other.set_nonblocking(true).unwrap();
     assert!(
         other.accept().is_err(),

@@ -14,6 +14,7 @@
 
 pub mod balancer;
 pub mod drain;
+mod found_pods;
 pub mod gate;
 mod idle;
 pub mod inbound;
@@ -212,6 +213,20 @@ pub struct ServedPod {
 }
 
 impl ServedPod {
+    /// What a listener of the announced (or found) `pod` serves.
+    pub fn of(pod: &crate::pod_directory::AnnouncedPod) -> ServedPod {
+        let uid = if pod.namespace.is_empty() || pod.name.is_empty() {
+            String::new()
+        } else {
+            format!("{}/{}", pod.namespace, pod.name)
+        };
+        ServedPod {
+            ips: pod.ips.iter().copied().collect(),
+            uid,
+            pod_uid: pod.uid.clone(),
+        }
+    }
+
     /// Whether `ip` is one of the pod's own addresses.
     pub fn owns(&self, ip: std::net::IpAddr) -> bool {
         self.ips.contains(&ip)

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::routes::RouteTable;
-use super::{DataPlane, ListenerPod, ServedPod, inbound, outbound, plaintext};
+use super::{DataPlane, ListenerPod, ServedPod, found_pods, inbound, outbound, plaintext};
 use crate::capture::pod::{self, PodNetns};
 use crate::capture::{CaptureConfig, node_source};
 use crate::node_state::NodeState;
@@ -174,11 +174,11 @@ struct Step {
 /// Whether a pod of the directory is to be served.
 fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     if pod.found {
-        return decide_found(table, pod);
+        return found_pods::decide(table, pod);
     }
     // A workload the config has at one of its addresses, if it is this
     // pod (not a deleted one whose address it took).
-    let announced = served_pod(pod);
+    let announced = ServedPod::of(pod);
     let configured = pod.ips.iter().find_map(|ip| announced.workload(table, *ip));
     match configured {
         Some(workload) if workload.meshed => Outcome::Served,
@@ -193,23 +193,6 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     }
 }
 
-/// Whether a pod found by its addresses is still the pod it was found
-/// as: only while the config names it there. Once the config gives its
-/// address to another pod (or none), it is no longer served, and taken out
-/// of the directory to be found again for what it is now.
-fn decide_found(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
-    let found_as = format!("{}/{}", pod.namespace, pod.name);
-    match pod.ips.iter().find_map(|ip| table.local_workload(*ip)) {
-        Some(workload)
-            if workload.uid == found_as && workload.pod_uid == pod.uid && workload.meshed =>
-        {
-            Outcome::Served
-        }
-        _ if table.generation == 0 => Outcome::Pending("the proxy has no config yet".into()),
-        _ => Outcome::NotMeshed,
-    }
-}
-
 /// One pass: finds unannounced meshed pods (if allowed), stops serving
 /// pods gone from the mesh, serves new ones.
 async fn serve_step(
@@ -220,39 +203,10 @@ async fn serve_step(
     (served, kept): (&mut BTreeMap<PathBuf, Served>, &mut BTreeSet<PathBuf>),
 ) -> Step {
     directory.prune();
-    let unknown: BTreeSet<IpAddr> = table
-        .meshed_local_ips()
-        .into_iter()
-        .filter(|ip| directory.pod_with(*ip).is_none())
-        .collect();
-    // Only against a config the control plane sent since the proxy
-    // started: a kept one may give a deleted pod's address, and with it
-    // its identity, to whatever pod holds it now.
-    if settings.find_running_pods && !table.restored && !unknown.is_empty() {
-        let (dirs, wanted) = (settings.netns_dirs.clone(), unknown.clone());
-        let found = tokio::task::spawn_blocking(move || {
-            let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-            pod::find_pod_namespaces(&wanted, &dirs, Path::new("/proc"))
-        })
-        .await
-        .unwrap_or_default();
-        let mut by_netns: BTreeMap<PathBuf, Vec<IpAddr>> = BTreeMap::new();
-        for (ip, path) in found {
-            by_netns.entry(path).or_default().push(ip);
-        }
-        for (netns, ips) in by_netns {
-            let workload = ips.iter().find_map(|ip| table.local_workload(*ip));
-            info!(netns = %netns.display(), ?ips, "found a running pod's namespace");
-            directory.add(AnnouncedPod {
-                netns,
-                ips,
-                namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
-                name: workload.map(|w| w.name.clone()).unwrap_or_default(),
-                uid: workload.map(|w| w.pod_uid.clone()).unwrap_or_default(),
-                found: true,
-            });
-        }
-    }
+    let netns_dirs = settings
+        .find_running_pods
+        .then(|| settings.netns_dirs.clone());
+    found_pods::search(directory, table, netns_dirs).await;
     let pods = directory.pods();
     let unserved_config_pods = table
         .meshed_local_ips()
@@ -272,7 +226,7 @@ async fn serve_step(
             let same_ips = pods
                 .iter()
                 .find(|pod| &pod.netns == *netns)
-                .is_some_and(|pod| served_pod(pod) == *serving.pod);
+                .is_some_and(|pod| ServedPod::of(pod) == *serving.pod);
             !wanted || !same_ips
         })
         .map(|(netns, _)| netns.clone())
@@ -310,26 +264,11 @@ async fn serve_step(
             info!(netns = %netns.display(), "no longer serving the pod");
         }
     }
-    // A pod kept from the proxy's last run that is no longer meshed may
-    // still carry that run's capture, which nobody serves now.
-    for pod in &pods {
-        match outcomes.get(&pod.netns) {
-            Some(Outcome::NotMeshed) if kept.remove(&pod.netns) => {
-                if let Ok(netns) = PodNetns::open(&pod.netns) {
-                    release(Arc::new(netns)).await;
-                }
-            }
-            Some(Outcome::Served) => {
-                kept.remove(&pod.netns);
-            }
-            _ => {}
-        }
-    }
     for pod in &pods {
         if outcomes.get(&pod.netns) != Some(&Outcome::Served) || served.contains_key(&pod.netns) {
             continue;
         }
-        let wanted = Arc::new(served_pod(pod));
+        let wanted = Arc::new(ServedPod::of(pod));
         let probe_ports = probe_ports_of(table, &wanted);
         match serve_pod(plane, &pod.netns, &wanted, probe_ports).await {
             Ok(serving) => {
@@ -341,6 +280,15 @@ async fn serve_step(
                 warn!(netns = %pod.netns.display(), %error, "cannot serve the pod yet");
                 outcomes.insert(pod.netns.clone(), Outcome::Pending(error));
             }
+        }
+    }
+    // A pod kept from the proxy's last run that is no longer meshed may
+    // still carry that run's capture, which nobody serves now (after the
+    // meshed pods are served: they wait for nothing here).
+    kept.retain(|netns| !served.contains_key(netns));
+    for pod in &pods {
+        if outcomes.get(&pod.netns) == Some(&Outcome::NotMeshed) && kept.remove(&pod.netns) {
+            release_kept(pod).await;
         }
     }
     // Found pods the config no longer names: capture removed above (not
@@ -357,17 +305,23 @@ async fn serve_step(
     }
 }
 
-/// What a listener of `pod` serves.
-fn served_pod(pod: &AnnouncedPod) -> ServedPod {
-    let uid = if pod.namespace.is_empty() || pod.name.is_empty() {
-        String::new()
-    } else {
-        format!("{}/{}", pod.namespace, pod.name)
+/// [`release`]s a pod kept from the last run, if its namespace is still
+/// the one that holds its addresses (a `/proc/<pid>` path may name another
+/// process's namespace by now).
+async fn release_kept(pod: &AnnouncedPod) {
+    let Ok(netns) = PodNetns::open(&pod.netns) else {
+        return;
     };
-    ServedPod {
-        ips: pod.ips.iter().copied().collect(),
-        uid,
-        pod_uid: pod.uid.clone(),
+    let netns = Arc::new(netns);
+    let checked = netns.clone();
+    let wanted = pod.ips.clone();
+    let holds = tokio::task::spawn_blocking(move || {
+        pod::addresses_of(&checked).is_ok_and(|held| wanted.iter().all(|ip| held.contains(ip)))
+    })
+    .await
+    .unwrap_or(false);
+    if holds {
+        release(netns).await;
     }
 }
 

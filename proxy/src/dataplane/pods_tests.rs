@@ -8,15 +8,25 @@ use weft_api::v1;
 use weft_certs::MeshCa;
 
 use super::{Outcome, decide};
+use crate::dataplane::found_pods;
 use crate::dataplane::routes::RouteTable;
 use crate::node_view::NodeView;
-use crate::pod_directory::AnnouncedPod;
+use crate::pod_directory::{AnnouncedPod, PodDirectory};
 
 const IP: &str = "10.244.1.5";
 
 /// The config: `name` of shop (ServiceAccount web, meshed) at [`IP`], and
 /// shop meshed for new pods.
 fn table_naming(name: &str, pod_uid: &str) -> RouteTable {
+    RouteTable::new(&view_naming(name, pod_uid))
+}
+
+/// The same config, kept from the proxy's last run.
+fn kept_table_naming(name: &str, pod_uid: &str) -> RouteTable {
+    RouteTable::new(&view_naming(name, pod_uid).into_restored())
+}
+
+fn view_naming(name: &str, pod_uid: &str) -> NodeView {
     let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
     let update = v1::ConfigUpdate {
         version: 1,
@@ -42,8 +52,7 @@ fn table_naming(name: &str, pod_uid: &str) -> RouteTable {
         }),
         ..v1::ConfigUpdate::default()
     };
-    let view = NodeView::apply(None, &update, "node-1").unwrap().view;
-    RouteTable::new(&view)
+    NodeView::apply(None, &update, "node-1").unwrap().view
 }
 
 fn pod(namespace: &str, name: &str, uid: &str, found: bool) -> AnnouncedPod {
@@ -86,18 +95,39 @@ fn a_found_pod_is_the_pod_it_was_found_as_only_while_the_config_says_so() {
         decide(&table_naming("web-1", "uid-1"), &found),
         Outcome::Served
     );
-    // The config gives its address to another pod, or to a later pod of
-    // the same name: it is not served as either.
-    assert_eq!(
-        decide(&table_naming("web-2", "uid-2"), &found),
-        Outcome::NotMeshed
-    );
-    assert_eq!(
-        decide(&table_naming("web-1", "uid-9"), &found),
-        Outcome::NotMeshed
-    );
+    // A control plane that sends no pod UIDs names it all the same.
+    assert_eq!(decide(&table_naming("web-1", ""), &found), Outcome::Served);
+    // A config kept from the last run that names another pod there (it may
+    // be older than the pod) decides nothing: the capture stays.
+    assert!(matches!(
+        decide(&kept_table_naming("web-2", "uid-2"), &found),
+        Outcome::Pending(_)
+    ));
     assert!(matches!(
         decide(&RouteTable::default(), &found),
         Outcome::Pending(_)
     ));
+}
+
+#[test]
+fn a_found_pod_whose_address_the_config_gives_to_another_pod_is_that_pod() {
+    let directory = PodDirectory::default();
+    directory.add(pod("shop", "web-1", "uid-1", true));
+    // Only a config from the control plane renames it.
+    found_pods::rename(&directory, &kept_table_naming("web-2", "uid-2"));
+    assert_eq!(directory.pods()[0].name, "web-1");
+    let live = table_naming("web-2", "uid-2");
+    found_pods::rename(&directory, &live);
+    let renamed = &directory.pods()[0];
+    assert_eq!(
+        (renamed.name.as_str(), renamed.uid.as_str()),
+        ("web-2", "uid-2")
+    );
+    assert!(renamed.found);
+    assert_eq!(decide(&live, renamed), Outcome::Served);
+    // An announced pod is never renamed.
+    let announced = PodDirectory::default();
+    announced.add(pod("shop", "web-1", "uid-1", false));
+    found_pods::rename(&announced, &live);
+    assert_eq!(announced.pods()[0].name, "web-1");
 }
