@@ -252,19 +252,11 @@ pub fn install_in_pod(
         return Err(CaptureError::Config { reason });
     }
     netns.run_in(|| {
-        let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
-        let config = CaptureConfig {
-            ipv6,
-            ..config.clone()
-        };
-        run(
-            "installing the capture in a pod's network namespace",
-            "nft",
-            &["-f", "-"],
-            Some(&pod_ruleset(&config, probe_ports)),
-        )?;
+        let config = replace_pod_table(config, probe_ports)?;
         routing::install(&config, Family::V4)?;
-        if ipv6 && let Err(error) = routing::install(&config, Family::V6) {
+        if config.ipv6
+            && let Err(error) = routing::install(&config, Family::V6)
+        {
             // The redirection covers IPv6 all the same: without the
             // routing (or the listeners) for it, the pod's IPv6 TCP is
             // refused, never passed, and its IPv4 is served.
@@ -281,20 +273,27 @@ pub fn set_probe_ports(
     config: &CaptureConfig,
     probe_ports: &BTreeSet<u16>,
 ) -> Result<(), CaptureError> {
-    netns.run_in(|| {
-        let ipv6 = config.ipv6 && Path::new("/proc/sys/net/ipv6").exists();
-        let config = CaptureConfig {
-            ipv6,
-            ..config.clone()
-        };
-        run(
-            "setting the probe ports in a pod's network namespace",
-            "nft",
-            &["-f", "-"],
-            Some(&pod_ruleset(&config, probe_ports)),
-        )
-        .map(drop)
-    })?
+    netns.run_in(|| replace_pod_table(config, probe_ports).map(drop))?
+}
+
+/// On the calling thread (inside the pod's namespace): replaces the pod's
+/// table in one `nft` transaction, with IPv6 rules if the namespace has
+/// IPv6; returns the config it used.
+fn replace_pod_table(
+    config: &CaptureConfig,
+    probe_ports: &BTreeSet<u16>,
+) -> Result<CaptureConfig, CaptureError> {
+    let config = CaptureConfig {
+        ipv6: config.ipv6 && Path::new("/proc/sys/net/ipv6").exists(),
+        ..config.clone()
+    };
+    run(
+        "replacing the capture in a pod's network namespace",
+        "nft",
+        &["-f", "-"],
+        Some(&pod_ruleset(&config, probe_ports)),
+    )?;
+    Ok(config)
 }
 
 /// Removes the redirection and its routing from the pod's namespace (the
