@@ -35,6 +35,15 @@ fn round_trip(testbed: &Testbed, pod: &str, payload: &[u8]) -> std::io::Result<V
     round_trip_to(testbed, pod, db(testbed), payload, HELD)
 }
 
+/// Writes `payload` on `stream` and reads as many bytes back: an error
+/// (a reset, or the end of the stream) if they do not come.
+fn echo(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.write_all(payload)?;
+    let mut echoed = vec![0; payload.len()];
+    stream.read_exact(&mut echoed)?;
+    Ok(echoed)
+}
+
 /// [`round_trip`] to `to`.
 fn round_trip_to(
     testbed: &Testbed,
@@ -61,11 +70,26 @@ fn a_killed_proxy_never_lets_a_meshed_pods_traffic_through_in_plaintext() {
     let (mut mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
     let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
     assert_eq!(round_trip(&testbed, "web-1", MARKER).unwrap(), MARKER);
+    // A connection open across the kill (traffic running).
+    let mut open = testbed
+        .run_in(Target::Pod("web-1"), || {
+            TcpStream::connect_timeout(&db(&testbed), HELD)
+        })
+        .unwrap()
+        .unwrap();
+    open.set_read_timeout(Some(HELD)).unwrap();
+    assert_eq!(echo(&mut open, MARKER).unwrap(), MARKER);
 
-    // The source's proxy is killed: web-1's new connections are refused
-    // inside web-1 (its capture redirects them to a listener that is
-    // gone), nothing leaves it; once a proxy is back they go, meshed.
+    // The source's proxy is killed: web-1's open connection ends with it
+    // (its other end was the proxy's socket, in web-1): what web-1 writes
+    // next goes nowhere. Its new connections are refused inside web-1 (its
+    // capture redirects them to a listener that is gone), nothing leaves
+    // it; once a proxy is back they go, meshed.
     mesh.kill_proxy("node-1").unwrap();
+    assert!(
+        echo(&mut open, MARKER).is_err(),
+        "an open connection outlived its proxy"
+    );
     assert!(round_trip(&testbed, "web-1", MARKER).is_err());
     mesh.start_proxy(&testbed, "node-1").unwrap();
     mesh.wait_for_data_plane(&testbed).unwrap();
