@@ -4,7 +4,7 @@
 //! only the proxy's own user (root, normally) can change anything: a POST
 //! is answered only when the kernel's socket table says the connecting
 //! socket belongs to that user, and never when it carries an `Origin`
-//! (a browser page). A drain takes the node's capture rules away, so an
+//! (a browser page). A drain stops the node's meshed traffic, so an
 //! unprivileged process must not be able to ask for one.
 //!
 //! - `GET /config_dump`: the proxy's settings, the control-plane link, the
@@ -15,11 +15,11 @@
 //! - `GET /logging`: the log filter in force; `POST /logging?level=<filter>`
 //!   replaces it (EnvFilter syntax, e.g. `info,weft_proxy::dataplane=debug`).
 //! - `POST /drain`: what SIGTERM does: stop accepting, let open connections
-//!   finish within the drain deadline, remove the capture rules, exit.
+//!   finish within the drain deadline, exit (the pods' capture stays: their
+//!   TCP is refused until a proxy serves them again).
 //! - `GET /healthz`: `ok`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -31,13 +31,14 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::ProxyConfig;
 use crate::certificates::CertificateMap;
 use crate::control_plane::{ControlPlaneStatus, ViewReceiver};
 use crate::http_server::{self, Connection, text};
+use crate::listening::Listening;
 use crate::logging::LogFilter;
 use crate::node_view::NodeView;
 use crate::wall_clock::{rfc3339, seconds_until};
-use crate::{Error, ProxyConfig};
 
 /// What the admin endpoint reads from; each part is a live view.
 #[derive(Clone)]
@@ -56,19 +57,13 @@ pub(crate) struct AdminState {
     pub(crate) drain_requested: watch::Sender<bool>,
 }
 
-/// Listens on `addr` (port 0 picks a free port; see `local_addr`). A std
-/// listener, so that [`serve`] registers it with the runtime it runs on.
-pub(crate) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|source| Error::BindAdmin { addr, source })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| Error::BindAdmin { addr, source })?;
-    Ok(listener)
-}
-
-/// Serves admin requests on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
+/// Serves admin requests on `listener` (non-blocking) while it is this
+/// process's turn (see [`Listening`]).
+pub(crate) async fn serve(
+    listener: std::net::TcpListener,
+    state: AdminState,
+    listening: Listening,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -78,7 +73,7 @@ pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
     };
     let state = Arc::new(state);
     let handler: http_server::Handler = Arc::new(move |request| respond(request, &state));
-    http_server::serve(listener, "admin", handler).await;
+    http_server::serve(listener, "admin", handler, listening).await;
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {

@@ -30,6 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
+use crate::listening::Listening;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 
 /// The longest request line taken (a pod's request is well under 1 KiB).
@@ -106,8 +107,8 @@ pub fn parse_request(line: &[u8]) -> Result<CniRequest, String> {
 }
 
 /// Binds the socket at `path` (replacing a stale one), accessible to root
-/// only.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// only; non-blocking, for [`serve`].
+pub fn bind(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -116,19 +117,24 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
 
-/// Serves requests until the task is dropped.
-pub async fn serve(listener: UnixListener, directory: Arc<PodDirectory>) {
+/// Serves requests while it is this process's turn (see [`Listening`]);
+/// returns once the socket went to a successor.
+pub async fn serve(listener: UnixListener, directory: Arc<PodDirectory>, listening: Listening) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
+        let Some(accepted) = listening.node_endpoint_accept(|| listener.accept()).await else {
+            return;
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 warn!(%error, "CNI socket: accept failed");

@@ -155,9 +155,26 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
-    /// How long open connections may finish after SIGTERM, in seconds.
-    #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 10)]
+    /// How long open connections may run on after the proxy stops accepting
+    /// (SIGTERM, or a new proxy took over), in seconds. Generous: a
+    /// long-lived connection (a database session, a stream) runs to its end
+    /// through an upgrade. The DaemonSet's `terminationGracePeriodSeconds`
+    /// must be a little longer.
+    #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 3600)]
     pub drain_seconds: u64,
+
+    /// The same when the mesh is being uninstalled, in seconds: the capture
+    /// is taken out of the pods only after it, so it is short.
+    #[arg(long, env = "WEFT_UNINSTALL_DRAIN_SECONDS", default_value_t = 10)]
+    pub uninstall_drain_seconds: u64,
+
+    /// How long a starting proxy waits for the running one to hand over its
+    /// sockets (see `handover`), and later for it to confirm that it stopped
+    /// accepting, in milliseconds; also how long a running proxy waits for
+    /// a new one to say what it wants. A hand-over that takes longer fails:
+    /// the running proxy serves on, the new one starts fresh.
+    #[arg(long, env = "WEFT_HANDOVER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handover_timeout_ms: u64,
 
     /// How long a captured connection may wait for what it needs to go
     /// meshed, in milliseconds: the source pod's certificate (outbound) or

@@ -3,7 +3,6 @@
 //! refuses is not an error of the proxy but of the update; why it was refused
 //! is an [`UpdateProblem`](crate::UpdateProblem), sent back as the NACK reason.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use weft_certs::Identity;
@@ -189,13 +188,32 @@ pub enum Error {
         source: weft_certs::Error,
     },
 
-    /// A data-plane listener could not be opened.
-    #[error("binding the {what} listener to {addr}: {source}")]
-    BindListener {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
+    /// One of the node's listening sockets could not be bound.
+    #[error("binding the {kind:?} socket to {addr}: {source}")]
+    BindNodeSocket {
+        /// Which socket.
+        kind: crate::handover::NodeSocketKind,
+        /// The configured address.
         addr: std::net::SocketAddr,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
+    /// The hand-over socket could not be bound or taken over.
+    #[error("binding the hand-over socket {path}: {source}")]
+    BindHandover {
+        /// The socket's path.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
+    /// A copy of a node socket, kept for the next hand-over, could not be
+    /// made (out of file descriptors).
+    #[error("copying the {kind:?} socket for a later hand-over: {source}")]
+    CopySocket {
+        /// Which socket.
+        kind: crate::handover::NodeSocketKind,
         /// The underlying failure.
         source: std::io::Error,
     },
@@ -225,15 +243,6 @@ pub enum Error {
     BindCniSocket {
         /// The socket's path.
         path: PathBuf,
-        /// The underlying failure.
-        source: std::io::Error,
-    },
-
-    /// The admin endpoint could not listen.
-    #[error("binding the admin endpoint to {addr}: {source}")]
-    BindAdmin {
-        /// The configured address.
-        addr: SocketAddr,
         /// The underlying failure.
         source: std::io::Error,
     },

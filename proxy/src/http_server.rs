@@ -13,6 +13,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::listening::Listening;
+
 /// The connection a request came on (a request extension), for handlers
 /// that care who is asking.
 #[derive(Clone, Copy, Debug)]
@@ -26,10 +28,16 @@ pub(crate) struct Connection {
 /// Answers one request.
 pub(crate) type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
-/// Serves `handler` on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: TcpListener, name: &'static str, handler: Handler) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
+/// Serves `handler` on `listener` while it is this process's turn (see
+/// [`Listening`]); returns once the listener went to a successor.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    name: &'static str,
+    handler: Handler,
+    listening: Listening,
+) {
+    while let Some(accepted) = listening.node_endpoint_accept(|| listener.accept()).await {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.

@@ -21,11 +21,15 @@
 //! then `dataplane/outbound.rs` and `dataplane/inbound.rs` follow one
 //! connection from the source pod to the destination pod.
 //!
-//! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`,
+//! - upgrades: [`handover`] passes the listening sockets of a running
+//!   proxy to a new process on the node, and [`listening`] tells every
+//!   accept loop whose turn it is.
+//!
+//! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`, `listening`,
 //! `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
-//! → `cni_api` → `cni_plugin`, `config` → `logging`, `transport` → `control_plane` →
-//! `certificates` → `dataplane` → `admin`/`monitoring` → `node_proxy`; nothing points back
-//! down.
+//! → `cni_api` → `cni_plugin`, `handover` → `node_sockets`, `config` → `logging`,
+//! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring`
+//! → `node_proxy`; nothing points back down.
 
 mod admin;
 mod backoff;
@@ -39,12 +43,15 @@ mod control_plane;
 pub mod copy;
 pub mod dataplane;
 mod error;
+pub mod handover;
 pub mod hbone;
 mod http_server;
+pub mod listening;
 mod local_peer;
 pub mod logging;
 mod monitoring;
 mod node_proxy;
+mod node_sockets;
 mod node_state;
 mod node_view;
 pub mod pod_directory;

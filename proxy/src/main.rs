@@ -48,14 +48,29 @@ async fn run(
     let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut proxy = NodeProxy::start_in_process(config, control, Some(log_filter)).await?;
-    let drain_requested = proxy.drain_requested();
+    let (drain_requested, handed_over) = (proxy.drain_requested(), proxy.handed_over());
+    let mut signalled = true;
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM received; shutting down"),
         _ = interrupt.recv() => info!("SIGINT received; shutting down"),
         () = drain_requested => info!("drain requested; shutting down"),
+        () = handed_over => {
+            info!("a new proxy took over: draining, then waiting for SIGTERM");
+            signalled = false;
+        }
         why = proxy.stopped() => anyhow::bail!("{why}"),
     }
     proxy.shutdown().await;
+    if !signalled {
+        // Exiting by itself would make Kubernetes restart this container,
+        // and the restarted proxy would take the sockets back from the new
+        // one: stay, idle, until the pod is deleted.
+        info!("drained; waiting for SIGTERM");
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    }
     info!("stopped");
     Ok(())
 }

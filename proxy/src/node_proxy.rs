@@ -17,7 +17,10 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState};
 use crate::certificates::{CertificateMap, NodeCertificates};
 use crate::control_plane::{ControlPlaneClient, ControlPlaneStatus, ViewReceiver};
+use crate::handover::{self, Inherited};
+use crate::listening::{self, ListeningControl, ListeningState, TaskEnd};
 use crate::logging::LogFilter;
+use crate::node_sockets;
 use crate::node_state::NodeState;
 use crate::transport::ControlPlaneTransport;
 use crate::{Error, ProxyConfig};
@@ -29,8 +32,12 @@ pub struct NodeProxy {
     status: watch::Receiver<ControlPlaneStatus>,
     certificates: watch::Receiver<CertificateMap>,
     drain_requested: watch::Receiver<bool>,
+    /// True once a new proxy process took the sockets over.
+    handed_over: watch::Receiver<bool>,
+    /// Whose turn it is to accept on the node's sockets.
+    listening: Arc<ListeningControl>,
     data_plane: Option<crate::dataplane::RunningDataPlane>,
-    tasks: JoinSet<&'static str>,
+    tasks: JoinSet<TaskEnd>,
     /// The last good state on the node, if kept.
     state: Option<NodeState>,
 }
@@ -71,21 +78,44 @@ impl NodeProxy {
             }
             Err(e) => return Err(e),
         }
-        let listener = admin::bind(config.admin_addr)?;
-        let admin_addr = listener.local_addr().map_err(|source| Error::BindAdmin {
-            addr: config.admin_addr,
-            source,
-        })?;
+        // The state directory holds the hand-over socket too: made (private
+        // to this user) before anything is bound in it.
+        let state = match &config.state_dir {
+            Some(dir) => Some(NodeState::open(dir)?),
+            None => None,
+        };
+        // A proxy already running on the node hands its sockets over; a
+        // cold start binds them.
+        let taken = match &config.state_dir {
+            Some(dir) => {
+                let wait = Duration::from_millis(config.handover_timeout_ms);
+                handover::take(&dir.join(handover::SOCKET_NAME), wait).await
+            }
+            None => None,
+        };
+        let (inherited, predecessor) = match taken {
+            Some((inherited, predecessor)) => (inherited, Some(predecessor)),
+            None => (Inherited::default(), None),
+        };
+        let sockets = node_sockets::open(&config, inherited.node)?;
+        let admin_addr = sockets
+            .admin
+            .local_addr()
+            .map_err(|source| Error::BindNodeSocket {
+                kind: handover::NodeSocketKind::Admin,
+                addr: config.admin_addr,
+                source,
+            })?;
+        let (listening_control, listening) = listening::channel();
+        let listening_control = Arc::new(listening_control);
+        let (handed_over_tx, handed_over) = watch::channel(false);
+        let (pods_requests, pods_requested) = tokio::sync::mpsc::channel(4);
 
         let mut client = ControlPlaneClient::new(
             transport.clone(),
             config.node.clone(),
             config.max_config_message_bytes,
         );
-        let state = match &config.state_dir {
-            Some(dir) => Some(NodeState::open(dir)?),
-            None => None,
-        };
         if let Some(state) = &state {
             let interval = Duration::from_millis(config.state_write_interval_ms);
             client.keep_in(state.clone(), interval);
@@ -112,45 +142,74 @@ impl NodeProxy {
         tasks.spawn_on(
             async move {
                 client.run().await;
-                "control-plane client"
+                TaskEnd::Stopped("control-plane client")
             },
             &control,
         );
         tasks.spawn_on(
             async move {
                 node_certificates.run().await;
-                "certificate renewal"
+                TaskEnd::Stopped("certificate renewal")
             },
             &control,
         );
+        let (admin_listener, admin_listening) = (sockets.admin, listening.clone());
         tasks.spawn_on(
             async move {
-                admin::serve(listener, admin_state).await;
-                "admin endpoint"
+                admin::serve(admin_listener, admin_state, admin_listening).await;
+                TaskEnd::HandedOver("admin endpoint")
             },
             &control,
         );
         info!(%admin_addr, "admin endpoint listening");
-        let data_plane = if data_plane_config.data_plane {
-            Some(
+        let data_plane = match sockets.monitoring {
+            Some(monitoring) if data_plane_config.data_plane => Some(
                 crate::dataplane::start(
                     &data_plane_config,
-                    view.clone(),
-                    certificates.clone(),
-                    state.clone(),
+                    crate::dataplane::Start {
+                        view: view.clone(),
+                        certificates: certificates.clone(),
+                        state: state.clone(),
+                        monitoring,
+                        cni: sockets.cni,
+                        listening: listening.clone(),
+                        pods: inherited.pods,
+                        pod_listeners: inherited.pod_listeners,
+                        predecessor,
+                        pods_requested,
+                    },
                     &mut tasks,
                 )
                 .await?,
-            )
-        } else {
-            None
+            ),
+            _ => {
+                // Nothing to serve: the predecessor may stop at once.
+                if let Some(predecessor) = predecessor {
+                    let wait = Duration::from_millis(data_plane_config.handover_timeout_ms);
+                    tokio::spawn(predecessor.release(wait));
+                }
+                None
+            }
         };
+        if let Some(listener) = sockets.handover {
+            let giver = handover::Giver {
+                listener,
+                node_sockets: sockets.copies,
+                pods: data_plane.is_some().then_some(pods_requests),
+                listening: listening_control.clone(),
+                handed_over: handed_over_tx,
+                hello_wait: Duration::from_millis(data_plane_config.handover_timeout_ms),
+            };
+            tasks.spawn(handover::serve(giver));
+        }
         Ok(NodeProxy {
             admin_addr,
             view,
             status,
             certificates,
             drain_requested,
+            handed_over,
+            listening: listening_control,
             data_plane,
             tasks,
             state,
@@ -191,13 +250,29 @@ impl NodeProxy {
         }
     }
 
-    /// Waits until a task stops, which none should: returns its name, or
-    /// why it stopped if it panicked.
+    /// Resolves once a new proxy process on the node took the sockets over
+    /// (see [`crate::handover`]); the owner then calls
+    /// [`NodeProxy::shutdown`] to drain, and exits on SIGTERM.
+    pub fn handed_over(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut handed_over = self.handed_over.clone();
+        async move {
+            if handed_over.wait_for(|done| *done).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits until a task stops, which none should (tasks whose sockets
+    /// went to a successor are done, not stopped): returns its name, or why
+    /// it stopped if it panicked.
     pub async fn stopped(&mut self) -> String {
-        match self.tasks.join_next().await {
-            Some(Ok(name)) => format!("the {name} stopped"),
-            Some(Err(e)) => format!("a task failed: {e}"),
-            None => "no tasks are running".to_owned(),
+        loop {
+            match self.tasks.join_next().await {
+                Some(Ok(TaskEnd::HandedOver(_))) => {}
+                Some(Ok(TaskEnd::Stopped(name))) => return format!("the {name} stopped"),
+                Some(Err(e)) => return format!("a task failed: {e}"),
+                None => return "no tasks are running".to_owned(),
+            }
         }
     }
 
@@ -207,15 +282,25 @@ impl NodeProxy {
     /// being uninstalled, the capture rules and the state kept on the node
     /// (config, certificates and their keys) go too.
     pub async fn shutdown(mut self) {
+        // A successor that holds the sockets serves from now on (it may not
+        // be ready, but a connection waits in the queue rather than being
+        // reset here).
+        if self.listening.state() == ListeningState::Paused {
+            info!("stopping while a new proxy takes over: leaving the sockets to it");
+            self.listening.set(ListeningState::Released);
+        }
+        let handed_over = self.listening.state() == ListeningState::Released;
         if let Some(data_plane) = self.data_plane.take() {
-            data_plane.drain().await;
+            data_plane.drain(handed_over).await;
         }
         self.tasks.shutdown().await;
-        let uninstalling = self
-            .view
-            .borrow()
-            .as_ref()
-            .is_some_and(|view| view.uninstalling());
+        // The successor owns the node's state and capture now.
+        let uninstalling = !handed_over
+            && self
+                .view
+                .borrow()
+                .as_ref()
+                .is_some_and(|view| view.uninstalling());
         if let Some(state) = self.state.take().filter(|_| uninstalling) {
             match state.clear() {
                 Ok(()) => {

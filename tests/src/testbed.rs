@@ -169,6 +169,13 @@ impl Testbed {
         netns::run_in(self.topology.netns_of(target)?, f)
     }
 
+    /// The target's network namespace, opened: a thread that enters it
+    /// later ([`crate::netns::run_in_file`]) needs no lookup, and the
+    /// namespace stays while the file is open.
+    pub(crate) fn netns_file(&self, target: Target<'_>) -> Result<std::fs::File> {
+        netns::open(self.topology.netns_of(target)?)
+    }
+
     /// Starts an [`EchoServer`] on 0.0.0.0:`port` inside the target's namespace
     /// (port 0 picks a free one, see [`EchoServer::local_addr`]).
     pub fn start_echo_server(&self, target: Target<'_>, port: u16) -> Result<EchoServer> {

@@ -74,6 +74,9 @@ pub struct WeftMesh {
     later: Vec<String>,
 }
 
+/// What a proxy logs once a new process on its node serves in its place.
+pub const HANDED_OVER: &str = "this one accepts nothing more";
+
 /// The proxies' log filter in tests: debug for weft's own lines, so a failed
 /// test's logs tell the story.
 pub const TEST_PROXY_LOG_LEVEL: &str = "info,weft_proxy=debug";
@@ -390,6 +393,43 @@ spec:
         if self.proxies.contains_key(node) {
             bail!("a proxy already runs on {node}");
         }
+        let process = self.spawn_proxy(testbed, node)?;
+        self.proxies.insert(node.to_owned(), process);
+        Ok(())
+    }
+
+    /// Upgrades `node`'s proxy as a DaemonSet rollout with `maxSurge: 1`
+    /// does: starts a new proxy process beside the running one (it takes
+    /// the sockets over), waits until the old one says the new one serves,
+    /// then sends the old one SIGTERM. Returns the old process, draining
+    /// its open connections: it exits once they have ended.
+    pub fn upgrade_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<Process> {
+        let old = self
+            .proxies
+            .remove(node)
+            .with_context(|| format!("no proxy runs on {node}"))?;
+        let new = self.spawn_proxy(testbed, node)?;
+        self.proxies.insert(node.to_owned(), new);
+        old.wait_for_output(HANDED_OVER, STARTUP_TIMEOUT)
+            .with_context(|| format!("{node}'s running proxy never handed over"))?;
+        old.signal(nix::sys::signal::Signal::SIGTERM)?;
+        Ok(old)
+    }
+
+    /// Starts a new proxy process for `node` beside whatever runs there
+    /// (see [`WeftMesh::upgrade_proxy`]) without tracking it as the node's
+    /// proxy.
+    pub fn spawn_proxy(&self, testbed: &Testbed, node: &str) -> Result<Process> {
+        self.spawn_proxy_with(testbed, node, &[])
+    }
+
+    /// [`WeftMesh::spawn_proxy`] with more arguments.
+    pub fn spawn_proxy_with(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        more_args: &[&str],
+    ) -> Result<Process> {
         let mut command = Command::new(weft_binary("weft-proxy")?);
         command
             .arg("--node")
@@ -409,10 +449,15 @@ spec:
         command
             .arg("--cni-socket")
             .arg(self.cni_socket(testbed, node))
-            .arg("--find-running-pods=false");
-        let process = testbed.spawn(Target::Node(node), command)?;
-        self.proxies.insert(node.to_owned(), process);
-        Ok(())
+            .arg("--find-running-pods=false")
+            .args(more_args);
+        testbed.spawn(Target::Node(node), command)
+    }
+
+    /// Replaces the process tracked as `node`'s proxy (one started by
+    /// [`WeftMesh::spawn_proxy`]); returns the one it was.
+    pub fn replace_proxy(&mut self, node: &str, process: Process) -> Option<Process> {
+        self.proxies.insert(node.to_owned(), process)
     }
 
     /// Where proxies reach the control plane.

@@ -40,6 +40,15 @@ use super::node_source::{NODE_SOURCE, NODE_SOURCE_V6};
 use super::routing::{self, Family};
 use super::{CaptureConfig, CaptureError, TABLE_NAME};
 
+/// Identifies a network namespace on the node (its `nsfs` inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetnsId {
+    /// `st_dev` of the namespace file.
+    pub dev: u64,
+    /// `st_ino` of the namespace file.
+    pub ino: u64,
+}
+
 /// An open handle on a pod's network namespace (its nsfs file, e.g.
 /// `/var/run/netns/cni-...` or `/proc/<pid>/ns/net`). Holding it keeps the
 /// namespace alive, so hold it only while the pod is.
@@ -81,6 +90,19 @@ impl PodNetns {
     /// Where it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Which namespace this is: another open of the same one has the same
+    /// id, whatever path it was opened from.
+    pub fn id(&self) -> Result<NetnsId, CaptureError> {
+        let stat = nix::sys::stat::fstat(&self.file).map_err(|errno| CaptureError::Namespace {
+            operation: format!("reading the network namespace {}", self.path.display()),
+            source: std::io::Error::from(errno),
+        })?;
+        Ok(NetnsId {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        })
     }
 
     /// Runs `f` inside this namespace, on a thread of its own (a thread

@@ -27,7 +27,7 @@ pub mod routes;
 mod startup;
 pub mod telemetry;
 
-pub use startup::{RunningDataPlane, start};
+pub use startup::{RunningDataPlane, Start, start};
 
 use std::sync::Arc;
 
@@ -67,6 +67,9 @@ pub struct DataPlane {
     /// The namespaces of the pods served in their own (capture mode
     /// `pod`), where their connections' sockets are made.
     pub pods: Arc<pod_namespaces::PodNamespaces>,
+    /// Whose turn it is to accept: the pods' listeners stop once a new
+    /// proxy process took them over.
+    pub listening: crate::listening::Listening,
 }
 
 impl DataPlane {
@@ -281,8 +284,9 @@ pub async fn serve_captured<F, Fut>(
     use tracing::Instrument;
     let outbound = listener_name == "outbound";
     let redirected = listener_name != "HBONE";
-    loop {
-        let (stream, source) = next_connection(&listener, &plane.drain, listener_name).await;
+    while let Some((stream, source)) =
+        next_connection(&listener, &plane.drain, &plane.listening, listener_name).await
+    {
         let destination = if redirected {
             crate::sockets::redirected_destination(&stream)
         } else {
@@ -324,17 +328,25 @@ pub async fn serve_captured<F, Fut>(
     }
 }
 
-/// The next connection a listener should serve. While draining, new
+/// The next connection a listener should serve; `None` once a new proxy
+/// process took the listener over (it accepts from the same queue, so
+/// nothing waiting there is lost). While draining without one, new
 /// connections are reset on arrival instead: the capture rules keep sending
 /// them here until the proxy exits, and a reset fails them at once where a
 /// closed listener would leave them to time out.
 pub async fn next_connection(
     listener: &tokio::net::TcpListener,
     drain: &Drain,
+    listening: &crate::listening::Listening,
     what: &'static str,
-) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = listening.released() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, peer)) if drain.is_draining() => {
                 tracing::debug!(%peer, listener = what, "draining: resetting a new connection");
                 // Zero linger: close with a reset, and never block on drop.
@@ -344,7 +356,7 @@ pub async fn next_connection(
                 // Small writes back to the pod (a response) must leave at
                 // once: Nagle against the pod's delayed ACK costs 40 ms.
                 let _ = accepted.0.set_nodelay(true);
-                return accepted;
+                return Some(accepted);
             }
             Err(error) => {
                 // Out of file descriptors and the like: wait, do not spin.

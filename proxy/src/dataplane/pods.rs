@@ -25,12 +25,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -38,6 +39,7 @@ use super::routes::RouteTable;
 use super::{DataPlane, ListenerPod, ServedPod, found_pods, inbound, outbound, plaintext};
 use crate::capture::pod::{self, PodNetns};
 use crate::capture::{CaptureConfig, node_source};
+use crate::handover::{HandedPod, InheritedListeners, PodsRequest};
 use crate::node_state::NodeState;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
 use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -60,12 +62,25 @@ struct Served {
     probe_ports: BTreeSet<u16>,
     netns: Arc<PodNetns>,
     listeners: Vec<JoinHandle<()>>,
+    /// Copies of the listening sockets, for a hand-over.
+    sockets: Vec<OwnedFd>,
 }
 
 /// What the serving task is told when the proxy stops.
 pub(super) struct StopPods {
     /// Take the redirection out of every served pod (uninstall).
     pub remove: bool,
+}
+
+/// What the serving task takes orders from, and what it was handed.
+pub(super) struct Orders {
+    /// Stop (the proxy drains).
+    pub stop: tokio::sync::oneshot::Receiver<StopPods>,
+    /// A hand-over to a new proxy process.
+    pub handover: mpsc::Receiver<PodsRequest>,
+    /// Listeners a predecessor handed over, used instead of binding new
+    /// ones when the pod in that namespace is served.
+    pub inherited: BTreeMap<PathBuf, InheritedListeners>,
 }
 
 /// Follows the applied config and the pods on the node: serves every
@@ -80,8 +95,13 @@ pub(super) async fn follow(
     settings: PodCaptureSettings,
     state: Option<NodeState>,
     programmed: watch::Sender<u64>,
-    mut stop: tokio::sync::oneshot::Receiver<StopPods>,
+    orders: Orders,
 ) {
+    let Orders {
+        mut stop,
+        handover: mut handovers,
+        mut inherited,
+    } = orders;
     let mut routes = plane.routes.subscribe();
     let mut announced = directory.subscribe();
     let mut served: BTreeMap<PathBuf, Served> = BTreeMap::new();
@@ -98,7 +118,7 @@ pub(super) async fn follow(
             &directory,
             &settings,
             &table,
-            (&mut served, &mut kept),
+            (&mut served, &mut kept, &mut inherited),
         )
         .await;
         follow_probe_ports(&table, &mut served).await;
@@ -154,6 +174,28 @@ pub(super) async fn follow(
             changed = routes.changed() => if changed.is_err() { return },
             _ = announced.changed() => {}
             () = retry => {}
+            Some(PodsRequest::Freeze(reply)) = handovers.recv() => {
+                let _ = reply.send(hand_over(&directory, &served));
+                // Frozen: nothing changes until the hand-over fails (or
+                // the proxy stops, once the successor serves: the giving
+                // side is gone then, and this stays frozen).
+                loop {
+                    tokio::select! {
+                        Some(request) = handovers.recv() => match request {
+                            PodsRequest::Thaw => break,
+                            // A second successor while frozen: not possible
+                            // (one at a time); answer with nothing.
+                            PodsRequest::Freeze(reply) => { let _ = reply.send(Vec::new()); }
+                        },
+                        order = &mut stop => {
+                            let remove = order.is_ok_and(|order| order.remove);
+                            stop_serving(served, remove).await;
+                            return;
+                        }
+                    }
+                }
+                info!("the hand-over failed: serving the node's pods as before");
+            }
             order = &mut stop => {
                 let remove = order.is_ok_and(|order| order.remove);
                 stop_serving(served, remove).await;
@@ -161,6 +203,32 @@ pub(super) async fn follow(
             }
         }
     }
+}
+
+/// The pods this proxy knows, and copies of the listeners of those it
+/// serves, for a successor.
+fn hand_over(directory: &PodDirectory, served: &BTreeMap<PathBuf, Served>) -> Vec<HandedPod> {
+    directory
+        .pods()
+        .into_iter()
+        .map(|pod| {
+            let serving = served.get(&pod.netns);
+            let netns = serving.and_then(|serving| serving.netns.id().ok());
+            let listeners = match (serving, netns) {
+                (Some(serving), Some(_)) => serving
+                    .sockets
+                    .iter()
+                    .filter_map(|socket| socket.try_clone().ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            HandedPod {
+                pod,
+                netns,
+                listeners,
+            }
+        })
+        .collect()
 }
 
 /// What one pass found.
@@ -200,7 +268,11 @@ async fn serve_step(
     directory: &PodDirectory,
     settings: &PodCaptureSettings,
     table: &RouteTable,
-    (served, kept): (&mut BTreeMap<PathBuf, Served>, &mut BTreeSet<PathBuf>),
+    (served, kept, inherited): (
+        &mut BTreeMap<PathBuf, Served>,
+        &mut BTreeSet<PathBuf>,
+        &mut BTreeMap<PathBuf, InheritedListeners>,
+    ),
 ) -> Step {
     directory.prune();
     let netns_dirs = settings
@@ -270,7 +342,7 @@ async fn serve_step(
         }
         let wanted = Arc::new(ServedPod::of(pod));
         let probe_ports = probe_ports_of(table, &wanted);
-        match serve_pod(plane, &pod.netns, &wanted, probe_ports).await {
+        match serve_pod(plane, &pod.netns, &wanted, probe_ports, inherited).await {
             Ok(serving) => {
                 info!(pod = %wanted.uid, ips = ?wanted.ips, netns = %pod.netns.display(), "serving the pod in its namespace");
                 plane.pods.set(&serving.pod, Some(&serving.netns));
@@ -291,6 +363,8 @@ async fn serve_step(
             release_kept(pod).await;
         }
     }
+    // Handed-over listeners of pods gone from the node are of no use.
+    inherited.retain(|netns, _| pods.iter().any(|pod| &pod.netns == netns));
     // Found pods the config no longer names: capture removed above (not
     // meshed); forgotten, to be found again if their address is meshed.
     for pod in pods.iter().filter(|pod| pod.found) {
@@ -343,12 +417,14 @@ async fn release(netns: Arc<PodNetns>) {
 }
 
 /// Checks that the namespace at `path` holds the pod's addresses, installs
-/// the redirection there and opens the pod's listeners.
+/// the redirection there and opens the pod's listeners, or takes the ones
+/// a predecessor handed over for that namespace.
 async fn serve_pod(
     plane: &Arc<DataPlane>,
     path: &Path,
     pod: &ListenerPod,
     probe_ports: BTreeSet<u16>,
+    inherited: &mut BTreeMap<PathBuf, InheritedListeners>,
 ) -> Result<Served, String> {
     let netns = Arc::new(PodNetns::open(path).map_err(|e| e.to_string())?);
     let (checked, wanted, ports) = (netns.clone(), pod.ips.clone(), probe_ports.clone());
@@ -361,9 +437,25 @@ async fn serve_pod(
     })
     .await
     .map_err(|e| e.to_string())??;
-    let listeners = netns
-        .enter(bind_pod_listeners)
-        .map_err(|e| e.to_string())??;
+    let listeners = match inherited.remove(path) {
+        Some(handed) if netns.id().ok() == Some(handed.netns) => {
+            adopt_pod_listeners(handed.listeners)?
+        }
+        Some(_) => {
+            warn!(netns = %path.display(), "the handed-over listeners belong to another namespace than the one at this path now; binding new ones");
+            netns
+                .enter(bind_pod_listeners)
+                .map_err(|e| e.to_string())??
+        }
+        None => netns
+            .enter(bind_pod_listeners)
+            .map_err(|e| e.to_string())??,
+    };
+    let sockets = listeners
+        .iter()
+        .map(|(_, listener)| listener.as_fd().try_clone_to_owned())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("copying a listener for a later hand-over: {e}"))?;
     let tasks = listeners
         .into_iter()
         .map(|(what, listener)| {
@@ -382,7 +474,28 @@ async fn serve_pod(
         probe_ports,
         netns,
         listeners: tasks,
+        sockets,
     })
+}
+
+/// The listeners a predecessor served a pod with, each known by its port.
+fn adopt_pod_listeners(sockets: Vec<OwnedFd>) -> Result<Vec<(Listener, TcpListener)>, String> {
+    sockets
+        .into_iter()
+        .map(|socket| {
+            let listener = std::net::TcpListener::from(socket);
+            let local = listener.local_addr().map_err(|e| e.to_string())?;
+            let what = match local.port() {
+                OUTBOUND_PORT => Listener::Outbound,
+                INBOUND_PLAINTEXT_PORT => Listener::Plaintext,
+                HBONE_PORT => Listener::Hbone,
+                _ => return Err(format!("a handed-over listener on {local} is not a pod's")),
+            };
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            Ok((what, listener))
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -2,12 +2,14 @@
 //! namespaces (`pods`), the CNI socket, metrics and readiness, and the
 //! drain on shutdown.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -18,8 +20,11 @@ use super::telemetry::TrafficMetrics;
 use super::{DataPlane, Routes, inbound};
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
+use crate::handover::{InheritedListeners, NodeSocketKind, PodsRequest, Predecessor};
 use crate::hbone::{HbonePool, PoolConfig};
+use crate::listening::{Listening, TaskEnd};
 use crate::node_state::NodeState;
+use crate::pod_directory::AnnouncedPod;
 use crate::pod_directory::PodDirectory;
 use crate::{Error, ProxyConfig, cni_api, cni_install, http_server, monitoring};
 
@@ -27,6 +32,8 @@ use crate::{Error, ProxyConfig, cni_api, cni_install, http_server, monitoring};
 pub struct RunningDataPlane {
     trigger: DrainTrigger,
     deadline: Duration,
+    /// The drain deadline when the mesh is being uninstalled.
+    uninstall_deadline: Duration,
     routes: Arc<Routes>,
     pods: Option<PodsRunner>,
     /// Where weft-cni was installed (binary and configuration directories).
@@ -39,15 +46,49 @@ struct PodsRunner {
     stop: tokio::sync::oneshot::Sender<pods::StopPods>,
 }
 
-/// Binds the listeners, installs the capture (if configured) and starts
-/// serving. Tasks go into `tasks`.
+/// What the data plane starts from, besides its settings.
+pub struct Start {
+    /// The applied config.
+    pub view: ViewReceiver,
+    /// The workload certificates.
+    pub certificates: watch::Receiver<CertificateMap>,
+    /// The last good state on the node, if kept.
+    pub state: Option<NodeState>,
+    /// The metrics and readiness listeners (non-blocking).
+    pub monitoring: (std::net::TcpListener, std::net::TcpListener),
+    /// The CNI plugin's socket (non-blocking), if configured.
+    pub cni: Option<std::os::unix::net::UnixListener>,
+    /// Whose turn it is to accept.
+    pub listening: Listening,
+    /// The pods a predecessor knew, if this proxy took over from one.
+    pub pods: Vec<AnnouncedPod>,
+    /// The listeners of the pods it served.
+    pub pod_listeners: BTreeMap<PathBuf, InheritedListeners>,
+    /// The predecessor, told to stop accepting once this proxy is ready.
+    pub predecessor: Option<Predecessor>,
+    /// A later hand-over's requests to the task that serves the pods.
+    pub pods_requested: mpsc::Receiver<PodsRequest>,
+}
+
+/// Installs the capture (if configured) and starts serving on the given
+/// sockets. Tasks go into `tasks`.
 pub async fn start(
     config: &ProxyConfig,
-    view: ViewReceiver,
-    certificates: watch::Receiver<CertificateMap>,
-    state: Option<NodeState>,
-    tasks: &mut JoinSet<&'static str>,
+    start: Start,
+    tasks: &mut JoinSet<TaskEnd>,
 ) -> Result<RunningDataPlane, Error> {
+    let Start {
+        view,
+        certificates,
+        state,
+        monitoring: (metrics_listener, readiness_listener),
+        cni,
+        listening,
+        pods: handed_pods,
+        pod_listeners,
+        predecessor,
+        pods_requested,
+    } = start;
     let mut registry = Registry::default();
     let metrics = TrafficMetrics::new(&mut registry);
     let routes = Routes::follow(view);
@@ -73,6 +114,7 @@ pub async fn start(
         inbound: Arc::default(),
         pending_wait: Duration::from_millis(config.pending_connection_wait_ms),
         pods: pod_namespaces,
+        listening: listening.clone(),
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.
@@ -84,19 +126,53 @@ pub async fn start(
         }
     });
 
-    let plain_bind = |what: &'static str, addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::BindListener { what, addr, source })
+    let tokio_listener = |kind, addr: SocketAddr, listener| {
+        tokio::net::TcpListener::from_std(listener).map_err(|source| Error::BindNodeSocket {
+            kind,
+            addr,
+            source,
+        })
     };
-    let metrics_listener = plain_bind("metrics", config.metrics_addr).await?;
-    let readiness_listener = plain_bind("readiness", config.readiness_addr).await?;
+    let metrics_listener = tokio_listener(
+        NodeSocketKind::Metrics,
+        config.metrics_addr,
+        metrics_listener,
+    )?;
+    let readiness_listener = tokio_listener(
+        NodeSocketKind::Readiness,
+        config.readiness_addr,
+        readiness_listener,
+    )?;
 
     // The config version whose pods are all served; without capture
     // (nothing is served) every version counts as done.
     let (programmed_tx, programmed) = watch::channel(0);
+    if let Some(predecessor) = predecessor {
+        // The predecessor stops accepting once this proxy serves every pod
+        // it knows under a config (what readiness says too).
+        let (mut ready, wait) = (
+            programmed.clone(),
+            Duration::from_millis(config.handover_timeout_ms),
+        );
+        tokio::spawn(async move {
+            if ready.wait_for(|version| *version > 0).await.is_ok() {
+                predecessor.release(wait).await;
+            }
+        });
+    }
     let pods = if config.capture {
-        Some(start_pods(config, &plane, state, programmed_tx, tasks)?)
+        let handover = PodsHandover {
+            pods: handed_pods,
+            pod_listeners,
+            requests: pods_requested,
+        };
+        Some(start_pods(
+            config,
+            &plane,
+            (state, cni, handover),
+            programmed_tx,
+            tasks,
+        )?)
     } else {
         let mut versions = routes.subscribe();
         tokio::spawn(async move {
@@ -111,18 +187,22 @@ pub async fn start(
     };
 
     let registry = Arc::new(registry);
+    let metrics_listening = listening.clone();
     tasks.spawn(async move {
-        http_server::serve(metrics_listener, "metrics", monitoring::metrics(registry)).await;
-        "metrics endpoint"
+        let handler = monitoring::metrics(registry);
+        http_server::serve(metrics_listener, "metrics", handler, metrics_listening).await;
+        TaskEnd::HandedOver("metrics endpoint")
     });
+    let readiness_listening = listening.clone();
     tasks.spawn(async move {
         http_server::serve(
             readiness_listener,
             "readiness",
             monitoring::readiness(routes.subscribe(), programmed, drain),
+            readiness_listening,
         )
         .await;
-        "readiness endpoint"
+        TaskEnd::HandedOver("readiness endpoint")
     });
     info!(
         metrics = %config.metrics_addr,
@@ -133,20 +213,33 @@ pub async fn start(
     Ok(RunningDataPlane {
         trigger,
         deadline: Duration::from_secs(config.drain_seconds),
+        uninstall_deadline: Duration::from_secs(config.uninstall_drain_seconds),
         routes: plane.routes.clone(),
         pods,
         cni_dirs: config.cni_bin_dir.clone().zip(config.cni_conf_dir.clone()),
     })
 }
 
+/// What a predecessor handed over for the pods.
+struct PodsHandover {
+    pods: Vec<AnnouncedPod>,
+    pod_listeners: BTreeMap<PathBuf, InheritedListeners>,
+    requests: mpsc::Receiver<PodsRequest>,
+}
+
 /// Starts serving pods in their own namespaces: the ones the state
-/// directory remembers at once, announced ones as the CNI plugin tells.
+/// directory (or a predecessor) knows at once, announced ones as the CNI
+/// plugin tells.
 fn start_pods(
     config: &ProxyConfig,
     plane: &Arc<DataPlane>,
-    state: Option<NodeState>,
+    (state, cni, handover): (
+        Option<NodeState>,
+        Option<std::os::unix::net::UnixListener>,
+        PodsHandover,
+    ),
     programmed: watch::Sender<u64>,
-    tasks: &mut JoinSet<&'static str>,
+    tasks: &mut JoinSet<TaskEnd>,
 ) -> Result<PodsRunner, Error> {
     let directory = Arc::new(PodDirectory::default());
     if let Some(state) = &state {
@@ -155,15 +248,19 @@ fn start_pods(
             Err(error) => warn!(%error, "cannot read the stored pods; searching anew"),
         }
     }
-    if let Some(path) = &config.cni_socket {
-        let listener = cni_api::bind(path).map_err(|source| Error::BindCniSocket {
-            path: path.clone(),
-            source,
+    // The predecessor's directory is newer than the file.
+    handover.pods.into_iter().for_each(|pod| directory.add(pod));
+    if let (Some(listener), Some(path)) = (cni, &config.cni_socket) {
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|source| {
+            Error::BindCniSocket {
+                path: path.clone(),
+                source,
+            }
         })?;
-        let directory = directory.clone();
+        let (directory, listening) = (directory.clone(), plane.listening.clone());
         tasks.spawn(async move {
-            cni_api::serve(listener, directory).await;
-            "CNI socket"
+            cni_api::serve(listener, directory, listening).await;
+            TaskEnd::HandedOver("CNI socket")
         });
         info!(socket = %path.display(), "taking pod announcements from the CNI plugin");
     }
@@ -184,7 +281,7 @@ fn start_pods(
         let retry = Duration::from_millis(config.pod_retry_ms.max(100));
         tasks.spawn(async move {
             keep_cni_plugin_installed(plugin, bin_dir, conf_dir, entry, recheck, retry).await;
-            "CNI plugin installer"
+            TaskEnd::Stopped("CNI plugin installer")
         });
     }
     let settings = PodCaptureSettings {
@@ -199,7 +296,11 @@ fn start_pods(
         settings,
         state,
         programmed,
-        stopped,
+        pods::Orders {
+            stop: stopped,
+            handover: handover.requests,
+            inherited: handover.pod_listeners,
+        },
     ));
     Ok(PodsRunner { task, stop })
 }
@@ -252,10 +353,17 @@ async fn keep_cni_plugin_installed(
 impl RunningDataPlane {
     /// Stops accepting, lets open connections finish within the drain
     /// deadline, then leaves the capture rules to the next proxy, or
-    /// removes them if the mesh is being uninstalled.
-    pub async fn drain(self) {
-        info!(deadline = ?self.deadline, "draining");
-        let left = self.trigger.drain(self.deadline).await;
+    /// removes them if the mesh is being uninstalled (unless `handed_over`:
+    /// the successor decides that).
+    pub async fn drain(self, handed_over: bool) {
+        let uninstalling = !handed_over && self.routes.current().uninstalling;
+        let deadline = if uninstalling {
+            self.uninstall_deadline
+        } else {
+            self.deadline
+        };
+        info!(?deadline, uninstalling, "draining");
+        let left = self.trigger.drain(deadline).await;
         if left > 0 {
             warn!(
                 connections = left,
@@ -264,7 +372,8 @@ impl RunningDataPlane {
         } else {
             info!("all connections finished");
         }
-        let remove = self.routes.current().uninstalling;
+        // Read again: the uninstall may have been announced meanwhile.
+        let remove = !handed_over && self.routes.current().uninstalling;
         if let Some(pods) = self.pods {
             let _ = pods.stop.send(pods::StopPods { remove });
             let _ = pods.task.await;

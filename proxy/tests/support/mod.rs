@@ -383,6 +383,8 @@ impl ProxyFiles {
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             readiness_addr: "127.0.0.1:0".parse().unwrap(),
             drain_seconds: 1,
+            handover_timeout_ms: 10_000,
+            uninstall_drain_seconds: 1,
             pending_connection_wait_ms: 5000,
             state_dir: None,
             state_write_interval_ms: 200,

@@ -1,0 +1,181 @@
+//! End to end on the testbed: upgrading a node's proxy under load drops
+//! nothing. A new proxy process starts beside the running one and takes its
+//! sockets over (the pods' listeners, the node's endpoints, the CNI socket);
+//! the old one stops accepting and carries its open connections to their
+//! end (see `proxy/src/handover`).
+//!
+//! node-1: web-1 (meshed, shop); node-2: db-1 (meshed, shop), echoing on
+//! 5432. The load runs from web-1 to db-1: request/response over persistent
+//! connections, a new connection per request, and one long-lived stream. The
+//! link between the nodes is watched for the marker every request carries.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use weft_testbed::steady_load::{LoadKind, LoadShape, SteadyLoad};
+use weft_testbed::{EchoServer, STARTUP_TIMEOUT, Target, Testbed, WeftMesh, WireWatch, wait_until};
+
+const MARKER: &[u8] = b"weft-upgrade-marker-a41c77";
+
+/// Requests (of all kinds together) that run between two steps.
+const REQUESTS_BETWEEN_STEPS: u64 = 150;
+
+fn cluster() -> Testbed {
+    weft_testbed::shop_testbed().unwrap()
+}
+
+fn db(testbed: &Testbed) -> SocketAddr {
+    weft_testbed::shop_db(testbed).unwrap()
+}
+
+/// Connections the proxy on `node` (whichever process answers its metrics
+/// port) has opened, as a source or a destination.
+fn opened_by(mesh: &WeftMesh, testbed: &Testbed, node: &str) -> u64 {
+    let metrics = mesh.proxy_metrics(testbed, node).unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("istio_tcp_connections_opened_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The mesh, db-1's echo server, the wire watched and the load running
+/// (for a while already).
+fn start_with_load(testbed: &Testbed) -> (WeftMesh, EchoServer, WireWatch, SteadyLoad) {
+    let (mesh, server) = weft_testbed::start_mesh_with_db_echo(testbed).unwrap();
+    let wire = WireWatch::start(testbed, Target::Node("node-2"), "eth0").unwrap();
+    let load =
+        SteadyLoad::start(testbed, "web-1", db(testbed), MARKER, LoadShape::default()).unwrap();
+    load.run_for_requests(REQUESTS_BETWEEN_STEPS);
+    (mesh, server, wire, load)
+}
+
+#[test]
+fn upgrading_each_nodes_proxy_under_load_drops_nothing() {
+    let testbed = cluster();
+    let (mut mesh, _server, wire, load) = start_with_load(&testbed);
+
+    // The source side first, then the destination side (its HBONE
+    // listeners, and the tunnels from node-1 that end there).
+    let mut drained = Vec::new();
+    for node in ["node-1", "node-2"] {
+        let old = mesh.upgrade_proxy(&testbed, node).unwrap();
+        let before = opened_by(&mesh, &testbed, node);
+        load.run_for_requests(REQUESTS_BETWEEN_STEPS);
+        // The new process serves the new connections (its metrics start
+        // from zero and count them).
+        wait_until(STARTUP_TIMEOUT, || {
+            Ok(opened_by(&mesh, &testbed, node) > before)
+        })
+        .unwrap();
+        drained.push((node, old));
+    }
+    load.run_for_requests(REQUESTS_BETWEEN_STEPS);
+    let report = load.stop();
+
+    let failures = report.failures();
+    assert!(failures.is_empty(), "requests failed: {failures:?}");
+    for kind in [
+        LoadKind::Persistent,
+        LoadKind::NewConnection,
+        LoadKind::Stream,
+    ] {
+        assert!(report.of(kind).count() > 0, "no {kind:?} requests ran");
+    }
+    // The old processes carried their connections to the end (the load's
+    // persistent ones and the stream, open across both upgrades), and exit
+    // once those are closed.
+    for (node, old) in drained {
+        let status = old.wait(STARTUP_TIMEOUT).unwrap();
+        assert!(status.success(), "{node}'s old proxy exited with {status}");
+    }
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
+
+#[test]
+fn killing_the_old_proxy_during_a_hand_over_fails_closed_and_recovers() {
+    let testbed = cluster();
+    let (mut mesh, _server, wire, load) = start_with_load(&testbed);
+
+    // The old process dies while the new one starts: before, during or
+    // after the hand-over, whichever comes. Its connections die with it;
+    // nothing leaves web-1 in plaintext; the new process ends up serving,
+    // with the sockets it was given or with its own.
+    let new = mesh.spawn_proxy(&testbed, "node-1").unwrap();
+    let old = mesh.replace_proxy("node-1", new).unwrap();
+    old.signal(Signal::SIGKILL).unwrap();
+    old.wait(STARTUP_TIMEOUT).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    wait_until(STARTUP_TIMEOUT, || Ok(round_trip(&testbed).is_ok())).unwrap();
+    // Traffic runs again, meshed, of every kind.
+    let recovered_from = load.completed();
+    load.run_for_requests(REQUESTS_BETWEEN_STEPS);
+    let report = load.stop();
+    let late_failures: Vec<_> = report
+        .samples
+        .iter()
+        .skip(usize::try_from(recovered_from).unwrap())
+        .filter(|sample| sample.kind == LoadKind::NewConnection && sample.error.is_some())
+        .collect();
+    assert!(
+        late_failures.is_empty(),
+        "new connections still fail after the recovery: {late_failures:?}"
+    );
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
+
+/// One round trip of `payload` from web-1 to db-1 on a new connection.
+fn round_trip(testbed: &Testbed) -> anyhow::Result<()> {
+    let to = db(testbed);
+    let mut stream = testbed.run_in(Target::Pod("web-1"), || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(30))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let echoed = weft_testbed::echo_round_trip(&mut stream, MARKER)?;
+    anyhow::ensure!(echoed == MARKER, "the echo differs");
+    Ok(())
+}
+
+#[test]
+fn a_new_proxy_that_cannot_take_over_leaves_the_running_one_serving() {
+    let testbed = cluster();
+    let (mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+    round_trip(&testbed).unwrap();
+
+    // The running proxy does not answer (stopped): the new one gives up
+    // on the hand-over, cannot bind what the running one holds, and
+    // exits, failed (Kubernetes would restart it).
+    let old = mesh.proxy("node-1").unwrap();
+    old.signal(Signal::SIGSTOP).unwrap();
+    let new = mesh
+        .spawn_proxy_with(&testbed, "node-1", &["--handover-timeout-ms", "500"])
+        .unwrap();
+    let status = new.wait(STARTUP_TIMEOUT);
+    old.signal(Signal::SIGCONT).unwrap();
+    assert!(
+        !status.unwrap().success(),
+        "a proxy started beside one that holds the node's sockets"
+    );
+
+    // The running one finds the new one gone once it answers, and serves
+    // on as before: its pods, its node endpoints.
+    old.wait_for_output(
+        "handing over to the new proxy failed; serving on as before",
+        STARTUP_TIMEOUT,
+    )
+    .unwrap();
+    round_trip(&testbed).unwrap();
+    wait_until(STARTUP_TIMEOUT, || {
+        Ok(mesh.proxy_admin(&testbed, "node-1", "/healthz").is_ok())
+    })
+    .unwrap();
+    // And it hands over to the next one that comes.
+    let mut mesh = mesh;
+    let drained = mesh.upgrade_proxy(&testbed, "node-1").unwrap();
+    round_trip(&testbed).unwrap();
+    drained.wait(STARTUP_TIMEOUT).unwrap();
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}
