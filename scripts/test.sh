@@ -94,7 +94,7 @@ cargo test --workspace --locked
 step "benchmark smoke run (the README's main command, shortened)"
 cargo build --release --bins --locked # built for the images already: instant
 "$CARGO_TARGET_DIR/release/weft-bench" --duration 1 --connect-duration 1 --bulk-duration 0.5 \
-    --idle-connections 50 --rounds 1 --json "$WEFT_CACHE/bench-smoke.json" --chart "$WEFT_CACHE/bench-smoke.svg"
+    --idle-connections 50 --rounds 1 --upgrade-settle 0.5 --json "$WEFT_CACHE/bench-smoke.json" --chart "$WEFT_CACHE/bench-smoke.svg"
 python3 - "$WEFT_CACHE/bench-smoke.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -102,7 +102,11 @@ assert report["proxy_is_release_build"], "the benchmark measured a debug proxy"
 for scenario in ("request_response", "connection_per_request"):
     for path in report[scenario]["paths"]:
         assert path["requests"] > 0 and path["errors"] == 0, (scenario, path["path"], path)
-print("benchmark smoke: every path answered every request")
+upgrade = report["upgrade"]
+for kind in upgrade["kinds"]:
+    assert kind["requests"] > 0 and kind["failed"] == 0, ("upgrade", kind)
+assert upgrade["stream_intact"] and upgrade["old_proxies_exited"], upgrade
+print("benchmark smoke: every path answered every request, also through the proxies' upgrade")
 PY
 
 step "cargo doc (warnings are errors)"

@@ -13,9 +13,11 @@
 
 mod chart;
 mod load;
+mod output;
 mod procstat;
 mod relay;
 mod report;
+mod upgrade;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -58,6 +60,17 @@ struct Config {
     /// New connection per request: seconds per path.
     #[arg(long, default_value_t = 5.0)]
     connect_duration: f64,
+    /// Upgrade: seconds of traffic before, between and after the nodes'
+    /// proxy upgrades.
+    #[arg(long, default_value_t = 3.0)]
+    upgrade_settle: f64,
+    /// Upgrade: persistent connections (each sending a request every
+    /// `--upgrade-interval-ms`, as does the new-connection generator).
+    #[arg(long, default_value_t = 4)]
+    upgrade_connections: usize,
+    /// Upgrade: milliseconds between two requests of one generator.
+    #[arg(long, default_value_t = 10)]
+    upgrade_interval_ms: u64,
     /// Bulk: seconds per direction and path.
     #[arg(long, default_value_t = 3.0)]
     bulk_duration: f64,
@@ -86,7 +99,7 @@ struct Config {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "rr,connect,bulk,idle"
+        default_value = "rr,connect,bulk,idle,upgrade"
     )]
     scenarios: Vec<Scenario>,
     /// Write the results as JSON to this file (`-` or no value: stdout, and the
@@ -109,6 +122,9 @@ enum Scenario {
     Bulk,
     /// Many idle connections: proxy memory per connection.
     Idle,
+    /// The node proxies upgraded under load (last: it replaces the proxies
+    /// the other scenarios measure).
+    Upgrade,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -144,7 +160,7 @@ struct BenchPath {
 struct Bench {
     config: Config,
     /// Declared before the testbed: its processes stop before the namespaces go.
-    _mesh: WeftMesh,
+    mesh: std::sync::Mutex<WeftMesh>,
     /// The plain relays, one process per node the path crosses.
     _relays: Vec<relay::RelayProcess>,
     testbed: Testbed,
@@ -176,7 +192,7 @@ fn main() -> Result<()> {
     let bench = Bench::start(config)?;
     let report = bench.run(started, load_at_start)?;
     bench.bar.finish_and_clear();
-    output(&bench.config, &report)
+    output::output(&bench.config, &report)
 }
 
 /// `weft_binary` looks for the proxy in the profile directory of a test
@@ -202,40 +218,6 @@ fn use_binaries_next_to_this_one() -> Result<()> {
     Err(error).context("re-running weft-bench with WEFT_BIN_DIR")
 }
 
-#[allow(clippy::print_stdout)] // the table and the JSON are this program's output
-fn output(config: &Config, report: &Report) -> Result<()> {
-    let table = report::render(report);
-    let panels: Vec<(&str, &[report::PathLatency])> = [
-        report.request_response.as_ref(),
-        report.connection_per_request.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|s| (title_short(&s.title), s.paths.as_slice()))
-    .collect();
-    if !panels.is_empty() {
-        std::fs::write(&config.chart, chart::svg(&panels))
-            .with_context(|| format!("writing {}", config.chart.display()))?;
-    }
-    let json = serde_json::to_string_pretty(report)?;
-    match config.json.as_deref() {
-        Some("-") => {
-            eprint!("{table}");
-            println!("{json}");
-        }
-        Some(file) => {
-            std::fs::write(file, json + "\n").with_context(|| format!("writing {file}"))?;
-            print!("{table}");
-            println!("JSON: {file}");
-        }
-        None => print!("{table}"),
-    }
-    if !panels.is_empty() {
-        eprintln!("chart: {}", config.chart.display());
-    }
-    Ok(())
-}
-
 fn steps(config: &Config) -> u64 {
     let rounds = u64::from(config.rounds);
     config
@@ -245,6 +227,7 @@ fn steps(config: &Config) -> u64 {
             Scenario::Rr | Scenario::Connect => 3 * rounds,
             Scenario::Bulk => 6,
             Scenario::Idle => 3,
+            Scenario::Upgrade => 1,
         })
         .sum::<u64>()
         + 1
@@ -345,7 +328,7 @@ impl Bench {
         paths.retain(|path| config.paths.iter().any(|name| name.as_str() == path.name));
         let bench = Bench {
             config,
-            _mesh: mesh,
+            mesh: std::sync::Mutex::new(mesh),
             _relays: relays,
             testbed,
             paths,
@@ -421,6 +404,7 @@ impl Bench {
             connection_per_request: None,
             bulk: None,
             idle: None,
+            upgrade: None,
             elapsed_seconds: 0.0,
         };
         let exe = self.proxies[0].1.exe()?;
@@ -466,6 +450,9 @@ impl Bench {
                 idle_anon_kib: idle.anon_kib,
                 final_anon_kib: now.anon_kib,
             });
+        }
+        if c.scenarios.contains(&Scenario::Upgrade) {
+            report.upgrade = Some(self.upgrade()?);
         }
         report.load_average.1 = procstat::load_average();
         report.elapsed_seconds = started.elapsed().as_secs_f64();

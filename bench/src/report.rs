@@ -37,6 +37,8 @@ pub struct Report {
     pub bulk: Option<BulkScenario>,
     /// Scenario 4.
     pub idle: Option<IdleScenario>,
+    /// Scenario 5.
+    pub upgrade: Option<crate::upgrade::UpgradeScenario>,
     /// Wall-clock seconds of the whole run.
     pub elapsed_seconds: f64,
 }
@@ -282,6 +284,43 @@ fn latency_table(out: &mut String, scenario: &LatencyScenario) {
     );
 }
 
+fn upgrade_table(out: &mut String, upgrade: &crate::upgrade::UpgradeScenario) {
+    let _ = writeln!(out, "\n{}", upgrade.title);
+    for (node, ms) in &upgrade.switches {
+        let _ = writeln!(
+            out,
+            "  {node}: new proxy serving {ms:.0} ms after it started"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<15} {:>8} {:>7} {:>28} {:>28}",
+        "traffic", "requests", "failed", "steady p50/p99/max µs", "switch p50/p99/max µs"
+    );
+    let triple = |v: &[f64; 3]| format!("{:.0} / {:.0} / {:.0}", v[0], v[1], v[2]);
+    for k in &upgrade.kinds {
+        let _ = writeln!(
+            out,
+            "  {:<15} {:>8} {:>7} {:>28} {:>28}",
+            k.kind,
+            k.requests,
+            k.failed,
+            triple(&k.steady_us),
+            triple(&k.switch_us)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  stream intact: {}; old proxies exited cleanly once drained: {}",
+        if upgrade.stream_intact { "yes" } else { "NO" },
+        if upgrade.old_proxies_exited {
+            "yes"
+        } else {
+            "NO"
+        }
+    );
+}
+
 /// The table printed on stdout.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
@@ -351,6 +390,9 @@ pub fn render(report: &Report) -> String {
             "  mesh proxies' RSS {} KiB -> {} KiB: {:.0} bytes per connection (all proxies on the path)",
             idle.mesh_rss_before_kib, idle.mesh_rss_open_kib, idle.mesh_bytes_per_connection
         );
+    }
+    if let Some(upgrade) = &report.upgrade {
+        upgrade_table(&mut out, upgrade);
     }
     let _ = writeln!(
         out,

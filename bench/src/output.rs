@@ -1,0 +1,40 @@
+//! What the run prints and writes: the table, the JSON and the chart.
+
+use anyhow::{Context, Result};
+
+use crate::report::{self, Report};
+use crate::{Config, chart, title_short};
+
+#[allow(clippy::print_stdout)] // the table and the JSON are this program's output
+pub fn output(config: &Config, report: &Report) -> Result<()> {
+    let table = report::render(report);
+    let panels: Vec<(&str, &[report::PathLatency])> = [
+        report.request_response.as_ref(),
+        report.connection_per_request.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| (title_short(&s.title), s.paths.as_slice()))
+    .collect();
+    if !panels.is_empty() {
+        std::fs::write(&config.chart, chart::svg(&panels))
+            .with_context(|| format!("writing {}", config.chart.display()))?;
+    }
+    let json = serde_json::to_string_pretty(report)?;
+    match config.json.as_deref() {
+        Some("-") => {
+            eprint!("{table}");
+            println!("{json}");
+        }
+        Some(file) => {
+            std::fs::write(file, json + "\n").with_context(|| format!("writing {file}"))?;
+            print!("{table}");
+            println!("JSON: {file}");
+        }
+        None => print!("{table}"),
+    }
+    if !panels.is_empty() {
+        eprintln!("chart: {}", config.chart.display());
+    }
+    Ok(())
+}
