@@ -407,7 +407,8 @@ fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
         })
         .collect();
 
-    let mut endpoints = Vec::new();
+    // Each endpoint with whether it is still serving while it terminates.
+    let mut endpoints: Vec<(pb::Endpoint, bool)> = Vec::new();
     for slice in &slices {
         let ports: BTreeMap<String, u32> = slice
             .ports
@@ -416,11 +417,10 @@ fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
             .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
             .collect();
         for endpoint in slice.endpoints.iter().flatten() {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true); // unset means ready, per the EndpointSlice API
+            let conditions = endpoint.conditions.as_ref();
+            // Unset means ready, per the EndpointSlice API.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let workload_uid = endpoint
                 .target_ref
                 .as_ref()
@@ -430,18 +430,36 @@ fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
                     format!("{ns}/{}", r.name.as_deref().unwrap_or(""))
                 })
                 .unwrap_or_default();
+            // A pod being deleted takes no new connections from the moment
+            // the control plane sees its deletion, which may come before
+            // the EndpointSlice says so: its containers are told to stop
+            // at the same time.
+            let deleting = cluster
+                .pods
+                .get(&workload_uid)
+                .is_some_and(|pod| pod.metadata.deletion_timestamp.is_some());
             for ip in &endpoint.addresses {
                 if ip.parse::<std::net::IpAddr>().is_ok() {
-                    endpoints.push(pb::Endpoint {
+                    let wire = pb::Endpoint {
                         workload_uid: workload_uid.clone(),
                         ip: ip.clone(),
-                        ready,
+                        ready: ready && !deleting,
                         ports: ports.clone().into_iter().collect(),
-                    });
+                    };
+                    endpoints.push((wire, serving));
                 }
             }
         }
     }
+    // As kube-proxy does: when no endpoint is ready but some still serve
+    // while terminating (every pod of the Service is being replaced at
+    // once), new connections go to those rather than nowhere.
+    if !endpoints.iter().any(|(endpoint, _)| endpoint.ready) {
+        for (endpoint, serving) in &mut endpoints {
+            endpoint.ready = *serving;
+        }
+    }
+    let mut endpoints: Vec<pb::Endpoint> = endpoints.into_iter().map(|(e, _)| e).collect();
     endpoints.sort_by(|a, b| (&a.ip, &a.workload_uid).cmp(&(&b.ip, &b.workload_uid)));
 
     let ports = spec
