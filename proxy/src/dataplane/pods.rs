@@ -19,6 +19,8 @@
 //! client); otherwise inside the source pod's, so that it leaves the pod
 //! as the pod's own packets would, whatever the CNI does with them.
 //!
+//! [`PodNamespaces::connect`]: super::pod_namespaces::PodNamespaces::connect
+//!
 //! The rules stay in a pod's namespace when the proxy stops (fail closed:
 //! its redirected TCP is refused until a proxy listens again) and go only
 //! when the pod leaves the mesh or the mesh is uninstalled.
