@@ -244,6 +244,8 @@ pub async fn run_on(
     };
     info!(grpc = %local(&grpc), monitoring = %local(&monitoring_listener), %identity, "control plane serving");
 
+    let (shutting_down, shutting_down_rx) = watch::channel(false);
+    let shutdown_delay = Duration::from_secs(config.shutdown_delay_seconds);
     let monitoring = Arc::new(Monitoring {
         metrics,
         nodes: nodes.clone(),
@@ -251,6 +253,7 @@ pub async fn run_on(
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
         cluster: cluster_for_pages,
         mesh_namespace: config.namespace.clone(),
+        shutting_down: shutting_down_rx,
     });
     let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
 
@@ -273,6 +276,17 @@ pub async fn run_on(
         ))
         .serve_with_incoming_shutdown(tls_connections(grpc, tls), async move {
             shutdown.await;
+            // Serve on while the nodes learn that this replica is leaving
+            // its Service; then end the config streams (no more config
+            // comes from here: the proxies reconnect elsewhere at once) and
+            // stop accepting; signing requests in flight are answered.
+            shutting_down.send_replace(true);
+            info!(
+                delay = ?shutdown_delay,
+                "shutting down: serving on while the Service stops sending connections here"
+            );
+            tokio::time::sleep(shutdown_delay).await;
+            info!("closing the config streams and stopping");
             derive.abort();
         })
         .await;

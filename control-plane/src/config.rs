@@ -124,6 +124,15 @@ pub struct ControlPlaneConfig {
     /// none, with an error in this log naming the node and the size.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_config_message_bytes: usize,
+
+    /// After SIGTERM, how long this replica serves on, new connections
+    /// included, before it closes its config streams (the proxies reconnect
+    /// to another replica) and stops once its certificate requests are
+    /// answered, in seconds. Kubernetes takes a terminating pod out of its
+    /// Service at once, but each node learns it a moment later: until then
+    /// new connections still come here, and must not be refused.
+    #[arg(long, env = "WEFT_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
 }
 
 /// Where the cluster comes from.

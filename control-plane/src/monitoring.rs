@@ -32,6 +32,8 @@ pub struct Monitoring {
     pub cluster: watch::Receiver<ClusterState>,
     /// The control plane's namespace (mesh-wide policies live there).
     pub mesh_namespace: String,
+    /// True once this replica is shutting down: `/ready` says so.
+    pub shutting_down: watch::Receiver<bool>,
 }
 
 /// Serves the monitoring pages on `listener` until the task is dropped.
@@ -65,6 +67,11 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
         );
     }
     match request.uri().path() {
+        "/ready" if *monitoring.shutting_down.borrow() => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".into(),
+        ),
         "/healthz" | "/ready" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/metrics" => {
             let mut text = String::new();

@@ -57,6 +57,10 @@ struct ControlPlane {
     monitoring: SocketAddr,
     manifests: PathBuf,
     trust: TrustBundle,
+    /// Sends SIGTERM, as it were (dropped: the same).
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The running control plane.
+    task: tokio::task::JoinHandle<Result<(), weft_control_plane::Error>>,
     _dir: tempfile::TempDir,
 }
 
@@ -88,11 +92,14 @@ async fn start_control_plane_with(extra: &[&str]) -> ControlPlane {
     let monitoring = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, monitoring_addr) =
         (grpc.local_addr().unwrap(), monitoring.local_addr().unwrap());
-    tokio::spawn(weft_control_plane::app::run_on(
+    let (shutdown, terminated) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(weft_control_plane::app::run_on(
         config,
         grpc,
         monitoring,
-        std::future::pending(),
+        async move {
+            let _ = terminated.await;
+        },
     ));
     let roots = wait_for_file(&state.join("root-cert.pem")).await;
     ControlPlane {
@@ -100,6 +107,8 @@ async fn start_control_plane_with(extra: &[&str]) -> ControlPlane {
         monitoring: monitoring_addr,
         manifests: manifests_dir,
         trust: TrustBundle::from_pem(&roots).unwrap(),
+        shutdown: Some(shutdown),
+        task,
         _dir: dir,
     }
 }
@@ -142,6 +151,21 @@ impl ControlPlane {
             }))
             .await
             .unwrap()
+    }
+
+    /// What SIGTERM does.
+    fn terminate(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Waits until the control plane has stopped; how it ended.
+    async fn stopped(&mut self) -> Result<(), String> {
+        match (&mut self.task).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn debug_page(&self, path: &str) -> String {
@@ -410,4 +434,42 @@ async fn an_operator_intermediate_signs_and_is_presented_in_chains() {
     request
         .complete(chain, cp.trust.clone(), SystemTime::now())
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_told_to_stop_serves_on_then_ends_its_streams_and_stops() {
+    // Long enough that the requests below come within it on a busy machine.
+    let mut cp = start_control_plane_with(&["--shutdown-delay-seconds", "10"]).await;
+    let (_tx, mut updates) = open_stream(&cp, "node-1", TOKEN_1).await.unwrap();
+    assert!(next_update(&mut updates).await.full_state);
+    assert!(cp.debug_page("/ready").await.starts_with("HTTP/1.1 200"));
+
+    cp.terminate();
+    // It says it is leaving, and still answers new connections: a stream,
+    // and a signing request.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cp.debug_page("/ready").await.starts_with("HTTP/1.1 503") {
+        assert!(tokio::time::Instant::now() < deadline, "still ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_late_tx, mut late) = open_stream(&cp, "node-1", TOKEN_1).await.unwrap();
+    assert!(next_update(&mut late).await.full_state);
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let request = CertificateRequest::generate(&web.parse().unwrap()).unwrap();
+    sign(&cp, TOKEN_1, web, request.csr_der().to_vec())
+        .await
+        .unwrap();
+
+    // Then its streams end (the proxies reconnect elsewhere), cleanly,
+    // and it stops.
+    for stream in [&mut updates, &mut late] {
+        let end = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .unwrap();
+        assert!(matches!(end, Ok(None)), "{end:?}");
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(60), cp.stopped())
+        .await
+        .unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
 }
