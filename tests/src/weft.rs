@@ -20,6 +20,7 @@ use crate::kube_cluster;
 use crate::{LoopbackForward, Process, Target, Testbed};
 
 mod pod_setup;
+mod proxies;
 
 /// The control plane's gRPC port.
 pub const CONTROL_PLANE_GRPC_PORT: u16 = 15012;
@@ -314,27 +315,6 @@ impl WeftMesh {
         process.stop()
     }
 
-    /// Kills `node`'s proxy with SIGKILL, as a crash or an OOM kill would:
-    /// none of its own clean-up runs.
-    pub fn kill_proxy(&mut self, node: &str) -> Result<()> {
-        let process = self
-            .proxies
-            .remove(node)
-            .with_context(|| format!("no proxy runs on {node}"))?;
-        process.signal(nix::sys::signal::Signal::SIGKILL)?;
-        process.wait(STARTUP_TIMEOUT)?;
-        Ok(())
-    }
-
-    /// Stops `node`'s proxy as Kubernetes does (SIGTERM, its drain) and
-    /// returns how it exited.
-    pub fn stop_proxy(&mut self, node: &str) -> Result<std::process::ExitStatus> {
-        self.proxies
-            .remove(node)
-            .with_context(|| format!("no proxy runs on {node}"))?
-            .stop()
-    }
-
     /// Does what `weft-control-plane uninstall` does to a cluster, for the
     /// manifests source: writes weft's node-proxy DaemonSet with the
     /// uninstall annotation, which the control plane passes on to every
@@ -386,78 +366,6 @@ spec:
                 .any(|window| window == needle.as_bytes()))
         })
         .with_context(|| format!("{node}'s proxy never stored a config with {needle:?}"))
-    }
-
-    /// Starts `node`'s proxy (again), with the state directory it had.
-    pub fn start_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<()> {
-        if self.proxies.contains_key(node) {
-            bail!("a proxy already runs on {node}");
-        }
-        let process = self.spawn_proxy(testbed, node)?;
-        self.proxies.insert(node.to_owned(), process);
-        Ok(())
-    }
-
-    /// Upgrades `node`'s proxy as a DaemonSet rollout with `maxSurge: 1`
-    /// does: starts a new proxy process beside the running one (it takes
-    /// the sockets over), waits until the old one says the new one serves,
-    /// then sends the old one SIGTERM. Returns the old process, draining
-    /// its open connections: it exits once they have ended.
-    pub fn upgrade_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<Process> {
-        let old = self
-            .proxies
-            .remove(node)
-            .with_context(|| format!("no proxy runs on {node}"))?;
-        let new = self.spawn_proxy(testbed, node)?;
-        self.proxies.insert(node.to_owned(), new);
-        old.wait_for_output(HANDED_OVER, STARTUP_TIMEOUT)
-            .with_context(|| format!("{node}'s running proxy never handed over"))?;
-        old.signal(nix::sys::signal::Signal::SIGTERM)?;
-        Ok(old)
-    }
-
-    /// Starts a new proxy process for `node` beside whatever runs there
-    /// (see [`WeftMesh::upgrade_proxy`]) without tracking it as the node's
-    /// proxy.
-    pub fn spawn_proxy(&self, testbed: &Testbed, node: &str) -> Result<Process> {
-        self.spawn_proxy_with(testbed, node, &[])
-    }
-
-    /// [`WeftMesh::spawn_proxy`] with more arguments.
-    pub fn spawn_proxy_with(
-        &self,
-        testbed: &Testbed,
-        node: &str,
-        more_args: &[&str],
-    ) -> Result<Process> {
-        let mut command = Command::new(weft_binary("weft-proxy")?);
-        command
-            .arg("--node")
-            .arg(node)
-            .arg("--control-plane")
-            .arg(self.control_plane_addr(testbed)?.to_string())
-            .arg("--token-file")
-            .arg(testbed.dir().join(format!("token-{node}")))
-            .arg("--root-cert")
-            .arg(self.state_dir.join("root-cert.pem"))
-            .arg("--state-dir")
-            .arg(self.proxy_state_dir(testbed, node))
-            .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
-        // Several testbeds plan the same pod addresses side by side: pods
-        // are known from announcements and the state directory, never from
-        // a search of the machine's namespaces.
-        command
-            .arg("--cni-socket")
-            .arg(self.cni_socket(testbed, node))
-            .arg("--find-running-pods=false")
-            .args(more_args);
-        testbed.spawn(Target::Node(node), command)
-    }
-
-    /// Replaces the process tracked as `node`'s proxy (one started by
-    /// [`WeftMesh::spawn_proxy`]); returns the one it was.
-    pub fn replace_proxy(&mut self, node: &str, process: Process) -> Option<Process> {
-        self.proxies.insert(node.to_owned(), process)
     }
 
     /// Where proxies reach the control plane.

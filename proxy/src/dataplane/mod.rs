@@ -20,6 +20,7 @@ mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
+mod pod_listeners;
 pub mod pod_namespaces;
 pub mod pods;
 pub mod reauthorize;

@@ -26,17 +26,17 @@
 //! when the pod leaves the mesh or the mesh is uninstalled.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::pod_listeners::{Listener, adopt_pod_listeners, bind_pod_listeners};
 use super::routes::RouteTable;
 use super::{DataPlane, ListenerPod, ServedPod, found_pods, inbound, outbound, plaintext};
 use crate::capture::pod::{self, PodNetns};
@@ -44,7 +44,6 @@ use crate::capture::{CaptureConfig, node_source};
 use crate::handover::{HandedPod, InheritedListeners, PodsRequest};
 use crate::node_state::NodeState;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
-use crate::sockets::{self, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 /// How pods are found and served (from the proxy's config).
 #[derive(Clone, Debug)]
@@ -478,72 +477,6 @@ async fn serve_pod(
         listeners: tasks,
         sockets,
     })
-}
-
-/// The listeners a predecessor served a pod with, each known by its port.
-fn adopt_pod_listeners(sockets: Vec<OwnedFd>) -> Result<Vec<(Listener, TcpListener)>, String> {
-    sockets
-        .into_iter()
-        .map(|socket| {
-            let listener = std::net::TcpListener::from(socket);
-            let local = listener.local_addr().map_err(|e| e.to_string())?;
-            let what = match local.port() {
-                OUTBOUND_PORT => Listener::Outbound,
-                INBOUND_PLAINTEXT_PORT => Listener::Plaintext,
-                HBONE_PORT => Listener::Hbone,
-                _ => return Err(format!("a handed-over listener on {local} is not a pod's")),
-            };
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-            Ok((what, listener))
-        })
-        .collect()
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Listener {
-    Outbound,
-    Plaintext,
-    Hbone,
-}
-
-/// Binds the pod's listeners on the calling thread (inside the pod's
-/// namespace): outbound on loopback, where `redirect` sends the pod's own
-/// connections; inbound plaintext and HBONE on every address. IPv6 ones
-/// when the pod has IPv6; if they cannot be bound, the pod's IPv6 TCP is
-/// refused by its rules (they redirect to nothing).
-fn bind_pod_listeners() -> Result<Vec<(Listener, TcpListener)>, String> {
-    let mut bound = Vec::new();
-    let mut families = vec![(
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Ipv4Addr::UNSPECIFIED.into(),
-    )];
-    if Path::new("/proc/sys/net/ipv6").exists() {
-        families.push((
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-            Ipv6Addr::UNSPECIFIED.into(),
-        ));
-    }
-    for (family, (loopback, any)) in families.into_iter().enumerate() {
-        let wanted = [
-            (Listener::Outbound, SocketAddr::new(loopback, OUTBOUND_PORT)),
-            (
-                Listener::Plaintext,
-                SocketAddr::new(any, INBOUND_PLAINTEXT_PORT),
-            ),
-            (Listener::Hbone, SocketAddr::new(any, HBONE_PORT)),
-        ];
-        for (what, addr) in wanted {
-            match sockets::pod_listener(addr) {
-                Ok(listener) => bound.push((what, listener)),
-                Err(error) if family == 0 => return Err(error.to_string()),
-                Err(error) => {
-                    warn!(%error, "no IPv6 listener in the pod: its IPv6 TCP is refused");
-                }
-            }
-        }
-    }
-    Ok(bound)
 }
 
 /// Installs (or replaces) the node's rule that gives its own connections
