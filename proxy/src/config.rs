@@ -155,18 +155,20 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
-    /// How long open connections may run on after the proxy stops accepting
-    /// (SIGTERM, or a new proxy took over), in seconds. Generous: a
+    /// How long open connections may run on after a new proxy process took
+    /// over this one's sockets (an upgrade), in seconds. Generous: a
     /// long-lived connection (a database session, a stream) runs to its end
-    /// through an upgrade. The DaemonSet's `terminationGracePeriodSeconds`
-    /// must be a little longer.
+    /// through an upgrade, while the new process serves everything new.
+    /// The DaemonSet's `terminationGracePeriodSeconds` must be a little
+    /// longer.
     #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 3600)]
     pub drain_seconds: u64,
 
-    /// The same when the mesh is being uninstalled, in seconds: the capture
-    /// is taken out of the pods only after it, so it is short.
-    #[arg(long, env = "WEFT_UNINSTALL_DRAIN_SECONDS", default_value_t = 10)]
-    pub uninstall_drain_seconds: u64,
+    /// The same when the proxy stops with no successor (SIGTERM, `POST
+    /// /drain`, an uninstall), in seconds: short, because meanwhile the
+    /// node's new meshed connections are refused.
+    #[arg(long, env = "WEFT_STOP_DRAIN_SECONDS", default_value_t = 10)]
+    pub stop_drain_seconds: u64,
 
     /// How long a starting proxy waits for the running one to hand over its
     /// sockets (see `handover`), and later for it to confirm that it stopped
@@ -175,6 +177,13 @@ pub struct ProxyConfig {
     /// the running proxy serves on, the new one starts fresh.
     #[arg(long, env = "WEFT_HANDOVER_TIMEOUT_MS", default_value_t = 10_000)]
     pub handover_timeout_ms: u64,
+
+    /// The UID of this proxy's own pod (the DaemonSet passes it from the
+    /// downward API). A proxy never hands its sockets back to the pod it
+    /// took them over from: that pod's container, restarted after a crash,
+    /// would take them from the newer one. Empty: not on Kubernetes.
+    #[arg(long, env = "WEFT_POD_UID", default_value = "")]
+    pub pod_uid: String,
 
     /// How long a captured connection may wait for what it needs to go
     /// meshed, in milliseconds: the source pod's certificate (outbound) or

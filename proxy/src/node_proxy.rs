@@ -89,7 +89,7 @@ impl NodeProxy {
         let taken = match &config.state_dir {
             Some(dir) => {
                 let wait = Duration::from_millis(config.handover_timeout_ms);
-                handover::take(&dir.join(handover::SOCKET_NAME), wait).await
+                handover::take(&dir.join(handover::SOCKET_NAME), wait, &config.pod_uid).await
             }
             None => None,
         };
@@ -198,7 +198,11 @@ impl NodeProxy {
                 pods: data_plane.is_some().then_some(pods_requests),
                 listening: listening_control.clone(),
                 handed_over: handed_over_tx,
-                hello_wait: Duration::from_millis(data_plane_config.handover_timeout_ms),
+                wait: Duration::from_millis(data_plane_config.handover_timeout_ms),
+                draining: data_plane.as_ref().map(|plane| plane.draining()),
+                state: state.clone(),
+                pod_uid: data_plane_config.pod_uid.clone(),
+                predecessor_pod_uid: inherited.predecessor_pod_uid.clone(),
             };
             tasks.spawn(handover::serve(giver));
         }
@@ -289,12 +293,13 @@ impl NodeProxy {
             info!("stopping while a new proxy takes over: leaving the sockets to it");
             self.listening.set(ListeningState::Released);
         }
-        let handed_over = self.listening.state() == ListeningState::Released;
         if let Some(data_plane) = self.data_plane.take() {
-            data_plane.drain(handed_over).await;
+            data_plane.drain().await;
         }
         self.tasks.shutdown().await;
-        // The successor owns the node's state and capture now.
+        // A successor (one may have come during the drain) owns the node's
+        // state and capture now.
+        let handed_over = self.listening.state() == ListeningState::Released;
         let uninstalling = !handed_over
             && self
                 .view

@@ -64,8 +64,15 @@ pub fn open(
     };
     let cni = match &config.cni_socket {
         Some(path) => {
-            let listener = match inherited.remove(&NodeSocketKind::Cni) {
-                Some(fd) => adopt_unix(fd, path),
+            let listener = match inherited
+                .remove(&NodeSocketKind::Cni)
+                .map(|fd| adopt_unix(fd, path))
+            {
+                Some(Ok(listener)) => listener,
+                Some(Err(reason)) => {
+                    warn!(socket = %path.display(), %reason, "not using the handed-over CNI socket; binding a new one");
+                    bind_cni(path)?
+                }
                 None => bind_cni(path)?,
             };
             copies.push((NodeSocketKind::Cni, copy(&listener, NodeSocketKind::Cni)?));
@@ -121,9 +128,17 @@ fn adopt_tcp(fd: OwnedFd, wanted: SocketAddr) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
-fn adopt_unix(fd: OwnedFd, path: &Path) -> UnixListener {
+/// A handed-over Unix listener, if it is bound at `path` (a new version
+/// may have moved it).
+fn adopt_unix(fd: OwnedFd, path: &Path) -> Result<UnixListener, String> {
+    let listener = UnixListener::from(fd);
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    if local.as_pathname() != Some(path) {
+        return Err(format!("it is bound at {local:?}"));
+    }
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     info!(socket = %path.display(), "serving the CNI socket handed over");
-    UnixListener::from(fd)
+    Ok(listener)
 }
 
 fn bind_cni(path: &Path) -> Result<UnixListener, Error> {

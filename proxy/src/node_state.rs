@@ -237,6 +237,16 @@ impl NodeState {
         }
     }
 
+    /// Stops writing, leaving what is stored: a new proxy process on the
+    /// node took over and keeps the state from now on (two writers would
+    /// undo each other's files).
+    pub fn retire(&self) {
+        *self
+            .cleared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    }
+
     /// Removes everything stored (the mesh is being uninstalled: no key
     /// may stay behind on the node). The directory itself stays, empty:
     /// on Kubernetes it is the mount point of a hostPath volume.

@@ -179,3 +179,36 @@ fn a_new_proxy_that_cannot_take_over_leaves_the_running_one_serving() {
     drained.wait(STARTUP_TIMEOUT).unwrap();
     wire.finish().unwrap().check_only_tls(MARKER).unwrap();
 }
+
+#[test]
+fn the_pod_a_proxy_took_over_from_never_takes_the_sockets_back() {
+    let testbed = cluster();
+    let (mut mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    let wire = WireWatch::start(&testbed, Target::Node("node-2"), "eth0").unwrap();
+    // Two upgrades: pod-a takes over, then pod-b from pod-a.
+    for pod in ["pod-a", "pod-b"] {
+        let old = mesh
+            .upgrade_proxy_with(&testbed, "node-1", &["--pod-uid", pod])
+            .unwrap();
+        old.wait(STARTUP_TIMEOUT).unwrap();
+    }
+    round_trip(&testbed).unwrap();
+
+    // pod-a's container, restarted after a crash, asks for the sockets:
+    // refused, it cannot start beside pod-b, which serves on.
+    let restarted = mesh
+        .spawn_proxy_with(&testbed, "node-1", &["--pod-uid", "pod-a"])
+        .unwrap();
+    let status = restarted.wait(STARTUP_TIMEOUT).unwrap();
+    assert!(!status.success(), "the older pod's proxy started");
+    mesh.proxy("node-1")
+        .unwrap()
+        .wait_for_output("the one this proxy took over from", STARTUP_TIMEOUT)
+        .unwrap();
+    round_trip(&testbed).unwrap();
+    wait_until(STARTUP_TIMEOUT, || {
+        Ok(mesh.proxy_admin(&testbed, "node-1", "/healthz").is_ok())
+    })
+    .unwrap();
+    wire.finish().unwrap().check_only_tls(MARKER).unwrap();
+}

@@ -87,6 +87,11 @@ impl Drop for ConnectionGuard {
 }
 
 impl DrainTrigger {
+    /// The drain signal (true once draining).
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
     /// Stops the listeners and waits until every connection has closed or
     /// `deadline` has passed; returns how many were still open.
     pub async fn drain(self, deadline: Duration) -> usize {

@@ -109,7 +109,7 @@ pub(super) async fn follow(
     // The pods the last run left (their capture with them), until each is
     // served again or released.
     let mut kept: BTreeSet<PathBuf> = directory.pods().into_iter().map(|pod| pod.netns).collect();
-    let mut node_sources = None;
+    let mut node_sources: Option<BTreeSet<SocketAddr>> = None;
     let (mut stored_pods, mut stored_namespaces) = (None, None);
     loop {
         let table = routes.borrow_and_update().clone();
@@ -123,10 +123,17 @@ pub(super) async fn follow(
         )
         .await;
         follow_probe_ports(&table, &mut served).await;
-        let sources: BTreeSet<SocketAddr> = served
+        let mut sources: BTreeSet<SocketAddr> = served
             .values()
             .flat_map(|served| node_source::probes_of(&served.pod.ips, &served.probe_ports))
             .collect();
+        // Pods handed over and not served here yet are still served by the
+        // predecessor: their probes keep passing meanwhile.
+        if !inherited.is_empty()
+            && let Some(before) = &node_sources
+        {
+            sources.extend(before.iter().copied());
+        }
         if node_sources.as_ref() != Some(&sources) {
             match set_node_sources(sources.clone()).await {
                 Ok(()) => node_sources = Some(sources),
@@ -176,18 +183,38 @@ pub(super) async fn follow(
             _ = announced.changed() => {}
             () = retry => {}
             Some(PodsRequest::Freeze(reply)) = handovers.recv() => {
-                let _ = reply.send(hand_over(&directory, &served));
+                let handed = hand_over(&directory, &served);
+                let frozen = handed.is_ok();
+                let _ = reply.send(handed);
+                if !frozen {
+                    continue;
+                }
                 // Frozen: nothing changes until the hand-over fails (or
                 // the proxy stops, once the successor serves: the giving
                 // side is gone then, and this stays frozen).
+                let mut let_go = false;
                 loop {
                     tokio::select! {
                         Some(request) = handovers.recv() => match request {
-                            PodsRequest::Thaw => break,
+                            // Once released, nothing comes back.
+                            PodsRequest::Thaw if !let_go => break,
+                            PodsRequest::Thaw => {}
                             // A second successor while frozen: not possible
-                            // (one at a time); answer with nothing.
-                            PodsRequest::Freeze(reply) => { let _ = reply.send(Vec::new()); }
+                            // (one at a time).
+                            PodsRequest::Freeze(reply) => {
+                                let _ = reply.send(Err("a hand-over is under way".into()));
+                            }
                         },
+                        // The successor serves: let go of the listeners
+                        // (a successor that restarts must be able to bind
+                        // them), keep the capture.
+                        () = plane.listening.released(), if !let_go => {
+                            let_go = true;
+                            for serving in served.values_mut() {
+                                serving.sockets.clear();
+                                serving.listeners.iter().for_each(JoinHandle::abort);
+                            }
+                        }
                         order = &mut stop => {
                             let remove = order.is_ok_and(|order| order.remove);
                             stop_serving(served, remove).await;
@@ -207,27 +234,35 @@ pub(super) async fn follow(
 }
 
 /// The pods this proxy knows, and copies of the listeners of those it
-/// serves, for a successor.
-fn hand_over(directory: &PodDirectory, served: &BTreeMap<PathBuf, Served>) -> Vec<HandedPod> {
+/// serves, for a successor; an error if a copy cannot be made (the
+/// successor would believe a pod served with a listener missing).
+fn hand_over(
+    directory: &PodDirectory,
+    served: &BTreeMap<PathBuf, Served>,
+) -> Result<Vec<HandedPod>, String> {
     directory
         .pods()
         .into_iter()
         .map(|pod| {
-            let serving = served.get(&pod.netns);
-            let netns = serving.and_then(|serving| serving.netns.id().ok());
-            let listeners = match (serving, netns) {
-                (Some(serving), Some(_)) => serving
-                    .sockets
-                    .iter()
-                    .filter_map(|socket| socket.try_clone().ok())
-                    .collect(),
-                _ => Vec::new(),
+            let Some(serving) = served.get(&pod.netns) else {
+                return Ok(HandedPod {
+                    pod,
+                    netns: None,
+                    listeners: Vec::new(),
+                });
             };
-            HandedPod {
+            let netns = serving.netns.id().map_err(|e| e.to_string())?;
+            let listeners = serving
+                .sockets
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("copying a listener of {}: {e}", pod.netns.display()))?;
+            Ok(HandedPod {
                 pod,
-                netns,
+                netns: Some(netns),
                 listeners,
-            }
+            })
         })
         .collect()
 }
@@ -364,8 +399,15 @@ async fn serve_step(
             release_kept(pod).await;
         }
     }
-    // Handed-over listeners of pods gone from the node are of no use.
-    inherited.retain(|netns, _| pods.iter().any(|pod| &pod.netns == netns));
+    // Handed-over listeners of pods gone from the node, or not to be served
+    // here, are of no use (and would keep the pod's ports bound).
+    inherited.retain(|netns, _| {
+        pods.iter().any(|pod| &pod.netns == netns)
+            && matches!(
+                outcomes.get(netns),
+                Some(Outcome::Served | Outcome::Pending(_))
+            )
+    });
     // Found pods the config no longer names: capture removed above (not
     // meshed); forgotten, to be found again if their address is meshed.
     for pod in pods.iter().filter(|pod| pod.found) {

@@ -22,7 +22,7 @@ use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::handover::{InheritedListeners, NodeSocketKind, PodsRequest, Predecessor};
 use crate::hbone::{HbonePool, PoolConfig};
-use crate::listening::{Listening, TaskEnd};
+use crate::listening::{Listening, ListeningState, TaskEnd};
 use crate::node_state::NodeState;
 use crate::pod_directory::AnnouncedPod;
 use crate::pod_directory::PodDirectory;
@@ -32,8 +32,10 @@ use crate::{Error, ProxyConfig, cni_api, cni_install, http_server, monitoring};
 pub struct RunningDataPlane {
     trigger: DrainTrigger,
     deadline: Duration,
-    /// The drain deadline when the mesh is being uninstalled.
-    uninstall_deadline: Duration,
+    /// The drain deadline with no successor.
+    stop_deadline: Duration,
+    /// Whether a successor took the sockets over.
+    listening: Listening,
     routes: Arc<Routes>,
     pods: Option<PodsRunner>,
     /// Where weft-cni was installed (binary and configuration directories).
@@ -213,7 +215,8 @@ pub async fn start(
     Ok(RunningDataPlane {
         trigger,
         deadline: Duration::from_secs(config.drain_seconds),
-        uninstall_deadline: Duration::from_secs(config.uninstall_drain_seconds),
+        stop_deadline: Duration::from_secs(config.stop_drain_seconds),
+        listening: listening.clone(),
         routes: plane.routes.clone(),
         pods,
         cni_dirs: config.cni_bin_dir.clone().zip(config.cni_conf_dir.clone()),
@@ -279,9 +282,16 @@ fn start_pods(
         let (bin_dir, conf_dir) = (bin_dir.clone(), conf_dir.clone());
         let recheck = Duration::from_secs(config.cni_recheck_seconds.max(1));
         let retry = Duration::from_millis(config.pod_retry_ms.max(100));
+        let listening = plane.listening.clone();
         tasks.spawn(async move {
-            keep_cni_plugin_installed(plugin, bin_dir, conf_dir, entry, recheck, retry).await;
-            TaskEnd::Stopped("CNI plugin installer")
+            // The successor keeps it installed once it took over: two
+            // writers of the same files would undo each other.
+            tokio::select! {
+                () = keep_cni_plugin_installed(plugin, bin_dir, conf_dir, entry, recheck, retry) => {
+                    TaskEnd::Stopped("CNI plugin installer")
+                }
+                () = listening.released() => TaskEnd::HandedOver("CNI plugin installer"),
+            }
         });
     }
     let settings = PodCaptureSettings {
@@ -351,18 +361,24 @@ async fn keep_cni_plugin_installed(
 }
 
 impl RunningDataPlane {
+    /// The drain signal, for the hand-over (a draining proxy that meets a
+    /// successor leaves everything to it at once).
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.trigger.subscribe()
+    }
+
     /// Stops accepting, lets open connections finish within the drain
-    /// deadline, then leaves the capture rules to the next proxy, or
-    /// removes them if the mesh is being uninstalled (unless `handed_over`:
-    /// the successor decides that).
-    pub async fn drain(self, handed_over: bool) {
-        let uninstalling = !handed_over && self.routes.current().uninstalling;
-        let deadline = if uninstalling {
-            self.uninstall_deadline
-        } else {
+    /// deadline (the long one if a successor took over, else the short
+    /// one), then leaves the capture rules to the next proxy, or removes
+    /// them if the mesh is being uninstalled and no successor took over.
+    pub async fn drain(self) {
+        let handed_over = self.listening.state() == ListeningState::Released;
+        let deadline = if handed_over {
             self.deadline
+        } else {
+            self.stop_deadline
         };
-        info!(?deadline, uninstalling, "draining");
+        info!(?deadline, handed_over, "draining");
         let left = self.trigger.drain(deadline).await;
         if left > 0 {
             warn!(
@@ -372,7 +388,9 @@ impl RunningDataPlane {
         } else {
             info!("all connections finished");
         }
-        // Read again: the uninstall may have been announced meanwhile.
+        // Read again: a successor may have come, the uninstall may have
+        // been announced meanwhile.
+        let handed_over = self.listening.state() == ListeningState::Released;
         let remove = !handed_over && self.routes.current().uninstalling;
         if let Some(pods) = self.pods {
             let _ = pods.stop.send(pods::StopPods { remove });

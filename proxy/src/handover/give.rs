@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::wire::{self, Message};
 use super::{HandedPod, HandoverError, NodeSocketKind, PodsRequest};
 use crate::listening::{ListeningControl, ListeningState, TaskEnd};
+use crate::node_state::NodeState;
 
 /// What the running proxy hands over, and to whom it reports.
 pub struct Giver {
@@ -26,8 +27,17 @@ pub struct Giver {
     pub listening: Arc<ListeningControl>,
     /// Set once the sockets belong to the successor.
     pub handed_over: watch::Sender<bool>,
-    /// How long a successor may take to say what it wants.
-    pub hello_wait: Duration,
+    /// How long a successor may take to say what it wants, and the sending
+    /// of the sockets may take.
+    pub wait: Duration,
+    /// True once this proxy is draining (stopping anyway).
+    pub draining: Option<watch::Receiver<bool>>,
+    /// The state kept on the node: no longer written once handed over.
+    pub state: Option<NodeState>,
+    /// This proxy's pod UID (empty: not on Kubernetes).
+    pub pod_uid: String,
+    /// The pod this proxy took over from, never handed back to.
+    pub predecessor_pod_uid: String,
 }
 
 /// Serves the hand-over socket until a successor took the sockets over.
@@ -52,21 +62,46 @@ pub async fn serve(mut giver: Giver) -> TaskEnd {
 }
 
 /// One successor, from `Hello` to `Released`. On failure everything is as
-/// it was before it came.
+/// it was before it came (unless this proxy stopped meanwhile: then the
+/// successor keeps everything).
 async fn give_to(giver: &Giver, socket: &UnixSeqpacket) -> Result<(), HandoverError> {
     super::check_peer(socket)?;
-    let hello = tokio::time::timeout(giver.hello_wait, wire::recv(socket))
+    let hello = tokio::time::timeout(giver.wait, wire::recv(socket))
         .await
         .map_err(|_| HandoverError::Refused("no Hello in time".into()))??;
-    if !matches!(hello.0, Message::Hello { .. }) {
+    let Message::Hello { pod_uid, .. } = hello.0 else {
         return Err(HandoverError::Malformed(format!(
             "expected Hello, got {:?}",
             hello.0
         )));
+    };
+    if !pod_uid.is_empty() && pod_uid == giver.predecessor_pod_uid {
+        return Err(HandoverError::Refused(format!(
+            "pod {pod_uid} is the one this proxy took over from (restarted?): it does not get the sockets back"
+        )));
     }
-    let pods = freeze(giver.pods.as_ref()).await;
+    // The node's endpoints first, so that no CNI request starts here while
+    // the pods are frozen.
     giver.listening.set(ListeningState::Paused);
-    let given = async {
+    let pods = match freeze(giver.pods.as_ref()).await {
+        Ok(pods) => pods,
+        Err(reason) => {
+            giver.listening.set(ListeningState::Accepting);
+            return Err(HandoverError::Refused(format!(
+                "cannot hand the pods over: {reason}"
+            )));
+        }
+    };
+    // Stopping anyway: the successor serves from now on, ready or not (a
+    // connection waits in the queue for it rather than being reset here).
+    if giver
+        .draining
+        .as_ref()
+        .is_some_and(|draining| *draining.borrow())
+    {
+        giver.listening.set(ListeningState::Released);
+    }
+    let sent = tokio::time::timeout(giver.wait, async {
         for (kind, fd) in &giver.node_sockets {
             wire::send(socket, &Message::NodeSocket { kind: *kind }, &[fd]).await?;
         }
@@ -78,7 +113,15 @@ async fn give_to(giver: &Giver, socket: &UnixSeqpacket) -> Result<(), HandoverEr
             };
             wire::send(socket, &message, &listeners).await?;
         }
-        wire::send(socket, &Message::Done, &[]).await?;
+        let done = Message::Done {
+            pod_uid: giver.pod_uid.clone(),
+        };
+        wire::send(socket, &done, &[]).await
+    });
+    let given = async {
+        sent.await.map_err(|_| {
+            HandoverError::Refused("the new proxy did not take the sockets in time".into())
+        })??;
         info!(
             pods = pods.len(),
             "sockets handed over; waiting until the new proxy is ready"
@@ -95,12 +138,23 @@ async fn give_to(giver: &Giver, socket: &UnixSeqpacket) -> Result<(), HandoverEr
     match given.await {
         Ok(()) => {
             giver.listening.set(ListeningState::Released);
+            if let Some(state) = &giver.state {
+                state.retire();
+            }
             giver.handed_over.send_replace(true);
             if let Err(error) = wire::send(socket, &Message::Released, &[]).await {
                 warn!(%error, "telling the new proxy of the release failed");
             }
             info!("the new proxy took over: this one accepts nothing more and drains");
             Ok(())
+        }
+        Err(error) if giver.listening.state() == ListeningState::Released => {
+            // This proxy stopped during the hand-over and left everything
+            // to the successor: whatever became of it, nothing comes back.
+            if let Some(state) = &giver.state {
+                state.retire();
+            }
+            Err(error)
         }
         Err(error) => {
             giver.listening.set(ListeningState::Accepting);
@@ -114,13 +168,13 @@ async fn give_to(giver: &Giver, socket: &UnixSeqpacket) -> Result<(), HandoverEr
 
 /// The served pods, frozen; none if the pods' task is gone (the data plane
 /// is stopping: the successor then finds and serves them itself).
-async fn freeze(pods: Option<&mpsc::Sender<PodsRequest>>) -> Vec<HandedPod> {
+async fn freeze(pods: Option<&mpsc::Sender<PodsRequest>>) -> Result<Vec<HandedPod>, String> {
     let Some(pods) = pods else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let (reply, frozen) = oneshot::channel();
     if pods.send(PodsRequest::Freeze(reply)).await.is_err() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    frozen.await.unwrap_or_default()
+    frozen.await.unwrap_or_else(|_| Ok(Vec::new()))
 }

@@ -8,8 +8,9 @@
 //! accepts next; none is refused, reset or left in a queue that closes.
 //! Binding a second socket beside the old one (`SO_REUSEPORT`) would split
 //! arrivals between two queues, and the old one's would be reset when it
-//! closes. The pods' capture rules are not touched: they redirect to the
-//! same sockets before, during and after.
+//! closes. The pods' capture rules redirect to the same sockets before,
+//! during and after (the successor installs each pod's table again, in one
+//! transaction that never removes it).
 //!
 //! The switch (see [`wire`] for the messages):
 //! 1. a starting proxy with a state directory connects to
@@ -18,9 +19,10 @@
 //!    and lets none go), pauses its node endpoints (readiness, admin,
 //!    metrics, the CNI socket: the successor answers them from now on) and
 //!    sends every node socket and every served pod's listeners;
-//! 3. the successor serves them at once (both processes accept on the
-//!    pods' listeners for a moment), and once it is ready (every pod
-//!    served, a config applied) says `Taken`;
+//! 3. the successor serves each pod's listeners as soon as it serves the
+//!    pod (a config kept in the state directory decides that at once; both
+//!    processes accept on them for a moment), and once it is ready (every
+//!    pod served, a config applied) says `Taken`;
 //! 4. the predecessor stops accepting anywhere, says `Released` and drains:
 //!    its open connections run to their end or to the drain deadline
 //!    (HBONE peers are told GOAWAY), its certificates keep renewing, and it
@@ -30,6 +32,10 @@
 //! If the successor dies or gives up before `Taken`, the predecessor thaws
 //! and serves on as if nothing happened; if the predecessor dies during the
 //! switch, the successor keeps what it received and binds what it did not.
+//! A predecessor that is stopping anyway (SIGTERM, no successor yet) leaves
+//! everything to the successor the moment it comes. A proxy never hands
+//! over to the pod it took over from (its container, restarted after a
+//! crash, would take the sockets from the newer one).
 
 mod give;
 pub mod wire;
@@ -67,8 +73,9 @@ pub struct HandedPod {
 /// What the giving side asks of the task that serves the pods.
 #[derive(Debug)]
 pub enum PodsRequest {
-    /// Stop changing the set of served pods, and say what it is.
-    Freeze(oneshot::Sender<Vec<HandedPod>>),
+    /// Stop changing the set of served pods, and say what it is (or why
+    /// it cannot: then it thaws at once).
+    Freeze(oneshot::Sender<Result<Vec<HandedPod>, String>>),
     /// The hand-over failed: go on as before.
     Thaw,
 }
@@ -91,6 +98,8 @@ pub struct Inherited {
     pub pods: Vec<AnnouncedPod>,
     /// The listeners of the pods it served, by namespace path.
     pub pod_listeners: BTreeMap<PathBuf, InheritedListeners>,
+    /// The predecessor's pod UID (empty if unknown).
+    pub predecessor_pod_uid: String,
 }
 
 /// The link to the predecessor, kept until the successor is ready.
@@ -103,7 +112,7 @@ pub struct Predecessor {
 /// its sockets, within `wait`. `None`: nobody to take over from (a cold
 /// start), or the exchange failed (logged; the predecessor then serves on,
 /// and what was received is closed again).
-pub async fn take(path: &Path, wait: Duration) -> Option<(Inherited, Predecessor)> {
+pub async fn take(path: &Path, wait: Duration, pod_uid: &str) -> Option<(Inherited, Predecessor)> {
     let socket = match UnixSeqpacket::connect(path).await {
         Ok(socket) => socket,
         Err(error)
@@ -120,7 +129,7 @@ pub async fn take(path: &Path, wait: Duration) -> Option<(Inherited, Predecessor
             return None;
         }
     };
-    match tokio::time::timeout(wait, receive(&socket)).await {
+    match tokio::time::timeout(wait, receive(&socket, pod_uid)).await {
         Ok(Ok(inherited)) => {
             info!(
                 node_sockets = inherited.node.len(),
@@ -145,16 +154,13 @@ pub async fn take(path: &Path, wait: Duration) -> Option<(Inherited, Predecessor
 }
 
 /// The successor's half of steps 1 and 2.
-async fn receive(socket: &UnixSeqpacket) -> Result<Inherited, HandoverError> {
+async fn receive(socket: &UnixSeqpacket, pod_uid: &str) -> Result<Inherited, HandoverError> {
     check_peer(socket)?;
-    wire::send(
-        socket,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-        },
-        &[],
-    )
-    .await?;
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        pod_uid: pod_uid.to_owned(),
+    };
+    wire::send(socket, &hello, &[]).await?;
     let mut inherited = Inherited::default();
     loop {
         let (message, sockets) = wire::recv(socket).await?;
@@ -183,7 +189,10 @@ async fn receive(socket: &UnixSeqpacket) -> Result<Inherited, HandoverError> {
                 }
                 inherited.pods.push(pod);
             }
-            Message::Done => return Ok(inherited),
+            Message::Done { pod_uid } => {
+                inherited.predecessor_pod_uid = pod_uid;
+                return Ok(inherited);
+            }
             other => {
                 return Err(HandoverError::Malformed(format!(
                     "unexpected {other:?} while receiving sockets"

@@ -27,8 +27,8 @@ use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
 pub use crate::capture::pod::NetnsId;
 use crate::pod_directory::AnnouncedPod;
 
-/// The conversation's version, in `Hello`: a predecessor refuses a
-/// successor that speaks a newer one it does not know.
+/// The conversation's version, in `Hello`. A predecessor answers any
+/// version in its own (1): a newer successor must understand it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The largest message either side reads (a pod's entry is well under a
@@ -64,6 +64,9 @@ pub enum Message {
     Hello {
         /// [`PROTOCOL_VERSION`] of the successor.
         version: u32,
+        /// The successor's pod UID, if on Kubernetes.
+        #[serde(default)]
+        pod_uid: String,
     },
     /// Predecessor: one node socket, attached.
     NodeSocket {
@@ -82,7 +85,12 @@ pub enum Message {
         netns: Option<NetnsId>,
     },
     /// Predecessor: that was all.
-    Done,
+    Done {
+        /// The predecessor's pod UID, if on Kubernetes: the successor will
+        /// never hand over to it.
+        #[serde(default)]
+        pod_uid: String,
+    },
     /// Successor: it serves; the predecessor is to stop accepting.
     Taken,
     /// Predecessor: it accepts nothing more.
@@ -208,7 +216,10 @@ mod tests {
         let newer = br#"{"hello": {"version": 1, "features": ["x"]}}"#;
         assert_eq!(
             Message::decode(newer).ok(),
-            Some(Message::Hello { version: 1 })
+            Some(Message::Hello {
+                version: 1,
+                pod_uid: String::new()
+            })
         );
         assert!(Message::decode(b"{\"launch\": {}}").is_err());
         assert!(Message::decode(b"").is_err());

@@ -47,11 +47,21 @@ impl WeftMesh {
     /// then sends the old one SIGTERM. Returns the old process, draining
     /// its open connections: it exits once they have ended.
     pub fn upgrade_proxy(&mut self, testbed: &Testbed, node: &str) -> Result<Process> {
+        self.upgrade_proxy_with(testbed, node, &[])
+    }
+
+    /// [`WeftMesh::upgrade_proxy`] to a proxy with more arguments.
+    pub fn upgrade_proxy_with(
+        &mut self,
+        testbed: &Testbed,
+        node: &str,
+        more_args: &[&str],
+    ) -> Result<Process> {
         let old = self
             .proxies
             .remove(node)
             .with_context(|| format!("no proxy runs on {node}"))?;
-        let new = self.spawn_proxy(testbed, node)?;
+        let new = self.spawn_proxy_with(testbed, node, more_args)?;
         self.proxies.insert(node.to_owned(), new);
         old.wait_for_output(HANDED_OVER, STARTUP_TIMEOUT)
             .with_context(|| format!("{node}'s running proxy never handed over"))?;
