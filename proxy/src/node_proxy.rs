@@ -173,6 +173,7 @@ impl NodeProxy {
                         monitoring,
                         cni: sockets.cni,
                         listening: listening.clone(),
+                        listening_control: listening_control.clone(),
                         pods: inherited.pods,
                         pod_listeners: inherited.pod_listeners,
                         predecessor,

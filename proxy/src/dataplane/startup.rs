@@ -22,7 +22,7 @@ use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::handover::{InheritedListeners, NodeSocketKind, PodsRequest, Predecessor};
 use crate::hbone::{HbonePool, PoolConfig};
-use crate::listening::{Listening, ListeningState, TaskEnd};
+use crate::listening::{Listening, ListeningControl, ListeningState, TaskEnd};
 use crate::node_state::NodeState;
 use crate::pod_directory::AnnouncedPod;
 use crate::pod_directory::PodDirectory;
@@ -62,6 +62,8 @@ pub struct Start {
     pub cni: Option<std::os::unix::net::UnixListener>,
     /// Whose turn it is to accept.
     pub listening: Listening,
+    /// Sets it: a successor that stops before it took over hands back.
+    pub listening_control: Arc<ListeningControl>,
     /// The pods a predecessor knew, if this proxy took over from one.
     pub pods: Vec<AnnouncedPod>,
     /// The listeners of the pods it served.
@@ -86,6 +88,7 @@ pub async fn start(
         monitoring: (metrics_listener, readiness_listener),
         cni,
         listening,
+        listening_control,
         pods: handed_pods,
         pod_listeners,
         predecessor,
@@ -152,13 +155,26 @@ pub async fn start(
     if let Some(predecessor) = predecessor {
         // The predecessor stops accepting once this proxy serves every pod
         // it knows under a config (what readiness says too).
+        // Told to stop before that (a rollback deleted this pod), it hands
+        // everything back: it stops accepting without resetting anything,
+        // and the closed link makes the predecessor serve on alone.
         let (mut ready, wait) = (
             programmed.clone(),
             Duration::from_millis(config.handover_timeout_ms),
         );
+        let (draining, give_back) = (drain.clone(), listening_control);
         tokio::spawn(async move {
-            if ready.wait_for(|version| *version > 0).await.is_ok() {
-                predecessor.release(wait).await;
+            tokio::select! {
+                ready = async { ready.wait_for(|version| *version > 0).await.is_ok() } => {
+                    if ready {
+                        predecessor.release(wait).await;
+                    }
+                }
+                () = draining.started() => {
+                    give_back.set(ListeningState::Released);
+                    drop(predecessor);
+                    info!("stopped before taking over: the previous proxy serves on");
+                }
             }
         });
     }
