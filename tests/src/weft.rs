@@ -289,6 +289,8 @@ impl WeftMesh {
                 .env("KUBECONFIG", &kubernetes.kubeconfig),
         };
         command.env("WEFT_LOG", "info,weft_control_plane=debug");
+        // No Service in front of it here, so nobody to wait for on SIGTERM.
+        command.args(["--shutdown-delay-seconds", "0"]);
         let target = Target::Node(node);
         let process = testbed.spawn(target, command)?;
         let monitoring = SocketAddr::from((Ipv4Addr::LOCALHOST, CONTROL_PLANE_MONITORING_PORT));
