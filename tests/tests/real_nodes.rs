@@ -139,14 +139,7 @@ fn only_tls_between_meshed_pods(cluster: &RealCluster) {
         let to = SocketAddr::from((server.ip, real_cluster::APP_PORT));
         cluster.http_get_from(&client, to, &marker).unwrap();
         // The answer's packets: through the tunnel when meshed.
-        let port = if meshed {
-            15008
-        } else {
-            real_cluster::APP_PORT
-        };
-        let seen = capture
-            .finish_after(&format!("src host {} and src port {port}", server.ip))
-            .unwrap();
+        let seen = capture.finish_after_answer(server.ip, meshed).unwrap();
         let plaintext = seen.contains(marker.as_bytes());
         let tunnel = seen
             .count(&format!("host {} and port 15008", server.ip))

@@ -279,6 +279,14 @@ pub struct Captured {
 }
 
 impl LinkCapture {
+    /// [`LinkCapture::finish_after`] the answer of `server` to a request:
+    /// from its HBONE port when `meshed` (through the tunnel), else from
+    /// the app's port.
+    pub fn finish_after_answer(self, server: std::net::Ipv4Addr, meshed: bool) -> Result<Captured> {
+        let port = if meshed { 15008 } else { super::APP_PORT };
+        self.finish_after(&format!("src host {server} and src port {port}"))
+    }
+
     /// Waits until tcpdump has written a packet matching `filter` (e.g. the
     /// last answer of an exchange: it writes packets in the order it sees
     /// them, so everything before is in the file too), then stops it.

@@ -270,14 +270,7 @@ pub(super) fn unlabelling_the_namespace_releases_its_pods(cluster: &RealCluster)
         assert_eq!(body.trim(), server.name);
         // Once tcpdump has written the answer (through the tunnel when
         // meshed), everything before it is in the file too.
-        let port = if meshed {
-            15008
-        } else {
-            real_cluster::APP_PORT
-        };
-        let seen = capture
-            .finish_after(&format!("src host {} and src port {port}", server.ip))
-            .unwrap();
+        let seen = capture.finish_after_answer(server.ip, meshed).unwrap();
         assert_eq!(
             seen.contains(marker.as_bytes()),
             !meshed,
