@@ -308,6 +308,9 @@ fn upgrade_table(out: &mut String, upgrade: &crate::upgrade::UpgradeScenario) {
             triple(&k.steady_us),
             triple(&k.switch_us)
         );
+        for failure in &k.failures {
+            let _ = writeln!(out, "    {} failed {failure}", k.kind);
+        }
     }
     let _ = writeln!(
         out,

@@ -56,7 +56,13 @@ pub struct KindFigures {
     pub steady_us: [f64; 3],
     /// Latency p50 / p99 / max during the switches, in µs.
     pub switch_us: [f64; 3],
+    /// Why requests failed (the first few), each with when it was sent,
+    /// in seconds since the load started.
+    pub failures: Vec<String>,
 }
+
+/// Failures listed per kind of traffic; the count covers all of them.
+const FAILURES_LISTED: usize = 5;
 
 /// Runs the load from `client` to the echo server at `to`, upgrades the
 /// proxy of each of `nodes` in turn with `settle` of traffic before, between
@@ -70,6 +76,7 @@ pub fn run(
     shape: LoadShape,
 ) -> Result<UpgradeScenario> {
     let load = SteadyLoad::start(testbed, client, to, MARKER, shape)?;
+    let load_started = Instant::now();
     std::thread::sleep(settle);
     let mut windows = Vec::new();
     let mut switches = Vec::new();
@@ -105,7 +112,7 @@ pub fn run(
             (LoadKind::Stream, "stream"),
         ]
         .into_iter()
-        .map(|(kind, name)| figures(&report, kind, name, &windows))
+        .map(|(kind, name)| figures(&report, kind, name, load_started, &windows))
         .collect::<Result<_>>()?,
         stream_intact: report
             .of(LoadKind::Stream)
@@ -118,14 +125,20 @@ fn figures(
     report: &LoadReport,
     kind: LoadKind,
     name: &str,
+    load_started: Instant,
     windows: &[(Instant, Instant)],
 ) -> Result<KindFigures> {
     let (mut steady, mut switch) = (new_histogram(), new_histogram());
     let (mut requests, mut failed) = (0, 0);
+    let mut failures = Vec::new();
     for sample in report.of(kind) {
         requests += 1;
-        if sample.error.is_some() {
+        if let Some(error) = &sample.error {
             failed += 1;
+            if failures.len() < FAILURES_LISTED {
+                let at = sample.at.saturating_duration_since(load_started);
+                failures.push(format!("at {:.3} s: {error}", at.as_secs_f64()));
+            }
             continue;
         }
         let during = windows
@@ -147,6 +160,7 @@ fn figures(
         failed,
         steady_us: us(&steady),
         switch_us: us(&switch),
+        failures,
     })
 }
 
