@@ -361,3 +361,26 @@ mod tests {
         assert!(split_host_port("host:0").is_err());
     }
 }
+
+/// `weft-proxy probe-ready`: the DaemonSet's readiness probe, run in the
+/// proxy's container. Exits 0 if the proxy answering on the node's
+/// readiness port runs in this pod and is ready, else 1. (An HTTP probe of
+/// the port would be answered by the previous proxy during an upgrade,
+/// before the new one has taken over.) Reads the container's environment,
+/// so the probe needs no arguments.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "weft-proxy probe-ready")]
+pub struct ReadinessProbeConfig {
+    /// The node's readiness port, as the proxy serves it.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// The UID of the pod the probe runs in.
+    #[arg(long, env = "WEFT_POD_UID", default_value = "")]
+    pub pod_uid: String,
+
+    /// How long to wait for each of connecting, sending and reading the
+    /// answer, in milliseconds.
+    #[arg(long, env = "WEFT_PROBE_TIMEOUT_MS", default_value_t = 1000)]
+    pub timeout_ms: u64,
+}

@@ -63,9 +63,11 @@ pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};
 pub use config::{
     DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat, ProxyConfig,
+    ReadinessProbeConfig,
 };
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};
+pub use monitoring::probe_ready;
 pub use node_proxy::NodeProxy;
 pub use node_state::NodeState;
 pub use node_view::{

@@ -5,10 +5,13 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
-use weft_proxy::{NodeProxy, ProxyConfig};
+use weft_proxy::{NodeProxy, ProxyConfig, ReadinessProbeConfig};
 
 fn main() -> anyhow::Result<()> {
     raise_malloc_thresholds();
+    if std::env::args().nth(1).as_deref() == Some("probe-ready") {
+        return probe_ready(&ReadinessProbeConfig::parse_from(std::env::args().skip(1)));
+    }
     let config = ProxyConfig::parse();
     let log_filter = weft_proxy::logging::init(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
@@ -25,6 +28,19 @@ fn main() -> anyhow::Result<()> {
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
     result
+}
+
+/// `weft-proxy probe-ready`: one line on stdout (the kubelet keeps it with
+/// the probe's result), exit status 0 when ready.
+fn probe_ready(config: &ReadinessProbeConfig) -> anyhow::Result<()> {
+    let timeout = std::time::Duration::from_millis(config.timeout_ms);
+    match weft_proxy::probe_ready(config.readiness_addr, &config.pod_uid, timeout) {
+        Ok(answer) => {
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{answer}").context("writing the answer")
+        }
+        Err(why) => anyhow::bail!("not ready: {why}"),
+    }
 }
 
 /// One thread: a single-threaded runtime, so no task is ever woken on

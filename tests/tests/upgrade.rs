@@ -212,3 +212,27 @@ fn the_pod_a_proxy_took_over_from_never_takes_the_sockets_back() {
     .unwrap();
     wire.finish().unwrap().check_only_tls(MARKER).unwrap();
 }
+
+#[test]
+fn readiness_says_whether_the_probing_pods_own_proxy_serves() {
+    let testbed = cluster();
+    let (mut mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    let ready_as = |mesh: &WeftMesh, pod: &str| mesh.probe_ready(&testbed, "node-1", pod).unwrap();
+    // Before pod-a's proxy has taken over, the running one answers the
+    // node's port: not pod-a's, so pod-a is not ready yet.
+    let before = ready_as(&mesh, "pod-a");
+    assert!(
+        before
+            .as_ref()
+            .is_err_and(|why| why.contains("not of pod \"pod-a\"")),
+        "{before:?}"
+    );
+    let old = mesh
+        .upgrade_proxy_with(&testbed, "node-1", &["--pod-uid", "pod-a"])
+        .unwrap();
+    wait_until(STARTUP_TIMEOUT, || Ok(ready_as(&mesh, "pod-a").is_ok())).unwrap();
+    // The pod it took over from is not ready any more.
+    assert!(ready_as(&mesh, "").is_err());
+    old.wait(STARTUP_TIMEOUT).unwrap();
+    assert!(ready_as(&mesh, "pod-a").is_ok());
+}

@@ -212,11 +212,12 @@ pub async fn start(
         TaskEnd::HandedOver("metrics endpoint")
     });
     let readiness_listening = listening.clone();
+    let own_pod_uid = config.pod_uid.clone();
     tasks.spawn(async move {
         http_server::serve(
             readiness_listener,
             "readiness",
-            monitoring::readiness(routes.subscribe(), programmed, drain),
+            monitoring::readiness(routes.subscribe(), programmed, drain, own_pod_uid),
             readiness_listening,
         )
         .await;

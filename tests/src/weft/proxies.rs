@@ -107,6 +107,26 @@ impl WeftMesh {
         testbed.spawn(Target::Node(node), command)
     }
 
+    /// Runs the DaemonSet's readiness probe (`weft-proxy probe-ready`) on
+    /// `node` as the probe of pod `pod_uid`'s container does: `Ok(answer)`
+    /// when ready, `Err(why)` when not.
+    pub fn probe_ready(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        pod_uid: &str,
+    ) -> Result<std::result::Result<String, String>> {
+        let mut command = Command::new(weft_binary("weft-proxy")?);
+        command.args(["probe-ready", "--pod-uid", pod_uid]);
+        let probe = testbed.spawn(Target::Node(node), command)?;
+        let status = probe.wait(STARTUP_TIMEOUT)?;
+        Ok(if status.success() {
+            Ok(probe.stdout()?.trim().to_owned())
+        } else {
+            Err(probe.stderr()?.trim().to_owned())
+        })
+    }
+
     /// Replaces the process tracked as `node`'s proxy (one started by
     /// [`WeftMesh::spawn_proxy`]); returns the one it was.
     pub fn replace_proxy(&mut self, node: &str, process: Process) -> Option<Process> {
