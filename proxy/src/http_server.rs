@@ -53,6 +53,7 @@ pub(crate) async fn serve(
             .local_addr()
             .ok()
             .map(|local| Connection { peer, local });
+        let listening = listening.clone();
         let connection = async move {
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 let handler = handler.clone();
@@ -61,10 +62,21 @@ pub(crate) async fn serve(
                 }
                 async move { Ok::<_, Infallible>(handler(&request)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = listening.node_endpoints_left() => {
+                    // A kept-alive client (a metrics scraper) would go on
+                    // asking this process, not the one serving the node:
+                    // finish the request under way, then close, so that it
+                    // reconnects to the successor.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 debug!(reason = %e, "connection ended with an error");
             }
         };

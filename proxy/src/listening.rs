@@ -76,6 +76,13 @@ impl Listening {
             .await;
     }
 
+    /// Resolves once this process no longer accepts on the node's
+    /// endpoints (paused for a successor, or released to it).
+    pub async fn node_endpoints_left(&self) {
+        self.wait_for(|state| state != ListeningState::Accepting)
+            .await;
+    }
+
     /// For the node's endpoints (readiness, admin, metrics, the CNI
     /// socket): the next thing `accept` gives while it is this process's
     /// turn (waiting while paused); `None` once released. `accept` must be

@@ -94,6 +94,17 @@ impl SteadyLoad {
         marker: &'static [u8],
         shape: LoadShape,
     ) -> Result<SteadyLoad> {
+        SteadyLoad::start_in(testbed.netns_file(Target::Pod(pod))?, to, marker, shape)
+    }
+
+    /// [`SteadyLoad::start`] from the network namespace `netns` (a real
+    /// cluster's pod).
+    pub fn start_in(
+        netns: std::fs::File,
+        to: SocketAddr,
+        marker: &'static [u8],
+        shape: LoadShape,
+    ) -> Result<SteadyLoad> {
         let load = SteadyLoad {
             stop: Arc::new(AtomicBool::new(false)),
             samples: Arc::new(Mutex::new(Vec::new())),
@@ -101,7 +112,6 @@ impl SteadyLoad {
             threads: Vec::new(),
         };
         let connect = {
-            let netns = testbed.netns_file(Target::Pod(pod))?;
             move || -> std::io::Result<TcpStream> {
                 let stream = crate::netns::run_in_file(&netns, || {
                     TcpStream::connect_timeout(&to, STEP_TIMEOUT)

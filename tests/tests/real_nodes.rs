@@ -19,6 +19,8 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[path = "real_nodes/capture.rs"]
 mod capture;
+#[path = "real_nodes/upgrade.rs"]
+mod upgrade;
 
 use capture::{
     a_pod_that_takes_a_neighbours_address_is_refused,
@@ -335,6 +337,7 @@ fn scenarios(cni: Cni) {
     policies_are_enforced_and_reported(&cluster);
     meshed_pods_stay_ready(&cluster);
     rolling_restart_drops_nothing(&cluster);
+    upgrade::upgrades_drop_nothing(&cluster);
     proxy_restarts_fail_closed(&cluster);
     an_init_containers_first_request_is_meshed_as_itself(&cluster);
     a_pod_that_takes_a_neighbours_address_is_refused(&cluster);

@@ -10,6 +10,7 @@
 //! link between the nodes is watched for the marker every request carries.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -235,4 +236,49 @@ fn readiness_says_whether_the_probing_pods_own_proxy_serves() {
     assert!(ready_as(&mesh, "").is_err());
     old.wait(STARTUP_TIMEOUT).unwrap();
     assert!(ready_as(&mesh, "pod-a").is_ok());
+}
+
+/// Sends one HTTP/1.1 request for `path` on a kept-alive connection and
+/// reads the answer's head and body (content-length framed).
+fn ask_keeping_alive(stream: &mut TcpStream, path: &str) -> String {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&answer).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap();
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).unwrap();
+    format!("{head}{}", String::from_utf8_lossy(&body))
+}
+
+#[test]
+fn kept_alive_clients_of_the_node_endpoints_move_to_the_new_proxy() {
+    let testbed = cluster();
+    let (mut mesh, _server) = weft_testbed::start_mesh_with_db_echo(&testbed).unwrap();
+    let readiness = SocketAddr::from(([127, 0, 0, 1], 15021));
+    let mut scraper = testbed.connect(Target::Node("node-1"), readiness).unwrap();
+    assert!(ask_keeping_alive(&mut scraper, "/healthz/ready").starts_with("http/1.1 200"));
+
+    let old = mesh
+        .upgrade_proxy_with(&testbed, "node-1", &["--pod-uid", "pod-a"])
+        .unwrap();
+    // The old proxy closes the idle connection instead of answering on it
+    // for as long as it drains; the scraper reconnects to the new one.
+    let mut rest = Vec::new();
+    scraper.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let mut scraper = testbed.connect(Target::Node("node-1"), readiness).unwrap();
+    wait_until(STARTUP_TIMEOUT, || {
+        Ok(ask_keeping_alive(&mut scraper, "/healthz/ready?pod=pod-a").starts_with("http/1.1 200"))
+    })
+    .unwrap();
+    old.wait(STARTUP_TIMEOUT).unwrap();
 }

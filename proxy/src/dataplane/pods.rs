@@ -44,6 +44,7 @@ use crate::capture::{CaptureConfig, node_source};
 use crate::handover::{HandedPod, InheritedListeners, PodsRequest};
 use crate::node_state::NodeState;
 use crate::pod_directory::{AnnouncedPod, Outcome, PodDirectory};
+use probes::{follow_probe_ports, probe_ports_of, set_node_sources};
 
 /// How pods are found and served (from the proxy's config).
 #[derive(Clone, Debug)]
@@ -521,51 +522,6 @@ async fn serve_pod(
     })
 }
 
-/// Installs (or replaces) the node's rule that gives its own connections
-/// to the served pods' probe ports the node's source address, so that the
-/// kubelet's probes pass.
-async fn set_node_sources(probes: BTreeSet<SocketAddr>) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || node_source::set(&CaptureConfig::default(), &probes))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
-}
-
-/// The ports the kubelet probes on `pod`, as the config says.
-fn probe_ports_of(table: &RouteTable, pod: &ServedPod) -> BTreeSet<u16> {
-    pod.ips
-        .iter()
-        .find_map(|ip| pod.workload(table, *ip))
-        .map(|workload| workload.probe_ports.clone())
-        .unwrap_or_default()
-}
-
-/// Lets the node reach each served pod's probe ports as the config now
-/// says (a pod served before its config came has none yet: its probes
-/// are the plaintext of an unknown client until then).
-async fn follow_probe_ports(table: &RouteTable, served: &mut BTreeMap<PathBuf, Served>) {
-    for (path, serving) in served.iter_mut() {
-        let ports = probe_ports_of(table, &serving.pod);
-        if ports == serving.probe_ports {
-            continue;
-        }
-        let (netns, wanted) = (serving.netns.clone(), ports.clone());
-        let set = tokio::task::spawn_blocking(move || {
-            pod::set_probe_ports(&netns, &CaptureConfig::default(), &wanted)
-        })
-        .await;
-        match set {
-            Ok(Ok(())) => serving.probe_ports = ports,
-            Ok(Err(error)) => {
-                warn!(netns = %path.display(), %error, "setting a pod's probe ports failed")
-            }
-            Err(error) => {
-                warn!(netns = %path.display(), %error, "setting a pod's probe ports failed")
-            }
-        }
-    }
-}
-
 /// Stops every pod's listeners; with `remove`, takes the redirection out
 /// of each pod and the probe rule off the node.
 async fn stop_serving(served: BTreeMap<PathBuf, Served>, remove: bool) {
@@ -596,6 +552,9 @@ async fn stop_serving(served: BTreeMap<PathBuf, Served>, remove: bool) {
         Err(error) => warn!(%error, "removing the pods' capture failed"),
     }
 }
+
+#[path = "pod_probes.rs"]
+mod probes;
 
 #[cfg(test)]
 #[path = "pods_tests.rs"]

@@ -71,17 +71,9 @@ impl RealCluster {
     /// killer would (the kubelet restarts its container, after a backoff),
     /// and returns its pid.
     pub fn kill_proxy_on(&self, node: &str) -> Result<u32> {
-        let netns = self.node_netns(node)?.to_owned();
-        let mut pids = Command::new("ip");
-        pids.args(["netns", "pids", &netns]);
-        let pids = super::run_command(pids)?;
-        let proxy = pids
-            .split_whitespace()
-            .filter_map(|pid| pid.parse::<u32>().ok())
-            .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "weft-proxy")
-            })
+        let proxy = *self
+            .proxy_processes_on(node)?
+            .last()
             .with_context(|| format!("no weft-proxy process in {node}'s network namespace"))?;
         let pid = i32::try_from(proxy).context("a pid that does not fit a pid_t")?;
         nix::sys::signal::kill(

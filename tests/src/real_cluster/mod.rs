@@ -39,6 +39,7 @@ mod control_plane;
 mod mesh;
 mod node;
 mod pki;
+mod upgrade;
 mod workloads;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -54,6 +55,7 @@ use control_plane::ControlPlane;
 pub use mesh::{Captured, LinkCapture, RELEASE, WEFT_NAMESPACE};
 use node::Node;
 use pki::Credentials;
+pub use upgrade::ProxyPod;
 pub use workloads::{
     APP_IMAGE, APP_PORT, PodRef, SERVICE_PORT, app, http_get, namespace, node_port,
 };

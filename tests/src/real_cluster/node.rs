@@ -64,6 +64,8 @@ pub(super) struct Node {
     /// Device and inode of the node's mount namespace.
     mount_ns: Option<(u64, u64)>,
     containerd: Option<Process>,
+    /// Where the node's containerd listens.
+    containerd_socket: PathBuf,
     kubelet: Option<Process>,
     kube_proxy: Option<Process>,
 }
@@ -82,6 +84,7 @@ impl Node {
             holder: None,
             mount_ns: None,
             containerd: None,
+            containerd_socket: Self::containerd_socket(spec.dir),
             kubelet: None,
             kube_proxy: None,
         };
@@ -349,6 +352,17 @@ state = "{d}/state"
         let socket = Self::containerd_socket(dir);
         crate::wait_until(DAEMON_TIMEOUT, || Ok(socket.exists()))
             .context("waiting for containerd's socket")
+    }
+
+    /// Gives image `from` (already on the node) a second name, `to`, as a
+    /// registry would serve a new version under a new tag.
+    pub fn tag_image(&self, from: &str, to: &str) -> Result<()> {
+        let mut ctr = Command::new("ctr");
+        ctr.arg("--address")
+            .arg(&self.containerd_socket)
+            .args(["-n", "k8s.io", "images", "tag", "--force", from, to]);
+        run_command(ctr).with_context(|| format!("tagging {from} as {to} on {}", self.name))?;
+        Ok(())
     }
 
     fn import(&self, dir: &Path, archive: &Path) -> Result<()> {
