@@ -322,6 +322,12 @@ fn upgrade_table(out: &mut String, upgrade: &crate::upgrade::UpgradeScenario) {
             "NO"
         }
     );
+    if !upgrade.proxy_warnings.is_empty() {
+        let _ = writeln!(out, "  the proxies warned:");
+        for warning in &upgrade.proxy_warnings {
+            let _ = writeln!(out, "    {warning}");
+        }
+    }
 }
 
 /// The table printed on stdout.

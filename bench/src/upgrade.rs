@@ -41,6 +41,9 @@ pub struct UpgradeScenario {
     pub stream_intact: bool,
     /// Whether every old proxy exited cleanly once its connections ended.
     pub old_proxies_exited: bool,
+    /// When a request failed: the proxies' warnings and errors (the first
+    /// few), to tell why.
+    pub proxy_warnings: Vec<String>,
 }
 
 /// One kind of traffic's figures.
@@ -97,6 +100,12 @@ pub fn run(
         old.wait(Duration::from_secs(60))
             .is_ok_and(|status| status.success())
     });
+    let any_failed = report.samples.iter().any(|sample| sample.error.is_some());
+    let proxy_warnings = if any_failed {
+        proxy_warnings(testbed.dir())
+    } else {
+        Vec::new()
+    };
     let title = format!(
         "proxy upgrade under load: {} persistent connections and new connections every {} ms, a stream; nodes {}",
         shape.persistent_connections,
@@ -118,7 +127,44 @@ pub fn run(
             .of(LoadKind::Stream)
             .all(|sample| sample.error.is_none()),
         old_proxies_exited,
+        proxy_warnings,
     })
+}
+
+/// Warnings listed when a request failed.
+const WARNINGS_LISTED: usize = 20;
+
+/// The warning and error lines the testbed's proxies logged.
+fn proxy_warnings(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().contains("weft-proxy"))
+        })
+        .collect();
+    files.sort();
+    let mut warnings = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let name = file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        for line in text.lines() {
+            if (line.contains("WARN") || line.contains("ERROR")) && warnings.len() < WARNINGS_LISTED
+            {
+                warnings.push(format!("{name}: {line}"));
+            }
+        }
+    }
+    warnings
 }
 
 fn figures(

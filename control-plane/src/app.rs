@@ -263,7 +263,10 @@ pub async fn run_on(
         nodes.clone(),
         config.max_config_message_bytes,
     );
-    let signing_service = SigningService::new(ca, mesh_rx, auth, nodes);
+    let signing_service = SigningService::new(ca, mesh_rx, auth, nodes).waiting_for_pods(
+        Duration::from_millis(config.sign_wait_for_pod_ms),
+        config.sign_waiting_max,
+    );
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

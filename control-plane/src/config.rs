@@ -133,6 +133,20 @@ pub struct ControlPlaneConfig {
     /// new connections still come here, and must not be refused.
     #[arg(long, env = "WEFT_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
+
+    /// How long a certificate request for a pod this replica has not seen
+    /// with an IP yet waits for it, in milliseconds, before it is refused.
+    /// A node's proxy learns of a new pod from its CNI plugin, a moment
+    /// before the kubelet reports the pod's IP to the API server (and a
+    /// replica that just started sees it later still).
+    #[arg(long, env = "WEFT_SIGN_WAIT_FOR_POD_MS", default_value_t = 5000)]
+    pub sign_wait_for_pod_ms: u64,
+
+    /// How many certificate requests may wait so at once (see
+    /// `--sign-wait-for-pod-ms`); more are refused at once, so that nodes
+    /// asking for pods that never come cannot pile requests up.
+    #[arg(long, env = "WEFT_SIGN_WAITING_MAX", default_value_t = 1000)]
+    pub sign_waiting_max: usize,
 }
 
 /// Where the cluster comes from.

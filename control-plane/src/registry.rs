@@ -43,6 +43,7 @@ pub struct NodeRegistry {
     connected: Gauge,
     config_updates: Family<OutcomeLabels, Counter>,
     certificates: Family<OutcomeLabels, Counter>,
+    waiting_for_pods: Gauge,
 }
 
 impl NodeRegistry {
@@ -63,6 +64,11 @@ impl NodeRegistry {
             "weft_control_plane_certificates",
             "Certificate signing requests by outcome",
             registry.certificates.clone(),
+        );
+        metrics.register(
+            "weft_control_plane_certificate_requests_waiting",
+            "Certificate requests waiting for their pod to show up with an IP",
+            registry.waiting_for_pods.clone(),
         );
         Arc::new(registry)
     }
@@ -128,6 +134,19 @@ impl NodeRegistry {
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+
+    /// A certificate request waits for its pod (until the result is
+    /// dropped).
+    pub fn waiting_for_pod(&self) -> impl Drop + use<> {
+        struct Waiting(Gauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.waiting_for_pods.inc();
+        Waiting(self.waiting_for_pods.clone())
     }
 
     fn count_update(&self, outcome: &str) {

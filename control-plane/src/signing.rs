@@ -3,11 +3,16 @@
 //! init containers, or Running) on that proxy's node.
 //! This is the check that keeps a compromised node from minting identities
 //! of workloads it does not host.
+//!
+//! A proxy asks as soon as its CNI plugin announces a pod, which is often
+//! before the kubelet has reported the pod's IP to the API server: such a
+//! request waits (briefly, and only so many at once) for the pod to show
+//! up rather than being refused and retried after a backoff.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use weft_api::v1 as pb;
@@ -23,6 +28,10 @@ pub struct SigningService {
     mesh: watch::Receiver<Arc<Mesh>>,
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
+    /// How long a request waits for its pod to show up.
+    pod_wait: Duration,
+    /// Permits to wait so.
+    waiting: Arc<Semaphore>,
 }
 
 impl SigningService {
@@ -38,6 +47,35 @@ impl SigningService {
             mesh,
             auth,
             registry,
+            pod_wait: Duration::ZERO,
+            waiting: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    /// Lets up to `at_once` requests for pods not seen yet wait up to
+    /// `wait` for them (none wait by default).
+    pub fn waiting_for_pods(mut self, wait: Duration, at_once: usize) -> SigningService {
+        self.pod_wait = wait;
+        self.waiting = Arc::new(Semaphore::new(at_once.min(Semaphore::MAX_PERMITS)));
+        self
+    }
+
+    /// Whether `node` runs a meshed pod of `identity` with an IP, waiting
+    /// for it (see the module's doc) if it does not yet; the mesh then.
+    async fn pod_on_node(&self, node: &str, identity: &Identity) -> (bool, Arc<Mesh>) {
+        let mesh = self.mesh.borrow().clone();
+        if mesh.node_runs(node, identity) || self.pod_wait.is_zero() {
+            return (mesh.node_runs(node, identity), mesh);
+        }
+        let Ok(_permit) = self.waiting.try_acquire() else {
+            return (false, mesh);
+        };
+        let _counted = self.registry.waiting_for_pod();
+        let mut changes = self.mesh.clone();
+        let seen = changes.wait_for(|mesh| mesh.node_runs(node, identity));
+        match tokio::time::timeout(self.pod_wait, seen).await {
+            Ok(Ok(mesh)) => (true, mesh.clone()),
+            _ => (false, self.mesh.borrow().clone()),
         }
     }
 
@@ -62,8 +100,8 @@ impl pb::certificates_server::Certificates for SigningService {
         let identity = Identity::parse(&identity)
             .map_err(|e| self.refuse("invalid", Status::invalid_argument(e.to_string())))?;
 
-        let mesh = self.mesh.borrow().clone();
-        if !mesh.node_runs(&node, &identity) {
+        let (runs, mesh) = self.pod_on_node(&node, &identity).await;
+        if !runs {
             warn!(%node, %identity, "refusing to sign: no running meshed pod with this identity on the node");
             return Err(self.refuse(
                 "denied",

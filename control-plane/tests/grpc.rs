@@ -312,7 +312,8 @@ async fn sign(
 
 #[tokio::test]
 async fn the_ca_signs_only_identities_running_on_the_callers_node() {
-    let cp = start_control_plane().await;
+    // Refusals wait this long for a pod to show up.
+    let cp = start_control_plane_with(&["--sign-wait-for-pod-ms", "100"]).await;
     let web = "spiffe://cluster.local/ns/shop/sa/web";
     let request = CertificateRequest::generate(&web.parse().unwrap()).unwrap();
 
@@ -380,6 +381,57 @@ async fn the_ca_signs_only_identities_running_on_the_callers_node() {
     );
     assert!(
         metrics.contains("weft_control_plane_certificates_total{outcome=\"denied\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_for_a_pod_not_seen_yet_waits_for_it() {
+    let cp = start_control_plane_with(&["--sign-wait-for-pod-ms", "600000"]).await;
+    let api = "spiffe://cluster.local/ns/shop/sa/api";
+    let request = CertificateRequest::generate(&api.parse().unwrap()).unwrap();
+    let signed = sign(&cp, TOKEN_1, api, request.csr_der().to_vec());
+    let pod_shows_up = async {
+        // Once the request waits, the kubelet reports api-1's IP.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !cp
+            .debug_page("/metrics")
+            .await
+            .contains("weft_control_plane_certificate_requests_waiting 1")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let api_pod = "---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop}
+spec: {nodeName: node-1, serviceAccountName: api, containers: [{name: c, image: x}]}
+status: {phase: Pending, podIP: 10.244.1.9}
+";
+        std::fs::write(
+            cp.manifests.join("cluster.yaml"),
+            manifests("10.244.1.2") + api_pod,
+        )
+        .unwrap();
+    };
+    let (signed, ()) = tokio::join!(signed, pod_shows_up);
+    let chain = signed
+        .unwrap()
+        .chain_der
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let cert = request
+        .complete(chain, cp.trust.clone(), SystemTime::now())
+        .unwrap();
+    assert_eq!(cert.identity().to_string(), api);
+    let metrics = cp.debug_page("/metrics").await;
+    assert!(
+        metrics.contains("weft_control_plane_certificate_requests_waiting 0"),
         "{metrics}"
     );
 }

@@ -298,6 +298,99 @@ fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
     );
 }
 
+/// Runs `ip <args>` in `netns`.
+fn ip_in(netns: &PodNetns, args: &[&str]) {
+    let status = netns
+        .run_in(|| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+#[test]
+fn installing_the_capture_again_never_takes_its_routing_rule_away() {
+    let _serial = one_at_a_time();
+    let testbed = cluster(PodNetwork::Bridge);
+    let netns = netns_of(&testbed, "client");
+    let config = CaptureConfig::default();
+    install_in_pod(&netns, &config, &BTreeSet::new()).unwrap();
+    // A rule a crashed run left at another priority.
+    let selector = format!(
+        "fwmark {mark:#x}/{mark:#x} table {}",
+        config.route_table,
+        mark = config.capture_mark
+    );
+    let stale = format!("add priority 31000 {selector}");
+    ip_in(
+        &netns,
+        &["-4", "rule"]
+            .into_iter()
+            .chain(stale.split(' '))
+            .collect::<Vec<_>>(),
+    );
+
+    let mut monitor = std::process::Command::new("ip");
+    monitor.args(["-4", "monitor", "rule"]);
+    let monitor = testbed.spawn(Target::Pod("client"), monitor).unwrap();
+    // A marker rule, added and deleted, tells when the monitor listens and
+    // when it has printed everything before it.
+    let marker = |priority: &str| {
+        ip_in(
+            &netns,
+            &["-4", "rule", "add", "priority", priority, "table", "4242"],
+        );
+        ip_in(
+            &netns,
+            &["-4", "rule", "del", "priority", priority, "table", "4242"],
+        );
+    };
+    weft_testbed::wait_until(WAIT, || {
+        marker("12345");
+        Ok(monitor.stdout()?.contains("12345:"))
+    })
+    .unwrap();
+    // A proxy taking the pod over installs the capture again, twice here.
+    install_in_pod(&netns, &config, &BTreeSet::new()).unwrap();
+    install_in_pod(&netns, &config, &BTreeSet::new()).unwrap();
+    marker("12346");
+    monitor.wait_for_output("Deleted 12346:", WAIT).unwrap();
+
+    let events = monitor.stdout().unwrap();
+    let ours = format!("{}:", config.rule_priority);
+    assert!(
+        !events
+            .lines()
+            .any(|line| line.starts_with("Deleted") && line.contains(&ours)),
+        "the rule went away for a moment:\n{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|line| line.starts_with("Deleted 31000:")),
+        "the stale rule stayed:\n{events}"
+    );
+    let rules = netns
+        .run_in(|| {
+            std::process::Command::new("ip")
+                .args(["-4", "rule", "list"])
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert_eq!(
+        rules
+            .matches(&format!("lookup {}", config.route_table))
+            .count(),
+        1,
+        "{rules}"
+    );
+}
+
 fn nft(script: &str) {
     let mut nft = std::process::Command::new("nft")
         .args(["-f", "-"])

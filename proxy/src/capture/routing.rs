@@ -32,20 +32,34 @@ impl Family {
     }
 }
 
-/// Adds the rule and the route. Rules of the same mark and table that a
-/// crashed run left behind (at any priority) are deleted first, in the
-/// same `ip -batch`, so the node ends up with exactly one.
+/// Adds the rule (unless it is there already) and the route. Rules of the
+/// same mark and table that a crashed run left behind (at any other
+/// priority, or twice) are deleted, in the same `ip -batch`, so the
+/// namespace ends up with exactly one.
+///
+/// Never deletes and re-adds the rule: the batch is not atomic, and while
+/// the rule is missing, the replies to the proxy's transparent sockets (its
+/// connections into the pod) are routed out of the pod, to their client's
+/// real address, whose stack resets them. A proxy that takes a pod over
+/// installs its capture again under the running connections.
 pub(super) fn install(config: &CaptureConfig, family: Family) -> Result<(), CaptureError> {
     let operation = format!(
         "installing the capture's policy routing ({})",
         family.flag()
     );
-    let mut batch = delete_rules(config, family, &operation)?;
-    batch.push(format!(
-        "rule add priority {} {}",
-        config.rule_priority,
-        selector(config)
-    ));
+    let selector = selector(config);
+    let wanted = u64::from(config.rule_priority);
+    let priorities = rule_priorities(config, family, &operation)?;
+    let kept = priorities.iter().position(|priority| *priority == wanted);
+    let mut batch = Vec::new();
+    if kept.is_none() {
+        batch.push(format!("rule add priority {wanted} {selector}"));
+    }
+    for (index, priority) in priorities.iter().enumerate() {
+        if Some(index) != kept {
+            batch.push(format!("rule del priority {priority} {selector}"));
+        }
+    }
     batch.push(format!(
         "route replace local default dev lo table {}",
         config.route_table
@@ -90,18 +104,32 @@ fn delete_rules(
     operation: &str,
 ) -> Result<Vec<String>, CaptureError> {
     let selector = selector(config);
+    Ok(rule_priorities(config, family, operation)?
+        .into_iter()
+        .map(|priority| format!("rule del priority {priority} {selector}"))
+        .collect())
+}
+
+/// The priority of each rule with weft's selector (one per rule).
+fn rule_priorities(
+    config: &CaptureConfig,
+    family: Family,
+    operation: &str,
+) -> Result<Vec<u64>, CaptureError> {
+    let selector = selector(config);
     let mut args = vec!["rule", "list"];
     args.extend(selector.split(' '));
     let rules = list(family, &args, operation)?;
     rules
         .iter()
-        .map(|rule| match rule["priority"].as_u64() {
-            Some(priority) => Ok(format!("rule del priority {priority} {selector}")),
-            None => Err(CaptureError::Output {
-                operation: operation.to_owned(),
-                command: format!("ip -j {} {}", family.flag(), args.join(" ")),
-                reason: format!("a rule without a priority: {rule}"),
-            }),
+        .map(|rule| {
+            rule["priority"]
+                .as_u64()
+                .ok_or_else(|| CaptureError::Output {
+                    operation: operation.to_owned(),
+                    command: format!("ip -j {} {}", family.flag(), args.join(" ")),
+                    reason: format!("a rule without a priority: {rule}"),
+                })
         })
         .collect()
 }
