@@ -64,8 +64,9 @@ impl SigningService {
     /// for it (see the module's doc) if it does not yet; the mesh then.
     async fn pod_on_node(&self, node: &str, identity: &Identity) -> (bool, Arc<Mesh>) {
         let mesh = self.mesh.borrow().clone();
-        if mesh.node_runs(node, identity) || self.pod_wait.is_zero() {
-            return (mesh.node_runs(node, identity), mesh);
+        let runs = mesh.node_runs(node, identity);
+        if runs || self.pod_wait.is_zero() {
+            return (runs, mesh);
         }
         let Ok(_permit) = self.waiting.try_acquire() else {
             return (false, mesh);

@@ -67,7 +67,7 @@ pub(crate) fn readiness(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",
                     format!(
-                        "this is the proxy of pod {own_pod_uid:?}, not of pod {pod:?} (it has not taken over yet)\n"
+                        "the node's readiness port is served by the proxy of pod {own_pod_uid:?}, not of pod {pod:?}\n"
                     ),
                 )
             } else if drain.is_draining() {
