@@ -99,7 +99,7 @@ impl Listening {
             }
             tokio::select! {
                 accepted = accept() => return Some(accepted),
-                () = self.wait_for(|state| state != ListeningState::Accepting) => {}
+                () = self.node_endpoints_left() => {}
             }
         }
     }

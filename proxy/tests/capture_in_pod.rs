@@ -298,17 +298,18 @@ fn the_nodes_own_connections_reach_the_probe_ports_and_nothing_else_does() {
     );
 }
 
-/// Runs `ip <args>` in `netns`.
-fn ip_in(netns: &PodNetns, args: &[&str]) {
-    let status = netns
+/// Runs `ip <args>` in `netns`; returns what it printed.
+fn ip_in(netns: &PodNetns, args: &[&str]) -> String {
+    let output = netns
         .run_in(|| {
             std::process::Command::new("ip")
                 .args(args)
-                .status()
+                .output()
                 .unwrap()
         })
         .unwrap();
-    assert!(status.success(), "ip {args:?}");
+    assert!(output.status.success(), "ip {args:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -373,15 +374,7 @@ fn installing_the_capture_again_never_takes_its_routing_rule_away() {
             .any(|line| line.starts_with("Deleted 31000:")),
         "the stale rule stayed:\n{events}"
     );
-    let rules = netns
-        .run_in(|| {
-            std::process::Command::new("ip")
-                .args(["-4", "rule", "list"])
-                .output()
-                .unwrap()
-        })
-        .unwrap();
-    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    let rules = ip_in(&netns, &["-4", "rule", "list"]);
     assert_eq!(
         rules
             .matches(&format!("lookup {}", config.route_table))

@@ -239,6 +239,21 @@ impl LoadReport {
             .filter(move |sample| sample.kind == kind)
     }
 
+    /// Ok if every request succeeded and every kind of traffic ran; else
+    /// what failed or did not run.
+    pub fn check_nothing_failed(&self) -> Result<()> {
+        let failures = self.failures();
+        anyhow::ensure!(failures.is_empty(), "requests failed: {failures:?}");
+        for kind in [
+            LoadKind::Persistent,
+            LoadKind::NewConnection,
+            LoadKind::Stream,
+        ] {
+            anyhow::ensure!(self.of(kind).count() > 0, "no {kind:?} requests ran");
+        }
+        Ok(())
+    }
+
     /// The failed requests, as `kind: why`.
     pub fn failures(&self) -> Vec<String> {
         self.samples

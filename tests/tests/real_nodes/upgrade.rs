@@ -13,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use weft_testbed::real_cluster::{self, RealCluster};
 use weft_testbed::steady_load::{LoadKind, LoadReport, LoadShape, SteadyLoad};
 
@@ -53,21 +55,6 @@ impl Load<'_> {
 fn stop(load: SteadyLoad) -> LoadReport {
     load.run_for_requests(REQUESTS_AROUND_STEPS);
     load.stop()
-}
-
-fn assert_nothing_failed(report: &LoadReport, during: &str) {
-    let failures = report.failures();
-    assert!(failures.is_empty(), "{during}: {failures:?}");
-    for kind in [
-        LoadKind::Persistent,
-        LoadKind::NewConnection,
-        LoadKind::Stream,
-    ] {
-        assert!(
-            report.of(kind).count() > 0,
-            "{during}: no {kind:?} requests ran"
-        );
-    }
 }
 
 /// Waits until every node has a ready proxy pod on `image` (the old ones
@@ -149,7 +136,10 @@ fn new_proxy_image_rolls_out_dropping_nothing(cluster: &RealCluster, load: &Load
     // old proxy pods drain until the load's connections end.
     wait_until_serving(cluster, &image);
     let report = stop(running);
-    assert_nothing_failed(&report, "rolling out a new proxy image");
+    report
+        .check_nothing_failed()
+        .context("rolling out a new proxy image")
+        .unwrap();
     wait_until_only(cluster, &image);
     cluster.wait_for_proxies().unwrap();
     let now = cluster.proxy_pods().unwrap();
@@ -205,7 +195,10 @@ fn control_plane_restart_drops_nothing(cluster: &RealCluster, load: &Load<'_>) {
         .unwrap();
     assert_eq!(body.trim(), web_1.name);
     let report = stop(running);
-    assert_nothing_failed(&report, "restarting the control plane");
+    report
+        .check_nothing_failed()
+        .context("restarting the control plane")
+        .unwrap();
     let logs = cluster.proxy_logs().unwrap();
     assert_eq!(
         logs.matches(CERTIFICATE_FAILURE).count(),
