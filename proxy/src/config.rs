@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 use weft_certs::Identity;
 
+use crate::limits::ConnectionLimits;
+
 /// The control plane's identity unless configured otherwise.
 pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str =
     "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane";
@@ -219,6 +221,30 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
+
+    /// Bounds on the connections and handshakes pods and peers can make
+    /// the data plane hold (see `limits`).
+    #[command(flatten)]
+    pub limits: ConnectionLimits,
+
+    /// Warnings of one cause that a pod or peer can trigger (a refused
+    /// connection, a failed handshake) logged per
+    /// `--log-warnings-interval-ms`; the rest are counted, and the next one
+    /// logged says how many were left out.
+    #[arg(long, env = "WEFT_LOG_WARNINGS_PER_CAUSE", default_value_t = 10)]
+    pub log_warnings_per_cause: u32,
+
+    /// The interval of `--log-warnings-per-cause`, in milliseconds.
+    #[arg(long, env = "WEFT_LOG_WARNINGS_INTERVAL_MS", default_value_t = 10_000)]
+    pub log_warnings_interval_ms: u64,
+
+    /// Log lines waiting for the writer at most. Lines are written by a
+    /// thread of their own, so a slow sink never stalls traffic; beyond
+    /// this, new lines are dropped (and counted in
+    /// `weft_proxy_log_lines_dropped_total`).
+    #[arg(long, env = "WEFT_LOG_BUFFER_LINES", default_value_t = 16_384,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub log_buffer_lines: usize,
 
     /// Log format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -25,7 +25,7 @@
 //!   proxy to a new process on the node, and [`listening`] tells every
 //!   accept loop whose turn it is.
 //!
-//! Modules, from the leaves up: `backoff`, `wall_clock`, `sockets`, `listening`,
+//! Modules, from the leaves up: `backoff`, `wall_clock`, `limits`, `rejections`, `warnings`, `sockets`, `listening`,
 //! `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
 //! → `cni_api` → `cni_plugin`, `handover` → `node_sockets`, `config` → `logging`,
 //! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring`
@@ -46,6 +46,7 @@ mod error;
 pub mod handover;
 pub mod hbone;
 mod http_server;
+pub mod limits;
 pub mod listening;
 mod local_peer;
 pub mod logging;
@@ -55,9 +56,11 @@ mod node_sockets;
 mod node_state;
 mod node_view;
 pub mod pod_directory;
+pub mod rejections;
 pub mod sockets;
 mod transport;
 mod wall_clock;
+pub mod warnings;
 
 pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};

@@ -2,8 +2,15 @@
 //! through which the admin endpoint changes what is logged while the proxy
 //! runs (turn on `debug` for one module at 3 a.m., without a restart that
 //! would drop every connection on the node).
+//!
+//! Lines are written by a thread of their own, never by the thread that
+//! logs: a slow or blocked sink (a full pipe to the container runtime)
+//! must not stall the data plane, which logs every connection. When the
+//! writer falls more than `--log-buffer-lines` behind, new lines are
+//! dropped and counted ([`dropped_lines`], the metric
+//! `weft_proxy_log_lines_dropped_total`).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tracing::level_filters::LevelFilter;
 use tracing_log::AsLog;
@@ -61,14 +68,58 @@ impl LogFilter {
     }
 }
 
+/// What the writer thread dropped, once the subscriber is installed.
+static DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped because the sink did not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |dropped| dropped.dropped_lines() as u64)
+}
+
+/// `weft_proxy_log_lines_dropped_total`, read from the writer at each
+/// scrape.
+#[derive(Debug)]
+pub struct DroppedLinesMetric;
+
+impl prometheus_client::collector::Collector for DroppedLinesMetric {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new(dropped_lines());
+        let metric = encoder.encode_descriptor(
+            "weft_proxy_log_lines_dropped",
+            "Log lines dropped because the log sink did not keep up",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
+/// Keeps the writer thread running; dropping it flushes what is buffered
+/// and stops the thread. Hold it until the process exits.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogWriterGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
 /// Installs the process-wide subscriber: `config.log_level` as the filter,
-/// in `config.log_format`, colours only on a terminal.
-pub fn init(config: &ProxyConfig) -> Result<LogFilter, Error> {
+/// in `config.log_format`, colours only on a terminal, written to stdout
+/// by a thread of its own.
+pub fn init(config: &ProxyConfig) -> Result<(LogFilter, LogWriterGuard), Error> {
     let (filter, layer) = LogFilter::new(&config.log_level)?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(config.log_buffer_lines)
+        .thread_name("weft-log-writer")
+        .finish(std::io::stdout());
+    let _ = DROPPED.set(writer.error_counter());
     let (text, json) = match config.log_format {
-        LogFormat::Text => (Some(fmt::layer().with_ansi(ansi)), None),
-        LogFormat::Json => (None, Some(fmt::layer().json())),
+        LogFormat::Text => (Some(fmt::layer().with_ansi(ansi).with_writer(writer)), None),
+        LogFormat::Json => (None, Some(fmt::layer().json().with_writer(writer))),
     };
     tracing_subscriber::registry()
         .with(layer)
@@ -79,7 +130,7 @@ pub fn init(config: &ProxyConfig) -> Result<LogFilter, Error> {
             operation: "installing",
             reason: e.to_string(),
         })?;
-    Ok(filter)
+    Ok((filter, LogWriterGuard(guard)))
 }
 
 fn parse(directives: &str) -> Result<EnvFilter, Error> {

@@ -13,8 +13,9 @@ fn main() -> anyhow::Result<()> {
         return probe_ready(&ReadinessProbeConfig::parse_from(std::env::args().skip(1)));
     }
     let config = ProxyConfig::parse();
-    let log_filter = weft_proxy::logging::init(&config)?;
+    let (log_filter, _log_writer) = weft_proxy::logging::init(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
+    raise_file_limit(config.limits.file_descriptors_needed());
     // Control work (config stream, certificates, admin) gets a thread of
     // its own; the data plane runs on this one (or on its workers).
     let control = tokio::runtime::Builder::new_multi_thread()
@@ -28,6 +29,31 @@ fn main() -> anyhow::Result<()> {
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
     result
+}
+
+/// Raises the soft limit on open files to what the connection limits may
+/// need (the usual soft limit, 1,024, would stop the proxy long before
+/// them), within the hard limit; says so if the hard limit is lower.
+fn raise_file_limit(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        tracing::warn!("cannot read the limit on open files");
+        return;
+    };
+    let wanted = needed.min(hard);
+    if wanted > soft {
+        match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+            Ok(()) => info!(open_files = wanted, "raised the limit on open files"),
+            Err(error) => tracing::warn!(%error, "cannot raise the limit on open files"),
+        }
+    }
+    if hard < needed {
+        tracing::warn!(
+            hard_limit = hard,
+            needed,
+            "the limit on open files is lower than --max-connections may need: lower it, or raise the limit"
+        );
+    }
 }
 
 /// `weft-proxy probe-ready`: one line on stdout (the kubelet keeps it with

@@ -62,22 +62,33 @@ impl ServerConfigs {
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
-    super::serve_captured(
-        listener,
-        plane,
-        "HBONE",
-        pod,
-        |plane, pod, tcp, _peer, local| accept_tunnel(plane, pod, tcp, local),
-    )
-    .await;
+    super::serve_captured(listener, plane, "hbone", pod, accept_tunnel).await;
 }
 
 async fn accept_tunnel(
     plane: Arc<DataPlane>,
     pod: super::ListenerPod,
     tcp: TcpStream,
+    peer: SocketAddr,
     local: SocketAddr,
 ) {
+    // Anyone who reaches the pod can open a connection here and say
+    // nothing: from the first byte to the end of the handshake, a
+    // connection holds a handshake slot of its source's and the node's,
+    // and has a deadline to start and one to finish.
+    let handshaking = match plane.admission.handshake(peer.ip()) {
+        Ok(handshaking) => handshaking,
+        Err(refused) => {
+            if let Some(suppressed) = plane.warnings.allow(refused.reason()) {
+                warn!(
+                    reason = refused.reason(),
+                    suppressed, "inbound: too many TLS handshakes; refused"
+                );
+            }
+            super::reset(&tcp);
+            return;
+        }
+    };
     let (routes, workload) = plane.with_local_pod(&pod, local.ip()).await;
     let Some(workload) = workload else {
         warn!("inbound: no meshed local pod has this address");
@@ -106,30 +117,34 @@ async fn accept_tunnel(
             return;
         }
     };
-    let Ok(handshaking) = plane.handshakes.clone().try_acquire_owned() else {
-        debug!("inbound: too many TLS handshakes in progress; dropping");
-        plane
-            .metrics
-            .failure(Direction::Inbound, "handshake_overload");
-        return;
+    let limits = plane.admission.limits();
+    let deadlines = hbone::HandshakeDeadlines {
+        start: limits.handshake_start_timeout(),
+        finish: limits.handshake_timeout(),
     };
-    let tls = match hbone::accept_tls(tcp, config).await {
+    let tls = match hbone::accept_tls_within(tcp, config, deadlines).await {
         Ok(tls) => tls,
         Err(HboneError::TlsAccept { failure, .. }) => {
             let reason = handshake_failure(&failure);
-            warn!(error = %failure, reason, "inbound: TLS handshake refused");
+            if let Some(suppressed) = plane.warnings.allow(reason) {
+                warn!(error = %failure, reason, suppressed, "inbound: TLS handshake refused");
+            }
             plane.metrics.failure(Direction::Inbound, reason);
             return;
         }
         Err(error @ HboneError::HandshakeTimeout { .. }) => {
-            warn!(%error, "inbound: TLS handshake timed out");
+            if let Some(suppressed) = plane.warnings.allow("handshake_timeout") {
+                warn!(%error, suppressed, "inbound: TLS handshake timed out");
+            }
             plane
-                .metrics
-                .failure(Direction::Inbound, "handshake_timeout");
+                .admission
+                .count_rejection("hbone", "handshake_timeout");
             return;
         }
         Err(error) => {
-            warn!(%error, "inbound: TLS handshake failed");
+            if let Some(suppressed) = plane.warnings.allow("handshake_failed") {
+                warn!(%error, suppressed, "inbound: TLS handshake failed");
+            }
             plane
                 .metrics
                 .failure(Direction::Inbound, "handshake_failed");
@@ -137,6 +152,21 @@ async fn accept_tunnel(
         }
     };
     drop(handshaking);
+    // An authenticated peer holds connections within its identity's cap.
+    let _peer = match weft_certs::peer_identity(tls.get_ref().1) {
+        Ok(identity) => match plane.admission.peer(&identity) {
+            Ok(admitted) => Some(admitted),
+            Err(refused) => {
+                if let Some(suppressed) = plane.warnings.allow(refused.reason()) {
+                    warn!(peer_identity = %identity, reason = refused.reason(), suppressed,
+                        "inbound: the peer holds too many connections; refused");
+                }
+                return;
+            }
+        },
+        // `serve_connection` refuses it, saying why.
+        Err(_) => None,
+    };
     let handler = Arc::new(InboundTunnel {
         plane: plane.clone(),
         pod,

@@ -12,6 +12,7 @@
 //!   and TrafficPolicy state; [`telemetry`]: metrics and access logs;
 //!   [`drain`]: graceful shutdown.
 
+pub mod admission;
 pub mod balancer;
 pub mod drain;
 mod found_pods;
@@ -57,9 +58,9 @@ pub struct DataPlane {
     pub drain: Drain,
     /// TLS server configs per local identity, rebuilt when its certificate changes.
     pub server_configs: inbound::ServerConfigs,
-    /// Inbound TLS handshakes allowed at once: anyone can reach 15008, and
-    /// a flood of slow handshakes must not take every file descriptor.
-    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// The connections, handshakes and peers the listeners hold, within
+    /// the configured limits.
+    pub admission: Arc<admission::Admission>,
     /// Open inbound connections, decided again when policy changes.
     pub inbound: Arc<reauthorize::InboundRegistry>,
     /// How long a connection waits for a certificate or config it needs
@@ -71,6 +72,8 @@ pub struct DataPlane {
     /// Whose turn it is to accept: the pods' listeners stop once a new
     /// proxy process took them over.
     pub listening: crate::listening::Listening,
+    /// How often the warnings a pod or peer can trigger are logged.
+    pub warnings: Arc<crate::warnings::WarningLimiter>,
 }
 
 impl DataPlane {
@@ -116,9 +119,6 @@ impl DataPlane {
         }
     }
 }
-
-/// Inbound TLS handshakes in progress at most.
-pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 
 /// The route table of the applied config. A task keeps it in step with the
 /// view and wakes whoever waits for changes; a connection that arrives
@@ -231,6 +231,17 @@ impl ServedPod {
         }
     }
 
+    /// What the pod's connections are counted under (see
+    /// [`admission`]): its name, or, for a pod nobody named, its first
+    /// address.
+    pub fn admission_key(&self) -> Arc<str> {
+        match self.ips.first() {
+            _ if !self.uid.is_empty() => Arc::from(self.uid.as_str()),
+            Some(ip) => Arc::from(ip.to_string()),
+            None => Arc::from(""),
+        }
+    }
+
     /// Whether `ip` is one of the pod's own addresses.
     pub fn owns(&self, ip: std::net::IpAddr) -> bool {
         self.ips.contains(&ip)
@@ -284,7 +295,8 @@ pub async fn serve_captured<F, Fut>(
 {
     use tracing::Instrument;
     let outbound = listener_name == "outbound";
-    let redirected = listener_name != "HBONE";
+    let redirected = listener_name != "hbone";
+    let pod_key = pod.admission_key();
     while let Some((stream, source)) =
         next_connection(&listener, &plane.drain, &plane.listening, listener_name).await
     {
@@ -299,34 +311,62 @@ pub async fn serve_captured<F, Fut>(
             Ok(destination) if destination.ip().is_loopback() => continue,
             Ok(destination) => destination,
             Err(error) => {
-                tracing::warn!(%error, %source, listener = listener_name, "no original destination");
+                if let Some(suppressed) = plane.warnings.allow("no_original_destination") {
+                    tracing::warn!(%error, %source, listener = listener_name, suppressed,
+                        "no original destination");
+                }
                 continue;
             }
         };
         let own = if outbound { source } else { destination };
         if !pod.owns(own.ip()) {
-            tracing::warn!(%source, %destination, listener = listener_name, pod = ?pod,
-                "refused: the address is not the pod's own (spoofed)");
+            if let Some(suppressed) = plane.warnings.allow("spoofed_address") {
+                tracing::warn!(%source, %destination, listener = listener_name, pod = ?pod,
+                    suppressed, "refused: the address is not the pod's own (spoofed)");
+            }
             let direction = if outbound {
                 telemetry::Direction::Outbound
             } else {
                 telemetry::Direction::Inbound
             };
             plane.metrics.failure(direction, "spoofed_address");
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            reset(&stream);
             continue;
         }
+        let from_outside = (!outbound).then_some(source.ip());
+        let admitted = match plane
+            .admission
+            .connection(listener_name, &pod_key, from_outside)
+        {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                if let Some(suppressed) = plane.warnings.allow(refused.reason()) {
+                    tracing::warn!(%source, %destination, listener = listener_name,
+                        pod = %pod_key, reason = refused.reason(), suppressed,
+                        "refused: a connection limit was reached");
+                }
+                reset(&stream);
+                continue;
+            }
+        };
         let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
         let guard = plane.drain.track();
         let connection = handle(plane.clone(), pod.clone(), stream, source, destination);
         tokio::spawn(
             async move {
                 let _guard = guard;
+                let _admitted = admitted;
                 connection.await;
             }
             .instrument(span),
         );
     }
+}
+
+/// Makes closing `stream` a reset: the client learns at once, and the
+/// close never blocks.
+fn reset(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// The next connection a listener should serve; `None` once a new proxy
@@ -350,8 +390,7 @@ pub async fn next_connection(
         match accepted {
             Ok((stream, peer)) if drain.is_draining() => {
                 tracing::debug!(%peer, listener = what, "draining: resetting a new connection");
-                // Zero linger: close with a reset, and never block on drop.
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+                reset(&stream);
             }
             Ok(accepted) => {
                 // Small writes back to the pod (a response) must leave at

@@ -17,7 +17,7 @@ use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
 
 /// Serves captured connections (see [`super::next_connection`] for the drain).
 pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, pod: super::ListenerPod) {
-    super::serve_captured(listener, plane, "inbound plaintext", pod, proxy).await;
+    super::serve_captured(listener, plane, "plaintext", pod, proxy).await;
 }
 
 async fn proxy(

@@ -96,6 +96,8 @@ pub async fn start(
     } = start;
     let mut registry = Registry::default();
     let metrics = TrafficMetrics::new(&mut registry);
+    let rejections = crate::rejections::Rejections::new(&mut registry);
+    registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
     let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
     // Tunnels leave from the source pod's namespace when it is served in
@@ -113,13 +115,15 @@ pub async fn start(
         pool: Arc::new(HbonePool::new(dialer, PoolConfig::default())),
         drain: drain.clone(),
         server_configs: inbound::ServerConfigs::default(),
-        handshakes: Arc::new(tokio::sync::Semaphore::new(
-            super::MAX_CONCURRENT_HANDSHAKES,
-        )),
+        admission: super::admission::Admission::new(config.limits.clone(), rejections),
         inbound: Arc::default(),
         pending_wait: Duration::from_millis(config.pending_connection_wait_ms),
         pods: pod_namespaces,
         listening: listening.clone(),
+        warnings: Arc::new(crate::warnings::WarningLimiter::new(
+            config.log_warnings_per_cause,
+            Duration::from_millis(config.log_warnings_interval_ms),
+        )),
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.

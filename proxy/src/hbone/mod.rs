@@ -32,7 +32,8 @@ pub use error::HboneError;
 pub use headers::parse_forwarded_for;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
 pub use server::{
-    InboundHandler, InboundRequest, Refusal, accept_tls, check_connect, serve_connection,
+    HandshakeDeadlines, InboundHandler, InboundRequest, Refusal, accept_tls, accept_tls_within,
+    check_connect, serve_connection,
 };
 pub use stream::{HboneStream, TunnelStats, copy_tunnel};
 pub use tuning::{

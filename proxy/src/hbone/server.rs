@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -131,16 +132,49 @@ pub async fn accept_tls(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
 ) -> Result<TlsStream<HboneSocket>, HboneError> {
+    let deadlines = HandshakeDeadlines {
+        start: HANDSHAKE_TIMEOUT,
+        finish: HANDSHAKE_TIMEOUT,
+    };
+    accept_tls_within(tcp, config, deadlines).await
+}
+
+/// How long an inbound connection may take over its TLS handshake.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeDeadlines {
+    /// Until the client's first byte (its ClientHello) arrives.
+    pub start: Duration,
+    /// Until the handshake is done, counted from the start.
+    pub finish: Duration,
+}
+
+/// [`accept_tls`] within `deadlines`: a client that says nothing is given
+/// up after `deadlines.start`, a slow one after `deadlines.finish`.
+pub async fn accept_tls_within(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    deadlines: HandshakeDeadlines,
+) -> Result<TlsStream<HboneSocket>, HboneError> {
     let peer = peer_address(&tcp);
+    let started = tokio::time::Instant::now();
+    let timed_out = |after| HboneError::HandshakeTimeout {
+        peer,
+        step: "TLS",
+        after,
+    };
+    // Readable: a first byte, or the end of the connection (which the
+    // handshake then reports).
+    if tokio::time::timeout(deadlines.start, tcp.readable())
+        .await
+        .is_err()
+    {
+        return Err(timed_out(deadlines.start));
+    }
     let handshake = TlsAcceptor::from(config).accept(hbone_socket(tcp));
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    match tokio::time::timeout_at(started + deadlines.finish, handshake).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(failure)) => Err(HboneError::TlsAccept { peer, failure }),
-        Err(_) => Err(HboneError::HandshakeTimeout {
-            peer,
-            step: "TLS",
-            after: HANDSHAKE_TIMEOUT,
-        }),
+        Err(_) => Err(timed_out(deadlines.finish)),
     }
 }
 

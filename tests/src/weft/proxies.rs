@@ -57,12 +57,44 @@ impl WeftMesh {
         node: &str,
         more_args: &[&str],
     ) -> Result<Process> {
+        let new = self.spawn_proxy_with(testbed, node, more_args)?;
+        self.upgrade_proxy_to(node, new)
+    }
+
+    /// [`WeftMesh::upgrade_proxy_with`] to a proxy whose log (stdout) goes
+    /// to `stdout`, such as a FIFO the test holds open and never reads (a
+    /// log sink that has stopped).
+    pub fn upgrade_proxy_logging_to(
+        &mut self,
+        testbed: &Testbed,
+        node: &str,
+        more_args: &[&str],
+        stdout: &std::path::Path,
+    ) -> Result<Process> {
+        let proxy = self.proxy_command(testbed, node, more_args)?;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"out="$1"; shift; exec "$@" > "$out""#)
+            .arg("sh")
+            .arg(stdout)
+            .arg(proxy.get_program())
+            .args(proxy.get_args());
+        for (name, value) in proxy.get_envs() {
+            if let Some(value) = value {
+                command.env(name, value);
+            }
+        }
+        let new = testbed.spawn(Target::Node(node), command)?;
+        self.upgrade_proxy_to(node, new)
+    }
+
+    /// The second half of an upgrade: `new` runs beside the old proxy.
+    fn upgrade_proxy_to(&mut self, node: &str, new: Process) -> Result<Process> {
         let old = self
             .proxies
-            .remove(node)
+            .insert(node.to_owned(), new)
             .with_context(|| format!("no proxy runs on {node}"))?;
-        let new = self.spawn_proxy_with(testbed, node, more_args)?;
-        self.proxies.insert(node.to_owned(), new);
         old.wait_for_output(HANDED_OVER, STARTUP_TIMEOUT)
             .with_context(|| format!("{node}'s running proxy never handed over"))?;
         old.signal(nix::sys::signal::Signal::SIGTERM)?;
@@ -83,6 +115,12 @@ impl WeftMesh {
         node: &str,
         more_args: &[&str],
     ) -> Result<Process> {
+        let command = self.proxy_command(testbed, node, more_args)?;
+        testbed.spawn(Target::Node(node), command)
+    }
+
+    /// The command that starts `node`'s proxy, with `more_args`.
+    fn proxy_command(&self, testbed: &Testbed, node: &str, more_args: &[&str]) -> Result<Command> {
         let mut command = Command::new(weft_binary("weft-proxy")?);
         command
             .arg("--node")
@@ -104,7 +142,7 @@ impl WeftMesh {
             .arg(self.cni_socket(testbed, node))
             .arg("--find-running-pods=false")
             .args(more_args);
-        testbed.spawn(Target::Node(node), command)
+        Ok(command)
     }
 
     /// Runs the DaemonSet's readiness probe (`weft-proxy probe-ready`) on

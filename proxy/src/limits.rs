@@ -1,0 +1,111 @@
+//! The bounds on what pods and peers can make the proxy hold: connections,
+//! TLS handshakes and the time they may take. Part of [`crate::ProxyConfig`]
+//! (flags and environment variables), so they show in the config dump and
+//! an operator can change them without a rebuild. The data plane's
+//! `admission` module enforces them; this module only says what they are.
+//!
+//! The defaults are sized for a node of a few hundred pods: no legitimate
+//! pod comes near them, and together they keep the proxy's file
+//! descriptors (two per proxied connection) within the node-wide cap.
+
+use serde::Serialize;
+
+/// Connection and handshake limits of the data plane's listeners.
+#[derive(Clone, Debug, clap::Args, Serialize, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections the node's pod listeners (15001, 15006, 15008) hold at
+    /// once, all pods together. Each proxied connection takes two file
+    /// descriptors; the proxy raises its own descriptor limit to fit.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Connections one local pod's listeners hold at once, per direction
+    /// counted together: those the pod opens (15001) and those arriving for
+    /// it (15006, 15008).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_POD", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: u32,
+
+    /// Inbound connections (15006, 15008) one source address holds at
+    /// once, across the node's pods.
+    #[arg(long, env = "WEFT_MAX_INBOUND_CONNECTIONS_PER_SOURCE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inbound_connections_per_source: u32,
+
+    /// The share of `max_connections` above which the node counts as
+    /// saturated, in percent: from there on, a pod holding more than its
+    /// fair share (the cap divided among the pods holding connections) is
+    /// refused, so the connections left go to the pods holding few.
+    #[arg(long, env = "WEFT_FAIR_SHARE_ABOVE_PERCENT", default_value_t = 75,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub fair_share_above_percent: u8,
+
+    /// HBONE TLS handshakes (15008) in progress at once on the node.
+    #[arg(long, env = "WEFT_MAX_HANDSHAKES", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
+
+    /// HBONE TLS handshakes in progress at once from one source address: a
+    /// pod holding silent connections to 15008 uses up its own share, not
+    /// the node's.
+    #[arg(long, env = "WEFT_MAX_HANDSHAKES_PER_SOURCE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_source: u32,
+
+    /// How long a new HBONE connection may stay silent before its TLS
+    /// ClientHello starts, in milliseconds. A peer proxy sends it at once.
+    #[arg(long, env = "WEFT_HANDSHAKE_START_TIMEOUT_MS", default_value_t = 1000)]
+    pub handshake_start_timeout_ms: u64,
+
+    /// How long an HBONE connection's TLS handshake may take in all, in
+    /// milliseconds.
+    #[arg(long, env = "WEFT_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
+    pub handshake_timeout_ms: u64,
+
+    /// HBONE connections (15008) one authenticated peer identity holds at
+    /// once on the node. A peer node pools one connection per source
+    /// identity, destination identity and destination pod, so this is
+    /// reached only by a workload that opens connections of its own.
+    #[arg(long, env = "WEFT_MAX_HBONE_CONNECTIONS_PER_PEER", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_hbone_connections_per_peer: u32,
+}
+
+impl ConnectionLimits {
+    /// The number of connections from which the node counts as saturated.
+    pub fn saturated_at(&self) -> u32 {
+        let share = u64::from(self.max_connections) * u64::from(self.fair_share_above_percent);
+        u32::try_from(share / 100).unwrap_or(self.max_connections)
+    }
+
+    /// [`ConnectionLimits::handshake_start_timeout_ms`] as a duration.
+    pub fn handshake_start_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_start_timeout_ms)
+    }
+
+    /// [`ConnectionLimits::handshake_timeout_ms`] as a duration.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The file descriptors these limits may need at most: two per
+    /// connection, and room for the proxy's own (listeners, control, logs).
+    pub fn file_descriptors_needed(&self) -> u64 {
+        2 * u64::from(self.max_connections) + 4096
+    }
+}
+
+impl Default for ConnectionLimits {
+    /// The flags' defaults.
+    fn default() -> ConnectionLimits {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            limits: ConnectionLimits,
+        }
+        <Only as clap::Parser>::try_parse_from(["limits"])
+            .map(|only| only.limits)
+            .unwrap_or_else(|_| unreachable!("every limit has a default"))
+    }
+}

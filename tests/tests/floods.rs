@@ -1,0 +1,250 @@
+//! Hostile neighbours on the testbed: one pod floods its node's proxy, and
+//! another pod's traffic must go on. Each test runs an attack and a
+//! legitimate client side by side and asserts what the client sees (every
+//! exchange answered) and what the proxy counted (the limit that bit).
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use weft_testbed::{PodSpec, Target, Testbed, WeftMesh, echo_round_trip, metric_sum, wait_until};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// node-1: client and flood (meshed, each its own identity), intruder
+/// (unmeshed). node-2: server (meshed).
+fn cluster() -> (Testbed, WeftMesh) {
+    let pod = |node, namespace, name, meshed| PodSpec {
+        node,
+        namespace,
+        name,
+        service_account: name,
+        labels: &[],
+        meshed,
+        probe_ports: &[],
+    };
+    let testbed = Testbed::builder()
+        .node("node-1")
+        .node("node-2")
+        .pod(pod("node-1", "shop", "client", true))
+        .pod(pod("node-1", "shop", "flood", true))
+        .pod(pod("node-1", "legacy", "intruder", false))
+        .pod(pod("node-2", "shop", "server", true))
+        .build()
+        .unwrap();
+    let mesh = WeftMesh::start(&testbed).unwrap();
+    mesh.wait_for_data_plane(&testbed).unwrap();
+    (testbed, mesh)
+}
+
+/// Room for the attack's sockets in this process, whatever the machine's
+/// default soft limit (often 1,024).
+fn raise_open_files(wanted: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < wanted {
+        setrlimit(Resource::RLIMIT_NOFILE, wanted.min(hard), hard).unwrap();
+    }
+}
+
+/// Opens connections from `from` to `to` as fast as it can until `stop`,
+/// counting them in `opened`, keeping the latest `keep` of them open;
+/// returns those.
+fn flood(
+    testbed: &Testbed,
+    from: Target<'_>,
+    to: SocketAddr,
+    keep: usize,
+    stop: &AtomicBool,
+    opened: &AtomicUsize,
+) -> VecDeque<TcpStream> {
+    testbed
+        .run_in(from, || {
+            let mut held = VecDeque::with_capacity(keep);
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(stream) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                    if held.len() == keep {
+                        held.pop_front();
+                    }
+                    held.push_back(stream);
+                }
+            }
+            held
+        })
+        .unwrap()
+}
+
+/// A new connection from `from` to the echo server at `to`, and one
+/// exchange on it.
+fn new_connection_round_trip(testbed: &Testbed, from: &str, to: SocketAddr, message: &[u8]) {
+    let mut stream = testbed.connect(Target::Pod(from), to).unwrap();
+    assert_eq!(echo_round_trip(&mut stream, message).unwrap(), message);
+}
+
+#[test]
+fn silent_connections_to_15008_from_one_pod_leave_other_pods_tunnels_alone() {
+    let (testbed, mesh) = cluster();
+    raise_open_files(8192);
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let _echo = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let hbone = SocketAddr::from((server_ip, 15008));
+    let echo = SocketAddr::from((server_ip, 8080));
+    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
+
+    let silent = std::thread::scope(|scope| {
+        // The intruder (not meshed, so nothing stops it reaching 15008)
+        // keeps 2,000 connections open that never say a word, opening new
+        // ones as fast as it can.
+        let intruder = scope.spawn(|| {
+            let intruder = Target::Pod("intruder");
+            flood(&testbed, intruder, hbone, 2000, &stop, &opened)
+        });
+        wait_until(WAIT, || Ok(opened.load(Ordering::SeqCst) >= 2000)).unwrap();
+        // Meanwhile the client's first tunnel to the server needs a TLS
+        // handshake on node-2: its proxy takes it, and the ones after it.
+        for i in 0..20 {
+            let request = format!("request {i}");
+            new_connection_round_trip(&testbed, "client", echo, request.as_bytes());
+        }
+        stop.store(true, Ordering::SeqCst);
+        intruder.join().unwrap()
+    });
+
+    let rejected = |reason: &str| {
+        let needle = format!(r#"weft_proxy_rejected_total{{listener="hbone",reason="{reason}"}}"#);
+        metric_sum(&mesh, &testbed, "node-2", &needle).unwrap()
+    };
+    assert!(
+        rejected("handshake_source_limit") > 0,
+        "the intruder's connections beyond its share of handshakes were refused"
+    );
+    // The ones it was allowed to hold are closed for saying nothing.
+    wait_until(WAIT, || Ok(rejected("handshake_timeout") > 0)).unwrap();
+    assert_eq!(rejected("handshake_limit"), 0, "the node's cap never bit");
+    drop(silent);
+}
+
+#[test]
+fn a_pod_opening_connections_as_fast_as_it_can_gets_its_share_and_its_neighbour_keeps_going() {
+    let (testbed, mut mesh) = cluster();
+    raise_open_files(8192);
+    // A small node: 100 connections in all, saturated at 75.
+    let old = mesh
+        .upgrade_proxy_with(&testbed, "node-1", &["--max-connections", "100"])
+        .unwrap();
+    old.wait(WAIT).unwrap();
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let _echo = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let echo = SocketAddr::from((server_ip, 8080));
+    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let fair_share = r#"weft_proxy_rejected_total{listener="outbound",reason="fair_share"}"#;
+
+    std::thread::scope(|scope| {
+        // The flood holds every connection it gets and asks for more.
+        scope.spawn(|| flood(&testbed, Target::Pod("flood"), echo, 5000, &stop, &opened));
+        wait_until(WAIT, || {
+            Ok(metric_sum(&mesh, &testbed, "node-1", fair_share)? > 100)
+        })
+        .unwrap();
+        // Its neighbour's requests, on a kept connection and on new ones,
+        // are all answered while the flood goes on.
+        let mut kept = testbed.connect(Target::Pod("client"), echo).unwrap();
+        for i in 0..50 {
+            let message = format!("request {i}");
+            assert_eq!(
+                echo_round_trip(&mut kept, message.as_bytes()).unwrap(),
+                message.as_bytes()
+            );
+            new_connection_round_trip(&testbed, "client", echo, message.as_bytes());
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    let limit = |reason: &str| {
+        let needle =
+            format!(r#"weft_proxy_rejected_total{{listener="outbound",reason="{reason}"}}"#);
+        metric_sum(&mesh, &testbed, "node-1", &needle).unwrap()
+    };
+    assert_eq!(limit("node_limit"), 0, "the client never met a full node");
+}
+
+#[test]
+fn a_refused_connection_flood_with_the_log_sink_blocked_stalls_no_traffic() {
+    let (testbed, mut mesh) = cluster();
+    raise_open_files(8192);
+    // node-1's new proxy logs into a pipe that nobody reads: once its
+    // buffer is full, every write to it would block.
+    let sink = testbed.dir().join("blocked-log-sink");
+    nix::unistd::mkfifo(
+        &sink,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    let _held_open = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&sink)
+        .unwrap();
+    let old = mesh
+        .upgrade_proxy_logging_to(
+            &testbed,
+            "node-1",
+            &[
+                "--max-connections-per-pod=16",
+                "--log-buffer-lines=64",
+                // Every crate's debug lines: far more than the pipe holds.
+                "--log-level=debug",
+            ],
+            &sink,
+        )
+        .unwrap();
+    old.wait(WAIT).unwrap();
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let _echo = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let echo = SocketAddr::from((server_ip, 8080));
+    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let pod_limit = r#"weft_proxy_rejected_total{listener="outbound",reason="pod_limit"}"#;
+
+    std::thread::scope(|scope| {
+        // The flood's connections beyond its 16 are refused, each a
+        // warning the proxy would log, with the log's pipe full.
+        scope.spawn(|| flood(&testbed, Target::Pod("flood"), echo, 5000, &stop, &opened));
+        wait_until(WAIT, || {
+            Ok(metric_sum(&mesh, &testbed, "node-1", pod_limit)? > 1000)
+        })
+        .unwrap();
+        // Every connection logs too (its access log line): the client's
+        // requests are all answered.
+        let mut kept = testbed.connect(Target::Pod("client"), echo).unwrap();
+        for i in 0..100 {
+            let message = format!("request {i}");
+            assert_eq!(
+                echo_round_trip(&mut kept, message.as_bytes()).unwrap(),
+                message.as_bytes()
+            );
+            new_connection_round_trip(&testbed, "client", echo, message.as_bytes());
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    let dropped = metric_sum(
+        &mesh,
+        &testbed,
+        "node-1",
+        "weft_proxy_log_lines_dropped_total",
+    )
+    .unwrap();
+    assert!(
+        dropped > 0,
+        "the log lines that did not fit were dropped: {}",
+        mesh.proxy_metrics(&testbed, "node-1").unwrap()
+    );
+}
