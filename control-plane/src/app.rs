@@ -20,6 +20,7 @@ use crate::cluster::ClusterState;
 use crate::config::{ControlPlaneConfig, Source};
 use crate::config_stream::ConfigStreamService;
 use crate::kubernetes::{self, TokenReviewer};
+use crate::listeners::{PerSource, Rejections};
 use crate::manifests::{ManifestProblem, watch_dir};
 use crate::mesh::Mesh;
 use crate::monitoring::{self, Monitoring};
@@ -27,9 +28,6 @@ use crate::node_auth::{NodeAuthenticator, NodeTokens};
 use crate::registry::NodeRegistry;
 use crate::serving_cert::ServingCertificate;
 use crate::signing::SigningService;
-
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The operator's own CA (`--ca-cert`, `--ca-key`), if configured.
 fn bring_your_own_ca(config: &ControlPlaneConfig) -> Result<Option<MeshCa>, Error> {
@@ -188,6 +186,7 @@ pub async fn run_on(
 ) -> Result<(), Error> {
     let mut metrics = Registry::default();
     let nodes = NodeRegistry::new(&mut metrics);
+    let rejections = crate::listeners::Rejections::new(&mut metrics);
     let Backing {
         ca,
         auth,
@@ -255,7 +254,12 @@ pub async fn run_on(
         mesh_namespace: config.namespace.clone(),
         shutting_down: shutting_down_rx,
     });
-    let monitoring_task = tokio::spawn(monitoring::serve(monitoring_listener, monitoring));
+    let monitoring_task = tokio::spawn(monitoring::serve(
+        monitoring_listener,
+        monitoring,
+        config.limits.clone(),
+        rejections.clone(),
+    ));
 
     let config_service = ConfigStreamService::new(
         mesh_rx.clone(),
@@ -267,6 +271,11 @@ pub async fn run_on(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,
     );
+    let handshakes = (
+        PerSource::handshakes(&config.limits),
+        config.limits.handshake_timeout(),
+        rejections,
+    );
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -277,7 +286,7 @@ pub async fn run_on(
         .add_service(pb::certificates_server::CertificatesServer::new(
             signing_service,
         ))
-        .serve_with_incoming_shutdown(tls_connections(grpc, tls), async move {
+        .serve_with_incoming_shutdown(tls_connections(grpc, tls, handshakes), async move {
             shutdown.await;
             // Serve on while the nodes learn that this replica is leaving
             // its Service; then end the config streams (no more config
@@ -299,30 +308,41 @@ pub async fn run_on(
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one
-/// slow or hostile client cannot hold up the others.
+/// slow or hostile client cannot hold up the others, within the handshake
+/// limits: beyond them a connection is reset at once.
 fn tls_connections(
     listener: TcpListener,
     tls: TlsAcceptor,
+    (handshakes, timeout, rejections): (Arc<PerSource>, Duration, Rejections),
 ) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
 {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    debug!(%error, "accept failed");
+            let (stream, peer) = crate::listeners::accept(&listener, "grpc").await;
+            let handshaking = match handshakes.hold(peer.ip()) {
+                Ok(handshaking) => handshaking,
+                Err(reason) => {
+                    rejections.count("grpc", reason);
+                    debug!(%peer, reason, "too many TLS handshakes: reset");
+                    crate::listeners::reset(&stream);
                     continue;
                 }
             };
             let (tls, ready) = (tls.clone(), tx.clone());
+            let rejections = rejections.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                let handshake = tokio::time::timeout(timeout, tls.accept(stream)).await;
+                drop(handshaking);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = ready.send(Ok(stream)).await;
                     }
                     Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        rejections.count("grpc", "handshake_timeout");
+                        debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
             if tx.is_closed() {

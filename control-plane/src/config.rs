@@ -142,6 +142,11 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_SIGN_WAIT_FOR_POD_MS", default_value_t = 5000)]
     pub sign_wait_for_pod_ms: u64,
 
+    /// Bounds on what clients of the gRPC and monitoring ports can make
+    /// the control plane hold.
+    #[command(flatten)]
+    pub limits: crate::listeners::ListenerLimits,
+
     /// How many certificate requests may wait so at once (see
     /// `--sign-wait-for-pod-ms`); more are refused at once, so that nodes
     /// asking for pods that never come cannot pile requests up.

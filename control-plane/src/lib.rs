@@ -19,6 +19,7 @@ pub mod crd;
 mod error;
 pub mod explain;
 pub mod kubernetes;
+pub mod listeners;
 pub mod manifests;
 pub mod mesh;
 pub mod monitoring;

@@ -4,17 +4,19 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
 use crate::cluster::ClusterState;
+use crate::listeners::{ListenerLimits, PerSource, Rejections};
 use crate::manifests::ManifestProblem;
 use crate::registry::NodeRegistry;
 
@@ -36,23 +38,46 @@ pub struct Monitoring {
     pub shutting_down: watch::Receiver<bool>,
 }
 
-/// Serves the monitoring pages on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, monitoring: Arc<Monitoring>) {
+/// Serves the monitoring pages on `listener` until the task is dropped,
+/// within `limits`: at most so many connections (more are reset), and a
+/// deadline for each request's headers (a slowloris client is closed).
+pub async fn serve(
+    listener: TcpListener,
+    monitoring: Arc<Monitoring>,
+    limits: ListenerLimits,
+    rejections: Rejections,
+) {
+    let open = PerSource::http_connections(&limits);
+    let header_timeout = Duration::from_millis(limits.http_header_read_timeout_ms);
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = crate::listeners::accept(&listener, "monitoring").await;
+        let permit = match open.hold(peer.ip()) {
+            Ok(permit) => permit,
+            Err(reason) => {
+                rejections.count("monitoring", reason);
+                crate::listeners::reset(&stream);
+                continue;
+            }
         };
-        let monitoring = monitoring.clone();
+        let (monitoring, rejections) = (monitoring.clone(), rejections.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
                 let monitoring = monitoring.clone();
                 async move { Ok::<_, Infallible>(route(&monitoring, &request)) }
             });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
+            match hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(%peer, %error, "monitoring connection failed");
+                Err(error) if error.is_timeout() => {
+                    rejections.count("monitoring", "header_timeout");
+                    debug!(%peer, "monitoring: the request's headers did not come in time");
+                }
+                Err(error) => debug!(%peer, %error, "monitoring connection failed"),
+                Ok(()) => {}
             }
         });
     }

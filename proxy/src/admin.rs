@@ -55,6 +55,8 @@ pub(crate) struct AdminState {
     pub(crate) log_filter: Option<LogFilter>,
     /// Set to true to ask the proxy to drain and exit.
     pub(crate) drain_requested: watch::Sender<bool>,
+    /// Where the endpoint counts what it refuses.
+    pub(crate) rejections: crate::rejections::Rejections,
 }
 
 /// Serves admin requests on `listener` (non-blocking) while it is this
@@ -71,9 +73,14 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let endpoint = http_server::Endpoint {
+        name: "admin",
+        limits: state.config.http_limits.clone(),
+        rejections: state.rejections.clone(),
+    };
     let state = Arc::new(state);
     let handler: http_server::Handler = Arc::new(move |request| respond(request, &state));
-    http_server::serve(listener, "admin", handler, listening).await;
+    http_server::serve(listener, endpoint, handler, listening).await;
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {

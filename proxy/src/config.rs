@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use weft_certs::Identity;
 
-use crate::limits::ConnectionLimits;
+use crate::limits::{ConnectionLimits, HttpLimits};
 
 /// The control plane's identity unless configured otherwise.
 pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str =
@@ -149,12 +149,15 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_POD_RETRY_MS", default_value_t = 1000)]
     pub pod_retry_ms: u64,
 
-    /// Prometheus metrics (`/metrics`).
-    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    /// Prometheus metrics (`/metrics`). Loopback unless configured: the
+    /// DaemonSet sets the node's address, where Prometheus scrapes, and
+    /// nothing else on the node's interfaces (a pod's network) reaches it.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "127.0.0.1:15020")]
     pub metrics_addr: SocketAddr,
 
-    /// Readiness (`/healthz/ready`).
-    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    /// Readiness (`/healthz/ready`). Only the probe asks, from the proxy's
+    /// own container on the node's network: loopback.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021")]
     pub readiness_addr: SocketAddr,
 
     /// How long open connections may run on after a new proxy process took
@@ -226,6 +229,11 @@ pub struct ProxyConfig {
     /// the data plane hold (see `limits`).
     #[command(flatten)]
     pub limits: ConnectionLimits,
+
+    /// Bounds on the proxy's own HTTP endpoints (admin, metrics,
+    /// readiness).
+    #[command(flatten)]
+    pub http_limits: HttpLimits,
 
     /// Warnings of one cause that a pod or peer can trigger (a refused
     /// connection, a failed handshake) logged per
@@ -398,7 +406,7 @@ mod tests {
 #[command(name = "weft-proxy probe-ready")]
 pub struct ReadinessProbeConfig {
     /// The node's readiness port, as the proxy serves it.
-    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021")]
     pub readiness_addr: SocketAddr,
 
     /// The UID of the pod the probe runs in.

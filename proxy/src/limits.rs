@@ -109,3 +109,48 @@ impl Default for ConnectionLimits {
             .unwrap_or_else(|_| unreachable!("every limit has a default"))
     }
 }
+
+/// Limits of the proxy's own HTTP endpoints (admin, metrics, readiness),
+/// each endpoint on its own: a slow or greedy client of one cannot take
+/// the proxy's file descriptors or another endpoint's connections.
+#[derive(Clone, Debug, clap::Args, Serialize, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// How long a client may take to send a request's headers, and how
+    /// long a kept-alive connection may wait for its next request, in
+    /// milliseconds (a slowloris client is closed after this).
+    #[arg(long, env = "WEFT_HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 5000)]
+    pub http_header_read_timeout_ms: u64,
+
+    /// Connections each endpoint holds at once; more are reset.
+    #[arg(long, env = "WEFT_HTTP_MAX_CONNECTIONS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+
+    /// Connections each endpoint holds at once from one source address:
+    /// a pod that reaches the node's metrics port cannot take the slots
+    /// Prometheus needs.
+    #[arg(long, env = "WEFT_HTTP_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections_per_source: u32,
+
+    /// How long a kept-alive connection lives, in seconds: then it is
+    /// closed after the request under way, and the client reconnects.
+    #[arg(
+        long,
+        env = "WEFT_HTTP_MAX_CONNECTION_AGE_SECONDS",
+        default_value_t = 300
+    )]
+    pub http_max_connection_age_seconds: u64,
+}
+
+impl HttpLimits {
+    /// [`HttpLimits::http_header_read_timeout_ms`] as a duration.
+    pub fn header_read_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.http_header_read_timeout_ms)
+    }
+
+    /// [`HttpLimits::http_max_connection_age_seconds`] as a duration.
+    pub fn max_connection_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.http_max_connection_age_seconds)
+    }
+}

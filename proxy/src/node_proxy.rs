@@ -129,6 +129,7 @@ impl NodeProxy {
         let certificates = node_certificates.subscribe();
         let data_plane_config = config.clone();
         let (drain_requests, drain_requested) = watch::channel(false);
+        let rejections = crate::rejections::Rejections::default();
         let admin_state = AdminState {
             config: Arc::new(config),
             view: view.clone(),
@@ -136,6 +137,7 @@ impl NodeProxy {
             certificates: certificates.clone(),
             log_filter,
             drain_requested: drain_requests,
+            rejections: rejections.clone(),
         };
 
         let mut tasks = JoinSet::new();
@@ -178,6 +180,7 @@ impl NodeProxy {
                         pod_listeners: inherited.pod_listeners,
                         predecessor,
                         pods_requested,
+                        rejections,
                     },
                     &mut tasks,
                 )

@@ -115,14 +115,21 @@ fn bind_tcp(kind: NodeSocketKind, addr: SocketAddr) -> Result<TcpListener, Error
     Ok(listener)
 }
 
-/// A handed-over TCP listener, if it listens where this proxy is
-/// configured to (a new version may have moved a port).
+/// A handed-over TCP listener, if it listens on the port this proxy is
+/// configured to (a new version may have moved a port). On another address
+/// of that port it is kept all the same: the running proxy holds the port
+/// until it exits, so a socket of this proxy's own could not be bound
+/// (an upgrade from a version that listened on every address); the
+/// configured address applies from the next fresh start.
 fn adopt_tcp(fd: OwnedFd, wanted: SocketAddr) -> Result<TcpListener, String> {
     let listener = TcpListener::from(fd);
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let same = local.ip() == wanted.ip() && (wanted.port() == 0 || local.port() == wanted.port());
-    if !same {
+    if wanted.port() != 0 && local.port() != wanted.port() {
         return Err(format!("it listens on {local}"));
+    }
+    if local.ip() != wanted.ip() {
+        warn!(%local, configured = %wanted,
+            "serving on the handed-over socket's address: the configured one applies from the next fresh start");
     }
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok(listener)

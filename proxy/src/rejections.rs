@@ -21,15 +21,13 @@ pub struct Rejections {
 }
 
 impl Rejections {
-    /// The family, registered in `registry` as `weft_proxy_rejected`.
-    pub fn new(registry: &mut Registry) -> Rejections {
-        let rejections = Rejections::default();
+    /// Registers the family in `registry` as `weft_proxy_rejected`.
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "weft_proxy_rejected",
             "Connections and requests refused because a configured bound was reached",
-            rejections.family.clone(),
+            self.family.clone(),
         );
-        rejections
     }
 
     /// Counts one refusal by `listener` (`outbound`, `hbone`, `metrics`, ...)

@@ -248,3 +248,74 @@ fn a_refused_connection_flood_with_the_log_sink_blocked_stalls_no_traffic() {
         mesh.proxy_metrics(&testbed, "node-1").unwrap()
     );
 }
+
+/// `count` connections from `node`'s loopback address 127.0.0.2 to `to`,
+/// each having sent half a request's headers, never the rest: a slowloris
+/// client, from another source than the legitimate one (127.0.0.1).
+fn slowloris(testbed: &Testbed, node: &str, to: SocketAddr, count: usize) -> Vec<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::Write;
+    testbed
+        .run_in(Target::Node(node), || {
+            (0..count)
+                .filter_map(|_| {
+                    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+                    socket
+                        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+                        .ok()?;
+                    socket
+                        .connect_timeout(&to.into(), Duration::from_secs(1))
+                        .ok()?;
+                    let mut stream = TcpStream::from(socket);
+                    // A reset one (over the limit) may fail here or later.
+                    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n");
+                    Some(stream)
+                })
+                .collect()
+        })
+        .unwrap()
+}
+
+#[test]
+fn slowloris_clients_of_the_metrics_ports_are_cut_off_and_the_scraper_is_answered() {
+    let (testbed, mesh) = cluster();
+    let proxy_metrics = SocketAddr::from(([127, 0, 0, 1], weft_testbed::PROXY_METRICS_PORT));
+    let monitoring =
+        SocketAddr::from(([127, 0, 0, 1], weft_testbed::CONTROL_PLANE_MONITORING_PORT));
+    let cp_node = mesh.control_plane_node().to_owned();
+    let slow_proxy = slowloris(&testbed, "node-1", proxy_metrics, 50);
+    let slow_control_plane = slowloris(&testbed, &cp_node, monitoring, 50);
+
+    // The scrapers (another source) are answered while the slow clients
+    // hold what they were allowed.
+    for _ in 0..5 {
+        assert!(mesh.proxy_metrics(&testbed, "node-1").is_ok());
+        assert!(mesh.control_plane_page(&testbed, "/metrics").is_ok());
+    }
+    let proxy_rejected = |reason: &str| {
+        let needle =
+            format!(r#"weft_proxy_rejected_total{{listener="metrics",reason="{reason}"}}"#);
+        metric_sum(&mesh, &testbed, "node-1", &needle).unwrap()
+    };
+    let control_plane_rejected = |reason: &str| {
+        let needle = format!(
+            r#"weft_control_plane_rejected_total{{listener="monitoring",reason="{reason}"}} "#
+        );
+        let page = mesh.control_plane_page(&testbed, "/metrics").unwrap();
+        page.lines()
+            .filter_map(|line| line.strip_prefix(needle.as_str()))
+            .filter_map(|value| value.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert!(
+        proxy_rejected("source_limit") > 0,
+        "one source held only its share"
+    );
+    assert!(control_plane_rejected("source_limit") > 0);
+    // The ones held are closed once their headers are overdue.
+    wait_until(WAIT, || {
+        Ok(proxy_rejected("header_timeout") > 0 && control_plane_rejected("header_timeout") > 0)
+    })
+    .unwrap();
+    drop((slow_proxy, slow_control_plane));
+}

@@ -72,6 +72,9 @@ pub struct Start {
     pub predecessor: Option<Predecessor>,
     /// A later hand-over's requests to the task that serves the pods.
     pub pods_requested: mpsc::Receiver<PodsRequest>,
+    /// Where the listeners count what they refuse (the admin endpoint
+    /// counts into it too).
+    pub rejections: crate::rejections::Rejections,
 }
 
 /// Installs the capture (if configured) and starts serving on the given
@@ -93,10 +96,11 @@ pub async fn start(
         pod_listeners,
         predecessor,
         pods_requested,
+        rejections,
     } = start;
     let mut registry = Registry::default();
     let metrics = TrafficMetrics::new(&mut registry);
-    let rejections = crate::rejections::Rejections::new(&mut registry);
+    rejections.register(&mut registry);
     registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
     let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
@@ -115,7 +119,7 @@ pub async fn start(
         pool: Arc::new(HbonePool::new(dialer, PoolConfig::default())),
         drain: drain.clone(),
         server_configs: inbound::ServerConfigs::default(),
-        admission: super::admission::Admission::new(config.limits.clone(), rejections),
+        admission: super::admission::Admission::new(config.limits.clone(), rejections.clone()),
         inbound: Arc::default(),
         pending_wait: Duration::from_millis(config.pending_connection_wait_ms),
         pods: pod_namespaces,
@@ -210,9 +214,21 @@ pub async fn start(
 
     let registry = Arc::new(registry);
     let metrics_listening = listening.clone();
+    let endpoint = |name| http_server::Endpoint {
+        name,
+        limits: config.http_limits.clone(),
+        rejections: rejections.clone(),
+    };
+    let (metrics_endpoint, readiness_endpoint) = (endpoint("metrics"), endpoint("readiness"));
     tasks.spawn(async move {
         let handler = monitoring::metrics(registry);
-        http_server::serve(metrics_listener, "metrics", handler, metrics_listening).await;
+        http_server::serve(
+            metrics_listener,
+            metrics_endpoint,
+            handler,
+            metrics_listening,
+        )
+        .await;
         TaskEnd::HandedOver("metrics endpoint")
     });
     let readiness_listening = listening.clone();
@@ -220,7 +236,7 @@ pub async fn start(
     tasks.spawn(async move {
         http_server::serve(
             readiness_listener,
-            "readiness",
+            readiness_endpoint,
             monitoring::readiness(routes.subscribe(), programmed, drain, own_pod_uid),
             readiness_listening,
         )

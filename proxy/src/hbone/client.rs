@@ -215,23 +215,30 @@ pub(crate) async fn open_stream(
         if let Err(e) = send.send_data(early.bytes.clone(), false) {
             // The stream or connection failed before the bytes left.
             early.set_in_flight(false);
-            // The peer may have answered and ended the stream before the
-            // bytes could follow (a refusal right after the headers): then
-            // its answer, already here, says why, not the dead stream.
-            if let Some(Ok(answer)) = futures::FutureExt::now_or_never(response)
-                && answer.status() != StatusCode::OK
-            {
-                return Err(OpenFailure {
+            // On a busy machine the peer's answer can be here already (the
+            // connection runs on another thread): a refusal, or a reset
+            // such as REFUSED_STREAM, ended the stream before the bytes
+            // could follow. Then that answer says why, and whether to try
+            // again, not the dead stream the write found ("inactive
+            // stream").
+            return Err(match futures::FutureExt::now_or_never(response) {
+                Some(Ok(answer)) if answer.status() != StatusCode::OK => OpenFailure {
                     error: HboneError::Refused {
                         target,
                         address,
                         status: answer.status(),
                     },
                     retry: Retry::Never,
-                });
-            }
-            let retry = retry_after(&e);
-            return Err(failed(e, retry));
+                },
+                Some(Err(answer)) => {
+                    let retry = retry_after(&answer);
+                    failed(answer, retry)
+                }
+                _ => {
+                    let retry = retry_after(&e);
+                    failed(e, retry)
+                }
+            });
         }
     }
     let response = match response.await {

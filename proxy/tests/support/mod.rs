@@ -391,6 +391,12 @@ impl ProxyFiles {
             state_write_interval_ms: 200,
             worker_threads: 1,
             limits: weft_proxy::limits::ConnectionLimits::default(),
+            http_limits: weft_proxy::limits::HttpLimits {
+                http_header_read_timeout_ms: 5000,
+                http_max_connections: 32,
+                http_max_connections_per_source: 4,
+                http_max_connection_age_seconds: 300,
+            },
             log_warnings_per_cause: 10,
             log_warnings_interval_ms: 10_000,
             log_buffer_lines: 16_384,
