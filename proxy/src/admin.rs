@@ -1,11 +1,13 @@
 //! The admin endpoint (localhost:15000 by default): what the proxy was told
 //! and what it holds, for the operator at 3 a.m., and the two knobs they
-//! need then. Plain HTTP/1.1, on loopback. Anyone on the node can read it;
-//! only the proxy's own user (root, normally) can change anything: a POST
-//! is answered only when the kernel's socket table says the connecting
-//! socket belongs to that user, and never when it carries an `Origin`
-//! (a browser page). A drain stops the node's meshed traffic, so an
-//! unprivileged process must not be able to ask for one.
+//! need then. Plain HTTP/1.1. Anyone on the node can read it on the TCP
+//! port, if the request names it as its host (a web page that rebound its
+//! own name to 127.0.0.1 is refused). Changes (the POSTs) are taken only
+//! on the admin socket (`--admin-socket`), from a process in the proxy's
+//! own container running as its user, as the kernel vouches
+//! (`local_peer`): a drain stops the node's meshed traffic, so no other
+//! process on the node, root or not, may ask for one. `weft-proxy admin`
+//! is the client.
 //!
 //! - `GET /config_dump`: the proxy's settings, the control-plane link, the
 //!   applied config version (and the last refused one), trust domain, and
@@ -34,14 +36,13 @@ use tokio::sync::watch;
 use crate::ProxyConfig;
 use crate::certificates::CertificateMap;
 use crate::control_plane::{ControlPlaneStatus, ViewReceiver};
-use crate::http_server::{self, Connection, text};
+use crate::http_server::{self, Connection, LocalCaller, text};
 use crate::listening::Listening;
 use crate::logging::LogFilter;
 use crate::node_view::NodeView;
 use crate::wall_clock::{rfc3339, seconds_until};
 
 /// What the admin endpoint reads from; each part is a live view.
-#[derive(Clone)]
 pub(crate) struct AdminState {
     /// The proxy's settings.
     pub(crate) config: Arc<ProxyConfig>,
@@ -57,13 +58,17 @@ pub(crate) struct AdminState {
     pub(crate) drain_requested: watch::Sender<bool>,
     /// Where the endpoint counts what it refuses.
     pub(crate) rejections: crate::rejections::Rejections,
+    /// How often refusals are logged.
+    pub(crate) warnings: Arc<crate::warnings::WarningLimiter>,
+    /// The admin socket (non-blocking), served beside the TCP port.
+    pub(crate) socket: Option<std::os::unix::net::UnixListener>,
 }
 
 /// Serves admin requests on `listener` (non-blocking) while it is this
 /// process's turn (see [`Listening`]).
 pub(crate) async fn serve(
     listener: std::net::TcpListener,
-    state: AdminState,
+    mut state: AdminState,
     listening: Listening,
 ) {
     let listener = match TcpListener::from_std(listener) {
@@ -78,17 +83,46 @@ pub(crate) async fn serve(
         limits: state.config.http_limits.clone(),
         rejections: state.rejections.clone(),
     };
+    let socket = state.socket.take();
     let state = Arc::new(state);
     let handler: http_server::Handler = Arc::new(move |request| respond(request, &state));
+    if let Some(socket) = socket.and_then(|socket| {
+        tokio::net::UnixListener::from_std(socket)
+            .inspect_err(|error| tracing::error!(%error, "admin socket: cannot use its listener"))
+            .ok()
+    }) {
+        let unix_endpoint = http_server::Endpoint {
+            name: "admin_socket",
+            ..endpoint.clone()
+        };
+        tokio::spawn(http_server::serve_unix(
+            socket,
+            unix_endpoint,
+            handler.clone(),
+        ));
+    }
     http_server::serve(listener, endpoint, handler, listening).await;
 }
 
 fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let method = request.method();
+    if let Err(refusal) = host_is_local(request) {
+        if let Some(suppressed) = state.warnings.allow("admin_host") {
+            tracing::warn!(reason = %refusal, suppressed, "admin: refused a request");
+        }
+        return http_server::respond(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            format!("{refusal}\n"),
+        );
+    }
     if method == Method::POST
         && let Err(refusal) = may_change(request)
     {
-        tracing::warn!(reason = %refusal, path = request.uri().path(), "admin: refused a POST");
+        if let Some(suppressed) = state.warnings.allow("admin_post") {
+            tracing::warn!(reason = %refusal, path = request.uri().path(), suppressed,
+                "admin: refused a POST");
+        }
         return http_server::respond(
             StatusCode::FORBIDDEN,
             "text/plain; charset=utf-8",
@@ -127,30 +161,57 @@ fn respond(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     }
 }
 
-/// Whether `request` may change the proxy: it comes from a socket owned by
-/// the proxy's own user, and not from a browser page.
+/// Whether `request` may change the proxy: only on the admin socket, from
+/// a caller [`crate::local_peer`] trusts.
 fn may_change(request: &Request<Incoming>) -> Result<(), String> {
-    if request.headers().contains_key(hyper::header::ORIGIN) {
-        return Err(
-            "refused: requests from web pages (with an Origin) may not change the proxy".into(),
-        );
+    match request.extensions().get::<LocalCaller>() {
+        Some(LocalCaller::Trusted { pid, uid }) => {
+            tracing::info!(pid, uid, "admin: a change from the proxy's container");
+            Ok(())
+        }
+        Some(LocalCaller::Untrusted(why)) => Err(why.clone()),
+        None => Err(
+            "refused: the proxy is changed only through its admin socket \
+             (--admin-socket), from its own container: `weft-proxy admin drain`"
+                .into(),
+        ),
     }
+}
+
+/// Whether a request on the TCP port names this endpoint as its host: a
+/// web page that had the browser resolve its own name to 127.0.0.1 (DNS
+/// rebinding) sends its own name, and is refused before it can read
+/// anything. A request without a Host header (HTTP/1.0) is taken.
+fn host_is_local(request: &Request<Incoming>) -> Result<(), String> {
     let Some(connection) = request.extensions().get::<Connection>() else {
-        return Err("refused: the connection is unknown".into());
+        return Ok(()); // the admin socket
     };
-    let own = crate::local_peer::own_uid()
-        .map_err(|e| format!("refused: cannot tell which user the proxy runs as: {e}"))?;
-    match crate::local_peer::socket_owner(connection.peer, connection.local) {
-        Ok(Some(uid)) if uid == own => Ok(()),
-        Ok(Some(uid)) => Err(format!(
-            "refused: only uid {own} may change the proxy; {} belongs to uid {uid}",
-            connection.peer
-        )),
-        Ok(None) => Err(format!(
-            "refused: {} is not a socket on this host",
-            connection.peer
-        )),
-        Err(e) => Err(format!("refused: reading the socket table: {e}")),
+    let Some(host) = request.headers().get(hyper::header::HOST) else {
+        return Ok(());
+    };
+    let host = host.to_str().unwrap_or_default();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(']') || host.starts_with('[') => {
+            if port.parse::<u16>().is_ok() {
+                name
+            } else {
+                host
+            }
+        }
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let local = connection.local.ip().to_string();
+    if name.eq_ignore_ascii_case("localhost")
+        || name == local
+        || name == "127.0.0.1"
+        || name == "::1"
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "refused: Host {host:?} is not this endpoint (localhost or {local})"
+        ))
     }
 }
 

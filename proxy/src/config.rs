@@ -67,6 +67,13 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// The admin socket: the one way to change the proxy (`POST /drain`,
+    /// `POST /logging`), for a process in the proxy's own container running
+    /// as its user (`weft-proxy admin ...` through `kubectl exec`). The TCP
+    /// admin port only reads. Unset: nothing can change the proxy.
+    #[arg(long, env = "WEFT_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Whether to run the data plane (listeners for captured traffic). Off,
     /// the proxy only talks to the control plane and keeps certificates.
     #[arg(long, env = "WEFT_DATA_PLANE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -417,4 +424,51 @@ pub struct ReadinessProbeConfig {
     /// answer, in milliseconds.
     #[arg(long, env = "WEFT_PROBE_TIMEOUT_MS", default_value_t = 1000)]
     pub timeout_ms: u64,
+}
+
+/// `weft-proxy admin`: asks the proxy of this container for a change, on
+/// its admin socket (run it with `kubectl exec` in the proxy's container;
+/// the proxy takes changes from nowhere else).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "weft-proxy admin")]
+pub struct AdminCommand {
+    /// The proxy's admin socket.
+    #[arg(
+        long,
+        env = "WEFT_ADMIN_SOCKET",
+        default_value = "/var/run/weft-admin/admin.sock"
+    )]
+    pub admin_socket: PathBuf,
+
+    /// What to ask for.
+    #[command(subcommand)]
+    pub action: AdminAction,
+}
+
+/// A change `weft-proxy admin` asks for.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum AdminAction {
+    /// Drain and exit, as on SIGTERM (`POST /drain`).
+    Drain,
+    /// Replace the log filter (`POST /logging?level=<filter>`), e.g.
+    /// `info,weft_proxy::dataplane=debug`.
+    Logging {
+        /// The filter, in tracing's EnvFilter syntax.
+        filter: String,
+    },
+}
+
+impl AdminAction {
+    /// The request's path and query.
+    pub fn path(&self) -> String {
+        match self {
+            AdminAction::Drain => "/drain".into(),
+            AdminAction::Logging { filter } => format!(
+                "/logging?{}",
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("level", filter)
+                    .finish()
+            ),
+        }
+    }
 }

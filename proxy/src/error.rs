@@ -199,6 +199,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The admin socket could not be bound.
+    #[error("binding the admin socket {path}: {source}")]
+    BindAdminSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// The underlying failure.
+        source: std::io::Error,
+    },
+
     /// The hand-over socket could not be bound or taken over.
     #[error("binding the hand-over socket {path}: {source}")]
     BindHandover {

@@ -16,7 +16,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::limits::HttpLimits;
@@ -36,8 +37,6 @@ pub(crate) struct Endpoint {
 /// that care who is asking.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Connection {
-    /// The client's address.
-    pub(crate) peer: std::net::SocketAddr,
     /// The address the client connected to.
     pub(crate) local: std::net::SocketAddr,
 }
@@ -85,54 +84,144 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let handler = handler.clone();
         // Unknown only if the socket is already broken; handlers that need
         // it then refuse.
-        let about = stream
-            .local_addr()
-            .ok()
-            .map(|local| Connection { peer, local });
-        let (listening, limits, rejections) =
-            (listening.clone(), limits.clone(), rejections.clone());
-        let connection = async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                let handler = handler.clone();
-                if let Some(about) = about {
-                    request.extensions_mut().insert(about);
-                }
-                async move { Ok::<_, Infallible>(handler(&request)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout())
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = listening.node_endpoints_left() => {
-                    // A kept-alive client (a metrics scraper) would go on
-                    // asking this process, not the one serving the node:
-                    // finish the request under way, then close, so that it
-                    // reconnects to the successor.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-                () = tokio::time::sleep(limits.max_connection_age()) => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            match ended {
-                Err(e) if e.is_timeout() => {
-                    rejections.count(name, "header_timeout");
-                    debug!("closed: the request's headers did not come in time");
-                }
-                Err(e) => debug!(reason = %e, "connection ended with an error"),
-                Ok(()) => {}
+        let about = stream.local_addr().ok().map(|local| Connection { local });
+        let span = info_span!("http", endpoint = name, %peer);
+        let connection = serve_connection(
+            stream,
+            about,
+            (name, limits.clone(), rejections.clone()),
+            handler.clone(),
+            Some(listening.clone()),
+        );
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                connection.await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Serves `handler` on the Unix socket `listener`, each connection's
+/// requests carrying what [`LocalCaller::of`] found out about the process
+/// on the other end. A connection beyond the endpoint's cap is closed.
+pub(crate) async fn serve_unix(listener: UnixListener, endpoint: Endpoint, handler: Handler) {
+    let Endpoint {
+        name,
+        limits,
+        rejections,
+    } = endpoint;
+    let open = Arc::new(Semaphore::new(limits.http_max_connections as usize));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(reason = %e, endpoint = name, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
         };
-        tokio::spawn(connection.instrument(info_span!("http", endpoint = name, %peer)));
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            rejections.count(name, "connection_limit");
+            continue;
+        };
+        let caller = LocalCaller::of(&stream);
+        let span = info_span!("http", endpoint = name, caller = ?caller);
+        let connection = serve_connection(
+            stream,
+            Some(caller),
+            (name, limits.clone(), rejections.clone()),
+            handler.clone(),
+            None,
+        );
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                connection.await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Who is on the other end of an admin-socket connection, as the kernel
+/// says (`SO_PEERCRED`), and whether that process may change the proxy:
+/// only one running as the proxy's user inside the proxy's own container
+/// (its mount namespace), such as `kubectl exec` into it. A root process
+/// elsewhere on the node that found its way to the socket is not.
+#[derive(Clone, Debug)]
+pub(crate) enum LocalCaller {
+    /// May change the proxy.
+    Trusted { pid: i32, uid: u32 },
+    /// May not, and why.
+    Untrusted(String),
+}
+
+impl LocalCaller {
+    fn of(stream: &tokio::net::UnixStream) -> LocalCaller {
+        match crate::local_peer::check(stream) {
+            Ok((pid, uid)) => LocalCaller::Trusted { pid, uid },
+            Err(why) => LocalCaller::Untrusted(why),
+        }
+    }
+}
+
+/// Serves one connection until it ends, the endpoint's limits bite, or
+/// (with `listening`) the node's endpoints went to a successor; each
+/// request carries `about` as an extension.
+async fn serve_connection<S, T>(
+    stream: S,
+    about: Option<T>,
+    (name, limits, rejections): (&'static str, HttpLimits, Rejections),
+    handler: Handler,
+    listening: Option<Listening>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let handler = handler.clone();
+        if let Some(about) = &about {
+            request.extensions_mut().insert(about.clone());
+        }
+        async move { Ok::<_, Infallible>(handler(&request)) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let handed_over = async {
+        match &listening {
+            Some(listening) => listening.node_endpoints_left().await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = handed_over => {
+            // A kept-alive client (a metrics scraper) would go on asking
+            // this process, not the one serving the node: finish the
+            // request under way, then close, so that it reconnects to the
+            // successor.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = tokio::time::sleep(limits.max_connection_age()) => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    match ended {
+        Err(e) if e.is_timeout() => {
+            rejections.count(name, "header_timeout");
+            debug!("closed: the request's headers did not come in time");
+        }
+        Err(e) => debug!(reason = %e, "connection ended with an error"),
+        Ok(()) => {}
     }
 }
 

@@ -65,8 +65,8 @@ pub mod warnings;
 pub use backoff::Backoff;
 pub use certificates::{CertificateMap, NodeCertificates};
 pub use config::{
-    DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES, LogFormat, ProxyConfig,
-    ReadinessProbeConfig,
+    AdminAction, AdminCommand, DEFAULT_CONTROL_PLANE_IDENTITY, DEFAULT_MAX_CONFIG_MESSAGE_BYTES,
+    LogFormat, ProxyConfig, ReadinessProbeConfig,
 };
 pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, ViewReceiver};
 pub use error::{Error, error_chain};

@@ -5,12 +5,16 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
-use weft_proxy::{NodeProxy, ProxyConfig, ReadinessProbeConfig};
+use weft_proxy::{AdminCommand, NodeProxy, ProxyConfig, ReadinessProbeConfig};
 
 fn main() -> anyhow::Result<()> {
     raise_malloc_thresholds();
-    if std::env::args().nth(1).as_deref() == Some("probe-ready") {
-        return probe_ready(&ReadinessProbeConfig::parse_from(std::env::args().skip(1)));
+    match std::env::args().nth(1).as_deref() {
+        Some("probe-ready") => {
+            return probe_ready(&ReadinessProbeConfig::parse_from(std::env::args().skip(1)));
+        }
+        Some("admin") => return admin(&AdminCommand::parse_from(std::env::args().skip(1))),
+        _ => {}
     }
     let config = ProxyConfig::parse();
     let (log_filter, _log_writer) = weft_proxy::logging::init(&config)?;
@@ -29,6 +33,38 @@ fn main() -> anyhow::Result<()> {
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
     result
+}
+
+/// `weft-proxy admin`: one POST on the admin socket; the proxy's answer on
+/// stdout, exit status 0 when it took the change.
+fn admin(command: &AdminCommand) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let path = command.action.path();
+    let socket = command.admin_socket.display();
+    let mut stream = std::os::unix::net::UnixStream::connect(&command.admin_socket)
+        .with_context(|| format!("connecting to the proxy's admin socket {socket}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("asking on {socket}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer on {socket}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or((answer.as_str(), ""));
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    write!(std::io::stdout(), "{body}").context("writing the answer")?;
+    if !status.starts_with('2') {
+        anyhow::bail!(
+            "the proxy refused: {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// Raises the soft limit on open files to what the connection limits may

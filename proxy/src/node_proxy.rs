@@ -138,6 +138,11 @@ impl NodeProxy {
             log_filter,
             drain_requested: drain_requests,
             rejections: rejections.clone(),
+            warnings: Arc::new(crate::warnings::WarningLimiter::new(
+                data_plane_config.log_warnings_per_cause,
+                Duration::from_millis(data_plane_config.log_warnings_interval_ms),
+            )),
+            socket: sockets.admin_socket,
         };
 
         let mut tasks = JoinSet::new();

@@ -26,6 +26,9 @@ pub struct NodeSockets {
     pub monitoring: Option<(TcpListener, TcpListener)>,
     /// The CNI plugin's socket, if configured.
     pub cni: Option<UnixListener>,
+    /// The admin socket, if configured: never handed over, a new proxy
+    /// takes its path (the newest proxy is the one to change).
+    pub admin_socket: Option<UnixListener>,
     /// The hand-over socket, with a state directory.
     pub handover: Option<UnixSeqpacketListener>,
     /// A copy of each, for the next hand-over.
@@ -80,6 +83,13 @@ pub fn open(
         }
         None => None,
     };
+    let admin_socket = match &config.admin_socket {
+        Some(path) => Some(bind_private(path).map_err(|source| Error::BindAdminSocket {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
     let handover = match &config.state_dir {
         Some(dir) => {
             let path = dir.join(crate::handover::SOCKET_NAME);
@@ -103,6 +113,7 @@ pub fn open(
         admin,
         monitoring,
         cni,
+        admin_socket,
         handover,
         copies,
     })
@@ -165,6 +176,20 @@ fn bind_handover(path: &Path) -> std::io::Result<UnixSeqpacketListener> {
     }
     let listener = UnixSeqpacketListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Binds a stream socket at `path` (replacing whatever socket was there),
+/// for this proxy's user only.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
     Ok(listener)
 }
 

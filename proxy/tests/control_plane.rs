@@ -310,7 +310,7 @@ async fn the_admin_endpoint_answers_health_and_refuses_the_rest() {
     assert!(addr.ip().is_loopback());
     assert_eq!(admin_get(addr, "GET", "/healthz").await, (200, "ok".into()));
     assert_eq!(admin_get(addr, "GET", "/nope").await.0, 404);
-    assert_eq!(admin_get(addr, "POST", "/config_dump").await.0, 405);
+    assert_eq!(admin_get(addr, "POST", "/config_dump").await.0, 403);
     assert_eq!(admin_json(addr, "/certs").await, serde_json::json!([]));
     let dump = admin_json(addr, "/config_dump").await;
     assert_eq!(dump["proxy"]["control_plane"], cp.addr.to_string());

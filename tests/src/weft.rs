@@ -500,7 +500,7 @@ pub fn http_request(
     let mut stream = testbed.connect(from, to)?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

@@ -75,8 +75,12 @@ fn drains_open_connections(stop: Stop, uninstall: bool) {
                 echo_round_trip(&mut open, b"still up").unwrap(),
                 b"still up"
             );
-            let (status, body) = admin(&testbed, "POST", "/drain");
-            assert_eq!(status, 202, "{body}");
+            // On the TCP port nothing may change the proxy; its admin
+            // socket takes it (`weft-proxy admin drain`).
+            let (status, _) = admin(&testbed, "POST", "/drain");
+            assert_eq!(status, 403);
+            let (taken, said) = mesh.admin_command(&testbed, "node-1", &["drain"]).unwrap();
+            assert!(taken, "{said}");
         }
     }
     proxy.wait_for_output("draining", WAIT).unwrap();

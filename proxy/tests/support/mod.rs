@@ -336,6 +336,11 @@ pub struct ProxyFiles {
 }
 
 impl ProxyFiles {
+    /// Where the proxy's admin socket is.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
     pub fn new(control_plane: &TestControlPlane) -> ProxyFiles {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
@@ -366,6 +371,7 @@ impl ProxyFiles {
             root_cert: self.root_cert.clone(),
             control_plane_identity: DEFAULT_CONTROL_PLANE_IDENTITY.parse().unwrap(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_socket: Some(self.admin_socket()),
             // The control side alone: no listeners, no nftables.
             data_plane: false,
             capture: false,
@@ -467,11 +473,26 @@ pub fn delta(version: u64) -> ConfigUpdate {
 
 /// `GET path` on the admin endpoint: the status code and the body.
 pub async fn admin_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    admin_exchange(tcp, method, path).await
+}
+
+/// `POST path` on the proxy's admin socket: the status and body.
+pub async fn admin_post(socket: &std::path::Path, path: &str) -> (u16, String) {
+    let unix = tokio::net::UnixStream::connect(socket).await.unwrap();
+    admin_exchange(unix, "POST", path).await
+}
+
+async fn admin_exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    within("the admin response", tcp.read_to_string(&mut response))
+    within("the admin response", stream.read_to_string(&mut response))
         .await
         .unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();

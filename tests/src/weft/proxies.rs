@@ -133,6 +133,8 @@ impl WeftMesh {
             .arg(self.state_dir.join("root-cert.pem"))
             .arg("--state-dir")
             .arg(self.proxy_state_dir(testbed, node))
+            .arg("--admin-socket")
+            .arg(self.admin_socket(testbed, node))
             .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
         // Several testbeds plan the same pod addresses side by side: pods
         // are known from announcements and the state directory, never from
@@ -143,6 +145,35 @@ impl WeftMesh {
             .arg("--find-running-pods=false")
             .args(more_args);
         Ok(command)
+    }
+
+    /// Where `node`'s proxy takes changes (`--admin-socket`).
+    pub fn admin_socket(&self, testbed: &Testbed, node: &str) -> std::path::PathBuf {
+        testbed.dir().join(format!("admin-{node}.sock"))
+    }
+
+    /// Runs `weft-proxy admin <args>` against `node`'s proxy, as an
+    /// operator does in the proxy's container: whether the proxy took the
+    /// change, and what it answered.
+    pub fn admin_command(
+        &self,
+        testbed: &Testbed,
+        node: &str,
+        args: &[&str],
+    ) -> Result<(bool, String)> {
+        let output = Command::new(weft_binary("weft-proxy")?)
+            .arg("admin")
+            .arg("--admin-socket")
+            .arg(self.admin_socket(testbed, node))
+            .args(args)
+            .output()
+            .context("running weft-proxy admin")?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok((output.status.success(), said))
     }
 
     /// Runs the DaemonSet's readiness probe (`weft-proxy probe-ready`) on
