@@ -104,6 +104,7 @@ fn local_backing(config: &ControlPlaneConfig, metrics: &mut Registry) -> Result<
 async fn kubernetes_backing(
     config: &ControlPlaneConfig,
     metrics: &mut Registry,
+    rejections: &Rejections,
 ) -> Result<Backing, Error> {
     let client = kubernetes::connect().await?;
     let ca = match bring_your_own_ca(config)? {
@@ -125,12 +126,16 @@ async fn kubernetes_backing(
         &ca.trust_bundle().to_pem(),
     )
     .await?;
-    let auth = NodeAuthenticator::Kubernetes(TokenReviewer::new(
+    let auth = NodeAuthenticator::Kubernetes(Box::new(TokenReviewer::new(
         client.clone(),
-        &config.token_audience,
-        &config.namespace,
-        &config.proxy_service_account,
-    ));
+        (
+            &config.token_audience,
+            &config.namespace,
+            &config.proxy_service_account,
+        ),
+        config.token_reviews.clone(),
+        rejections.clone(),
+    )));
     let watch_errors = Counter::default();
     metrics.register(
         "weft_control_plane_watch_errors",
@@ -186,7 +191,7 @@ pub async fn run_on(
 ) -> Result<(), Error> {
     let mut metrics = Registry::default();
     let nodes = NodeRegistry::new(&mut metrics);
-    let rejections = crate::listeners::Rejections::new(&mut metrics);
+    let rejections = Rejections::new(&mut metrics);
     let Backing {
         ca,
         auth,
@@ -194,7 +199,7 @@ pub async fn run_on(
         problems,
     } = match config.source {
         Source::Manifests => local_backing(&config, &mut metrics)?,
-        Source::Kubernetes => kubernetes_backing(&config, &mut metrics).await?,
+        Source::Kubernetes => kubernetes_backing(&config, &mut metrics, &rejections).await?,
     };
     let ca = Arc::new(ca.with_policy(SigningPolicy {
         lifetime: Duration::from_secs(config.cert_lifetime_seconds),

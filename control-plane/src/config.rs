@@ -147,6 +147,11 @@ pub struct ControlPlaneConfig {
     #[command(flatten)]
     pub limits: crate::listeners::ListenerLimits,
 
+    /// Bounds on the TokenReviews that node authentication sends to the
+    /// API server (Kubernetes source).
+    #[command(flatten)]
+    pub token_reviews: crate::kubernetes::TokenReviewLimits,
+
     /// How many certificate requests may wait so at once (see
     /// `--sign-wait-for-pod-ms`); more are refused at once, so that nodes
     /// asking for pods that never come cannot pile requests up.

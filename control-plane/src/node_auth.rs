@@ -24,8 +24,9 @@ const MIN_TOKEN_LEN: usize = 16;
 pub enum NodeAuthenticator {
     /// Bootstrap tokens from a file (local manifests).
     Tokens(NodeTokens),
-    /// ServiceAccount tokens checked with TokenReview (Kubernetes).
-    Kubernetes(TokenReviewer),
+    /// ServiceAccount tokens checked with TokenReview (Kubernetes); boxed,
+    /// it holds its caches.
+    Kubernetes(Box<TokenReviewer>),
 }
 
 impl NodeAuthenticator {

@@ -138,7 +138,7 @@ pub use echo::{EchoServer, echo_round_trip};
 pub use forward::LoopbackForward;
 pub use manifests::MESH_LABEL;
 pub use netns::NETNS_PREFIX;
-pub use observe::{CONFIG_WAIT, sign_over, uids};
+pub use observe::{CONFIG_WAIT, control_plane_channel, sign_over, uids};
 pub use policy_probe::{
     ALLOW_WEB_TO_DB, DENY_BATCH_TO_DB, SHOP_DB_SERVICE, echoes, explain, legacy_pod, metric_sum,
     shop_db, shop_pod, shop_testbed, shop_testbed_builder, start_mesh_with_db_echo, wait_for_reach,

@@ -84,6 +84,29 @@ pub async fn sign_over(
     token: &str,
     identity: &weft_certs::Identity,
 ) -> Result<std::result::Result<weft_api::v1::SignResponse, tonic::Status>> {
+    let channel = control_plane_channel(socket, roots).await?;
+    let request = weft_certs::CertificateRequest::generate(identity)?;
+    let mut call = tonic::Request::new(weft_api::v1::SignRequest {
+        identity: identity.to_string(),
+        csr_der: request.csr_der().to_vec(),
+    });
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(
+        weft_api::v1::certificates_client::CertificatesClient::new(channel)
+            .sign(call)
+            .await
+            .map(tonic::Response::into_inner),
+    )
+}
+
+/// A gRPC channel to the control plane over an already connected TCP
+/// socket, verifying its identity like a proxy does; every call on it
+/// shares the one connection.
+pub async fn control_plane_channel(
+    socket: std::net::TcpStream,
+    roots: weft_certs::TrustBundle,
+) -> Result<tonic::transport::Channel> {
     socket.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(socket)?;
     let expected =
@@ -104,17 +127,5 @@ pub async fn sign_over(
             }
         }))
         .await?;
-    let request = weft_certs::CertificateRequest::generate(identity)?;
-    let mut call = tonic::Request::new(weft_api::v1::SignRequest {
-        identity: identity.to_string(),
-        csr_der: request.csr_der().to_vec(),
-    });
-    call.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(
-        weft_api::v1::certificates_client::CertificatesClient::new(channel)
-            .sign(call)
-            .await
-            .map(tonic::Response::into_inner),
-    )
+    Ok(channel)
 }

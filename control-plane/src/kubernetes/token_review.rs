@@ -8,10 +8,22 @@
 //! for our audience too, but only for its own ServiceAccount), and it is bound
 //! to a pod, whose node the API server reports. The node never comes from
 //! anything the proxy says.
+//!
+//! Anyone who reaches the gRPC port can present a token, and each unknown
+//! one would cost an API request: a flood of made-up tokens must not become
+//! a flood on the API server. So a token is first read without trusting
+//! it (a JWT for our audience and the proxies' ServiceAccount, not
+//! expired: anything else is refused here), a refused token stays refused
+//! for a while without asking again, and the reviews sent are rate
+//! limited ([`TokenReviewLimits`]); over the rate, authentication fails
+//! with UNAVAILABLE and the proxy tries again later.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::Serialize;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -24,8 +36,51 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// A review is reused for this long, so that a proxy's calls do not each
 /// cost an API request. Short, because a deleted pod invalidates its token.
 const CACHE_FOR: Duration = Duration::from_secs(30);
-/// Bound on cached reviews; the cache is cleared when it is full.
+/// Bound on cached reviews (and on remembered refusals); a cache is
+/// cleared when it is full.
 const CACHE_ENTRIES: usize = 4096;
+
+/// The claims of a JWT, read without checking its signature; `None` if
+/// `token` is not one.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > 16 * 1024 {
+        return None;
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()
+        .filter(serde_json::Value::is_object)
+}
+
+/// Bounds on the TokenReviews node authentication sends.
+#[derive(Clone, Debug, clap::Args, Serialize, PartialEq, Eq)]
+pub struct TokenReviewLimits {
+    /// How long a refused node token stays refused without asking the API
+    /// server again, in seconds.
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_REVIEW_NEGATIVE_CACHE_SECONDS",
+        default_value_t = 60
+    )]
+    pub token_review_negative_cache_seconds: u64,
+
+    /// TokenReviews sent per second at most, on average; over it, node
+    /// authentication fails with UNAVAILABLE (the proxy retries with
+    /// backoff, serving its last config meanwhile).
+    #[arg(long, env = "WEFT_TOKEN_REVIEWS_PER_SECOND", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_reviews_per_second: u32,
+
+    /// TokenReviews sent at once before the rate applies (all proxies
+    /// reconnecting after a restart of the control plane).
+    #[arg(long, env = "WEFT_TOKEN_REVIEW_BURST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_review_burst: u32,
+}
 
 /// Checks node proxy tokens with the API server.
 pub struct TokenReviewer {
@@ -34,6 +89,12 @@ pub struct TokenReviewer {
     /// `system:serviceaccount:<namespace>:<name>` of the node proxies.
     proxy_user: String,
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// Tokens the API server (or the first reading) refused, and why.
+    refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// Reviews that may be sent now, and when that was computed.
+    allowance: Mutex<(f64, Instant)>,
+    limits: TokenReviewLimits,
+    rejections: crate::listeners::Rejections,
 }
 
 impl TokenReviewer {
@@ -41,15 +102,19 @@ impl TokenReviewer {
     /// ServiceAccount `namespace/service_account`.
     pub fn new(
         client: kube::Client,
-        audience: &str,
-        namespace: &str,
-        service_account: &str,
+        (audience, namespace, service_account): (&str, &str, &str),
+        limits: TokenReviewLimits,
+        rejections: crate::listeners::Rejections,
     ) -> TokenReviewer {
         TokenReviewer {
             client,
             audience: audience.to_owned(),
             proxy_user: format!("system:serviceaccount:{namespace}:{service_account}"),
             cache: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            allowance: Mutex::new((f64::from(limits.token_review_burst), Instant::now())),
+            limits,
+            rejections,
         }
     }
 
@@ -57,6 +122,23 @@ impl TokenReviewer {
     pub async fn node_of(&self, token: &str, digest: [u8; 32]) -> Result<String, Status> {
         if let Some(node) = self.cached(&digest) {
             return Ok(node);
+        }
+        if let Some(why) = self.refused_before(&digest) {
+            self.rejections.count("grpc", "token_refused_before");
+            return Err(Status::unauthenticated(why));
+        }
+        if let Err(why) = self.read_unverified(token) {
+            // Cheap to tell again: not remembered, so that a flood of
+            // these cannot push reviewed refusals out of the cache.
+            self.rejections.count("grpc", "token_malformed");
+            debug!(reason = %why, "node token refused unread");
+            return Err(Status::unauthenticated(why));
+        }
+        if !self.take_allowance() {
+            self.rejections.count("grpc", "token_review_rate");
+            return Err(Status::unavailable(
+                "too many node authentications at once; try again later",
+            ));
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -72,7 +154,9 @@ impl TokenReviewer {
                 warn!(%error, "TokenReview failed; cannot authenticate node proxies");
                 Status::unavailable(format!("reviewing the node token: {error}"))
             })?;
-        let node = self.node_from_review(reviewed)?;
+        let node = self
+            .node_from_review(reviewed)
+            .map_err(|refused| self.refuse(digest, refused.message().to_owned()))?;
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
@@ -86,6 +170,77 @@ impl TokenReviewer {
         let cache = self.cache.lock().ok()?;
         let (node, until) = cache.get(digest)?;
         (Instant::now() < *until).then(|| node.clone())
+    }
+
+    fn refused_before(&self, digest: &[u8; 32]) -> Option<String> {
+        let refused = self.refused.lock().ok()?;
+        let (why, until) = refused.get(digest)?;
+        (Instant::now() < *until).then(|| why.clone())
+    }
+
+    /// Refuses `digest`'s token for `why`, as the API server did, and
+    /// remembers it.
+    fn refuse(&self, digest: [u8; 32], why: String) -> Status {
+        if let Ok(mut refused) = self.refused.lock() {
+            if refused.len() >= CACHE_ENTRIES {
+                refused.clear();
+            }
+            let until = Instant::now()
+                + Duration::from_secs(self.limits.token_review_negative_cache_seconds);
+            refused.insert(digest, (why.clone(), until));
+        }
+        Status::unauthenticated(why)
+    }
+
+    /// Whether a review may be sent now (a token bucket).
+    fn take_allowance(&self) -> bool {
+        let Ok(mut allowance) = self.allowance.lock() else {
+            return false;
+        };
+        let (tokens, since) = &mut *allowance;
+        let now = Instant::now();
+        let burst = f64::from(self.limits.token_review_burst);
+        let rate = f64::from(self.limits.token_reviews_per_second);
+        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * rate).min(burst);
+        *since = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reads `token` without trusting it: only a JWT that claims our
+    /// audience and the node proxies' ServiceAccount, and has not expired,
+    /// is worth a review (the API server checks the signature).
+    fn read_unverified(&self, token: &str) -> Result<(), String> {
+        let claims = unverified_claims(token)
+            .ok_or_else(|| "the node token is not a ServiceAccount token (JWT)".to_owned())?;
+        let audiences = match &claims["aud"] {
+            serde_json::Value::String(one) => vec![one.as_str()],
+            serde_json::Value::Array(many) => many.iter().filter_map(|a| a.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        if !audiences.contains(&self.audience.as_str()) {
+            return Err(format!(
+                "the node token is not meant for audience {}",
+                self.audience
+            ));
+        }
+        if claims["sub"].as_str() != Some(self.proxy_user.as_str()) {
+            return Err(format!(
+                "the token does not belong to the node proxy ({})",
+                self.proxy_user
+            ));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if claims["exp"].as_u64().is_some_and(|exp| exp <= now) {
+            return Err("the node token has expired".into());
+        }
+        Ok(())
     }
 
     /// Reads the verdict; every way it can fall short is a refusal.
@@ -132,6 +287,42 @@ impl TokenReviewer {
                  ServiceAccount token)"
                     .into(),
             )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+    use super::*;
+
+    fn jwt(claims: &serde_json::Value) -> String {
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        format!(
+            "{}.{}.{}",
+            encode(br#"{"alg":"RS256"}"#),
+            encode(claims.to_string().as_bytes()),
+            encode(b"signature")
+        )
+    }
+
+    #[test]
+    fn only_a_jwt_is_read_and_its_claims_are_what_they_are() {
+        let claims = serde_json::json!({
+            "aud": ["weft"], "sub": "system:serviceaccount:weft-system:weft-node-proxy",
+            "exp": 4_000_000_000u64,
+        });
+        assert_eq!(unverified_claims(&jwt(&claims)), Some(claims));
+        for garbage in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "x.!!!.y",
+            "e30.bm90IGpzb24.x",
+            "a.W10.b",
+        ] {
+            assert_eq!(unverified_claims(garbage), None, "{garbage}");
         }
     }
 }
