@@ -17,7 +17,7 @@ pub use ca_secret::{CA_SECRET_KEY, ROOTS_CONFIG_MAP_KEY, load_or_create_ca, publ
 pub use lease::{LEASE_DURATION, RENEW_EVERY, hold_lease};
 pub use source::watch_cluster;
 pub use status_writer::write_statuses;
-pub use token_review::{NODE_NAME_EXTRA, TokenReviewLimits, TokenReviewer};
+pub use token_review::{NODE_NAME_EXTRA, TokenReviewLimits, TokenReviewer, unverified_claims};
 pub use uninstall::{UninstallArgs, announce_uninstall};
 
 /// A client from the environment: `KUBECONFIG` or `~/.kube/config` when
