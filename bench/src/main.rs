@@ -13,6 +13,7 @@
 
 mod chart;
 mod load;
+mod noisy;
 mod output;
 mod procstat;
 mod relay;
@@ -99,7 +100,7 @@ struct Config {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "rr,connect,bulk,idle,upgrade"
+        default_value = "rr,connect,bulk,idle,noisy,upgrade"
     )]
     scenarios: Vec<Scenario>,
     /// Write the results as JSON to this file (`-` or no value: stdout, and the
@@ -122,6 +123,9 @@ enum Scenario {
     Bulk,
     /// Many idle connections: proxy memory per connection.
     Idle,
+    /// The client's request/response latency alone and beside a
+    /// same-node pod's bulk transfer (mesh path).
+    Noisy,
     /// The node proxies upgraded under load (last: it replaces the proxies
     /// the other scenarios measure).
     Upgrade,
@@ -227,6 +231,7 @@ fn steps(config: &Config) -> u64 {
             Scenario::Rr | Scenario::Connect => 3 * rounds,
             Scenario::Bulk => 6,
             Scenario::Idle => 3,
+            Scenario::Noisy => 2,
             Scenario::Upgrade => 1,
         })
         .sum::<u64>()
@@ -260,6 +265,7 @@ impl Bench {
         };
         let testbed = builder
             .pod(pod(first, "bench", "client", true))
+            .pod(pod(first, "bench", "noisy", true))
             .pod(pod(last, "bench", "server", true))
             .pod(pod(first, "plain", "plain-client", false))
             .pod(pod(last, "plain", "plain-server", false))
@@ -404,6 +410,7 @@ impl Bench {
             connection_per_request: None,
             bulk: None,
             idle: None,
+            noisy_neighbour: None,
             upgrade: None,
             elapsed_seconds: 0.0,
         };
@@ -450,6 +457,9 @@ impl Bench {
                 idle_anon_kib: idle.anon_kib,
                 final_anon_kib: now.anon_kib,
             });
+        }
+        if c.scenarios.contains(&Scenario::Noisy) {
+            report.noisy_neighbour = Some(self.noisy_neighbour()?);
         }
         if c.scenarios.contains(&Scenario::Upgrade) {
             report.upgrade = Some(self.upgrade()?);

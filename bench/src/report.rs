@@ -38,6 +38,8 @@ pub struct Report {
     /// Scenario 4.
     pub idle: Option<IdleScenario>,
     /// Scenario 5.
+    pub noisy_neighbour: Option<crate::noisy::NoisyScenario>,
+    /// Scenario 6.
     pub upgrade: Option<crate::upgrade::UpgradeScenario>,
     /// Wall-clock seconds of the whole run.
     pub elapsed_seconds: f64,
@@ -399,6 +401,9 @@ pub fn render(report: &Report) -> String {
             "  mesh proxies' RSS {} KiB -> {} KiB: {:.0} bytes per connection (all proxies on the path)",
             idle.mesh_rss_before_kib, idle.mesh_rss_open_kib, idle.mesh_bytes_per_connection
         );
+    }
+    if let Some(noisy) = &report.noisy_neighbour {
+        crate::noisy::table(&mut out, noisy);
     }
     if let Some(upgrade) = &report.upgrade {
         upgrade_table(&mut out, upgrade);

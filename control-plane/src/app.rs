@@ -271,7 +271,8 @@ pub async fn run_on(
         auth.clone(),
         nodes.clone(),
         config.max_config_message_bytes,
-    );
+    )
+    .with_max_streams_per_node(config.limits.max_config_streams_per_node);
     let signing_service = SigningService::new(ca, mesh_rx, auth, nodes).waiting_for_pods(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,

@@ -34,6 +34,8 @@ pub struct ConfigStreamService {
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
     max_message_bytes: usize,
+    /// Open streams one node may hold (see `--max-config-streams-per-node`).
+    max_streams_per_node: u32,
 }
 
 impl ConfigStreamService {
@@ -51,7 +53,15 @@ impl ConfigStreamService {
             auth,
             registry,
             max_message_bytes,
+            max_streams_per_node: u32::MAX,
         }
+    }
+
+    /// At most `max` open streams per node: each holds the node's whole
+    /// view, and a stolen node token must not multiply it.
+    pub fn with_max_streams_per_node(mut self, max: u32) -> ConfigStreamService {
+        self.max_streams_per_node = max;
+        self
     }
 }
 
@@ -92,7 +102,17 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
             registry: self.registry.clone(),
             updates,
         };
-        self.registry.connected(&stream.node, &hello.proxy_version);
+        if !self.registry.connected(
+            &stream.node,
+            &hello.proxy_version,
+            self.max_streams_per_node,
+        ) {
+            warn!(node = %stream.node, max = self.max_streams_per_node, "refused a config stream: the node holds its share");
+            return Err(Status::resource_exhausted(format!(
+                "node {} already holds {} config streams",
+                stream.node, self.max_streams_per_node
+            )));
+        }
         tokio::spawn(stream.run(inbound).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -31,6 +31,12 @@ pub struct ListenerLimits {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes_per_source: u32,
 
+    /// Config streams one node holds at once (its proxy needs one; two
+    /// during an upgrade, when the new process starts beside the old).
+    #[arg(long, env = "WEFT_MAX_CONFIG_STREAMS_PER_NODE", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_config_streams_per_node: u32,
+
     /// How long a TLS handshake on the gRPC port may take, in
     /// milliseconds.
     #[arg(long, env = "WEFT_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
@@ -211,6 +217,7 @@ mod tests {
         let handshakes = PerSource::handshakes(&ListenerLimits {
             max_handshakes: 3,
             max_handshakes_per_source: 2,
+            max_config_streams_per_node: 4,
             handshake_timeout_ms: 5000,
             http_header_read_timeout_ms: 5000,
             http_max_connections: 64,

@@ -78,18 +78,26 @@ impl NodeRegistry {
         f(nodes.entry(node.to_owned()).or_default())
     }
 
-    /// A stream from `node` opened.
-    pub fn connected(&self, node: &str, proxy_version: &str) {
-        self.connected.inc();
+    /// A stream from `node` opened, unless the node holds `max` already:
+    /// whether it was counted.
+    pub fn connected(&self, node: &str, proxy_version: &str, max: u32) -> bool {
         let since = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .ok();
-        self.with_node(node, |status| {
+        let counted = self.with_node(node, |status| {
+            if status.streams >= max {
+                return false;
+            }
             status.streams += 1;
             status.connected_since = since;
             status.proxy_version = proxy_version.to_owned();
+            true
         });
+        if counted {
+            self.connected.inc();
+        }
+        counted
     }
 
     /// A stream from `node` closed.

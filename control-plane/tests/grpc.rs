@@ -291,6 +291,34 @@ async fn a_proxy_cannot_claim_another_nodes_stream() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
+#[tokio::test]
+async fn a_node_holds_a_bounded_number_of_config_streams() {
+    let cp = start_control_plane_with(&["--max-config-streams-per-node", "2"]).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (tx, mut updates) = open_stream(&cp, "node-1", TOKEN_1).await.unwrap();
+        assert!(next_update(&mut updates).await.full_state);
+        held.push((tx, updates));
+    }
+    // A third, with the same (perhaps stolen) token, is refused: each
+    // stream holds the node's whole view.
+    let status = open_stream(&cp, "node-1", TOKEN_1).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // One closes: there is room again.
+    drop(held.pop());
+    let reopened = async {
+        loop {
+            match open_stream(&cp, "node-1", TOKEN_1).await {
+                Ok(stream) => return stream,
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (_tx, mut updates) = tokio::time::timeout(WAIT, reopened).await.unwrap();
+    assert!(next_update(&mut updates).await.full_state);
+}
+
 async fn sign(
     cp: &ControlPlane,
     token: &str,
