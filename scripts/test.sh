@@ -102,9 +102,9 @@ assert report["proxy_is_release_build"], "the benchmark measured a debug proxy"
 for scenario in ("request_response", "connection_per_request"):
     for path in report[scenario]["paths"]:
         assert path["requests"] > 0 and path["errors"] == 0, (scenario, path["path"], path)
-noisy = report["noisy_neighbour"]
-for row in (noisy["quiet"], noisy["noisy"]):
-    assert row["requests"] > 0 and row["errors"] == 0, ("noisy neighbour", row)
+for path in report["noisy_neighbour"]["paths"]:
+    for row in (path["quiet"], path["noisy"]):
+        assert row["requests"] > 0 and row["errors"] == 0, ("noisy neighbour", path["path"], row)
 upgrade = report["upgrade"]
 for kind in upgrade["kinds"]:
     assert kind["requests"] > 0 and kind["failed"] == 0, ("upgrade", kind)

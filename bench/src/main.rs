@@ -231,7 +231,7 @@ fn steps(config: &Config) -> u64 {
             Scenario::Rr | Scenario::Connect => 3 * rounds,
             Scenario::Bulk => 6,
             Scenario::Idle => 3,
-            Scenario::Noisy => 2,
+            Scenario::Noisy => 4,
             Scenario::Upgrade => 1,
         })
         .sum::<u64>()
@@ -268,6 +268,7 @@ impl Bench {
             .pod(pod(first, "bench", "noisy", true))
             .pod(pod(last, "bench", "server", true))
             .pod(pod(first, "plain", "plain-client", false))
+            .pod(pod(first, "plain", "plain-noisy", false))
             .pod(pod(last, "plain", "plain-server", false))
             .build()
             .context("building the testbed (weft-bench needs root)")?;

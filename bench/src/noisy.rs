@@ -3,7 +3,9 @@
 //! request/response latency over the mesh is measured alone, then again
 //! while the `noisy` pod (same node, meshed) uploads to the server as fast
 //! as it can; the two are reported side by side, with the neighbour's
-//! throughput.
+//! throughput. The same on the direct path (unmeshed pods, no proxy)
+//! shows what the neighbour costs on this machine anyway: its client and
+//! the server share the cores with everything else.
 
 use std::time::Duration;
 
@@ -14,11 +16,20 @@ use weft_testbed::Target;
 use crate::report::{self, PathLatency};
 use crate::{Bench, load};
 
-/// What the scenario found.
+/// What the scenario found, per path.
 #[derive(Debug, Serialize)]
 pub struct NoisyScenario {
     /// What ran.
     pub title: String,
+    /// `direct` and `mesh`, as far as they ran.
+    pub paths: Vec<NoisyPath>,
+}
+
+/// One path's figures.
+#[derive(Debug, Serialize)]
+pub struct NoisyPath {
+    /// `direct` or `mesh`.
+    pub path: String,
     /// The client's latency alone.
     pub quiet: PathLatency,
     /// The same while the neighbour transfers.
@@ -28,37 +39,55 @@ pub struct NoisyScenario {
 }
 
 impl Bench {
-    /// Runs the scenario on the mesh path.
+    /// Runs the scenario on the direct and mesh paths.
     pub(crate) fn noisy_neighbour(&self) -> Result<NoisyScenario> {
         let c = &self.config;
-        let path = self
-            .paths
-            .iter()
-            .find(|path| path.name == "mesh")
-            .context("the noisy-neighbour scenario runs on the mesh path: add it to --paths")?;
+        let mut paths = Vec::new();
+        for path in &self.paths {
+            let neighbour = match path.name {
+                "direct" => "plain-noisy",
+                "mesh" => "noisy",
+                _ => continue,
+            };
+            paths.push(self.noisy_path(path, neighbour)?);
+        }
+        Ok(NoisyScenario {
+            title: format!(
+                "noisy neighbour: request/response {} B, {} req/s over {} connections, {} s, \
+                 alone and beside a same-node pod's bulk upload",
+                c.payload, c.rate, c.connections, c.duration
+            ),
+            paths,
+        })
+    }
+
+    fn noisy_path(&self, path: &crate::BenchPath, neighbour: &'static str) -> Result<NoisyPath> {
+        let c = &self.config;
         let duration = Duration::from_secs_f64(c.duration);
         let victim = |to| load::request_response(to, c.rate, c.connections, duration, c.payload);
 
-        self.bar.set_message("noisy neighbour · quiet");
+        self.bar
+            .set_message(format!("noisy neighbour · {} · quiet", path.name));
         let quiet = self.in_client(path, victim)?;
         self.bar.inc(1);
 
-        self.bar.set_message("noisy neighbour · noisy");
+        self.bar
+            .set_message(format!("noisy neighbour · {} · noisy", path.name));
         let to = path.to;
         // The neighbour starts first and ends last: the whole measurement
         // runs beside its transfer.
         let ramp = Duration::from_millis(300);
         let (noisy, rate) = std::thread::scope(|scope| {
-            let neighbour = scope.spawn(|| {
+            let transfer = scope.spawn(|| {
                 self.testbed
-                    .run_in(Target::Pod("noisy"), || {
+                    .run_in(Target::Pod(neighbour), || {
                         load::upload(to, duration + 2 * ramp)
                     })?
                     .context("the noisy neighbour's upload")
             });
             std::thread::sleep(ramp);
             let measured = self.in_client(path, victim);
-            let rate = neighbour
+            let rate = transfer
                 .join()
                 .map_err(|_| anyhow::anyhow!("the neighbour's thread panicked"))?;
             anyhow::Ok((measured?, rate?))
@@ -68,12 +97,8 @@ impl Bench {
         let summary = |name, m: &load::Measured| {
             report::summarize(name, &m.latency, &m.send_lag, m.errors, None)
         };
-        Ok(NoisyScenario {
-            title: format!(
-                "noisy neighbour: request/response {} B, {} req/s over {} connections, {} s, \
-                 alone and beside a same-node pod's bulk upload",
-                c.payload, c.rate, c.connections, c.duration
-            ),
+        Ok(NoisyPath {
+            path: path.name.to_owned(),
             quiet: summary("alone", &quiet),
             noisy: summary("beside bulk", &noisy),
             neighbour_mib_s: rate / crate::MIB,
@@ -87,19 +112,36 @@ pub fn table(out: &mut String, noisy: &NoisyScenario) {
     let _ = writeln!(out, "\n{}", noisy.title);
     let _ = writeln!(
         out,
-        "  {:<12} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
-        "client", "requests", "errors", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs"
+        "  {:<7} {:<12} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>16}",
+        "path",
+        "client",
+        "requests",
+        "errors",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "neighbour MiB/s"
     );
-    for row in [&noisy.quiet, &noisy.noisy] {
-        let _ = writeln!(
-            out,
-            "  {:<12} {:>8} {:>7} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
-            row.path, row.requests, row.errors, row.p50_us, row.p90_us, row.p99_us, row.p999_us
-        );
+    for path in &noisy.paths {
+        for (row, rate) in [
+            (&path.quiet, None),
+            (&path.noisy, Some(path.neighbour_mib_s)),
+        ] {
+            let rate = rate.map(|r| format!("{r:.0}")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<7} {:<12} {:>8} {:>7} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>16}",
+                path.path,
+                row.path,
+                row.requests,
+                row.errors,
+                row.p50_us,
+                row.p90_us,
+                row.p99_us,
+                row.p999_us,
+                rate
+            );
+        }
     }
-    let _ = writeln!(
-        out,
-        "  the neighbour uploaded {:.0} MiB/s meanwhile",
-        noisy.neighbour_mib_s
-    );
 }
