@@ -254,15 +254,7 @@ impl Bench {
         for node in &nodes {
             builder = builder.node(node);
         }
-        let pod = |node, namespace, name, meshed| PodSpec {
-            node,
-            namespace,
-            name,
-            service_account: name,
-            labels: &[],
-            meshed,
-            probe_ports: &[],
-        };
+        let pod = PodSpec::named;
         let testbed = builder
             .pod(pod(first, "bench", "client", true))
             .pod(pod(first, "bench", "noisy", true))

@@ -36,6 +36,20 @@ pub struct PodSpec<'a> {
 }
 
 impl<'a> PodSpec<'a> {
+    /// A pod with no labels and no probes, running as the ServiceAccount
+    /// of its own name.
+    pub fn named(node: &'a str, namespace: &'a str, name: &'a str, meshed: bool) -> Self {
+        PodSpec {
+            node,
+            namespace,
+            name,
+            service_account: name,
+            labels: &[],
+            meshed,
+            probe_ports: &[],
+        }
+    }
+
     /// The same pod, with the kubelet probing `ports`.
     pub fn probed(self, ports: &'a [u16]) -> Self {
         PodSpec {

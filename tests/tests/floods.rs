@@ -16,15 +16,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// node-1: client and flood (meshed, each its own identity), intruder
 /// (unmeshed). node-2: server (meshed).
 fn cluster() -> (Testbed, WeftMesh) {
-    let pod = |node, namespace, name, meshed| PodSpec {
-        node,
-        namespace,
-        name,
-        service_account: name,
-        labels: &[],
-        meshed,
-        probe_ports: &[],
-    };
+    let pod = PodSpec::named;
     let testbed = Testbed::builder()
         .node("node-1")
         .node("node-2")
@@ -75,6 +67,20 @@ fn flood(
             held
         })
         .unwrap()
+}
+
+/// `count` requests of the client pod to the echo server at `to`, each
+/// once on a kept connection and once on a new one: every one answered.
+fn client_requests(testbed: &Testbed, to: SocketAddr, count: usize) {
+    let mut kept = testbed.connect(Target::Pod("client"), to).unwrap();
+    for i in 0..count {
+        let message = format!("request {i}");
+        assert_eq!(
+            echo_round_trip(&mut kept, message.as_bytes()).unwrap(),
+            message.as_bytes()
+        );
+        new_connection_round_trip(testbed, "client", to, message.as_bytes());
+    }
 }
 
 /// A new connection from `from` to the echo server at `to`, and one
@@ -155,15 +161,7 @@ fn a_pod_opening_connections_as_fast_as_it_can_gets_its_share_and_its_neighbour_
         .unwrap();
         // Its neighbour's requests, on a kept connection and on new ones,
         // are all answered while the flood goes on.
-        let mut kept = testbed.connect(Target::Pod("client"), echo).unwrap();
-        for i in 0..50 {
-            let message = format!("request {i}");
-            assert_eq!(
-                echo_round_trip(&mut kept, message.as_bytes()).unwrap(),
-                message.as_bytes()
-            );
-            new_connection_round_trip(&testbed, "client", echo, message.as_bytes());
-        }
+        client_requests(&testbed, echo, 50);
         stop.store(true, Ordering::SeqCst);
     });
 
@@ -224,15 +222,7 @@ fn a_refused_connection_flood_with_the_log_sink_blocked_stalls_no_traffic() {
         .unwrap();
         // Every connection logs too (its access log line): the client's
         // requests are all answered.
-        let mut kept = testbed.connect(Target::Pod("client"), echo).unwrap();
-        for i in 0..100 {
-            let message = format!("request {i}");
-            assert_eq!(
-                echo_round_trip(&mut kept, message.as_bytes()).unwrap(),
-                message.as_bytes()
-            );
-            new_connection_round_trip(&testbed, "client", echo, message.as_bytes());
-        }
+        client_requests(&testbed, echo, 100);
         stop.store(true, Ordering::SeqCst);
     });
     let dropped = metric_sum(
