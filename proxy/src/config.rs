@@ -159,7 +159,8 @@ pub struct ProxyConfig {
     /// Prometheus metrics (`/metrics`). Loopback unless configured: the
     /// DaemonSet sets the node's address, where Prometheus scrapes, and
     /// nothing else on the node's interfaces (a pod's network) reaches it.
-    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "127.0.0.1:15020")]
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "127.0.0.1:15020",
+          value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
 
     /// Readiness (`/healthz/ready`). Only the probe asks, from the proxy's
@@ -300,6 +301,24 @@ impl fmt::Display for ProxyConfig {
     }
 }
 
+/// `ip:port`, `[v6]:port`, or `v6:port` as a template makes it from a
+/// bare address (the DaemonSet's `$(WEFT_HOST_IP):15020` on an IPv6 node).
+fn parse_listen_addr(input: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = input.parse() {
+        return Ok(addr);
+    }
+    let (ip, port) = input
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{input:?}: expected ip:port"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|e| format!("{input:?}: {ip:?} is not an IP address: {e}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("{input:?}: {port:?} is not a port: {e}"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 fn parse_identity(input: &str) -> Result<Identity, String> {
     Identity::parse(input).map_err(|e| e.to_string())
 }
@@ -389,6 +408,11 @@ mod tests {
         assert!(parse("--control-plane", "cp:http").is_err());
         assert!(parse("--control-plane", "::1:15012").is_err());
         assert!(parse("--log-format", "xml").is_err());
+        // The DaemonSet's $(WEFT_HOST_IP):15020, on an IPv6 node too.
+        assert!(parse("--metrics-addr", "10.0.0.7:15020").is_ok());
+        assert!(parse("--metrics-addr", "fd00::7:15020").is_ok());
+        assert!(parse("--metrics-addr", "[fd00::7]:15020").is_ok());
+        assert!(parse("--metrics-addr", "node-1:15020").is_err());
     }
 
     #[test]

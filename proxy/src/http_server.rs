@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -208,11 +209,11 @@ async fn serve_connection<S, T>(
             // request under way, then close, so that it reconnects to the
             // successor.
             connection.as_mut().graceful_shutdown();
-            connection.await
+            finish(connection, &limits).await
         }
         () = tokio::time::sleep(limits.max_connection_age()) => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            finish(connection, &limits).await
         }
     };
     match ended {
@@ -222,6 +223,22 @@ async fn serve_connection<S, T>(
         }
         Err(e) => debug!(reason = %e, "connection ended with an error"),
         Ok(()) => {}
+    }
+}
+
+/// The request under way on a connection told to shut down, within the
+/// header deadline: a client that stopped reading its answer must not
+/// hold its place for good.
+async fn finish<F>(connection: Pin<&mut F>, limits: &HttpLimits) -> Result<(), hyper::Error>
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    match tokio::time::timeout(limits.header_read_timeout(), connection).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            debug!("closed: the client did not take its answer in time");
+            Ok(())
+        }
     }
 }
 

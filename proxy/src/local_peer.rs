@@ -5,10 +5,13 @@
 //! mount namespace, that is inside the proxy's container (`kubectl exec`).
 //! Being root on the node is not enough: a root hostNetwork container, or
 //! a process that reaches the socket through `/proc/<pid>/root`, runs in
-//! another mount namespace.
+//! another mount namespace. (A process that can enter the proxy's mount
+//! namespace, with CAP_SYS_ADMIN and the host's PIDs, can do anything the
+//! proxy can anyway. The pid is read after the connection was made; a
+//! caller that exits and has its pid reused by a process of the proxy's
+//! container in between would pass: SO_PEERPIDFD would close that gap.)
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 
 /// The caller's pid and uid if it may change the proxy; why not otherwise.
 pub(crate) fn check(stream: &impl AsFd) -> Result<(i32, u32), String> {
@@ -16,9 +19,7 @@ pub(crate) fn check(stream: &impl AsFd) -> Result<(i32, u32), String> {
         nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
             .map_err(|e| format!("refused: the kernel did not say who is calling: {e}"))?;
     let (pid, uid) = (credentials.pid(), credentials.uid());
-    let own = std::fs::metadata("/proc/self")
-        .map_err(|e| format!("refused: cannot tell which user the proxy runs as: {e}"))?
-        .uid();
+    let own = nix::unistd::geteuid().as_raw();
     if uid != own {
         return Err(format!(
             "refused: only uid {own} may change the proxy; pid {pid} runs as uid {uid}"

@@ -195,9 +195,10 @@ impl TokenReviewer {
 
     /// Whether a review may be sent now (a token bucket).
     fn take_allowance(&self) -> bool {
-        let Ok(mut allowance) = self.allowance.lock() else {
-            return false;
-        };
+        let mut allowance = self
+            .allowance
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (tokens, since) = &mut *allowance;
         let now = Instant::now();
         let burst = f64::from(self.limits.token_review_burst);
