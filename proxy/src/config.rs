@@ -163,9 +163,11 @@ pub struct ProxyConfig {
           value_parser = parse_listen_addr)]
     pub metrics_addr: SocketAddr,
 
-    /// Readiness (`/healthz/ready`). Only the probe asks, from the proxy's
-    /// own container on the node's network: loopback.
-    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021")]
+    /// Readiness (`/healthz/ready`, and `/uninstall`, which the uninstall
+    /// Job asks). Loopback unless configured: the DaemonSet sets the node's
+    /// address, where the uninstall Job reaches it.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021",
+          value_parser = parse_listen_addr)]
     pub readiness_addr: SocketAddr,
 
     /// How long open connections may run on after a new proxy process took
@@ -437,7 +439,8 @@ mod tests {
 #[command(name = "weft-proxy probe-ready")]
 pub struct ReadinessProbeConfig {
     /// The node's readiness port, as the proxy serves it.
-    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021")]
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "127.0.0.1:15021",
+          value_parser = parse_listen_addr)]
     pub readiness_addr: SocketAddr,
 
     /// The UID of the pod the probe runs in.
