@@ -8,10 +8,9 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info};
+use tracing::info;
 use weft_api::v1 as pb;
 use weft_certs::{Identity, MeshCa, SigningPolicy};
 
@@ -19,8 +18,9 @@ use crate::Error;
 use crate::cluster::ClusterState;
 use crate::config::{ControlPlaneConfig, Source};
 use crate::config_stream::ConfigStreamService;
+use crate::grpc_connections::{GrpcBounds, tls_connections};
 use crate::kubernetes::{self, TokenReviewer};
-use crate::listeners::{PerSource, Rejections};
+use crate::listeners::Rejections;
 use crate::manifests::{ManifestProblem, watch_dir};
 use crate::mesh::Mesh;
 use crate::monitoring::{self, Monitoring};
@@ -277,11 +277,7 @@ pub async fn run_on(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,
     );
-    let handshakes = (
-        PerSource::handshakes(&config.limits),
-        config.limits.handshake_timeout(),
-        rejections,
-    );
+    let bounds = GrpcBounds::new(&config.limits, rejections);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -292,7 +288,7 @@ pub async fn run_on(
         .add_service(pb::certificates_server::CertificatesServer::new(
             signing_service,
         ))
-        .serve_with_incoming_shutdown(tls_connections(grpc, tls, handshakes), async move {
+        .serve_with_incoming_shutdown(tls_connections(grpc, tls, bounds), async move {
             shutdown.await;
             // Serve on while the nodes learn that this replica is leaving
             // its Service; then end the config streams (no more config
@@ -311,50 +307,4 @@ pub async fn run_on(
     monitoring_task.abort();
     info!("control plane stopped");
     Ok(result?)
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently, so one
-/// slow or hostile client cannot hold up the others, within the handshake
-/// limits: beyond them a connection is reset at once.
-fn tls_connections(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    (handshakes, timeout, rejections): (Arc<PerSource>, Duration, Rejections),
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = crate::listeners::accept(&listener, "grpc").await;
-            let handshaking = match handshakes.hold(peer.ip()) {
-                Ok(handshaking) => handshaking,
-                Err(reason) => {
-                    rejections.count("grpc", reason);
-                    debug!(%peer, reason, "too many TLS handshakes: reset");
-                    crate::listeners::reset(&stream);
-                    continue;
-                }
-            };
-            let (tls, ready) = (tls.clone(), tx.clone());
-            let rejections = rejections.clone();
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(timeout, tls.accept(stream)).await;
-                drop(handshaking);
-                match handshake {
-                    Ok(Ok(stream)) => {
-                        let _ = ready.send(Ok(stream)).await;
-                    }
-                    Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => {
-                        rejections.count("grpc", "handshake_timeout");
-                        debug!(%peer, "TLS handshake timed out");
-                    }
-                }
-            });
-            if tx.is_closed() {
-                break;
-            }
-        }
-    });
-    ReceiverStream::new(rx)
 }

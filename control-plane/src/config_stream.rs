@@ -75,7 +75,7 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
         &self,
         request: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let node = self.auth.authenticate(request.metadata()).await?;
+        let node = self.auth.authenticate(&request).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

@@ -18,6 +18,7 @@ pub mod config_stream;
 pub mod crd;
 mod error;
 pub mod explain;
+pub mod grpc_connections;
 pub mod kubernetes;
 pub mod listeners;
 pub mod manifests;

@@ -1,6 +1,7 @@
 //! The bounds on what clients of the control plane's two ports can make it
-//! hold: TLS handshakes on 15012 (any process that reaches the Service can
-//! open one), and connections and slow requests on 15014. Settings in
+//! hold: TLS handshakes and connections on 15012 (any process that reaches
+//! the Service can open one; `grpc_connections` enforces them), and
+//! connections and slow requests on 15014. Settings in
 //! [`ListenerLimits`] (part of the typed config); refusals counted in
 //! `weft_control_plane_rejected_total{listener,reason}`; an accept that
 //! fails (out of file descriptors) backs off instead of spinning.
@@ -37,6 +38,26 @@ pub struct ListenerLimits {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_config_streams_per_node: u32,
 
+    /// Established connections the gRPC port holds at once (a node's
+    /// proxy needs one; two during an upgrade).
+    #[arg(long, env = "WEFT_MAX_GRPC_CONNECTIONS", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_grpc_connections: u32,
+
+    /// The same from one source address.
+    #[arg(long, env = "WEFT_MAX_GRPC_CONNECTIONS_PER_SOURCE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_grpc_connections_per_source: u32,
+
+    /// How long an established gRPC connection may go without a call
+    /// whose node token checks out, in milliseconds; then it is closed.
+    #[arg(
+        long,
+        env = "WEFT_GRPC_AUTHENTICATE_WITHIN_MS",
+        default_value_t = 10_000
+    )]
+    pub grpc_authenticate_within_ms: u64,
+
     /// How long a TLS handshake on the gRPC port may take, in
     /// milliseconds.
     #[arg(long, env = "WEFT_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
@@ -62,6 +83,11 @@ impl ListenerLimits {
     /// How long a TLS handshake on the gRPC port may take.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// [`ListenerLimits::grpc_authenticate_within_ms`] as a duration.
+    pub fn grpc_authenticate_within(&self) -> Duration {
+        Duration::from_millis(self.grpc_authenticate_within_ms)
     }
 }
 
@@ -121,6 +147,15 @@ impl PerSource {
             limits.max_handshakes,
             limits.max_handshakes_per_source,
             ("handshake_limit", "handshake_source_limit"),
+        )
+    }
+
+    /// Established connections on the gRPC port.
+    pub fn grpc_connections(limits: &ListenerLimits) -> Arc<PerSource> {
+        PerSource::new(
+            limits.max_grpc_connections,
+            limits.max_grpc_connections_per_source,
+            ("connection_limit", "source_limit"),
         )
     }
 
@@ -218,6 +253,9 @@ mod tests {
             max_handshakes: 3,
             max_handshakes_per_source: 2,
             max_config_streams_per_node: 4,
+            max_grpc_connections: 8192,
+            max_grpc_connections_per_source: 16,
+            grpc_authenticate_within_ms: 10_000,
             handshake_timeout_ms: 5000,
             http_header_read_timeout_ms: 5000,
             http_max_connections: 64,

@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use tonic::Status;
 use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
 
 use crate::Error;
+use crate::grpc_connections::Caller;
 use crate::kubernetes::TokenReviewer;
 
 /// Tokens shorter than this are refused: they could be guessed.
@@ -30,15 +31,24 @@ pub enum NodeAuthenticator {
 }
 
 impl NodeAuthenticator {
-    /// The node whose proxy made this call.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        match self {
+    /// The node whose proxy made this call. The connection it came on
+    /// (its [`Caller`], when served by the gRPC port) is marked
+    /// authenticated, so it may stay open.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let caller = request.extensions().get::<Caller>();
+        let metadata = request.metadata();
+        let node = match self {
             NodeAuthenticator::Tokens(tokens) => tokens.authenticate(metadata),
             NodeAuthenticator::Kubernetes(reviewer) => {
                 let token = bearer_token(metadata)?;
-                reviewer.node_of(token, digest(token)).await
+                let source = caller.map(|caller| caller.peer.ip());
+                reviewer.node_of(token, digest(token), source).await
             }
+        }?;
+        if let Some(caller) = caller {
+            caller.authenticated();
         }
+        Ok(node)
     }
 }
 

@@ -94,7 +94,7 @@ impl pb::certificates_server::Certificates for SigningService {
     ) -> Result<Response<pb::SignResponse>, Status> {
         let node = self
             .auth
-            .authenticate(request.metadata())
+            .authenticate(&request)
             .await
             .map_err(|status| self.refuse("unauthenticated", status))?;
         let pb::SignRequest { identity, csr_der } = request.into_inner();

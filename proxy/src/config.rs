@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use weft_certs::Identity;
 
-use crate::limits::{ConnectionLimits, HttpLimits};
+use crate::limits::{ConnectionLimits, HttpLimits, MemoryLimits};
 
 /// The control plane's identity unless configured otherwise.
 pub const DEFAULT_CONTROL_PLANE_IDENTITY: &str =
@@ -244,6 +244,11 @@ pub struct ProxyConfig {
     /// readiness).
     #[command(flatten)]
     pub http_limits: HttpLimits,
+
+    /// Bounds on the memory peers and pods can make the data plane hold
+    /// (HBONE windows, held copy buffers).
+    #[command(flatten)]
+    pub memory_limits: MemoryLimits,
 
     /// Warnings of one cause that a pod or peer can trigger (a refused
     /// connection, a failed handshake) logged per

@@ -14,17 +14,80 @@
 //!
 //! The scratch buffer is large ([`BUFFER_SIZE`]) because on a small node the
 //! cost of bulk transfer is system calls and wake-ups, not bytes copied.
+//!
+//! Held buffers of that size come out of a node-wide budget
+//! ([`limit_held_buffers`]): a pod whose peer stops reading can make the
+//! proxy hold a buffer per direction and connection. Once the budget is
+//! used up, a direction reads [`SMALL_READ`] at a time, so what it can
+//! hold beyond the budget is that much.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes read at once, per direction: the scratch buffer and a held buffer.
 pub const BUFFER_SIZE: usize = 256 * 1024;
+
+/// Bytes read at once, per direction, once the held-buffer budget is used
+/// up: also the most a direction then holds.
+pub const SMALL_READ: usize = 16 * 1024;
+
+/// The full-size held buffers of every connection, within a limit.
+struct HeldBudget {
+    limit: AtomicU64,
+    held: AtomicU64,
+}
+
+static HELD_BUDGET: HeldBudget = HeldBudget {
+    limit: AtomicU64::new(u64::MAX),
+    held: AtomicU64::new(0),
+};
+
+/// Sets how many bytes the full-size held buffers of all connections may
+/// take together (the proxy's `--held-buffer-budget-mib`).
+pub fn limit_held_buffers(bytes: u64) {
+    HELD_BUDGET.limit.store(bytes, Ordering::Relaxed);
+}
+
+/// The bytes full-size held buffers take now.
+pub fn held_buffer_bytes() -> u64 {
+    HELD_BUDGET.held.load(Ordering::Relaxed)
+}
+
+impl HeldBudget {
+    /// Room for one full-size buffer, if the budget has it.
+    fn reserve(&'static self) -> Option<Reservation> {
+        let size = BUFFER_SIZE as u64;
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(size).filter(|&total| total <= limit)
+            })
+            .ok()
+            .map(|_| Reservation(self))
+    }
+}
+
+/// One full-size buffer's room in the budget, given back when dropped.
+struct Reservation(&'static HeldBudget);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(BUFFER_SIZE as u64, Ordering::AcqRel);
+    }
+}
+
+/// What a direction holds while its writer pushes back: a full-size
+/// buffer with its room in the budget, or a small one past the budget.
+struct Held {
+    bytes: Box<[u8]>,
+    _room: Option<Reservation>,
+}
 
 /// Held buffers a thread keeps for reuse. A bulk transfer takes and returns
 /// one each time its writer pushes back; allocating it anew each time costs
@@ -46,12 +109,16 @@ fn take_buffer() -> Box<[u8]> {
     SPARE.with_borrow_mut(Vec::pop).unwrap_or_else(new_buffer)
 }
 
-/// Keeps `buffer` for the next direction that needs one, up to
-/// [`SPARE_BUFFERS`]; frees it otherwise.
-fn give_back(buffer: Box<[u8]>) {
+/// Keeps a full-size `held` buffer for the next direction that needs one,
+/// up to [`SPARE_BUFFERS`]; frees it otherwise. Its room in the budget is
+/// given back either way.
+fn give_back(held: Held) {
+    if held.bytes.len() != BUFFER_SIZE {
+        return;
+    }
     SPARE.with_borrow_mut(|spare| {
         if spare.len() < SPARE_BUFFERS {
-            spare.push(buffer);
+            spare.push(held.bytes);
         }
     });
 }
@@ -64,8 +131,8 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Direction::default();
-    let mut b_to_a = Direction::default();
+    let mut a_to_b = Direction::new(&HELD_BUDGET);
+    let mut b_to_a = Direction::new(&HELD_BUDGET);
     poll_fn(|cx| {
         let forward = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let backward = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
@@ -78,11 +145,11 @@ where
 }
 
 /// One direction of a copy.
-#[derive(Default)]
 struct Direction {
     /// Read but not yet written, in `held[start..end]`, when the writer
     /// pushed back; kept (and read into) while the transfer is busy.
-    held: Option<Box<[u8]>>,
+    held: Option<Held>,
+    budget: &'static HeldBudget,
     start: usize,
     end: usize,
     read_done: bool,
@@ -93,6 +160,19 @@ struct Direction {
 }
 
 impl Direction {
+    fn new(budget: &'static HeldBudget) -> Direction {
+        Direction {
+            held: None,
+            budget,
+            start: 0,
+            end: 0,
+            read_done: false,
+            shut_down: false,
+            need_flush: false,
+            copied: 0,
+        }
+    }
+
     /// Ready with the bytes copied once the reader has ended and the writer
     /// is shut down.
     fn poll_copy<R, W>(
@@ -119,7 +199,7 @@ impl Direction {
             let read = match self.held.as_mut() {
                 // Busy: read straight into our own buffer.
                 Some(held) => {
-                    let mut buf = ReadBuf::new(held);
+                    let mut buf = ReadBuf::new(&mut held.bytes);
                     match reader.as_mut().poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) => {
                             let n = buf.filled().len();
@@ -166,7 +246,11 @@ impl Direction {
             return Poll::Ready(Ok(()));
         };
         while self.start < self.end {
-            let n = ready!(writer.as_mut().poll_write(cx, &held[self.start..self.end]))?;
+            let n = ready!(
+                writer
+                    .as_mut()
+                    .poll_write(cx, &held.bytes[self.start..self.end])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(write_zero()));
             }
@@ -179,8 +263,9 @@ impl Direction {
     }
 
     /// Reads into the thread's scratch buffer and writes what the writer
-    /// takes now; the rest moves into a held buffer. Ready with the bytes
-    /// read (0 at EOF).
+    /// takes now; the rest moves into a held buffer. Reads the whole
+    /// scratch buffer only when the budget has room to hold it, else
+    /// [`SMALL_READ`]. Ready with the bytes read (0 at EOF).
     fn poll_read_through_scratch<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -191,8 +276,14 @@ impl Direction {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        let room = self.budget.reserve();
+        let size = if room.is_some() {
+            BUFFER_SIZE
+        } else {
+            SMALL_READ
+        };
         SCRATCH.with_borrow_mut(|scratch| {
-            let mut buf = ReadBuf::new(scratch);
+            let mut buf = ReadBuf::new(&mut scratch[..size]);
             ready!(reader.poll_read(cx, &mut buf))?;
             let data = buf.filled();
             let mut written = 0;
@@ -210,10 +301,16 @@ impl Direction {
             self.copied += written as u64;
             if written < data.len() {
                 let rest = &data[written..];
-                let mut held = take_buffer();
-                held[..rest.len()].copy_from_slice(rest);
+                let bytes = match room {
+                    Some(_) => {
+                        let mut bytes = take_buffer();
+                        bytes[..rest.len()].copy_from_slice(rest);
+                        bytes
+                    }
+                    None => Box::from(rest),
+                };
                 (self.start, self.end) = (0, rest.len());
-                self.held = Some(held);
+                self.held = Some(Held { bytes, _room: room });
             }
             Poll::Ready(Ok(data.len()))
         })
@@ -299,11 +396,37 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_holds_no_buffer() {
         let [_client, mut a, mut b, _server] = pipes(64);
-        let mut forward = Direction::default();
+        let mut forward = Direction::new(&HELD_BUDGET);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let poll = forward.poll_copy(&mut cx, Pin::new(&mut a), Pin::new(&mut b));
         assert!(poll.is_pending());
         assert!(forward.held.is_none());
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_a_pushed_back_direction_holds_a_small_buffer() {
+        let budget: &'static HeldBudget = Box::leak(Box::new(HeldBudget {
+            limit: AtomicU64::new(BUFFER_SIZE as u64),
+            held: AtomicU64::new(0),
+        }));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Two directions whose writers take 1 KiB and then push back.
+        let mut pushed_back = Vec::new();
+        for _ in 0..2 {
+            let (mut client, mut a) = duplex(4 * BUFFER_SIZE);
+            let (mut b, server) = duplex(1024);
+            client.write_all(&vec![7; 2 * BUFFER_SIZE]).await.unwrap();
+            let mut direction = Direction::new(budget);
+            let poll = direction.poll_copy(&mut cx, Pin::new(&mut a), Pin::new(&mut b));
+            assert!(poll.is_pending());
+            pushed_back.push((direction, client, a, b, server));
+        }
+        let held = |d: &Direction| d.held.as_ref().map(|h| h.bytes.len());
+        assert_eq!(held(&pushed_back[0].0), Some(BUFFER_SIZE));
+        assert_eq!(held(&pushed_back[1].0), Some(SMALL_READ - 1024));
+        assert_eq!(budget.held.load(Ordering::Relaxed), BUFFER_SIZE as u64);
+        drop(pushed_back);
+        assert_eq!(budget.held.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

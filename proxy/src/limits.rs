@@ -1,5 +1,5 @@
 //! The bounds on what pods and peers can make the proxy hold: connections,
-//! TLS handshakes and the time they may take. Part of [`crate::ProxyConfig`]
+//! TLS handshakes and the time they may take, and memory. Part of [`crate::ProxyConfig`]
 //! (flags and environment variables), so they show in the config dump and
 //! an operator can change them without a rebuild. The data plane's
 //! `admission` module enforces them; this module only says what they are.
@@ -99,15 +99,19 @@ impl ConnectionLimits {
 impl Default for ConnectionLimits {
     /// The flags' defaults.
     fn default() -> ConnectionLimits {
-        #[derive(clap::Parser)]
-        struct Only {
-            #[command(flatten)]
-            limits: ConnectionLimits,
-        }
-        <Only as clap::Parser>::try_parse_from(["limits"])
-            .map(|only| only.limits)
-            .unwrap_or_else(|_| unreachable!("every limit has a default"))
+        flag_defaults()
     }
+}
+
+/// A flattened group's flag defaults, whatever the environment says (a
+/// test's `WEFT_*` variables are for the proxies it starts, not for it).
+fn flag_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    command
+        .try_get_matches_from(["defaults"])
+        .ok()
+        .and_then(|matches| T::from_arg_matches(&matches).ok())
+        .unwrap_or_else(|| unreachable!("every limit has a default"))
 }
 
 /// Limits of the proxy's own HTTP endpoints (admin, metrics, readiness),
@@ -143,6 +147,13 @@ pub struct HttpLimits {
     pub http_max_connection_age_seconds: u64,
 }
 
+impl Default for HttpLimits {
+    /// The flags' defaults.
+    fn default() -> HttpLimits {
+        flag_defaults()
+    }
+}
+
 impl HttpLimits {
     /// [`HttpLimits::http_header_read_timeout_ms`] as a duration.
     pub fn header_read_timeout(&self) -> std::time::Duration {
@@ -152,5 +163,76 @@ impl HttpLimits {
     /// [`HttpLimits::http_max_connection_age_seconds`] as a duration.
     pub fn max_connection_age(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.http_max_connection_age_seconds)
+    }
+}
+
+/// What peers and pods can make the proxy hold in memory: HBONE receive
+/// windows and the buffers of connections whose other side pushes back.
+/// Full-size windows and buffers come out of a budget; past it,
+/// connections keep working with small ones (or, for HBONE, are refused
+/// once not even a small window fits), so the memory stays bounded.
+#[derive(Clone, Debug, clap::Args, Serialize, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Each HBONE `CONNECT` stream's receive window, in KiB.
+    #[arg(long, env = "WEFT_HBONE_STREAM_WINDOW_KIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub hbone_stream_window_kib: u32,
+
+    /// An HBONE connection's receive window while half the window budget
+    /// has room for it, in KiB.
+    #[arg(long, env = "WEFT_HBONE_CONNECTION_WINDOW_KIB", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub hbone_connection_window_kib: u32,
+
+    /// An HBONE connection's receive window once half the budget is taken,
+    /// in KiB (from the other half).
+    #[arg(long, env = "WEFT_HBONE_MIN_CONNECTION_WINDOW_KIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub hbone_min_connection_window_kib: u32,
+
+    /// `CONNECT` streams one served HBONE connection carries at once (and
+    /// a dialed one, unless the peer allows fewer).
+    #[arg(long, env = "WEFT_HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub hbone_max_streams_per_connection: u32,
+
+    /// The receive windows of all HBONE connections together, served and
+    /// dialed, in MiB: the most that peers can make the proxy hold by
+    /// sending data the tunnels' targets do not read.
+    #[arg(long, env = "WEFT_HBONE_WINDOW_BUDGET_MIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hbone_window_budget_mib: u64,
+
+    /// The full-size (256 KiB) buffers of connections whose other side
+    /// pushes back, all together, in MiB. Past it, such a connection reads
+    /// 16 KiB at a time, so each direction of each connection holds at
+    /// most that much more.
+    #[arg(long, env = "WEFT_HELD_BUFFER_BUDGET_MIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub held_buffer_budget_mib: u64,
+}
+
+impl Default for MemoryLimits {
+    /// The flags' defaults.
+    fn default() -> MemoryLimits {
+        flag_defaults()
+    }
+}
+
+impl MemoryLimits {
+    /// The HBONE windows these limits give, with their budget.
+    pub fn hbone_windows(&self) -> crate::hbone::Windows {
+        crate::hbone::Windows::new(
+            self.hbone_stream_window_kib.saturating_mul(1024),
+            self.hbone_connection_window_kib.saturating_mul(1024),
+            self.hbone_min_connection_window_kib.saturating_mul(1024),
+            self.hbone_max_streams_per_connection,
+            self.hbone_window_budget_mib.saturating_mul(1024 * 1024),
+        )
+    }
+
+    /// [`MemoryLimits::held_buffer_budget_mib`] in bytes.
+    pub fn held_buffer_budget(&self) -> u64 {
+        self.held_buffer_budget_mib.saturating_mul(1024 * 1024)
     }
 }

@@ -11,7 +11,7 @@ use http::{HeaderValue, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_proxy::hbone::{HboneError, HbonePool, PoolConfig, TunnelStats};
+use weft_proxy::hbone::{HboneError, HbonePool, PoolConfig, TunnelStats, Windows};
 
 mod hbone_support;
 use hbone_support::*;
@@ -429,3 +429,75 @@ async fn a_pods_pooled_connections_are_retired_when_it_leaves() {
 }
 
 // ---- the scenario's parts ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_windows_come_from_the_budget_and_go_back_to_it() {
+    const KIB: u32 = 1024;
+    let mesh = Mesh::new();
+    // One full window from half the budget, four floors from the rest.
+    let budget = u64::from(2048 * KIB);
+    let windows = Windows::new(64 * KIB, 1024 * KIB, 256 * KIB, 100, budget);
+    let server = mesh.server_with(windows.clone()).await;
+    let echo = echo_server().await;
+    // A pool each: a connection each.
+    let mut pools: Vec<HbonePool> = (0..6).map(|_| pool(PoolConfig::default())).collect();
+
+    let mut tunnels = Vec::new();
+    for pool in &pools[..5] {
+        tunnels.push(pool.connect(mesh.request(&server, echo)).await.unwrap());
+    }
+    assert_eq!(windows.reserved(), budget);
+    let refused = within(
+        "the sixth connection",
+        pools[5].connect(mesh.request(&server, echo)),
+    )
+    .await;
+    assert!(refused.is_err(), "no window left, yet a tunnel opened");
+
+    // The full window and a floor both carry more than they are.
+    let bulk: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    for tunnel in &mut tunnels[..2] {
+        let (mut read, mut write) = tokio::io::split(&mut *tunnel);
+        let sending = async {
+            write.write_all(&bulk).await.unwrap();
+            write.shutdown().await.unwrap();
+        };
+        let mut echoed = Vec::new();
+        let receiving = read.read_to_end(&mut echoed);
+        let (_, received) =
+            within("the bulk echo", async { tokio::join!(sending, receiving) }).await;
+        received.unwrap();
+        assert!(echoed == bulk, "the echo differs");
+    }
+
+    // A connection's window goes back when it closes.
+    let finished = server.finished();
+    drop(tunnels.remove(0));
+    drop(pools.remove(0));
+    eventually("the first connection to end", || {
+        server.finished() > finished
+    })
+    .await;
+    let retry = pool(PoolConfig::default());
+    let mut again = retry.connect(mesh.request(&server, echo)).await.unwrap();
+    assert_eq!(round_trip(&mut again, b"room again").await, b"room again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_window_budget_dials_nothing() {
+    let mesh = Mesh::new();
+    let server = mesh.server().await;
+    let echo = echo_server().await;
+    let config = PoolConfig {
+        windows: Windows::new(65_535, 65_535, 65_535, 100, 1000),
+        ..PoolConfig::default()
+    };
+
+    let error = pool(config)
+        .connect(mesh.request(&server, echo))
+        .await
+        .unwrap_err();
+
+    assert_eq!(error.reason(), "window_budget", "{error}");
+    assert_eq!(server.accepted(), 0);
+}

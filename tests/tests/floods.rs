@@ -174,6 +174,42 @@ fn a_pod_opening_connections_as_fast_as_it_can_gets_its_share_and_its_neighbour_
 }
 
 #[test]
+fn a_pods_tunnels_are_counted_one_by_one_at_the_destination_and_its_neighbour_keeps_going() {
+    let (testbed, mut mesh) = cluster();
+    raise_open_files(8192);
+    // The server's node lets one source hold 20 connections: the flood's
+    // tunnels share a pooled HBONE connection or two, but each is a
+    // connection to the server pod all the same.
+    let old = mesh
+        .upgrade_proxy_with(
+            &testbed,
+            "node-2",
+            &["--max-inbound-connections-per-source", "20"],
+        )
+        .unwrap();
+    old.wait(WAIT).unwrap();
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let _echo = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let echo = SocketAddr::from((server_ip, 8080));
+    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let source_limit = r#"weft_proxy_rejected_total{listener="hbone",reason="source_limit"}"#;
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| flood(&testbed, Target::Pod("flood"), echo, 500, &stop, &opened));
+        wait_until(WAIT, || {
+            Ok(metric_sum(&mesh, &testbed, "node-2", source_limit)? > 100)
+        })
+        .unwrap();
+        // The client, another source, is answered on kept and new
+        // connections while the flood's streams are refused.
+        client_requests(&testbed, echo, 20);
+        stop.store(true, Ordering::SeqCst);
+    });
+}
+
+#[test]
 fn a_refused_connection_flood_with_the_log_sink_blocked_stalls_no_traffic() {
     let (testbed, mut mesh) = cluster();
     raise_open_files(8192);

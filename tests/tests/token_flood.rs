@@ -1,7 +1,8 @@
-//! A flood of made-up node tokens against the control plane's gRPC port,
-//! on a real kube-apiserver: each unknown token could cost a TokenReview.
-//! What reaches the API server is counted there, and a real node proxy's
-//! token still authenticates.
+//! Floods against the control plane's gRPC port, on a real kube-apiserver,
+//! from a pod that is not a node: made-up node tokens (each could cost a
+//! TokenReview; what reaches the API server is counted there) and
+//! connections that never call. A node's real token authenticates at once
+//! while they go on.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::time::{Duration, Instant};
@@ -11,11 +12,13 @@ use futures::StreamExt as _;
 use weft_testbed::apiserver::KubeApiServer;
 use weft_testbed::{PodSpec, Target, Testbed, WeftMesh, control_plane_channel};
 
-/// The control plane's defaults (`--token-review-burst`,
-/// `--token-reviews-per-second`).
-const BURST: f64 = 200.0;
-const PER_SECOND: f64 = 50.0;
+/// The control plane's defaults (`--token-review-source-burst`,
+/// `--token-reviews-per-source-per-minute`): what one source may cost.
+const SOURCE_BURST: f64 = 6.0;
+const SOURCE_PER_SECOND: f64 = 12.0 / 60.0;
 
+/// node-1 runs the control plane, a meshed pod, and an intruder: an
+/// unmeshed pod that reaches the control plane's port like any other.
 fn cluster() -> Testbed {
     Testbed::builder()
         .node("node-1")
@@ -28,8 +31,29 @@ fn cluster() -> Testbed {
             meshed: true,
             probe_ports: &[],
         })
+        .pod(PodSpec::named("node-1", "legacy", "intruder", false))
         .build()
         .unwrap()
+}
+
+/// A channel to the control plane from `from`.
+async fn channel_from(
+    testbed: &Testbed,
+    mesh: &WeftMesh,
+    from: Target<'_>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let roots = weft_certs::TrustBundle::from_pem(&mesh.roots_pem()?)?;
+    let socket = testbed.connect(from, mesh.control_plane_addr(testbed)?)?;
+    control_plane_channel(socket, roots).await
+}
+
+/// Whether `code` says the token was authenticated (the empty CSR of
+/// [`sign_with`] is what is refused then).
+fn authenticated(code: tonic::Code) -> bool {
+    !matches!(
+        code,
+        tonic::Code::Unauthenticated | tonic::Code::Unavailable
+    )
 }
 
 /// TokenReviews the API server has received, from its own metrics.
@@ -86,17 +110,28 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
     let testbed = cluster();
     let mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
     tokio::task::block_in_place(|| mesh.wait_for_data_plane(&testbed)).unwrap();
-    let roots = weft_certs::TrustBundle::from_pem(&mesh.roots_pem().unwrap()).unwrap();
-    let connect = || {
-        let socket = testbed
-            .connect(
-                Target::Node("node-1"),
-                mesh.control_plane_addr(&testbed).unwrap(),
-            )
-            .unwrap();
-        control_plane_channel(socket, roots.clone())
+    let intruder = Target::Pod("intruder");
+    let channel = channel_from(&testbed, &mesh, intruder).await.unwrap();
+    // A fresh token of node-1's proxy, never reviewed before: it costs a
+    // review, which must get through while the flood goes on.
+    let fresh = {
+        use weft_testbed::kube_cluster::{TOKEN_AUDIENCE, WEFT_NAMESPACE, service_account_token};
+        let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+            client.clone(),
+            WEFT_NAMESPACE,
+        );
+        let proxy = pods.get("weft-node-proxy-node-1").await.unwrap();
+        let audience = [TOKEN_AUDIENCE];
+        service_account_token(
+            &client,
+            WEFT_NAMESPACE,
+            "weft-node-proxy",
+            &audience,
+            Some(&proxy),
+        )
+        .await
+        .unwrap()
     };
-    let channel = connect().await.unwrap();
 
     let before = token_reviews(&client).await;
     let started = Instant::now();
@@ -108,14 +143,28 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
             format!("made-up-token-{n}")
         }
     });
-    let codes: Vec<(usize, tonic::Code)> = futures::stream::iter(tokens.enumerate())
-        .map(|(n, token)| {
-            let channel = channel.clone();
+    let flooding = channel.clone();
+    let flood = futures::stream::iter(tokens.enumerate())
+        .map(move |(n, token)| {
+            let channel = flooding.clone();
             async move { (n, sign_with(channel, token).await) }
         })
         .buffer_unordered(32)
-        .collect()
-        .await;
+        .collect::<Vec<(usize, tonic::Code)>>();
+    let flood = tokio::spawn(flood);
+    // While the flood goes on, the node's fresh token authenticates at
+    // the first try: the intruder used up its own allowance of reviews,
+    // not the node's.
+    wait_for_rejections(&mesh, &testbed, "token_review_source_rate").await;
+    let node = channel_from(&testbed, &mesh, Target::Node("node-1"))
+        .await
+        .unwrap();
+    let code = sign_with(node, fresh).await;
+    assert!(
+        authenticated(code),
+        "the node's token was refused: {code:?}"
+    );
+    let codes = flood.await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     let reviews = token_reviews(&client).await - before;
     eprintln!(
@@ -123,14 +172,12 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
     );
 
     assert!(
-        codes.iter().all(|(_, code)| matches!(
-            code,
-            tonic::Code::Unauthenticated | tonic::Code::Unavailable
-        )),
+        codes.iter().all(|(_, code)| !authenticated(*code)),
         "every made-up token is refused"
     );
-    // The proxies' own reviews (a renewal) may fall in this window too.
-    let bound = BURST + PER_SECOND * elapsed + 10.0;
+    // One for the real token; the proxies' own reviews (a renewal) may
+    // fall in this window too.
+    let bound = SOURCE_BURST + SOURCE_PER_SECOND * elapsed + 1.0 + 5.0;
     assert!(
         reviews <= bound,
         "{reviews} TokenReviews reached the API server in {elapsed:.1} s; at most {bound:.0} may"
@@ -155,26 +202,6 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
         "{more} reviews for {} tokens refused before",
         reviewed.len()
     );
-
-    // The node's real proxy token still authenticates (once the rate lets
-    // a review through, as the proxy's backoff would).
-    let real = mesh.token("node-1").unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let code = sign_with(connect().await.unwrap(), real.clone()).await;
-        // Authenticated: the empty CSR is what is refused now.
-        if !matches!(
-            code,
-            tonic::Code::Unauthenticated | tonic::Code::Unavailable
-        ) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the real token was refused: {code:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let rejected = mesh.control_plane_page(&testbed, "/metrics").unwrap();
     assert!(
         rejected.contains(
@@ -182,4 +209,61 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
         ),
         "{rejected}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_never_call_are_capped_per_source_and_closed() {
+    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
+    let testbed = cluster();
+    let mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
+    tokio::task::block_in_place(|| mesh.wait_for_data_plane(&testbed)).unwrap();
+
+    // 40 TLS connections from one pod that never call: the control
+    // plane's per-source cap (16) takes the first ones, resets the rest.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        if let Ok(channel) = channel_from(&testbed, &mesh, Target::Pod("intruder")).await {
+            silent.push(channel);
+        }
+    }
+    assert!(silent.len() <= 16, "{} connections held", silent.len());
+    wait_for_rejections(&mesh, &testbed, "source_limit").await;
+    // The node's proxy still gets a connection and is authenticated.
+    let node = channel_from(&testbed, &mesh, Target::Node("node-1"))
+        .await
+        .unwrap();
+    let real = mesh.token("node-1").unwrap().to_owned();
+    assert!(authenticated(sign_with(node.clone(), real.clone()).await));
+    // Those that never called are closed once the deadline passes; the
+    // node's, authenticated, stays.
+    wait_for_rejections(&mesh, &testbed, "no_authenticated_call").await;
+    assert!(authenticated(sign_with(node, real).await));
+    let dropped = sign_with(silent[0].clone(), "made-up-token-0".into()).await;
+    assert_eq!(
+        dropped,
+        tonic::Code::Unavailable,
+        "the silent connection is gone"
+    );
+}
+
+/// Waits until the control plane has refused something on its gRPC port
+/// for `reason`.
+async fn wait_for_rejections(mesh: &WeftMesh, testbed: &Testbed, reason: &str) {
+    let needle =
+        format!(r#"weft_control_plane_rejected_total{{listener="grpc",reason="{reason}"}} "#);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = tokio::task::block_in_place(|| mesh.control_plane_page(testbed, "/metrics"));
+        let count: f64 = page
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.strip_prefix(needle.as_str()))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .sum();
+        if count > 0.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing refused for {reason}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

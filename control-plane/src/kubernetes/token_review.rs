@@ -19,6 +19,7 @@
 //! with UNAVAILABLE and the proxy tries again later.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,61 @@ pub struct TokenReviewLimits {
     #[arg(long, env = "WEFT_TOKEN_REVIEW_BURST", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub token_review_burst: u32,
+
+    /// TokenReviews one source address may cause per minute, on average:
+    /// a node's proxy needs one per token it is given (hourly), so a pod
+    /// sending made-up tokens uses up its own allowance, not the nodes'.
+    #[arg(long, env = "WEFT_TOKEN_REVIEWS_PER_SOURCE_PER_MINUTE", default_value_t = 12,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_reviews_per_source_per_minute: u32,
+
+    /// TokenReviews one source address may cause at once before its rate
+    /// applies.
+    #[arg(long, env = "WEFT_TOKEN_REVIEW_SOURCE_BURST", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_review_source_burst: u32,
+}
+
+/// The TokenReviews that may be sent now.
+struct Allowance {
+    all: Bucket,
+    by_source: HashMap<IpAddr, Bucket>,
+}
+
+/// A token bucket: reviews that may be sent now, and when that was known.
+struct Bucket {
+    tokens: f64,
+    since: Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            since: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant, per_second: f64, burst: u32) {
+        let gained = now.saturating_duration_since(self.since).as_secs_f64() * per_second;
+        self.tokens = (self.tokens + gained).min(f64::from(burst));
+        self.since = now;
+    }
+
+    /// Takes one if there is one.
+    fn take(&mut self, now: Instant, per_second: f64, burst: u32) -> bool {
+        self.refill(now, per_second, burst);
+        let taken = self.tokens >= 1.0;
+        if taken {
+            self.tokens -= 1.0;
+        }
+        taken
+    }
+
+    fn is_full_at(&mut self, now: Instant, per_second: f64, burst: u32) -> bool {
+        self.refill(now, per_second, burst);
+        self.tokens >= f64::from(burst)
+    }
 }
 
 /// Checks node proxy tokens with the API server.
@@ -92,8 +148,8 @@ pub struct TokenReviewer {
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     /// Tokens the API server (or the first reading) refused, and why.
     refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
-    /// Reviews that may be sent now, and when that was computed.
-    allowance: Mutex<(f64, Instant)>,
+    /// Reviews that may be sent now: in all, and per source address.
+    allowance: Mutex<Allowance>,
     limits: TokenReviewLimits,
     rejections: crate::listeners::Rejections,
 }
@@ -113,14 +169,22 @@ impl TokenReviewer {
             proxy_user: format!("system:serviceaccount:{namespace}:{service_account}"),
             cache: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
-            allowance: Mutex::new((f64::from(limits.token_review_burst), Instant::now())),
+            allowance: Mutex::new(Allowance {
+                all: Bucket::full(limits.token_review_burst),
+                by_source: HashMap::new(),
+            }),
             limits,
             rejections,
         }
     }
 
-    /// The node whose proxy holds `token`.
-    pub async fn node_of(&self, token: &str, digest: [u8; 32]) -> Result<String, Status> {
+    /// The node whose proxy holds `token`, sent from `source` (if known).
+    pub async fn node_of(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        source: Option<IpAddr>,
+    ) -> Result<String, Status> {
         if let Some(node) = self.cached(&digest) {
             return Ok(node);
         }
@@ -135,8 +199,8 @@ impl TokenReviewer {
             debug!(reason = %why, "node token refused unread");
             return Err(Status::unauthenticated(why));
         }
-        if !self.take_allowance() {
-            self.rejections.count("grpc", "token_review_rate");
+        if let Err(reason) = self.take_allowance(source) {
+            self.rejections.count("grpc", reason);
             return Err(Status::unavailable(
                 "too many node authentications at once; try again later",
             ));
@@ -193,23 +257,40 @@ impl TokenReviewer {
         Status::unauthenticated(why)
     }
 
-    /// Whether a review may be sent now (a token bucket).
-    fn take_allowance(&self) -> bool {
+    /// Whether a review may be sent now for `source`: its own bucket
+    /// first, then everyone's; the refusal's reason if not.
+    fn take_allowance(&self, source: Option<IpAddr>) -> Result<(), &'static str> {
         let mut allowance = self
             .allowance
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (tokens, since) = &mut *allowance;
         let now = Instant::now();
-        let burst = f64::from(self.limits.token_review_burst);
-        let rate = f64::from(self.limits.token_reviews_per_second);
-        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * rate).min(burst);
-        *since = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
+        let limits = &self.limits;
+        if let Some(source) = source {
+            let per_second = f64::from(limits.token_reviews_per_source_per_minute) / 60.0;
+            let burst = limits.token_review_source_burst;
+            if allowance.by_source.len() >= CACHE_ENTRIES {
+                // Full buckets say nothing a new one would not.
+                allowance
+                    .by_source
+                    .retain(|_, bucket| !bucket.is_full_at(now, per_second, burst));
+                if allowance.by_source.len() >= CACHE_ENTRIES {
+                    allowance.by_source.clear();
+                }
+            }
+            let bucket = allowance
+                .by_source
+                .entry(source)
+                .or_insert_with(|| Bucket::full(burst));
+            if !bucket.take(now, per_second, burst) {
+                return Err("token_review_source_rate");
+            }
+        }
+        let rate = f64::from(limits.token_reviews_per_second);
+        if allowance.all.take(now, rate, limits.token_review_burst) {
+            Ok(())
         } else {
-            false
+            Err("token_review_rate")
         }
     }
 

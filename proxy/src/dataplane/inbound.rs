@@ -171,8 +171,17 @@ async fn accept_tunnel(
         plane: plane.clone(),
         pod,
     });
-    if let Err(error) = hbone::serve_connection(tls, local, handler, plane.drain.signal()).await {
-        debug!(%error, "inbound: tunnel connection ended with an error");
+    let served =
+        hbone::serve_connection(tls, local, handler, plane.drain.signal(), &plane.windows).await;
+    match served {
+        Ok(()) => {}
+        Err(error @ HboneError::WindowBudget { .. }) => {
+            if let Some(suppressed) = plane.warnings.allow("window_budget") {
+                warn!(%error, suppressed, "inbound: the HBONE window budget is used up; refused");
+            }
+            plane.admission.count_rejection("hbone", "window_budget");
+        }
+        Err(error) => debug!(%error, "inbound: tunnel connection ended with an error"),
     }
 }
 
@@ -234,6 +243,21 @@ impl InboundHandler for InboundTunnel {
         if let Err(decision) = gate::admit(&routes, &plane.metrics, &workload, &gate) {
             return Err(Refusal::Denied(decision.to_string()));
         }
+        // Each stream is a connection to the pod: counted like one, so a
+        // peer's streams take the pod's and the source's share, not more.
+        let admitted = plane
+            .admission
+            .connection("hbone", &self.pod.admission_key(), Some(peer.ip()))
+            .map_err(|refused| {
+                if let Some(suppressed) = plane.warnings.allow(refused.reason()) {
+                    warn!(%peer, destination = %request.target, reason = refused.reason(),
+                        suppressed, "inbound: a connection limit was reached; stream refused");
+                }
+                Refusal::Unavailable(format!(
+                    "a connection limit was reached: {}",
+                    refused.reason()
+                ))
+            })?;
         let upstream = match plane.pods.connect(Some(peer.ip()), request.target).await {
             Ok(upstream) => upstream,
             Err(error) => {
@@ -264,7 +288,9 @@ impl InboundHandler for InboundTunnel {
             (request.target, &Peer::workload(&workload)),
             None,
         );
-        Ok(Metered::new(upstream, record).keeping(registration))
+        Ok(Metered::new(upstream, record)
+            .keeping(registration)
+            .admitted(admitted))
     }
 }
 

@@ -54,6 +54,9 @@ pub struct DataPlane {
     pub metrics: Arc<TrafficMetrics>,
     /// Pooled HBONE connections to other nodes.
     pub pool: Arc<HbonePool>,
+    /// The receive windows of HBONE connections, served and dialed, and
+    /// the memory budget they share.
+    pub windows: crate::hbone::Windows,
     /// Graceful shutdown.
     pub drain: Drain,
     /// TLS server configs per local identity, rebuilt when its certificate changes.

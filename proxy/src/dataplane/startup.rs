@@ -112,11 +112,18 @@ pub async fn start(
         let dialing = dialing.clone();
         Box::pin(async move { dialing.connect(source, destination).await })
     });
+    let windows = config.memory_limits.hbone_windows();
+    crate::copy::limit_held_buffers(config.memory_limits.held_buffer_budget());
+    let pool_config = PoolConfig {
+        windows: windows.clone(),
+        ..PoolConfig::default()
+    };
     let plane = Arc::new(DataPlane {
         routes: routes.clone(),
         certificates,
         metrics,
-        pool: Arc::new(HbonePool::new(dialer, PoolConfig::default())),
+        pool: Arc::new(HbonePool::new(dialer, pool_config)),
+        windows,
         drain: drain.clone(),
         server_configs: inbound::ServerConfigs::default(),
         admission: super::admission::Admission::new(config.limits.clone(), rejections.clone()),

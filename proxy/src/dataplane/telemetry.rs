@@ -303,6 +303,8 @@ pub struct Metered<S> {
     error: Option<String>,
     /// Held for the connection's life (its policy registration).
     _keep: Option<super::reauthorize::Registration>,
+    /// Held for the connection's life: its place within the limits.
+    _admitted: Option<super::admission::AdmittedConnection>,
 }
 
 impl<S> Metered<S> {
@@ -315,6 +317,7 @@ impl<S> Metered<S> {
             record: Some(record),
             error: None,
             _keep: None,
+            _admitted: None,
         }
     }
 
@@ -328,6 +331,13 @@ impl<S> Metered<S> {
     /// Keeps `registration` until the connection ends.
     pub fn keeping(mut self, registration: Option<super::reauthorize::Registration>) -> Metered<S> {
         self._keep = registration;
+        self
+    }
+
+    /// Holds the connection's place within the limits (see
+    /// [`super::admission`]) until it ends.
+    pub fn admitted(mut self, admitted: super::admission::AdmittedConnection) -> Metered<S> {
+        self._admitted = Some(admitted);
         self
     }
 

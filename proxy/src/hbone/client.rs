@@ -22,6 +22,7 @@ use super::headers::forwarded_for;
 use super::slots::SlotLease;
 use super::stream::HboneStream;
 use super::tuning::{HboneSocket, TLS_WRITE_BUFFER, client_builder, hbone_socket};
+use super::windows::Window;
 
 /// One tunnel to open: from which workload, to which workload, where.
 #[derive(Debug, Clone)]
@@ -103,12 +104,16 @@ pub(crate) type ClientConnection = Connection<TlsStream<HboneSocket>, Bytes>;
 pub(crate) struct Handshaken {
     pub(crate) send_request: SendRequest<Bytes>,
     pub(crate) connection: ClientConnection,
+    /// Its receive windows, held from the budget while it lives.
+    pub(crate) window: Window,
 }
 
-/// TLS then HTTP/2 over a freshly dialed TCP connection.
+/// TLS then HTTP/2 over a freshly dialed TCP connection, receiving within
+/// `window`.
 pub(crate) async fn handshake(
     tcp: TcpStream,
     request: &HboneRequest,
+    window: Window,
 ) -> Result<Handshaken, HboneError> {
     let address = request.hbone_addr;
     // Small writes (a request, a reply) must leave at once.
@@ -131,17 +136,17 @@ pub(crate) async fn handshake(
             problem: tls_problem(&e),
         })?;
     tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
-    let (send_request, connection) =
-        client_builder()
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|source| HboneError::Http2Handshake {
-                peer: address,
-                source,
-            })?;
+    let (send_request, connection) = client_builder(window.stream, window.connection)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|source| HboneError::Http2Handshake {
+            peer: address,
+            source,
+        })?;
     Ok(Handshaken {
         send_request,
         connection,
+        window,
     })
 }
 

@@ -152,6 +152,14 @@ pub enum HboneError {
         source: h2::Error,
     },
 
+    /// The memory budget of receive windows had not even a small window
+    /// left for the connection (see [`super::Windows`]).
+    #[error("HBONE connection with {peer}: no receive window left in the memory budget")]
+    WindowBudget {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+
     /// The peer stopped answering pings; the connection was given up.
     #[error("HBONE connection with {peer}: no answer to a ping within {after:?}")]
     KeepaliveTimeout {
@@ -205,6 +213,7 @@ impl HboneError {
                 _ => "refused",
             },
             HboneError::Connection { .. } => "connection_failed",
+            HboneError::WindowBudget { .. } => "window_budget",
             HboneError::KeepaliveTimeout { .. } => "keepalive_timeout",
             HboneError::StreamReset { .. } => "stream_reset",
             HboneError::Stream { .. } => "stream_failed",

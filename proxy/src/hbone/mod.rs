@@ -15,7 +15,7 @@
 //!   HTTP/2 flow control, half-close and byte counts ([`TunnelStats`]).
 //! - [`serve_connection`]: the server side of one HBONE connection.
 //!
-//! Modules, from the leaves up: `error`, `tuning`, `headers`, `slots` →
+//! Modules, from the leaves up: `error`, `tuning` → `windows`, `headers`, `slots` →
 //! `stream` → `client` → `pool`; `server` uses `stream`. Nothing points back.
 
 mod client;
@@ -26,6 +26,7 @@ mod server;
 mod slots;
 mod stream;
 mod tuning;
+mod windows;
 
 pub use client::{EarlyData, HboneRequest};
 pub use error::HboneError;
@@ -41,3 +42,4 @@ pub use tuning::{
     MAX_STREAMS_PER_CONNECTION, PING_INTERVAL, PING_TIMEOUT, READ_BUFFER, STREAM_WINDOW,
     hbone_socket,
 };
+pub use windows::{Window, Windows};

@@ -31,6 +31,7 @@ use super::error::HboneError;
 use super::slots::{SlotLease, StreamSlots};
 use super::stream::HboneStream;
 use super::tuning::{HANDSHAKE_TIMEOUT, MAX_STREAMS_PER_CONNECTION, PING_TIMEOUT, keepalive};
+use super::windows::{Window, Windows};
 
 /// Opens the TCP connection to a peer's HBONE address, from a given local
 /// IP when there is one. The node proxy's dialer uses a transparent socket
@@ -68,6 +69,9 @@ pub struct PoolConfig {
     /// Streams per connection before another connection is opened (the
     /// peer's own limit, if lower, applies too).
     pub max_streams_per_connection: usize,
+    /// The receive windows connections ask for, and the budget they share
+    /// (with the server side, when the data plane passes the same).
+    pub windows: Windows,
 }
 
 impl Default for PoolConfig {
@@ -76,6 +80,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: HANDSHAKE_TIMEOUT,
             max_streams_per_connection: MAX_STREAMS_PER_CONNECTION,
+            windows: Windows::default(),
         }
     }
 }
@@ -312,10 +317,11 @@ impl HbonePool {
             address = %key.hbone_addr,
         );
         async move {
-            let handshaken = establish(&dialer, &request, config.connect_timeout).await;
+            let handshaken = establish(&dialer, &request, &config).await;
             let Handshaken {
                 send_request,
                 connection,
+                window,
             } = match handshaken {
                 Ok(handshaken) => handshaken,
                 Err(error) => {
@@ -341,7 +347,7 @@ impl HbonePool {
             tracing::debug!("connection established");
             let slots = Arc::clone(&pooled.slots);
             let driver = drive(
-                connection,
+                (connection, window),
                 slots,
                 pool.clone(),
                 key.clone(),
@@ -442,13 +448,19 @@ impl PooledConnection {
     }
 }
 
-/// TCP from the dialer, then TLS and HTTP/2, within `timeout`.
+/// TCP from the dialer, then TLS and HTTP/2, within the config's connect
+/// timeout and with receive windows from its budget.
 async fn establish(
     dialer: &Dialer,
     request: &HboneRequest,
-    timeout: Duration,
+    config: &PoolConfig,
 ) -> Result<Handshaken, HboneError> {
     let address = request.hbone_addr;
+    let timeout = config.connect_timeout;
+    let window = config
+        .windows
+        .reserve()
+        .ok_or(HboneError::WindowBudget { peer: address })?;
     let work = async {
         let tcp = dialer(request.source_ip, address)
             .await
@@ -457,7 +469,7 @@ async fn establish(
                 source_ip: request.source_ip,
                 source,
             })?;
-        handshake(tcp, request).await
+        handshake(tcp, request, window).await
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -468,9 +480,10 @@ async fn establish(
 }
 
 /// Runs one pooled connection until it dies, stops answering pings, or is
-/// idle (or retired) with no streams left; then takes it out of the pool.
+/// idle (or retired) with no streams left; then takes it out of the pool
+/// and gives its receive window back to the budget.
 async fn drive(
-    mut connection: ClientConnection,
+    (mut connection, _window): (ClientConnection, Window),
     slots: Arc<StreamSlots>,
     pool: Weak<PoolInner>,
     key: PoolKey,

@@ -28,6 +28,7 @@ use super::tuning::{
     HANDSHAKE_TIMEOUT, HboneSocket, PING_TIMEOUT, TLS_WRITE_BUFFER, hbone_socket, keepalive,
     server_builder,
 };
+use super::windows::Windows;
 
 /// One `CONNECT` that passed the protocol checks, for the handler to decide.
 #[derive(Debug, Clone)]
@@ -183,12 +184,17 @@ pub async fn accept_tls_within(
 /// the client to open new streams elsewhere). `local_addr` is the address
 /// the client dialed; a `CONNECT` to any other IP is refused with 400.
 ///
+/// The connection's receive windows come out of `windows`' budget; when
+/// not even its floor is left, the connection is refused
+/// ([`HboneError::WindowBudget`]).
+///
 /// For a deadline on draining, drop this future when it passes.
 pub async fn serve_connection<H: InboundHandler>(
     mut tls: TlsStream<HboneSocket>,
     local_addr: SocketAddr,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
+    windows: &Windows,
 ) -> Result<(), HboneError> {
     tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
     let (socket, session) = tls.get_ref();
@@ -197,6 +203,8 @@ pub async fn serve_connection<H: InboundHandler>(
     let _ = tcp.set_nodelay(true);
     let peer_identity = weft_certs::peer_identity(session)
         .map_err(|source| HboneError::PeerIdentity { peer, source })?;
+    let window = windows.reserve().ok_or(HboneError::WindowBudget { peer })?;
+    let max_streams = windows.max_streams;
     let span = tracing::debug_span!(
         "hbone_inbound",
         %peer,
@@ -209,7 +217,10 @@ pub async fn serve_connection<H: InboundHandler>(
         local_addr,
     });
     async move {
-        let handshake = server_builder().handshake::<_, Bytes>(tls);
+        let builder = server_builder(window.stream, window.connection, max_streams);
+        // Held, and given back to the budget, for as long as the connection.
+        let _window = window;
+        let handshake = builder.handshake::<_, Bytes>(tls);
         let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(source)) => return Err(HboneError::Http2Handshake { peer, source }),

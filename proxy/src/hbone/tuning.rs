@@ -9,10 +9,11 @@ use h2::{Ping, PingPong};
 /// The port every meshed pod's HBONE traffic is addressed to.
 pub const HBONE_PORT: u16 = 15008;
 
-/// The HTTP/2 flow-control window of each `CONNECT` stream: 4 MiB.
+/// The HTTP/2 flow-control window of each `CONNECT` stream by default
+/// (the proxy's config sets its own, see [`super::Windows`]): 4 MiB.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// The HTTP/2 flow-control window of a whole connection: 16 MiB.
+/// The HTTP/2 flow-control window of a whole connection by default: 16 MiB.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// The largest HTTP/2 frame either side accepts: 1 MiB.
@@ -36,7 +37,7 @@ pub fn hbone_socket(tcp: tokio::net::TcpStream) -> HboneSocket {
     tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
-/// How many `CONNECT` streams one connection carries at once.
+/// How many `CONNECT` streams one connection carries at once by default.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 /// How often an HBONE connection is pinged.
@@ -53,12 +54,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// headers, so anything near this is abuse.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
-/// The client's HTTP/2 settings.
-pub(crate) fn client_builder() -> h2::client::Builder {
+/// The client's HTTP/2 settings, with the receive windows reserved for the
+/// connection (see [`super::Window`]): each stream's and the connection's.
+pub(crate) fn client_builder(stream_window: u32, connection_window: u32) -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .initial_max_send_streams(MAX_STREAMS_PER_CONNECTION)
@@ -66,15 +68,20 @@ pub(crate) fn client_builder() -> h2::client::Builder {
     builder
 }
 
-/// The server's HTTP/2 settings.
-pub(crate) fn server_builder() -> h2::server::Builder {
+/// The server's HTTP/2 settings, with the receive windows reserved for
+/// the connection and at most `max_streams` streams at once.
+pub(crate) fn server_builder(
+    stream_window: u32,
+    connection_window: u32,
+    max_streams: u32,
+) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32);
+        .max_concurrent_streams(max_streams);
     builder
 }
 

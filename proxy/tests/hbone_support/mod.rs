@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, watch};
 use weft_certs::{CertificateRequest, Identity, MeshCa, WorkloadCertificate};
 use weft_proxy::hbone::{
     Dialer, HboneError, HbonePool, HboneRequest, InboundHandler, InboundRequest, PoolConfig,
-    Refusal, TunnelStats, accept_tls, direct_dialer, serve_connection,
+    Refusal, TunnelStats, Windows, accept_tls, direct_dialer, serve_connection,
 };
 
 pub const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -45,6 +45,11 @@ impl Mesh {
 
     /// An HBONE server on 127.0.0.1 presenting checkout's certificate.
     pub async fn server(&self) -> TestServer {
+        self.server_with(Windows::default()).await
+    }
+
+    /// [`Mesh::server`] granting receive windows from `windows`.
+    pub async fn server_with(&self, windows: Windows) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = weft_certs::hbone_server_config(&self.checkout).unwrap();
         let (drain, drain_rx) = watch::channel(false);
@@ -59,13 +64,13 @@ impl Mesh {
             while let Ok((tcp, _)) = listener.accept().await {
                 let local = tcp.local_addr().unwrap();
                 let (config, handler, drain) = (config.clone(), handler.clone(), drain_rx.clone());
-                let counts = counts.clone();
+                let (counts, windows) = (counts.clone(), windows.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = accept_tls(tcp, config).await else {
                         return;
                     };
                     counts.0.fetch_add(1, Ordering::SeqCst);
-                    let _ = serve_connection(tls, local, handler, drain).await;
+                    let _ = serve_connection(tls, local, handler, drain, &windows).await;
                     counts.1.fetch_add(1, Ordering::SeqCst);
                 });
             }

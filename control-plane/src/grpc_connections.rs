@@ -1,0 +1,215 @@
+//! The connections of the gRPC port (15012), from accept to what tonic
+//! serves: TLS handshakes run concurrently within their caps
+//! ([`crate::listeners::PerSource`]); an established connection holds a
+//! place within the connection caps, and must carry a call whose node
+//! token checks out within a deadline, or it is closed. Anyone who reaches
+//! the Service can complete a handshake (the server does not ask for a
+//! client certificate: a proxy proves itself with its token), so without
+//! these bounds a client could hold connections without ever calling.
+//!
+//! A served connection tells its calls who it is through [`Caller`]
+//! (tonic puts it in each request's extensions); node authentication marks
+//! it authenticated, which lifts the deadline.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::debug;
+
+use crate::listeners::{Held, ListenerLimits, PerSource, Rejections};
+
+/// Who is at the other end of a served connection, for its calls.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The client's address.
+    pub peer: SocketAddr,
+    authenticated: Arc<AtomicBool>,
+}
+
+impl Caller {
+    /// Notes that a call on the connection carried a valid node token:
+    /// the connection may stay.
+    pub fn authenticated(&self) {
+        self.authenticated.store(true, Ordering::Release);
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+}
+
+/// An established connection, as tonic serves it.
+pub struct GrpcConnection {
+    tls: TlsStream<TcpStream>,
+    caller: Caller,
+    /// Until a call authenticates: when the connection is closed.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The deadline passed without an authenticated call.
+    expired: bool,
+    rejections: Rejections,
+    _place: Held,
+}
+
+impl tonic::transport::server::Connected for GrpcConnection {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        self.caller.clone()
+    }
+}
+
+impl AsyncRead for GrpcConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // Polled with every read, so the timer's waker stays registered
+        // while the connection waits for its first call.
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.caller.is_authenticated() {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this.expired = true;
+                this.rejections.count("grpc", "no_authenticated_call");
+                debug!(peer = %this.caller.peer, "no authenticated call in time: closed");
+            }
+        }
+        if this.expired {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no authenticated call in time",
+            )));
+        }
+        Pin::new(&mut this.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GrpcConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// The bounds and counters [`tls_connections`] works with.
+pub struct GrpcBounds {
+    handshakes: Arc<PerSource>,
+    connections: Arc<PerSource>,
+    handshake_timeout: Duration,
+    authenticate_within: Duration,
+    rejections: Rejections,
+}
+
+impl GrpcBounds {
+    /// The bounds of `limits`; refusals counted in `rejections`.
+    pub fn new(limits: &ListenerLimits, rejections: Rejections) -> GrpcBounds {
+        GrpcBounds {
+            handshakes: PerSource::handshakes(limits),
+            connections: PerSource::grpc_connections(limits),
+            handshake_timeout: limits.handshake_timeout(),
+            authenticate_within: limits.grpc_authenticate_within(),
+            rejections,
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so
+/// one slow or hostile client cannot hold up the others, within the
+/// bounds: beyond them a connection is reset at once.
+pub fn tls_connections(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    bounds: GrpcBounds,
+) -> ReceiverStream<Result<GrpcConnection, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let bounds = Arc::new(bounds);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = crate::listeners::accept(&listener, "grpc").await;
+            let held = bounds
+                .connections
+                .hold(peer.ip())
+                .and_then(|place| Ok((place, bounds.handshakes.hold(peer.ip())?)));
+            let (place, handshaking) = match held {
+                Ok(held) => held,
+                Err(reason) => {
+                    bounds.rejections.count("grpc", reason);
+                    debug!(%peer, reason, "a gRPC connection limit was reached: reset");
+                    crate::listeners::reset(&stream);
+                    continue;
+                }
+            };
+            let (tls, ready, bounds) = (tls.clone(), tx.clone(), bounds.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(bounds.handshake_timeout, tls.accept(stream));
+                let handshake = handshake.await;
+                drop(handshaking);
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let connection = GrpcConnection {
+                            tls,
+                            caller: Caller {
+                                peer,
+                                authenticated: Arc::default(),
+                            },
+                            deadline: Some(Box::pin(tokio::time::sleep(
+                                bounds.authenticate_within,
+                            ))),
+                            expired: false,
+                            rejections: bounds.rejections.clone(),
+                            _place: place,
+                        };
+                        let _ = ready.send(Ok(connection)).await;
+                    }
+                    Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => {
+                        bounds.rejections.count("grpc", "handshake_timeout");
+                        debug!(%peer, "TLS handshake timed out");
+                    }
+                }
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
