@@ -8,6 +8,7 @@
 
 mod ca_secret;
 mod lease;
+mod signing_keys;
 mod source;
 mod status_writer;
 mod token_review;
@@ -15,6 +16,7 @@ mod uninstall;
 
 pub use ca_secret::{CA_SECRET_KEY, ROOTS_CONFIG_MAP_KEY, load_or_create_ca, publish_roots};
 pub use lease::{LEASE_DURATION, RENEW_EVERY, hold_lease};
+pub use signing_keys::{Verdict, verdict_with_jwks};
 pub use source::watch_cluster;
 pub use status_writer::write_statuses;
 pub use token_review::{NODE_NAME_EXTRA, TokenReviewLimits, TokenReviewer, unverified_claims};

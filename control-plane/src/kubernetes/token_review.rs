@@ -13,9 +13,11 @@
 //! one would cost an API request: a flood of made-up tokens must not become
 //! a flood on the API server. So a token is first read without trusting
 //! it (a JWT for our audience and the proxies' ServiceAccount, not
-//! expired: anything else is refused here), a refused token stays refused
-//! for a while without asking again, and the reviews sent are rate
-//! limited ([`TokenReviewLimits`]); over the rate, authentication fails
+//! expired: anything else is refused here), then its signature is checked
+//! against the API server's signing keys (`signing_keys`: a forgery is
+//! refused here too), a refused token stays refused for a while without
+//! asking again, and the reviews sent are rate limited, per source address
+//! and in all ([`TokenReviewLimits`]); over the rate, authentication fails
 //! with UNAVAILABLE and the proxy tries again later.
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde::Serialize;
 
+use super::signing_keys::{SigningKeys, Verdict};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use tonic::Status;
@@ -90,6 +93,15 @@ pub struct TokenReviewLimits {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub token_reviews_per_source_per_minute: u32,
 
+    /// How often the API server's token signing keys may be fetched again
+    /// when a token names a key not known yet, in seconds.
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_SIGNING_KEYS_REFRESH_SECONDS",
+        default_value_t = 10
+    )]
+    pub token_signing_keys_refresh_seconds: u64,
+
     /// TokenReviews one source address may cause at once before its rate
     /// applies.
     #[arg(long, env = "WEFT_TOKEN_REVIEW_SOURCE_BURST", default_value_t = 6,
@@ -150,6 +162,8 @@ pub struct TokenReviewer {
     refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     /// Reviews that may be sent now: in all, and per source address.
     allowance: Mutex<Allowance>,
+    /// The API server's keys, to refuse forged tokens without a review.
+    keys: SigningKeys,
     limits: TokenReviewLimits,
     rejections: crate::listeners::Rejections,
 }
@@ -163,7 +177,9 @@ impl TokenReviewer {
         limits: TokenReviewLimits,
         rejections: crate::listeners::Rejections,
     ) -> TokenReviewer {
+        let refresh = Duration::from_secs(limits.token_signing_keys_refresh_seconds);
         TokenReviewer {
+            keys: SigningKeys::new(client.clone(), refresh),
             client,
             audience: audience.to_owned(),
             proxy_user: format!("system:serviceaccount:{namespace}:{service_account}"),
@@ -197,6 +213,12 @@ impl TokenReviewer {
             // these cannot push reviewed refusals out of the cache.
             self.rejections.count("grpc", "token_malformed");
             debug!(reason = %why, "node token refused unread");
+            return Err(Status::unauthenticated(why));
+        }
+        if let Verdict::Forged(why) = self.keys.check(token).await {
+            // Cheap to tell again, like a malformed token: not remembered.
+            self.rejections.count("grpc", "token_forged");
+            debug!(reason = %why, "node token refused unreviewed");
             return Err(Status::unauthenticated(why));
         }
         if let Err(reason) = self.take_allowance(source) {
