@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_certs::{CertificateRequest, Identity, MeshCa, WorkloadCertificate};
 use weft_proxy::hbone::{
-    HbonePool, HboneRequest, InboundRequest, PoolConfig, Refusal, Windows, accept_tls,
+    HbonePool, HboneRequest, InboundRequest, PoolConfig, Refusal, ServerSettings, accept_tls,
     direct_dialer, serve_connection,
 };
 
@@ -150,7 +150,8 @@ async fn hbone_server(certificate: &WorkloadCertificate) -> anyhow::Result<Socke
                     let _ = upstream.set_nodelay(true);
                     Ok::<_, Refusal>(upstream)
                 });
-                let _ = serve_connection(tls, local, handler, drain, &Windows::default()).await;
+                let _ =
+                    serve_connection(tls, local, handler, drain, &ServerSettings::default()).await;
             });
         }
     });

@@ -70,9 +70,42 @@ pub struct ConnectionLimits {
     #[arg(long, env = "WEFT_MAX_HBONE_CONNECTIONS_PER_PEER", default_value_t = 2048,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_hbone_connections_per_peer: u32,
+
+    /// How often an HBONE connection (served or dialed) is pinged, in
+    /// seconds.
+    #[arg(long, env = "WEFT_HBONE_PING_INTERVAL_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hbone_ping_interval_seconds: u64,
+
+    /// How long a ping may go unanswered before the connection is given
+    /// up, in seconds.
+    #[arg(long, env = "WEFT_HBONE_PING_TIMEOUT_SECONDS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hbone_ping_timeout_seconds: u64,
+
+    /// How long a dialed HBONE connection may carry no stream before it is
+    /// closed, in seconds.
+    #[arg(long, env = "WEFT_HBONE_IDLE_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hbone_idle_timeout_seconds: u64,
+
+    /// How long dialing an HBONE connection may take, with its TLS and
+    /// HTTP/2 handshakes, in milliseconds.
+    #[arg(long, env = "WEFT_HBONE_CONNECT_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub hbone_connect_timeout_ms: u64,
 }
 
 impl ConnectionLimits {
+    /// How HBONE connections, served and dialed, notice a peer that
+    /// stopped answering.
+    pub fn hbone_keepalive(&self) -> crate::hbone::Keepalive {
+        crate::hbone::Keepalive {
+            interval: std::time::Duration::from_secs(self.hbone_ping_interval_seconds),
+            timeout: std::time::Duration::from_secs(self.hbone_ping_timeout_seconds),
+        }
+    }
+
     /// The number of connections from which the node counts as saturated.
     pub fn saturated_at(&self) -> u32 {
         let share = u64::from(self.max_connections) * u64::from(self.fair_share_above_percent);

@@ -135,35 +135,61 @@ fn silent_connections_to_15008_from_one_pod_leave_other_pods_tunnels_alone() {
     drop(silent);
 }
 
+/// A flood from the flood pod to the server's echo, holding the latest
+/// `keep` connections, beside the client's `requests`: once `node`'s
+/// proxy has refused more than 100 of the flood's connections for
+/// `refused` (a `weft_proxy_rejected_total` series), the client's
+/// requests, on a kept connection and on new ones, are all answered while
+/// the flood goes on. `node`'s proxy runs with `flags`.
+struct FloodBesideClient<'a> {
+    node: &'a str,
+    flags: &'a [&'a str],
+    keep: usize,
+    refused: &'a str,
+    requests: usize,
+}
+
+impl FloodBesideClient<'_> {
+    fn run(&self) -> (Testbed, WeftMesh) {
+        let (testbed, mut mesh) = cluster();
+        raise_open_files(8192);
+        let old = mesh
+            .upgrade_proxy_with(&testbed, self.node, self.flags)
+            .unwrap();
+        old.wait(WAIT).unwrap();
+        let server_ip = testbed.pod_ip("server").unwrap();
+        let echo_server = testbed
+            .start_echo_server(Target::Pod("server"), 8080)
+            .unwrap();
+        let echo = SocketAddr::from((server_ip, 8080));
+        let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            let (testbed, keep, stop, opened) = (&testbed, self.keep, &stop, &opened);
+            scope.spawn(move || flood(testbed, Target::Pod("flood"), echo, keep, stop, opened));
+            wait_until(WAIT, || {
+                Ok(metric_sum(&mesh, testbed, self.node, self.refused)? > 100)
+            })
+            .unwrap();
+            client_requests(testbed, echo, self.requests);
+            stop.store(true, Ordering::SeqCst);
+        });
+        drop(echo_server);
+        (testbed, mesh)
+    }
+}
+
 #[test]
 fn a_pod_opening_connections_as_fast_as_it_can_gets_its_share_and_its_neighbour_keeps_going() {
-    let (testbed, mut mesh) = cluster();
-    raise_open_files(8192);
-    // A small node: 100 connections in all, saturated at 75.
-    let old = mesh
-        .upgrade_proxy_with(&testbed, "node-1", &["--max-connections", "100"])
-        .unwrap();
-    old.wait(WAIT).unwrap();
-    let server_ip = testbed.pod_ip("server").unwrap();
-    let _echo = testbed
-        .start_echo_server(Target::Pod("server"), 8080)
-        .unwrap();
-    let echo = SocketAddr::from((server_ip, 8080));
-    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
-    let fair_share = r#"weft_proxy_rejected_total{listener="outbound",reason="fair_share"}"#;
-
-    std::thread::scope(|scope| {
-        // The flood holds every connection it gets and asks for more.
-        scope.spawn(|| flood(&testbed, Target::Pod("flood"), echo, 5000, &stop, &opened));
-        wait_until(WAIT, || {
-            Ok(metric_sum(&mesh, &testbed, "node-1", fair_share)? > 100)
-        })
-        .unwrap();
-        // Its neighbour's requests, on a kept connection and on new ones,
-        // are all answered while the flood goes on.
-        client_requests(&testbed, echo, 50);
-        stop.store(true, Ordering::SeqCst);
-    });
+    // A small node: 100 connections in all, saturated at 75. The flood
+    // holds every connection it gets and asks for more.
+    let (testbed, mesh) = FloodBesideClient {
+        node: "node-1",
+        flags: &["--max-connections", "100"],
+        keep: 5000,
+        refused: r#"weft_proxy_rejected_total{listener="outbound",reason="fair_share"}"#,
+        requests: 50,
+    }
+    .run();
 
     let limit = |reason: &str| {
         let needle =
@@ -175,38 +201,18 @@ fn a_pod_opening_connections_as_fast_as_it_can_gets_its_share_and_its_neighbour_
 
 #[test]
 fn a_pods_tunnels_are_counted_one_by_one_at_the_destination_and_its_neighbour_keeps_going() {
-    let (testbed, mut mesh) = cluster();
-    raise_open_files(8192);
     // The server's node lets one source hold 20 connections: the flood's
     // tunnels share a pooled HBONE connection or two, but each is a
-    // connection to the server pod all the same.
-    let old = mesh
-        .upgrade_proxy_with(
-            &testbed,
-            "node-2",
-            &["--max-inbound-connections-per-source", "20"],
-        )
-        .unwrap();
-    old.wait(WAIT).unwrap();
-    let server_ip = testbed.pod_ip("server").unwrap();
-    let _echo = testbed
-        .start_echo_server(Target::Pod("server"), 8080)
-        .unwrap();
-    let echo = SocketAddr::from((server_ip, 8080));
-    let (stop, opened) = (AtomicBool::new(false), AtomicUsize::new(0));
-    let source_limit = r#"weft_proxy_rejected_total{listener="hbone",reason="source_limit"}"#;
-
-    std::thread::scope(|scope| {
-        scope.spawn(|| flood(&testbed, Target::Pod("flood"), echo, 500, &stop, &opened));
-        wait_until(WAIT, || {
-            Ok(metric_sum(&mesh, &testbed, "node-2", source_limit)? > 100)
-        })
-        .unwrap();
-        // The client, another source, is answered on kept and new
-        // connections while the flood's streams are refused.
-        client_requests(&testbed, echo, 20);
-        stop.store(true, Ordering::SeqCst);
-    });
+    // connection to the server pod all the same, and is refused beyond
+    // the source's cap. The client is another source.
+    FloodBesideClient {
+        node: "node-2",
+        flags: &["--max-inbound-connections-per-source", "20"],
+        keep: 500,
+        refused: r#"weft_proxy_rejected_total{listener="hbone",reason="source_limit"}"#,
+        requests: 20,
+    }
+    .run();
 }
 
 #[test]

@@ -172,7 +172,7 @@ async fn accept_tunnel(
         pod,
     });
     let served =
-        hbone::serve_connection(tls, local, handler, plane.drain.signal(), &plane.windows).await;
+        hbone::serve_connection(tls, local, handler, plane.drain.signal(), &plane.hbone).await;
     match served {
         Ok(()) => {}
         Err(error @ HboneError::WindowBudget { .. }) => {

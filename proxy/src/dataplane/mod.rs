@@ -54,9 +54,10 @@ pub struct DataPlane {
     pub metrics: Arc<TrafficMetrics>,
     /// Pooled HBONE connections to other nodes.
     pub pool: Arc<HbonePool>,
-    /// The receive windows of HBONE connections, served and dialed, and
-    /// the memory budget they share.
-    pub windows: crate::hbone::Windows,
+    /// How served HBONE connections run: their receive windows (from the
+    /// memory budget dialed connections share), keepalive and handshake
+    /// deadline.
+    pub hbone: crate::hbone::ServerSettings,
     /// Graceful shutdown.
     pub drain: Drain,
     /// TLS server configs per local identity, rebuilt when its certificate changes.

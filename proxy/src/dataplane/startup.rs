@@ -114,16 +114,26 @@ pub async fn start(
     });
     let windows = config.memory_limits.hbone_windows();
     crate::copy::limit_held_buffers(config.memory_limits.held_buffer_budget());
+    let limits = &config.limits;
     let pool_config = PoolConfig {
+        idle_timeout: Duration::from_secs(limits.hbone_idle_timeout_seconds),
+        connect_timeout: Duration::from_millis(limits.hbone_connect_timeout_ms),
+        max_streams_per_connection: usize::try_from(windows.max_streams)
+            .unwrap_or(crate::hbone::MAX_STREAMS_PER_CONNECTION),
         windows: windows.clone(),
-        ..PoolConfig::default()
+        keepalive: limits.hbone_keepalive(),
+    };
+    let hbone = crate::hbone::ServerSettings {
+        windows,
+        keepalive: limits.hbone_keepalive(),
+        handshake_timeout: limits.handshake_timeout(),
     };
     let plane = Arc::new(DataPlane {
         routes: routes.clone(),
         certificates,
         metrics,
         pool: Arc::new(HbonePool::new(dialer, pool_config)),
-        windows,
+        hbone,
         drain: drain.clone(),
         server_configs: inbound::ServerConfigs::default(),
         admission: super::admission::Admission::new(config.limits.clone(), rejections.clone()),

@@ -33,12 +33,12 @@ pub use error::HboneError;
 pub use headers::parse_forwarded_for;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
 pub use server::{
-    HandshakeDeadlines, InboundHandler, InboundRequest, Refusal, accept_tls, accept_tls_within,
-    check_connect, serve_connection,
+    HandshakeDeadlines, InboundHandler, InboundRequest, Refusal, ServerSettings, accept_tls,
+    accept_tls_within, check_connect, serve_connection,
 };
 pub use stream::{HboneStream, TunnelStats, copy_tunnel};
 pub use tuning::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, HboneSocket, MAX_FRAME_SIZE,
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, HboneSocket, Keepalive, MAX_FRAME_SIZE,
     MAX_STREAMS_PER_CONNECTION, PING_INTERVAL, PING_TIMEOUT, READ_BUFFER, STREAM_WINDOW,
     hbone_socket,
 };

@@ -30,7 +30,7 @@ use super::client::{
 use super::error::HboneError;
 use super::slots::{SlotLease, StreamSlots};
 use super::stream::HboneStream;
-use super::tuning::{HANDSHAKE_TIMEOUT, MAX_STREAMS_PER_CONNECTION, PING_TIMEOUT, keepalive};
+use super::tuning::{HANDSHAKE_TIMEOUT, Keepalive, MAX_STREAMS_PER_CONNECTION, keepalive};
 use super::windows::{Window, Windows};
 
 /// Opens the TCP connection to a peer's HBONE address, from a given local
@@ -72,6 +72,8 @@ pub struct PoolConfig {
     /// The receive windows connections ask for, and the budget they share
     /// (with the server side, when the data plane passes the same).
     pub windows: Windows,
+    /// How a connection notices a server that stopped answering.
+    pub keepalive: Keepalive,
 }
 
 impl Default for PoolConfig {
@@ -81,6 +83,7 @@ impl Default for PoolConfig {
             connect_timeout: HANDSHAKE_TIMEOUT,
             max_streams_per_connection: MAX_STREAMS_PER_CONNECTION,
             windows: Windows::default(),
+            keepalive: Keepalive::default(),
         }
     }
 }
@@ -352,7 +355,7 @@ impl HbonePool {
                 pool.clone(),
                 key.clone(),
                 id,
-                config.idle_timeout,
+                config.clone(),
             );
             tokio::spawn(driver.in_current_span());
             if let Some(pool) = pool.upgrade() {
@@ -488,12 +491,13 @@ async fn drive(
     pool: Weak<PoolInner>,
     key: PoolKey,
     id: u64,
-    idle_timeout: Duration,
+    config: PoolConfig,
 ) {
+    let (idle_timeout, keepalive_settings) = (config.idle_timeout, config.keepalive);
     let ping_pong = connection.ping_pong();
     let pings = async {
         match ping_pong {
-            Some(ping_pong) => keepalive(ping_pong).await,
+            Some(ping_pong) => keepalive(ping_pong, keepalive_settings).await,
             None => std::future::pending().await,
         }
     };
@@ -517,7 +521,7 @@ async fn drive(
         End::Unresponsive => {
             let error = HboneError::KeepaliveTimeout {
                 peer: key.hbone_addr,
-                after: PING_TIMEOUT,
+                after: keepalive_settings.timeout,
             };
             tracing::warn!(%error, "giving up the connection");
         }
@@ -525,7 +529,7 @@ async fn drive(
             // The pool no longer holds the connection's handle, so HTTP/2
             // sends GOAWAY and closes now that no stream is left.
             tracing::debug!("closing the idle connection");
-            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, &mut connection).await;
+            let _ = tokio::time::timeout(config.connect_timeout, &mut connection).await;
         }
     }
 }

@@ -25,7 +25,7 @@ use super::error::HboneError;
 use super::headers::parse_forwarded_for;
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
 use super::tuning::{
-    HANDSHAKE_TIMEOUT, HboneSocket, PING_TIMEOUT, TLS_WRITE_BUFFER, hbone_socket, keepalive,
+    HANDSHAKE_TIMEOUT, HboneSocket, Keepalive, TLS_WRITE_BUFFER, hbone_socket, keepalive,
     server_builder,
 };
 use super::windows::Windows;
@@ -126,6 +126,28 @@ where
     }
 }
 
+/// How a served HBONE connection runs.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Its receive windows, and the budget they come from.
+    pub windows: Windows,
+    /// How it notices a client that stopped answering.
+    pub keepalive: Keepalive,
+    /// How long the HTTP/2 handshake may take (after TLS).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    /// ztunnel's windows with no budget, and the default timeouts.
+    fn default() -> ServerSettings {
+        ServerSettings {
+            windows: Windows::default(),
+            keepalive: Keepalive::default(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
 /// The TLS handshake of an inbound HBONE connection, bounded by
 /// [`HANDSHAKE_TIMEOUT`]. `config` is [`weft_certs::hbone_server_config`] of
 /// the workload the connection is addressed to.
@@ -184,8 +206,8 @@ pub async fn accept_tls_within(
 /// the client to open new streams elsewhere). `local_addr` is the address
 /// the client dialed; a `CONNECT` to any other IP is refused with 400.
 ///
-/// The connection's receive windows come out of `windows`' budget; when
-/// not even its floor is left, the connection is refused
+/// The connection's receive windows come out of `settings.windows`'
+/// budget; when not even its floor is left, the connection is refused
 /// ([`HboneError::WindowBudget`]).
 ///
 /// For a deadline on draining, drop this future when it passes.
@@ -194,7 +216,7 @@ pub async fn serve_connection<H: InboundHandler>(
     local_addr: SocketAddr,
     handler: Arc<H>,
     mut drain: watch::Receiver<bool>,
-    windows: &Windows,
+    settings: &ServerSettings,
 ) -> Result<(), HboneError> {
     tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
     let (socket, session) = tls.get_ref();
@@ -203,8 +225,12 @@ pub async fn serve_connection<H: InboundHandler>(
     let _ = tcp.set_nodelay(true);
     let peer_identity = weft_certs::peer_identity(session)
         .map_err(|source| HboneError::PeerIdentity { peer, source })?;
-    let window = windows.reserve().ok_or(HboneError::WindowBudget { peer })?;
-    let max_streams = windows.max_streams;
+    let window = settings
+        .windows
+        .reserve()
+        .ok_or(HboneError::WindowBudget { peer })?;
+    let max_streams = settings.windows.max_streams;
+    let (handshake_timeout, keepalive_settings) = (settings.handshake_timeout, settings.keepalive);
     let span = tracing::debug_span!(
         "hbone_inbound",
         %peer,
@@ -221,21 +247,21 @@ pub async fn serve_connection<H: InboundHandler>(
         // Held, and given back to the budget, for as long as the connection.
         let _window = window;
         let handshake = builder.handshake::<_, Bytes>(tls);
-        let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        let mut connection = match tokio::time::timeout(handshake_timeout, handshake).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(source)) => return Err(HboneError::Http2Handshake { peer, source }),
             Err(_) => {
                 return Err(HboneError::HandshakeTimeout {
                     peer,
                     step: "HTTP/2",
-                    after: HANDSHAKE_TIMEOUT,
+                    after: handshake_timeout,
                 });
             }
         };
         let ping_pong = connection.ping_pong();
         let pings = async {
             match ping_pong {
-                Some(ping_pong) => keepalive(ping_pong).await,
+                Some(ping_pong) => keepalive(ping_pong, keepalive_settings).await,
                 None => std::future::pending().await,
             }
         };
@@ -273,7 +299,8 @@ pub async fn serve_connection<H: InboundHandler>(
                     drain_open = changed.is_ok();
                 }
                 () = &mut pings => {
-                    return Err(HboneError::KeepaliveTimeout { peer, after: PING_TIMEOUT });
+                    let after = keepalive_settings.timeout;
+                    return Err(HboneError::KeepaliveTimeout { peer, after });
                 }
             }
         }

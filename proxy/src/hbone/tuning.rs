@@ -40,14 +40,34 @@ pub fn hbone_socket(tcp: tokio::net::TcpStream) -> HboneSocket {
 /// How many `CONNECT` streams one connection carries at once by default.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
-/// How often an HBONE connection is pinged.
+/// How often an HBONE connection is pinged, by default.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long a ping may go unanswered before the connection is given up.
+/// How long a ping may go unanswered before the connection is given up,
+/// by default.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How an HBONE connection notices a peer that stopped answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// How often the connection is pinged.
+    pub interval: Duration,
+    /// How long a ping may go unanswered before the connection is given up.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Keepalive {
+        Keepalive {
+            interval: PING_INTERVAL,
+            timeout: PING_TIMEOUT,
+        }
+    }
+}
+
 /// Bound on each of the TLS and HTTP/2 handshakes, on both sides, so that a
-/// peer that connects and says nothing cannot hold a task forever.
+/// peer that connects and says nothing cannot hold a task forever (by
+/// default: the proxy's config sets its own).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An upper bound on request header lists; HBONE requests are a few short
@@ -85,13 +105,14 @@ pub(crate) fn server_builder(
     builder
 }
 
-/// Pings every [`PING_INTERVAL`] and returns only when a ping went
-/// unanswered for [`PING_TIMEOUT`]. If the connection itself has ended, the
-/// ping fails and this waits forever: the caller sees the end elsewhere.
-pub(crate) async fn keepalive(mut ping_pong: PingPong) {
+/// Pings every `settings.interval` and returns only when a ping went
+/// unanswered for `settings.timeout`. If the connection itself has ended,
+/// the ping fails and this waits forever: the caller sees the end
+/// elsewhere.
+pub(crate) async fn keepalive(mut ping_pong: PingPong, settings: Keepalive) {
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
-        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+        tokio::time::sleep(settings.interval).await;
+        match tokio::time::timeout(settings.timeout, ping_pong.ping(Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
             Ok(Err(_closed)) => std::future::pending::<()>().await,
             Err(_elapsed) => return,

@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, watch};
 use weft_certs::{CertificateRequest, Identity, MeshCa, WorkloadCertificate};
 use weft_proxy::hbone::{
     Dialer, HboneError, HbonePool, HboneRequest, InboundHandler, InboundRequest, PoolConfig,
-    Refusal, TunnelStats, Windows, accept_tls, direct_dialer, serve_connection,
+    Refusal, ServerSettings, TunnelStats, Windows, accept_tls, direct_dialer, serve_connection,
 };
 
 pub const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -64,13 +64,17 @@ impl Mesh {
             while let Ok((tcp, _)) = listener.accept().await {
                 let local = tcp.local_addr().unwrap();
                 let (config, handler, drain) = (config.clone(), handler.clone(), drain_rx.clone());
-                let (counts, windows) = (counts.clone(), windows.clone());
+                let settings = ServerSettings {
+                    windows: windows.clone(),
+                    ..ServerSettings::default()
+                };
+                let counts = counts.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = accept_tls(tcp, config).await else {
                         return;
                     };
                     counts.0.fetch_add(1, Ordering::SeqCst);
-                    let _ = serve_connection(tls, local, handler, drain, &windows).await;
+                    let _ = serve_connection(tls, local, handler, drain, &settings).await;
                     counts.1.fetch_add(1, Ordering::SeqCst);
                 });
             }
