@@ -20,9 +20,9 @@ pub struct ConnectionLimits {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// Connections one local pod's listeners hold at once, per direction
-    /// counted together: those the pod opens (15001) and those arriving for
-    /// it (15006, 15008).
+    /// Connections one local pod holds at once in each direction: those
+    /// it opens (15001), and those arriving for it (15006, and each HBONE
+    /// stream on 15008). A flood into a pod does not stop it calling out.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_POD", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_pod: u32,

@@ -5,9 +5,10 @@
 //! counts keep one pod (or one peer) from taking them all.
 //!
 //! What is counted, and against what:
-//! - a connection, against the node's cap, its local pod's cap (the pod
-//!   that opened it, or the pod it is addressed to) and, inbound, its
-//!   source address's cap;
+//! - a connection, against the node's cap, its local pod's cap for its
+//!   direction (what the pod opens, what is addressed to it: a flood into
+//!   a pod does not stop it calling out, nor the other way round) and,
+//!   inbound, its source address's cap;
 //! - once the node is saturated ([`ConnectionLimits::saturated_at`]), a
 //!   pod holding more than its fair share (the saturated count divided
 //!   among the pods holding connections) is refused, so what is left goes
@@ -74,7 +75,8 @@ pub struct Admission {
 #[derive(Default)]
 struct Counts {
     connections: u32,
-    by_pod: HashMap<Arc<str>, u32>,
+    /// By local pod and direction (inbound: `true`).
+    by_pod: HashMap<(Arc<str>, bool), u32>,
     by_source: HashMap<IpAddr, u32>,
     handshakes: u32,
     handshakes_by_source: HashMap<IpAddr, u32>,
@@ -105,7 +107,8 @@ impl Admission {
         source: Option<IpAddr>,
     ) -> Result<AdmittedConnection, Refused> {
         let mut counts = self.lock();
-        let held = counts.by_pod.get(pod).copied().unwrap_or(0);
+        let key = (pod.clone(), source.is_some());
+        let held = counts.by_pod.get(&key).copied().unwrap_or(0);
         let refused = if counts.connections >= self.limits.max_connections {
             Some(Refused::NodeLimit)
         } else if held >= self.limits.max_connections_per_pod {
@@ -128,19 +131,20 @@ impl Admission {
             return Err(refused);
         }
         counts.connections += 1;
-        add(&mut counts.by_pod, pod.clone());
+        add(&mut counts.by_pod, key.clone());
         if let Some(ip) = source {
             add(&mut counts.by_source, ip);
         }
         Ok(AdmittedConnection {
             admission: self.clone(),
-            pod: pod.clone(),
+            pod: key,
             source,
         })
     }
 
-    /// A pod's share of the saturated node: the saturated count divided
-    /// among the pods holding connections, this one among them.
+    /// A pod's share of the saturated node for one direction: the
+    /// saturated count divided among the pods (and directions) holding
+    /// connections, this one among them.
     fn fair_share(&self, counts: &Counts, held: u32) -> u32 {
         let pods = counts.by_pod.len() + usize::from(held == 0);
         let pods = u32::try_from(pods.max(1)).unwrap_or(u32::MAX);
@@ -198,13 +202,14 @@ impl Admission {
         self.rejections.count(listener, reason);
     }
 
-    /// Connections held now: on the node, and by `pod`.
+    /// Connections held now: on the node, and by `pod` (both directions).
     pub fn held(&self, pod: &str) -> (u32, u32) {
         let counts = self.lock();
-        (
-            counts.connections,
-            counts.by_pod.get(pod).copied().unwrap_or(0),
-        )
+        let by_pod = |inbound| {
+            let key = (Arc::from(pod), inbound);
+            counts.by_pod.get(&key).copied().unwrap_or(0)
+        };
+        (counts.connections, by_pod(false) + by_pod(true))
     }
 
     fn lock(&self) -> MutexGuard<'_, Counts> {
@@ -232,7 +237,7 @@ fn remove<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
 /// A connection admitted; dropping it gives its counts back.
 pub struct AdmittedConnection {
     admission: Arc<Admission>,
-    pod: Arc<str>,
+    pod: (Arc<str>, bool),
     source: Option<IpAddr>,
 }
 
@@ -303,8 +308,12 @@ mod tests {
             Some(Refused::PodLimit)
         );
         assert_eq!(rejections.get("outbound", "pod_limit"), 1);
-        // Another pod is not affected.
+        // Another pod is not affected, nor what comes in for this one.
         let _other = admission.connection("outbound", &quiet, None).unwrap();
+        let source: IpAddr = "10.0.0.9".parse().unwrap();
+        let inbound = admission.connection("plaintext", &flood, Some(source));
+        assert!(inbound.is_ok(), "a pod's inbound has a cap of its own");
+        drop(inbound);
         held.pop();
         let _again = admission.connection("outbound", &flood, None).unwrap();
         assert_eq!(admission.held("shop/flood"), (4, 3));
