@@ -1,8 +1,10 @@
 //! The connections of the gRPC port (15012), from accept to what tonic
 //! serves: TLS handshakes run concurrently within their caps
 //! ([`crate::listeners::PerSource`]); an established connection holds a
-//! place within the connection caps, and must carry a call whose node
-//! token checks out within a deadline, or it is closed. Anyone who reaches
+//! place within the connection cap, and, until a call on it carries a
+//! node token that checks out, one within the caps of unauthenticated
+//! connections (in all and per source); it must do so within a deadline,
+//! or it is closed. Anyone who reaches
 //! the Service can complete a handshake (the server does not ask for a
 //! client certificate: a proxy proves itself with its token), so without
 //! these bounds a client could hold connections without ever calling.
@@ -60,6 +62,8 @@ pub struct GrpcConnection {
     expired: bool,
     rejections: Rejections,
     _place: Held,
+    /// Its place among the unauthenticated, until a call authenticates.
+    unauthenticated: Option<Held>,
 }
 
 impl tonic::transport::server::Connected for GrpcConnection {
@@ -82,6 +86,7 @@ impl AsyncRead for GrpcConnection {
         if let Some(deadline) = this.deadline.as_mut() {
             if this.caller.is_authenticated() {
                 this.deadline = None;
+                this.unauthenticated = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
                 this.deadline = None;
                 this.expired = true;
@@ -133,6 +138,7 @@ impl AsyncWrite for GrpcConnection {
 pub struct GrpcBounds {
     handshakes: Arc<PerSource>,
     connections: Arc<PerSource>,
+    unauthenticated: Arc<PerSource>,
     handshake_timeout: Duration,
     authenticate_within: Duration,
     rejections: Rejections,
@@ -144,6 +150,7 @@ impl GrpcBounds {
         GrpcBounds {
             handshakes: PerSource::handshakes(limits),
             connections: PerSource::grpc_connections(limits),
+            unauthenticated: PerSource::unauthenticated_grpc_connections(limits),
             handshake_timeout: limits.handshake_timeout(),
             authenticate_within: limits.grpc_authenticate_within(),
             rejections,
@@ -164,11 +171,12 @@ pub fn tls_connections(
     tokio::spawn(async move {
         loop {
             let (stream, peer) = crate::listeners::accept(&listener, "grpc").await;
-            let held = bounds
-                .connections
-                .hold(peer.ip())
-                .and_then(|place| Ok((place, bounds.handshakes.hold(peer.ip())?)));
-            let (place, handshaking) = match held {
+            let ip = peer.ip();
+            let held = bounds.connections.hold(ip).and_then(|place| {
+                let unauthenticated = bounds.unauthenticated.hold(ip)?;
+                Ok((place, unauthenticated, bounds.handshakes.hold(ip)?))
+            });
+            let (place, unauthenticated, handshaking) = match held {
                 Ok(held) => held,
                 Err(reason) => {
                     bounds.rejections.count("grpc", reason);
@@ -196,6 +204,7 @@ pub fn tls_connections(
                             expired: false,
                             rejections: bounds.rejections.clone(),
                             _place: place,
+                            unauthenticated: Some(unauthenticated),
                         };
                         let _ = ready.send(Ok(connection)).await;
                     }

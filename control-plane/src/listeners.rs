@@ -39,12 +39,20 @@ pub struct ListenerLimits {
     pub max_config_streams_per_node: u32,
 
     /// Established connections the gRPC port holds at once (a node's
-    /// proxy needs one; two during an upgrade).
+    /// proxy needs one or a few; more during an upgrade).
     #[arg(long, env = "WEFT_MAX_GRPC_CONNECTIONS", default_value_t = 8192,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_grpc_connections: u32,
 
-    /// The same from one source address.
+    /// Established connections on which no call has authenticated yet, in
+    /// all: a connection gives its place back once a call on it carries a
+    /// valid node token.
+    #[arg(long, env = "WEFT_MAX_GRPC_UNAUTHENTICATED_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_grpc_unauthenticated_connections: u32,
+
+    /// The same from one source address (nodes behind one SNAT address
+    /// share it only while they connect).
     #[arg(long, env = "WEFT_MAX_GRPC_CONNECTIONS_PER_SOURCE", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_grpc_connections_per_source: u32,
@@ -150,12 +158,22 @@ impl PerSource {
         )
     }
 
-    /// Established connections on the gRPC port.
+    /// Established connections on the gRPC port (no cap per source).
     pub fn grpc_connections(limits: &ListenerLimits) -> Arc<PerSource> {
         PerSource::new(
             limits.max_grpc_connections,
+            limits.max_grpc_connections,
+            ("connection_limit", "connection_limit"),
+        )
+    }
+
+    /// Established connections on the gRPC port that no call has
+    /// authenticated yet.
+    pub fn unauthenticated_grpc_connections(limits: &ListenerLimits) -> Arc<PerSource> {
+        PerSource::new(
+            limits.max_grpc_unauthenticated_connections,
             limits.max_grpc_connections_per_source,
-            ("connection_limit", "source_limit"),
+            ("unauthenticated_limit", "source_limit"),
         )
     }
 
@@ -254,6 +272,7 @@ mod tests {
             max_handshakes_per_source: 2,
             max_config_streams_per_node: 4,
             max_grpc_connections: 8192,
+            max_grpc_unauthenticated_connections: 1024,
             max_grpc_connections_per_source: 16,
             grpc_authenticate_within_ms: 10_000,
             handshake_timeout_ms: 5000,

@@ -307,7 +307,13 @@ impl Direction {
                         bytes[..rest.len()].copy_from_slice(rest);
                         bytes
                     }
-                    None => Box::from(rest),
+                    None => {
+                        // Full size: while the writer pushes back, the
+                        // direction reads into it, SMALL_READ at a time.
+                        let mut bytes = vec![0; SMALL_READ].into_boxed_slice();
+                        bytes[..rest.len()].copy_from_slice(rest);
+                        bytes
+                    }
                 };
                 (self.start, self.end) = (0, rest.len());
                 self.held = Some(Held { bytes, _room: room });
@@ -423,7 +429,8 @@ mod tests {
         }
         let held = |d: &Direction| d.held.as_ref().map(|h| h.bytes.len());
         assert_eq!(held(&pushed_back[0].0), Some(BUFFER_SIZE));
-        assert_eq!(held(&pushed_back[1].0), Some(SMALL_READ - 1024));
+        assert_eq!(held(&pushed_back[1].0), Some(SMALL_READ));
+        assert_eq!(pushed_back[1].0.end, SMALL_READ - 1024, "the rest is held");
         assert_eq!(budget.held.load(Ordering::Relaxed), BUFFER_SIZE as u64);
         drop(pushed_back);
         assert_eq!(budget.held.load(Ordering::Relaxed), 0);

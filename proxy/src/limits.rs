@@ -83,8 +83,8 @@ pub struct ConnectionLimits {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_ping_timeout_seconds: u64,
 
-    /// How long a dialed HBONE connection may carry no stream before it is
-    /// closed, in seconds.
+    /// How long an HBONE connection (dialed or served) may carry no stream
+    /// before it is closed, in seconds.
     #[arg(long, env = "WEFT_HBONE_IDLE_TIMEOUT_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_idle_timeout_seconds: u64,
@@ -223,16 +223,25 @@ pub struct MemoryLimits {
           value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub hbone_min_connection_window_kib: u32,
 
+    /// What one HBONE stream may queue for sending beyond what the peer
+    /// has read, in KiB (a peer that stops reading holds this much per
+    /// stream).
+    #[arg(long, env = "WEFT_HBONE_SEND_BUFFER_KIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(16..=65_536))]
+    pub hbone_send_buffer_kib: u32,
+
     /// `CONNECT` streams one served HBONE connection carries at once (and
     /// a dialed one, unless the peer allows fewer).
     #[arg(long, env = "WEFT_HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub hbone_max_streams_per_connection: u32,
 
-    /// The receive windows of all HBONE connections together, served and
-    /// dialed, in MiB: the most that peers can make the proxy hold by
-    /// sending data the tunnels' targets do not read.
-    #[arg(long, env = "WEFT_HBONE_WINDOW_BUDGET_MIB", default_value_t = 4096,
+    /// The receive windows of all HBONE connections together, in MiB: the
+    /// most that peers can make the proxy hold by sending data the
+    /// tunnels' targets do not read. Half is for served connections, half
+    /// for dialed ones. Sized, with the held-buffer budget, to fit the
+    /// DaemonSet's memory limit (512 MiB).
+    #[arg(long, env = "WEFT_HBONE_WINDOW_BUDGET_MIB", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_window_budget_mib: u64,
 
@@ -240,7 +249,7 @@ pub struct MemoryLimits {
     /// pushes back, all together, in MiB. Past it, such a connection reads
     /// 16 KiB at a time, so each direction of each connection holds at
     /// most that much more.
-    #[arg(long, env = "WEFT_HELD_BUFFER_BUDGET_MIB", default_value_t = 1024,
+    #[arg(long, env = "WEFT_HELD_BUFFER_BUDGET_MIB", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub held_buffer_budget_mib: u64,
 }
@@ -253,15 +262,22 @@ impl Default for MemoryLimits {
 }
 
 impl MemoryLimits {
-    /// The HBONE windows these limits give, with their budget.
-    pub fn hbone_windows(&self) -> crate::hbone::Windows {
-        crate::hbone::Windows::new(
-            self.hbone_stream_window_kib.saturating_mul(1024),
-            self.hbone_connection_window_kib.saturating_mul(1024),
-            self.hbone_min_connection_window_kib.saturating_mul(1024),
-            self.hbone_max_streams_per_connection,
-            self.hbone_window_budget_mib.saturating_mul(1024 * 1024),
-        )
+    /// The HBONE windows these limits give: for served connections and
+    /// for dialed ones, each with half the budget, so that peers opening
+    /// connections to the node's pods cannot leave its pods without
+    /// windows to call out with.
+    pub fn hbone_windows(&self) -> (crate::hbone::Windows, crate::hbone::Windows) {
+        let windows = || {
+            crate::hbone::Windows::new(
+                self.hbone_stream_window_kib.saturating_mul(1024),
+                self.hbone_connection_window_kib.saturating_mul(1024),
+                self.hbone_min_connection_window_kib.saturating_mul(1024),
+                self.hbone_max_streams_per_connection,
+                self.hbone_window_budget_mib.saturating_mul(1024 * 1024) / 2,
+            )
+            .with_send_buffer(self.hbone_send_buffer_kib.saturating_mul(1024))
+        };
+        (windows(), windows())
     }
 
     /// [`MemoryLimits::held_buffer_budget_mib`] in bytes.

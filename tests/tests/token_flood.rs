@@ -78,17 +78,20 @@ fn forged_token(n: usize) -> String {
 }
 
 /// What became of one Sign call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
-    /// The token was taken (the empty CSR is what is refused then).
+    /// The token was taken: the empty CSR is what is refused then
+    /// (INVALID_ARGUMENT).
     Authenticated,
     /// UNAUTHENTICATED: the token was refused.
     Refused,
     /// UNAVAILABLE from the control plane: over a rate, try later.
     RateLimited,
     /// The connection went away under the call (closed for never
-    /// authenticating): the token never reached the check.
+    /// authenticating).
     ConnectionGone,
+    /// Anything else: a test failure wherever it shows.
+    Unexpected(String),
 }
 
 /// One Sign call with `token`.
@@ -108,7 +111,8 @@ async fn sign_with(channel: tonic::transport::Channel, token: String) -> Outcome
             Outcome::RateLimited
         }
         Err(status) if status.code() == tonic::Code::Unavailable => Outcome::ConnectionGone,
-        _ => Outcome::Authenticated,
+        Err(status) if status.code() == tonic::Code::InvalidArgument => Outcome::Authenticated,
+        other => Outcome::Unexpected(format!("{other:?}")),
     }
 }
 
@@ -191,10 +195,13 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
         "{reviews} TokenReviews reached the API server for 10,020 made-up tokens in {elapsed:.1} s"
     );
 
-    assert!(
-        !outcomes.contains(&Outcome::Authenticated),
-        "every made-up token is refused"
-    );
+    let unexpected = outcomes.iter().find(|outcome| {
+        !matches!(
+            outcome,
+            Outcome::Refused | Outcome::RateLimited | Outcome::ConnectionGone
+        )
+    });
+    assert_eq!(unexpected, None, "every made-up token is refused");
     // One for the node's token; the proxies' own reviews (a renewal) may
     // fall in this window too.
     let bound = SOURCE_BURST + SOURCE_PER_SECOND * elapsed + 1.0 + 5.0;
@@ -203,17 +210,17 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
         "{reviews} TokenReviews reached the API server in {elapsed:.1} s; at most {bound:.0} may"
     );
     // Each refusal is counted for what it was: 9,000 not JWTs, 1,000
-    // forgeries refused without review (those sent on a connection
-    // closed under them never arrived).
+    // forgeries refused without review. A call on a connection closed
+    // under it (the authentication deadline) may or may not have been
+    // counted before the close.
     let (signed, made_up) = outcomes.split_at(unbound.len());
-    let refused = |forged: bool| {
-        let kind = made_up
-            .iter()
-            .enumerate()
-            .filter(|(n, _)| (n % 10 == 0) == forged);
-        kind.filter(|(_, outcome)| **outcome == Outcome::Refused)
+    let answered = |forged: bool, how: Outcome| {
+        let kind = made_up.iter().enumerate();
+        kind.filter(|(n, outcome)| (n % 10 == 0) == forged && **outcome == how)
             .count() as u64
     };
+    let refused = |forged| answered(forged, Outcome::Refused);
+    let gone = |forged| answered(forged, Outcome::ConnectionGone);
     let rejected = |reason: &str| {
         let needle =
             format!(r#"weft_control_plane_rejected_total{{listener="grpc",reason="{reason}"}} "#);
@@ -223,8 +230,16 @@ async fn ten_thousand_made_up_tokens_cost_the_api_server_a_bounded_number_of_rev
             .filter_map(|value| value.trim().parse::<u64>().ok())
             .sum::<u64>()
     };
-    assert_eq!(rejected("token_malformed"), refused(false));
-    assert_eq!(rejected("token_forged"), refused(true));
+    for (reason, forged) in [("token_malformed", false), ("token_forged", true)] {
+        let counted = rejected(reason);
+        assert!(
+            (refused(forged)..=refused(forged) + gone(forged)).contains(&counted),
+            "{counted} counted as {reason}; {} refused, {} on a closed connection",
+            refused(forged),
+            gone(forged)
+        );
+    }
+    // Most arrived: a closed connection loses the 32 calls under way.
     assert!(refused(true) >= 900, "{} forgeries arrived", refused(true));
     assert!(signed.contains(&Outcome::RateLimited), "{signed:?}");
 
@@ -260,13 +275,15 @@ async fn connections_that_never_call_are_capped_per_source_and_closed() {
     let mesh = WeftMesh::start_on_kubernetes(&testbed, &api).await.unwrap();
     tokio::task::block_in_place(|| mesh.wait_for_data_plane(&testbed)).unwrap();
 
-    // 40 TLS connections from one pod that never call: the control
-    // plane's per-source cap (16) takes the first ones, resets the rest.
+    // 40 TLS connections from one pod that never call, 8 at a time (the
+    // handshakes one source may have under way): the control plane's
+    // per-source cap of unauthenticated connections (16) takes the first
+    // ones, resets the rest.
     let mut silent = Vec::new();
-    for _ in 0..40 {
-        if let Ok(channel) = channel_from(&testbed, &mesh, Target::Pod("intruder")).await {
-            silent.push(channel);
-        }
+    for _ in 0..5 {
+        let connecting = (0..8).map(|_| channel_from(&testbed, &mesh, Target::Pod("intruder")));
+        let batch = futures::future::join_all(connecting).await;
+        silent.extend(batch.into_iter().filter_map(Result::ok));
     }
     assert!(silent.len() <= 16, "{} connections held", silent.len());
     wait_for_rejections(&mesh, &testbed, "source_limit").await;

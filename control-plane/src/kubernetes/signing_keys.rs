@@ -15,7 +15,7 @@
 //! fetches.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
@@ -25,6 +25,9 @@ use tracing::{debug, info, warn};
 /// Keys kept from one JWKS at most (an API server has one or a few).
 const MAX_KEYS: usize = 64;
 
+/// How long fetching the keys may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the signature says about a token.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -32,7 +35,11 @@ pub enum Verdict {
     Signed,
     /// Not signed by any of them: refuse without review.
     Forged(String),
-    /// Cannot tell (no keys, or an algorithm not checked here).
+    /// Names a key not known yet, and the keys were fetched too recently
+    /// to fetch them again: try again later (the API server may have
+    /// just rotated its key).
+    NotYet,
+    /// Cannot tell (no keys, or a key of a kind not checked here).
     Unknown,
 }
 
@@ -48,6 +55,9 @@ enum PublicKey {
         p384: bool,
         point: Vec<u8>,
     },
+    /// A key the API server may sign with that ring does not check (a
+    /// P-521 key, for ES512): its tokens are left to the review.
+    Unchecked,
 }
 
 /// The fields of a JWK this reads.
@@ -81,6 +91,8 @@ struct Known {
     unnamed: Vec<PublicKey>,
     /// Whether a fetch ever succeeded.
     fetched: bool,
+    /// When the last successful fetch was made.
+    fetched_at: Option<SystemTime>,
     last_attempt: Option<Instant>,
 }
 
@@ -136,6 +148,7 @@ pub fn verdict_with_jwks(jwks: &[u8], token: &str) -> Verdict {
         by_kid,
         unnamed,
         fetched: true,
+        fetched_at: None,
         last_attempt: None,
     };
     match SignedJwt::read(token) {
@@ -169,7 +182,17 @@ impl SigningKeys {
             return not_signed();
         };
         let mut known = self.known.lock().await;
-        if !known.has_key_for(&jwt) && self.may_fetch(&known) {
+        if !known.has_key_for(&jwt) {
+            if !self.may_fetch(&known) {
+                return match known.fetched_at {
+                    // Issued since the keys were fetched, under a key they
+                    // did not have: perhaps a new one.
+                    Some(at) if jwt.issued_after(at) => Verdict::NotYet,
+                    // Issued before: the key would have been there.
+                    Some(_) => known.verdict(&jwt),
+                    None => Verdict::Unknown,
+                };
+            }
             self.fetch(&mut known).await;
         }
         known.verdict(&jwt)
@@ -193,8 +216,15 @@ impl SigningKeys {
                 return;
             }
         };
-        match client.request::<JwkSet>(request).await {
-            Ok(set) => {
+        // Tokens wait for this fetch (under the lock): bounded, like a
+        // review would be.
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, client.request::<JwkSet>(request)).await;
+        match fetched {
+            Err(_) => warn!(
+                after = ?FETCH_TIMEOUT,
+                "fetching the API server's token signing keys timed out; node tokens are reviewed meanwhile"
+            ),
+            Ok(Ok(set)) => {
                 let (by_kid, unnamed) = read_keys(set);
                 info!(
                     keys = by_kid.len() + unnamed.len(),
@@ -203,8 +233,9 @@ impl SigningKeys {
                 known.by_kid = by_kid;
                 known.unnamed = unnamed;
                 known.fetched = true;
+                known.fetched_at = Some(SystemTime::now());
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 // Reviews decide alone meanwhile; log once per attempt.
                 warn!(%error, "cannot fetch the API server's token signing keys (/openid/v1/jwks); every node token costs a TokenReview");
             }
@@ -221,6 +252,7 @@ impl SigningKeys {
                 by_kid,
                 unnamed,
                 fetched: true,
+                fetched_at: Some(SystemTime::now()),
                 last_attempt: Some(Instant::now()),
             }),
         }
@@ -256,6 +288,7 @@ fn public_key(jwk: &Jwk) -> Option<PublicKey> {
             let (p384, size) = match jwk.crv.as_deref()? {
                 "P-256" => (false, 32),
                 "P-384" => (true, 48),
+                "P-521" => return Some(PublicKey::Unchecked),
                 _ => return None,
             };
             let (x, y) = (decode(&jwk.x)?, decode(&jwk.y)?);
@@ -284,6 +317,14 @@ struct SignedJwt<'a> {
     signature: Vec<u8>,
     alg: String,
     kid: Option<String>,
+    /// The `iat` claim (unverified), in seconds since the epoch.
+    issued_at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct IssuedAt {
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -296,22 +337,36 @@ struct Header {
 impl<'a> SignedJwt<'a> {
     fn read(token: &'a str) -> Option<SignedJwt<'a>> {
         let (signed, signature) = token.rsplit_once('.')?;
-        let (header, _payload) = signed.split_once('.')?;
-        if header.len() > 4096 || signature.len() > 4096 {
+        let (header, payload) = signed.split_once('.')?;
+        if header.len() > 4096 || signature.len() > 4096 || payload.len() > 16 * 1024 {
             return None;
         }
         let header: Header = serde_json::from_slice(&base64url(header)?).ok()?;
+        let issued_at = base64url(payload)
+            .and_then(|json| serde_json::from_slice::<IssuedAt>(&json).ok())
+            .and_then(|claims| claims.iat);
         Some(SignedJwt {
             signed,
             signature: base64url(signature)?,
             alg: header.alg,
             kid: header.kid,
+            issued_at,
         })
     }
 
-    /// Whether `key` signed this; `None` for ES512, which the API server
-    /// may use and ring does not check. Any other algorithm, or one that
-    /// does not fit the key, is not the API server's signature.
+    /// Whether the token says it was issued after `at` (allowing a
+    /// minute of clock skew); one without `iat` does not.
+    fn issued_after(&self, at: SystemTime) -> bool {
+        let at = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.issued_at
+            .is_some_and(|iat| iat.saturating_add(60) >= at)
+    }
+
+    /// Whether `key` signed this; `None` for a key ring does not check
+    /// (P-521, for ES512). Any algorithm that does not fit the key is not
+    /// the API server's signature.
     fn verify_with(&self, key: &PublicKey) -> Option<bool> {
         let message = self.signed.as_bytes();
         let signature = self.signature.as_slice();
@@ -339,7 +394,7 @@ impl<'a> SignedJwt<'a> {
                 UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, point)
                     .verify(message, signature)
             }
-            ("ES512", _) => return None,
+            ("ES512", PublicKey::Unchecked) => return None,
             _ => return Some(false),
         };
         Some(verified.is_ok())
@@ -409,8 +464,16 @@ mod tests {
         let (header, _) = signed.split_once('.').unwrap();
         let altered = format!("{header}.{}.{signature}", encode(b"{\"sub\":\"me\"}"));
         assert!(matches!(keys.check(&altered).await, Verdict::Forged(_)));
+        // A key not known yet, with the keys just fetched: a token issued
+        // since may be under a new key (later), one issued before is not.
         let elsewhere = token(&api_server, "other", claims);
         assert!(matches!(keys.check(&elsewhere).await, Verdict::Forged(_)));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let fresh = format!(r#"{{"iat":{}}}"#, now.as_secs());
+        let new_key = token(&api_server, "other", &fresh);
+        assert_eq!(keys.check(&new_key).await, Verdict::NotYet);
         assert!(matches!(
             keys.check(&format!("{signed}.")).await,
             Verdict::Forged(_)
@@ -422,14 +485,32 @@ mod tests {
             let header = format!(r#"{{"alg":"{alg}","kid":"api"}}"#);
             format!("{}.{}.c2ln", encode(header.as_bytes()), encode(b"{}"))
         };
+        for alg in ["HS256", "none", "ES512", "RS256"] {
+            let verdict = keys.check(&with_alg(alg)).await;
+            assert!(matches!(verdict, Verdict::Forged(_)), "{alg}: {verdict:?}");
+        }
+        // A P-521 key (ES512) is left to the review, and only for tokens
+        // naming it.
+        let p521 = Jwk {
+            kty: "EC".into(),
+            kid: Some("p521".into()),
+            n: None,
+            e: None,
+            crv: Some("P-521".into()),
+            x: Some(encode(&[1; 66])),
+            y: Some(encode(&[2; 66])),
+        };
+        let keys = SigningKeys::with_keys(JwkSet {
+            keys: vec![p521, key("api").1],
+        });
+        let es512 = |kid: &str| {
+            let header = format!(r#"{{"alg":"ES512","kid":"{kid}"}}"#);
+            format!("{}.{}.c2ln", encode(header.as_bytes()), encode(b"{}"))
+        };
+        assert_eq!(keys.check(&es512("p521")).await, Verdict::Unknown);
         assert!(matches!(
-            keys.check(&with_alg("HS256")).await,
+            keys.check(&es512("api")).await,
             Verdict::Forged(_)
         ));
-        assert!(matches!(
-            keys.check(&with_alg("none")).await,
-            Verdict::Forged(_)
-        ));
-        assert_eq!(keys.check(&with_alg("ES512")).await, Verdict::Unknown);
     }
 }

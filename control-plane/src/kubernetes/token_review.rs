@@ -95,11 +95,8 @@ pub struct TokenReviewLimits {
 
     /// How often the API server's token signing keys may be fetched again
     /// when a token names a key not known yet, in seconds.
-    #[arg(
-        long,
-        env = "WEFT_TOKEN_SIGNING_KEYS_REFRESH_SECONDS",
-        default_value_t = 10
-    )]
+    #[arg(long, env = "WEFT_TOKEN_SIGNING_KEYS_REFRESH_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub token_signing_keys_refresh_seconds: u64,
 
     /// TokenReviews one source address may cause at once before its rate
@@ -215,11 +212,21 @@ impl TokenReviewer {
             debug!(reason = %why, "node token refused unread");
             return Err(Status::unauthenticated(why));
         }
-        if let Verdict::Forged(why) = self.keys.check(token).await {
-            // Cheap to tell again, like a malformed token: not remembered.
-            self.rejections.count("grpc", "token_forged");
-            debug!(reason = %why, "node token refused unreviewed");
-            return Err(Status::unauthenticated(why));
+        match self.keys.check(token).await {
+            Verdict::Signed | Verdict::Unknown => {}
+            Verdict::Forged(why) => {
+                // Cheap to tell again, like a malformed token: not
+                // remembered.
+                self.rejections.count("grpc", "token_forged");
+                debug!(reason = %why, "node token refused unreviewed");
+                return Err(Status::unauthenticated(why));
+            }
+            Verdict::NotYet => {
+                self.rejections.count("grpc", "token_key_not_yet");
+                return Err(Status::unavailable(
+                    "the node token names a signing key not known yet; try again later",
+                ));
+            }
         }
         if let Err(reason) = self.take_allowance(source) {
             self.rejections.count("grpc", reason);

@@ -112,21 +112,22 @@ pub async fn start(
         let dialing = dialing.clone();
         Box::pin(async move { dialing.connect(source, destination).await })
     });
-    let windows = config.memory_limits.hbone_windows();
+    let (served_windows, dialed_windows) = config.memory_limits.hbone_windows();
     crate::copy::limit_held_buffers(config.memory_limits.held_buffer_budget());
     let limits = &config.limits;
     let pool_config = PoolConfig {
         idle_timeout: Duration::from_secs(limits.hbone_idle_timeout_seconds),
         connect_timeout: Duration::from_millis(limits.hbone_connect_timeout_ms),
-        max_streams_per_connection: usize::try_from(windows.max_streams)
+        max_streams_per_connection: usize::try_from(dialed_windows.max_streams)
             .unwrap_or(crate::hbone::MAX_STREAMS_PER_CONNECTION),
-        windows: windows.clone(),
+        windows: dialed_windows,
         keepalive: limits.hbone_keepalive(),
     };
     let hbone = crate::hbone::ServerSettings {
-        windows,
+        windows: served_windows,
         keepalive: limits.hbone_keepalive(),
         handshake_timeout: limits.handshake_timeout(),
+        idle_timeout: Duration::from_secs(limits.hbone_idle_timeout_seconds),
     };
     let plane = Arc::new(DataPlane {
         routes: routes.clone(),

@@ -136,7 +136,7 @@ pub(crate) async fn handshake(
             problem: tls_problem(&e),
         })?;
     tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
-    let (send_request, connection) = client_builder(window.stream, window.connection)
+    let (send_request, connection) = client_builder(window.sizes())
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|source| HboneError::Http2Handshake {

@@ -30,7 +30,9 @@ use super::client::{
 use super::error::HboneError;
 use super::slots::{SlotLease, StreamSlots};
 use super::stream::HboneStream;
-use super::tuning::{HANDSHAKE_TIMEOUT, Keepalive, MAX_STREAMS_PER_CONNECTION, keepalive};
+use super::tuning::{
+    HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, Keepalive, MAX_STREAMS_PER_CONNECTION, keepalive,
+};
 use super::windows::{Window, Windows};
 
 /// Opens the TCP connection to a peer's HBONE address, from a given local
@@ -79,7 +81,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: IDLE_TIMEOUT,
             connect_timeout: HANDSHAKE_TIMEOUT,
             max_streams_per_connection: MAX_STREAMS_PER_CONNECTION,
             windows: Windows::default(),

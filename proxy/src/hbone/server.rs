@@ -25,8 +25,8 @@ use super::error::HboneError;
 use super::headers::parse_forwarded_for;
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
 use super::tuning::{
-    HANDSHAKE_TIMEOUT, HboneSocket, Keepalive, TLS_WRITE_BUFFER, hbone_socket, keepalive,
-    server_builder,
+    HANDSHAKE_TIMEOUT, HboneSocket, IDLE_TIMEOUT, Keepalive, TLS_WRITE_BUFFER, hbone_socket,
+    keepalive, server_builder,
 };
 use super::windows::Windows;
 
@@ -135,6 +135,8 @@ pub struct ServerSettings {
     pub keepalive: Keepalive,
     /// How long the HTTP/2 handshake may take (after TLS).
     pub handshake_timeout: Duration,
+    /// How long it may carry no stream before it is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -144,6 +146,7 @@ impl Default for ServerSettings {
             windows: Windows::default(),
             keepalive: Keepalive::default(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -231,6 +234,7 @@ pub async fn serve_connection<H: InboundHandler>(
         .ok_or(HboneError::WindowBudget { peer })?;
     let max_streams = settings.windows.max_streams;
     let (handshake_timeout, keepalive_settings) = (settings.handshake_timeout, settings.keepalive);
+    let idle_timeout = settings.idle_timeout;
     let span = tracing::debug_span!(
         "hbone_inbound",
         %peer,
@@ -243,7 +247,7 @@ pub async fn serve_connection<H: InboundHandler>(
         local_addr,
     });
     async move {
-        let builder = server_builder(window.stream, window.connection, max_streams);
+        let builder = server_builder(window.sizes(), max_streams);
         // Held, and given back to the budget, for as long as the connection.
         let _window = window;
         let handshake = builder.handshake::<_, Bytes>(tls);
@@ -271,6 +275,9 @@ pub async fn serve_connection<H: InboundHandler>(
         // The connection's streams live and die with it: when this future
         // ends (an error, or dropped at a drain deadline) they are aborted.
         let mut streams = tokio::task::JoinSet::new();
+        // A connection that carries no stream for the idle timeout is
+        // closed (GOAWAY): it holds a receive window from the budget.
+        let mut last_active = tokio::time::Instant::now();
         loop {
             if !draining && *drain.borrow_and_update() {
                 tracing::debug!("draining: no new streams");
@@ -283,6 +290,7 @@ pub async fn serve_connection<H: InboundHandler>(
                         let (context, handler) = (Arc::clone(&context), Arc::clone(&handler));
                         let stream = serve_stream(request, respond, context, handler);
                         streams.spawn(stream.in_current_span());
+                        last_active = tokio::time::Instant::now();
                     }
                     Some(Err(source)) => return Err(HboneError::Connection { peer, source }),
                     None => {
@@ -293,6 +301,14 @@ pub async fn serve_connection<H: InboundHandler>(
                 },
                 Some(_) = streams.join_next(), if !streams.is_empty() => {
                     // A stream ended; reaping it keeps the set small.
+                    last_active = tokio::time::Instant::now();
+                }
+                () = tokio::time::sleep_until(last_active + idle_timeout),
+                    if streams.is_empty() && !draining =>
+                {
+                    tracing::debug!("idle: closing");
+                    connection.graceful_shutdown();
+                    draining = true;
                 }
                 changed = drain.changed(), if drain_open && !draining => {
                     // A dropped sender can no longer ask for a drain.

@@ -16,6 +16,10 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// The HTTP/2 flow-control window of a whole connection by default: 16 MiB.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// What one stream may queue for sending beyond what the peer has read,
+/// by default: 256 KiB.
+pub const SEND_BUFFER: u32 = 256 * 1024;
+
 /// The largest HTTP/2 frame either side accepts: 1 MiB.
 pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 
@@ -39,6 +43,10 @@ pub fn hbone_socket(tcp: tokio::net::TcpStream) -> HboneSocket {
 
 /// How many `CONNECT` streams one connection carries at once by default.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// How long an HBONE connection may carry no stream before it is closed,
+/// by default (dialed and served).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often an HBONE connection is pinged, by default.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -74,13 +82,23 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// headers, so anything near this is abuse.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
+/// The receive windows and send buffer of one connection (what
+/// [`super::Window`] reserved for it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BufferSizes {
+    pub(crate) stream_window: u32,
+    pub(crate) connection_window: u32,
+    pub(crate) send_buffer: usize,
+}
+
 /// The client's HTTP/2 settings, with the receive windows reserved for the
 /// connection (see [`super::Window`]): each stream's and the connection's.
-pub(crate) fn client_builder(stream_window: u32, connection_window: u32) -> h2::client::Builder {
+pub(crate) fn client_builder(sizes: BufferSizes) -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
-        .initial_window_size(stream_window)
-        .initial_connection_window_size(connection_window)
+        .initial_window_size(sizes.stream_window)
+        .initial_connection_window_size(sizes.connection_window)
+        .max_send_buffer_size(sizes.send_buffer)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .initial_max_send_streams(MAX_STREAMS_PER_CONNECTION)
@@ -90,15 +108,12 @@ pub(crate) fn client_builder(stream_window: u32, connection_window: u32) -> h2::
 
 /// The server's HTTP/2 settings, with the receive windows reserved for
 /// the connection and at most `max_streams` streams at once.
-pub(crate) fn server_builder(
-    stream_window: u32,
-    connection_window: u32,
-    max_streams: u32,
-) -> h2::server::Builder {
+pub(crate) fn server_builder(sizes: BufferSizes, max_streams: u32) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
-        .initial_window_size(stream_window)
-        .initial_connection_window_size(connection_window)
+        .initial_window_size(sizes.stream_window)
+        .initial_connection_window_size(sizes.connection_window)
+        .max_send_buffer_size(sizes.send_buffer)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_concurrent_streams(max_streams);

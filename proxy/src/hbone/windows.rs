@@ -15,7 +15,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::tuning::{CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use super::tuning::{
+    BufferSizes, CONNECTION_WINDOW, MAX_STREAMS_PER_CONNECTION, SEND_BUFFER, STREAM_WINDOW,
+};
 
 /// The window sizes HBONE connections ask for, and the budget they share.
 /// Cheap to clone; clones share the budget.
@@ -30,6 +32,9 @@ pub struct Windows {
     pub floor: u32,
     /// Streams a served connection may carry at once.
     pub max_streams: u32,
+    /// What one stream may queue for sending beyond what the peer has
+    /// read, in bytes.
+    pub send_buffer: u32,
     budget: Arc<Budget>,
 }
 
@@ -56,11 +61,18 @@ impl Windows {
             connection,
             floor: floor.min(connection),
             max_streams,
+            send_buffer: SEND_BUFFER,
             budget: Arc::new(Budget {
                 limit: budget,
                 reserved: Mutex::default(),
             }),
         }
+    }
+
+    /// The same, queueing at most `bytes` per stream for sending.
+    pub fn with_send_buffer(mut self, bytes: u32) -> Windows {
+        self.send_buffer = bytes;
+        self
     }
 
     /// A window for one more connection: the full one, the floor, or none
@@ -86,6 +98,7 @@ impl Windows {
         Some(Window {
             connection: size,
             stream: self.stream.min(size),
+            send_buffer: self.send_buffer,
             full,
             budget: Arc::clone(budget),
         })
@@ -126,8 +139,21 @@ pub struct Window {
     pub connection: u32,
     /// Each stream's receive window (no larger than the connection's).
     pub stream: u32,
+    /// What each stream may queue for sending.
+    pub send_buffer: u32,
     full: bool,
     budget: Arc<Budget>,
+}
+
+impl Window {
+    /// The sizes the HTTP/2 builders take.
+    pub(crate) fn sizes(&self) -> BufferSizes {
+        BufferSizes {
+            stream_window: self.stream,
+            connection_window: self.connection,
+            send_buffer: usize::try_from(self.send_buffer).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 impl Drop for Window {
