@@ -235,6 +235,16 @@ pub struct ProxyConfig {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
 
+    /// How many task turns the data-plane runtime takes between looks at
+    /// which sockets became ready (tokio's `event_interval`, 61 by
+    /// default there). While a bulk transfer keeps tasks runnable, a
+    /// connection that becomes ready is noticed only at the next look: at
+    /// 61 a neighbour's request waited ~8 ms behind a same-node bulk
+    /// upload, at 2 ~2 ms (bench/RESULTS.md, noisy neighbour).
+    #[arg(long, env = "WEFT_EVENT_INTERVAL", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub event_interval: u32,
+
     /// Bounds on the connections and handshakes pods and peers can make
     /// the data plane hold (see `limits`).
     #[command(flatten)]

@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
         .thread_name("weft-control")
         .build()
         .context("starting the control runtime")?;
-    let data_plane = runtime(config.worker_threads).context("starting the data-plane runtime")?;
+    let data_plane = runtime(config.worker_threads, config.event_interval)
+        .context("starting the data-plane runtime")?;
     let result = data_plane.block_on(run(config, control.handle().clone(), log_filter));
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
@@ -107,7 +108,7 @@ fn probe_ready(config: &ReadinessProbeConfig) -> anyhow::Result<()> {
 
 /// One thread: a single-threaded runtime, so no task is ever woken on
 /// another thread. More: a work-stealing runtime with that many workers.
-fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime(worker_threads: u16, event_interval: u32) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -115,7 +116,11 @@ fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(usize::from(worker_threads));
         builder
     };
-    builder.enable_all().thread_name("weft-data-plane").build()
+    builder
+        .enable_all()
+        .event_interval(event_interval)
+        .thread_name("weft-data-plane")
+        .build()
 }
 
 async fn run(

@@ -237,6 +237,22 @@ impl Process {
         &self.stderr
     }
 
+    /// Its stdout once `logged` holds for it, waiting up to a minute: a
+    /// proxy writes its log on a thread of its own, so a line about what
+    /// just happened may come a moment later (longer on a busy machine).
+    /// The stdout as it is then if `logged` never holds, for the caller's
+    /// assertion to show.
+    pub fn stdout_once(&self, logged: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stdout = self.stdout()?;
+            if logged(&stdout) || Instant::now() >= deadline || !self.is_running() {
+                return Ok(stdout);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Waits up to `timeout` until stdout or stderr contains `needle` (e.g. a log
     /// line saying it is ready). Fails early if the process exits without writing it.
     pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> Result<()> {

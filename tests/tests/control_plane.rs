@@ -332,7 +332,10 @@ fn a_malformed_manifest_is_reported_and_nothing_is_lost() {
         Ok(page.contains("extra.yaml document 1") && page.contains("garbage.yaml"))
     })
     .unwrap();
-    let log = mesh.control_plane().unwrap().stdout().unwrap();
+    let log = mesh.control_plane().unwrap();
+    let log = log
+        .stdout_once(|log| log.contains("extra.yaml document 1"))
+        .unwrap();
     assert!(
         log.contains("extra.yaml document 1"),
         "the problem is logged: {log}"

@@ -212,12 +212,12 @@ fn the_destination_proxy_names_the_source_principal() {
     wait_for_metric(&mesh, &testbed, "node-2", |l| received_5("destination", l));
     // The source proxy counts the same bytes, all of them early data.
     wait_for_metric(&mesh, &testbed, "node-1", |l| received_5("source", l));
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
-    assert!(
+    let closed = |log: &str| {
         log.lines()
-            .any(|l| l.contains("connection closed") && l.contains(CLIENT_ID)),
-        "{log}"
-    );
+            .any(|l| l.contains("connection closed") && l.contains(CLIENT_ID))
+    };
+    let log = mesh.proxy("node-2").unwrap().stdout_once(closed).unwrap();
+    assert!(closed(&log), "{log}");
 }
 
 #[test]
@@ -510,8 +510,9 @@ fn attacks_on_the_hbone_port_are_refused_and_the_proxy_keeps_serving() {
             >= 2)
     })
     .unwrap();
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
-    assert!(log.contains("TLS handshake refused"), "{log}");
+    let refused = |log: &str| log.contains("TLS handshake refused");
+    let log = mesh.proxy("node-2").unwrap().stdout_once(refused).unwrap();
+    assert!(refused(&log), "{log}");
 
     // The proxy still serves the real client.
     let mut stream = testbed.connect(Target::Pod("client"), target).unwrap();

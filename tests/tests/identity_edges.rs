@@ -153,15 +153,19 @@ fn an_address_two_pods_claim_vouches_for_neither() {
         "{db_1}"
     );
     // Whichever proxy learned of the claim first refused the connection.
-    let logs: String = ["node-1", "node-2"]
-        .iter()
-        .map(|node| mesh.proxy(node).unwrap().stdout().unwrap())
-        .collect();
-    assert!(
-        logs.contains("the workload refuses every connection: IP"),
-        "{logs}"
-    );
-    let control_plane = mesh.control_plane().unwrap().stdout().unwrap();
+    // (Logs are written by a thread of their own: wait for the line.)
+    let refusal = "the workload refuses every connection: IP";
+    let logs = || -> String {
+        ["node-1", "node-2"]
+            .iter()
+            .map(|node| mesh.proxy(node).unwrap().stdout().unwrap())
+            .collect()
+    };
+    wait_until(CONFIG_WAIT, || Ok(logs().contains(refusal))).unwrap_or_else(|_| {
+        panic!("no proxy logged the refusal: {}", logs());
+    });
+    let claimed = |log: &str| log.contains("an IP is claimed by more than one pod");
+    let control_plane = mesh.control_plane().unwrap().stdout_once(claimed).unwrap();
     assert!(
         control_plane.contains("an IP is claimed by more than one pod"),
         "{control_plane}"

@@ -109,11 +109,10 @@ fn a_bad_traffic_policy_is_reported_and_the_rest_of_the_config_flows_on() {
             .unwrap();
         assert_eq!(db_service["traffic"], Value::Null, "{node}: {db_service}");
     }
-    let log = mesh.control_plane().unwrap().stdout().unwrap();
-    assert!(
-        log.contains("TrafficPolicy is invalid") && log.contains("shop/eject-now"),
-        "{log}"
-    );
+    let logged =
+        |log: &str| log.contains("TrafficPolicy is invalid") && log.contains("shop/eject-now");
+    let log = mesh.control_plane().unwrap().stdout_once(logged).unwrap();
+    assert!(logged(&log), "{log}");
 
     // Fixed, it is accepted and sent.
     mesh.write_manifest(
@@ -150,11 +149,10 @@ fn a_broken_deny_policy_fails_closed_for_the_pods_it_selects() {
             && message.contains("refuse every connection"),
         "{message}"
     );
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
-    assert!(
-        log.contains("shop/no-batch") && log.contains("is not applied (invalid)"),
-        "{log}"
-    );
+    let logged =
+        |log: &str| log.contains("shop/no-batch") && log.contains("is not applied (invalid)");
+    let log = mesh.proxy("node-2").unwrap().stdout_once(logged).unwrap();
+    assert!(logged(&log), "{log}");
     let dump = mesh.config_dump(&testbed, "node-2").unwrap();
     assert_eq!(dump["last_nack"], Value::Null, "{dump}");
 

@@ -88,7 +88,9 @@ fn an_allow_policy_admits_its_principal_and_refuses_every_other_source() {
         "weft_authorization_decisions_total{decision=\"deny\",policy=\"shop/db-from-web\"",
     );
     assert!(denied >= 2, "denials are counted by policy");
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
+    let logged =
+        |log: &str| log.contains("inbound connection denied") && log.contains("shop/db-from-web");
+    let log = mesh.proxy("node-2").unwrap().stdout_once(logged).unwrap();
     assert!(log.contains("inbound connection denied"), "{log}");
     assert!(
         log.contains("shop/db-from-web"),
@@ -163,7 +165,10 @@ spec:
         Ok(echoes(&testbed, "batch-1") && audited() >= 1)
     })
     .unwrap();
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
+    let log = mesh.proxy("node-2").unwrap();
+    let log = log
+        .stdout_once(|log| log.contains("authorization audit"))
+        .unwrap();
     assert!(log.contains("authorization audit"), "{log}");
     // Plaintext has no namespace: not audited, and not blocked either.
     let before = audited();
@@ -244,11 +249,9 @@ spec: {mode: STRICT}
         round_trip(&mut unaffected),
         "web's open connection is still allowed"
     );
-    let log = mesh.proxy("node-2").unwrap().stdout().unwrap();
-    assert!(
-        log.contains("closing an open connection after a policy change"),
-        "{log}"
-    );
+    let closing = |log: &str| log.contains("closing an open connection after a policy change");
+    let log = mesh.proxy("node-2").unwrap().stdout_once(closing).unwrap();
+    assert!(closing(&log), "{log}");
 }
 
 fn explain(mesh: &WeftMesh, args: &[&str]) -> (String, bool) {

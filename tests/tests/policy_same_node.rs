@@ -102,13 +102,15 @@ fn an_allow_policy_holds_for_a_neighbour_on_the_same_node() {
         "weft_authorization_decisions_total{decision=\"deny\",policy=\"shop/db-from-web\"",
     );
     assert!(denied >= 4, "denials are counted by policy: {denied}");
-    let log = mesh.proxy("node-1").unwrap().stdout().unwrap();
-    assert!(
-        log.lines().any(|l| l.contains("inbound connection denied")
-            && l.contains("shop/db-from-web")
-            && l.contains("node_local")),
-        "{log}"
-    );
+    let denied = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("inbound connection denied")
+                && l.contains("shop/db-from-web")
+                && l.contains("node_local")
+        })
+    };
+    let log = mesh.proxy("node-1").unwrap().stdout_once(denied).unwrap();
+    assert!(denied(&log), "{log}");
     // The admitted same-node connections are labelled as such.
     assert!(metric(&mesh, &testbed, "connection_security_policy=\"node_local\"") >= 1);
 }
@@ -151,7 +153,10 @@ spec:
             "weft_authorization_decisions_total{decision=\"deny\",policy=\"weft-system/no-batch\""
         ) >= 1
     );
-    let log = mesh.proxy("node-1").unwrap().stdout().unwrap();
+    let log = mesh.proxy("node-1").unwrap();
+    let log = log
+        .stdout_once(|log| log.contains("authorization audit"))
+        .unwrap();
     assert!(log.contains("authorization audit"), "{log}");
 }
 
@@ -193,11 +198,9 @@ fn an_open_same_node_connection_is_closed_when_a_deny_appears() {
         b"ping",
         "web's open connection is still allowed"
     );
-    let log = mesh.proxy("node-1").unwrap().stdout().unwrap();
-    assert!(
-        log.contains("closing an open connection after a policy change"),
-        "{log}"
-    );
+    let closing = |log: &str| log.contains("closing an open connection after a policy change");
+    let log = mesh.proxy("node-1").unwrap().stdout_once(closing).unwrap();
+    assert!(closing(&log), "{log}");
 }
 
 #[test]

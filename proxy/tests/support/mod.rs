@@ -396,6 +396,7 @@ impl ProxyFiles {
             state_dir: None,
             state_write_interval_ms: 200,
             worker_threads: 1,
+            event_interval: 2,
             limits: weft_proxy::limits::ConnectionLimits::default(),
             http_limits: weft_proxy::limits::HttpLimits::default(),
             memory_limits: weft_proxy::limits::MemoryLimits::default(),
