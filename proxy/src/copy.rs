@@ -54,11 +54,6 @@ pub fn limit_held_buffers(bytes: u64) {
     HELD_BUDGET.limit.store(bytes, Ordering::Relaxed);
 }
 
-/// The bytes full-size held buffers take now.
-pub fn held_buffer_bytes() -> u64 {
-    HELD_BUDGET.held.load(Ordering::Relaxed)
-}
-
 impl HeldBudget {
     /// Room for one full-size buffer, if the budget has it.
     fn reserve(&'static self) -> Option<Reservation> {
@@ -301,20 +296,13 @@ impl Direction {
             self.copied += written as u64;
             if written < data.len() {
                 let rest = &data[written..];
-                let bytes = match room {
-                    Some(_) => {
-                        let mut bytes = take_buffer();
-                        bytes[..rest.len()].copy_from_slice(rest);
-                        bytes
-                    }
-                    None => {
-                        // Full size: while the writer pushes back, the
-                        // direction reads into it, SMALL_READ at a time.
-                        let mut bytes = vec![0; SMALL_READ].into_boxed_slice();
-                        bytes[..rest.len()].copy_from_slice(rest);
-                        bytes
-                    }
+                // Past the budget, a SMALL_READ-sized buffer: while the
+                // writer pushes back, the direction reads into it.
+                let mut bytes = match room {
+                    Some(_) => take_buffer(),
+                    None => vec![0; SMALL_READ].into_boxed_slice(),
                 };
+                bytes[..rest.len()].copy_from_slice(rest);
                 (self.start, self.end) = (0, rest.len());
                 self.held = Some(Held { bytes, _room: room });
             }
