@@ -10,9 +10,12 @@
 //! Failing closed: if the proxy cannot be reached, a pod of a namespace the
 //! proxy last knew as meshed (`meshed-namespaces.json` in the proxy's state
 //! directory) is refused ("try again later", code 11): the runtime retries,
-//! and the pod starts once a proxy serves it. Pods of other namespaces,
-//! and of the namespaces the plugin is configured to leave alone (weft's
-//! own, `kube-system`), start as if weft were not there.
+//! and the pod starts once a proxy serves it. So is every pod while that
+//! file is missing: the proxy installs this plugin when it starts, so it
+//! has run here, but has not learned from a config what is meshed. Pods of
+//! namespaces the last config did not mesh, and of the namespaces the
+//! plugin is configured to leave alone (weft's own, `kube-system`), start
+//! as if weft were not there.
 //!
 //! The network configuration's own keys (all optional):
 //! `"socket"` (the proxy's CNI socket, default [`DEFAULT_SOCKET`]),
@@ -233,12 +236,23 @@ pub fn run(
                     ),
                 ),
                 Err(error) => match meshed_namespaces(&config.state_dir) {
-                    Ok(meshed) if !meshed.contains(namespace) => done,
-                    Ok(_) => failed(
+                    Ok(Some(meshed)) if !meshed.contains(namespace) => done,
+                    Ok(Some(_)) => failed(
                         TRY_AGAIN_LATER,
                         format!(
                             "weft: namespace {namespace} is meshed and the node proxy cannot be reached \
                              ({error}); pod {name} starts once it serves it"
+                        ),
+                    ),
+                    // The proxy installed this plugin, so it ran here, but it
+                    // never learned what is meshed (it is starting, or has
+                    // not heard from the control plane yet): the pod may be
+                    // meshed, and nobody would capture it.
+                    Ok(None) => failed(
+                        TRY_AGAIN_LATER,
+                        format!(
+                            "weft: the node proxy cannot be reached ({error}) and has not yet learned \
+                             which namespaces are meshed; pod {namespace}/{name} starts once it serves it"
                         ),
                     ),
                     Err(problem) => failed(
@@ -274,13 +288,15 @@ pub fn run(
     }
 }
 
-/// The meshed namespaces the proxy last stored; none if it never stored
-/// any (weft has not run on this node).
-fn meshed_namespaces(state_dir: &Path) -> Result<BTreeSet<String>, String> {
+/// The meshed namespaces the proxy last stored; `None` if it never stored
+/// any (it has not had a config since it was installed).
+fn meshed_namespaces(state_dir: &Path) -> Result<Option<BTreeSet<String>>, String> {
     let path = state_dir.join(crate::node_state::MESHED_NAMESPACES_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
@@ -342,10 +358,13 @@ mod tests {
         let unreachable = |_: &Path, _: &CniRequest| -> io::Result<CniReply> {
             Err(io::Error::from(io::ErrorKind::NotFound))
         };
-        // weft never ran here: nothing is known to be meshed.
+        // The proxy never had a config here: any pod may be meshed.
         assert!(matches!(
             run(&add(config(dir.path()), SHOP), unreachable),
-            Answer::Done(_)
+            Answer::Failed {
+                code: TRY_AGAIN_LATER,
+                ..
+            }
         ));
         std::fs::write(
             dir.path().join(crate::node_state::MESHED_NAMESPACES_FILE),

@@ -150,7 +150,10 @@ pub(super) async fn follow(
                     Err(error) => warn!(%error, "storing the node's pods failed"),
                 }
             }
-            if stored_namespaces.as_ref() != Some(&table.meshed_namespaces) {
+            // Only what a config said: before one, nothing is known, and an
+            // empty list would let the CNI plugin start meshed pods uncaptured.
+            if table.generation > 0 && stored_namespaces.as_ref() != Some(&table.meshed_namespaces)
+            {
                 match state.store_meshed_namespaces(&table.meshed_namespaces) {
                     Ok(()) => stored_namespaces = Some(table.meshed_namespaces.clone()),
                     Err(error) => warn!(%error, "storing the meshed namespaces failed"),

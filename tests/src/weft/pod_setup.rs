@@ -50,8 +50,10 @@ impl WeftMesh {
     /// CNI plugin, after the network plugin's result, until it succeeds.
     pub fn announce_pods(&self, testbed: &Testbed, later: &[&str]) -> Result<()> {
         for node in self.proxies.keys() {
-            // Without its proxy, the plugin lets pods of namespaces it never
-            // saw meshed start unannounced (weft is not installed yet).
+            // Without an answer from its proxy the plugin only lets pods of
+            // namespaces the proxy's last config did not mesh start: wait
+            // for the proxy to listen, then as a runtime does, until it says
+            // yes.
             let socket = self.cni_socket(testbed, node);
             wait_until(STARTUP_TIMEOUT, || Ok(socket.exists()))
                 .with_context(|| format!("{node}'s proxy never opened its CNI socket"))?;
