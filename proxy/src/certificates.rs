@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
+use tonic::Code;
 use tracing::{Instrument, debug, info, info_span, warn};
 use weft_api::v1::SignRequest;
 use weft_api::v1::certificates_client::CertificatesClient;
@@ -370,20 +371,36 @@ async fn sign(
         .borrow()
         .as_ref()
         .map(|view| view.trust().bundle.clone());
-    let channel = transport.connect(known_roots.as_ref()).await?;
+    let channel = transport.signing_channel(known_roots.as_ref()).await?;
     let token = transport.token().await?;
-    let response = CertificatesClient::with_interceptor(channel, token)
+    let signed = CertificatesClient::with_interceptor(channel, token)
         .sign(SignRequest {
             identity: identity.to_string(),
             csr_der: request.csr_der().to_vec(),
         })
-        .await
-        .map_err(|status| Error::Sign {
-            identity: identity.clone(),
-            code: status.code(),
-            message: status.message().to_owned(),
-        })?
-        .into_inner();
+        .await;
+    let response = match signed {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            // A refusal leaves the connection as good as it was; anything
+            // else may be the connection's fault: the next call dials again.
+            if !matches!(
+                status.code(),
+                Code::InvalidArgument
+                    | Code::PermissionDenied
+                    | Code::Unauthenticated
+                    | Code::ResourceExhausted
+                    | Code::FailedPrecondition
+            ) {
+                transport.forget_signing_channel().await;
+            }
+            return Err(Error::Sign {
+                identity: identity.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            });
+        }
+    };
 
     let unusable = |reason: String| Error::SignResponse {
         identity: identity.clone(),

@@ -4,8 +4,13 @@
 //! every call. The config stream and certificate signing both dial through
 //! here.
 //!
-//! The token file and the root file are read again for every connection, so
-//! both can be rotated in place without restarting the proxy.
+//! The token file and the root file are read again for every connection
+//! (the token for every call), so both can be rotated in place without
+//! restarting the proxy. Certificate signing keeps one connection for all
+//! its calls ([`ControlPlaneTransport::signing_channel`]): a node starting
+//! many pods at once must not open a TLS connection per certificate (the
+//! control plane caps the connections of one source that have not yet
+//! authenticated).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +43,8 @@ pub struct ControlPlaneTransport {
     token_file: PathBuf,
     root_cert: PathBuf,
     expected: Identity,
+    /// The connection signing calls share, and the roots it was made with.
+    signing: tokio::sync::Mutex<Option<(Vec<Vec<u8>>, Channel)>>,
 }
 
 impl ControlPlaneTransport {
@@ -63,6 +70,7 @@ impl ControlPlaneTransport {
             token_file: config.token_file.clone(),
             root_cert: config.root_cert.clone(),
             expected: config.control_plane_identity.clone(),
+            signing: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -102,13 +110,49 @@ impl ControlPlaneTransport {
     /// `also_trusted` (the roots the control plane last sent, so that a
     /// root rotation does not lock the proxy out).
     pub async fn connect(&self, also_trusted: Option<&TrustBundle>) -> Result<Channel, Error> {
+        let roots = self.roots_with(also_trusted).await?;
+        self.connect_trusting(&roots).await
+    }
+
+    /// The connection certificate signing uses: the one made before, while
+    /// the roots it trusts are still the ones to trust, else a new one
+    /// (callers wait for it rather than dial one each).
+    pub async fn signing_channel(
+        &self,
+        also_trusted: Option<&TrustBundle>,
+    ) -> Result<Channel, Error> {
+        let roots = self.roots_with(also_trusted).await?;
+        let key: Vec<Vec<u8>> = roots.roots().iter().map(|r| r.to_vec()).collect();
+        let mut signing = self.signing.lock().await;
+        if let Some((made_with, channel)) = signing.as_ref()
+            && *made_with == key
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.connect_trusting(&roots).await?;
+        *signing = Some((key, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Drops the signing connection (a call on it failed): the next call
+    /// dials again.
+    pub async fn forget_signing_channel(&self) {
+        *self.signing.lock().await = None;
+    }
+
+    /// The roots of the root file, and `also_trusted` where it merges.
+    async fn roots_with(&self, also_trusted: Option<&TrustBundle>) -> Result<TrustBundle, Error> {
         let mut roots = self.load_roots().await?;
         if let Some(extra) = also_trusted
             && let Err(e) = roots.merge(extra)
         {
             debug!(reason = %e, "ignoring the control plane's roots for this connection");
         }
-        let tls = weft_certs::control_plane_client_config(&roots, &self.expected)
+        Ok(roots)
+    }
+
+    async fn connect_trusting(&self, roots: &TrustBundle) -> Result<Channel, Error> {
+        let tls = weft_certs::control_plane_client_config(roots, &self.expected)
             .map_err(|source| Error::ControlPlaneTls { source })?;
         let connector = TlsConnector::from(tls);
         let address = self.address.clone();

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use support::*;
 use weft_api::v1::proxy_message::Kind;
 use weft_api::v1::{Ack, Nack};
-use weft_certs::{MeshCa, SigningPolicy};
+use weft_certs::{Identity, MeshCa, SigningPolicy};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
@@ -188,14 +188,15 @@ async fn certificates_are_obtained_for_local_meshed_identities_only() {
         workload("default", "web-1", "web", NODE, "10.0.1.6", true),
         workload("default", "db", "db", NODE, "10.0.1.7", false),
         workload("default", "denied", "denied", NODE, "10.0.1.8", true),
+        workload("default", "api", "api", NODE, "10.0.1.9", true),
     ];
     let remote = vec![workload("shop", "cart", "cart", "node-2", "10.0.2.7", true)];
     stream.send(full_state(&cp, 1, local, remote)).await;
     assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
 
     let certificates = proxy.certificates();
-    wait_for("a certificate for web", &certificates, |certs| {
-        certs.keys().any(|id| id.as_str() == WEB)
+    wait_for("certificates for web and api", &certificates, |certs| {
+        certs.len() == 2
     })
     .await;
     // The refused identity is asked for again, with backoff.
@@ -203,6 +204,9 @@ async fn certificates_are_obtained_for_local_meshed_identities_only() {
         cp.sign_calls_for(denied) >= 2
     })
     .await;
+    // All signing on one connection beside the config stream's: a node
+    // starting many pods must not dial once per certificate.
+    assert_eq!(cp.connections(), 2);
     // Two pods of one ServiceAccount share one certificate; unmeshed and
     // remote pods get none; every call carries the node's token.
     assert_eq!(cp.sign_calls_for(WEB), 1);
@@ -218,18 +222,20 @@ async fn certificates_are_obtained_for_local_meshed_identities_only() {
         .keys()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(held, [WEB]);
-    let cert = certificates.borrow().values().next().unwrap().clone();
+    let api = "spiffe://cluster.local/ns/default/sa/api";
+    assert_eq!(held, [api, WEB]);
+    let cert = certificates.borrow()[&Identity::parse(WEB).unwrap()].clone();
     assert!(!cert.is_expired(SystemTime::now()));
     assert_eq!(cert.trust().roots(), cp.ca.trust_bundle().roots());
 
     let listed = admin_json(proxy.admin_addr(), "/certs").await;
-    assert_eq!(listed.as_array().unwrap().len(), 1);
-    assert_eq!(listed[0]["identity"], WEB);
-    assert_eq!(listed[0]["chain_len"], 1);
-    assert!(listed[0]["seconds_until_expiry"].as_i64().unwrap() > 3600);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    let web = listed.iter().find(|c| c["identity"] == WEB).unwrap();
+    assert_eq!(web["chain_len"], 1);
+    assert!(web["seconds_until_expiry"].as_i64().unwrap() > 3600);
     for field in ["not_before", "not_after", "renew_at"] {
-        let text = listed[0][field].as_str().unwrap();
+        let text = web[field].as_str().unwrap();
         assert!(text.ends_with('Z') && text.contains('T'), "{field}: {text}");
     }
 
@@ -241,7 +247,7 @@ async fn certificates_are_obtained_for_local_meshed_identities_only() {
     wait_for(
         "the web certificate to be dropped",
         &certificates,
-        |certs| certs.is_empty(),
+        |certs| certs.len() == 1,
     )
     .await;
 }

@@ -206,6 +206,8 @@ pub struct TestControlPlane {
     streams: mpsc::Receiver<ProxyStream>,
     sign_calls: Arc<Mutex<Vec<SignCall>>>,
     denied: Arc<Mutex<HashSet<String>>>,
+    /// TLS connections accepted.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -237,15 +239,19 @@ impl TestControlPlane {
         let addr = listener.local_addr().unwrap();
         let (incoming_tx, incoming) = mpsc::channel(16);
         let mut tasks = tokio::task::JoinSet::new();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
         tasks.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let (acceptor, incoming_tx) = (acceptor.clone(), incoming_tx.clone());
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     // A client that refuses our certificate ends here.
                     if let Ok(tls) = acceptor.accept(tcp).await {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let _ = incoming_tx.send(Ok::<_, std::io::Error>(tls)).await;
                     }
                 });
@@ -277,8 +283,14 @@ impl TestControlPlane {
             streams,
             sign_calls,
             denied,
+            connections,
             tasks,
         }
+    }
+
+    /// How many TLS connections it accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A control plane whose CA signs with `policy` (e.g. short lifetimes).
