@@ -111,6 +111,7 @@ mod observe;
 mod policy_probe;
 mod process;
 pub mod real_cluster;
+mod specs;
 pub mod steady_load;
 mod testbed;
 mod topology;

@@ -18,11 +18,13 @@
 //! refused here too), a refused token stays refused for a while without
 //! asking again, and the reviews sent are rate limited, per source address
 //! and in all ([`TokenReviewLimits`]); over the rate, authentication fails
-//! with UNAVAILABLE and the proxy tries again later.
+//! with UNAVAILABLE and the proxy tries again later. Calls that bring one
+//! new token at once (a starting proxy's config stream and certificate
+//! requests) share one review.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -148,6 +150,25 @@ impl Bucket {
     }
 }
 
+/// One call's place among the calls reviewing one token; the last one to
+/// leave takes the token's entry out.
+struct ReviewTurn<'a> {
+    reviewer: &'a TokenReviewer,
+    digest: [u8; 32],
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for ReviewTurn<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut under_review) = self.reviewer.under_review.lock() {
+            // Ours and the map's: nobody else waits.
+            if Arc::strong_count(&self.gate) <= 2 {
+                under_review.remove(&self.digest);
+            }
+        }
+    }
+}
+
 /// Checks node proxy tokens with the API server.
 pub struct TokenReviewer {
     client: kube::Client,
@@ -159,6 +180,9 @@ pub struct TokenReviewer {
     refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     /// Reviews that may be sent now: in all, and per source address.
     allowance: Mutex<Allowance>,
+    /// The tokens under review now: calls with one token take turns, so
+    /// that a proxy's many first calls cost one review, not one each.
+    under_review: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// The API server's keys, to refuse forged tokens without a review.
     keys: SigningKeys,
     limits: TokenReviewLimits,
@@ -186,6 +210,7 @@ impl TokenReviewer {
                 all: Bucket::full(limits.token_review_burst),
                 by_source: HashMap::new(),
             }),
+            under_review: Mutex::new(HashMap::new()),
             limits,
             rejections,
         }
@@ -228,6 +253,16 @@ impl TokenReviewer {
                 ));
             }
         }
+        let turn = self.turn_for(digest);
+        let _reviewing = turn.gate.lock().await;
+        // A call with the same token may have been reviewed meanwhile.
+        if let Some(node) = self.cached(&digest) {
+            return Ok(node);
+        }
+        if let Some(why) = self.refused_before(&digest) {
+            self.rejections.count("grpc", "token_refused_before");
+            return Err(Status::unauthenticated(why));
+        }
         if let Err(reason) = self.take_allowance(source) {
             self.rejections.count("grpc", reason);
             return Err(Status::unavailable(
@@ -258,6 +293,21 @@ impl TokenReviewer {
             cache.insert(digest, (node.clone(), Instant::now() + CACHE_FOR));
         }
         Ok(node)
+    }
+
+    /// A place in the queue of calls reviewing the token of `digest`.
+    fn turn_for(&self, digest: [u8; 32]) -> ReviewTurn<'_> {
+        let gate = match self.under_review.lock() {
+            Ok(mut under_review) => under_review.entry(digest).or_default().clone(),
+            // Never poisoned (nothing panics holding it); were it, calls
+            // would simply not share reviews.
+            Err(_) => Arc::default(),
+        };
+        ReviewTurn {
+            reviewer: self,
+            digest,
+            gate,
+        }
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<String> {
