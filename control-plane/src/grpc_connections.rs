@@ -74,6 +74,34 @@ impl tonic::transport::server::Connected for GrpcConnection {
     }
 }
 
+impl GrpcConnection {
+    /// Whether the connection is past its deadline without an
+    /// authenticated call. Checked on every read and write (a peer that
+    /// stops reading stalls hyper's reads, not its writes), so the timer's
+    /// waker stays registered while the connection waits for its first call.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if self.caller.is_authenticated() {
+                self.deadline = None;
+                self.unauthenticated = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                self.deadline = None;
+                self.expired = true;
+                self.rejections.count("grpc", "no_authenticated_call");
+                debug!(peer = %self.caller.peer, "no authenticated call in time: closed");
+            }
+        }
+        self.expired
+    }
+}
+
+fn closed_for_no_call<T>() -> Poll<io::Result<T>> {
+    Poll::Ready(Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no authenticated call in time",
+    )))
+}
+
 impl AsyncRead for GrpcConnection {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -81,24 +109,8 @@ impl AsyncRead for GrpcConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // Polled with every read, so the timer's waker stays registered
-        // while the connection waits for its first call.
-        if let Some(deadline) = this.deadline.as_mut() {
-            if this.caller.is_authenticated() {
-                this.deadline = None;
-                this.unauthenticated = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                this.expired = true;
-                this.rejections.count("grpc", "no_authenticated_call");
-                debug!(peer = %this.caller.peer, "no authenticated call in time: closed");
-            }
-        }
-        if this.expired {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no authenticated call in time",
-            )));
+        if this.expired(cx) {
+            return closed_for_no_call();
         }
         Pin::new(&mut this.tls).poll_read(cx, buf)
     }
@@ -110,10 +122,16 @@ impl AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return closed_for_no_call();
+        }
         Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return closed_for_no_call();
+        }
         Pin::new(&mut self.tls).poll_flush(cx)
     }
 
@@ -126,6 +144,9 @@ impl AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return closed_for_no_call();
+        }
         Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
     }
 

@@ -553,3 +553,45 @@ async fn a_replica_told_to_stop_serves_on_then_ends_its_streams_and_stops() {
         .unwrap();
     assert!(stopped.is_ok(), "{stopped:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_authenticates_is_closed_even_if_it_stops_reading() {
+    let cp = start_control_plane_with(&["--grpc-authenticate-within-ms", "500"]).await;
+    let expected: Identity = "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane"
+        .parse()
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(
+        weft_certs::control_plane_client_config(&cp.trust, &expected).unwrap(),
+    );
+    let tcp = TcpStream::connect(cp.grpc).await.unwrap();
+    let mut stream = tls.connect(cp.grpc.ip().into(), tcp).await.unwrap();
+    // HTTP/2's preface and SETTINGS, then PINGs, and never a read: the
+    // server's answers fill the socket buffers until it cannot write, so
+    // it stops reading too.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    stream.write_all(&hello).await.unwrap();
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let pings = ping.repeat(1024);
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(error) = stream.write_all(&pings).await {
+                return error;
+            }
+        }
+    })
+    .await
+    .expect("the connection was never closed");
+    assert!(
+        matches!(
+            closed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{closed}"
+    );
+    let metrics = cp.debug_page("/metrics").await;
+    assert!(
+        metrics.contains(r#"reason="no_authenticated_call"} 1"#),
+        "{metrics}"
+    );
+}
