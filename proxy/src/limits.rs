@@ -284,4 +284,59 @@ impl MemoryLimits {
     pub fn held_buffer_budget(&self) -> u64 {
         self.held_buffer_budget_mib.saturating_mul(1024 * 1024)
     }
+
+    /// The most that peers and pods can make the proxy hold in buffers,
+    /// in bytes, with `connections` open at most: the window and
+    /// held-buffer budgets, and per connection a small buffer each way
+    /// past the held budget plus, were each one an HBONE stream whose peer
+    /// stops reading, its send buffer.
+    pub fn worst_case_bytes(&self, connections: &ConnectionLimits) -> u64 {
+        let per_connection = 2 * crate::copy::SMALL_READ as u64
+            + u64::from(self.hbone_send_buffer_kib).saturating_mul(1024);
+        self.hbone_window_budget_mib
+            .saturating_mul(1024 * 1024)
+            .saturating_add(self.held_buffer_budget())
+            .saturating_add(per_connection.saturating_mul(u64::from(connections.max_connections)))
+    }
+
+    /// The `--max-connections` whose worst case fits in `memory_limit`
+    /// bytes with room for the proxy's own use (`reserved`); `None` if
+    /// not even one connection fits beside the budgets.
+    pub fn connections_fitting(&self, memory_limit: u64, reserved: u64) -> Option<u32> {
+        let budgets = self
+            .hbone_window_budget_mib
+            .saturating_mul(1024 * 1024)
+            .saturating_add(self.held_buffer_budget())
+            .saturating_add(reserved);
+        let per_connection = 2 * crate::copy::SMALL_READ as u64
+            + u64::from(self.hbone_send_buffer_kib).saturating_mul(1024);
+        let fitting = memory_limit.checked_sub(budgets)? / per_connection;
+        (fitting > 0).then(|| u32::try_from(fitting).unwrap_or(u32::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_case_is_the_budgets_and_what_each_connection_may_hold() {
+        let (memory, connections) = (MemoryLimits::default(), ConnectionLimits::default());
+        let mib = 1024 * 1024;
+        // 256 MiB of windows, 64 MiB of held buffers, 16,384 connections
+        // of 32 KiB small buffers and a 256 KiB send buffer each.
+        assert_eq!(
+            memory.worst_case_bytes(&connections),
+            (256 + 64) * mib + 16_384 * 288 * 1024
+        );
+        // In the DaemonSet's 512 MiB, with 64 MiB for the proxy itself:
+        // (512 - 64 - 320) MiB / 288 KiB.
+        assert_eq!(memory.connections_fitting(512 * mib, 64 * mib), Some(455));
+        let fitting = ConnectionLimits {
+            max_connections: 455,
+            ..connections
+        };
+        assert!(memory.worst_case_bytes(&fitting) + 64 * mib <= 512 * mib);
+        assert_eq!(memory.connections_fitting(256 * mib, 64 * mib), None);
+    }
 }

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     let (log_filter, _log_writer) = weft_proxy::logging::init(&config)?;
     info!(%config, version = env!("CARGO_PKG_VERSION"), "starting weft-proxy");
     raise_file_limit(config.limits.file_descriptors_needed());
+    report_worst_case_memory(&config);
     // Control work (config stream, certificates, admin) gets a thread of
     // its own; the data plane runs on this one (or on its workers).
     let control = tokio::runtime::Builder::new_multi_thread()
@@ -91,6 +92,51 @@ fn raise_file_limit(needed: u64) {
             "the limit on open files is lower than --max-connections may need: lower it, or raise the limit"
         );
     }
+}
+
+/// What the proxy may have to hold, said against its memory limit: the
+/// limits bound it, but only the operator can tell whether the bound fits.
+fn report_worst_case_memory(config: &ProxyConfig) {
+    const MIB: u64 = 1024 * 1024;
+    // Heap, stacks and config beside the buffers, with room to spare.
+    const OWN_USE: u64 = 64 * MIB;
+    let worst_case = config.memory_limits.worst_case_bytes(&config.limits);
+    let Some(limit) = cgroup_memory_limit() else {
+        info!(
+            worst_case_mib = worst_case / MIB,
+            "the most peers and pods can make this proxy hold in buffers (no memory limit found)"
+        );
+        return;
+    };
+    if worst_case + OWN_USE <= limit {
+        info!(
+            worst_case_mib = worst_case / MIB,
+            memory_limit_mib = limit / MIB,
+            "the most peers and pods can make this proxy hold fits its memory limit"
+        );
+        return;
+    }
+    let fitting = config.memory_limits.connections_fitting(limit, OWN_USE);
+    tracing::warn!(
+        worst_case_mib = worst_case / MIB,
+        memory_limit_mib = limit / MIB,
+        max_connections_that_fit = fitting.unwrap_or(0),
+        "peers and pods may make this proxy hold more than its memory limit allows: lower \
+         --max-connections (or the window, held-buffer and send-buffer sizes), or raise the limit"
+    );
+}
+
+/// The memory limit of the proxy's cgroup (v2, then v1), if it has one.
+fn cgroup_memory_limit() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|path| std::fs::read_to_string(path).ok())
+    // "max" (v2) or a near-2^63 number (v1) mean no limit.
+    .find_map(|text| text.trim().parse::<u64>().ok())
+    .filter(|&bytes| bytes < 1 << 60)
 }
 
 /// `weft-proxy probe-ready`: one line on stdout (the kubelet keeps it with
