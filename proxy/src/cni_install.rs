@@ -124,6 +124,55 @@ pub fn primary_conflist(conf_dir: &Path) -> Result<PathBuf, CniInstallError> {
     Ok(first)
 }
 
+/// The node's CNI directories as this proxy keeps weft-cni in them: the
+/// installs and the uninstall take turns, and once the uninstall ran
+/// nothing installs again (a recheck that raced the drain must not chain
+/// the plugin back after it was taken out).
+#[derive(Debug)]
+pub struct NodeCni {
+    bin_dir: PathBuf,
+    conf_dir: PathBuf,
+    uninstalled: std::sync::Mutex<bool>,
+}
+
+impl NodeCni {
+    /// The binary and configuration directories.
+    pub fn new(bin_dir: PathBuf, conf_dir: PathBuf) -> NodeCni {
+        NodeCni {
+            bin_dir,
+            conf_dir,
+            uninstalled: std::sync::Mutex::new(false),
+        }
+    }
+
+    /// [`install`]s `plugin` with `entry`, unless the uninstall ran:
+    /// the network configuration it went into, or `None`.
+    pub fn install(
+        &self,
+        plugin: &Path,
+        entry: &PluginEntry,
+    ) -> Result<Option<PathBuf>, CniInstallError> {
+        let uninstalled = self
+            .uninstalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *uninstalled {
+            return Ok(None);
+        }
+        install(plugin, &self.bin_dir, &self.conf_dir, entry).map(Some)
+    }
+
+    /// [`uninstall`]s, for good: no install follows.
+    pub fn uninstall(&self) -> Result<(), CniInstallError> {
+        let mut uninstalled = self
+            .uninstalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *uninstalled = true;
+        uninstall(&self.bin_dir, &self.conf_dir)
+    }
+}
+
 /// Copies the `weft-cni` binary `plugin` into `bin_dir` and adds its entry
 /// to the node's network configuration in `conf_dir`.
 pub fn install(
@@ -240,6 +289,32 @@ mod tests {
         assert_eq!(without_plugin(&without).expect("parsed"), None);
         assert!(with_plugin(br#"{"type": "bridge"}"#, &entry()).is_err());
         assert!(with_plugin(b"[1]", &entry()).is_err());
+    }
+
+    #[test]
+    fn nothing_installs_after_the_uninstall() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
+        std::fs::create_dir_all(&bin).expect("created");
+        std::fs::create_dir_all(&conf).expect("created");
+        let conflist = conf.join("10-bridge.conflist");
+        std::fs::write(
+            &conflist,
+            r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#,
+        )
+        .expect("written");
+        let plugin = dir.path().join("weft-cni");
+        std::fs::write(&plugin, b"binary").expect("written");
+        let node = NodeCni::new(bin.clone(), conf.clone());
+        assert_eq!(
+            node.install(&plugin, &entry()).expect("installed"),
+            Some(conflist.clone())
+        );
+        node.uninstall().expect("uninstalled");
+        assert_eq!(node.install(&plugin, &entry()).expect("no error"), None);
+        let text = std::fs::read_to_string(&conflist).expect("read");
+        assert!(!text.contains(PLUGIN_TYPE), "{text}");
+        assert!(!bin.join(PLUGIN_TYPE).exists());
     }
 
     #[test]

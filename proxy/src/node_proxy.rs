@@ -302,8 +302,9 @@ impl NodeProxy {
             info!("stopping while a new proxy takes over: leaving the sockets to it");
             self.listening.set(ListeningState::Released);
         }
+        let mut cni_left_chained = false;
         if let Some(data_plane) = self.data_plane.take() {
-            data_plane.drain().await;
+            cni_left_chained = data_plane.drain().await;
         }
         self.tasks.shutdown().await;
         // A successor (one may have come during the drain) owns the node's
@@ -321,6 +322,9 @@ impl NodeProxy {
                     info!(dir = %state.dir().display(), "the mesh is being uninstalled: removed the state kept on the node")
                 }
                 Err(error) => warn!(%error, "removing the state kept on the node failed"),
+            }
+            if cni_left_chained && let Err(error) = state.store_nothing_meshed() {
+                warn!(%error, "weft-cni stays chained and cannot be told nothing is meshed");
             }
         }
     }

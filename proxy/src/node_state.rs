@@ -273,6 +273,14 @@ impl NodeState {
         Ok(())
     }
 
+    /// After [`NodeState::clear`], when weft-cni could not be taken out of
+    /// the node's network configuration: an empty list of meshed
+    /// namespaces, so that the plugin lets pods start rather than hold
+    /// every one of them for a proxy that is not coming back.
+    pub fn store_nothing_meshed(&self) -> Result<(), Error> {
+        write_private(&self.dir.join(MESHED_NAMESPACES_FILE), b"[]")
+    }
+
     fn certs_dir(&self) -> PathBuf {
         self.dir.join(CERTS_DIR)
     }

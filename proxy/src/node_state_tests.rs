@@ -265,3 +265,19 @@ fn the_meshed_namespaces_are_kept_until_an_update_replaces_them() {
     let view = NodeView::apply(None, &stored, "node-1").unwrap().view;
     assert!(view.namespace_meshed("legacy") && !view.namespace_meshed("shop"));
 }
+
+#[test]
+fn a_cleared_state_can_still_say_nothing_is_meshed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = NodeState::open(dir.path()).unwrap();
+    state
+        .store_meshed_namespaces(&["shop".to_owned()].into())
+        .unwrap();
+    state.clear().unwrap();
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    // weft-cni stayed chained: it must let pods start, not hold them.
+    state.store_nothing_meshed().unwrap();
+    let text = fs::read_to_string(dir.path().join(MESHED_NAMESPACES_FILE)).unwrap();
+    let meshed: BTreeSet<String> = serde_json::from_str(&text).unwrap();
+    assert!(meshed.is_empty());
+}

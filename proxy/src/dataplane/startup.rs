@@ -38,8 +38,8 @@ pub struct RunningDataPlane {
     listening: Listening,
     routes: Arc<Routes>,
     pods: Option<PodsRunner>,
-    /// Where weft-cni was installed (binary and configuration directories).
-    cni_dirs: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Where weft-cni is installed (binary and configuration directories).
+    node_cni: Option<Arc<cni_install::NodeCni>>,
 }
 
 /// The task that serves pods in their own namespaces.
@@ -204,6 +204,11 @@ pub async fn start(
             }
         });
     }
+    let node_cni = config
+        .cni_bin_dir
+        .clone()
+        .zip(config.cni_conf_dir.clone())
+        .map(|(bin_dir, conf_dir)| Arc::new(cni_install::NodeCni::new(bin_dir, conf_dir)));
     let pods = if config.capture {
         let handover = PodsHandover {
             pods: handed_pods,
@@ -213,7 +218,7 @@ pub async fn start(
         Some(start_pods(
             config,
             &plane,
-            (state, cni, handover),
+            (state, cni, handover, node_cni.clone()),
             programmed_tx,
             tasks,
         )?)
@@ -274,7 +279,7 @@ pub async fn start(
         listening: listening.clone(),
         routes: plane.routes.clone(),
         pods,
-        cni_dirs: config.cni_bin_dir.clone().zip(config.cni_conf_dir.clone()),
+        node_cni,
     })
 }
 
@@ -291,10 +296,11 @@ struct PodsHandover {
 fn start_pods(
     config: &ProxyConfig,
     plane: &Arc<DataPlane>,
-    (state, cni, handover): (
+    (state, cni, handover, node_cni): (
         Option<NodeState>,
         Option<std::os::unix::net::UnixListener>,
         PodsHandover,
+        Option<Arc<cni_install::NodeCni>>,
     ),
     programmed: watch::Sender<u64>,
     tasks: &mut JoinSet<TaskEnd>,
@@ -322,7 +328,7 @@ fn start_pods(
         });
         info!(socket = %path.display(), "taking pod announcements from the CNI plugin");
     }
-    if let (Some(bin_dir), Some(conf_dir)) = (&config.cni_bin_dir, &config.cni_conf_dir) {
+    if let Some(node_cni) = node_cni {
         let plugin = match &config.cni_plugin {
             Some(plugin) => plugin.clone(),
             None => std::env::current_exe()
@@ -334,7 +340,6 @@ fn start_pods(
             state_dir: config.cni_node_state_dir.clone(),
             exclude_namespaces: config.cni_exclude_namespaces.clone(),
         };
-        let (bin_dir, conf_dir) = (bin_dir.clone(), conf_dir.clone());
         let recheck = Duration::from_secs(config.cni_recheck_seconds.max(1));
         let retry = Duration::from_millis(config.pod_retry_ms.max(100));
         let listening = plane.listening.clone();
@@ -342,7 +347,7 @@ fn start_pods(
             // The successor keeps it installed once it took over: two
             // writers of the same files would undo each other.
             tokio::select! {
-                () = keep_cni_plugin_installed(plugin, bin_dir, conf_dir, entry, recheck, retry) => {
+                () = keep_cni_plugin_installed(plugin, node_cni, entry, recheck, retry) => {
                     TaskEnd::Stopped("CNI plugin installer")
                 }
                 () = listening.released() => TaskEnd::HandedOver("CNI plugin installer"),
@@ -376,26 +381,20 @@ fn start_pods(
 /// not be there yet on a booting node).
 async fn keep_cni_plugin_installed(
     plugin: std::path::PathBuf,
-    bin_dir: std::path::PathBuf,
-    conf_dir: std::path::PathBuf,
+    node_cni: Arc<cni_install::NodeCni>,
     entry: cni_install::PluginEntry,
     recheck: Duration,
     retry: Duration,
 ) {
     let mut installed_in = None;
     loop {
-        let (plugin, bin, conf, wanted) = (
-            plugin.clone(),
-            bin_dir.clone(),
-            conf_dir.clone(),
-            entry.clone(),
-        );
-        let result = tokio::task::spawn_blocking(move || {
-            cni_install::install(&plugin, &bin, &conf, &wanted)
-        })
-        .await;
+        let (plugin, node_cni, wanted) = (plugin.clone(), node_cni.clone(), entry.clone());
+        let result = tokio::task::spawn_blocking(move || node_cni.install(&plugin, &wanted)).await;
         let wait = match result {
-            Ok(Ok(conflist)) => {
+            // Uninstalled, for good: wait to be stopped with the rest (a
+            // task that ends would count as one that failed).
+            Ok(Ok(None)) => std::future::pending().await,
+            Ok(Ok(Some(conflist))) => {
                 if installed_in.as_ref() != Some(&conflist) {
                     info!(conflist = %conflist.display(), "weft-cni is chained into the node's network configuration");
                     installed_in = Some(conflist);
@@ -426,7 +425,9 @@ impl RunningDataPlane {
     /// deadline (the long one if a successor took over, else the short
     /// one), then leaves the capture rules to the next proxy, or removes
     /// them if the mesh is being uninstalled and no successor took over.
-    pub async fn drain(self) {
+    /// Whether weft-cni was to be taken out of the node's network
+    /// configuration and could not be.
+    pub async fn drain(self) -> bool {
         let handed_over = self.listening.state() == ListeningState::Released;
         let deadline = if handed_over {
             self.deadline
@@ -451,16 +452,22 @@ impl RunningDataPlane {
             let _ = pods.stop.send(pods::StopPods { remove });
             let _ = pods.task.await;
         }
-        if let (true, Some((bin_dir, conf_dir))) = (remove, self.cni_dirs) {
-            let removed =
-                tokio::task::spawn_blocking(move || cni_install::uninstall(&bin_dir, &conf_dir))
-                    .await;
-            match removed {
-                Ok(Ok(())) => {
-                    info!("the mesh is being uninstalled: weft-cni removed from the node")
-                }
-                Ok(Err(error)) => warn!(%error, "removing weft-cni failed"),
-                Err(error) => warn!(%error, "removing weft-cni failed"),
+        let (true, Some(node_cni)) = (remove, self.node_cni) else {
+            return false;
+        };
+        let removed = tokio::task::spawn_blocking(move || node_cni.uninstall()).await;
+        match removed {
+            Ok(Ok(())) => {
+                info!("the mesh is being uninstalled: weft-cni removed from the node");
+                false
+            }
+            Ok(Err(error)) => {
+                warn!(%error, "removing weft-cni failed");
+                true
+            }
+            Err(error) => {
+                warn!(%error, "removing weft-cni failed");
+                true
             }
         }
     }
