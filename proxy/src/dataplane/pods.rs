@@ -150,12 +150,14 @@ pub(super) async fn follow(
                     Err(error) => warn!(%error, "storing the node's pods failed"),
                 }
             }
-            // Only what a config said: before one, nothing is known, and an
-            // empty list would let the CNI plugin start meshed pods uncaptured.
-            if table.generation > 0 && stored_namespaces.as_ref() != Some(&table.meshed_namespaces)
+            // Only what a config said: before one (or from a control plane
+            // that does not say), nothing is known, and an empty list would
+            // let the CNI plugin start meshed pods uncaptured.
+            if let Some(meshed) = &table.meshed_namespaces
+                && stored_namespaces.as_ref() != Some(meshed)
             {
-                match state.store_meshed_namespaces(&table.meshed_namespaces) {
-                    Ok(()) => stored_namespaces = Some(table.meshed_namespaces.clone()),
+                match state.store_meshed_namespaces(meshed) {
+                    Ok(()) => stored_namespaces = Some(meshed.clone()),
                     Err(error) => warn!(%error, "storing the meshed namespaces failed"),
                 }
             }
@@ -294,10 +296,13 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
         // Not in the config yet (a new pod): its namespace decides, so
         // that it is captured before its first container runs.
         None if table.generation == 0 => Outcome::Pending("the proxy has no config yet".into()),
-        None if !pod.namespace.is_empty() && table.meshed_namespaces.contains(&pod.namespace) => {
-            Outcome::Served
-        }
-        None => Outcome::NotMeshed,
+        None => match &table.meshed_namespaces {
+            Some(meshed) if !pod.namespace.is_empty() && meshed.contains(&pod.namespace) => {
+                Outcome::Served
+            }
+            Some(_) => Outcome::NotMeshed,
+            None => Outcome::Pending("the config does not say which namespaces are meshed".into()),
+        },
     }
 }
 

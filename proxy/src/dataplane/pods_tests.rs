@@ -131,3 +131,50 @@ fn a_found_pod_whose_address_the_config_gives_to_another_pod_is_that_pod() {
     found_pods::rename(&announced, &live);
     assert_eq!(announced.pods()[0].name, "web-1");
 }
+
+#[test]
+fn a_config_that_does_not_say_what_is_meshed_holds_new_pods() {
+    // A control plane older than `meshed_namespaces`: a full state without
+    // it (or a kept one) tells nothing about new pods, and an empty list
+    // would start a meshed namespace's pods uncaptured.
+    let mut view = view_naming("web-1", "uid-1");
+    let silent = v1::ConfigUpdate {
+        version: 2,
+        full_state: true,
+        meshed_namespaces: None,
+        trust: Some(v1::TrustBundle {
+            trust_domain: "cluster.local".into(),
+            roots_pem: view.trust().bundle.to_pem(),
+        }),
+        ..v1::ConfigUpdate::default()
+    };
+    view = NodeView::apply(Some(&view), &silent, "node-1")
+        .unwrap()
+        .view;
+    let table = RouteTable::new(&view);
+    assert_eq!(table.meshed_namespaces, None);
+    assert!(matches!(
+        decide(&table, &pod("shop", "new-1", "uid-new", false)),
+        Outcome::Pending(_)
+    ));
+    // A delta without the field keeps what the last full state said.
+    let said = RouteTable::new(&view_naming("web-1", "uid-1"));
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        ..v1::ConfigUpdate::default()
+    };
+    let kept = NodeView::apply(Some(&view_naming("web-1", "uid-1")), &delta, "node-1")
+        .unwrap()
+        .view;
+    assert_eq!(
+        RouteTable::new(&kept).meshed_namespaces,
+        said.meshed_namespaces
+    );
+    assert_eq!(
+        decide(
+            &RouteTable::new(&kept),
+            &pod("shop", "new-1", "uid-new", false)
+        ),
+        Outcome::Served
+    );
+}

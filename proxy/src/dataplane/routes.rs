@@ -31,8 +31,8 @@ pub struct RouteTable {
     /// [`NodeView::restored`]).
     pub restored: bool,
     /// The namespaces whose new pods are meshed (see
-    /// [`NodeView::namespace_meshed`]).
-    pub meshed_namespaces: std::collections::BTreeSet<String>,
+    /// [`NodeView::namespace_meshed`]); `None` while the config has not said.
+    pub meshed_namespaces: Option<std::collections::BTreeSet<String>>,
     /// The node's own workloads by IP.
     local: HashMap<IpAddr, Arc<Workload>>,
     /// Every other known workload by IP.
@@ -218,7 +218,7 @@ impl RouteTable {
             trust: Some(view.trust().bundle.clone()),
             uninstalling: view.uninstalling(),
             restored: view.restored(),
-            meshed_namespaces: view.meshed_namespaces().clone(),
+            meshed_namespaces: view.meshed_namespaces().cloned(),
             local: index(view.local_workloads(), true),
             remote: index(view.remote_workloads(), false),
             services,

@@ -35,8 +35,9 @@ pub struct NodeView {
     /// Whether the mesh is being uninstalled: a proxy that stops now
     /// removes its capture (else it leaves it, failing closed).
     uninstalling: bool,
-    /// The namespaces whose new pods are captured on announcement.
-    meshed_namespaces: std::collections::BTreeSet<String>,
+    /// The namespaces whose new pods are captured on announcement; `None`
+    /// while no update said (a control plane older than the field).
+    meshed_namespaces: Option<std::collections::BTreeSet<String>>,
     /// Whether it was restored from the node's kept state, not received
     /// from the control plane since the proxy started.
     restored: bool,
@@ -379,10 +380,8 @@ impl NodeView {
                     .uninstalling
                     .unwrap_or_else(|| base.is_some_and(|b| b.uninstalling)),
                 meshed_namespaces: match &update.meshed_namespaces {
-                    Some(meshed) => meshed.names.iter().cloned().collect(),
-                    None => base
-                        .map(|b| b.meshed_namespaces.clone())
-                        .unwrap_or_default(),
+                    Some(meshed) => Some(meshed.names.iter().cloned().collect()),
+                    None => base.and_then(|b| b.meshed_namespaces.clone()),
                 },
                 restored: false,
                 trust,
@@ -431,12 +430,14 @@ impl NodeView {
     /// Whether new pods of `namespace` are meshed unless they opt out
     /// (`ConfigUpdate.meshed_namespaces`).
     pub fn namespace_meshed(&self, namespace: &str) -> bool {
-        self.meshed_namespaces.contains(namespace)
+        self.meshed_namespaces
+            .as_ref()
+            .is_some_and(|meshed| meshed.contains(namespace))
     }
 
-    /// Every namespace whose new pods are meshed.
-    pub fn meshed_namespaces(&self) -> &std::collections::BTreeSet<String> {
-        &self.meshed_namespaces
+    /// Every namespace whose new pods are meshed, if an update said.
+    pub fn meshed_namespaces(&self) -> Option<&std::collections::BTreeSet<String>> {
+        self.meshed_namespaces.as_ref()
     }
 
     /// The mesh roots.
