@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
-use tonic::Code;
 use tracing::{Instrument, debug, info, info_span, warn};
 use weft_api::v1::SignRequest;
 use weft_api::v1::certificates_client::CertificatesClient;
@@ -382,16 +381,11 @@ async fn sign(
     let response = match signed {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            // A refusal leaves the connection as good as it was; anything
-            // else may be the connection's fault: the next call dials again.
-            if !matches!(
-                status.code(),
-                Code::InvalidArgument
-                    | Code::PermissionDenied
-                    | Code::Unauthenticated
-                    | Code::ResourceExhausted
-                    | Code::FailedPrecondition
-            ) {
+            // The control plane's own answers (a refusal, "try later")
+            // leave the connection as good as it was; a failure of the
+            // connection itself (tonic gives its cause) may not: the next
+            // call dials again.
+            if std::error::Error::source(&status).is_some() {
                 transport.forget_signing_channel().await;
             }
             return Err(Error::Sign {

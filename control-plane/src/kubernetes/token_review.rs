@@ -101,6 +101,12 @@ pub struct TokenReviewLimits {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub token_signing_keys_refresh_seconds: u64,
 
+    /// How long a TokenReview may take before the call it authenticates
+    /// is told to try again (UNAVAILABLE), in milliseconds.
+    #[arg(long, env = "WEFT_TOKEN_REVIEW_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_review_timeout_ms: u64,
+
     /// TokenReviews one source address may cause at once before its rate
     /// applies.
     #[arg(long, env = "WEFT_TOKEN_REVIEW_SOURCE_BURST", default_value_t = 6,
@@ -150,12 +156,18 @@ impl Bucket {
     }
 }
 
+/// Where the calls with one token take turns, and find the outcome of the
+/// review before them.
+type ReviewGate = Arc<tokio::sync::Mutex<Option<Result<String, Status>>>>;
+
 /// One call's place among the calls reviewing one token; the last one to
 /// leave takes the token's entry out.
 struct ReviewTurn<'a> {
     reviewer: &'a TokenReviewer,
     digest: [u8; 32],
-    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Held while one call reviews; then holds its outcome, for the calls
+    /// that queued behind it.
+    gate: ReviewGate,
 }
 
 impl Drop for ReviewTurn<'_> {
@@ -182,7 +194,7 @@ pub struct TokenReviewer {
     allowance: Mutex<Allowance>,
     /// The tokens under review now: calls with one token take turns, so
     /// that a proxy's many first calls cost one review, not one each.
-    under_review: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    under_review: Mutex<HashMap<[u8; 32], ReviewGate>>,
     /// The API server's keys, to refuse forged tokens without a review.
     keys: SigningKeys,
     limits: TokenReviewLimits,
@@ -254,7 +266,24 @@ impl TokenReviewer {
             }
         }
         let turn = self.turn_for(digest);
-        let _reviewing = turn.gate.lock().await;
+        let mut outcome = turn.gate.lock().await;
+        // Calls that queued behind a review take its outcome, a failure
+        // too: asking again, one after another, would only repeat it.
+        if let Some(outcome) = outcome.as_ref() {
+            return outcome.clone();
+        }
+        let reviewed = self.review(token, digest, source).await;
+        *outcome = Some(reviewed.clone());
+        reviewed
+    }
+
+    /// The review itself, for the call whose turn it is.
+    async fn review(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        source: Option<IpAddr>,
+    ) -> Result<String, Status> {
         // A call with the same token may have been reviewed meanwhile.
         if let Some(node) = self.cached(&digest) {
             return Ok(node);
@@ -276,13 +305,29 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|error| {
+        let api = Api::<TokenReview>::all(self.client.clone());
+        let timeout = Duration::from_millis(self.limits.token_review_timeout_ms);
+        let reviewed = match tokio::time::timeout(
+            timeout,
+            api.create(&PostParams::default(), &review),
+        )
+        .await
+        {
+            Ok(Ok(reviewed)) => reviewed,
+            Ok(Err(error)) => {
                 warn!(%error, "TokenReview failed; cannot authenticate node proxies");
-                Status::unavailable(format!("reviewing the node token: {error}"))
-            })?;
+                return Err(Status::unavailable(format!(
+                    "reviewing the node token: {error}"
+                )));
+            }
+            Err(_) => {
+                warn!(
+                    timeout_ms = self.limits.token_review_timeout_ms,
+                    "TokenReview timed out; cannot authenticate node proxies"
+                );
+                return Err(Status::unavailable("reviewing the node token timed out"));
+            }
+        };
         let node = self
             .node_from_review(reviewed)
             .map_err(|refused| self.refuse(digest, refused.message().to_owned()))?;
@@ -457,110 +502,5 @@ impl TokenReviewer {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
-
-    use super::*;
-
-    fn jwt(claims: &serde_json::Value) -> String {
-        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        format!(
-            "{}.{}.{}",
-            encode(br#"{"alg":"RS256"}"#),
-            encode(claims.to_string().as_bytes()),
-            encode(b"signature")
-        )
-    }
-
-    /// A reviewer whose API server answers every TokenReview with node
-    /// `node-1`, slowly (so that calls overlap), counting the reviews.
-    fn reviewer_counting(
-        reviews: Arc<std::sync::atomic::AtomicUsize>,
-        limits: TokenReviewLimits,
-    ) -> TokenReviewer {
-        let api = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let reviews = reviews.clone();
-            async move {
-                if !request.uri().path().ends_with("/tokenreviews") {
-                    let missing = http::Response::builder()
-                        .status(404)
-                        .body(kube::client::Body::from(b"{}".to_vec()))?;
-                    return Ok::<_, http::Error>(missing);
-                }
-                reviews.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let review = serde_json::json!({
-                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                    "spec": {},
-                    "status": {"authenticated": true, "audiences": ["weft"], "user": {
-                        "username": "system:serviceaccount:weft-system:weft-node-proxy",
-                        "extra": {NODE_NAME_EXTRA: ["node-1"]}
-                    }}
-                });
-                http::Response::builder()
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(review.to_string().into_bytes()))
-            }
-        });
-        TokenReviewer::new(
-            kube::Client::new(api, "default"),
-            ("weft", "weft-system", "weft-node-proxy"),
-            limits,
-            crate::listeners::Rejections::default(),
-        )
-    }
-
-    fn limits() -> TokenReviewLimits {
-        TokenReviewLimits {
-            token_review_negative_cache_seconds: 60,
-            token_reviews_per_second: 50,
-            token_review_burst: 200,
-            token_reviews_per_source_per_minute: 12,
-            token_signing_keys_refresh_seconds: 10,
-            token_review_source_burst: 6,
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_bringing_one_new_token_share_one_review() {
-        let reviews = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let reviewer = Arc::new(reviewer_counting(reviews.clone(), limits()));
-        let token = jwt(&serde_json::json!({
-            "aud": ["weft"], "sub": "system:serviceaccount:weft-system:weft-node-proxy",
-            "exp": 4_000_000_000u64,
-        }));
-        let source = Some(IpAddr::from([192, 168, 0, 1]));
-        // More calls at once than the source's burst of reviews.
-        let calls = (0..20).map(|_| {
-            let (reviewer, token) = (reviewer.clone(), token.clone());
-            tokio::spawn(async move {
-                let digest = crate::node_auth::digest(&token);
-                reviewer.node_of(&token, digest, source).await
-            })
-        });
-        for call in futures::future::join_all(calls).await {
-            assert_eq!(call.unwrap().unwrap(), "node-1");
-        }
-        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(reviewer.under_review.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn only_a_jwt_is_read_and_its_claims_are_what_they_are() {
-        let claims = serde_json::json!({
-            "aud": ["weft"], "sub": "system:serviceaccount:weft-system:weft-node-proxy",
-            "exp": 4_000_000_000u64,
-        });
-        assert_eq!(unverified_claims(&jwt(&claims)), Some(claims));
-        for garbage in [
-            "",
-            "a.b",
-            "a.b.c.d",
-            "x.!!!.y",
-            "e30.bm90IGpzb24.x",
-            "a.W10.b",
-        ] {
-            assert_eq!(unverified_claims(garbage), None, "{garbage}");
-        }
-    }
-}
+#[path = "token_review_tests.rs"]
+mod tests;
