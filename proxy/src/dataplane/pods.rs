@@ -290,6 +290,14 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     // pod (not a deleted one whose address it took).
     let announced = ServedPod::of(pod);
     let configured = pod.ips.iter().find_map(|ip| announced.workload(table, *ip));
+    // Not at its addresses yet (the API server learns them after this
+    // setup), the config may have the pod already, by name: its own
+    // label's say (opted in, in an unmeshed namespace) is the one to follow.
+    let configured = configured.or_else(|| {
+        table
+            .workload_named(&pod.namespace, &pod.name)
+            .filter(|w| !pod.uid.is_empty() && w.pod_uid == pod.uid)
+    });
     match configured {
         Some(workload) if workload.meshed => Outcome::Served,
         Some(_) => Outcome::NotMeshed,

@@ -178,3 +178,57 @@ fn a_config_that_does_not_say_what_is_meshed_holds_new_pods() {
         Outcome::Served
     );
 }
+
+#[test]
+fn a_pod_the_config_has_by_name_follows_its_own_label_before_it_has_an_address() {
+    // shop is meshed; in it, `batch-1` opted out; in legacy (not meshed),
+    // `opt-1` opted in. Neither has an address in the config yet: the API
+    // server learns them only after the runtime set the pods up.
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let addressless = |namespace: &str, name: &str, pod_uid: &str, meshed: bool| v1::Workload {
+        uid: format!("{namespace}/{name}"),
+        namespace: namespace.into(),
+        name: name.into(),
+        pod_uid: pod_uid.into(),
+        service_account: name.into(),
+        identity: format!("spiffe://cluster.local/ns/{namespace}/sa/{name}"),
+        node: "node-1".into(),
+        meshed,
+        ..v1::Workload::default()
+    };
+    let update = v1::ConfigUpdate {
+        version: 1,
+        full_state: true,
+        local_workloads: vec![
+            addressless("legacy", "opt-1", "uid-opt", true),
+            addressless("shop", "batch-1", "uid-batch", false),
+        ],
+        meshed_namespaces: Some(v1::MeshedNamespaces {
+            names: vec!["shop".into()],
+        }),
+        trust: Some(v1::TrustBundle {
+            trust_domain: "cluster.local".into(),
+            roots_pem: ca.trust_bundle().to_pem(),
+        }),
+        ..v1::ConfigUpdate::default()
+    };
+    let table = RouteTable::new(&NodeView::apply(None, &update, "node-1").unwrap().view);
+    assert_eq!(
+        decide(&table, &pod("legacy", "opt-1", "uid-opt", false)),
+        Outcome::Served
+    );
+    assert_eq!(
+        decide(&table, &pod("shop", "batch-1", "uid-batch", false)),
+        Outcome::NotMeshed
+    );
+    // Another pod of the same name (the config's one was deleted, a new
+    // one made): its namespace decides until the config has it.
+    assert_eq!(
+        decide(&table, &pod("legacy", "opt-1", "uid-other", false)),
+        Outcome::NotMeshed
+    );
+    assert_eq!(
+        decide(&table, &pod("shop", "batch-1", "uid-other", false)),
+        Outcome::Served
+    );
+}

@@ -251,6 +251,12 @@ impl RouteTable {
         self.local.get(&ip)
     }
 
+    /// The workload of pod `namespace/name`, wherever it runs, with or
+    /// without addresses yet.
+    pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(&format!("{namespace}/{name}"))
+    }
+
     /// The IPs of this node's meshed pods: what the capture rules steer.
     pub fn meshed_local_ips(&self) -> std::collections::BTreeSet<IpAddr> {
         self.local
