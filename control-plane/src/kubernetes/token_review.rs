@@ -235,12 +235,8 @@ impl TokenReviewer {
         digest: [u8; 32],
         source: Option<IpAddr>,
     ) -> Result<String, Status> {
-        if let Some(node) = self.cached(&digest) {
-            return Ok(node);
-        }
-        if let Some(why) = self.refused_before(&digest) {
-            self.rejections.count("grpc", "token_refused_before");
-            return Err(Status::unauthenticated(why));
+        if let Some(known) = self.known_answer(&digest) {
+            return known;
         }
         if let Err(why) = self.read_unverified(token) {
             // Cheap to tell again: not remembered, so that a flood of
@@ -285,12 +281,8 @@ impl TokenReviewer {
         source: Option<IpAddr>,
     ) -> Result<String, Status> {
         // A call with the same token may have been reviewed meanwhile.
-        if let Some(node) = self.cached(&digest) {
-            return Ok(node);
-        }
-        if let Some(why) = self.refused_before(&digest) {
-            self.rejections.count("grpc", "token_refused_before");
-            return Err(Status::unauthenticated(why));
+        if let Some(known) = self.known_answer(&digest) {
+            return known;
         }
         if let Err(reason) = self.take_allowance(source) {
             self.rejections.count("grpc", reason);
@@ -338,6 +330,17 @@ impl TokenReviewer {
             cache.insert(digest, (node.clone(), Instant::now() + CACHE_FOR));
         }
         Ok(node)
+    }
+
+    /// What a review of the token of `digest` said not long ago, if one
+    /// did: its node, or its refusal.
+    fn known_answer(&self, digest: &[u8; 32]) -> Option<Result<String, Status>> {
+        if let Some(node) = self.cached(digest) {
+            return Some(Ok(node));
+        }
+        let why = self.refused_before(digest)?;
+        self.rejections.count("grpc", "token_refused_before");
+        Some(Err(Status::unauthenticated(why)))
     }
 
     /// A place in the queue of calls reviewing the token of `digest`.
