@@ -381,11 +381,14 @@ async fn sign(
     let response = match signed {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            // The control plane's own answers (a refusal, "try later")
-            // leave the connection as good as it was; a failure of the
-            // connection itself (tonic gives its cause) may not: the next
-            // call dials again.
-            if std::error::Error::source(&status).is_some() {
+            // A refusal leaves the connection as good as it was. A failure
+            // of the connection itself (tonic gives its cause) may not, and
+            // a replica that says "try later" (it cannot reach the API
+            // server) may say it for long: the next call dials again, and
+            // may reach another replica.
+            if std::error::Error::source(&status).is_some()
+                || status.code() == tonic::Code::Unavailable
+            {
                 transport.forget_signing_channel().await;
             }
             return Err(Error::Sign {

@@ -212,11 +212,24 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<(), CniInstallError>
         if path.extension().and_then(|e| e.to_str()) != Some("conflist") {
             continue;
         }
-        let Ok(text) = std::fs::read(&path) else {
-            continue;
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(error(format!("reading {}", path.display()), e)),
         };
-        if let Ok(Some(updated)) = without_plugin(&text) {
-            replace_file(&path, &updated, 0o644)?;
+        match without_plugin(&text) {
+            Ok(Some(updated)) => replace_file(&path, &updated, 0o644)?,
+            Ok(None) => {}
+            // Not ours to fix, unless it may name us: then the binary
+            // stays, so that the runtime is never told to run a plugin
+            // that is gone.
+            Err(reason) if contains(&text, PLUGIN_TYPE.as_bytes()) => {
+                return Err(error(
+                    format!("taking weft-cni out of {}", path.display()),
+                    reason,
+                ));
+            }
+            Err(_) => {}
         }
     }
     match std::fs::remove_file(bin_dir.join(PLUGIN_TYPE)) {
@@ -226,6 +239,12 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<(), CniInstallError>
         )),
         _ => Ok(()),
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 /// Writes `contents` beside `path` and renames it into place.
@@ -314,6 +333,34 @@ mod tests {
         assert_eq!(node.install(&plugin, &entry()).expect("no error"), None);
         let text = std::fs::read_to_string(&conflist).expect("read");
         assert!(!text.contains(PLUGIN_TYPE), "{text}");
+        assert!(!bin.join(PLUGIN_TYPE).exists());
+    }
+
+    #[test]
+    fn a_configuration_that_may_name_weft_but_cannot_be_read_keeps_the_binary() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
+        std::fs::create_dir_all(&bin).expect("created");
+        std::fs::create_dir_all(&conf).expect("created");
+        std::fs::write(bin.join(PLUGIN_TYPE), b"binary").expect("written");
+        // Hand-edited into something that is not JSON, weft's entry in it.
+        std::fs::write(
+            conf.join("10-bridge.conflist"),
+            r#"{"plugins":[{"type":"weft-cni"},"#,
+        )
+        .expect("written");
+        assert!(uninstall(&bin, &conf).is_err());
+        assert!(
+            bin.join(PLUGIN_TYPE).exists(),
+            "the runtime would run a plugin that is gone"
+        );
+        // One that does not name weft is not ours to judge.
+        std::fs::write(
+            conf.join("10-bridge.conflist"),
+            r#"{"plugins":[{"type":"bridge"},"#,
+        )
+        .expect("written");
+        uninstall(&bin, &conf).expect("uninstalled");
         assert!(!bin.join(PLUGIN_TYPE).exists());
     }
 

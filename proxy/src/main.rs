@@ -108,7 +108,7 @@ fn report_worst_case_memory(config: &ProxyConfig) {
         );
         return;
     };
-    if worst_case + OWN_USE <= limit {
+    if worst_case.saturating_add(OWN_USE) <= limit {
         info!(
             worst_case_mib = worst_case / MIB,
             memory_limit_mib = limit / MIB,
@@ -116,14 +116,23 @@ fn report_worst_case_memory(config: &ProxyConfig) {
         );
         return;
     }
-    let fitting = config.memory_limits.connections_fitting(limit, OWN_USE);
-    tracing::warn!(
-        worst_case_mib = worst_case / MIB,
-        memory_limit_mib = limit / MIB,
-        max_connections_that_fit = fitting.unwrap_or(0),
-        "peers and pods may make this proxy hold more than its memory limit allows: lower \
-         --max-connections (or the window, held-buffer and send-buffer sizes), or raise the limit"
-    );
+    match config.memory_limits.connections_fitting(limit, OWN_USE) {
+        // The budgets fit; every connection at its buffers' limit at once
+        // would not (peers that stop reading on thousands of tunnels).
+        Some(fitting) => info!(
+            worst_case_mib = worst_case / MIB,
+            memory_limit_mib = limit / MIB,
+            max_connections_that_fit = fitting,
+            "were every connection at its buffers' limit at once, this proxy would hold more \
+             than its memory limit: --max-connections bounds that"
+        ),
+        None => tracing::warn!(
+            worst_case_mib = worst_case / MIB,
+            memory_limit_mib = limit / MIB,
+            "the window and held-buffer budgets alone may take more than this proxy's memory \
+             limit: lower --hbone-window-budget-mib or --held-buffer-budget-mib, or raise the limit"
+        ),
+    }
 }
 
 /// The memory limit of the proxy's cgroup (v2, then v1), if it has one.

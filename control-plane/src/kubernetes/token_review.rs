@@ -170,13 +170,28 @@ struct ReviewTurn<'a> {
     gate: ReviewGate,
 }
 
+impl ReviewTurn<'_> {
+    /// Takes the token's gate out of the map if it is still this one:
+    /// callers that come later start a gate (and, past the caches, a
+    /// review) of their own instead of taking an outcome they did not
+    /// queue for.
+    fn close(&self) {
+        if let Ok(mut under_review) = self.reviewer.under_review.lock()
+            && under_review
+                .get(&self.digest)
+                .is_some_and(|gate| Arc::ptr_eq(gate, &self.gate))
+        {
+            under_review.remove(&self.digest);
+        }
+    }
+}
+
 impl Drop for ReviewTurn<'_> {
     fn drop(&mut self) {
-        if let Ok(mut under_review) = self.reviewer.under_review.lock() {
-            // Ours and the map's: nobody else waits.
-            if Arc::strong_count(&self.gate) <= 2 {
-                under_review.remove(&self.digest);
-            }
+        // Ours and the map's: nobody else waits (a reviewer that was
+        // cancelled leaves no outcome, and the gate to whoever comes next).
+        if Arc::strong_count(&self.gate) <= 2 {
+            self.close();
         }
     }
 }
@@ -270,6 +285,8 @@ impl TokenReviewer {
         }
         let reviewed = self.review(token, digest, source).await;
         *outcome = Some(reviewed.clone());
+        // Only those already queued take this outcome.
+        turn.close();
         reviewed
     }
 

@@ -112,6 +112,7 @@ pub(super) async fn follow(
     let mut kept: BTreeSet<PathBuf> = directory.pods().into_iter().map(|pod| pod.netns).collect();
     let mut node_sources: Option<BTreeSet<SocketAddr>> = None;
     let (mut stored_pods, mut stored_namespaces) = (None, None);
+    let mut said_unknown = false;
     loop {
         let table = routes.borrow_and_update().clone();
         announced.borrow_and_update();
@@ -141,6 +142,15 @@ pub(super) async fn follow(
                 Err(error) => warn!(%error, "updating the node's probe source rules failed"),
             }
         }
+        // Held pods with no end in sight: loud, once while it lasts.
+        let unknown = table.generation > 0 && table.meshed_namespaces.is_none();
+        if unknown && !said_unknown {
+            warn!(
+                "the config does not say which namespaces are meshed (a control plane older than \
+                 this proxy?): new pods not in it yet are held until one that does answers"
+            );
+        }
+        said_unknown = unknown;
         // Written when changed, not read back on every pass.
         if let Some(state) = &state {
             let pods = directory.pods();
