@@ -36,6 +36,19 @@ pub struct NoisyPath {
     pub noisy: PathLatency,
     /// The neighbour's upload rate meanwhile, MiB/s.
     pub neighbour_mib_s: f64,
+    /// Mesh path: connection tasks the proxies moved to their bulk lane
+    /// and back during the run (`weft_proxy_lane_moves_total`, summed over
+    /// the path's proxies).
+    pub lane_moves: Option<LaneMoves>,
+}
+
+/// Moves between a proxy's lanes.
+#[derive(Debug, Default, Serialize)]
+pub struct LaneMoves {
+    /// To the bulk lane (busy).
+    pub to_bulk: u64,
+    /// Back to the data-plane thread (quiet).
+    pub home: u64,
 }
 
 impl Bench {
@@ -66,6 +79,12 @@ impl Bench {
         let duration = Duration::from_secs_f64(c.duration);
         let victim = |to| load::request_response(to, c.rate, c.connections, duration, c.payload);
 
+        let meshed = path.name == "mesh";
+        let before = if meshed {
+            self.lane_moves()?
+        } else {
+            LaneMoves::default()
+        };
         self.bar
             .set_message(format!("noisy neighbour · {} · quiet", path.name));
         let quiet = self.in_client(path, victim)?;
@@ -97,12 +116,45 @@ impl Bench {
         let summary = |name, m: &load::Measured| {
             report::summarize(name, &m.latency, &m.send_lag, m.errors, None)
         };
+        let lane_moves = if meshed {
+            let after = self.lane_moves()?;
+            Some(LaneMoves {
+                to_bulk: after.to_bulk.saturating_sub(before.to_bulk),
+                home: after.home.saturating_sub(before.home),
+            })
+        } else {
+            None
+        };
         Ok(NoisyPath {
             path: path.name.to_owned(),
             quiet: summary("alone", &quiet),
             noisy: summary("beside bulk", &noisy),
             neighbour_mib_s: rate / crate::MIB,
+            lane_moves,
         })
+    }
+
+    /// The lane moves of the mesh path's proxies so far.
+    fn lane_moves(&self) -> Result<LaneMoves> {
+        let mesh = self
+            .mesh
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the mesh's lock is poisoned"))?;
+        let mut moves = LaneMoves::default();
+        for (node, _) in &self.proxies {
+            let text = mesh
+                .proxy_metrics(&self.testbed, node)
+                .with_context(|| format!("reading {node}'s proxy metrics"))?;
+            for line in text.lines().filter(|l| !l.starts_with('#')) {
+                let count = || line.rsplit(' ').next()?.parse::<u64>().ok();
+                if line.starts_with(r#"weft_proxy_lane_moves_total{to="bulk"}"#) {
+                    moves.to_bulk += count().unwrap_or(0);
+                } else if line.starts_with(r#"weft_proxy_lane_moves_total{to="home"}"#) {
+                    moves.home += count().unwrap_or(0);
+                }
+            }
+        }
+        Ok(moves)
     }
 }
 
@@ -141,6 +193,13 @@ pub fn table(out: &mut String, noisy: &NoisyScenario) {
                 row.p99_us,
                 row.p999_us,
                 rate
+            );
+        }
+        if let Some(moves) = &path.lane_moves {
+            let _ = writeln!(
+                out,
+                "  {:<7} connection tasks moved to the proxies' bulk lane: {}, back: {}",
+                path.path, moves.to_bulk, moves.home
             );
         }
     }

@@ -245,6 +245,22 @@ pub struct ProxyConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub event_interval: u32,
 
+    /// A connection task (a copy loop, an HBONE connection) that keeps
+    /// the data-plane thread busy (by the thread's CPU clock) for more than
+    /// this share of a `--bulk-lane-window-ms` window moves to the bulk
+    /// lane, a thread of its own, so that a bulk transfer does not delay
+    /// the requests of the node's other pods; it comes back once it has
+    /// been busy less than a tenth of that for a second (or ten windows).
+    /// 0 keeps every task on the data-plane thread.
+    #[arg(long, env = "WEFT_BULK_LANE_PERCENT", default_value_t = 20,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub bulk_lane_percent: u8,
+
+    /// The window of `--bulk-lane-percent`, in milliseconds.
+    #[arg(long, env = "WEFT_BULK_LANE_WINDOW_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub bulk_lane_window_ms: u64,
+
     /// Bounds on the connections and handshakes pods and peers can make
     /// the data plane hold (see `limits`).
     #[command(flatten)]

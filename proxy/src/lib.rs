@@ -26,7 +26,7 @@
 //!   accept loop whose turn it is.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `limits`, `rejections`, `warnings`, `sockets`, `listening`,
-//! `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
+//! `lanes`, `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
 //! → `cni_api` → `cni_plugin`, `handover` → `node_sockets`, `config` → `logging`,
 //! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring`
 //! → `node_proxy`; nothing points back down.
@@ -46,6 +46,7 @@ mod error;
 pub mod handover;
 pub mod hbone;
 mod http_server;
+pub mod lanes;
 pub mod limits;
 pub mod listening;
 mod local_peer;

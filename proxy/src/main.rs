@@ -31,6 +31,15 @@ fn main() -> anyhow::Result<()> {
         .context("starting the control runtime")?;
     let data_plane = runtime(config.worker_threads, config.event_interval)
         .context("starting the data-plane runtime")?;
+    if config.bulk_lane_percent > 0 {
+        let window = std::time::Duration::from_millis(config.bulk_lane_window_ms);
+        weft_proxy::lanes::start_bulk_lane(
+            data_plane.handle().clone(),
+            weft_proxy::lanes::LaneSettings::new(config.bulk_lane_percent, window),
+            config.event_interval,
+        )
+        .context("starting the bulk lane")?;
+    }
     let result = data_plane.block_on(run(config, control.handle().clone(), log_filter));
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();

@@ -29,6 +29,25 @@ impl Checksum {
     }
 }
 
+/// A cheap pseudo-random byte stream (xorshift64) for bulk transfers whose
+/// bytes must not be all alike.
+#[derive(Clone, Copy, Debug)]
+pub struct PseudoRandom(pub u64);
+
+impl PseudoRandom {
+    /// Fills `chunk` with the stream's next bytes, 8 at a time (a trailing
+    /// partial word takes the first bytes of the next one).
+    pub fn fill(&mut self, chunk: &mut [u8]) {
+        for word in chunk.chunks_mut(8) {
+            let state = &mut self.0;
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+    }
+}
+
 /// Listens on `port` in `pod`; the first connection's bytes are checksummed
 /// until the client half-closes, then the checksum (8 bytes, big endian) is
 /// sent back. The thread returns what it computed.

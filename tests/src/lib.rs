@@ -118,7 +118,7 @@ mod topology;
 mod weft;
 mod wire;
 
-pub use checksum::{Checksum, start_checksum_server};
+pub use checksum::{Checksum, PseudoRandom, start_checksum_server};
 
 /// The repository's root directory. Read at run time where cargo sets
 /// `CARGO_MANIFEST_DIR` (for the package under test; every package sits one

@@ -240,14 +240,9 @@ fn a_gibibyte_arrives_intact() {
     // 1 GiB of a cheap pseudo-random sequence, checksummed as it is sent.
     let mut checksum = Checksum::default();
     let mut chunk = vec![0u8; 256 * 1024];
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut bytes = weft_testbed::PseudoRandom(0x9e37_79b9_7f4a_7c15);
     for _ in 0..(1usize << 30) / chunk.len() {
-        for word in chunk.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes());
-        }
+        bytes.fill(&mut chunk);
         checksum.update(&chunk);
         stream.write_all(&chunk).unwrap();
     }

@@ -351,3 +351,66 @@ fn slowloris_clients_of_the_metrics_ports_are_cut_off_and_the_scraper_is_answere
     .unwrap();
     drop((slow_proxy, slow_control_plane));
 }
+
+/// Uploads a pseudo-random stream from `from` to the checksum server at
+/// `to` until `stop`, then half-closes: whether the server's checksum is
+/// the one of what was sent, and how many bytes that was.
+fn upload_until(testbed: &Testbed, from: &str, to: SocketAddr, stop: &AtomicBool) -> (bool, u64) {
+    use std::io::{Read, Write};
+    let mut stream = testbed.connect(Target::Pod(from), to).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let (mut checksum, mut sent) = (weft_testbed::Checksum::default(), 0u64);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut bytes = weft_testbed::PseudoRandom(0x2545_f491_4f6c_dd1d);
+    while !stop.load(Ordering::SeqCst) {
+        bytes.fill(&mut chunk);
+        checksum.update(&chunk);
+        stream.write_all(&chunk).unwrap();
+        sent += chunk.len() as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = [0u8; 8];
+    stream.read_exact(&mut answer).unwrap();
+    (u64::from_be_bytes(answer) == checksum.0, sent)
+}
+
+#[test]
+fn a_bulk_upload_moves_to_the_bulk_lane_intact_and_its_neighbours_requests_are_all_answered() {
+    let (testbed, mut mesh) = cluster();
+    // Both proxies move a task that keeps them busy 1 % of the time: the
+    // upload surely does, so it changes lanes mid-transfer on both nodes
+    // however busy the machine is.
+    for node in ["node-1", "node-2"] {
+        let old = mesh
+            .upgrade_proxy_with(&testbed, node, &["--bulk-lane-percent", "1"])
+            .unwrap();
+        old.wait(WAIT).unwrap();
+    }
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let checksums = weft_testbed::start_checksum_server(&testbed, "server", 9000).unwrap();
+    let _echo_server = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let moved = r#"weft_proxy_lane_moves_total{to="bulk"}"#;
+    let stop = AtomicBool::new(false);
+    let (intact, sent) = std::thread::scope(|scope| {
+        let (testbed, stop) = (&testbed, &stop);
+        let upload = scope.spawn(move || {
+            upload_until(testbed, "flood", SocketAddr::from((server_ip, 9000)), stop)
+        });
+        // The upload has moved at both ends of its tunnel.
+        wait_until(WAIT, || {
+            Ok(metric_sum(&mesh, testbed, "node-1", moved)? >= 1
+                && metric_sum(&mesh, testbed, "node-2", moved)? >= 1)
+        })
+        .unwrap();
+        client_requests(testbed, SocketAddr::from((server_ip, 8080)), 20);
+        stop.store(true, Ordering::SeqCst);
+        upload.join().unwrap()
+    });
+    checksums.join().unwrap().unwrap();
+    eprintln!("uploaded {sent} bytes beside the requests");
+    assert!(intact, "the upload ({sent} bytes) arrived changed");
+}

@@ -356,14 +356,14 @@ pub async fn serve_captured<F, Fut>(
         let span = tracing::info_span!("connection", listener = listener_name, src = %source, dst = %destination);
         let guard = plane.drain.track();
         let connection = handle(plane.clone(), pod.clone(), stream, source, destination);
-        tokio::spawn(
+        tokio::spawn(crate::lanes::movable(
             async move {
                 let _guard = guard;
                 let _admitted = admitted;
                 connection.await;
             }
             .instrument(span),
-        );
+        ));
     }
 }
 

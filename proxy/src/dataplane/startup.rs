@@ -102,6 +102,7 @@ pub async fn start(
     let metrics = TrafficMetrics::new(&mut registry);
     rejections.register(&mut registry);
     registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
+    registry.register_collector(Box::new(crate::lanes::LaneMetrics));
     let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
     // Tunnels leave from the source pod's namespace when it is served in

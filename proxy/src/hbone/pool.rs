@@ -359,7 +359,7 @@ impl HbonePool {
                 id,
                 config.clone(),
             );
-            tokio::spawn(driver.in_current_span());
+            tokio::spawn(crate::lanes::movable(driver.in_current_span()));
             if let Some(pool) = pool.upgrade() {
                 pool.dial_finished(&key, Some(Arc::clone(&pooled)));
             }

@@ -289,7 +289,7 @@ pub async fn serve_connection<H: InboundHandler>(
                     Some(Ok((request, respond))) => {
                         let (context, handler) = (Arc::clone(&context), Arc::clone(&handler));
                         let stream = serve_stream(request, respond, context, handler);
-                        streams.spawn(stream.in_current_span());
+                        streams.spawn(crate::lanes::movable(stream.in_current_span()));
                         last_active = tokio::time::Instant::now();
                     }
                     Some(Err(source)) => return Err(HboneError::Connection { peer, source }),

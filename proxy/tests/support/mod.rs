@@ -409,6 +409,8 @@ impl ProxyFiles {
             state_write_interval_ms: 200,
             worker_threads: 1,
             event_interval: 2,
+            bulk_lane_percent: 20,
+            bulk_lane_window_ms: 50,
             limits: weft_proxy::limits::ConnectionLimits::default(),
             http_limits: weft_proxy::limits::HttpLimits::default(),
             memory_limits: weft_proxy::limits::MemoryLimits::default(),
