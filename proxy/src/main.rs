@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the bulk lane")?;
     }
     let result = data_plane.block_on(run(config, control.handle().clone(), log_filter));
+    weft_proxy::lanes::stop_bulk_lane();
     // The control tasks are stopped by now; do not wait on what is left.
     control.shutdown_background();
     result

@@ -409,6 +409,7 @@ impl ProxyFiles {
             state_write_interval_ms: 200,
             worker_threads: 1,
             event_interval: 2,
+            // Read by the binary only: in process there is no bulk lane.
             bulk_lane_percent: 20,
             bulk_lane_window_ms: 50,
             limits: weft_proxy::limits::ConnectionLimits::default(),
