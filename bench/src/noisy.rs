@@ -142,17 +142,13 @@ impl Bench {
             .map_err(|_| anyhow::anyhow!("the mesh's lock is poisoned"))?;
         let mut moves = LaneMoves::default();
         for (node, _) in &self.proxies {
-            let text = mesh
-                .proxy_metrics(&self.testbed, node)
-                .with_context(|| format!("reading {node}'s proxy metrics"))?;
-            for line in text.lines().filter(|l| !l.starts_with('#')) {
-                let count = || line.rsplit(' ').next()?.parse::<u64>().ok();
-                if line.starts_with(r#"weft_proxy_lane_moves_total{to="bulk"}"#) {
-                    moves.to_bulk += count().unwrap_or(0);
-                } else if line.starts_with(r#"weft_proxy_lane_moves_total{to="home"}"#) {
-                    moves.home += count().unwrap_or(0);
-                }
-            }
+            let sum = |to: &str| {
+                let needle = format!(r#"weft_proxy_lane_moves_total{{to="{to}"}}"#);
+                weft_testbed::metric_sum(&mesh, &self.testbed, node, &needle)
+                    .with_context(|| format!("reading {node}'s proxy metrics"))
+            };
+            moves.to_bulk += sum("bulk")?;
+            moves.home += sum("home")?;
         }
         Ok(moves)
     }

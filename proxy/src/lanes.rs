@@ -274,7 +274,6 @@ async fn run_metered<T>(
     let _counted = (lane == Lane::Bulk).then(OnBulkLane::enter);
     let mut meter = Meter::new(Instant::now());
     let mut by_cpu = lane == Lane::Bulk;
-    let mut moving = false;
     // A task moves back only after a poll here: its first poll on a lane
     // is what makes its wakers point to that lane.
     let mut polled_here = false;
@@ -287,7 +286,6 @@ async fn run_metered<T>(
             }
         }
         if lane == Lane::Bulk && polled_here && meter.quiet(start, &settings) {
-            moving = true;
             return Poll::Ready(None);
         }
         let cpu_start = if by_cpu { thread_cpu_time() } else { None };
@@ -308,7 +306,6 @@ async fn run_metered<T>(
             Poll::Ready(output) => Poll::Ready(Some(output)),
             Poll::Pending if lane == Lane::Home && meter.busy > settings.bulk_after => {
                 if by_cpu {
-                    moving = true;
                     return Poll::Ready(None);
                 }
                 by_cpu = true;
@@ -319,10 +316,10 @@ async fn run_metered<T>(
         }
     })
     .await;
+    // `None`: the task belongs on the other lane.
     match output {
         Some(output) => Step::Done(output),
         None => {
-            debug_assert!(moving);
             tracing::debug!(to = ?lane.other(), "a connection task changes lanes");
             match lane {
                 Lane::Home => MOVED_TO_BULK.fetch_add(1, Ordering::Relaxed),

@@ -62,16 +62,23 @@ fn a_task_that_burns_cpu_moves_to_the_bulk_lane() {
     assert!(seen.contains(&Lane::Bulk), "{seen:?}");
 }
 
+/// Pending until the task has moved to the bulk lane (under `restless`,
+/// the second pending poll moves it: the first starts timing it by the CPU
+/// clock), at most 100 turns.
+async fn yield_until_on_the_bulk_lane() {
+    for _ in 0..100 {
+        if THIS_LANE.get() == Lane::Bulk {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 #[test]
 fn what_a_task_spawns_on_the_bulk_lane_runs_home() {
     let (home, lanes) = restless();
     let task = movable_on(Some(lanes), async {
-        for _ in 0..100 {
-            if THIS_LANE.get() == Lane::Bulk {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        yield_until_on_the_bulk_lane().await;
         let spawned_from = THIS_LANE.get();
         let ran_on = tokio::spawn(async { THIS_LANE.get() }).await;
         (spawned_from, ran_on.expect("the spawned task"))
@@ -158,15 +165,7 @@ fn dropping_the_task_that_stands_for_a_moved_one_drops_it() {
         let (running_tx, running_rx) = tokio::sync::oneshot::channel::<Lane>();
         let task = tokio::spawn(movable_on(Some(lanes), async move {
             let _guard = Guard(Some(dropped_tx));
-            // Pending until the task has moved to the bulk lane (the
-            // second pending poll moves it: the first starts timing it
-            // by the CPU clock).
-            for _ in 0..100 {
-                if THIS_LANE.get() == Lane::Bulk {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+            yield_until_on_the_bulk_lane().await;
             let _ = running_tx.send(THIS_LANE.get());
             std::future::pending::<()>().await;
         }));
