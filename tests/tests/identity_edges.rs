@@ -137,21 +137,25 @@ fn an_address_two_pods_claim_vouches_for_neither() {
     // own node believes the address is local, to a quarantined pod: it
     // refuses too, once it has the change.
     wait_for_reach(&testbed, "web-1", db, false);
-    let dump = mesh.config_dump(&testbed, "node-2").unwrap();
-    let db_1 = dump["local_workloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["uid"] == "shop/db-1")
-        .cloned()
-        .unwrap();
-    assert_eq!(db_1["ips"][0], db.ip().to_string(), "{db_1}");
-    assert!(
-        db_1["quarantine"]
+    // web-1's node may have the change before db-1's does: wait for
+    // node-2's config to quarantine db-1.
+    let db_1 = || -> anyhow::Result<Value> {
+        let dump = mesh.config_dump(&testbed, "node-2")?;
+        dump["local_workloads"]
+            .as_array()
+            .and_then(|workloads| workloads.iter().find(|w| w["uid"] == "shop/db-1"))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("node-2 does not list shop/db-1: {dump}"))
+    };
+    let quarantined = |w: &Value| {
+        w["quarantine"]
             .as_str()
-            .is_some_and(|q| q.contains("is claimed by pods shop/db-1, shop/impostor")),
-        "{db_1}"
-    );
+            .is_some_and(|q| q.contains("is claimed by pods shop/db-1, shop/impostor"))
+    };
+    wait_until(CONFIG_WAIT, || Ok(quarantined(&db_1()?)))
+        .unwrap_or_else(|e| panic!("db-1 is not quarantined on node-2: {e}: {:?}", db_1()));
+    let db_1 = db_1().unwrap();
+    assert_eq!(db_1["ips"][0], db.ip().to_string(), "{db_1}");
     // Whichever proxy learned of the claim first refused the connection.
     // (Logs are written by a thread of their own: wait for the line.)
     let refusal = "the workload refuses every connection: IP";
