@@ -204,4 +204,13 @@ pub enum Error {
         /// The underlying failure.
         source: rustls::Error,
     },
+
+    /// A key-exchange policy name that weft does not know.
+    #[error(
+        "reading the key exchange policy {given:?}: expected post-quantum-preferred or post-quantum-required"
+    )]
+    UnknownKeyExchange {
+        /// The name given (shortened if long).
+        given: String,
+    },
 }

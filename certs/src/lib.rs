@@ -35,7 +35,7 @@
 //!
 //! assert_eq!(cert.identity(), &id);
 //! assert!(!cert.needs_renewal(now));
-//! let _server = weft_certs::hbone_server_config(&cert)?;
+//! let _server = weft_certs::hbone_server_config(&cert, weft_certs::KeyExchange::default())?;
 //! # Ok(())
 //! # }
 //! ```
@@ -60,7 +60,7 @@ pub use identity::{
 };
 pub use inspect::{CertificateFacts, identity_of, inspect};
 pub use pem::{encode_certificates, parse_certificates};
-pub use provider::hbone_crypto_provider;
+pub use provider::{KeyExchange, hbone_crypto_provider, key_exchange_group};
 pub use tls::{
     ALPN_H2, certified_key, control_plane_client_config, control_plane_server_config,
     hbone_client_config, hbone_server_config, peer_identity,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::version::TLS13;
 use rustls::{ClientConfig, CommonState, ServerConfig};
 
-use crate::provider::hbone_crypto_provider;
+use crate::provider::{KeyExchange, hbone_crypto_provider};
 use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 use crate::{Error, Identity, TrustBundle, WorkloadCertificate, inspect};
 
@@ -18,16 +18,20 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// of the workload the connection is addressed to) and accepts clients from
 /// the same trust domain whose chain leads to `cert`'s roots.
 ///
-/// After the handshake, [`peer_identity`] tells which workload connected.
+/// The key exchange is `key_exchange`'s ([`KeyExchange`]). After the
+/// handshake, [`peer_identity`] tells which workload connected.
 /// Session resumption is off: pooled connections live long, and a resumed
 /// session would skip the chain check of a rotated or revoked peer.
-pub fn hbone_server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, Error> {
+pub fn hbone_server_config(
+    cert: &WorkloadCertificate,
+    key_exchange: KeyExchange,
+) -> Result<Arc<ServerConfig>, Error> {
     let tls_err = |source| Error::TlsConfig {
         side: "server",
         source,
     };
     let verifier = SpiffeClientVerifier::new(cert.trust().clone(), cert.identity().trust_domain());
-    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider(key_exchange))
         .with_protocol_versions(&[&TLS13])
         .map_err(tls_err)?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -42,17 +46,18 @@ pub fn hbone_server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfi
 /// The client side of an HBONE tunnel: presents `cert` (the source
 /// workload's certificate) and accepts only a server that proves
 /// `expected_server`. No SNI is sent; the server name given to rustls is
-/// ignored by verification.
+/// ignored by verification. The key exchange is `key_exchange`'s.
 pub fn hbone_client_config(
     cert: &WorkloadCertificate,
     expected_server: &Identity,
+    key_exchange: KeyExchange,
 ) -> Result<Arc<ClientConfig>, Error> {
     let tls_err = |source| Error::TlsConfig {
         side: "client",
         source,
     };
     let verifier = SpiffeServerVerifier::new(cert.trust().clone(), expected_server.clone());
-    let mut config = ClientConfig::builder_with_provider(hbone_crypto_provider())
+    let mut config = ClientConfig::builder_with_provider(hbone_crypto_provider(key_exchange))
         .with_protocol_versions(&[&TLS13])
         .map_err(tls_err)?
         .dangerous()
@@ -81,8 +86,9 @@ pub fn peer_identity(connection: &CommonState) -> Result<Identity, Error> {
 /// present certificates here: they authenticate with tokens in the calls.
 pub fn control_plane_server_config(
     certificate: Arc<dyn rustls::server::ResolvesServerCert>,
+    key_exchange: KeyExchange,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider(key_exchange))
         .with_protocol_versions(&[&TLS13])
         .map_err(|source| Error::TlsConfig {
             side: "control-plane server",
@@ -99,9 +105,10 @@ pub fn control_plane_server_config(
 pub fn control_plane_client_config(
     trust: &TrustBundle,
     expected: &Identity,
+    key_exchange: KeyExchange,
 ) -> Result<Arc<ClientConfig>, Error> {
     let verifier = SpiffeServerVerifier::new(trust.clone(), expected.clone());
-    let mut config = ClientConfig::builder_with_provider(hbone_crypto_provider())
+    let mut config = ClientConfig::builder_with_provider(hbone_crypto_provider(key_exchange))
         .with_protocol_versions(&[&TLS13])
         .map_err(|source| Error::TlsConfig {
             side: "control-plane client",
@@ -118,7 +125,7 @@ pub fn control_plane_client_config(
 /// A rustls signing key for a workload certificate, for servers that swap
 /// certificates at run time (see [`control_plane_server_config`]).
 pub fn certified_key(cert: &WorkloadCertificate) -> Result<Arc<rustls::sign::CertifiedKey>, Error> {
-    let key = hbone_crypto_provider()
+    let key = hbone_crypto_provider(KeyExchange::default())
         .key_provider
         .load_private_key(cert.private_key())
         .map_err(|source| Error::TlsConfig {

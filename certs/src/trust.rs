@@ -135,7 +135,7 @@ impl TrustBundle {
                 .unwrap_or_default(),
         );
         cert.verify_for_usage(
-            crate::provider::hbone_crypto_provider()
+            crate::provider::hbone_crypto_provider(crate::KeyExchange::default())
                 .signature_verification_algorithms
                 .all,
             &self.anchors,

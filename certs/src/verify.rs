@@ -17,7 +17,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tracing::debug;
 
-use crate::provider::hbone_crypto_provider;
+use crate::provider::{KeyExchange, hbone_crypto_provider};
 use crate::trust::{TrustBundle, Usage};
 use crate::{Error, Identity};
 
@@ -36,7 +36,8 @@ impl SpiffeServerVerifier {
         SpiffeServerVerifier {
             trust,
             expected,
-            provider: hbone_crypto_provider(),
+            // Only its signature algorithms are used here.
+            provider: hbone_crypto_provider(KeyExchange::default()),
         }
     }
 }
@@ -114,7 +115,8 @@ impl SpiffeClientVerifier {
         SpiffeClientVerifier {
             trust,
             trust_domain: trust_domain.to_owned(),
-            provider: hbone_crypto_provider(),
+            // Only its signature algorithms are used here.
+            provider: hbone_crypto_provider(KeyExchange::default()),
         }
     }
 }

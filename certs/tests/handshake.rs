@@ -93,8 +93,11 @@ fn server_refuses_a_client_from_another_ca() {
     let impostor = craft(&ca_keys(&theirs), leaf_params(vec![uri_san(FRONTEND)]));
     let client = rogue_client(Some(impostor));
 
-    let refusal =
-        handshake(client, weft_certs::hbone_server_config(&checkout).unwrap()).unwrap_err();
+    let refusal = handshake(
+        client,
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
+    )
+    .unwrap_err();
 
     assert!(
         matches!(
@@ -154,7 +157,12 @@ fn certificates_without_a_uri_san_are_refused() {
 
     let (chain, key) = dns_only();
     let refusal = handshake(
-        weft_certs::hbone_client_config(&frontend, &id(CHECKOUT)).unwrap(),
+        weft_certs::hbone_client_config(
+            &frontend,
+            &id(CHECKOUT),
+            weft_certs::KeyExchange::default(),
+        )
+        .unwrap(),
         rogue_server(chain, key),
     )
     .unwrap_err();
@@ -167,7 +175,7 @@ fn certificates_without_a_uri_san_are_refused() {
 
     let refusal = handshake(
         rogue_client(Some(dns_only())),
-        weft_certs::hbone_server_config(&checkout).unwrap(),
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
     )
     .unwrap_err();
     assert!(matches!(refusal, Refusal::ByServer(_)), "{refusal:?}");
@@ -190,7 +198,7 @@ fn certificates_with_two_spiffe_ids_are_refused() {
 
     let refusal = handshake(
         rogue_client(Some(two)),
-        weft_certs::hbone_server_config(&checkout).unwrap(),
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
     )
     .unwrap_err();
 
@@ -239,7 +247,7 @@ fn a_client_certificate_without_client_auth_usage_is_refused() {
 
         let refusal = handshake(
             rogue_client(Some(craft(&keys, params))),
-            weft_certs::hbone_server_config(&checkout).unwrap(),
+            weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
         )
         .unwrap_err();
 
@@ -258,7 +266,12 @@ fn a_ca_certificate_cannot_pose_as_a_workload() {
     let (chain, key) = craft(&keys, params);
 
     let refusal = handshake(
-        weft_certs::hbone_client_config(&frontend, &id(CHECKOUT)).unwrap(),
+        weft_certs::hbone_client_config(
+            &frontend,
+            &id(CHECKOUT),
+            weft_certs::KeyExchange::default(),
+        )
+        .unwrap(),
         rogue_server(chain, key),
     )
     .unwrap_err();
@@ -278,7 +291,7 @@ fn server_requires_a_client_certificate() {
 
     let refusal = handshake(
         rogue_client(None),
-        weft_certs::hbone_server_config(&checkout).unwrap(),
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
     )
     .unwrap_err();
 
@@ -296,7 +309,7 @@ fn server_refuses_tls_1_2() {
     let ca = new_ca();
     let checkout = workload(&ca, CHECKOUT);
     let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS12])
     .unwrap()
@@ -306,7 +319,7 @@ fn server_refuses_tls_1_2() {
 
     let refusal = handshake(
         std::sync::Arc::new(client),
-        weft_certs::hbone_server_config(&checkout).unwrap(),
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
     )
     .unwrap_err();
 
@@ -324,12 +337,18 @@ fn server_refuses_a_client_without_h2() {
     let ca = new_ca();
     let checkout = workload(&ca, CHECKOUT);
     let frontend = workload(&ca, FRONTEND);
-    let mut client = (*weft_certs::hbone_client_config(&frontend, &id(CHECKOUT)).unwrap()).clone();
+    let mut client = (*weft_certs::hbone_client_config(
+        &frontend,
+        &id(CHECKOUT),
+        weft_certs::KeyExchange::default(),
+    )
+    .unwrap())
+    .clone();
     client.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     let refusal = handshake(
         std::sync::Arc::new(client),
-        weft_certs::hbone_server_config(&checkout).unwrap(),
+        weft_certs::hbone_server_config(&checkout, weft_certs::KeyExchange::default()).unwrap(),
     )
     .unwrap_err();
 

@@ -238,7 +238,10 @@ pub async fn run_on(
         &config.service_account,
     )?;
     let serving = ServingCertificate::start(ca.clone(), identity.clone())?;
-    let tls = TlsAcceptor::from(weft_certs::control_plane_server_config(serving)?);
+    let tls = TlsAcceptor::from(weft_certs::control_plane_server_config(
+        serving,
+        config.key_exchange,
+    )?);
 
     let local = |listener: &TcpListener| {
         listener

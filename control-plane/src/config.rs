@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Serialize;
+use weft_certs::KeyExchange;
 
 /// How to run the control plane.
 #[derive(Clone, Debug, Parser, Serialize)]
@@ -101,6 +102,13 @@ pub struct ControlPlaneConfig {
     )]
     pub service_account: String,
 
+    /// The TLS key exchange of the gRPC port: `post-quantum-preferred`
+    /// (X25519MLKEM768 first, X25519 allowed) or `post-quantum-required`
+    /// (X25519MLKEM768 only; a proxy without it cannot connect).
+    #[arg(long, env = "WEFT_KEY_EXCHANGE", default_value_t = KeyExchange::default())]
+    #[serde(serialize_with = "serialize_display")]
+    pub key_exchange: KeyExchange,
+
     /// gRPC (config streams, certificate signing) over TLS.
     #[arg(long, env = "WEFT_GRPC_ADDR", default_value = "0.0.0.0:15012")]
     pub grpc_addr: SocketAddr,
@@ -196,4 +204,12 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Writes a value the config dump shows by its name.
+fn serialize_display<T: std::fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }

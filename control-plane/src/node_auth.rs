@@ -124,7 +124,7 @@ impl NodeTokens {
 }
 
 pub(crate) fn digest(token: &str) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
     let mut out = [0; 32];
     out.copy_from_slice(digest.as_ref());
     out

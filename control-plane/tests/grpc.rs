@@ -137,7 +137,12 @@ impl ControlPlane {
             .parse()
             .unwrap();
         let tls = tokio_rustls::TlsConnector::from(
-            weft_certs::control_plane_client_config(&self.trust, &expected).unwrap(),
+            weft_certs::control_plane_client_config(
+                &self.trust,
+                &expected,
+                weft_certs::KeyExchange::default(),
+            )
+            .unwrap(),
         );
         let addr = self.grpc;
         Endpoint::from_static("http://control-plane")
@@ -561,7 +566,12 @@ async fn a_connection_that_never_authenticates_is_closed_even_if_it_stops_readin
         .parse()
         .unwrap();
     let tls = tokio_rustls::TlsConnector::from(
-        weft_certs::control_plane_client_config(&cp.trust, &expected).unwrap(),
+        weft_certs::control_plane_client_config(
+            &cp.trust,
+            &expected,
+            weft_certs::KeyExchange::default(),
+        )
+        .unwrap(),
     );
     let tcp = TcpStream::connect(cp.grpc).await.unwrap();
     let mut stream = tls.connect(cp.grpc.ip().into(), tcp).await.unwrap();

@@ -57,6 +57,7 @@ async fn run(rounds: usize, payload: usize) -> anyhow::Result<()> {
             target: echo,
             source_ip: None,
             forwarded_for: None,
+            service_host: None,
             headers: http::HeaderMap::new(),
         })
         .await?;
@@ -132,7 +133,7 @@ async fn relay_to(upstream: SocketAddr) -> anyhow::Result<SocketAddr> {
 async fn hbone_server(certificate: &WorkloadCertificate) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let config = weft_certs::hbone_server_config(certificate)?;
+    let config = weft_certs::hbone_server_config(certificate, weft_certs::KeyExchange::default())?;
     let (_drain, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let _drain = _drain;

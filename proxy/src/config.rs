@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use weft_certs::Identity;
+use weft_certs::{Identity, KeyExchange};
 
 use crate::limits::{ConnectionLimits, HttpLimits, MemoryLimits};
 
@@ -62,6 +62,21 @@ pub struct ProxyConfig {
     )]
     #[serde(serialize_with = "crate::node_view::display")]
     pub control_plane_identity: Identity,
+
+    /// The cluster's name, sent in the `baggage` of every tunnel
+    /// (`k8s.cluster.name`) for the destination's telemetry; Istio's
+    /// default cluster name is `Kubernetes`. Empty: not sent.
+    #[arg(long, env = "WEFT_CLUSTER_NAME", default_value = "Kubernetes")]
+    pub cluster_name: String,
+
+    /// The TLS key exchange of HBONE tunnels and of the control-plane
+    /// connection: `post-quantum-preferred` (X25519MLKEM768 first, X25519
+    /// allowed, for peers without ML-KEM) or `post-quantum-required`
+    /// (X25519MLKEM768 only; a peer without it fails the handshake, as with
+    /// ztunnel's `COMPLIANCE_POLICY=pqc`).
+    #[arg(long, env = "WEFT_KEY_EXCHANGE", default_value_t = KeyExchange::default())]
+    #[serde(serialize_with = "crate::node_view::display")]
+    pub key_exchange: KeyExchange,
 
     /// Where the admin endpoint listens (config dump, certificates, health).
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]

@@ -118,6 +118,39 @@ fn give_back(held: Held) {
     });
 }
 
+/// A connection that can end as a failure, so that its peer learns the
+/// transfer was cut short instead of reading a clean end: a TCP reset, an
+/// HBONE stream reset with `CONNECT_ERROR`. RFC 9113 (8.5) asks exactly
+/// this of a `CONNECT` proxy: a TCP error becomes a stream reset with
+/// `CONNECT_ERROR`, a stream or connection error becomes a TCP reset.
+pub trait Abort {
+    /// Makes this connection end as a failure when it is dropped (or now).
+    fn abort(&mut self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort(&mut self) {
+        // Closing a socket that lingers for zero seconds sends a reset.
+        let _ = socket2::SockRef::from(&*self).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+/// [`copy_bidirectional`], and if it fails, both connections end as
+/// failures ([`Abort`]): a pod whose peer reset, or whose tunnel broke,
+/// sees a reset too, never a clean end of a truncated transfer.
+pub async fn copy_or_abort<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Abort + Unpin + ?Sized,
+{
+    let copied = copy_bidirectional(a, b).await;
+    if copied.is_err() {
+        a.abort();
+        b.abort();
+    }
+    copied
+}
+
 /// Copies `a` to `b` and `b` to `a` until both directions have reached EOF,
 /// half-closing each writer when its reader ends. Returns the bytes copied
 /// (a to b, b to a); the first error ends both directions.

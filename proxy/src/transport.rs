@@ -43,6 +43,7 @@ pub struct ControlPlaneTransport {
     token_file: PathBuf,
     root_cert: PathBuf,
     expected: Identity,
+    key_exchange: weft_certs::KeyExchange,
     /// The connection signing calls share, and the roots it was made with.
     signing: tokio::sync::Mutex<Option<(Vec<Vec<u8>>, Channel)>>,
 }
@@ -70,6 +71,7 @@ impl ControlPlaneTransport {
             token_file: config.token_file.clone(),
             root_cert: config.root_cert.clone(),
             expected: config.control_plane_identity.clone(),
+            key_exchange: config.key_exchange,
             signing: tokio::sync::Mutex::new(None),
         })
     }
@@ -152,7 +154,7 @@ impl ControlPlaneTransport {
     }
 
     async fn connect_trusting(&self, roots: &TrustBundle) -> Result<Channel, Error> {
-        let tls = weft_certs::control_plane_client_config(roots, &self.expected)
+        let tls = weft_certs::control_plane_client_config(roots, &self.expected, self.key_exchange)
             .map_err(|source| Error::ControlPlaneTls { source })?;
         let connector = TlsConnector::from(tls);
         let address = self.address.clone();

@@ -98,7 +98,9 @@ async fn hangs_up_before_answering(
 ) -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<u8>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = weft_certs::hbone_server_config(&mesh.checkout).unwrap();
+    let config =
+        weft_certs::hbone_server_config(&mesh.checkout, weft_certs::KeyExchange::default())
+            .unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let received: Arc<Mutex<Vec<u8>>> = Arc::default();
     let (counted, kept) = (connections.clone(), Arc::clone(&received));

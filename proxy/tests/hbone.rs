@@ -309,7 +309,12 @@ async fn garbage_and_plaintext_do_not_hang_or_stop_the_server() {
         let _ = within("the server to hang up", tcp.read_to_end(&mut rest)).await;
     }
     // A proper TLS client that then speaks HTTP/1.1 instead of HTTP/2.
-    let config = weft_certs::hbone_client_config(&mesh.frontend, &id(CHECKOUT)).unwrap();
+    let config = weft_certs::hbone_client_config(
+        &mesh.frontend,
+        &id(CHECKOUT),
+        weft_certs::KeyExchange::default(),
+    )
+    .unwrap();
     let tcp = TcpStream::connect(server.addr).await.unwrap();
     let name = ServerName::IpAddress(server.addr.ip().into());
     let connector = tokio_rustls::TlsConnector::from(config);

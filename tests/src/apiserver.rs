@@ -306,8 +306,8 @@ impl Drop for KubeApiServer {
 
 /// The [`kube::Config`] of a kubeconfig file.
 async fn config_from(kubeconfig: &Path) -> Result<kube::Config> {
-    // kube with the `ring` feature installs no rustls crypto provider itself.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // kube installs no rustls crypto provider itself.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let options = kube::config::KubeConfigOptions::default();
     Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?)

@@ -112,7 +112,9 @@ pub async fn control_plane_channel(
     let expected =
         weft_certs::Identity::parse("spiffe://cluster.local/ns/weft-system/sa/weft-control-plane")?;
     let tls = tokio_rustls::TlsConnector::from(weft_certs::control_plane_client_config(
-        &roots, &expected,
+        &roots,
+        &expected,
+        weft_certs::KeyExchange::default(),
     )?);
     let server_name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let stream = tls.connect(server_name, tcp).await?;

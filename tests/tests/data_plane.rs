@@ -401,6 +401,7 @@ fn attack(
                     target,
                     source_ip: None,
                     forwarded_for: None,
+                    service_host: None,
                     headers: Default::default(),
                 };
                 let mut tunnel = pool.connect(request).await?;

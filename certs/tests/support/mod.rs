@@ -20,7 +20,7 @@ use rustls::{
     ServerConfig, ServerConnection, SignatureScheme,
 };
 use weft_certs::{
-    CertificateRequest, Identity, MeshCa, WorkloadCertificate, hbone_client_config,
+    CertificateRequest, Identity, KeyExchange, MeshCa, WorkloadCertificate, hbone_client_config,
     hbone_crypto_provider, hbone_server_config,
 };
 
@@ -106,8 +106,8 @@ pub fn hbone_handshake(
     expected: &str,
 ) -> Result<(ClientConnection, ServerConnection), Refusal> {
     handshake(
-        hbone_client_config(client, &id(expected)).unwrap(),
-        hbone_server_config(server).unwrap(),
+        hbone_client_config(client, &id(expected), KeyExchange::default()).unwrap(),
+        hbone_server_config(server, KeyExchange::default()).unwrap(),
     )
 }
 
@@ -170,12 +170,13 @@ pub fn rogue_server(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(hbone_crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(Arc::new(AcceptAnything))
-        .with_single_cert(chain, key)
-        .unwrap();
+    let mut config =
+        ServerConfig::builder_with_provider(hbone_crypto_provider(KeyExchange::default()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(Arc::new(AcceptAnything))
+            .with_single_cert(chain, key)
+            .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
@@ -184,11 +185,12 @@ pub fn rogue_server(
 pub fn rogue_client(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(hbone_crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnything));
+    let builder =
+        ClientConfig::builder_with_provider(hbone_crypto_provider(KeyExchange::default()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything));
     let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
         None => builder.with_no_client_auth(),
@@ -229,7 +231,7 @@ impl ServerCertVerifier for AcceptAnything {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        hbone_crypto_provider()
+        hbone_crypto_provider(KeyExchange::default())
             .signature_verification_algorithms
             .supported_schemes()
     }

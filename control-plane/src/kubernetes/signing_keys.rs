@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
+use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use base64::Engine as _;
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
@@ -55,7 +55,7 @@ enum PublicKey {
         p384: bool,
         point: Vec<u8>,
     },
-    /// A key the API server may sign with that ring does not check (a
+    /// A key the API server may sign with that aws-lc-rs does not check (a
     /// P-521 key, for ES512): its tokens are left to the review.
     Unchecked,
 }
@@ -364,7 +364,7 @@ impl<'a> SignedJwt<'a> {
             .is_some_and(|iat| iat.saturating_add(60) >= at)
     }
 
-    /// Whether `key` signed this; `None` for a key ring does not check
+    /// Whether `key` signed this; `None` for a key aws-lc-rs does not check
     /// (P-521, for ES512). Any algorithm that does not fit the key is not
     /// the API server's signature.
     fn verify_with(&self, key: &PublicKey) -> Option<bool> {
@@ -405,8 +405,8 @@ impl<'a> SignedJwt<'a> {
 mod tests {
     #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
-    use ring::rand::SystemRandom;
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
     use super::*;
 
@@ -418,8 +418,8 @@ mod tests {
     fn key(kid: &str) -> (EcdsaKeyPair, Jwk) {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
         let point = pair.public_key().as_ref();
         let jwk = Jwk {
             kty: "EC".into(),
@@ -480,7 +480,7 @@ mod tests {
         ));
         assert!(matches!(keys.check("not-a-jwt").await, Verdict::Forged(_)));
         // An algorithm the API server does not sign with is a forgery;
-        // one it may use and ring does not check is left to the review.
+        // one it may use and aws-lc-rs does not check is left to the review.
         let with_alg = |alg: &str| {
             let header = format!(r#"{{"alg":"{alg}","kid":"api"}}"#);
             format!("{}.{}.c2ln", encode(header.as_bytes()), encode(b"{}"))

@@ -76,6 +76,12 @@ pub struct Watched<S> {
     activity: Activity,
 }
 
+impl<S: crate::copy::Abort> crate::copy::Abort for Watched<S> {
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

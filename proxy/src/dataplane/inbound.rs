@@ -37,6 +37,7 @@ impl ServerConfigs {
         certificate: &WorkloadCertificate,
         routes: &RouteTable,
         certificates: &CertificateMap,
+        key_exchange: weft_certs::KeyExchange,
     ) -> Result<Arc<ServerConfig>, weft_certs::Error> {
         let mut cache = self
             .by_identity
@@ -54,7 +55,7 @@ impl ServerConfigs {
             Some(trust) => certificate.with_trust(trust.clone()),
             None => certificate.clone(),
         };
-        let config = weft_certs::hbone_server_config(&certificate)?;
+        let config = weft_certs::hbone_server_config(&certificate, key_exchange)?;
         cache.insert(certificate.identity().clone(), (key, config.clone()));
         Ok(config)
     }
@@ -106,10 +107,12 @@ async fn accept_tunnel(
         plane.metrics.failure(Direction::Inbound, "no_certificate");
         return;
     };
-    let config = match plane
-        .server_configs
-        .get(certificate, &routes, &certificates)
-    {
+    let config = match plane.server_configs.get(
+        certificate,
+        &routes,
+        &certificates,
+        plane.hbone.key_exchange,
+    ) {
         Ok(config) => config,
         Err(error) => {
             warn!(%error, "inbound: cannot build the TLS config");
@@ -279,15 +282,24 @@ impl InboundHandler for InboundTunnel {
         let source = Peer {
             workload: source,
             principal: Some(principal),
+            claimed: super::baggage::vouched_by(request.baggage.clone(), &request.peer_identity),
         };
+        // The Service the client addressed, if the config agrees that it
+        // has this pod behind it (a peer cannot name a Service it did not
+        // reach).
+        let service = request
+            .service_host
+            .as_deref()
+            .and_then(|host| routes.service_with_endpoint(host, request.target.ip()));
         let record = ConnectionRecord::open(
             &plane.metrics,
             Direction::Inbound,
             Security::MutualTls,
             (peer, &source),
             (request.target, &Peer::workload(&workload)),
-            None,
-        );
+            service.as_deref(),
+        )
+        .traced(request.trace);
         Ok(Metered::new(upstream, record)
             .keeping(registration)
             .admitted(admitted))
@@ -313,6 +325,9 @@ fn handshake_failure(error: &std::io::Error) -> &'static str {
             _ => "handshake_bad_certificate",
         },
         rustls::Error::NoCertificatesPresented => "handshake_no_certificate",
+        rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon) => {
+            "handshake_no_shared_key_exchange"
+        }
         rustls::Error::InvalidMessage(_) => "handshake_garbage",
         _ => "handshake_failed",
     }

@@ -13,6 +13,7 @@
 //!   [`drain`]: graceful shutdown.
 
 pub mod admission;
+pub mod baggage;
 pub mod balancer;
 pub mod drain;
 mod found_pods;
@@ -78,6 +79,9 @@ pub struct DataPlane {
     pub listening: crate::listening::Listening,
     /// How often the warnings a pod or peer can trigger are logged.
     pub warnings: Arc<crate::warnings::WarningLimiter>,
+    /// The cluster's name in the baggage of this node's tunnels
+    /// (`--cluster-name`).
+    pub cluster_name: String,
 }
 
 impl DataPlane {
@@ -412,13 +416,13 @@ pub async fn next_connection(
 }
 
 /// Proxies between `client` and a metered upstream until both directions
-/// end; an error is noted in the upstream's access-log line.
+/// end; an error aborts both and is noted in the upstream's access-log line.
 pub async fn relay<A, B>(client: &mut A, mut upstream: telemetry::Metered<B>)
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + crate::copy::Abort + Unpin,
+    B: AsyncRead + AsyncWrite + crate::copy::Abort + Unpin,
 {
-    if let Err(error) = crate::copy::copy_bidirectional(client, &mut upstream).await {
+    if let Err(error) = crate::copy::copy_or_abort(client, &mut upstream).await {
         tracing::debug!(%error, "connection ended with an error");
         upstream.failed(error);
     }
@@ -516,6 +520,45 @@ mod tests {
             ..pod("shop/web-1")
         };
         assert!(same.workload(&table, ip).is_some());
+    }
+
+    #[test]
+    fn a_peer_names_only_a_service_that_has_the_addressed_pod_behind_it() {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        let service = crate::node_view::tests::service;
+        let update = v1::ConfigUpdate {
+            services: vec![
+                service("shop", "web", "10.244.1.5"),
+                service("bank", "vault", "10.244.1.77"),
+            ],
+            ..full_state(&ca, "10.244.1.5")
+        };
+        let view = NodeView::apply(None, &update, "node-1").unwrap().view;
+        let table = routes::RouteTable::new(&view);
+        let pod: std::net::IpAddr = "10.244.1.5".parse().unwrap();
+        assert_eq!(
+            table
+                .service_with_endpoint("web.shop.svc.cluster.local", pod)
+                .as_deref(),
+            Some("web.shop.svc.cluster.local")
+        );
+        // Another cluster domain names the same Service.
+        assert!(
+            table
+                .service_with_endpoint("web.shop.svc.east.example", pod)
+                .is_some()
+        );
+        // A Service without this pod, one that does not exist, not a
+        // Service hostname at all: none is believed.
+        for claim in [
+            "vault.bank.svc.cluster.local",
+            "nope.shop.svc.cluster.local",
+            "web.shop",
+            "web.shop.pod.cluster.local",
+            "",
+        ] {
+            assert_eq!(table.service_with_endpoint(claim, pod), None, "{claim}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

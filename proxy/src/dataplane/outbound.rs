@@ -31,7 +31,9 @@ use super::idle::{Activity, idle_timeout};
 use super::reauthorize::Registration;
 use super::routes::{Destination, NoRoute, Route, RouteTable};
 use super::telemetry::{ConnectionRecord, Direction, Metered, Peer, Security};
-use crate::hbone::{EarlyData, HBONE_PORT, HboneError, HboneRequest, HboneStream};
+use crate::hbone::{
+    BAGGAGE, EarlyData, HBONE_PORT, HboneError, HboneRequest, HboneStream, TRACEPARENT, TraceParent,
+};
 use crate::node_view::Workload;
 
 /// How long opening a connection to one endpoint (for a tunnel: dial, TLS,
@@ -92,7 +94,8 @@ impl Client {
 
 /// An open connection towards the destination.
 enum Upstream {
-    Tunnel(HboneStream, Peer),
+    /// A tunnel, and the trace id its `CONNECT` carried.
+    Tunnel(HboneStream, Peer, TraceParent),
     /// A direct connection; one into a meshed pod of this node is watched
     /// for policy changes while the registration lives.
     Direct(TcpStream, Peer, Security, Option<Registration>),
@@ -254,6 +257,7 @@ async fn connect(
                 warn!(identity = %src.identity, "outbound: no certificate for the source identity");
                 return Err(ConnectError::Local("no_certificate"));
             };
+            let trace = TraceParent::random();
             let request = HboneRequest {
                 certificate: match &routes.trust {
                     Some(trust) => certificate.with_trust(trust.clone()),
@@ -264,13 +268,14 @@ async fn connect(
                 target: route.target,
                 source_ip: Some(client_addr.ip()),
                 forwarded_for: Some(client_addr),
-                headers: Default::default(),
+                service_host: route.service.clone(),
+                headers: telemetry_headers(&plane.cluster_name, src, trace),
             };
             // Dial, handshakes and the CONNECT's answer together; the
             // caller bounds the time.
             let early = client.read_early();
             match plane.pool.connect_sending(request, early).await {
-                Ok(tunnel) => Ok(Upstream::Tunnel(tunnel, Peer::workload(dst))),
+                Ok(tunnel) => Ok(Upstream::Tunnel(tunnel, Peer::workload(dst), trace)),
                 Err(HboneError::Refused { status, .. })
                     if status == http::StatusCode::UNAUTHORIZED =>
                 {
@@ -426,8 +431,8 @@ async fn relay(
     let activity = Activity::default();
     let relayed = async {
         match upstream {
-            Upstream::Tunnel(tunnel, peer) => {
-                let record = open(Security::MutualTls, &peer);
+            Upstream::Tunnel(tunnel, peer, trace) => {
+                let record = open(Security::MutualTls, &peer).traced(trace);
                 let metered =
                     Metered::new(activity.watch(tunnel), record).already_written(early_len);
                 super::relay(client, metered).await;
@@ -448,6 +453,17 @@ async fn relay(
             plane.metrics.failure(Direction::Outbound, "idle_timeout");
         }
     }
+}
+
+/// The `baggage` (who `source` is) and `traceparent` a tunnel's `CONNECT`
+/// carries.
+fn telemetry_headers(cluster: &str, source: &Workload, trace: TraceParent) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    if let Some(baggage) = super::baggage::for_source(cluster, source).header() {
+        headers.insert(BAGGAGE, baggage);
+    }
+    headers.insert(TRACEPARENT, trace.header());
+    headers
 }
 
 /// A short, label-safe reason for a tunnel that could not be opened.

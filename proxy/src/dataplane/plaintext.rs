@@ -84,6 +84,7 @@ async fn proxy(
             &Peer {
                 workload: routes.workload(client_addr.ip()).cloned(),
                 principal: None,
+                claimed: None,
             },
         ),
         (destination, &Peer::workload(&workload)),

@@ -400,8 +400,10 @@ impl RouteTable {
                 port.port
             });
         let service = &target.service;
-        let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
-        let mut chosen = self.direct(SocketAddr::new(endpoint.ip, target_port), Some(fqdn));
+        let mut chosen = self.direct(
+            SocketAddr::new(endpoint.ip, target_port),
+            Some(hostname(service)),
+        );
         if chosen.workload.is_none() {
             chosen.workload = endpoint
                 .workload_uid
@@ -410,6 +412,25 @@ impl RouteTable {
                 .cloned();
         }
         Some((chosen, lease))
+    }
+
+    /// `host` (`<name>.<namespace>.svc.<domain>`, as a peer's `forwarded`
+    /// header names the Service its client addressed) in the form metrics
+    /// use, if that Service exists and has an endpoint at `ip`; `None` for
+    /// any other claim.
+    pub fn service_with_endpoint(&self, host: &str, ip: IpAddr) -> Option<String> {
+        let mut labels = host.split('.');
+        let (name, namespace) = (labels.next()?, labels.next()?);
+        if labels.next() != Some("svc") {
+            return None;
+        }
+        let route = self.services_by_key.get(&format!("{namespace}/{name}"))?;
+        let service = &route.service;
+        service
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.ip == ip)
+            .then(|| hostname(service))
     }
 
     fn direct(&self, target: SocketAddr, service: Option<String>) -> Route {
@@ -428,4 +449,9 @@ impl RouteTable {
             },
         }
     }
+}
+
+/// A Service as Istio names it in metrics: `<name>.<namespace>.svc.cluster.local`.
+fn hostname(service: &Service) -> String {
+    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
 }

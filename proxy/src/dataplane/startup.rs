@@ -103,6 +103,7 @@ pub async fn start(
     rejections.register(&mut registry);
     registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
     registry.register_collector(Box::new(crate::lanes::LaneMetrics));
+    registry.register_collector(Box::new(crate::hbone::KeyExchangeMetrics));
     let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
     // Tunnels leave from the source pod's namespace when it is served in
@@ -123,12 +124,14 @@ pub async fn start(
             .unwrap_or(crate::hbone::MAX_STREAMS_PER_CONNECTION),
         windows: dialed_windows,
         keepalive: limits.hbone_keepalive(),
+        key_exchange: config.key_exchange,
     };
     let hbone = crate::hbone::ServerSettings {
         windows: served_windows,
         keepalive: limits.hbone_keepalive(),
         handshake_timeout: limits.handshake_timeout(),
         idle_timeout: Duration::from_secs(limits.hbone_idle_timeout_seconds),
+        key_exchange: config.key_exchange,
     };
     let plane = Arc::new(DataPlane {
         routes: routes.clone(),
@@ -147,6 +150,7 @@ pub async fn start(
             config.log_warnings_per_cause,
             Duration::from_millis(config.log_warnings_interval_ms),
         )),
+        cluster_name: config.cluster_name.clone(),
     });
     // Policy applies to open connections too: decide them again whenever a
     // new config is applied.

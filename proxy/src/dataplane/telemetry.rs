@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use crate::hbone::{Baggage, TraceParent};
 use crate::node_view::Workload;
 
 /// Which way a connection crosses this proxy, as Istio's `reporter` label.
@@ -199,6 +200,11 @@ pub struct Peer {
     pub workload: Option<Arc<Workload>>,
     /// Its verified SPIFFE identity, if any.
     pub principal: Option<String>,
+    /// What it said about itself in its baggage, as far as its identity
+    /// vouches for it (inbound tunnels only): names what the config does
+    /// not know, and fills the access log's `src.cluster`, `src.service`
+    /// and `src.revision`.
+    pub claimed: Option<Baggage>,
 }
 
 impl Peer {
@@ -207,6 +213,25 @@ impl Peer {
         Peer {
             principal: Some(workload.identity.to_string()),
             workload: Some(workload.clone()),
+            claimed: None,
+        }
+    }
+
+    /// The workload's name: the config's, else the vouched-for baggage's.
+    fn workload_name(&self) -> Option<String> {
+        let claimed = || self.claimed.as_ref()?.workload.clone();
+        match &self.workload {
+            Some(workload) => Some(workload.workload_name.clone()),
+            None => claimed(),
+        }
+    }
+
+    /// The namespace: the config's, else the vouched-for baggage's.
+    fn namespace(&self) -> Option<String> {
+        let claimed = || self.claimed.as_ref()?.namespace.clone();
+        match &self.workload {
+            Some(workload) => Some(workload.namespace.clone()),
+            None => claimed(),
         }
     }
 }
@@ -218,6 +243,8 @@ pub struct ConnectionRecord {
     client: SocketAddr,
     target: SocketAddr,
     started: Instant,
+    trace: Option<TraceParent>,
+    source_claimed: Option<Baggage>,
 }
 
 impl ConnectionRecord {
@@ -230,8 +257,8 @@ impl ConnectionRecord {
         (target, destination): (SocketAddr, &Peer),
         service: Option<&str>,
     ) -> ConnectionRecord {
-        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.clone());
-        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.clone());
+        let name = Peer::workload_name;
+        let namespace = Peer::namespace;
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {
             reporter: direction.reporter().to_owned(),
@@ -251,7 +278,16 @@ impl ConnectionRecord {
             client,
             target,
             started: Instant::now(),
+            trace: None,
+            source_claimed: source.claimed.clone(),
         }
+    }
+
+    /// Logs `trace`'s id with the connection: the one its tunnel's
+    /// `traceparent` carries, so both ends' lines can be joined.
+    pub fn traced(mut self, trace: TraceParent) -> ConnectionRecord {
+        self.trace = Some(trace);
+        self
     }
 
     /// Counts the connection as closed with the bytes it carried
@@ -267,6 +303,11 @@ impl ConnectionRecord {
             .get_or_create(&self.labels)
             .inc_by(received);
         let l = &self.labels;
+        let trace_id = self.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
+        let claimed = self.source_claimed.unwrap_or_default();
+        fn claim(value: &Option<String>) -> &str {
+            value.as_deref().unwrap_or("")
+        }
         info!(
             target: "weft::access",
             direction = l.reporter.as_str(),
@@ -274,6 +315,9 @@ impl ConnectionRecord {
             src.workload = l.source_workload.as_str(),
             src.namespace = l.source_workload_namespace.as_str(),
             src.principal = l.source_principal.as_str(),
+            src.cluster = claim(&claimed.cluster),
+            src.service = claim(&claimed.service),
+            src.revision = claim(&claimed.revision),
             dst.addr = %self.target,
             dst.workload = l.destination_workload.as_str(),
             dst.namespace = l.destination_workload_namespace.as_str(),
@@ -284,6 +328,7 @@ impl ConnectionRecord {
             bytes_sent = sent,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = error.unwrap_or(""),
+            trace_id = trace_id.as_str(),
             "connection closed"
         );
     }
@@ -305,6 +350,12 @@ pub struct Metered<S> {
     _keep: Option<super::reauthorize::Registration>,
     /// Held for the connection's life: its place within the limits.
     _admitted: Option<super::admission::AdmittedConnection>,
+}
+
+impl<S: crate::copy::Abort> crate::copy::Abort for Metered<S> {
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
 }
 
 impl<S> Metered<S> {

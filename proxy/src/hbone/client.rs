@@ -15,10 +15,10 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use weft_certs::{Identity, WorkloadCertificate};
+use weft_certs::{Identity, KeyExchange, WorkloadCertificate};
 
 use super::error::{HboneError, tls_problem};
-use super::headers::forwarded_for;
+use super::headers::forwarded;
 use super::slots::SlotLease;
 use super::stream::HboneStream;
 use super::tuning::{HboneSocket, TLS_WRITE_BUFFER, client_builder, hbone_socket};
@@ -40,6 +40,9 @@ pub struct HboneRequest {
     pub source_ip: Option<IpAddr>,
     /// The original client, sent as `forwarded: for="<ip:port>"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// The Service the client addressed (`<name>.<namespace>.svc.<domain>`),
+    /// sent as the `forwarded` header's `host`, as ztunnel does.
+    pub service_host: Option<String>,
     /// Further request headers, such as `baggage` and `traceparent`.
     pub headers: HeaderMap,
 }
@@ -108,22 +111,26 @@ pub(crate) struct Handshaken {
     pub(crate) window: Window,
 }
 
-/// TLS then HTTP/2 over a freshly dialed TCP connection, receiving within
-/// `window`.
+/// TLS (with `key_exchange`) then HTTP/2 over a freshly dialed TCP
+/// connection, receiving within `window`.
 pub(crate) async fn handshake(
     tcp: TcpStream,
     request: &HboneRequest,
     window: Window,
+    key_exchange: KeyExchange,
 ) -> Result<Handshaken, HboneError> {
     let address = request.hbone_addr;
     // Small writes (a request, a reply) must leave at once.
     let _ = tcp.set_nodelay(true);
-    let config =
-        weft_certs::hbone_client_config(&request.certificate, &request.destination_identity)
-            .map_err(|source| HboneError::TlsConfig {
-                identity: request.certificate.identity().clone(),
-                source,
-            })?;
+    let config = weft_certs::hbone_client_config(
+        &request.certificate,
+        &request.destination_identity,
+        key_exchange,
+    )
+    .map_err(|source| HboneError::TlsConfig {
+        identity: request.certificate.identity().clone(),
+        source,
+    })?;
     // The name is only a placeholder: the config sends no SNI and verifies
     // the server by its SPIFFE identity.
     let name = ServerName::IpAddress(address.ip().into());
@@ -136,6 +143,7 @@ pub(crate) async fn handshake(
             problem: tls_problem(&e),
         })?;
     tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+    super::key_exchange::count(super::key_exchange::Side::Client, tls.get_ref().1);
     let (send_request, connection) = client_builder(window.sizes())
         .handshake::<_, Bytes>(tls)
         .await
@@ -295,7 +303,10 @@ fn connect_request(request: &HboneRequest) -> Result<Request<()>, http::Error> {
         .uri(authority)
         .version(Version::HTTP_2);
     if let Some(client) = request.forwarded_for {
-        builder = builder.header(FORWARDED, forwarded_for(client));
+        builder = builder.header(
+            FORWARDED,
+            forwarded(client, request.service_host.as_deref()),
+        );
     }
     let mut connect = builder.body(())?;
     for (name, value) in &request.headers {

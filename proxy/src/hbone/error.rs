@@ -236,10 +236,45 @@ pub(crate) fn tls_problem(error: &std::io::Error) -> String {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
+        Some(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::NoKxGroupsInCommon)) => {
+            "no key exchange group in common: the peer offers none that this side's \
+             --key-exchange allows (post-quantum-required allows X25519MLKEM768 only)"
+                .to_owned()
+        }
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)) => {
+            "the peer refused the handshake (handshake_failure alert): it shares no key \
+             exchange group or cipher suite with this side (with --key-exchange \
+             post-quantum-required, this side offers X25519MLKEM768 only)"
+                .to_owned()
+        }
         Some(tls) => match weft_certs::refusal_reason(tls) {
             Some(reason) => reason.to_string(),
             None => tls.to_string(),
         },
         None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wrapped(error: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, error)
+    }
+
+    #[test]
+    fn a_key_exchange_mismatch_is_named_on_both_sides() {
+        let server_side = tls_problem(&wrapped(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::NoKxGroupsInCommon,
+        )));
+        assert!(
+            server_side.contains("no key exchange group in common"),
+            "{server_side}"
+        );
+        let client_side = tls_problem(&wrapped(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        )));
+        assert!(client_side.contains("X25519MLKEM768"), "{client_side}");
     }
 }

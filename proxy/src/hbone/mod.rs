@@ -15,12 +15,13 @@
 //!   HTTP/2 flow control, half-close and byte counts ([`TunnelStats`]).
 //! - [`serve_connection`]: the server side of one HBONE connection.
 //!
-//! Modules, from the leaves up: `error`, `tuning` → `windows`, `headers`, `slots` →
+//! Modules, from the leaves up: `error`, `tuning`, `key_exchange` → `windows`, `headers`, `slots` →
 //! `stream` → `client` → `pool`; `server` uses `stream`. Nothing points back.
 
 mod client;
 mod error;
 mod headers;
+mod key_exchange;
 mod pool;
 mod server;
 mod slots;
@@ -30,7 +31,11 @@ mod windows;
 
 pub use client::{EarlyData, HboneRequest};
 pub use error::HboneError;
-pub use headers::parse_forwarded_for;
+pub use headers::{
+    BAGGAGE, Baggage, Forwarded, TRACEPARENT, TraceParent, WorkloadKind, parse_forwarded,
+    parse_forwarded_for,
+};
+pub use key_exchange::KeyExchangeMetrics;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
 pub use server::{
     HandshakeDeadlines, InboundHandler, InboundRequest, Refusal, ServerSettings, accept_tls,

@@ -22,7 +22,7 @@ use h2::client::SendRequest;
 use rustls_pki_types::CertificateDer;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::Instrument;
-use weft_certs::{Identity, WorkloadCertificate};
+use weft_certs::{Identity, KeyExchange, WorkloadCertificate};
 
 use super::client::{
     ClientConnection, EarlyData, Handshaken, HboneRequest, Retry, handshake, open_stream,
@@ -76,6 +76,8 @@ pub struct PoolConfig {
     pub windows: Windows,
     /// How a connection notices a server that stopped answering.
     pub keepalive: Keepalive,
+    /// The TLS key exchange connections offer.
+    pub key_exchange: KeyExchange,
 }
 
 impl Default for PoolConfig {
@@ -86,6 +88,7 @@ impl Default for PoolConfig {
             max_streams_per_connection: MAX_STREAMS_PER_CONNECTION,
             windows: Windows::default(),
             keepalive: Keepalive::default(),
+            key_exchange: KeyExchange::default(),
         }
     }
 }
@@ -474,7 +477,7 @@ async fn establish(
                 source_ip: request.source_ip,
                 source,
             })?;
-        handshake(tcp, request, window).await
+        handshake(tcp, request, window, config.key_exchange).await
     };
     tokio::time::timeout(timeout, work)
         .await

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use weft_certs::Identity;
 
 use super::error::HboneError;
-use super::headers::parse_forwarded_for;
+use super::headers::{BAGGAGE, Baggage, TRACEPARENT, TraceParent, parse_forwarded};
 use super::stream::{HboneStream, TunnelStats, copy_tunnel};
 use super::tuning::{
     HANDSHAKE_TIMEOUT, HboneSocket, IDLE_TIMEOUT, Keepalive, TLS_WRITE_BUFFER, hbone_socket,
@@ -44,7 +44,16 @@ pub struct InboundRequest {
     /// The original client from the `forwarded` header, if sent (port 0
     /// when the header names an IP only).
     pub forwarded_for: Option<SocketAddr>,
-    /// All request headers (`baggage`, `traceparent`, ...).
+    /// The Service the client says it addressed (the `forwarded` header's
+    /// `host`): a claim, to be checked against the config before use.
+    pub service_host: Option<String>,
+    /// Who the client says it is (`baggage`): a claim, to be checked
+    /// against its identity before use.
+    pub baggage: Baggage,
+    /// The client's `traceparent`, or a new one when it sent none that is
+    /// valid: both ends of a tunnel log the same trace id.
+    pub trace: TraceParent,
+    /// All request headers.
     pub headers: HeaderMap,
 }
 
@@ -88,7 +97,8 @@ impl Refusal {
 /// What the data plane decides for each inbound tunnel.
 pub trait InboundHandler: Send + Sync + 'static {
     /// The connection a tunnel is copied to (a `TcpStream` to the pod).
-    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// A failed copy aborts it ([`crate::copy::Abort`]).
+    type Upstream: AsyncRead + AsyncWrite + crate::copy::Abort + Unpin + Send + 'static;
 
     /// Checks policy and connects to the target, or says why not. Called
     /// concurrently for the streams of a connection.
@@ -117,7 +127,7 @@ impl<F, Fut, U> InboundHandler for F
 where
     F: Fn(InboundRequest) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<U, Refusal>> + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + crate::copy::Abort + Unpin + Send + 'static,
 {
     type Upstream = U;
 
@@ -137,6 +147,8 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// How long it may carry no stream before it is closed.
     pub idle_timeout: Duration,
+    /// The TLS key exchange it accepts.
+    pub key_exchange: weft_certs::KeyExchange,
 }
 
 impl Default for ServerSettings {
@@ -147,6 +159,7 @@ impl Default for ServerSettings {
             keepalive: Keepalive::default(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
+            key_exchange: weft_certs::KeyExchange::default(),
         }
     }
 }
@@ -198,7 +211,10 @@ pub async fn accept_tls_within(
     }
     let handshake = TlsAcceptor::from(config).accept(hbone_socket(tcp));
     match tokio::time::timeout_at(started + deadlines.finish, handshake).await {
-        Ok(Ok(tls)) => Ok(tls),
+        Ok(Ok(tls)) => {
+            super::key_exchange::count(super::key_exchange::Side::Server, tls.get_ref().1);
+            Ok(tls)
+        }
         Ok(Err(failure)) => Err(HboneError::TlsAccept { peer, failure }),
         Err(_) => Err(timed_out(deadlines.finish)),
     }
@@ -347,11 +363,23 @@ async fn serve_stream<H: InboundHandler>(
         }
     };
     let (parts, recv) = request.into_parts();
+    let forwarded = parts
+        .headers
+        .get(FORWARDED)
+        .map(parse_forwarded)
+        .unwrap_or_default();
     let inbound = InboundRequest {
         peer_identity: context.peer_identity.clone(),
         peer_address: context.peer,
         target,
-        forwarded_for: parts.headers.get(FORWARDED).and_then(parse_forwarded_for),
+        forwarded_for: forwarded.client,
+        service_host: forwarded.host,
+        baggage: Baggage::parse(parts.headers.get_all(BAGGAGE)),
+        trace: parts
+            .headers
+            .get(TRACEPARENT)
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(TraceParent::random),
         headers: parts.headers,
     };
     let span = tracing::debug_span!(
@@ -359,6 +387,7 @@ async fn serve_stream<H: InboundHandler>(
         source = %inbound.peer_identity,
         destination = %target,
         client = ?inbound.forwarded_for,
+        trace_id = %inbound.trace.trace_id_hex(),
     );
     async move {
         let mut upstream = match handler.connect(&inbound).await {

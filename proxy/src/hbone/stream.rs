@@ -36,8 +36,9 @@ pub struct TunnelStats {
 ///
 /// `poll_shutdown` half-closes (an empty DATA frame with END_STREAM); the
 /// peer's END_STREAM, or its reset with `NO_ERROR` or `CANCEL`, reads as
-/// EOF; any other reset is an error. Dropping a tunnel that has not ended
-/// both ways resets it with `CANCEL`.
+/// EOF; any other reset (`CONNECT_ERROR` from a peer whose pod reset) is an
+/// error. [`Abort`](crate::copy::Abort) resets it with `CONNECT_ERROR`;
+/// dropping a tunnel that has not ended both ways resets it with `CANCEL`.
 #[derive(Debug)]
 pub struct HboneStream {
     send: SendStream<Bytes>,
@@ -228,6 +229,16 @@ impl AsyncWrite for HboneStream {
     }
 }
 
+impl crate::copy::Abort for HboneStream {
+    /// Resets the stream with `CONNECT_ERROR`: the peer reads an error (and
+    /// resets its pod's connection), not the end of the stream.
+    fn abort(&mut self) {
+        self.send.send_reset(Reason::CONNECT_ERROR);
+        self.read_done = true;
+        self.write_done = true;
+    }
+}
+
 impl Drop for HboneStream {
     fn drop(&mut self) {
         if !(self.read_done && self.write_done) {
@@ -238,16 +249,17 @@ impl Drop for HboneStream {
 }
 
 /// Copies between a tunnel and a local connection until both directions
-/// have ended, half-closing each side when the other reaches EOF. Returns
-/// what was carried even when the copy failed part-way.
+/// have ended, half-closing each side when the other reaches EOF; a
+/// failure aborts both ([`crate::copy::copy_or_abort`]). Returns what was
+/// carried even when the copy failed part-way.
 pub async fn copy_tunnel<T>(
     tunnel: &mut HboneStream,
     local: &mut T,
 ) -> (TunnelStats, io::Result<()>)
 where
-    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + crate::copy::Abort + Unpin + ?Sized,
 {
-    let result = crate::copy::copy_bidirectional(tunnel, local).await;
+    let result = crate::copy::copy_or_abort(tunnel, local).await;
     (tunnel.stats(), result.map(|_| ()))
 }
 

@@ -13,7 +13,7 @@ mod convert;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;

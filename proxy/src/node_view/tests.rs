@@ -44,7 +44,7 @@ pub(super) fn workload(
     }
 }
 
-pub(super) fn service(namespace: &str, name: &str, endpoint_ip: &str) -> v1::Service {
+pub(crate) fn service(namespace: &str, name: &str, endpoint_ip: &str) -> v1::Service {
     v1::Service {
         namespace: namespace.into(),
         name: name.into(),

@@ -51,7 +51,9 @@ impl Mesh {
     /// [`Mesh::server`] granting receive windows from `windows`.
     pub async fn server_with(&self, windows: Windows) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let config = weft_certs::hbone_server_config(&self.checkout).unwrap();
+        let config =
+            weft_certs::hbone_server_config(&self.checkout, weft_certs::KeyExchange::default())
+                .unwrap();
         let (drain, drain_rx) = watch::channel(false);
         let server = TestServer {
             addr: listener.local_addr().unwrap(),
@@ -96,6 +98,7 @@ impl Mesh {
             target,
             source_ip: None,
             forwarded_for: None,
+            service_host: None,
             headers: http::HeaderMap::new(),
         }
     }

@@ -232,7 +232,11 @@ impl TestControlPlane {
             .unwrap();
         let resolver =
             rustls::sign::SingleCertAndKey::from(weft_certs::certified_key(&serving).unwrap());
-        let tls = weft_certs::control_plane_server_config(Arc::new(resolver)).unwrap();
+        let tls = weft_certs::control_plane_server_config(
+            Arc::new(resolver),
+            weft_certs::KeyExchange::default(),
+        )
+        .unwrap();
         let acceptor = TlsAcceptor::from(tls);
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -382,6 +386,8 @@ impl ProxyFiles {
             token_file: self.token_file.clone(),
             root_cert: self.root_cert.clone(),
             control_plane_identity: DEFAULT_CONTROL_PLANE_IDENTITY.parse().unwrap(),
+            cluster_name: "Kubernetes".into(),
+            key_exchange: weft_certs::KeyExchange::default(),
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             admin_socket: Some(self.admin_socket()),
             // The control side alone: no listeners, no nftables.

@@ -1,0 +1,146 @@
+//! What a tunnel's source tells its destination about itself, in Istio's
+//! baggage keys: built here from the node's config for the tunnels this
+//! node opens, and checked here against the peer's proven identity for the
+//! tunnels it serves.
+
+use weft_certs::Identity;
+
+use crate::hbone::{Baggage, WorkloadKind};
+use crate::node_view::Workload;
+
+/// The labels Istio reads a pod's canonical service from, in order; the
+/// workload's name when none is set.
+const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+
+/// The labels Istio reads a pod's canonical revision from, in order;
+/// `latest` when none is set.
+const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+
+/// The baggage a tunnel from `source` carries, in cluster `cluster`.
+pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
+    let label = |keys: [&str; 3]| {
+        keys.iter()
+            .find_map(|key| source.labels.get(*key))
+            .filter(|value| !value.is_empty())
+            .cloned()
+    };
+    // A pod whose workload is itself (no controller) is named as a pod.
+    let kind = if source.workload_name == source.name {
+        WorkloadKind::Pod
+    } else {
+        WorkloadKind::Deployment
+    };
+    Baggage {
+        cluster: Some(cluster.to_owned()).filter(|c| !c.is_empty()),
+        namespace: Some(source.namespace.clone()),
+        workload: Some(source.workload_name.clone()),
+        workload_kind: kind,
+        service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name.clone())),
+        revision: label(CANONICAL_REVISION_LABELS).or_else(|| Some("latest".to_owned())),
+    }
+}
+
+/// `baggage` as far as `peer` can vouch for it: a peer speaks only for its
+/// own namespace (its identity's), so baggage naming another is dropped
+/// whole, and so is baggage naming none.
+pub fn vouched_by(baggage: Baggage, peer: &Identity) -> Option<Baggage> {
+    let namespace = baggage.namespace.as_deref()?;
+    if namespace != peer.namespace() {
+        tracing::debug!(
+            claimed = namespace,
+            peer = %peer,
+            "inbound: ignoring baggage that names another namespace than the peer's"
+        );
+        return None;
+    }
+    Some(baggage)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+    use super::*;
+
+    fn workload(name: &str, workload_name: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            namespace: "shop".into(),
+            name: name.into(),
+            workload_name: workload_name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            uid: format!("shop/{name}"),
+            pod_uid: String::new(),
+            service_account: "web".into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
+            node: "node-1".into(),
+            ips: vec![],
+            meshed: true,
+            authorization_policies: vec![],
+            invalid_authorization_policies: vec![],
+            quarantine: None,
+            mtls_strict: false,
+            mtls_policy: String::new(),
+            probe_ports: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_deployments_pod_is_named_by_its_workload_and_labels() {
+        let pod = workload(
+            "web-5d4f-x2",
+            "web",
+            &[("app", "storefront"), ("version", "v3")],
+        );
+        let baggage = for_source("Kubernetes", &pod);
+        assert_eq!(
+            baggage.header().unwrap(),
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.deployment.name=web,\
+             service.name=storefront,service.version=v3"
+        );
+    }
+
+    #[test]
+    fn istios_labels_win_and_defaults_fill_the_rest() {
+        let pod = workload(
+            "web-0",
+            "web",
+            &[("app", "a"), ("service.istio.io/canonical-name", "canon")],
+        );
+        let baggage = for_source("", &pod);
+        assert_eq!(baggage.service.as_deref(), Some("canon"));
+        assert_eq!(baggage.revision.as_deref(), Some("latest"));
+        assert_eq!(baggage.cluster, None);
+        let bare = for_source("east", &workload("debug", "debug", &[]));
+        assert_eq!(bare.workload_kind, WorkloadKind::Pod);
+        assert_eq!(bare.service.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn a_peer_vouches_only_for_its_own_namespace() {
+        let peer: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let mine = Baggage {
+            namespace: Some("shop".into()),
+            workload: Some("web".into()),
+            ..Baggage::default()
+        };
+        assert_eq!(vouched_by(mine.clone(), &peer), Some(mine));
+        let theirs = Baggage {
+            namespace: Some("bank".into()),
+            workload: Some("vault".into()),
+            ..Baggage::default()
+        };
+        assert_eq!(vouched_by(theirs, &peer), None);
+        assert_eq!(vouched_by(Baggage::default(), &peer), None);
+    }
+}
