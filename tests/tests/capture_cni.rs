@@ -81,11 +81,13 @@ impl Cluster {
         SocketAddr::from((self.testbed.pod_ip(pod).unwrap(), 5432))
     }
 
-    /// Makes namespace `shop` STRICT and waits until the proxies refuse
-    /// plaintext to db-1.
+    /// Makes namespace `shop` STRICT and waits until both nodes' proxies
+    /// refuse plaintext (to db-1 on node-1, db-2 on node-2: each node
+    /// applies the change in its own time).
     fn make_shop_strict(&self) {
         self.mesh.write_manifest("mtls.yaml", STRICT).unwrap();
         wait_for_reach(&self.testbed, "old-1", self.db("db-1"), false);
+        wait_for_reach(&self.testbed, "old-1", self.db("db-2"), false);
     }
 
     /// The peers `server` saw from `ip`.

@@ -290,14 +290,24 @@ fn added_changed_and_deleted_pods_reach_every_proxy() {
     .unwrap();
 
     // Every change went as a delta: each proxy has applied several versions
-    // over one stream.
-    let nodes: Value =
-        serde_json::from_str(&mesh.control_plane_page(&testbed, "/debug/nodes").unwrap()).unwrap();
+    // over one stream. (A proxy acks after it applies, and the control
+    // plane records the ack in its own time: wait for it.)
+    let nodes = || -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(
+            &mesh.control_plane_page(&testbed, "/debug/nodes")?,
+        )?)
+    };
+    let acked = |nodes: &Value| {
+        ["node-1", "node-2"].iter().all(|node| {
+            nodes[node]["acked_version"]
+                .as_u64()
+                .is_some_and(|v| v >= 4)
+        })
+    };
+    wait_until(WAIT, || Ok(nodes().is_ok_and(|n| acked(&n))))
+        .unwrap_or_else(|e| panic!("not every proxy acked version 4: {e}: {:?}", nodes().ok()));
+    let nodes = nodes().unwrap();
     for node in ["node-1", "node-2"] {
-        assert!(
-            nodes[node]["acked_version"].as_u64().unwrap() >= 4,
-            "{nodes}"
-        );
         assert_eq!(nodes[node]["streams"], 1, "{nodes}");
     }
     eprintln!("manifest change to both proxies applied: {propagation:?}");

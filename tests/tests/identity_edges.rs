@@ -139,22 +139,20 @@ fn an_address_two_pods_claim_vouches_for_neither() {
     wait_for_reach(&testbed, "web-1", db, false);
     // web-1's node may have the change before db-1's does: wait for
     // node-2's config to quarantine db-1.
-    let db_1 = || -> anyhow::Result<Value> {
-        let dump = mesh.config_dump(&testbed, "node-2")?;
+    let db_1 = |dump: &Value| {
         dump["local_workloads"]
             .as_array()
             .and_then(|workloads| workloads.iter().find(|w| w["uid"] == "shop/db-1"))
             .cloned()
-            .ok_or_else(|| anyhow::anyhow!("node-2 does not list shop/db-1: {dump}"))
+            .unwrap_or_default()
     };
-    let quarantined = |w: &Value| {
-        w["quarantine"]
+    mesh.wait_for_dump(&testbed, "node-2", "db-1 quarantined", |dump| {
+        db_1(dump)["quarantine"]
             .as_str()
             .is_some_and(|q| q.contains("is claimed by pods shop/db-1, shop/impostor"))
-    };
-    wait_until(CONFIG_WAIT, || Ok(quarantined(&db_1()?)))
-        .unwrap_or_else(|e| panic!("db-1 is not quarantined on node-2: {e}: {:?}", db_1()));
-    let db_1 = db_1().unwrap();
+    })
+    .unwrap();
+    let db_1 = db_1(&mesh.config_dump(&testbed, "node-2").unwrap());
     assert_eq!(db_1["ips"][0], db.ip().to_string(), "{db_1}");
     // Whichever proxy learned of the claim first refused the connection.
     // (Logs are written by a thread of their own: wait for the line.)

@@ -290,6 +290,10 @@ async fn restarting_the_api_server_loses_nothing() {
     blocking(|| {
         mesh.wait_for_dump(&testbed, "node-1", "a pod added after the restart", |d| {
             uids(d, "remote_workloads").contains("shop/cache-1")
+        })?;
+        // Its own node hears of it in its own time.
+        mesh.wait_for_dump(&testbed, "node-2", "a pod added after the restart", |d| {
+            uids(d, "local_workloads").contains("shop/cache-1")
         })
     })
     .unwrap();

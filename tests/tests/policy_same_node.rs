@@ -60,6 +60,9 @@ fn an_allow_policy_holds_for_a_neighbour_on_the_same_node() {
     // (whose endpoints are db-1 here and db-2 on node-2): every attempt is
     // refused, and none of its bytes reach a db.
     wait_for_reach(&testbed, "batch-1", db1, false);
+    // The Service's other endpoint is refused by node-2, which applies the
+    // policy in its own time.
+    wait_for_reach(&testbed, "batch-1", pod_addr(&testbed, "db-2"), false);
     let batch_ip = testbed.pod_ip("batch-1").unwrap();
     let from_batch = || {
         servers
@@ -138,6 +141,8 @@ spec:
 ";
     mesh.write_manifest("policies.yaml", policies).unwrap();
     wait_for_reach(&testbed, "batch-1", db1, false);
+    // The Service may pick db-2, which node-2 guards once it has the change.
+    wait_for_reach(&testbed, "batch-1", pod_addr(&testbed, "db-2"), false);
     assert!(!echoes(&testbed, "batch-1", vip(&testbed)));
     assert!(echoes(&testbed, "web-1", db1));
     let audited = metric(

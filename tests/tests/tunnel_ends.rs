@@ -146,6 +146,41 @@ fn a_reset_on_either_side_reaches_the_other_pod_as_a_reset() {
 }
 
 #[test]
+fn a_connection_a_policy_change_refuses_is_reset_not_ended() {
+    let (testbed, mesh) = cluster();
+    let _echo = testbed
+        .start_echo_server(Target::Pod("server"), 8080)
+        .unwrap();
+    let server_ip = testbed.pod_ip("server").unwrap();
+    let mut stream = testbed
+        .connect(Target::Pod("client"), SocketAddr::from((server_ip, 8080)))
+        .unwrap();
+    assert_eq!(echo_round_trip(&mut stream, b"ping").unwrap(), b"ping");
+    let deny = format!(
+        "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-client, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: DENY
+  rules:
+  - from: {{principals: [\"{CLIENT_ID}\"]}}
+"
+    );
+    mesh.write_manifest("deny.yaml", &deny).unwrap();
+    // The client waits for bytes that will not come: the destination
+    // proxy cuts the connection when it applies the DENY, and the client
+    // must learn that it was cut.
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut byte = [0; 1];
+    assert_eq!(
+        stream.read(&mut byte).map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "the revoked connection did not end with a reset"
+    );
+}
+
+#[test]
 fn the_destination_learns_the_service_and_the_client_and_both_ends_log_one_trace() {
     let (testbed, mesh) = cluster();
     let _echo = testbed

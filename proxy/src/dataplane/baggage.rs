@@ -49,15 +49,23 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
 }
 
 /// `baggage` as far as `peer` can vouch for it: a peer speaks only for its
-/// own namespace (its identity's), so baggage naming another is dropped
-/// whole, and so is baggage naming none.
-pub fn vouched_by(baggage: Baggage, peer: &Identity) -> Option<Baggage> {
+/// own namespace (its identity's), and for the workload the config knows at
+/// its address (`known`), so baggage naming another namespace or workload
+/// is dropped whole, and so is baggage naming no namespace. What is left
+/// (cluster, canonical service and revision) is the peer's word, for the
+/// access log only, never for metric labels.
+pub fn vouched_by(baggage: Baggage, peer: &Identity, known: Option<&Workload>) -> Option<Baggage> {
     let namespace = baggage.namespace.as_deref()?;
-    if namespace != peer.namespace() {
+    let other_workload = match (known, baggage.workload.as_deref()) {
+        (Some(known), Some(claimed)) => claimed != known.workload_name,
+        _ => false,
+    };
+    if namespace != peer.namespace() || other_workload {
         tracing::debug!(
-            claimed = namespace,
+            claimed_namespace = namespace,
+            claimed_workload = baggage.workload.as_deref().unwrap_or(""),
             peer = %peer,
-            "inbound: ignoring baggage that names another namespace than the peer's"
+            "inbound: ignoring baggage that names another namespace or workload than the peer's"
         );
         return None;
     }
@@ -134,13 +142,22 @@ mod tests {
             workload: Some("web".into()),
             ..Baggage::default()
         };
-        assert_eq!(vouched_by(mine.clone(), &peer), Some(mine));
+        assert_eq!(vouched_by(mine.clone(), &peer, None), Some(mine.clone()));
+        let known = workload("web-0", "web", &[]);
+        assert_eq!(vouched_by(mine.clone(), &peer, Some(&known)), Some(mine));
         let theirs = Baggage {
             namespace: Some("bank".into()),
             workload: Some("vault".into()),
             ..Baggage::default()
         };
-        assert_eq!(vouched_by(theirs, &peer), None);
-        assert_eq!(vouched_by(Baggage::default(), &peer), None);
+        assert_eq!(vouched_by(theirs, &peer, None), None);
+        assert_eq!(vouched_by(Baggage::default(), &peer, None), None);
+        // Its own namespace, but another workload than the config knows.
+        let neighbours = Baggage {
+            namespace: Some("shop".into()),
+            workload: Some("payments".into()),
+            ..Baggage::default()
+        };
+        assert_eq!(vouched_by(neighbours, &peer, Some(&known)), None);
     }
 }

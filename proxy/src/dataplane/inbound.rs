@@ -279,18 +279,23 @@ impl InboundHandler for InboundTunnel {
             Ok(registration) => registration,
             Err(decision) => return Err(Refusal::Denied(decision.to_string())),
         };
+        let claimed = super::baggage::vouched_by(
+            request.baggage.clone(),
+            &request.peer_identity,
+            source.as_deref(),
+        );
         let source = Peer {
             workload: source,
             principal: Some(principal),
-            claimed: super::baggage::vouched_by(request.baggage.clone(), &request.peer_identity),
+            claimed,
         };
-        // The Service the client addressed, if the config agrees that it
-        // has this pod behind it (a peer cannot name a Service it did not
-        // reach).
+        // The Service the client says it addressed, if the config agrees
+        // that this pod and port are behind it (a peer can still name
+        // another Service with the same pod and port behind it).
         let service = request
             .service_host
             .as_deref()
-            .and_then(|host| routes.service_with_endpoint(host, request.target.ip()));
+            .and_then(|host| routes.service_with_endpoint(host, request.target));
         let record = ConnectionRecord::open(
             &plane.metrics,
             Direction::Inbound,

@@ -535,7 +535,7 @@ mod tests {
         };
         let view = NodeView::apply(None, &update, "node-1").unwrap().view;
         let table = routes::RouteTable::new(&view);
-        let pod: std::net::IpAddr = "10.244.1.5".parse().unwrap();
+        let pod: std::net::SocketAddr = "10.244.1.5:8080".parse().unwrap();
         assert_eq!(
             table
                 .service_with_endpoint("web.shop.svc.cluster.local", pod)
@@ -547,6 +547,12 @@ mod tests {
             table
                 .service_with_endpoint("web.shop.svc.east.example", pod)
                 .is_some()
+        );
+        // A port the Service does not lead to is not its traffic.
+        let other_port = "10.244.1.5:9090".parse().unwrap();
+        assert_eq!(
+            table.service_with_endpoint("web.shop.svc.cluster.local", other_port),
+            None
         );
         // A Service without this pod, one that does not exist, not a
         // Service hostname at all: none is believed.

@@ -5,15 +5,17 @@
 //! ([`super::gate`]), and the ones now refused (a new DENY, an ALLOW that no
 //! longer matches, STRICT for plaintext) are closed.
 //!
-//! Closing is a `shutdown` of the socket to the pod: both copy directions
-//! end, and the client sees its connection end. The registry holds a
-//! duplicate of that socket's descriptor, so the socket it shuts down is
-//! always the connection's own, never a reused descriptor.
+//! Closing marks the connection revoked and shuts down the socket to the
+//! pod, which wakes the copy; the copy then fails on the mark (see
+//! [`Registration::revoked`]) and aborts both ends, so the client reads a
+//! reset, not the clean end of a transfer that policy cut. The registry
+//! holds a duplicate of that socket's descriptor, so the socket it shuts
+//! down is always the connection's own, never a reused descriptor.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
@@ -33,6 +35,8 @@ struct OpenInbound {
     source: SocketAddr,
     destination: SocketAddr,
     upstream: socket2::Socket,
+    /// Set when a policy change refused the connection.
+    revoked: Arc<AtomicBool>,
 }
 
 /// The open inbound connections.
@@ -46,6 +50,15 @@ pub struct InboundRegistry {
 pub struct Registration {
     registry: Arc<InboundRegistry>,
     id: u64,
+    revoked: Arc<AtomicBool>,
+}
+
+impl Registration {
+    /// Whether a policy change refused the connection: its copy must end
+    /// as a failure, whatever its sockets say.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Registration {
@@ -113,6 +126,7 @@ impl InboundRegistry {
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = Arc::new(AtomicBool::new(false));
         let entry = OpenInbound {
             pod: pod.to_owned(),
             path,
@@ -120,11 +134,13 @@ impl InboundRegistry {
             source,
             destination,
             upstream: duplicate,
+            revoked: revoked.clone(),
         };
         self.open.lock().ok()?.insert(id, entry);
         Some(Registration {
             registry: self.clone(),
             id,
+            revoked,
         })
     }
 
@@ -146,6 +162,7 @@ impl InboundRegistry {
             if decide_again(routes, metrics, &connection.pod, &request, what).allowed() {
                 continue;
             }
+            connection.revoked.store(true, Ordering::Release);
             let _ = connection.upstream.shutdown(Shutdown::Both);
             closed += 1;
         }

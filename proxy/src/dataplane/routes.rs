@@ -416,20 +416,30 @@ impl RouteTable {
 
     /// `host` (`<name>.<namespace>.svc.<domain>`, as a peer's `forwarded`
     /// header names the Service its client addressed) in the form metrics
-    /// use, if that Service exists and has an endpoint at `ip`; `None` for
-    /// any other claim.
-    pub fn service_with_endpoint(&self, host: &str, ip: IpAddr) -> Option<String> {
+    /// use, if that Service exists and has `target` (an address and port)
+    /// behind it; `None` for any other claim.
+    pub fn service_with_endpoint(&self, host: &str, target: SocketAddr) -> Option<String> {
         let mut labels = host.split('.');
         let (name, namespace) = (labels.next()?, labels.next()?);
         if labels.next() != Some("svc") {
             return None;
         }
-        let route = self.services_by_key.get(&format!("{namespace}/{name}"))?;
-        let service = &route.service;
+        let service = &self
+            .services_by_key
+            .get(&format!("{namespace}/{name}"))?
+            .service;
+        let port = target.port();
+        let serves_port = |endpoint: &crate::node_view::Endpoint| {
+            endpoint.ports.values().any(|p| *p == port)
+                || service
+                    .ports
+                    .iter()
+                    .any(|p| p.target_port == port || (p.target_port == 0 && p.port == port))
+        };
         service
             .endpoints
             .iter()
-            .any(|endpoint| endpoint.ip == ip)
+            .any(|endpoint| endpoint.ip == target.ip() && serves_port(endpoint))
             .then(|| hostname(service))
     }
 

@@ -201,9 +201,9 @@ pub struct Peer {
     /// Its verified SPIFFE identity, if any.
     pub principal: Option<String>,
     /// What it said about itself in its baggage, as far as its identity
-    /// vouches for it (inbound tunnels only): names what the config does
-    /// not know, and fills the access log's `src.cluster`, `src.service`
-    /// and `src.revision`.
+    /// vouches for it (inbound tunnels only): the access log's
+    /// `src.cluster`, `src.service` and `src.revision`. Never a metric
+    /// label: a peer's word must not mint label values.
     pub claimed: Option<Baggage>,
 }
 
@@ -214,24 +214,6 @@ impl Peer {
             principal: Some(workload.identity.to_string()),
             workload: Some(workload.clone()),
             claimed: None,
-        }
-    }
-
-    /// The workload's name: the config's, else the vouched-for baggage's.
-    fn workload_name(&self) -> Option<String> {
-        let claimed = || self.claimed.as_ref()?.workload.clone();
-        match &self.workload {
-            Some(workload) => Some(workload.workload_name.clone()),
-            None => claimed(),
-        }
-    }
-
-    /// The namespace: the config's, else the vouched-for baggage's.
-    fn namespace(&self) -> Option<String> {
-        let claimed = || self.claimed.as_ref()?.namespace.clone();
-        match &self.workload {
-            Some(workload) => Some(workload.namespace.clone()),
-            None => claimed(),
         }
     }
 }
@@ -257,8 +239,8 @@ impl ConnectionRecord {
         (target, destination): (SocketAddr, &Peer),
         service: Option<&str>,
     ) -> ConnectionRecord {
-        let name = Peer::workload_name;
-        let namespace = Peer::namespace;
+        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.clone());
+        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.clone());
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {
             reporter: direction.reporter().to_owned(),
@@ -396,6 +378,22 @@ impl<S> Metered<S> {
     pub fn failed(&mut self, error: impl std::fmt::Display) {
         self.error = Some(error.to_string());
     }
+
+    /// Whether a policy change refused the connection since it opened: the
+    /// copy then fails, which aborts both ends.
+    fn revoked(&self) -> bool {
+        self._keep
+            .as_ref()
+            .is_some_and(super::reauthorize::Registration::revoked)
+    }
+}
+
+/// What a copy through a revoked connection fails with.
+fn revoked_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "closed: a policy change refused this open connection",
+    )
 }
 
 impl<S> Drop for Metered<S> {
@@ -415,7 +413,12 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<S> {
         let before = buf.filled().len();
         let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         self.read += (buf.filled().len() - before) as u64;
-        poll
+        match poll {
+            std::task::Poll::Ready(Ok(())) if self.revoked() => {
+                std::task::Poll::Ready(Err(revoked_error()))
+            }
+            poll => poll,
+        }
     }
 }
 
@@ -429,7 +432,12 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<S> {
         if let std::task::Poll::Ready(Ok(n)) = poll {
             self.written += n as u64;
         }
-        poll
+        match poll {
+            std::task::Poll::Ready(Ok(_)) if self.revoked() => {
+                std::task::Poll::Ready(Err(revoked_error()))
+            }
+            poll => poll,
+        }
     }
 
     fn poll_flush(

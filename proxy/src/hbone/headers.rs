@@ -170,9 +170,8 @@ impl Baggage {
         HeaderValue::from_str(&value).ok()
     }
 
-    /// Reads every `baggage` header value: the keys above (any
-    /// `k8s.<kind>.name` for the workload, as Istio's proxies send several
-    /// kinds), trimmed, percent-decoding not attempted (Istio sends names
+    /// Reads every `baggage` header value: the keys above (the workload
+    /// under any of the kinds Istio's proxies send), trimmed, percent-decoding not attempted (Istio sends names
     /// raw), properties after `;` dropped. Unknown keys, empty or unsafe
     /// values and entries past the first [`MAX_BAGGAGE_ENTRIES`] are
     /// ignored; the last occurrence of a key wins.
@@ -199,14 +198,18 @@ impl Baggage {
                 "service.name" => baggage.service = value,
                 "service.version" => baggage.revision = value,
                 _ => {
+                    // The kinds Istio's proxies send for a workload; not
+                    // `k8s.instance.name` (a pod of it), `k8s.node.name`,
+                    // `k8s.container.name` or any other `k8s.*.name`.
                     let kind = match key {
-                        "k8s.deployment.name" => WorkloadKind::Deployment,
+                        "k8s.deployment.name"
+                        | "k8s.statefulset.name"
+                        | "k8s.daemonset.name"
+                        | "k8s.replicaset.name"
+                        | "k8s.workload.name" => WorkloadKind::Deployment,
                         "k8s.cronjob.name" => WorkloadKind::CronJob,
                         "k8s.job.name" => WorkloadKind::Job,
                         "k8s.pod.name" => WorkloadKind::Pod,
-                        _ if key.starts_with("k8s.") && key.ends_with(".name") => {
-                            WorkloadKind::Deployment
-                        }
                         _ => continue,
                     };
                     baggage.workload = value;

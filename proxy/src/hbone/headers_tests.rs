@@ -120,9 +120,45 @@ fn baggage_from_other_senders_is_read_leniently() {
     // Another controller's kind names the workload too.
     let stateful = Baggage::parse([&value("k8s.statefulset.name=db")]);
     assert_eq!(stateful.workload.as_deref(), Some("db"));
+    // Keys that name something else than the workload do not.
+    let others = Baggage::parse([&value(
+        "k8s.deployment.name=web,k8s.instance.name=web-5d4f-x2,k8s.node.name=n1,\
+         k8s.container.name=app,k8s.name=x",
+    )]);
+    assert_eq!(others.workload.as_deref(), Some("web"));
     // Values that could smuggle syntax into logs are dropped.
     let hostile = Baggage::parse([&value("k8s.namespace.name=a\"b,service.name=x y")]);
     assert_eq!(hostile, Baggage::default());
+}
+
+#[test]
+fn baggage_as_istios_proxies_send_it_is_understood() {
+    // ztunnel (istio/ztunnel src/baggage.rs) and Envoy waypoints
+    // (istio/proxy extensions/common/metadata_object.h) write these keys.
+    let ztunnel = value(
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=httpbin,\
+         service.name=httpbin,service.version=v1",
+    );
+    let envoy = value(
+        "k8s.deployment.name=httpbin,k8s.namespace.name=default,k8s.cluster.name=Kubernetes,\
+         service.name=httpbin,service.version=v1,app.name=httpbin,app.version=v1,\
+         k8s.instance.name=httpbin-7b4f9c-x2",
+    );
+    for sent in [ztunnel, envoy] {
+        let parsed = Baggage::parse([&sent]);
+        assert_eq!(
+            parsed,
+            Baggage {
+                cluster: Some("Kubernetes".into()),
+                namespace: Some("default".into()),
+                workload: Some("httpbin".into()),
+                workload_kind: WorkloadKind::Deployment,
+                service: Some("httpbin".into()),
+                revision: Some("v1".into()),
+            },
+            "{sent:?}"
+        );
+    }
 }
 
 #[test]
