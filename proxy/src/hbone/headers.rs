@@ -171,10 +171,10 @@ impl Baggage {
     }
 
     /// Reads every `baggage` header value: the keys above (the workload
-    /// under any of the kinds Istio's proxies send), trimmed, percent-decoding not attempted (Istio sends names
-    /// raw), properties after `;` dropped. Unknown keys, empty or unsafe
-    /// values and entries past the first [`MAX_BAGGAGE_ENTRIES`] are
-    /// ignored; the last occurrence of a key wins.
+    /// under any of the kinds Istio's proxies send), trimmed, without
+    /// percent-decoding (Istio sends names raw), properties after `;`
+    /// dropped. Unknown keys, empty or unsafe values and entries past the
+    /// first 32 are ignored; the last occurrence of a key wins.
     pub fn parse<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Baggage {
         let mut baggage = Baggage::default();
         let entries = values
