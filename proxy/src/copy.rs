@@ -130,9 +130,15 @@ pub trait Abort {
 
 impl Abort for tokio::net::TcpStream {
     fn abort(&mut self) {
-        // Closing a socket that lingers for zero seconds sends a reset.
-        let _ = socket2::SockRef::from(&*self).set_linger(Some(std::time::Duration::ZERO));
+        reset_on_close(self);
     }
+}
+
+/// Makes closing `stream` a reset: its peer learns at once that the
+/// connection was refused or cut, and the close never blocks (a socket that
+/// lingers for zero seconds sends a reset when it is closed).
+pub fn reset_on_close(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// [`copy_bidirectional`], and if it fails, both connections end as

@@ -81,7 +81,7 @@ pub(crate) async fn serve(
             Err(reason) => {
                 rejections.count(name, reason);
                 debug!(%peer, endpoint = name, reason, "too many connections: reset");
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                crate::copy::reset_on_close(&stream);
                 continue;
             }
         };

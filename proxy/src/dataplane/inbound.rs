@@ -86,7 +86,7 @@ async fn accept_tunnel(
                     suppressed, "inbound: too many TLS handshakes; refused"
                 );
             }
-            super::reset(&tcp);
+            crate::copy::reset_on_close(&tcp);
             return;
         }
     };

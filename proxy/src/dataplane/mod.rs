@@ -338,7 +338,7 @@ pub async fn serve_captured<F, Fut>(
                 telemetry::Direction::Inbound
             };
             plane.metrics.failure(direction, "spoofed_address");
-            reset(&stream);
+            crate::copy::reset_on_close(&stream);
             continue;
         }
         let from_outside = (!outbound).then_some(source.ip());
@@ -353,7 +353,7 @@ pub async fn serve_captured<F, Fut>(
                         pod = %pod_key, reason = refused.reason(), suppressed,
                         "refused: a connection limit was reached");
                 }
-                reset(&stream);
+                crate::copy::reset_on_close(&stream);
                 continue;
             }
         };
@@ -369,12 +369,6 @@ pub async fn serve_captured<F, Fut>(
             .instrument(span),
         ));
     }
-}
-
-/// Makes closing `stream` a reset: the client learns at once, and the
-/// close never blocks.
-fn reset(stream: &tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// The next connection a listener should serve; `None` once a new proxy
@@ -398,7 +392,7 @@ pub async fn next_connection(
         match accepted {
             Ok((stream, peer)) if drain.is_draining() => {
                 tracing::debug!(%peer, listener = what, "draining: resetting a new connection");
-                reset(&stream);
+                crate::copy::reset_on_close(&stream);
             }
             Ok(accepted) => {
                 // Small writes back to the pod (a response) must leave at

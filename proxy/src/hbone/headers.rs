@@ -79,11 +79,6 @@ pub fn parse_forwarded(value: &HeaderValue) -> Forwarded {
     forwarded
 }
 
-/// The client address in a `forwarded` header (see [`parse_forwarded`]).
-pub fn parse_forwarded_for(value: &HeaderValue) -> Option<SocketAddr> {
-    parse_forwarded(value).client
-}
-
 fn parse_node(node: &str) -> Option<SocketAddr> {
     if let Ok(addr) = node.parse::<SocketAddr>() {
         return Some(addr);

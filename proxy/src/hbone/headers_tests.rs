@@ -7,14 +7,14 @@ fn value(text: &str) -> HeaderValue {
 }
 
 fn parse(text: &str) -> Option<SocketAddr> {
-    parse_forwarded_for(&HeaderValue::from_str(text).ok()?)
+    parse_forwarded(&HeaderValue::from_str(text).ok()?).client
 }
 
 #[test]
 fn written_forms_read_back() {
     for addr in ["10.0.1.5:43210", "[fd00::5]:80"] {
         let addr: SocketAddr = addr.parse().unwrap();
-        assert_eq!(parse_forwarded_for(&forwarded(addr, None)), Some(addr));
+        assert_eq!(parse_forwarded(&forwarded(addr, None)).client, Some(addr));
         let with_host = forwarded(addr, Some("web.shop.svc.cluster.local"));
         assert_eq!(
             parse_forwarded(&with_host),

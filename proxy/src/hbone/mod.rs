@@ -33,7 +33,6 @@ pub use client::{EarlyData, HboneRequest};
 pub use error::HboneError;
 pub use headers::{
     BAGGAGE, Baggage, Forwarded, TRACEPARENT, TraceParent, WorkloadKind, parse_forwarded,
-    parse_forwarded_for,
 };
 pub use key_exchange::KeyExchangeMetrics;
 pub use pool::{Dialer, HbonePool, PoolConfig, direct_dialer};
