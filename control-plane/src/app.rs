@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::info;
+use tracing::{error, info};
 use weft_api::v1 as pb;
 use weft_certs::{Identity, MeshCa, SigningPolicy};
 
@@ -18,6 +18,7 @@ use crate::Error;
 use crate::cluster::ClusterState;
 use crate::config::{ControlPlaneConfig, Source};
 use crate::config_stream::ConfigStreamService;
+use crate::fanout::Published;
 use crate::grpc_connections::{GrpcBounds, tls_connections};
 use crate::kubernetes::{self, TokenReviewer};
 use crate::listeners::Rejections;
@@ -54,7 +55,7 @@ fn bring_your_own_ca(config: &ControlPlaneConfig) -> Result<Option<MeshCa>, Erro
 struct Backing {
     ca: MeshCa,
     auth: NodeAuthenticator,
-    cluster: watch::Receiver<ClusterState>,
+    cluster: watch::Receiver<Arc<ClusterState>>,
     problems: watch::Receiver<Vec<ManifestProblem>>,
 }
 
@@ -213,22 +214,31 @@ pub async fn run_on(
     let cluster_for_pages = cluster.clone();
     let mesh_namespace = config.namespace.clone();
     let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone(), &mesh_namespace);
-    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(Published::first(initial)));
+    let keep = config.config_history;
     // This task owns the only sender of the mesh: when it ends, every config
     // stream sees the channel close and finishes, which lets the gRPC server
-    // drain instead of waiting on streams that never end.
+    // drain instead of waiting on streams that never end. The work itself
+    // runs on a blocking thread: the async workers answer the proxies'
+    // keepalives and serve their streams meanwhile.
     let derive = tokio::spawn(async move {
         while cluster.changed().await.is_ok() {
             let state = cluster.borrow_and_update().clone();
-            let mut mesh = Mesh::derive(&state, trust.clone(), &mesh_namespace);
-            mesh.continue_uninstall(&mesh_tx.borrow(), &state, &mesh_namespace);
-            mesh_tx.send_if_modified(|current| {
-                let changed = **current != mesh;
-                if changed {
-                    *current = Arc::new(mesh);
+            let previous = mesh_tx.borrow().clone();
+            let (trust, mesh_namespace) = (trust.clone(), mesh_namespace.clone());
+            let next = tokio::task::spawn_blocking(move || {
+                let mut mesh = Mesh::derive(&state, trust, &mesh_namespace);
+                mesh.continue_uninstall(&previous.mesh, &state, &mesh_namespace);
+                previous.next(mesh, keep)
+            })
+            .await;
+            match next {
+                Ok(Some(next)) => {
+                    mesh_tx.send_replace(Arc::new(next));
                 }
-                changed
-            });
+                Ok(None) => {}
+                Err(error) => error!(%error, "deriving the mesh failed; keeping the last one"),
+            }
         }
     });
 
@@ -275,7 +285,8 @@ pub async fn run_on(
         nodes.clone(),
         config.max_config_message_bytes,
     )
-    .with_max_streams_per_node(config.limits.max_config_streams_per_node);
+    .with_max_streams_per_node(config.limits.max_config_streams_per_node)
+    .with_max_full_states(config.max_concurrent_full_states);
     let signing_service = SigningService::new(ca, mesh_rx, auth, nodes).waiting_for_pods(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,

@@ -212,6 +212,17 @@ impl ClusterState {
     }
 }
 
+/// The objects of `map` (keyed `<namespace>/<name>`) in `namespace`: a
+/// range of the sorted keys, so looking at one namespace costs in
+/// proportion to it, not to the cluster.
+pub fn in_namespace<'a, T>(
+    map: &'a BTreeMap<ObjectKey, T>,
+    namespace: &str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> {
+    // '0' follows '/' in ASCII: the range holds exactly "<namespace>/...".
+    map.range(format!("{namespace}/")..format!("{namespace}0"))
+}
+
 #[cfg(test)]
 impl ClusterState {
     /// The objects of a multi-document YAML text; panics on a bad one.

@@ -133,6 +133,18 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_config_message_bytes: usize,
 
+    /// Mesh changes kept for config streams that fall behind (a slow
+    /// proxy, a burst of changes): a stream catches up through them by the
+    /// keys that changed; one further behind is sent a full state again.
+    #[arg(long, env = "WEFT_CONFIG_HISTORY", default_value_t = 1024)]
+    pub config_history: usize,
+
+    /// Full states built or waiting for gRPC at once. Each is as large as
+    /// the cluster (about 220 bytes per pod); proxies beyond this wait their
+    /// turn, so a thousand reconnecting together cannot hold a thousand.
+    #[arg(long, env = "WEFT_MAX_CONCURRENT_FULL_STATES", default_value_t = 16)]
+    pub max_concurrent_full_states: usize,
+
     /// After SIGTERM, how long this replica serves on, new connections
     /// included, before it closes its config streams (the proxies reconnect
     /// to another replica) and stops once its certificate requests are

@@ -1,41 +1,46 @@
 //! The `NodeConfig` service: one stream per node proxy, full state first,
 //! then deltas as the mesh changes, each acknowledged or refused.
 //!
-//! Every stream follows the mesh through a `watch` channel, so a burst of
-//! changes while a proxy is slow coalesces into one delta: the stream always
-//! moves from the view it last sent to the newest view.
+//! Every stream follows the published mesh through a `watch` channel, so a
+//! burst of changes while a proxy is slow coalesces into one delta: the
+//! stream always moves from the mesh it last sent to the newest, reading only
+//! the keys that changed in between ([`crate::fanout`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
-use crate::mesh::Mesh;
+use crate::fanout::{NodeFeed, Published};
 use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
-use crate::view::NodeView;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Updates queued per stream before the stream waits for the proxy.
-const STREAM_BUFFER: usize = 4;
+/// Updates queued per stream before the stream waits for the proxy: one,
+/// so that a stream knows when gRPC took its full state (see
+/// [`ConfigStreamService::with_max_full_states`]), and a slow proxy's
+/// changes coalesce here rather than queue.
+const STREAM_BUFFER: usize = 1;
 
 /// The config stream service.
 #[derive(Clone)]
 pub struct ConfigStreamService {
-    mesh: watch::Receiver<Arc<Mesh>>,
+    mesh: watch::Receiver<Arc<Published>>,
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
     max_message_bytes: usize,
     /// Open streams one node may hold (see `--max-config-streams-per-node`).
     max_streams_per_node: u32,
+    /// Full states being built or handed to gRPC at once.
+    full_states: Arc<Semaphore>,
 }
 
 impl ConfigStreamService {
@@ -43,7 +48,7 @@ impl ConfigStreamService {
     /// in messages of at most `max_message_bytes` (the server's encoding
     /// limit, which this service only reports on).
     pub fn new(
-        mesh: watch::Receiver<Arc<Mesh>>,
+        mesh: watch::Receiver<Arc<Published>>,
         auth: Arc<NodeAuthenticator>,
         registry: Arc<NodeRegistry>,
         max_message_bytes: usize,
@@ -54,7 +59,16 @@ impl ConfigStreamService {
             registry,
             max_message_bytes,
             max_streams_per_node: u32::MAX,
+            full_states: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
+    }
+
+    /// At most `max` full states built or waiting for gRPC at once: each
+    /// is as large as the cluster, and a thousand proxies reconnecting
+    /// together must not hold a thousand of them.
+    pub fn with_max_full_states(mut self, max: usize) -> ConfigStreamService {
+        self.full_states = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
+        self
     }
 
     /// At most `max` open streams per node: each holds the node's whole
@@ -100,6 +114,7 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
             max_message_bytes: self.max_message_bytes,
             mesh: self.mesh.clone(),
             registry: self.registry.clone(),
+            full_states: self.full_states.clone(),
             updates,
         };
         if !self.registry.connected(
@@ -122,33 +137,45 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
 struct NodeStream {
     node: String,
     max_message_bytes: usize,
-    mesh: watch::Receiver<Arc<Mesh>>,
+    mesh: watch::Receiver<Arc<Published>>,
     registry: Arc<NodeRegistry>,
+    full_states: Arc<Semaphore>,
     updates: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
 }
 
 impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<pb::ProxyMessage>) {
         info!("proxy connected");
-        let mesh = self.mesh.borrow_and_update().clone();
-        let mut view = NodeView::of(&mesh, &self.node);
         let mut version = 1;
-        if self.send(view.full_update(version)).await {
+        let permit = self.full_states.clone().acquire_owned().await;
+        let published = self.mesh.borrow_and_update().clone();
+        let (mut feed, full) = NodeFeed::start(&self.node, &published, version);
+        drop(published);
+        let sent = permit.is_ok() && self.send_full(full).await;
+        drop(permit);
+        if sent {
             loop {
                 tokio::select! {
                     changed = self.mesh.changed() => {
                         if changed.is_err() {
                             break; // the control plane is shutting down
                         }
-                        let mesh = self.mesh.borrow_and_update().clone();
-                        let next = NodeView::of(&mesh, &self.node);
-                        if let Some(delta) = view.delta_to(&next, version + 1) {
-                            version += 1;
-                            if !self.send(delta).await {
-                                break;
-                            }
+                        let published = self.mesh.borrow_and_update().clone();
+                        let Some(update) = feed.update(&published, version + 1) else {
+                            continue;
+                        };
+                        drop(published);
+                        version += 1;
+                        let sent = if update.full_state {
+                            // Behind the kept changes: the full state waits its turn.
+                            let _permit = self.full_states.clone().acquire_owned().await;
+                            self.send_full(update).await
+                        } else {
+                            self.send(update).await
+                        };
+                        if !sent {
+                            break;
                         }
-                        view = next;
                     }
                     message = inbound.message() => match message {
                         Ok(Some(message)) => self.on_message(message),
@@ -163,6 +190,16 @@ impl NodeStream {
         }
         self.registry.disconnected(&self.node);
         info!("proxy disconnected");
+    }
+
+    /// Sends a full state and waits until gRPC has taken it (the caller
+    /// holds a full-state permit until then); whether the proxy is there.
+    async fn send_full(&self, full: pb::ConfigUpdate) -> bool {
+        if !self.send(full).await {
+            return false;
+        }
+        // The channel holds one message: room again means gRPC took it.
+        self.updates.reserve().await.is_ok()
     }
 
     async fn send(&self, update: pb::ConfigUpdate) -> bool {

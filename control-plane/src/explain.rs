@@ -34,7 +34,7 @@ pub async fn load_cluster(config: &ControlPlaneConfig) -> Result<ClusterState, E
             let client = crate::kubernetes::connect().await?;
             let errors = prometheus_client::metrics::counter::Counter::default();
             let state = crate::kubernetes::watch_cluster(client, &config.namespace, errors).await;
-            let cluster = state.borrow().clone();
+            let cluster = ClusterState::clone(&state.borrow());
             Ok(cluster)
         }
     }

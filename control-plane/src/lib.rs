@@ -1,11 +1,13 @@
 //! The weft control plane: turns cluster state into what each node proxy
 //! needs, streams it, and is the only party that vouches for identities.
 //!
-//! Data flows one way: a source (today the local manifests directory,
-//! [`manifests`]) produces a [`cluster::ClusterState`]; [`mesh::Mesh::derive`]
-//! turns it into workloads and services; each proxy's stream
-//! ([`config_stream`]) cuts its node's [`view::NodeView`] out of the mesh and
-//! sends the difference to what it sent before. [`signing`] signs CSRs for
+//! Data flows one way: a source (the local manifests directory,
+//! [`manifests`], or the API server, [`kubernetes`]) produces a
+//! [`cluster::ClusterState`]; [`mesh::Mesh::derive`] turns it into workloads
+//! and services, off the async workers; [`fanout`] computes once what
+//! changed and publishes it beside the mesh; each proxy's stream
+//! ([`config_stream`]) sends its node's share of that change, as
+//! [`view::NodeView`] defines what a node sees. [`signing`] signs CSRs for
 //! identities that run on the caller's node. Start reading at [`app::run`].
 //!
 //! Not here: the node proxy (crate `weft-proxy`), certificate mechanics
@@ -18,6 +20,7 @@ pub mod config_stream;
 pub mod crd;
 mod error;
 pub mod explain;
+pub mod fanout;
 pub mod grpc_connections;
 pub mod kubernetes;
 pub mod listeners;

@@ -7,8 +7,9 @@
 //! file's last good objects stay in force and the problem is reported with the
 //! file name, document index and reason. Other files are unaffected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -72,36 +73,57 @@ impl ManifestDir {
             path: self.dir.clone(),
             source,
         })?;
-        let mut present = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let is_yaml = path
-                .extension()
-                .is_some_and(|ext| ext == "yaml" || ext == "yml");
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
-            if is_yaml && !hidden && path.is_file() {
-                present.push(path);
-            }
-        }
+        let present: BTreeSet<PathBuf> = entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| is_manifest(path))
+            .collect();
         self.files.retain(|path, _| present.contains(path));
         self.problems.retain(|path, _| present.contains(path));
         self.ignored.retain(|path, _| present.contains(path));
         for path in present {
-            match read_file(&path) {
-                Ok((objects, ignored)) => {
-                    self.problems.remove(&path);
-                    self.ignored.insert(path.clone(), ignored);
-                    self.files.insert(path, objects);
-                }
-                Err(problems) => {
-                    for problem in &problems {
-                        warn!(%problem, "manifest refused; keeping the file's last good objects");
-                    }
-                    self.problems.insert(path, problems);
-                }
+            self.read(path);
+        }
+        Ok(())
+    }
+
+    /// Re-reads just `paths` (those a change event named): each is read
+    /// again, or forgotten if it is gone or no manifest. A change to one
+    /// file of thousands costs that file. A path outside the directory
+    /// means the event was not about its files: everything is read again.
+    pub fn reload_files(&mut self, paths: &BTreeSet<PathBuf>) -> Result<(), Error> {
+        if paths
+            .iter()
+            .any(|path| path.parent() != Some(self.dir.as_path()))
+        {
+            return self.reload();
+        }
+        for path in paths {
+            if is_manifest(path) {
+                self.read(path.clone());
+            } else {
+                self.files.remove(path);
+                self.problems.remove(path);
+                self.ignored.remove(path);
             }
         }
         Ok(())
+    }
+
+    fn read(&mut self, path: PathBuf) {
+        match read_file(&path) {
+            Ok((objects, ignored)) => {
+                self.problems.remove(&path);
+                self.ignored.insert(path.clone(), ignored);
+                self.files.insert(path, objects);
+            }
+            Err(problems) => {
+                for problem in &problems {
+                    warn!(%problem, "manifest refused; keeping the file's last good objects");
+                }
+                self.problems.insert(path, problems);
+            }
+        }
     }
 
     /// The cluster as the good objects of all files describe it. When two
@@ -131,7 +153,19 @@ impl ManifestDir {
     }
 }
 
-/// Reads one file into objects, or every problem that stops it.
+/// Whether `path` is a file the directory's cluster is read from: a
+/// `*.yaml` or `*.yml` file that is not hidden (editors and atomic writers
+/// keep their temporary files hidden).
+fn is_manifest(path: &Path) -> bool {
+    let is_yaml = path
+        .extension()
+        .is_some_and(|ext| ext == "yaml" || ext == "yml");
+    let hidden = path
+        .file_name()
+        .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+    is_yaml && !hidden && path.is_file()
+}
+
 /// The objects of one file and notes on the documents it skipped (kinds
 /// weft does not use), or every problem that refuses the file.
 type FileObjects = (Vec<ClusterObject>, Vec<ManifestProblem>);
@@ -256,6 +290,9 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
     serde_saphyr::from_multiple::<Value>(text).map_err(|e| format!("invalid YAML: {e}"))
 }
 
+/// The current problems of a watched directory.
+pub type ProblemsReceiver = watch::Receiver<Vec<ManifestProblem>>;
+
 /// Watches `dir` and publishes a new [`ClusterState`] after every change.
 /// Returns the receiver of states (the first one already read) and of the
 /// current problems; counts each re-read in `reloads`. The watcher runs
@@ -263,28 +300,25 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
 pub fn watch_dir(
     dir: &Path,
     reloads: prometheus_client::metrics::counter::Counter,
-) -> Result<
-    (
-        watch::Receiver<ClusterState>,
-        watch::Receiver<Vec<ManifestProblem>>,
-    ),
-    Error,
-> {
+) -> Result<(watch::Receiver<Arc<ClusterState>>, ProblemsReceiver), Error> {
     let mut source = ManifestDir::new(dir);
     source.reload()?;
     info!(dir = %dir.display(), files = source.files.len(), "read local manifests");
-    let (state_tx, state_rx) = watch::channel(source.state());
+    let (state_tx, state_rx) = watch::channel(Arc::new(source.state()));
     let (problems_tx, problems_rx) = watch::channel(source.notes());
 
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    // Each event names the files it is about; `None` when it cannot (the
+    // kernel's queue overflowed, or an event without paths): read them all.
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reads (ours included) are not changes; reacting to them would make
-        // every reload trigger the next.
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-        {
-            let _ = event_tx.send(());
-        }
+        let paths = match event {
+            // Reads (ours included) are not changes; reacting to them would
+            // make every reload trigger the next.
+            Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+            Ok(event) if !event.need_rescan() && !event.paths.is_empty() => Some(event.paths),
+            Ok(_) | Err(_) => None,
+        };
+        let _ = event_tx.send(paths);
     })
     .map_err(|source| Error::WatchManifests {
         path: dir.to_owned(),
@@ -299,12 +333,34 @@ pub fn watch_dir(
 
     tokio::spawn(async move {
         let _watcher = watcher; // dropping it stops the watch
-        while event_rx.recv().await.is_some() {
+        while let Some(first) = event_rx.recv().await {
             // Coalesce a burst of events into one reload.
             tokio::time::sleep(SETTLE).await;
-            while event_rx.try_recv().is_ok() {}
+            let mut changed: Option<BTreeSet<PathBuf>> = first.map(BTreeSet::from_iter);
+            while let Ok(paths) = event_rx.try_recv() {
+                changed = changed.zip(paths).map(|(mut all, more)| {
+                    all.extend(more);
+                    all
+                });
+            }
             reloads.inc();
-            if let Err(error) = source.reload() {
+            // Reading and parsing files, and copying the cluster out, cost
+            // in proportion to them: not on the async workers, which answer
+            // the proxies meanwhile.
+            let read = tokio::task::spawn_blocking(move || {
+                let read = match &changed {
+                    Some(paths) => source.reload_files(paths),
+                    None => source.reload(),
+                };
+                let state = read.is_ok().then(|| source.state());
+                (source, read, state)
+            })
+            .await;
+            let Ok((returned, read, state)) = read else {
+                break; // the runtime is shutting down
+            };
+            source = returned;
+            if let Err(error) = read {
                 warn!(%error, "re-reading manifests failed; keeping the last state");
                 continue;
             }
@@ -314,7 +370,9 @@ pub fn watch_dir(
                 *current = problems;
                 changed
             });
-            if state_tx.send(source.state()).is_err() {
+            if let Some(state) = state
+                && state_tx.send(Arc::new(state)).is_err()
+            {
                 break;
             }
         }

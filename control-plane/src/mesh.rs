@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::v1 as pb;
 use weft_certs::Identity;
 
-use crate::cluster::{ClusterState, MIRROR_POD_ANNOTATION};
+use crate::cluster::{ClusterState, MIRROR_POD_ANNOTATION, in_namespace};
 use crate::policy;
 
 /// The label that turns the mesh on for a namespace, or on or off for a pod.
@@ -393,17 +393,15 @@ fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
     }
     vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
 
-    let slices: Vec<_> = cluster
-        .endpoint_slices
-        .values()
+    let slices: Vec<_> = in_namespace(&cluster.endpoint_slices, &namespace)
+        .map(|(_, slice)| slice)
         .filter(|slice| {
-            slice.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|svc| svc == &name)
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .is_some_and(|svc| svc == &name)
         })
         .collect();
 

@@ -31,7 +31,7 @@ pub struct Monitoring {
     /// The configuration, as shown at start.
     pub config_json: String,
     /// The cluster as the source holds it, for the policies' conditions.
-    pub cluster: watch::Receiver<ClusterState>,
+    pub cluster: watch::Receiver<Arc<ClusterState>>,
     /// The control plane's namespace (mesh-wide policies live there).
     pub mesh_namespace: String,
     /// True once this replica is shutting down: `/ready` says so.

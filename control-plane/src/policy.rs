@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use weft_api::v1 as pb;
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, in_namespace};
 use crate::crd::{Action, AuthorizationPolicy, MtlsMode, MtlsPolicy, WorkloadSelector};
 
 /// Whether a policy in `policy_namespace` with `selector` applies to a pod in
@@ -93,7 +93,11 @@ impl AuthorizationPolicies {
         labels: &BTreeMap<String, String>,
     ) -> Applicable {
         let mut applicable = Applicable::default();
-        for (key, policy) in &cluster.authorization_policies {
+        // Only its own namespace's policies and the mesh-wide ones can reach a pod.
+        let own = in_namespace(&cluster.authorization_policies, namespace);
+        let mesh_wide = (namespace != self.mesh_namespace)
+            .then(|| in_namespace(&cluster.authorization_policies, &self.mesh_namespace));
+        for (key, policy) in own.chain(mesh_wide.into_iter().flatten()) {
             let reaches = applies(
                 &self.mesh_namespace,
                 policy.metadata.namespace.as_deref().unwrap_or(""),
@@ -112,6 +116,8 @@ impl AuthorizationPolicies {
             }
             applicable.keys.push(key.clone());
         }
+        applicable.keys.sort();
+        applicable.invalid.sort();
         applicable
     }
 }
@@ -146,9 +152,11 @@ pub fn mtls_mode_of(
         })
     };
     // Highest rank first, then STRICT, then the first name.
-    let best = cluster
-        .mtls_policies
-        .iter()
+    let own = in_namespace(&cluster.mtls_policies, namespace);
+    let mesh_wide =
+        (namespace != mesh_namespace).then(|| in_namespace(&cluster.mtls_policies, mesh_namespace));
+    let best = own
+        .chain(mesh_wide.into_iter().flatten())
         .filter_map(|(key, policy)| Some((rank(policy)?, policy.spec.mode, key)))
         .min_by_key(|(rank, mode, key)| (Reverse(*rank), Reverse(*mode == MtlsMode::Strict), *key));
     match best {

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use weft_api::v1 as pb;
 use weft_certs::{Identity, MeshCa};
 
+use crate::fanout::Published;
 use crate::mesh::Mesh;
 use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
@@ -25,7 +26,7 @@ use crate::registry::NodeRegistry;
 /// The signing service.
 pub struct SigningService {
     ca: Arc<MeshCa>,
-    mesh: watch::Receiver<Arc<Mesh>>,
+    mesh: watch::Receiver<Arc<Published>>,
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
     /// How long a request waits for its pod to show up.
@@ -38,7 +39,7 @@ impl SigningService {
     /// A service signing with `ca` for the pods `mesh` places on each node.
     pub fn new(
         ca: Arc<MeshCa>,
-        mesh: watch::Receiver<Arc<Mesh>>,
+        mesh: watch::Receiver<Arc<Published>>,
         auth: Arc<NodeAuthenticator>,
         registry: Arc<NodeRegistry>,
     ) -> SigningService {
@@ -63,7 +64,7 @@ impl SigningService {
     /// Whether `node` runs a meshed pod of `identity` with an IP, waiting
     /// for it (see the module's doc) if it does not yet; the mesh then.
     async fn pod_on_node(&self, node: &str, identity: &Identity) -> (bool, Arc<Mesh>) {
-        let mesh = self.mesh.borrow().clone();
+        let mesh = self.mesh.borrow().mesh.clone();
         let runs = mesh.node_runs(node, identity);
         if runs || self.pod_wait.is_zero() {
             return (runs, mesh);
@@ -73,10 +74,10 @@ impl SigningService {
         };
         let _counted = self.registry.waiting_for_pod();
         let mut changes = self.mesh.clone();
-        let seen = changes.wait_for(|mesh| mesh.node_runs(node, identity));
+        let seen = changes.wait_for(|published| published.mesh.node_runs(node, identity));
         match tokio::time::timeout(self.pod_wait, seen).await {
-            Ok(Ok(mesh)) => (true, mesh.clone()),
-            _ => (false, self.mesh.borrow().clone()),
+            Ok(Ok(published)) => (true, published.mesh.clone()),
+            _ => (false, self.mesh.borrow().mesh.clone()),
         }
     }
 

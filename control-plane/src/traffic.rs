@@ -13,7 +13,7 @@
 
 use weft_api::v1 as pb;
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, in_namespace};
 use crate::crd::{LoadBalancingMode, TrafficPolicy, parse_duration};
 
 /// The key (`<namespace>/<name>`), object and wire form of the valid policy
@@ -23,13 +23,8 @@ pub fn winning_policy<'a>(
     namespace: &str,
     name: &str,
 ) -> Option<(&'a str, &'a TrafficPolicy, pb::TrafficPolicy)> {
-    cluster
-        .traffic_policies
-        .iter()
-        .filter(|(_, policy)| {
-            policy.metadata.namespace.as_deref().unwrap_or("") == namespace
-                && policy.spec.service == name
-        })
+    in_namespace(&cluster.traffic_policies, namespace)
+        .filter(|(_, policy)| policy.spec.service == name)
         .filter_map(|(key, policy)| Some((key, policy, to_wire(key, namespace, policy).ok()?)))
         .min_by(|(a_key, a, _), (b_key, b, _)| {
             let created = |p: &TrafficPolicy| {

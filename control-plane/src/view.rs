@@ -1,5 +1,7 @@
 //! A node's view of the mesh: what one node proxy needs, and the difference
-//! between two views as the delta the proxy receives.
+//! between two views. This is the definition of what each node sees; the
+//! streams do not build whole views per change ([`crate::fanout`] sends the
+//! same result by keys), the tests compare against it.
 //!
 //! A node gets its own pods in full (labels included, for policy), the pods
 //! of other nodes without labels (a source proxy needs where and who, not
@@ -53,16 +55,8 @@ impl NodeView {
                 }
                 view.local.insert(uid.clone(), workload.workload.clone());
             } else {
-                // How a pod is selected and protected matters only where it runs.
-                let remote = pb::Workload {
-                    labels: Default::default(),
-                    authorization_policies: Vec::new(),
-                    probe_ports: Vec::new(),
-                    mtls_mode: pb::MtlsMode::Permissive as i32,
-                    mtls_policy: String::new(),
-                    ..workload.workload.clone()
-                };
-                view.remote.insert(uid.clone(), remote);
+                view.remote
+                    .insert(uid.clone(), remote_form(&workload.workload));
             }
         }
         view
@@ -126,7 +120,23 @@ impl NodeView {
     }
 }
 
-fn meshed_namespaces(names: &std::collections::BTreeSet<String>) -> pb::MeshedNamespaces {
+/// A workload as other nodes see it: how a pod is selected and protected
+/// matters only where it runs.
+pub(crate) fn remote_form(workload: &pb::Workload) -> pb::Workload {
+    pb::Workload {
+        labels: Default::default(),
+        authorization_policies: Vec::new(),
+        invalid_authorization_policies: Vec::new(),
+        probe_ports: Vec::new(),
+        mtls_mode: pb::MtlsMode::Permissive as i32,
+        mtls_policy: String::new(),
+        ..workload.clone()
+    }
+}
+
+pub(crate) fn meshed_namespaces(
+    names: &std::collections::BTreeSet<String>,
+) -> pb::MeshedNamespaces {
     pb::MeshedNamespaces {
         names: names.iter().cloned().collect(),
     }

@@ -14,6 +14,7 @@
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -142,7 +143,7 @@ pub async fn watch_cluster(
     client: kube::Client,
     mesh_namespace: &str,
     watch_errors: Counter,
-) -> watch::Receiver<ClusterState> {
+) -> watch::Receiver<Arc<ClusterState>> {
     let (tick_tx, mut ticks) = mpsc::unbounded_channel();
     let all = watcher::Config::default();
     let node_proxies =
@@ -165,7 +166,7 @@ pub async fn watch_cluster(
     };
     drop(tick_tx);
     stores.wait_until_ready().await;
-    let first = stores.snapshot();
+    let first = Arc::new(stores.snapshot());
     info!(
         namespaces = first.namespaces.len(),
         pods = first.pods.len(),
@@ -177,7 +178,13 @@ pub async fn watch_cluster(
         while ticks.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
             while ticks.try_recv().is_ok() {}
-            if state_tx.send(stores.snapshot()).is_err() {
+            // Copying the stores costs in proportion to the cluster: not on
+            // the async workers, which answer the proxies meanwhile.
+            let copy = stores.clone();
+            let Ok(state) = tokio::task::spawn_blocking(move || copy.snapshot()).await else {
+                break; // the runtime is shutting down
+            };
+            if state_tx.send(Arc::new(state)).is_err() {
                 break;
             }
         }

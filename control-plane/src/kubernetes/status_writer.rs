@@ -5,6 +5,7 @@
 //! not cause more writes.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -23,7 +24,7 @@ const FIELD_MANAGER: &str = "weft-control-plane";
 /// says this replica holds the Lease. Runs until `cluster` closes.
 pub async fn write_statuses(
     client: kube::Client,
-    mut cluster: watch::Receiver<ClusterState>,
+    mut cluster: watch::Receiver<Arc<ClusterState>>,
     mut leader: watch::Receiver<bool>,
     mesh_namespace: String,
 ) {

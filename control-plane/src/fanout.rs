@@ -1,0 +1,397 @@
+//! How one change of the mesh reaches every node's stream without each
+//! stream looking at the whole mesh: the control plane computes what changed
+//! once per new mesh ([`MeshChange::between`]) and publishes it beside the
+//! mesh ([`Published`]); each stream reads only the keys that changed and
+//! holds only what is its own: its node's pods and their policies
+//! ([`NodeFeed`]).
+//!
+//! What each node sees is defined by [`crate::view::NodeView`]; a feed's
+//! deltas, applied in order, give exactly that view of the newest mesh
+//! (the tests check it over random changes). The cost of a change is the
+//! diff (once, in proportion to the cluster today) plus, per stream, the
+//! changed keys; a stream's memory is its own pods, not the cluster.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use weft_api::v1 as pb;
+
+use crate::mesh::Mesh;
+use crate::view::{meshed_namespaces, remote_form};
+
+/// How a workload changed from one mesh to the next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadChange {
+    /// Its node before, `None` when it is new.
+    pub before: Option<String>,
+    /// Its node after, `None` when it is gone.
+    pub after: Option<String>,
+    /// Whether what other nodes see of it (its remote form) changed; a
+    /// label change alone does not.
+    pub remote: bool,
+}
+
+/// What changed from one mesh to the next, by key. A keyed entry of
+/// services and policies says whether the key existed before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshChange {
+    /// Changed, added and removed workloads by uid.
+    pub workloads: BTreeMap<String, WorkloadChange>,
+    /// Changed services, with whether each existed before.
+    pub services: BTreeMap<String, bool>,
+    /// Changed AuthorizationPolicies, with whether each existed before.
+    pub authorization_policies: BTreeMap<String, bool>,
+    /// The trust bundle changed.
+    pub trust: bool,
+    /// The uninstall announcement changed.
+    pub uninstalling: bool,
+    /// The set of meshed namespaces changed.
+    pub meshed_namespaces: bool,
+}
+
+impl MeshChange {
+    /// What turns `old` into `new`.
+    pub fn between(old: &Mesh, new: &Mesh) -> MeshChange {
+        let mut workloads = BTreeMap::new();
+        for (uid, after) in &new.workloads {
+            let change = match old.workloads.get(uid) {
+                Some(before) if before.workload == after.workload => continue,
+                Some(before) => WorkloadChange {
+                    before: Some(before.workload.node.clone()),
+                    after: Some(after.workload.node.clone()),
+                    remote: remote_form(&before.workload) != remote_form(&after.workload),
+                },
+                None => WorkloadChange {
+                    before: None,
+                    after: Some(after.workload.node.clone()),
+                    remote: true,
+                },
+            };
+            workloads.insert(uid.clone(), change);
+        }
+        for (uid, before) in &old.workloads {
+            if !new.workloads.contains_key(uid) {
+                let change = WorkloadChange {
+                    before: Some(before.workload.node.clone()),
+                    after: None,
+                    remote: true,
+                };
+                workloads.insert(uid.clone(), change);
+            }
+        }
+        MeshChange {
+            workloads,
+            services: changed_keys(&old.services, &new.services),
+            authorization_policies: changed_keys(
+                &old.authorization_policies,
+                &new.authorization_policies,
+            ),
+            trust: old.trust != new.trust,
+            uninstalling: old.uninstalling != new.uninstalling,
+            meshed_namespaces: old.meshed_namespaces != new.meshed_namespaces,
+        }
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.workloads.is_empty()
+            && self.services.is_empty()
+            && self.authorization_policies.is_empty()
+            && !self.trust
+            && !self.uninstalling
+            && !self.meshed_namespaces
+    }
+}
+
+/// Keys whose values differ between `old` and `new`, with whether each was
+/// in `old`.
+fn changed_keys<T: PartialEq>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+) -> BTreeMap<String, bool> {
+    let mut changed: BTreeMap<String, bool> = new
+        .iter()
+        .filter(|(key, value)| old.get(*key) != Some(value))
+        .map(|(key, _)| (key.clone(), old.contains_key(key)))
+        .collect();
+    for key in old.keys().filter(|key| !new.contains_key(*key)) {
+        changed.insert(key.clone(), true);
+    }
+    changed
+}
+
+/// A mesh as the streams follow it: numbered, with the changes that led to
+/// it, so a stream that slept through several versions catches up by keys.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Counts meshes from 1; not the version a proxy is sent (each stream
+    /// numbers its own messages).
+    pub version: u64,
+    /// The mesh.
+    pub mesh: Arc<Mesh>,
+    /// The change that produced each of the last versions, newest last.
+    history: VecDeque<(u64, Arc<MeshChange>)>,
+}
+
+impl Published {
+    /// The first mesh.
+    pub fn first(mesh: Mesh) -> Published {
+        Published {
+            version: 1,
+            mesh: Arc::new(mesh),
+            history: VecDeque::new(),
+        }
+    }
+
+    /// `mesh` as the version after this one, keeping the last `keep`
+    /// changes; `None` when nothing changed.
+    pub fn next(&self, mesh: Mesh, keep: usize) -> Option<Published> {
+        let change = MeshChange::between(&self.mesh, &mesh);
+        if change.is_empty() {
+            return None;
+        }
+        let version = self.version + 1;
+        let mut history = self.history.clone();
+        history.push_back((version, Arc::new(change)));
+        while history.len() > keep.max(1) {
+            history.pop_front();
+        }
+        Some(Published {
+            version,
+            mesh: Arc::new(mesh),
+            history,
+        })
+    }
+
+    /// The changes after `version` up to this one, oldest first; `None` when
+    /// some of them are no longer kept.
+    pub fn changes_since(&self, version: u64) -> Option<Vec<&MeshChange>> {
+        if version >= self.version {
+            return Some(Vec::new());
+        }
+        let oldest = self.history.front().map_or(self.version + 1, |(v, _)| *v);
+        if version + 1 < oldest {
+            return None;
+        }
+        Some(
+            self.history
+                .iter()
+                .filter(|(v, _)| *v > version)
+                .map(|(_, change)| change.as_ref())
+                .collect(),
+        )
+    }
+}
+
+/// One stream's memory of what its proxy holds beyond the shared mesh: the
+/// mesh version it was brought to, its node's pods, and the policies sent
+/// for them.
+#[derive(Debug)]
+pub struct NodeFeed {
+    node: String,
+    mesh_version: u64,
+    local: BTreeSet<String>,
+    policies: BTreeSet<String>,
+}
+
+/// Several changes of one workload, merged.
+#[derive(Default)]
+struct Merged<'a> {
+    /// Its node before the first change (`None`: absent).
+    start: Option<Option<&'a str>>,
+    /// Whether its remote form changed at some point.
+    remote: bool,
+}
+
+impl NodeFeed {
+    /// The full state of `node` in `published`, and the feed that follows
+    /// it from there.
+    pub fn start(node: &str, published: &Published, version: u64) -> (NodeFeed, pb::ConfigUpdate) {
+        let mesh = &published.mesh;
+        let mut feed = NodeFeed {
+            node: node.to_owned(),
+            mesh_version: published.version,
+            local: BTreeSet::new(),
+            policies: BTreeSet::new(),
+        };
+        let mut update = pb::ConfigUpdate {
+            version,
+            full_state: true,
+            services: mesh.services.values().cloned().collect(),
+            trust: Some(mesh.trust.clone()),
+            uninstalling: Some(mesh.uninstalling),
+            meshed_namespaces: Some(meshed_namespaces(&mesh.meshed_namespaces)),
+            ..pb::ConfigUpdate::default()
+        };
+        for (uid, workload) in &mesh.workloads {
+            if workload.workload.node == node {
+                feed.local.insert(uid.clone());
+                update.local_workloads.push(workload.workload.clone());
+            } else {
+                update
+                    .remote_workloads
+                    .push(remote_form(&workload.workload));
+            }
+        }
+        feed.policies = feed.needed_policies(mesh);
+        update.authorization_policies = feed
+            .policies
+            .iter()
+            .filter_map(|key| mesh.authorization_policies.get(key).cloned())
+            .collect();
+        (feed, update)
+    }
+
+    /// What the proxy needs to go from the mesh it was last brought to to
+    /// `published`, as the message at `version`: a delta, a full state when
+    /// the changes in between are no longer kept, or `None` when nothing it
+    /// sees changed.
+    pub fn update(&mut self, published: &Published, version: u64) -> Option<pb::ConfigUpdate> {
+        let Some(changes) = published.changes_since(self.mesh_version) else {
+            let (feed, full) = NodeFeed::start(&self.node, published, version);
+            *self = feed;
+            return Some(full);
+        };
+        self.mesh_version = published.version;
+        let mesh = &published.mesh;
+        let mut update = pb::ConfigUpdate {
+            version,
+            ..pb::ConfigUpdate::default()
+        };
+        let local_changed = self.workloads(&changes, mesh, &mut update);
+        self.policies(&changes, mesh, local_changed, &mut update);
+        let mut services: BTreeMap<&str, bool> = BTreeMap::new();
+        for change in &changes {
+            for (key, existed) in &change.services {
+                services.entry(key).or_insert(*existed);
+            }
+        }
+        for (key, existed) in services {
+            match mesh.services.get(key) {
+                Some(service) => update.services.push(service.clone()),
+                None if existed => update.removed_services.push(key.to_owned()),
+                None => {}
+            }
+        }
+        if changes.iter().any(|c| c.trust) {
+            update.trust = Some(mesh.trust.clone());
+        }
+        if changes.iter().any(|c| c.uninstalling) {
+            update.uninstalling = Some(mesh.uninstalling);
+        }
+        if changes.iter().any(|c| c.meshed_namespaces) {
+            update.meshed_namespaces = Some(meshed_namespaces(&mesh.meshed_namespaces));
+        }
+        (!is_empty(&update)).then_some(update)
+    }
+
+    /// Adds the changed workloads to `update`; whether a local one changed.
+    fn workloads(
+        &mut self,
+        changes: &[&MeshChange],
+        mesh: &Mesh,
+        update: &mut pb::ConfigUpdate,
+    ) -> bool {
+        let mut merged: BTreeMap<&str, Merged<'_>> = BTreeMap::new();
+        for change in changes {
+            for (uid, workload) in &change.workloads {
+                let entry = merged.entry(uid).or_default();
+                entry.start.get_or_insert(workload.before.as_deref());
+                entry.remote |= workload.remote;
+            }
+        }
+        let node = self.node.as_str();
+        let mut local_changed = false;
+        for (uid, merged) in merged {
+            let start = merged.start.flatten();
+            let was_local = start == Some(node);
+            let was_remote = start.is_some() && !was_local;
+            let now = mesh.workloads.get(uid).map(|w| &w.workload);
+            let is_local = now.is_some_and(|w| w.node == node);
+            let is_remote = now.is_some() && !is_local;
+            match now {
+                Some(workload) if is_local => {
+                    update.local_workloads.push(workload.clone());
+                    local_changed = true;
+                }
+                Some(workload) if merged.remote || !was_remote => {
+                    update.remote_workloads.push(remote_form(workload));
+                }
+                _ => {}
+            }
+            if was_local && !is_local {
+                update.removed_local_workloads.push(uid.to_owned());
+                local_changed = true;
+            }
+            if was_remote && !is_remote {
+                update.removed_remote_workloads.push(uid.to_owned());
+            }
+            if is_local {
+                self.local.insert(uid.to_owned());
+            } else {
+                self.local.remove(uid);
+            }
+        }
+        local_changed
+    }
+
+    /// Adds the policies the node's pods now need, or need no longer, or
+    /// that changed, to `update`.
+    fn policies(
+        &mut self,
+        changes: &[&MeshChange],
+        mesh: &Mesh,
+        local_changed: bool,
+        update: &mut pb::ConfigUpdate,
+    ) {
+        let changed: BTreeSet<&str> = changes
+            .iter()
+            .flat_map(|c| c.authorization_policies.keys())
+            .map(String::as_str)
+            .collect();
+        if !local_changed && changed.is_empty() {
+            return; // neither the node's pods nor any policy changed
+        }
+        let needed = self.needed_policies(mesh);
+        for key in &needed {
+            if !self.policies.contains(key) || changed.contains(key.as_str()) {
+                update
+                    .authorization_policies
+                    .extend(mesh.authorization_policies.get(key).cloned());
+            }
+        }
+        for key in self.policies.difference(&needed) {
+            update.removed_authorization_policies.push(key.clone());
+        }
+        self.policies = needed;
+    }
+
+    /// The policies the node's pods refer to that the mesh has.
+    fn needed_policies(&self, mesh: &Mesh) -> BTreeSet<String> {
+        self.local
+            .iter()
+            .filter_map(|uid| mesh.workloads.get(uid))
+            .flat_map(|w| &w.workload.authorization_policies)
+            .filter(|key| mesh.authorization_policies.contains_key(*key))
+            .cloned()
+            .collect()
+    }
+}
+
+fn is_empty(update: &pb::ConfigUpdate) -> bool {
+    update.local_workloads.is_empty()
+        && update.removed_local_workloads.is_empty()
+        && update.remote_workloads.is_empty()
+        && update.removed_remote_workloads.is_empty()
+        && update.services.is_empty()
+        && update.removed_services.is_empty()
+        && update.trust.is_none()
+        && update.authorization_policies.is_empty()
+        && update.removed_authorization_policies.is_empty()
+        && update.uninstalling.is_none()
+        && update.meshed_namespaces.is_none()
+}
+
+#[cfg(test)]
+#[path = "fanout_tests.rs"]
+mod tests;

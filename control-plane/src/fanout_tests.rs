@@ -1,0 +1,241 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::cluster::ClusterState;
+use crate::view::NodeView;
+
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+
+/// A small deterministic generator (xorshift), so a failure repeats.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, sides: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % sides as u64) as usize
+    }
+}
+
+/// A random cluster: a few pods (labels, nodes and IPs that collide now
+/// and then), Services with endpoints, policies selecting by label, and
+/// namespaces turning the mesh on and off.
+fn random_cluster(dice: &mut Dice) -> ClusterState {
+    let mut yaml = String::new();
+    for ns in ["shop", "bank"] {
+        let label = ["enabled", "disabled"][dice.roll(2)];
+        yaml += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{weft.dev/mesh: {label}}}}}\n---\n"
+        );
+    }
+    for pod in 0..8 {
+        if dice.roll(5) == 0 {
+            continue; // gone
+        }
+        let ns = ["shop", "bank"][pod % 2];
+        let node = NODES[(pod + dice.roll(4) / 3) % 3];
+        let app = ["web", "db"][dice.roll(2)];
+        let tier = ["a", "b", "c"][dice.roll(3)];
+        let ip = format!("10.244.0.{}", pod + dice.roll(10) / 9);
+        yaml += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{pod}, namespace: {ns}, labels: {{app: {app}, tier: {tier}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n---\n"
+        );
+    }
+    for service in ["web", "db"] {
+        if dice.roll(4) == 0 {
+            continue;
+        }
+        let port = 8000 + dice.roll(2);
+        yaml += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: shop}}\nspec: {{clusterIP: 10.96.0.{}, ports: [{{port: {port}}}]}}\n---\n",
+            port - 7990
+        );
+        let ready = ["true", "false"][dice.roll(2)];
+        yaml += &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.{}], conditions: {{ready: {ready}}}, targetRef: {{kind: Pod, name: p0, namespace: shop}}}}]\nports: [{{port: {port}}}]\n---\n",
+            dice.roll(4)
+        );
+    }
+    for policy in 0..3 {
+        if dice.roll(3) == 0 {
+            continue;
+        }
+        let ns = ["shop", "bank"][dice.roll(2)];
+        let tier = ["a", "b", "c"][dice.roll(3)];
+        let action = ["ALLOW", "DENY", "AUDIT"][dice.roll(3)];
+        let port = 80 + dice.roll(2);
+        yaml += &format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{policy}, namespace: {ns}}}\nspec: {{selector: {{matchLabels: {{tier: {tier}}}}}, action: {action}, rules: [{{to: {{ports: [{port}]}}}}]}}\n---\n"
+        );
+    }
+    ClusterState::from_yaml(&yaml)
+}
+
+fn mesh_of(cluster: &ClusterState, roots: usize) -> Mesh {
+    let trust = pb::TrustBundle {
+        trust_domain: "cluster.local".into(),
+        roots_pem: format!("roots {roots}"),
+    };
+    Mesh::derive(cluster, trust, "weft-system")
+}
+
+/// What a proxy holds, as it applies the updates it receives.
+#[derive(Debug, Default, PartialEq)]
+struct Applied {
+    local: BTreeMap<String, pb::Workload>,
+    remote: BTreeMap<String, pb::Workload>,
+    services: BTreeMap<String, pb::Service>,
+    policies: BTreeMap<String, pb::AuthorizationPolicy>,
+    trust: Option<pb::TrustBundle>,
+    uninstalling: bool,
+    meshed: Vec<String>,
+}
+
+impl Applied {
+    fn apply(&mut self, update: &pb::ConfigUpdate) {
+        if update.full_state {
+            *self = Applied::default();
+        }
+        for w in &update.local_workloads {
+            self.local.insert(w.uid.clone(), w.clone());
+        }
+        for uid in &update.removed_local_workloads {
+            assert!(self.local.remove(uid).is_some(), "removed unknown {uid}");
+        }
+        for w in &update.remote_workloads {
+            self.remote.insert(w.uid.clone(), w.clone());
+        }
+        for uid in &update.removed_remote_workloads {
+            assert!(self.remote.remove(uid).is_some(), "removed unknown {uid}");
+        }
+        for s in &update.services {
+            self.services
+                .insert(format!("{}/{}", s.namespace, s.name), s.clone());
+        }
+        for key in &update.removed_services {
+            assert!(self.services.remove(key).is_some(), "removed unknown {key}");
+        }
+        for p in &update.authorization_policies {
+            self.policies
+                .insert(format!("{}/{}", p.namespace, p.name), p.clone());
+        }
+        for key in &update.removed_authorization_policies {
+            assert!(self.policies.remove(key).is_some(), "removed unknown {key}");
+        }
+        if let Some(trust) = &update.trust {
+            self.trust = Some(trust.clone());
+        }
+        if let Some(uninstalling) = update.uninstalling {
+            self.uninstalling = uninstalling;
+        }
+        if let Some(meshed) = &update.meshed_namespaces {
+            self.meshed = meshed.names.clone();
+        }
+    }
+
+    fn of(view: &NodeView) -> Applied {
+        let mut applied = Applied::default();
+        applied.apply(&view.full_update(1));
+        applied
+    }
+}
+
+/// Follows `steps` random meshes on every node, each stream reading only
+/// every `stride`-th version (the others coalesce), with `keep` changes
+/// kept; after each read, what the proxy holds is the node's view.
+fn follow(seed: u64, steps: usize, stride: usize, keep: usize) -> usize {
+    let mut dice = Dice(seed);
+    let mut published = Published::first(mesh_of(&random_cluster(&mut dice), 0));
+    let mut feeds = Vec::new();
+    for node in NODES {
+        let (feed, full) = NodeFeed::start(node, &published, 1);
+        let mut applied = Applied::default();
+        applied.apply(&full);
+        assert_eq!(applied, Applied::of(&NodeView::of(&published.mesh, node)));
+        feeds.push((node, feed, applied, 1));
+    }
+    let mut fulls = 0;
+    for step in 0..steps {
+        let previous = published.mesh.clone();
+        let mesh = mesh_of(&random_cluster(&mut dice), dice.roll(8) / 7);
+        if let Some(next) = published.next(mesh, keep) {
+            published = next;
+        }
+        if step % stride != 0 {
+            continue;
+        }
+        for (node, feed, applied, version) in &mut feeds {
+            let view = NodeView::of(&published.mesh, node);
+            let update = feed.update(&published, *version + 1);
+            if stride == 1 {
+                // One step at a time: a message exactly when the node's view changed.
+                let reference = NodeView::of(&previous, node).delta_to(&view, 0);
+                assert_eq!(
+                    update.is_some(),
+                    reference.is_some(),
+                    "seed {seed} step {step} {node}"
+                );
+            }
+            if let Some(update) = update {
+                *version += 1;
+                fulls += usize::from(update.full_state);
+                applied.apply(&update);
+            }
+            assert_eq!(
+                *applied,
+                Applied::of(&view),
+                "seed {seed} step {step} {node}"
+            );
+        }
+    }
+    fulls
+}
+
+#[test]
+fn every_delta_brings_the_proxy_to_its_nodes_view() {
+    for seed in 1..=10 {
+        assert_eq!(follow(seed * 7919, 60, 1, 1000), 0, "no full state needed");
+    }
+}
+
+#[test]
+fn a_stream_that_slept_through_versions_catches_up_by_keys() {
+    for seed in 1..=10 {
+        assert_eq!(follow(seed * 104_729, 60, 4, 1000), 0);
+    }
+}
+
+#[test]
+fn a_stream_behind_the_kept_changes_gets_a_full_state() {
+    let fulls: usize = (1..=5).map(|seed| follow(seed * 31, 40, 3, 2)).sum();
+    assert!(fulls > 0, "a stream three versions behind with two kept");
+}
+
+#[test]
+fn a_change_only_one_node_sees_leaves_the_other_streams_silent() {
+    let pods = |tier: &str| {
+        ClusterState::from_yaml(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{weft.dev/mesh: enabled}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: web-1, namespace: shop, labels: {{tier: {tier}}}}}\nspec: {{nodeName: node-1, serviceAccountName: web, containers: []}}\nstatus: {{phase: Running, podIP: 10.244.1.2}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: db-1, namespace: shop}}\nspec: {{nodeName: node-2, serviceAccountName: db, containers: []}}\nstatus: {{phase: Running, podIP: 10.244.2.2}}\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: front, namespace: shop}}\nspec: {{selector: {{matchLabels: {{tier: front}}}}, action: ALLOW, rules: [{{}}]}}\n"
+        ))
+    };
+    let first = Published::first(mesh_of(&pods("back"), 0));
+    let (mut node1, _) = NodeFeed::start("node-1", &first, 1);
+    let (mut node2, _) = NodeFeed::start("node-2", &first, 1);
+
+    // web-1's label now selects it for a policy: node-1 hears of both, node-2 of nothing.
+    let second = first.next(mesh_of(&pods("front"), 0), 10).unwrap();
+    let delta = node1.update(&second, 2).unwrap();
+    assert_eq!(delta.local_workloads.len(), 1);
+    assert_eq!(delta.authorization_policies.len(), 1);
+    assert!(delta.remote_workloads.is_empty());
+    assert_eq!(node2.update(&second, 2), None);
+
+    // Nothing changed at all: no new version.
+    assert!(second.next(mesh_of(&pods("front"), 0), 10).is_none());
+}

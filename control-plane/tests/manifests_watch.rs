@@ -1,0 +1,138 @@
+//! The watched manifests directory: every way a file changes (written in
+//! place, replaced by an atomic rename, removed, added, broken) shows in
+//! the published cluster, and only the files an event names are read again.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::write;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use weft_control_plane::cluster::ClusterState;
+use weft_control_plane::manifests::{ManifestDir, watch_dir};
+
+fn pod(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-1, serviceAccountName: web, containers: []}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+    )
+}
+
+fn pods(state: &ClusterState) -> Vec<(String, String)> {
+    state
+        .pods
+        .iter()
+        .map(|(key, pod)| {
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+            (key.clone(), ip.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Waits until the published cluster has exactly `expected` pods (key, IP).
+async fn wait_for(states: &mut watch::Receiver<Arc<ClusterState>>, expected: &[(&str, &str)]) {
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(k, ip)| (k.to_string(), ip.to_string()))
+        .collect();
+    let seen = states.wait_for(|state| pods(state) == expected);
+    let waited = tokio::time::timeout(Duration::from_secs(30), seen)
+        .await
+        .is_ok();
+    assert!(
+        waited,
+        "expected {expected:?}, have {:?}",
+        pods(&states.borrow())
+    );
+}
+
+#[tokio::test]
+async fn every_kind_of_file_change_reaches_the_published_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &pod("a", "10.0.0.1"));
+    write(dir.path(), "b.yaml", &pod("b", "10.0.0.2"));
+    let (mut states, problems) = watch_dir(dir.path(), Counter::default()).unwrap();
+    wait_for(
+        &mut states,
+        &[("shop/a", "10.0.0.1"), ("shop/b", "10.0.0.2")],
+    )
+    .await;
+
+    // Written in place.
+    write(dir.path(), "a.yaml", &pod("a", "10.0.0.3"));
+    wait_for(
+        &mut states,
+        &[("shop/a", "10.0.0.3"), ("shop/b", "10.0.0.2")],
+    )
+    .await;
+
+    // Replaced atomically from a hidden temporary file (which is never read).
+    write(dir.path(), ".b.yaml.tmp", &pod("b", "10.0.0.4"));
+    std::fs::rename(dir.path().join(".b.yaml.tmp"), dir.path().join("b.yaml")).unwrap();
+    wait_for(
+        &mut states,
+        &[("shop/a", "10.0.0.3"), ("shop/b", "10.0.0.4")],
+    )
+    .await;
+
+    // Removed, and a new one added.
+    std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+    write(dir.path(), "c.yml", &pod("c", "10.0.0.5"));
+    wait_for(
+        &mut states,
+        &[("shop/b", "10.0.0.4"), ("shop/c", "10.0.0.5")],
+    )
+    .await;
+
+    // Broken: its last good objects stay, and the problem is reported.
+    write(dir.path(), "c.yml", "kind: [");
+    let mut problems = problems;
+    let reported = problems.wait_for(|p| p.iter().any(|p| p.file.ends_with("c.yml")));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(30), reported)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        pods(&states.borrow()),
+        [
+            ("shop/b".to_owned(), "10.0.0.4".to_owned()),
+            ("shop/c".to_owned(), "10.0.0.5".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn reading_named_files_reads_only_those() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &pod("a", "10.0.0.1"));
+    write(dir.path(), "b.yaml", &pod("b", "10.0.0.2"));
+    let mut source = ManifestDir::new(dir.path());
+    source.reload().unwrap();
+
+    // Both files change on disk, but the event names only a.yaml.
+    write(dir.path(), "a.yaml", &pod("a", "10.0.0.3"));
+    write(dir.path(), "b.yaml", &pod("b", "10.0.0.4"));
+    let named: BTreeSet<_> = [dir.path().join("a.yaml")].into();
+    source.reload_files(&named).unwrap();
+    let ips = pods(&source.state());
+    assert_eq!(ips[0].1, "10.0.0.3");
+    assert_eq!(ips[1].1, "10.0.0.2", "b.yaml was not named, so not read");
+
+    // A gone file named by an event drops its objects.
+    std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+    source.reload_files(&named).unwrap();
+    assert_eq!(pods(&source.state()).len(), 1);
+
+    // A path outside the directory: everything is read again.
+    let elsewhere: BTreeSet<_> = [Path::new("/elsewhere/x.yaml").to_owned()].into();
+    source.reload_files(&elsewhere).unwrap();
+    assert_eq!(
+        pods(&source.state()),
+        [("shop/b".into(), "10.0.0.4".into())]
+    );
+}
