@@ -17,7 +17,7 @@ use std::sync::Arc;
 use weft_api::v1 as pb;
 
 use crate::mesh::Mesh;
-use crate::view::{meshed_namespaces, remote_form};
+use crate::view::{changes_nothing, meshed_namespaces, remote_form};
 
 /// How a workload changed from one mesh to the next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,7 +282,7 @@ impl NodeFeed {
         if changes.iter().any(|c| c.meshed_namespaces) {
             update.meshed_namespaces = Some(meshed_namespaces(&mesh.meshed_namespaces));
         }
-        (!is_empty(&update)).then_some(update)
+        (!changes_nothing(&update)).then_some(update)
     }
 
     /// Adds the changed workloads to `update`; whether a local one changed.
@@ -376,20 +376,6 @@ impl NodeFeed {
             .cloned()
             .collect()
     }
-}
-
-fn is_empty(update: &pb::ConfigUpdate) -> bool {
-    update.local_workloads.is_empty()
-        && update.removed_local_workloads.is_empty()
-        && update.remote_workloads.is_empty()
-        && update.removed_remote_workloads.is_empty()
-        && update.services.is_empty()
-        && update.removed_services.is_empty()
-        && update.trust.is_none()
-        && update.authorization_policies.is_empty()
-        && update.removed_authorization_policies.is_empty()
-        && update.uninstalling.is_none()
-        && update.meshed_namespaces.is_none()
 }
 
 #[cfg(test)]

@@ -105,19 +105,23 @@ impl NodeView {
             uninstalling,
             meshed_namespaces,
         };
-        let empty = update.local_workloads.is_empty()
-            && update.removed_local_workloads.is_empty()
-            && update.remote_workloads.is_empty()
-            && update.removed_remote_workloads.is_empty()
-            && update.services.is_empty()
-            && update.removed_services.is_empty()
-            && update.trust.is_none()
-            && update.authorization_policies.is_empty()
-            && update.removed_authorization_policies.is_empty()
-            && update.uninstalling.is_none()
-            && update.meshed_namespaces.is_none();
-        (!empty).then_some(update)
+        (!changes_nothing(&update)).then_some(update)
     }
+}
+
+/// Whether a delta carries nothing: such a delta is never sent.
+pub(crate) fn changes_nothing(update: &pb::ConfigUpdate) -> bool {
+    update.local_workloads.is_empty()
+        && update.removed_local_workloads.is_empty()
+        && update.remote_workloads.is_empty()
+        && update.removed_remote_workloads.is_empty()
+        && update.services.is_empty()
+        && update.removed_services.is_empty()
+        && update.trust.is_none()
+        && update.authorization_policies.is_empty()
+        && update.removed_authorization_policies.is_empty()
+        && update.uninstalling.is_none()
+        && update.meshed_namespaces.is_none()
 }
 
 /// A workload as other nodes see it: how a pod is selected and protected
