@@ -48,6 +48,11 @@ impl Scenario<'_> {
                 first_node_ms: percentile(&since, 0.0),
                 last_node_ms: percentile(&since, 100.0),
                 cpu_seconds,
+                nodes_reached: self
+                    .each_node(|r| r.seen[slot].is_some_and(|seen| seen.ip == Some(ip)))
+                    .into_iter()
+                    .filter(|reached| *reached)
+                    .count() as u32,
                 nodes_updated: window.iter().filter(|(n, _)| *n > 0).count() as u32,
                 updates: window.iter().map(|(n, _)| *n as u32).sum(),
             });

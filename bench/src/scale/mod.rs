@@ -246,7 +246,7 @@ impl Scenario<'_> {
         let nodes = self.args.nodes;
         self.bar.set_message("opening the nodes' streams");
         let started = self.cp.started;
-        self.wait_for_nodes("got its full state", true, |r| r.first_full_state.is_some())
+        self.wait_for_nodes("got the full state", true, |r| r.first_full_state.is_some())
             .await?;
         let connected = self.cp.memory()?;
         let cpu_connected = self.cp.cpu_seconds()?;
@@ -260,6 +260,7 @@ impl Scenario<'_> {
         let bytes: Vec<u64> = full_states.iter().map(|f| f.bytes as u64).collect();
         let workloads: Vec<u64> = full_states.iter().map(|f| f.workloads as u64).collect();
         let full_state = FullStateFigures {
+            nodes: full_states.len() as u32,
             all_nodes_seconds: percentile(&since_start, 100.0),
             p50_seconds: percentile(&since_start, 50.0),
             first_seconds: percentile(&since_start, 0.0),
@@ -372,7 +373,7 @@ impl Scenario<'_> {
     /// What the control plane and the streams look like now, for an error.
     fn situation(&self) -> String {
         let memory = self.cp.memory().map_or_else(
-            |_| "its memory unreadable (it has exited)".to_owned(),
+            |_| "memory unreadable (it has exited)".to_owned(),
             |m| {
                 format!(
                     "RSS {:.0} MiB, peak {:.0} MiB",
@@ -389,10 +390,13 @@ impl Scenario<'_> {
             .take(3)
             .map(|(reason, count)| format!("{count} × {reason}"))
             .collect();
+        let failures = match failures.is_empty() {
+            true => String::new(),
+            false => format!("; failed attempts: {}", failures.join("; ")),
+        };
         format!(
-            "after {:.1} s: control plane {memory}; {opened} streams opened; failed attempts: [{}]; control plane log: {}",
+            "after {:.1} s: control plane {memory}; {opened} streams opened{failures}; control plane log: {}",
             self.cp.started.elapsed().as_secs_f64(),
-            failures.join("; "),
             self.cp.log.display()
         )
     }

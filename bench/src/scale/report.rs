@@ -65,6 +65,8 @@ pub struct ClusterFigures {
 /// The nodes' first full states.
 #[derive(Debug, Serialize)]
 pub struct FullStateFigures {
+    /// Nodes that got one (all of them, or the run fails).
+    pub nodes: u32,
     /// From the control plane's start until the last node had its full state.
     pub all_nodes_seconds: f64,
     /// The same for the median node.
@@ -140,6 +142,9 @@ pub struct Change {
     pub last_node_ms: f64,
     /// Control-plane CPU seconds.
     pub cpu_seconds: f64,
+    /// Nodes that had the new IP when the wait ended (all of them, or the
+    /// run fails).
+    pub nodes_reached: u32,
     /// Nodes that received any update meanwhile.
     pub nodes_updated: u32,
     /// Updates received meanwhile, all nodes together.
