@@ -4,10 +4,10 @@
 //! for real nodes). A node says Hello, ACKs every version and keeps only what
 //! the measurement needs: when each update arrived and how big it was, its
 //! first full state, and for the few pods the scenario changes (the
-//! *tracked* pods) the latest IP it heard and since when. Updates are
-//! decoded into [`LightUpdate`], which skips every field but the workloads'
-//! uids and IPs, so that a thousand nodes of a 50,000-pod cluster cost this
-//! process little memory and CPU beside the control plane it measures.
+//! *tracked* pods) the latest IP it heard and since when. The stream itself
+//! ([`super::grpc`]) decodes only the workloads' uids and IPs and frees each
+//! message once read, so that a thousand nodes of a 50,000-pod cluster cost
+//! this process little memory and CPU beside the control plane it measures.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -16,20 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
-use prost::Message as _;
-use prost::bytes::Buf as _;
 use tokio::net::TcpSocket;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{DecodeBuf, Decoder};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
-use weft_api::v1 as pb;
-use weft_api::v1::proxy_message::Kind;
 
 use super::cluster::{Cluster, token};
+use super::grpc::{ConfigStream, LightUpdate};
 
 /// The largest config update a simulated node accepts: far above any full
 /// state the scenario makes (the control plane has its own limit).
@@ -40,75 +34,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The control plane's identity, which its certificate must prove.
 const CONTROL_PLANE_IDENTITY: &str = "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane";
-
-/// A `ConfigUpdate` as far as the scenario reads it; prost skips the rest.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LightUpdate {
-    /// `ConfigUpdate.version`.
-    #[prost(uint64, tag = "1")]
-    pub version: u64,
-    /// `ConfigUpdate.full_state`.
-    #[prost(bool, tag = "2")]
-    pub full_state: bool,
-    /// `ConfigUpdate.local_workloads`.
-    #[prost(message, repeated, tag = "3")]
-    pub local_workloads: Vec<LightWorkload>,
-    /// `ConfigUpdate.remote_workloads`.
-    #[prost(message, repeated, tag = "5")]
-    pub remote_workloads: Vec<LightWorkload>,
-}
-
-/// A `Workload`'s uid and IPs.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LightWorkload {
-    /// `Workload.uid`: `<namespace>/<pod name>`.
-    #[prost(string, tag = "1")]
-    pub uid: String,
-    /// `Workload.ips`.
-    #[prost(string, repeated, tag = "7")]
-    pub ips: Vec<String>,
-}
-
-/// One update as it came off the wire: its size (the whole message's, as
-/// prost's `encoded_len` of the full `ConfigUpdate` would give) and content.
-struct SizedUpdate {
-    bytes: usize,
-    update: LightUpdate,
-}
-
-/// Encodes `ProxyMessage`s as the generated client does; decodes updates
-/// into [`SizedUpdate`].
-#[derive(Clone, Copy, Default)]
-struct LightCodec;
-
-impl tonic::codec::Codec for LightCodec {
-    type Encode = pb::ProxyMessage;
-    type Decode = SizedUpdate;
-    type Encoder = tonic_prost::ProstEncoder<pb::ProxyMessage>;
-    type Decoder = SizedDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        SizedDecoder
-    }
-}
-
-struct SizedDecoder;
-
-impl Decoder for SizedDecoder {
-    type Item = SizedUpdate;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<SizedUpdate>, Status> {
-        let bytes = buf.remaining();
-        let update = LightUpdate::decode(buf)
-            .map_err(|error| Status::internal(format!("decoding a config update: {error}")))?;
-        Ok(Some(SizedUpdate { bytes, update }))
-    }
-}
 
 /// A node's first full state.
 #[derive(Clone, Copy, Debug)]
@@ -265,68 +190,25 @@ impl Streams {
             .await
             .context("the opening semaphore is closed")?;
         let name = Cluster::node_name(node);
-        let (acks, mut updates) = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, &name))
+        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, &name))
             .await
             .with_context(|| format!("opening the stream took over {OPEN_TIMEOUT:?}"))??;
         self.record(node).opened += 1;
         let mut permit = Some(permit);
-        loop {
-            let Some(SizedUpdate { bytes, update }) = updates
-                .message()
-                .await
-                .map_err(|status| status_error("reading the stream", &status))?
-            else {
-                return Ok(());
-            };
-            let at = Instant::now();
-            self.recorded(node, at, bytes, &update);
+        while let Some((bytes, update)) = stream.next(MAX_UPDATE_BYTES).await? {
+            self.recorded(node, Instant::now(), bytes, &update);
             if update.full_state {
                 permit.take();
             }
-            let ack = Kind::Ack(pb::Ack {
-                version: update.version,
-            });
-            acks.send(pb::ProxyMessage { kind: Some(ack) })
-                .await
-                .context("sending an Ack: the request stream is closed")?;
+            stream.ack(update.version).await?;
         }
+        Ok(())
     }
 
     /// Connects from the node's own loopback address and opens its stream.
-    async fn open(
-        &self,
-        node: u32,
-        name: &str,
-    ) -> Result<(
-        mpsc::Sender<pb::ProxyMessage>,
-        tonic::Streaming<SizedUpdate>,
-    )> {
+    async fn open(&self, node: u32, name: &str) -> Result<ConfigStream> {
         let channel = self.channel(source_address(node)).await?;
-        let (acks, queue) = mpsc::channel(16);
-        let hello = Kind::Hello(pb::Hello {
-            node: name.to_owned(),
-            proxy_version: concat!("weft-bench ", env!("CARGO_PKG_VERSION")).to_owned(),
-        });
-        acks.send(pb::ProxyMessage { kind: Some(hello) })
-            .await
-            .context("queueing the Hello")?;
-        let mut request = Request::new(ReceiverStream::new(queue));
-        let bearer = format!("Bearer {}", token(node))
-            .parse()
-            .context("the node token is not a valid header value")?;
-        request.metadata_mut().insert("authorization", bearer);
-        let mut grpc =
-            tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
-        grpc.ready()
-            .await
-            .context("the gRPC connection is not ready")?;
-        let path =
-            tonic::codegen::http::uri::PathAndQuery::from_static("/weft.v1.NodeConfig/Stream");
-        let response = grpc
-            .streaming(request, path, LightCodec)
-            .await
-            .map_err(|status| status_error("opening the stream", &status))?;
-        Ok((acks, response.into_inner()))
+        ConfigStream::open(channel, name, &token(node)).await
     }
 
     async fn channel(&self, source: Ipv4Addr) -> Result<Channel> {
@@ -391,10 +273,6 @@ pub fn source_address(node: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + node)
 }
 
-fn status_error(what: &str, status: &Status) -> anyhow::Error {
-    anyhow::anyhow!("{what}: {:?}: {}", status.code(), status.message())
-}
-
 /// A failure reason without what differs between nodes (addresses), so that
 /// reasons count together.
 fn shorten(reason: &str) -> String {
@@ -415,33 +293,6 @@ fn shorten(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn light_updates_read_uids_and_ips_of_a_full_config_update() {
-        let workload = |uid: &str, ip: &str| pb::Workload {
-            uid: uid.into(),
-            ips: vec![ip.into()],
-            labels: [("app".to_owned(), "web".to_owned())].into(),
-            identity: "spiffe://cluster.local/ns/a/sa/b".into(),
-            ..pb::Workload::default()
-        };
-        let update = pb::ConfigUpdate {
-            version: 7,
-            full_state: true,
-            local_workloads: vec![workload("a/web-1", "10.1.0.1")],
-            remote_workloads: vec![workload("a/db-1", "10.1.0.2")],
-            services: vec![pb::Service {
-                name: "web".into(),
-                ..pb::Service::default()
-            }],
-            ..pb::ConfigUpdate::default()
-        };
-        let light = LightUpdate::decode(update.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(light.version, 7);
-        assert!(light.full_state);
-        assert_eq!(light.local_workloads[0].uid, "a/web-1");
-        assert_eq!(light.remote_workloads[0].ips, ["10.1.0.2"]);
-    }
 
     #[test]
     fn every_node_has_its_own_loopback_source() {

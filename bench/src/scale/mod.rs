@@ -18,6 +18,7 @@
 mod changes;
 mod clients;
 mod cluster;
+mod grpc;
 mod process;
 mod report;
 
@@ -275,6 +276,7 @@ impl Scenario<'_> {
         let churn = self.churn(&plan.churn).await?;
 
         let end = self.cp.memory()?;
+        let this_process = ProcEntry::process(std::process::id());
         let opened = (1..=nodes)
             .map(|n| u64::from(self.streams.record(n).opened))
             .sum();
@@ -309,7 +311,8 @@ impl Scenario<'_> {
                 opened,
                 failures: self.streams.failures(),
             },
-            bench_cpu_seconds: ProcEntry::process(std::process::id()).cpu_seconds(self.ticks)?,
+            bench_cpu_seconds: this_process.cpu_seconds(self.ticks)?,
+            bench_peak_rss_kib: this_process.memory()?.peak_kib,
             elapsed_seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -43,6 +43,8 @@ pub struct ScaleReport {
     /// CPU seconds of this process (the simulated nodes), which shares the
     /// machine with the control plane.
     pub bench_cpu_seconds: f64,
+    /// Peak RSS (VmHWM) of this process, in KiB.
+    pub bench_peak_rss_kib: u64,
     /// Wall-clock seconds of the whole run.
     pub elapsed_seconds: f64,
 }
@@ -234,8 +236,14 @@ pub fn render(r: &ScaleReport) -> String {
     );
     let _ = writeln!(
         out,
-        "load average (1 min): {:.2} at the start, {:.2} at the end; the simulated nodes used {:.1} CPU s",
-        r.load_average.0, r.load_average.1, r.bench_cpu_seconds
+        "load average (1 min): {:.2} at the start, {:.2} at the end",
+        r.load_average.0, r.load_average.1
+    );
+    let _ = writeln!(
+        out,
+        "the simulated nodes (this process): {:.1} CPU s, peak RSS {:.0} MiB",
+        r.bench_cpu_seconds,
+        r.bench_peak_rss_kib as f64 / 1024.0
     );
     let _ = writeln!(
         out,
