@@ -112,6 +112,27 @@ assert upgrade["stream_intact"] and upgrade["old_proxies_exited"], upgrade
 print("benchmark smoke: every path answered every request, also through the proxies' upgrade")
 PY
 
+step "control-plane scale smoke run (weft-bench control-plane, 10 nodes, 300 pods)"
+# The same release build: weft-control-plane sits next to weft-bench.
+"$CARGO_TARGET_DIR/release/weft-bench" control-plane --nodes 10 --pods 300 --changes 3 \
+    --churn-rate 20 --churn-seconds 1 --json "$WEFT_CACHE/bench-scale-smoke.json"
+python3 - "$WEFT_CACHE/bench-scale-smoke.json" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+assert report["control_plane_is_release_build"], "the scenario measured a debug control plane"
+nodes, pods = report["cluster"]["nodes"], report["cluster"]["pods"]
+full = report["full_state"]
+assert full["nodes"] == nodes, ("not every node got its full state", full)
+assert full["workloads_min"] == pods == full["workloads_max"], ("a full state missed pods", full)
+changes = report["changes"]
+assert changes["count"] == 3, changes
+for change in changes["each"]:
+    assert change["nodes_reached"] == nodes, ("a change did not reach every node", change)
+churn = report["churn"]
+assert churn is not None and churn["changes"] == 20, churn
+print(f"control-plane smoke: {nodes} nodes got every pod, every change reached every node")
+PY
+
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 

@@ -10,6 +10,7 @@
 //!
 //! Scenarios live in [`load`], the relay in [`relay`], the numbers in [`report`]
 //! and [`chart`], the proxies' CPU and memory in [`procstat`]. Needs root.
+//! `weft-bench control-plane` ([`scale`]) measures the control plane at scale instead.
 
 mod chart;
 mod load;
@@ -18,6 +19,7 @@ mod output;
 mod procstat;
 mod relay;
 mod report;
+mod scale;
 mod upgrade;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -41,8 +43,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Measures what weft adds over no proxy and over two plain TCP relays.
 #[derive(Parser, Debug, Serialize)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Config {
+    /// Another scenario instead of the data-plane ones.
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<scale::Command>,
     /// Nodes in the cluster (client on the first, server on the last).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
     nodes: u8,
@@ -179,7 +185,10 @@ fn main() -> Result<()> {
     if let Some(relayed) = relay::run_if_relay_process() {
         return relayed;
     }
-    let config = Config::parse();
+    let mut config = Config::parse();
+    if let Some(command) = config.command.take() {
+        return scale::run(command);
+    }
     use_binaries_next_to_this_one()?;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

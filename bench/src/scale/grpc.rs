@@ -1,0 +1,320 @@
+//! A node's config stream at the HTTP/2 level, with gRPC's framing done
+//! here: each message's buffer is freed once it is decoded. (tonic's
+//! `Streaming` keeps its read buffer as large as the largest message it has
+//! read, so every stream would hold a full state's size, 13 MiB at 50,000
+//! pods, for as long as it lives: 13 GiB for a thousand simulated nodes.)
+//!
+//! Updates are decoded into [`LightUpdate`], which skips every field but the
+//! workloads' uids and IPs.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use anyhow::{Context, Result, bail};
+use http_body::Frame;
+use http_body_util::{BodyExt as _, StreamBody};
+use prost::Message as _;
+use prost::bytes::{Buf as _, Bytes};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use tower::{Service as _, ServiceExt as _};
+use weft_api::v1 as pb;
+use weft_api::v1::proxy_message::Kind;
+
+/// gRPC's message header: a compression flag and a 4-byte length.
+const HEADER: usize = 5;
+
+/// A `ConfigUpdate` as far as the scenario reads it; prost skips the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LightUpdate {
+    /// `ConfigUpdate.version`.
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    /// `ConfigUpdate.full_state`.
+    #[prost(bool, tag = "2")]
+    pub full_state: bool,
+    /// `ConfigUpdate.local_workloads`.
+    #[prost(message, repeated, tag = "3")]
+    pub local_workloads: Vec<LightWorkload>,
+    /// `ConfigUpdate.remote_workloads`.
+    #[prost(message, repeated, tag = "5")]
+    pub remote_workloads: Vec<LightWorkload>,
+}
+
+/// A `Workload`'s uid and IPs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LightWorkload {
+    /// `Workload.uid`: `<namespace>/<pod name>`.
+    #[prost(string, tag = "1")]
+    pub uid: String,
+    /// `Workload.ips`.
+    #[prost(string, repeated, tag = "7")]
+    pub ips: Vec<String>,
+}
+
+/// One node's open `NodeConfig/Stream` call.
+pub struct ConfigStream {
+    requests: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    body: tonic::body::Body,
+    framer: Framer,
+}
+
+impl ConfigStream {
+    /// Calls `NodeConfig/Stream` on `channel` as `node` with `token`, and
+    /// sends the Hello.
+    pub async fn open(mut channel: Channel, node: &str, token: &str) -> Result<ConfigStream> {
+        let (requests, queue) = mpsc::channel(16);
+        let hello = Kind::Hello(pb::Hello {
+            node: node.to_owned(),
+            proxy_version: concat!("weft-bench ", env!("CARGO_PKG_VERSION")).to_owned(),
+        });
+        requests
+            .send(Ok(Frame::data(framed(hello))))
+            .await
+            .context("queueing the Hello")?;
+        let body = tonic::body::Body::new(StreamBody::new(ReceiverStream::new(queue)));
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri("http://control-plane/weft.v1.NodeConfig/Stream")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {token}"))
+            .body(body)
+            .context("building the request")?;
+        let response = channel
+            .ready()
+            .await
+            .context("the gRPC connection is not ready")?
+            .call(request)
+            .await
+            .context("calling NodeConfig/Stream")?;
+        if response.status() != http::StatusCode::OK {
+            bail!("opening the stream: HTTP status {}", response.status());
+        }
+        // A call refused at once ends in its headers ("Trailers-Only").
+        grpc_status(response.headers()).context("opening the stream")?;
+        Ok(ConfigStream {
+            requests,
+            body: response.into_body(),
+            framer: Framer::default(),
+        })
+    }
+
+    /// The next update and its size on the wire, or `None` when the control
+    /// plane ended the call with status OK.
+    pub async fn next(&mut self, max_bytes: usize) -> Result<Option<(usize, LightUpdate)>> {
+        loop {
+            if let Some(message) = self.framer.messages.pop_front() {
+                let update =
+                    LightUpdate::decode(message.as_slice()).context("decoding a config update")?;
+                return Ok(Some((message.len(), update)));
+            }
+            let Some(frame) = self.body.frame().await else {
+                bail!("the stream ended without a gRPC status");
+            };
+            let frame = frame.map_err(|status| {
+                anyhow::anyhow!(
+                    "reading the stream: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )
+            })?;
+            match frame.into_data() {
+                Ok(data) => self.framer.feed(data, max_bytes)?,
+                Err(frame) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        grpc_status(trailers).context("the stream ended")?;
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges `version`.
+    pub async fn ack(&mut self, version: u64) -> Result<()> {
+        let ack = Kind::Ack(pb::Ack { version });
+        self.requests
+            .send(Ok(Frame::data(framed(ack))))
+            .await
+            .context("sending an Ack: the request stream is closed")
+    }
+}
+
+/// A proxy message with gRPC's header (uncompressed).
+fn framed(kind: Kind) -> Bytes {
+    let message = pb::ProxyMessage { kind: Some(kind) }.encode_to_vec();
+    let mut out = Vec::with_capacity(HEADER + message.len());
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(&message);
+    Bytes::from(out)
+}
+
+/// An error for a `grpc-status` other than 0 (OK) in `headers`.
+fn grpc_status(headers: &http::HeaderMap) -> Result<()> {
+    let Some(status) = headers.get("grpc-status") else {
+        return Ok(());
+    };
+    let code = status.to_str().unwrap_or("?");
+    if code == "0" {
+        return Ok(());
+    }
+    let code = code
+        .parse::<i32>()
+        .map(|n| format!("{:?}", tonic::Code::from_i32(n)))
+        .unwrap_or_else(|_| code.to_owned());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("");
+    bail!("{code}: {}", percent_decoded(message))
+}
+
+/// gRPC percent-encodes `grpc-message`.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Cuts the response body into gRPC messages, each in a buffer of its own.
+#[derive(Default)]
+struct Framer {
+    header: Vec<u8>,
+    /// The message being read and its length, once its header is complete.
+    message: Option<(Vec<u8>, usize)>,
+    /// Complete messages not handed out yet.
+    messages: VecDeque<Vec<u8>>,
+}
+
+impl Framer {
+    fn feed(&mut self, mut data: Bytes, max_bytes: usize) -> Result<()> {
+        while data.has_remaining() || matches!(self.message, Some((_, 0))) {
+            match &mut self.message {
+                None => {
+                    let take = (HEADER - self.header.len()).min(data.len());
+                    self.header.extend_from_slice(&data[..take]);
+                    data.advance(take);
+                    if self.header.len() == HEADER {
+                        if self.header[0] != 0 {
+                            bail!("a compressed gRPC message (weft-bench asked for none)");
+                        }
+                        let len = u32::from_be_bytes([
+                            self.header[1],
+                            self.header[2],
+                            self.header[3],
+                            self.header[4],
+                        ]) as usize;
+                        if len > max_bytes {
+                            bail!("a config update of {len} bytes, over {max_bytes}");
+                        }
+                        self.header.clear();
+                        self.message = Some((Vec::with_capacity(len), len));
+                    }
+                }
+                Some((buffer, len)) => {
+                    let take = (*len - buffer.len()).min(data.len());
+                    buffer.extend_from_slice(&data[..take]);
+                    data.advance(take);
+                    if buffer.len() == *len {
+                        let (buffer, _) = self.message.take().unwrap_or_default();
+                        self.messages.push_back(buffer);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn light_updates_read_uids_and_ips_of_a_full_config_update() {
+        let workload = |uid: &str, ip: &str| pb::Workload {
+            uid: uid.into(),
+            ips: vec![ip.into()],
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            identity: "spiffe://cluster.local/ns/a/sa/b".into(),
+            ..pb::Workload::default()
+        };
+        let update = pb::ConfigUpdate {
+            version: 7,
+            full_state: true,
+            local_workloads: vec![workload("a/web-1", "10.1.0.1")],
+            remote_workloads: vec![workload("a/db-1", "10.1.0.2")],
+            services: vec![pb::Service {
+                name: "web".into(),
+                ..pb::Service::default()
+            }],
+            ..pb::ConfigUpdate::default()
+        };
+        let light = LightUpdate::decode(update.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(light.version, 7);
+        assert!(light.full_state);
+        assert_eq!(light.local_workloads[0].uid, "a/web-1");
+        assert_eq!(light.remote_workloads[0].ips, ["10.1.0.2"]);
+    }
+
+    #[test]
+    fn messages_are_cut_out_of_any_chunking() {
+        let messages: Vec<Vec<u8>> = vec![b"first".to_vec(), Vec::new(), vec![7; 300]];
+        let mut wire = Vec::new();
+        for message in &messages {
+            wire.push(0);
+            wire.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            wire.extend_from_slice(message);
+        }
+        for chunk in [1, 3, 5, 6, 64, wire.len()] {
+            let mut framer = Framer::default();
+            for piece in wire.chunks(chunk) {
+                framer.feed(Bytes::copy_from_slice(piece), 1000).unwrap();
+            }
+            assert_eq!(Vec::from(framer.messages), messages, "chunks of {chunk}");
+        }
+        let mut framer = Framer::default();
+        assert!(
+            framer
+                .feed(Bytes::from_static(&[0, 0, 0, 4, 0]), 1000)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_refusal_in_the_headers_is_an_error_with_its_message() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-status", http::HeaderValue::from_static("7"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("the token belongs to node-1%2C not node-2"),
+        );
+        let error = grpc_status(&headers).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "PermissionDenied: the token belongs to node-1, not node-2"
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        assert!(grpc_status(&headers).is_ok());
+    }
+}
