@@ -1,13 +1,14 @@
 //! The simulated nodes: one config stream per node from this process, each
 //! over its own TLS connection from its own loopback address (the control
 //! plane bounds connections and handshakes per source address, as it should
-//! for real nodes). A node says Hello, ACKs every version and keeps only what
-//! the measurement needs: when each update arrived and how big it was, its
-//! first full state, and for the few pods the scenario changes (the
-//! *tracked* pods) the latest IP it heard and since when. The stream itself
-//! ([`super::grpc`]) decodes only the workloads' uids and IPs and frees each
-//! message once read, so that a thousand nodes of a 50,000-pod cluster cost
-//! this process little memory and CPU beside the control plane it measures.
+//! for real nodes). A node says Hello, ACKs every version, PINGs and
+//! reconnects like a proxy, and keeps only what the measurement needs: when
+//! each update arrived and how big it was, its first full state, and for the
+//! few pods the scenario changes (the *tracked* pods) the latest IP it heard
+//! and since when. The stream itself ([`super::grpc`]) decodes only the
+//! workloads' uids and IPs and frees each message once read, so that a
+//! thousand nodes of a 50,000-pod cluster cost this process little memory
+//! and CPU beside the control plane it measures.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,6 +31,11 @@ use super::grpc::{ConfigStream, LightUpdate};
 const MAX_UPDATE_BYTES: usize = 1 << 30;
 /// How long connecting, the TLS handshake and opening the stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 PINGs as the node proxy sends them (`proxy/src/transport.rs`):
+/// a control plane that answers none for this long loses the stream, and
+/// the node reconnects and asks for a full state again, as a proxy would.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait between two attempts of one node.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The control plane's identity, which its certificate must prove.
@@ -214,6 +220,9 @@ impl Streams {
     async fn channel(&self, source: Ipv4Addr) -> Result<Channel> {
         let (server, tls) = (self.server, self.tls.clone());
         Endpoint::from_static("http://control-plane")
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_with_connector(tower::service_fn(move |_| {
                 let tls = tls.clone();
                 async move {

@@ -187,6 +187,9 @@ struct Scenario<'a> {
     deadline: Duration,
     settle: Duration,
     ticks: f64,
+    /// While the nodes connect, once a second: (seconds since the control
+    /// plane's start, nodes with their full state, its RSS in KiB).
+    timeline: Vec<(f64, u32, u64)>,
 }
 
 impl Scenario<'_> {
@@ -228,6 +231,7 @@ impl Scenario<'_> {
             deadline,
             settle: Duration::from_millis(args.settle_ms),
             ticks: procstat::ticks_per_second(),
+            timeline: Vec::new(),
         };
         let result = scenario.measure(&plan, manifest_bytes).await;
         scenario.bar.finish_and_clear();
@@ -262,6 +266,7 @@ impl Scenario<'_> {
         let workloads: Vec<u64> = full_states.iter().map(|f| f.workloads as u64).collect();
         let full_state = FullStateFigures {
             nodes: full_states.len() as u32,
+            timeline: std::mem::take(&mut self.timeline),
             all_nodes_seconds: percentile(&since_start, 100.0),
             p50_seconds: percentile(&since_start, 50.0),
             first_seconds: percentile(&since_start, 0.0),
@@ -332,8 +337,13 @@ impl Scenario<'_> {
         loop {
             pending.retain(|&node| !done(&self.streams.record(node)));
             if show_progress {
-                self.bar
-                    .set_position(u64::from(nodes) - pending.len() as u64);
+                let served = nodes - pending.len() as u32;
+                self.bar.set_position(u64::from(served));
+                let seconds = self.cp.started.elapsed().as_secs_f64();
+                let last = self.timeline.last().map_or(f64::MIN, |sample| sample.0);
+                if let (true, Some((_, memory))) = (seconds >= last + 1.0, self.cp.last_memory()) {
+                    self.timeline.push((seconds, served, memory.rss_kib));
+                }
             }
             let Some(&first) = pending.first() else {
                 return Ok(Instant::now());
@@ -375,16 +385,21 @@ impl Scenario<'_> {
 
     /// What the control plane and the streams look like now, for an error.
     fn situation(&self) -> String {
-        let memory = self.cp.memory().map_or_else(
-            |_| "memory unreadable (it has exited)".to_owned(),
-            |m| {
-                format!(
-                    "RSS {:.0} MiB, peak {:.0} MiB",
-                    m.rss_kib as f64 / 1024.0,
-                    m.peak_kib as f64 / 1024.0
-                )
-            },
-        );
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let memory = match (self.cp.memory(), self.cp.last_memory()) {
+            (Ok(m), _) => format!(
+                "RSS {:.0} MiB, peak {:.0} MiB",
+                mib(m.rss_kib),
+                mib(m.peak_kib)
+            ),
+            (Err(_), Some((at, m))) => format!(
+                "gone, last seen {:.1} s after its start with RSS {:.0} MiB, peak {:.0} MiB",
+                at.as_secs_f64(),
+                mib(m.rss_kib),
+                mib(m.peak_kib)
+            ),
+            (Err(_), None) => "gone".to_owned(),
+        };
         let opened: u32 = self.each_node(|r| r.opened).iter().sum();
         let mut failures: Vec<_> = self.streams.failures().into_iter().collect();
         failures.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
@@ -397,8 +412,19 @@ impl Scenario<'_> {
             true => String::new(),
             false => format!("; failed attempts: {}", failures.join("; ")),
         };
+        // Every tenth second of the nodes' connecting: how it went.
+        let timeline: Vec<String> = self
+            .timeline
+            .iter()
+            .step_by(10)
+            .map(|(s, n, kib)| format!("{s:.0} s: {n} nodes, {:.0} MiB", mib(*kib)))
+            .collect();
+        let timeline = match timeline.is_empty() {
+            true => String::new(),
+            false => format!("; full states sent by then, RSS: {}", timeline.join(", ")),
+        };
         format!(
-            "after {:.1} s: control plane {memory}; {opened} streams opened{failures}; control plane log: {}",
+            "after {:.1} s: control plane {memory}; {opened} streams opened{failures}{timeline}; control plane log: {}",
             self.cp.started.elapsed().as_secs_f64(),
             self.cp.log.display()
         )

@@ -62,6 +62,9 @@ pub struct ControlPlane {
     ticks: f64,
     /// How it exited, once it has.
     exit: Option<String>,
+    /// Its memory when [`ControlPlane::check_running`] last found it running,
+    /// and how long after the start.
+    last_memory: Option<(Duration, Memory)>,
 }
 
 impl ControlPlane {
@@ -102,6 +105,7 @@ impl ControlPlane {
             state: paths.state.clone(),
             ticks: procstat::ticks_per_second(),
             exit: None,
+            last_memory: None,
         })
     }
 
@@ -124,8 +128,19 @@ impl ControlPlane {
         }
         match &self.exit {
             Some(exit) => bail!("the control plane {exit}; its log: {}", self.log.display()),
-            None => Ok(()),
+            None => {
+                if let Ok(memory) = self.entry.memory() {
+                    self.last_memory = Some((self.started.elapsed(), memory));
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Its memory when it was last seen running, and how long after the
+    /// start that was: what an error reports once it has died.
+    pub fn last_memory(&self) -> Option<(Duration, Memory)> {
+        self.last_memory
     }
 
     /// Waits until the control plane has written its roots; their PEM.

@@ -69,6 +69,10 @@ pub struct ClusterFigures {
 pub struct FullStateFigures {
     /// Nodes that got one (all of them, or the run fails).
     pub nodes: u32,
+    /// While the nodes connected, about once a second: seconds since the
+    /// control plane's start, nodes with their full state by then, and the
+    /// control plane's RSS in KiB.
+    pub timeline: Vec<(f64, u32, u64)>,
     /// From the control plane's start until the last node had its full state.
     pub all_nodes_seconds: f64,
     /// The same for the median node.
