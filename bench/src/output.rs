@@ -1,11 +1,11 @@
 //! What the run prints and writes: the table, the JSON and the chart.
 
 use anyhow::{Context, Result};
+use serde::Serialize;
 
 use crate::report::{self, Report};
 use crate::{Config, chart, title_short};
 
-#[allow(clippy::print_stdout)] // the table and the JSON are this program's output
 pub fn output(config: &Config, report: &Report) -> Result<()> {
     let table = report::render(report);
     let panels: Vec<(&str, &[report::PathLatency])> = [
@@ -20,21 +20,29 @@ pub fn output(config: &Config, report: &Report) -> Result<()> {
         std::fs::write(&config.chart, chart::svg(&panels))
             .with_context(|| format!("writing {}", config.chart.display()))?;
     }
-    let json = serde_json::to_string_pretty(report)?;
-    match config.json.as_deref() {
+    table_and_json(config.json.as_deref(), &table, report)?;
+    if !panels.is_empty() {
+        eprintln!("chart: {}", config.chart.display());
+    }
+    Ok(())
+}
+
+/// Prints `table` and writes `report` as JSON to `json` (`-`: the JSON on
+/// stdout and the table on stderr; none: the table alone).
+#[allow(clippy::print_stdout)] // the table and the JSON are this program's output
+pub fn table_and_json(json: Option<&str>, table: &str, report: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    match json {
         Some("-") => {
             eprint!("{table}");
-            println!("{json}");
+            println!("{text}");
         }
         Some(file) => {
-            std::fs::write(file, json + "\n").with_context(|| format!("writing {file}"))?;
+            std::fs::write(file, text + "\n").with_context(|| format!("writing {file}"))?;
             print!("{table}");
             println!("JSON: {file}");
         }
         None => print!("{table}"),
-    }
-    if !panels.is_empty() {
-        eprintln!("chart: {}", config.chart.display());
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use super::process::LogSummary;
@@ -407,23 +407,8 @@ fn row(out: &mut String, label: &str, value: String) {
 
 /// Prints the table and writes the JSON (`-`: the JSON on stdout and the
 /// table on stderr).
-#[allow(clippy::print_stdout)] // the table and the JSON are this program's output
 pub fn output(json: Option<&str>, report: &ScaleReport) -> Result<()> {
-    let table = render(report);
-    let text = serde_json::to_string_pretty(report)?;
-    match json {
-        Some("-") => {
-            eprint!("{table}");
-            println!("{text}");
-        }
-        Some(file) => {
-            std::fs::write(file, text + "\n").with_context(|| format!("writing {file}"))?;
-            print!("{table}");
-            println!("JSON: {file}");
-        }
-        None => print!("{table}"),
-    }
-    Ok(())
+    crate::output::table_and_json(json, &render(report), report)
 }
 
 #[cfg(test)]
