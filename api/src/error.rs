@@ -17,6 +17,35 @@ pub enum Error {
         /// What is wrong with its value.
         problem: String,
     },
+    /// A part of a config update that does not continue the update before
+    /// it (see [`crate::parts`]).
+    #[error(
+        "config update part (version {part_version}, full state {part_full_state}) does not \
+         continue the update in progress (version {version}, full state {full_state})"
+    )]
+    PartOutOfPlace {
+        /// The update in progress.
+        version: u64,
+        /// Whether it is a full state.
+        full_state: bool,
+        /// The part's version.
+        part_version: u64,
+        /// Whether the part says full state.
+        part_full_state: bool,
+    },
+    /// A message that does not decode.
+    #[error("undecodable message: {0}")]
+    Undecodable(String),
+    /// An update whose parts together exceed the limit.
+    #[error("config update {version} is {bytes} bytes so far, over the limit of {limit}")]
+    UpdateTooLarge {
+        /// Its version.
+        version: u64,
+        /// Its size so far.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Converting a TrafficPolicy failed.
     #[error("TrafficPolicy {policy}: {field}: {problem}")]
     InvalidTrafficPolicy {
@@ -37,6 +66,7 @@ impl Error {
         match self {
             Error::InvalidAuthorizationPolicy { field, problem, .. }
             | Error::InvalidTrafficPolicy { field, problem, .. } => format!("{field}: {problem}"),
+            other => other.to_string(),
         }
     }
 }

@@ -19,8 +19,17 @@ pub mod v1 {
     tonic::include_proto!("weft.v1");
 }
 
+/// The `NodeConfig` server once more, sending updates that the caller
+/// encoded ([`parts::EncodedUpdate`]): the control plane's. Every message
+/// type is [`v1`]'s.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod encoded {
+    include!(concat!(env!("OUT_DIR"), "/encoded/weft.v1.rs"));
+}
+
 pub mod authorization;
 mod error;
+pub mod parts;
 pub mod traffic;
 
 pub use error::Error;

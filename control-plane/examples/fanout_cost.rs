@@ -5,6 +5,7 @@
 //! `cargo run --release -p weft-control-plane --example fanout_cost -- 1000 50000`
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // an example's output is its point
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use weft_api::v1 as pb;
@@ -85,27 +86,36 @@ fn main() {
         Mesh::derive(&before, trust.clone(), "weft-system")
     });
     timed("ClusterState clone", || before.clone());
-    let first = Published::first(mesh);
+    let first = timed("Published::first (encodes the shared entries)", || {
+        Arc::new(Published::first(mesh))
+    });
     let (feed, full) = timed("one node's full state (NodeFeed::start)", || {
         NodeFeed::start("node-1", &first, 1)
     });
-    let bytes = timed("  its encoding", || prost::Message::encode_to_vec(&full));
+    let (parts, bytes) = timed("  written in 64 KiB parts", || {
+        full.parts(64 * 1024)
+            .fold((0, 0), |(n, b), part| (n + 1, b + part.bytes().len()))
+    });
     println!(
-        "{:<44} {:>10.1} MiB",
+        "{:<44} {:>10.1} MiB in {parts} parts",
         "  its size",
-        bytes.len() as f64 / 1048576.0
+        bytes as f64 / 1048576.0
     );
     drop(feed);
-    let mut feeds: Vec<NodeFeed> = timed("every node's full state, built and dropped", || {
+    let mut feeds: Vec<NodeFeed> = timed("every node's full state, written and dropped", || {
         (1..=nodes)
-            .map(|n| NodeFeed::start(&format!("node-{n}"), &first, 1).0)
+            .map(|n| {
+                let (feed, full) = NodeFeed::start(&format!("node-{n}"), &first, 1);
+                full.parts(64 * 1024).for_each(drop);
+                feed
+            })
             .collect()
     });
     let mesh = timed("Mesh::derive after one pod's IP changed", || {
         Mesh::derive(&after, trust.clone(), "weft-system")
     });
     let next = timed("  MeshChange::between and publish", || {
-        first.next(mesh, 1024).unwrap()
+        Arc::new(first.next(mesh, 1024).unwrap())
     });
     let sent = timed("  every node's delta", || {
         feeds

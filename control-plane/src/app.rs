@@ -286,7 +286,8 @@ pub async fn run_on(
         config.max_config_message_bytes,
     )
     .with_max_streams_per_node(config.limits.max_config_streams_per_node)
-    .with_max_full_states(config.max_concurrent_full_states);
+    .with_max_full_states(config.max_concurrent_full_states)
+    .with_part_bytes(config.config_part_bytes);
     let signing_service = SigningService::new(ca, mesh_rx, auth, nodes).waiting_for_pods(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,
@@ -296,7 +297,7 @@ pub async fn run_on(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(
-            pb::node_config_server::NodeConfigServer::new(config_service)
+            weft_api::encoded::node_config_server::NodeConfigServer::new(config_service)
                 .max_encoding_message_size(config.max_config_message_bytes),
         )
         .add_service(pb::certificates_server::CertificatesServer::new(

@@ -125,13 +125,22 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// The largest config message sent to a proxy, in bytes (a node's full
-    /// state grows with the cluster, about 200 bytes per pod and per Service
-    /// endpoint). The same default as the proxy's
-    /// `--max-config-message-bytes`; a node whose full state is larger gets
-    /// none, with an error in this log naming the node and the size.
+    /// The largest config message sent to a proxy, in bytes. A proxy that
+    /// assembles updates from parts gets messages of about
+    /// `--config-part-bytes`, larger only for a single larger entry; an
+    /// older proxy gets each update whole (a node's full state grows with
+    /// the cluster, about 170 bytes per pod and per Service endpoint). The
+    /// same default as the proxy's `--max-config-message-bytes`; a larger
+    /// message is not sent, with an error in this log naming the size.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_config_message_bytes: usize,
+
+    /// The size of an update's parts, in bytes: a full state (and a large
+    /// delta) goes to a proxy as messages of about this size, so that each
+    /// stream's buffers, here and in the proxy, stay about this large
+    /// however large the cluster.
+    #[arg(long, env = "WEFT_CONFIG_PART_BYTES", default_value_t = 64 * 1024)]
+    pub config_part_bytes: usize,
 
     /// Mesh changes kept for config streams that fall behind (a slow
     /// proxy, a burst of changes): a stream catches up through them by the
@@ -139,9 +148,10 @@ pub struct ControlPlaneConfig {
     #[arg(long, env = "WEFT_CONFIG_HISTORY", default_value_t = 1024)]
     pub config_history: usize,
 
-    /// Full states built or waiting for gRPC at once. Each is as large as
-    /// the cluster (about 220 bytes per pod); proxies beyond this wait their
-    /// turn, so a thousand reconnecting together cannot hold a thousand.
+    /// Full states being sent at once. Each is written a part at a time,
+    /// but keeps the mesh it was taken from alive until its last part is
+    /// out (a slow proxy, a busy mesh): proxies beyond this wait their turn,
+    /// so a thousand reconnecting together hold at most this many meshes.
     #[arg(long, env = "WEFT_MAX_CONCURRENT_FULL_STATES", default_value_t = 16)]
     pub max_concurrent_full_states: usize,
 

@@ -14,20 +14,23 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, error, info, info_span, warn};
+use weft_api::parts::{self, EncodedUpdate};
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
-use crate::fanout::{NodeFeed, Published};
+use crate::fanout::{NodeFeed, Outgoing, Published};
+use crate::full_state::FullState;
 use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Updates queued per stream before the stream waits for the proxy: one,
+/// Messages queued per stream before the stream waits for the proxy: one,
 /// so that a stream knows when gRPC took its full state (see
-/// [`ConfigStreamService::with_max_full_states`]), and a slow proxy's
-/// changes coalesce here rather than queue.
+/// [`ConfigStreamService::with_max_full_states`]), a full state is written
+/// only as fast as it is sent, and a slow proxy's changes coalesce here
+/// rather than queue.
 const STREAM_BUFFER: usize = 1;
 
 /// The config stream service.
@@ -37,6 +40,9 @@ pub struct ConfigStreamService {
     auth: Arc<NodeAuthenticator>,
     registry: Arc<NodeRegistry>,
     max_message_bytes: usize,
+    /// The size of an update's parts for proxies that accept parts (see
+    /// `--config-part-bytes`).
+    part_bytes: usize,
     /// Open streams one node may hold (see `--max-config-streams-per-node`).
     max_streams_per_node: u32,
     /// Full states being built or handed to gRPC at once.
@@ -58,6 +64,7 @@ impl ConfigStreamService {
             auth,
             registry,
             max_message_bytes,
+            part_bytes: 64 * 1024,
             max_streams_per_node: u32::MAX,
             full_states: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
         }
@@ -71,6 +78,13 @@ impl ConfigStreamService {
         self
     }
 
+    /// Updates in parts of about `bytes` to proxies that accept parts:
+    /// every buffer a stream holds on either side is about that size.
+    pub fn with_part_bytes(mut self, bytes: usize) -> ConfigStreamService {
+        self.part_bytes = bytes.max(1);
+        self
+    }
+
     /// At most `max` open streams per node: each holds the node's whole
     /// view, and a stolen node token must not multiply it.
     pub fn with_max_streams_per_node(mut self, max: u32) -> ConfigStreamService {
@@ -79,10 +93,10 @@ impl ConfigStreamService {
     }
 }
 
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<EncodedUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::node_config_server::NodeConfig for ConfigStreamService {
+impl weft_api::encoded::node_config_server::NodeConfig for ConfigStreamService {
     type StreamStream = UpdateStream;
 
     async fn stream(
@@ -112,6 +126,12 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
         let stream = NodeStream {
             node,
             max_message_bytes: self.max_message_bytes,
+            // A proxy that does not assemble parts gets every update whole.
+            part_bytes: if hello.accepts_parts {
+                self.part_bytes
+            } else {
+                usize::MAX
+            },
             mesh: self.mesh.clone(),
             registry: self.registry.clone(),
             full_states: self.full_states.clone(),
@@ -137,10 +157,11 @@ impl pb::node_config_server::NodeConfig for ConfigStreamService {
 struct NodeStream {
     node: String,
     max_message_bytes: usize,
+    part_bytes: usize,
     mesh: watch::Receiver<Arc<Published>>,
     registry: Arc<NodeRegistry>,
     full_states: Arc<Semaphore>,
-    updates: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+    updates: mpsc::Sender<Result<EncodedUpdate, Status>>,
 }
 
 impl NodeStream {
@@ -166,12 +187,13 @@ impl NodeStream {
                         };
                         drop(published);
                         version += 1;
-                        let sent = if update.full_state {
-                            // Behind the kept changes: the full state waits its turn.
-                            let _permit = self.full_states.clone().acquire_owned().await;
-                            self.send_full(update).await
-                        } else {
-                            self.send(update).await
+                        let sent = match update {
+                            Outgoing::Delta(delta) => self.send_delta(&delta).await,
+                            Outgoing::Full(full) => {
+                                // Behind the kept changes: the full state waits its turn.
+                                let _permit = self.full_states.clone().acquire_owned().await;
+                                self.send_full(full).await
+                            }
                         };
                         if !sent {
                             break;
@@ -192,19 +214,42 @@ impl NodeStream {
         info!("proxy disconnected");
     }
 
-    /// Sends a full state and waits until gRPC has taken it (the caller
-    /// holds a full-state permit until then); whether the proxy is there.
-    async fn send_full(&self, full: pb::ConfigUpdate) -> bool {
-        if !self.send(full).await {
-            return false;
+    /// Sends a full state, writing each part as gRPC takes the one before,
+    /// and waits until gRPC has taken the last (the caller holds a
+    /// full-state permit until then); whether the proxy is there.
+    async fn send_full(&self, full: FullState) -> bool {
+        let version = full.version();
+        debug!(version, "sending a full state");
+        for part in full.parts(self.part_bytes) {
+            if !self.send_part(version, part).await {
+                return false;
+            }
         }
+        self.registry.sent(&self.node, version);
         // The channel holds one message: room again means gRPC took it.
         self.updates.reserve().await.is_ok()
     }
 
-    async fn send(&self, update: pb::ConfigUpdate) -> bool {
-        let version = update.version;
-        let bytes = prost::Message::encoded_len(&update);
+    async fn send_delta(&self, delta: &pb::ConfigUpdate) -> bool {
+        debug!(
+            version = delta.version,
+            local = delta.local_workloads.len(),
+            remote = delta.remote_workloads.len(),
+            removed_remote = delta.removed_remote_workloads.len(),
+            services = delta.services.len(),
+            "sending a delta"
+        );
+        for part in parts::split(delta, self.part_bytes) {
+            if !self.send_part(delta.version, part).await {
+                return false;
+            }
+        }
+        self.registry.sent(&self.node, delta.version);
+        true
+    }
+
+    async fn send_part(&self, version: u64, part: EncodedUpdate) -> bool {
+        let bytes = part.bytes().len();
         if bytes > self.max_message_bytes {
             // gRPC will refuse to send it and end the stream; say why here,
             // where the operator can raise the limit.
@@ -212,22 +257,10 @@ impl NodeStream {
                 version,
                 bytes,
                 limit = self.max_message_bytes,
-                "config update is larger than --max-config-message-bytes; the proxy gets none"
+                "config message is larger than --max-config-message-bytes; the proxy gets none"
             );
         }
-        debug!(
-            version,
-            full = update.full_state,
-            local = update.local_workloads.len(),
-            remote = update.remote_workloads.len(),
-            services = update.services.len(),
-            "sending config"
-        );
-        if self.updates.send(Ok(update)).await.is_err() {
-            return false;
-        }
-        self.registry.sent(&self.node, version);
-        true
+        self.updates.send(Ok(part)).await.is_ok()
     }
 
     fn on_message(&self, message: pb::ProxyMessage) {

@@ -5,120 +5,22 @@
 //! holds only what is its own: its node's pods and their policies
 //! ([`NodeFeed`]).
 //!
-//! What each node sees is defined by [`crate::view::NodeView`]; a feed's
-//! deltas, applied in order, give exactly that view of the newest mesh
-//! (the tests check it over random changes). The cost of a change is the
-//! diff (once, in proportion to the cluster today) plus, per stream, the
-//! changed keys; a stream's memory is its own pods, not the cluster.
+//! A feed starts with a full state ([`crate::full_state`]); its deltas,
+//! applied in order, give exactly the full state of the newest mesh (the
+//! tests check it over random changes, through [`crate::view::NodeView`]).
+//! The cost of a change is the diff (once, in proportion to the cluster
+//! today) plus, per stream, the changed keys; a stream's memory is its own
+//! pods, not the cluster.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use weft_api::v1 as pb;
 
+use crate::forms::{changes_nothing, meshed_namespaces, remote_form};
+use crate::full_state::{FullState, SharedEntries};
 use crate::mesh::Mesh;
-use crate::view::{changes_nothing, meshed_namespaces, remote_form};
-
-/// How a workload changed from one mesh to the next.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadChange {
-    /// Its node before, `None` when it is new.
-    pub before: Option<String>,
-    /// Its node after, `None` when it is gone.
-    pub after: Option<String>,
-    /// Whether what other nodes see of it (its remote form) changed; a
-    /// label change alone does not.
-    pub remote: bool,
-}
-
-/// What changed from one mesh to the next, by key. A keyed entry of
-/// services and policies says whether the key existed before.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MeshChange {
-    /// Changed, added and removed workloads by uid.
-    pub workloads: BTreeMap<String, WorkloadChange>,
-    /// Changed services, with whether each existed before.
-    pub services: BTreeMap<String, bool>,
-    /// Changed AuthorizationPolicies, with whether each existed before.
-    pub authorization_policies: BTreeMap<String, bool>,
-    /// The trust bundle changed.
-    pub trust: bool,
-    /// The uninstall announcement changed.
-    pub uninstalling: bool,
-    /// The set of meshed namespaces changed.
-    pub meshed_namespaces: bool,
-}
-
-impl MeshChange {
-    /// What turns `old` into `new`.
-    pub fn between(old: &Mesh, new: &Mesh) -> MeshChange {
-        let mut workloads = BTreeMap::new();
-        for (uid, after) in &new.workloads {
-            let change = match old.workloads.get(uid) {
-                Some(before) if before.workload == after.workload => continue,
-                Some(before) => WorkloadChange {
-                    before: Some(before.workload.node.clone()),
-                    after: Some(after.workload.node.clone()),
-                    remote: remote_form(&before.workload) != remote_form(&after.workload),
-                },
-                None => WorkloadChange {
-                    before: None,
-                    after: Some(after.workload.node.clone()),
-                    remote: true,
-                },
-            };
-            workloads.insert(uid.clone(), change);
-        }
-        for (uid, before) in &old.workloads {
-            if !new.workloads.contains_key(uid) {
-                let change = WorkloadChange {
-                    before: Some(before.workload.node.clone()),
-                    after: None,
-                    remote: true,
-                };
-                workloads.insert(uid.clone(), change);
-            }
-        }
-        MeshChange {
-            workloads,
-            services: changed_keys(&old.services, &new.services),
-            authorization_policies: changed_keys(
-                &old.authorization_policies,
-                &new.authorization_policies,
-            ),
-            trust: old.trust != new.trust,
-            uninstalling: old.uninstalling != new.uninstalling,
-            meshed_namespaces: old.meshed_namespaces != new.meshed_namespaces,
-        }
-    }
-
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.workloads.is_empty()
-            && self.services.is_empty()
-            && self.authorization_policies.is_empty()
-            && !self.trust
-            && !self.uninstalling
-            && !self.meshed_namespaces
-    }
-}
-
-/// Keys whose values differ between `old` and `new`, with whether each was
-/// in `old`.
-fn changed_keys<T: PartialEq>(
-    old: &BTreeMap<String, T>,
-    new: &BTreeMap<String, T>,
-) -> BTreeMap<String, bool> {
-    let mut changed: BTreeMap<String, bool> = new
-        .iter()
-        .filter(|(key, value)| old.get(*key) != Some(value))
-        .map(|(key, _)| (key.clone(), old.contains_key(key)))
-        .collect();
-    for key in old.keys().filter(|key| !new.contains_key(*key)) {
-        changed.insert(key.clone(), true);
-    }
-    changed
-}
+pub use crate::mesh_change::{MeshChange, WorkloadChange};
 
 /// A mesh as the streams follow it: numbered, with the changes that led to
 /// it, so a stream that slept through several versions catches up by keys.
@@ -129,6 +31,8 @@ pub struct Published {
     pub version: u64,
     /// The mesh.
     pub mesh: Arc<Mesh>,
+    /// Its entries that every node's full state carries, encoded.
+    pub shared: Arc<SharedEntries>,
     /// The change that produced each of the last versions, newest last.
     history: VecDeque<(u64, Arc<MeshChange>)>,
 }
@@ -138,6 +42,7 @@ impl Published {
     pub fn first(mesh: Mesh) -> Published {
         Published {
             version: 1,
+            shared: Arc::new(SharedEntries::of(&mesh)),
             mesh: Arc::new(mesh),
             history: VecDeque::new(),
         }
@@ -151,6 +56,7 @@ impl Published {
             return None;
         }
         let version = self.version + 1;
+        let shared = Arc::new(self.shared.next(&mesh, &change));
         let mut history = self.history.clone();
         history.push_back((version, Arc::new(change)));
         while history.len() > keep.max(1) {
@@ -159,6 +65,7 @@ impl Published {
         Some(Published {
             version,
             mesh: Arc::new(mesh),
+            shared,
             history,
         })
     }
@@ -194,6 +101,15 @@ pub struct NodeFeed {
     policies: BTreeSet<String>,
 }
 
+/// What a stream sends next.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A delta, built whole: it is as large as the change.
+    Delta(pb::ConfigUpdate),
+    /// A full state, written part by part as it is sent.
+    Full(FullState),
+}
+
 /// Several changes of one workload, merged.
 #[derive(Default)]
 struct Merged<'a> {
@@ -206,7 +122,7 @@ struct Merged<'a> {
 impl NodeFeed {
     /// The full state of `node` in `published`, and the feed that follows
     /// it from there.
-    pub fn start(node: &str, published: &Published, version: u64) -> (NodeFeed, pb::ConfigUpdate) {
+    pub fn start(node: &str, published: &Arc<Published>, version: u64) -> (NodeFeed, FullState) {
         let mesh = &published.mesh;
         let mut feed = NodeFeed {
             node: node.to_owned(),
@@ -214,43 +130,33 @@ impl NodeFeed {
             local: BTreeSet::new(),
             policies: BTreeSet::new(),
         };
-        let mut update = pb::ConfigUpdate {
-            version,
-            full_state: true,
-            services: mesh.services.values().cloned().collect(),
-            trust: Some(mesh.trust.clone()),
-            uninstalling: Some(mesh.uninstalling),
-            meshed_namespaces: Some(meshed_namespaces(&mesh.meshed_namespaces)),
-            ..pb::ConfigUpdate::default()
-        };
-        for (uid, workload) in &mesh.workloads {
-            if workload.workload.node == node {
-                feed.local.insert(uid.clone());
-                update.local_workloads.push(workload.workload.clone());
-            } else {
-                update
-                    .remote_workloads
-                    .push(remote_form(&workload.workload));
-            }
-        }
-        feed.policies = feed.needed_policies(mesh);
-        update.authorization_policies = feed
-            .policies
+        feed.local = mesh
+            .workloads
             .iter()
-            .filter_map(|key| mesh.authorization_policies.get(key).cloned())
+            .filter(|(_, w)| w.workload.node == node)
+            .map(|(uid, _)| uid.clone())
             .collect();
-        (feed, update)
+        feed.policies = feed.needed_policies(mesh);
+        let full = FullState::new(
+            published.mesh.clone(),
+            published.shared.clone(),
+            node,
+            version,
+            feed.local.iter().cloned().collect(),
+            feed.policies.iter().cloned().collect(),
+        );
+        (feed, full)
     }
 
     /// What the proxy needs to go from the mesh it was last brought to to
-    /// `published`, as the message at `version`: a delta, a full state when
+    /// `published`, as the update at `version`: a delta, a full state when
     /// the changes in between are no longer kept, or `None` when nothing it
     /// sees changed.
-    pub fn update(&mut self, published: &Published, version: u64) -> Option<pb::ConfigUpdate> {
+    pub fn update(&mut self, published: &Arc<Published>, version: u64) -> Option<Outgoing> {
         let Some(changes) = published.changes_since(self.mesh_version) else {
             let (feed, full) = NodeFeed::start(&self.node, published, version);
             *self = feed;
-            return Some(full);
+            return Some(Outgoing::Full(full));
         };
         self.mesh_version = published.version;
         let mesh = &published.mesh;
@@ -282,7 +188,7 @@ impl NodeFeed {
         if changes.iter().any(|c| c.meshed_namespaces) {
             update.meshed_namespaces = Some(meshed_namespaces(&mesh.meshed_namespaces));
         }
-        (!changes_nothing(&update)).then_some(update)
+        (!changes_nothing(&update)).then_some(Outgoing::Delta(update))
     }
 
     /// Adds the changed workloads to `update`; whether a local one changed.

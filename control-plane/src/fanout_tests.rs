@@ -2,6 +2,9 @@
 
 use std::collections::BTreeMap;
 
+use prost::Message as _;
+use weft_api::parts::Assembler;
+
 use super::*;
 use crate::cluster::ClusterState;
 use crate::view::NodeView;
@@ -136,11 +139,28 @@ impl Applied {
         }
     }
 
-    fn of(view: &NodeView) -> Applied {
+    fn of(view: &Result<NodeView, weft_api::Error>) -> Applied {
+        let view = view.as_ref().unwrap();
         let mut applied = Applied::default();
         applied.apply(&view.full_update(1));
         applied
     }
+}
+
+/// What a stream sends, as the proxy reads it: a full state in small parts,
+/// put back together.
+fn whole(outgoing: Outgoing) -> pb::ConfigUpdate {
+    let parts: Vec<_> = match outgoing {
+        Outgoing::Delta(delta) => return delta,
+        Outgoing::Full(full) => full.parts(300).collect(),
+    };
+    let mut assembler = Assembler::default();
+    let mut assembled = None;
+    for part in &parts {
+        let decoded = pb::ConfigUpdate::decode(part.bytes().clone()).unwrap();
+        assembled = assembler.push(decoded, 0, usize::MAX).unwrap();
+    }
+    assembled.unwrap()
 }
 
 /// Follows `steps` random meshes on every node, each stream reading only
@@ -148,12 +168,12 @@ impl Applied {
 /// kept; after each read, what the proxy holds is the node's view.
 fn follow(seed: u64, steps: usize, stride: usize, keep: usize) -> usize {
     let mut dice = Dice(seed);
-    let mut published = Published::first(mesh_of(&random_cluster(&mut dice), 0));
+    let mut published = Arc::new(Published::first(mesh_of(&random_cluster(&mut dice), 0)));
     let mut feeds = Vec::new();
     for node in NODES {
         let (feed, full) = NodeFeed::start(node, &published, 1);
         let mut applied = Applied::default();
-        applied.apply(&full);
+        applied.apply(&whole(Outgoing::Full(full)));
         assert_eq!(applied, Applied::of(&NodeView::of(&published.mesh, node)));
         feeds.push((node, feed, applied, 1));
     }
@@ -162,8 +182,11 @@ fn follow(seed: u64, steps: usize, stride: usize, keep: usize) -> usize {
         let previous = published.mesh.clone();
         let mesh = mesh_of(&random_cluster(&mut dice), dice.roll(8) / 7);
         if let Some(next) = published.next(mesh, keep) {
-            published = next;
+            published = Arc::new(next);
         }
+        // The shared entries, brought along change by change, are those of
+        // the mesh.
+        assert_eq!(*published.shared, SharedEntries::of(&published.mesh));
         if step % stride != 0 {
             continue;
         }
@@ -172,14 +195,16 @@ fn follow(seed: u64, steps: usize, stride: usize, keep: usize) -> usize {
             let update = feed.update(&published, *version + 1);
             if stride == 1 {
                 // One step at a time: a message exactly when the node's view changed.
-                let reference = NodeView::of(&previous, node).delta_to(&view, 0);
+                let reference = NodeView::of(&previous, node)
+                    .unwrap()
+                    .delta_to(view.as_ref().unwrap(), 0);
                 assert_eq!(
                     update.is_some(),
                     reference.is_some(),
                     "seed {seed} step {step} {node}"
                 );
             }
-            if let Some(update) = update {
+            if let Some(update) = update.map(whole) {
                 *version += 1;
                 fulls += usize::from(update.full_state);
                 applied.apply(&update);
@@ -224,17 +249,18 @@ fn a_change_only_one_node_sees_leaves_the_other_streams_silent() {
              apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: front, namespace: shop}}\nspec: {{selector: {{matchLabels: {{tier: front}}}}, action: ALLOW, rules: [{{}}]}}\n"
         ))
     };
-    let first = Published::first(mesh_of(&pods("back"), 0));
+    let first = Arc::new(Published::first(mesh_of(&pods("back"), 0)));
     let (mut node1, _) = NodeFeed::start("node-1", &first, 1);
     let (mut node2, _) = NodeFeed::start("node-2", &first, 1);
 
     // web-1's label now selects it for a policy: node-1 hears of both, node-2 of nothing.
-    let second = first.next(mesh_of(&pods("front"), 0), 10).unwrap();
-    let delta = node1.update(&second, 2).unwrap();
+    let second = Arc::new(first.next(mesh_of(&pods("front"), 0), 10).unwrap());
+    let delta = whole(node1.update(&second, 2).unwrap());
+    assert!(!delta.full_state);
     assert_eq!(delta.local_workloads.len(), 1);
     assert_eq!(delta.authorization_policies.len(), 1);
     assert!(delta.remote_workloads.is_empty());
-    assert_eq!(node2.update(&second, 2), None);
+    assert!(node2.update(&second, 2).is_none());
 
     // Nothing changed at all: no new version.
     assert!(second.next(mesh_of(&pods("front"), 0), 10).is_none());

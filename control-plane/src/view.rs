@@ -1,7 +1,8 @@
-//! A node's view of the mesh: what one node proxy needs, and the difference
-//! between two views. This is the definition of what each node sees; the
-//! streams do not build whole views per change ([`crate::fanout`] sends the
-//! same result by keys), the tests compare against it.
+//! A node's view of the mesh, keyed: what one node proxy holds, and the
+//! difference between two views. The tests' reference: the view of a mesh
+//! is the full state a stream would send for it ([`crate::full_state`]),
+//! and the deltas a stream sends ([`crate::fanout`]) must bring a proxy
+//! from one view to the next.
 //!
 //! A node gets its own pods in full (labels included, for policy), the pods
 //! of other nodes without labels (a source proxy needs where and who, not
@@ -11,10 +12,19 @@
 //! only that node.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use prost::Message as _;
+use weft_api::parts::Assembler;
 use weft_api::v1 as pb;
 
+use crate::fanout::{NodeFeed, Published};
+use crate::forms::{changes_nothing, meshed_namespaces};
 use crate::mesh::Mesh;
+
+/// Small parts, so that the views the tests compare also check that an
+/// update in many parts reads as the whole.
+const TEST_PART_BYTES: usize = 512;
 
 /// Everything one node proxy holds, keyed as on the wire.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,30 +46,57 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    /// The view of `node` in `mesh`.
-    pub fn of(mesh: &Mesh, node: &str) -> NodeView {
-        let mut view = NodeView {
-            services: mesh.services.clone(),
-            trust: mesh.trust.clone(),
-            uninstalling: mesh.uninstalling,
-            meshed_namespaces: mesh.meshed_namespaces.clone(),
-            ..NodeView::default()
-        };
-        for (uid, workload) in &mesh.workloads {
-            if workload.workload.node == node {
-                for key in &workload.workload.authorization_policies {
-                    if let Some(policy) = mesh.authorization_policies.get(key) {
-                        view.authorization_policies
-                            .insert(key.clone(), policy.clone());
-                    }
-                }
-                view.local.insert(uid.clone(), workload.workload.clone());
-            } else {
-                view.remote
-                    .insert(uid.clone(), remote_form(&workload.workload));
+    /// The view of `node` in `mesh`: its full state, as a stream writes it
+    /// (in small parts, put back together), keyed. An error only if those
+    /// parts do not decode, which is a bug.
+    pub fn of(mesh: &Mesh, node: &str) -> Result<NodeView, weft_api::Error> {
+        let published = Arc::new(Published::first(mesh.clone()));
+        let (_, full) = NodeFeed::start(node, &published, 1);
+        let mut assembler = Assembler::default();
+        for part in full.parts(TEST_PART_BYTES) {
+            let bytes = part.bytes().len();
+            let decoded = pb::ConfigUpdate::decode(part.bytes().clone())
+                .map_err(|error| weft_api::Error::Undecodable(error.to_string()))?;
+            if let Some(update) = assembler.push(decoded, bytes, usize::MAX)? {
+                return Ok(NodeView::from_full_state(update));
             }
         }
-        view
+        Err(weft_api::Error::Undecodable(
+            "the last part is missing".into(),
+        ))
+    }
+
+    /// A full state, keyed.
+    pub fn from_full_state(update: pb::ConfigUpdate) -> NodeView {
+        let key = |namespace: &str, name: &str| format!("{namespace}/{name}");
+        NodeView {
+            local: update
+                .local_workloads
+                .into_iter()
+                .map(|w| (w.uid.clone(), w))
+                .collect(),
+            remote: update
+                .remote_workloads
+                .into_iter()
+                .map(|w| (w.uid.clone(), w))
+                .collect(),
+            services: update
+                .services
+                .into_iter()
+                .map(|s| (key(&s.namespace, &s.name), s))
+                .collect(),
+            authorization_policies: update
+                .authorization_policies
+                .into_iter()
+                .map(|p| (key(&p.namespace, &p.name), p))
+                .collect(),
+            trust: update.trust.unwrap_or_default(),
+            uninstalling: update.uninstalling.unwrap_or_default(),
+            meshed_namespaces: update
+                .meshed_namespaces
+                .map(|m| m.names.into_iter().collect())
+                .unwrap_or_default(),
+        }
     }
 
     /// This view as a full state at `version`.
@@ -104,45 +141,9 @@ impl NodeView {
             removed_authorization_policies,
             uninstalling,
             meshed_namespaces,
+            more_follows: false,
         };
         (!changes_nothing(&update)).then_some(update)
-    }
-}
-
-/// Whether a delta carries nothing: such a delta is never sent.
-pub(crate) fn changes_nothing(update: &pb::ConfigUpdate) -> bool {
-    update.local_workloads.is_empty()
-        && update.removed_local_workloads.is_empty()
-        && update.remote_workloads.is_empty()
-        && update.removed_remote_workloads.is_empty()
-        && update.services.is_empty()
-        && update.removed_services.is_empty()
-        && update.trust.is_none()
-        && update.authorization_policies.is_empty()
-        && update.removed_authorization_policies.is_empty()
-        && update.uninstalling.is_none()
-        && update.meshed_namespaces.is_none()
-}
-
-/// A workload as other nodes see it: how a pod is selected and protected
-/// matters only where it runs.
-pub(crate) fn remote_form(workload: &pb::Workload) -> pb::Workload {
-    pb::Workload {
-        labels: Default::default(),
-        authorization_policies: Vec::new(),
-        invalid_authorization_policies: Vec::new(),
-        probe_ports: Vec::new(),
-        mtls_mode: pb::MtlsMode::Permissive as i32,
-        mtls_policy: String::new(),
-        ..workload.clone()
-    }
-}
-
-pub(crate) fn meshed_namespaces(
-    names: &std::collections::BTreeSet<String>,
-) -> pb::MeshedNamespaces {
-    pb::MeshedNamespaces {
-        names: names.iter().cloned().collect(),
     }
 }
 
@@ -200,8 +201,8 @@ mod tests {
         let (during, _) = mesh_with(&daemon_set("weft-system", "true"));
         assert!(during.uninstalling);
         let (old, new) = (
-            NodeView::of(&before, "node-1"),
-            NodeView::of(&during, "node-1"),
+            NodeView::of(&before, "node-1").unwrap(),
+            NodeView::of(&during, "node-1").unwrap(),
         );
         assert_eq!(new.full_update(1).uninstalling, Some(true));
         assert_eq!(old.full_update(1).uninstalling, Some(false));
@@ -237,8 +238,8 @@ mod tests {
         ));
         let (after, _) = mesh_with(&namespace("legacy", "enabled"));
         let (old, new) = (
-            NodeView::of(&before, "node-1"),
-            NodeView::of(&after, "node-1"),
+            NodeView::of(&before, "node-1").unwrap(),
+            NodeView::of(&after, "node-1").unwrap(),
         );
         let names = |update: &pb::ConfigUpdate| update.meshed_namespaces.clone().map(|m| m.names);
         assert_eq!(names(&old.full_update(1)), Some(vec!["shop".to_owned()]));

@@ -212,6 +212,7 @@ async fn open_stream(
     tx.send(message(Kind::Hello(pb::Hello {
         node: node.into(),
         proxy_version: "test".into(),
+        accepts_parts: true,
     })))
     .await
     .unwrap();
@@ -223,11 +224,17 @@ async fn open_stream(
 }
 
 async fn next_update(updates: &mut tonic::Streaming<pb::ConfigUpdate>) -> pb::ConfigUpdate {
-    tokio::time::timeout(WAIT, updates.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap()
+    let mut assembler = weft_api::parts::Assembler::default();
+    loop {
+        let part = tokio::time::timeout(WAIT, updates.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(update) = assembler.push(part, 0, usize::MAX).unwrap() {
+            return update;
+        }
+    }
 }
 
 #[tokio::test]

@@ -190,8 +190,8 @@ fn each_node_sees_its_own_pods_in_full_and_others_without_labels() {
     write(dir.path(), "cluster.yaml", CLUSTER);
     let (mesh, _) = mesh_of(dir.path());
 
-    let node1 = NodeView::of(&mesh, "node-1");
-    let node2 = NodeView::of(&mesh, "node-2");
+    let node1 = NodeView::of(&mesh, "node-1").unwrap();
+    let node2 = NodeView::of(&mesh, "node-2").unwrap();
     assert_eq!(
         node1.local.keys().collect::<Vec<_>>(),
         ["shop/batch-1", "shop/web-1"]
@@ -225,7 +225,8 @@ fn a_change_to_one_pod_reaches_only_the_nodes_that_see_it() {
     );
     let (after, _) = mesh_of(dir.path());
     let delta1 = NodeView::of(&before, "node-1")
-        .delta_to(&NodeView::of(&after, "node-1"), 2)
+        .unwrap()
+        .delta_to(&NodeView::of(&after, "node-1").unwrap(), 2)
         .unwrap();
     assert!(!delta1.full_state);
     assert_eq!(delta1.local_workloads.len(), 1);
@@ -234,7 +235,9 @@ fn a_change_to_one_pod_reaches_only_the_nodes_that_see_it() {
         delta1.remote_workloads.is_empty() && delta1.services.is_empty() && delta1.trust.is_none()
     );
     assert_eq!(
-        NodeView::of(&before, "node-2").delta_to(&NodeView::of(&after, "node-2"), 2),
+        NodeView::of(&before, "node-2")
+            .unwrap()
+            .delta_to(&NodeView::of(&after, "node-2").unwrap(), 2),
         None
     );
 
@@ -246,7 +249,8 @@ fn a_change_to_one_pod_reaches_only_the_nodes_that_see_it() {
     );
     let (moved, _) = mesh_of(dir.path());
     let delta2 = NodeView::of(&before, "node-2")
-        .delta_to(&NodeView::of(&moved, "node-2"), 2)
+        .unwrap()
+        .delta_to(&NodeView::of(&moved, "node-2").unwrap(), 2)
         .unwrap();
     assert_eq!(delta2.remote_workloads.len(), 1);
     assert_eq!(delta2.remote_workloads[0].ips, vec!["10.244.1.9"]);
@@ -257,12 +261,14 @@ fn a_change_to_one_pod_reaches_only_the_nodes_that_see_it() {
     write(dir.path(), "cluster.yaml", &without_web);
     let (renamed, _) = mesh_of(dir.path());
     let delta = NodeView::of(&before, "node-1")
-        .delta_to(&NodeView::of(&renamed, "node-1"), 2)
+        .unwrap()
+        .delta_to(&NodeView::of(&renamed, "node-1").unwrap(), 2)
         .unwrap();
     assert_eq!(delta.removed_local_workloads, vec!["shop/web-1"]);
     assert_eq!(delta.local_workloads[0].uid, "shop/web-2");
     let delta = NodeView::of(&before, "node-2")
-        .delta_to(&NodeView::of(&renamed, "node-2"), 2)
+        .unwrap()
+        .delta_to(&NodeView::of(&renamed, "node-2").unwrap(), 2)
         .unwrap();
     assert_eq!(delta.removed_remote_workloads, vec!["shop/web-1"]);
 }

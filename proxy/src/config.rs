@@ -318,11 +318,12 @@ pub struct ProxyConfig {
     #[arg(long, env = "WEFT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
-    /// The largest config message the proxy accepts from the control plane,
-    /// in bytes. A node's full state grows with the cluster (about 200
-    /// bytes per pod and per Service endpoint): 128 MiB holds well over
-    /// 500,000 of them. gRPC's usual 4 MiB would cut a node off at about
-    /// 20,000 pods.
+    /// The largest config update the proxy accepts from the control plane,
+    /// in bytes, whether it comes whole or in parts (the control plane
+    /// sends parts of about 64 KiB, so the stream's read buffer stays that
+    /// size; the whole is held while it is put together). A node's full
+    /// state grows with the cluster (about 170 bytes per pod and per
+    /// Service endpoint): 128 MiB holds well over 500,000 of them.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_CONFIG_MESSAGE_BYTES)]
     pub max_config_message_bytes: usize,
 }

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tracing::{Instrument, debug, info, info_span, warn};
+use weft_api::parts::Assembler;
 use weft_api::v1::node_config_client::NodeConfigClient;
 use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
 
@@ -261,6 +262,7 @@ impl ControlPlaneClient {
         let hello = proxy_message::Kind::Hello(Hello {
             node: self.node.clone(),
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            accepts_parts: true,
         });
         send(&outgoing, hello, "Hello", &address).await?;
         let mut updates = client
@@ -279,9 +281,12 @@ impl ControlPlaneClient {
         });
         info!("config stream open");
 
+        // Updates come in parts of a few tens of KiB (see weft_api::parts):
+        // the whole is held only here, bounded like a single message.
+        let mut parts = Assembler::default();
         loop {
-            let update = match updates.message().await {
-                Ok(Some(update)) => update,
+            let part = match updates.message().await {
+                Ok(Some(part)) => part,
                 Ok(None) => return Err(Error::StreamEnded { address }),
                 Err(status) => {
                     return Err(Error::StreamBroken {
@@ -290,6 +295,12 @@ impl ControlPlaneClient {
                         message: status.message().to_owned(),
                     });
                 }
+            };
+            let bytes = prost::Message::encoded_len(&part);
+            let update = match parts.push(part, bytes, self.max_message_bytes) {
+                Ok(Some(update)) => update,
+                Ok(None) => continue,
+                Err(problem) => return Err(Error::BadUpdateParts { address, problem }),
             };
             let version = update.version;
             match self.apply(&update) {

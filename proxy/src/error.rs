@@ -124,6 +124,17 @@ pub enum Error {
         message: String,
     },
 
+    /// The control plane sent parts that do not make one update (out of
+    /// place, or more in all than the proxy accepts): the stream is left
+    /// and a new one asked for, which starts with a full state.
+    #[error("reading the config stream from {address}: {problem}")]
+    BadUpdateParts {
+        /// The control plane's address.
+        address: String,
+        /// What was wrong.
+        problem: weft_api::Error,
+    },
+
     /// The control plane closed the config stream without an error.
     #[error("reading the config stream from {address}: the control plane ended the stream")]
     StreamEnded {

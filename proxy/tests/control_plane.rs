@@ -348,6 +348,78 @@ async fn a_full_state_larger_than_four_mebibytes_is_delivered_and_applied() {
     assert_eq!(view.remote_workloads().len(), 40_000);
 }
 
+/// `update` in parts of about `bytes`, as the control plane sends them.
+fn in_parts(update: &weft_api::v1::ConfigUpdate, bytes: usize) -> Vec<weft_api::v1::ConfigUpdate> {
+    weft_api::parts::split(update, bytes)
+        .iter()
+        .map(|part| prost::Message::decode(part.bytes().clone()).expect("a part decodes"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_in_parts_is_applied_once_whole_and_a_stray_part_restarts_the_stream() {
+    let mut cp = TestControlPlane::start().await;
+    let (proxy, _files) = start_proxy(&cp).await;
+    let mut stream = cp.next_stream().await;
+    assert!(stream.hello.accepts_parts);
+    let pod = |i: u32| {
+        let ip = format!("10.64.{}.{}", i / 256, i % 256);
+        workload("shop", &format!("pod-{i}"), "cart", "node-2", &ip, true)
+    };
+    let local = vec![workload("default", "web", "web", NODE, "10.0.1.5", true)];
+    let full = full_state(&cp, 1, local, (0..2_000).map(pod).collect());
+    let parts = in_parts(&full, 8 * 1024);
+    assert!(parts.len() > 10, "{} parts", parts.len());
+    for part in parts {
+        stream.send(part).await;
+    }
+    // One Ack, for the whole: had a part been applied alone as a full
+    // state, the parts after it would have replaced it.
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
+    let view = proxy.view().borrow().clone().unwrap();
+    assert_eq!(view.remote_workloads().len(), 2_000);
+    assert_eq!(view.local_workloads().len(), 1);
+
+    // A delta in parts, whole: applied once.
+    let delta = weft_api::v1::ConfigUpdate {
+        version: 2,
+        remote_workloads: (2_000..2_300).map(pod).collect(),
+        removed_remote_workloads: (0..300).map(|i| format!("shop/pod-{i}")).collect(),
+        ..Default::default()
+    };
+    let parts = in_parts(&delta, 2 * 1024);
+    assert!(parts.len() > 3);
+    for part in parts {
+        stream.send(part).await;
+    }
+    assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 2 }));
+    let view = proxy.view().borrow().clone().unwrap();
+    assert_eq!(view.remote_workloads().len(), 2_000);
+    assert!(
+        view.remote_workloads()
+            .keys()
+            .any(|uid| uid == "shop/pod-2299")
+    );
+
+    // A part that does not continue the update before it: nothing of the
+    // update is applied, and the proxy asks for a new stream.
+    let delta = weft_api::v1::ConfigUpdate {
+        version: 3,
+        removed_remote_workloads: (300..600).map(|i| format!("shop/pod-{i}")).collect(),
+        ..Default::default()
+    };
+    let mut parts = in_parts(&delta, 1024);
+    parts[1].version = 4;
+    for part in parts.into_iter().take(2) {
+        stream.send(part).await;
+    }
+    let again = cp.next_stream().await;
+    assert!(again.hello.accepts_parts);
+    let view = proxy.view().borrow().clone().unwrap();
+    assert_eq!(view.version(), 2);
+    assert_eq!(view.remote_workloads().len(), 2_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_proxy_serves_its_last_config_and_certificates_without_the_control_plane() {
     let mut cp = TestControlPlane::start().await;

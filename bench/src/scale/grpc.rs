@@ -41,6 +41,10 @@ pub struct LightUpdate {
     /// `ConfigUpdate.remote_workloads`.
     #[prost(message, repeated, tag = "5")]
     pub remote_workloads: Vec<LightWorkload>,
+    /// `ConfigUpdate.more_follows`: this is a part, the next message
+    /// continues the update.
+    #[prost(bool, tag = "14")]
+    pub more_follows: bool,
 }
 
 /// A `Workload`'s uid and IPs.
@@ -69,6 +73,7 @@ impl ConfigStream {
         let hello = Kind::Hello(pb::Hello {
             node: node.to_owned(),
             proxy_version: concat!("weft-bench ", env!("CARGO_PKG_VERSION")).to_owned(),
+            accepts_parts: true,
         });
         requests
             .send(Ok(Frame::data(framed(hello))))
@@ -102,14 +107,35 @@ impl ConfigStream {
         })
     }
 
-    /// The next update and its size on the wire, or `None` when the control
-    /// plane ended the call with status OK.
+    /// The next update, put together from its parts as the proxy does, and
+    /// its size on the wire, or `None` when the control plane ended the
+    /// call with status OK.
     pub async fn next(&mut self, max_bytes: usize) -> Result<Option<(usize, LightUpdate)>> {
+        let mut whole: Option<(usize, LightUpdate)> = None;
         loop {
-            if let Some(message) = self.framer.messages.pop_front() {
-                let update =
+            while let Some(message) = self.framer.messages.pop_front() {
+                let part =
                     LightUpdate::decode(message.as_slice()).context("decoding a config update")?;
-                return Ok(Some((message.len(), update)));
+                let (bytes, update) = match whole.take() {
+                    None => (message.len(), part),
+                    Some((bytes, mut update)) => {
+                        if (update.version, update.full_state) != (part.version, part.full_state) {
+                            bail!(
+                                "a part of version {} continues version {}",
+                                part.version,
+                                update.version
+                            );
+                        }
+                        update.local_workloads.extend(part.local_workloads);
+                        update.remote_workloads.extend(part.remote_workloads);
+                        update.more_follows = part.more_follows;
+                        (bytes + message.len(), update)
+                    }
+                };
+                if !update.more_follows {
+                    return Ok(Some((bytes, update)));
+                }
+                whole = Some((bytes, update));
             }
             let Some(frame) = self.body.frame().await else {
                 bail!("the stream ended without a gRPC status");
