@@ -3,7 +3,7 @@
 //! directory, the API server) fills the same `ClusterState`; the mesh model
 //! is derived from it.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
@@ -150,9 +150,9 @@ impl ClusterObject {
         }
     }
 
-    /// `Kind namespace/name`, for messages.
-    pub fn describe(&self) -> String {
-        let kind = match self {
+    /// The object's kind, as Kubernetes spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
             ClusterObject::Namespace(_) => "Namespace",
             ClusterObject::ServiceAccount(_) => "ServiceAccount",
             ClusterObject::Pod(_) => "Pod",
@@ -162,52 +162,86 @@ impl ClusterObject {
             ClusterObject::MtlsPolicy(_) => "MtlsPolicy",
             ClusterObject::TrafficPolicy(_) => "TrafficPolicy",
             ClusterObject::DaemonSet(_) => "DaemonSet",
-        };
-        format!("{kind} {}", self.key())
+        }
+    }
+
+    /// `Kind namespace/name`, for messages.
+    pub fn describe(&self) -> String {
+        format!("{} {}", self.kind(), self.key())
     }
 }
 
+/// Objects of one kind by key: a persistent map, so a copy of the cluster
+/// is O(1) and two versions of it are compared ([`imbl::OrdMap::diff`]) in
+/// proportion to what changed. Objects are shared, not copied, between
+/// versions (and with the Kubernetes watch caches).
+pub type Objects<T> = imbl::OrdMap<ObjectKey, Arc<T>>;
+
 /// All objects the control plane knows, by kind and key.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
     /// Namespaces by name.
-    pub namespaces: BTreeMap<ObjectKey, Namespace>,
+    pub namespaces: Objects<Namespace>,
     /// ServiceAccounts by `<namespace>/<name>`.
-    pub service_accounts: BTreeMap<ObjectKey, ServiceAccount>,
+    pub service_accounts: Objects<ServiceAccount>,
     /// Pods by `<namespace>/<name>`.
-    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub pods: Objects<Pod>,
     /// Services by `<namespace>/<name>`.
-    pub services: BTreeMap<ObjectKey, Service>,
+    pub services: Objects<Service>,
     /// EndpointSlices by `<namespace>/<name>`.
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub endpoint_slices: Objects<EndpointSlice>,
     /// AuthorizationPolicies by `<namespace>/<name>`.
-    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    pub authorization_policies: Objects<AuthorizationPolicy>,
     /// MtlsPolicies by `<namespace>/<name>`.
-    pub mtls_policies: BTreeMap<ObjectKey, MtlsPolicy>,
+    pub mtls_policies: Objects<MtlsPolicy>,
     /// TrafficPolicies by `<namespace>/<name>`.
-    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
+    pub traffic_policies: Objects<TrafficPolicy>,
     /// DaemonSets by `<namespace>/<name>` (from Kubernetes, only weft's
     /// node proxies').
-    pub daemon_sets: BTreeMap<ObjectKey, DaemonSet>,
+    pub daemon_sets: Objects<DaemonSet>,
 }
 
 impl ClusterState {
+    /// Removes the object of `kind` (as [`ClusterObject::kind`] names it)
+    /// at `key`, if there is one.
+    pub fn remove(&mut self, kind: &str, key: &str) {
+        match kind {
+            "Namespace" => drop(self.namespaces.remove(key)),
+            "ServiceAccount" => drop(self.service_accounts.remove(key)),
+            "Pod" => drop(self.pods.remove(key)),
+            "Service" => drop(self.services.remove(key)),
+            "EndpointSlice" => drop(self.endpoint_slices.remove(key)),
+            "AuthorizationPolicy" => drop(self.authorization_policies.remove(key)),
+            "MtlsPolicy" => drop(self.mtls_policies.remove(key)),
+            "TrafficPolicy" => drop(self.traffic_policies.remove(key)),
+            "DaemonSet" => drop(self.daemon_sets.remove(key)),
+            _ => {}
+        }
+    }
+
     /// Adds or replaces an object. Returns whether it replaced one, so a
     /// source can report duplicates.
     pub fn insert(&mut self, object: ClusterObject) -> bool {
         let key = object.key();
         match object {
-            ClusterObject::Namespace(o) => self.namespaces.insert(key, *o).is_some(),
-            ClusterObject::ServiceAccount(o) => self.service_accounts.insert(key, *o).is_some(),
-            ClusterObject::Pod(o) => self.pods.insert(key, *o).is_some(),
-            ClusterObject::Service(o) => self.services.insert(key, *o).is_some(),
-            ClusterObject::EndpointSlice(o) => self.endpoint_slices.insert(key, *o).is_some(),
-            ClusterObject::AuthorizationPolicy(o) => {
-                self.authorization_policies.insert(key, *o).is_some()
+            ClusterObject::Namespace(o) => self.namespaces.insert(key, Arc::new(*o)).is_some(),
+            ClusterObject::ServiceAccount(o) => {
+                self.service_accounts.insert(key, Arc::new(*o)).is_some()
             }
-            ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, *o).is_some(),
-            ClusterObject::TrafficPolicy(o) => self.traffic_policies.insert(key, *o).is_some(),
-            ClusterObject::DaemonSet(o) => self.daemon_sets.insert(key, *o).is_some(),
+            ClusterObject::Pod(o) => self.pods.insert(key, Arc::new(*o)).is_some(),
+            ClusterObject::Service(o) => self.services.insert(key, Arc::new(*o)).is_some(),
+            ClusterObject::EndpointSlice(o) => {
+                self.endpoint_slices.insert(key, Arc::new(*o)).is_some()
+            }
+            ClusterObject::AuthorizationPolicy(o) => self
+                .authorization_policies
+                .insert(key, Arc::new(*o))
+                .is_some(),
+            ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, Arc::new(*o)).is_some(),
+            ClusterObject::TrafficPolicy(o) => {
+                self.traffic_policies.insert(key, Arc::new(*o)).is_some()
+            }
+            ClusterObject::DaemonSet(o) => self.daemon_sets.insert(key, Arc::new(*o)).is_some(),
         }
     }
 }
@@ -216,9 +250,9 @@ impl ClusterState {
 /// range of the sorted keys, so looking at one namespace costs in
 /// proportion to it, not to the cluster.
 pub fn in_namespace<'a, T>(
-    map: &'a BTreeMap<ObjectKey, T>,
+    map: &'a Objects<T>,
     namespace: &str,
-) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> {
+) -> impl Iterator<Item = (&'a ObjectKey, &'a Arc<T>)> {
     // '0' follows '/' in ASCII: the range holds exactly "<namespace>/...".
     map.range(format!("{namespace}/")..format!("{namespace}0"))
 }

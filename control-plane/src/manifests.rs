@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::cluster::{ClusterObject, ClusterState, ObjectProblem};
+use crate::cluster::{ClusterObject, ClusterState, ObjectKey, ObjectProblem};
 
 /// Largest manifest file read; bigger files are refused, not truncated.
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -44,12 +44,22 @@ impl std::fmt::Display for ManifestProblem {
     }
 }
 
-/// The directory's content as last read: good objects per file, and problems.
+/// An object's identity across files: its kind and key.
+type ObjectId = (&'static str, ObjectKey);
+
+/// The directory's content as last read: good objects per file, the
+/// cluster they make, and problems. The cluster is kept up to date file by
+/// file: a change to one file of thousands touches that file's objects.
 #[derive(Debug, Default)]
 pub struct ManifestDir {
     dir: PathBuf,
-    /// The last good objects of each file.
-    files: BTreeMap<PathBuf, Vec<ClusterObject>>,
+    /// The last good objects of each file (a later document of a file
+    /// replaces an earlier one of the same kind and key).
+    files: BTreeMap<PathBuf, BTreeMap<ObjectId, ClusterObject>>,
+    /// The files that define each object; the last by name wins.
+    defined_in: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
+    /// The cluster the files make.
+    state: ClusterState,
     /// Problems of the last read, by file.
     problems: BTreeMap<PathBuf, Vec<ManifestProblem>>,
     /// Documents of a kind weft does not use, by file (not problems: the
@@ -78,7 +88,15 @@ impl ManifestDir {
             .map(|entry| entry.path())
             .filter(|path| is_manifest(path))
             .collect();
-        self.files.retain(|path, _| present.contains(path));
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !present.contains(*path))
+            .cloned()
+            .collect();
+        for path in &gone {
+            self.set_objects(path, None);
+        }
         self.problems.retain(|path, _| present.contains(path));
         self.ignored.retain(|path, _| present.contains(path));
         for path in present {
@@ -102,7 +120,7 @@ impl ManifestDir {
             if is_manifest(path) {
                 self.read(path.clone());
             } else {
-                self.files.remove(path);
+                self.set_objects(path, None);
                 self.problems.remove(path);
                 self.ignored.remove(path);
             }
@@ -115,7 +133,11 @@ impl ManifestDir {
             Ok((objects, ignored)) => {
                 self.problems.remove(&path);
                 self.ignored.insert(path.clone(), ignored);
-                self.files.insert(path, objects);
+                let objects = objects
+                    .into_iter()
+                    .map(|object| ((object.kind(), object.key()), object))
+                    .collect();
+                self.set_objects(&path, Some(objects));
             }
             Err(problems) => {
                 for problem in &problems {
@@ -126,18 +148,54 @@ impl ManifestDir {
         }
     }
 
-    /// The cluster as the good objects of all files describe it. When two
-    /// files define the same object, the later file (by name) wins.
-    pub fn state(&self) -> ClusterState {
-        let mut state = ClusterState::default();
-        for (path, objects) in &self.files {
-            for object in objects {
-                if state.insert(object.clone()) {
-                    warn!(file = %path.display(), object = %object.describe(), "object defined twice; the later file wins");
+    /// Replaces the objects of the file at `path` (`None`: it has none),
+    /// and brings the cluster up to date for every object it defined or
+    /// defines.
+    fn set_objects(&mut self, path: &Path, objects: Option<BTreeMap<ObjectId, ClusterObject>>) {
+        let old = match objects {
+            Some(objects) => self.files.insert(path.to_owned(), objects),
+            None => self.files.remove(path),
+        };
+        let mut touched: BTreeSet<ObjectId> = BTreeSet::new();
+        for id in old.into_iter().flat_map(BTreeMap::into_keys) {
+            if let Some(files) = self.defined_in.get_mut(&id) {
+                files.remove(path);
+                if files.is_empty() {
+                    self.defined_in.remove(&id);
                 }
             }
+            touched.insert(id);
         }
-        state
+        for id in self.files.get(path).into_iter().flat_map(BTreeMap::keys) {
+            self.defined_in
+                .entry(id.clone())
+                .or_default()
+                .insert(path.to_owned());
+            touched.insert(id.clone());
+        }
+        for id in touched {
+            let files = self.defined_in.get(&id);
+            let winner = files
+                .and_then(|files| files.last())
+                .and_then(|file| self.files.get(file))
+                .and_then(|objects| objects.get(&id));
+            match winner {
+                Some(object) => {
+                    if files.is_some_and(|files| files.len() > 1) {
+                        warn!(object = %object.describe(), files = ?files, "object defined in more than one file; the last by name wins");
+                    }
+                    self.state.insert(object.clone());
+                }
+                None => self.state.remove(id.0, &id.1),
+            }
+        }
+    }
+
+    /// The cluster as the good objects of all files describe it. When two
+    /// files define the same object, the later file (by name) wins. A
+    /// copy shares everything with the directory's own (O(1)).
+    pub fn state(&self) -> ClusterState {
+        self.state.clone()
     }
 
     /// Problems found by the last reload.

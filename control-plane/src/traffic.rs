@@ -25,7 +25,9 @@ pub fn winning_policy<'a>(
 ) -> Option<(&'a str, &'a TrafficPolicy, pb::TrafficPolicy)> {
     in_namespace(&cluster.traffic_policies, namespace)
         .filter(|(_, policy)| policy.spec.service == name)
-        .filter_map(|(key, policy)| Some((key, policy, to_wire(key, namespace, policy).ok()?)))
+        .filter_map(|(key, policy)| {
+            Some((key, policy.as_ref(), to_wire(key, namespace, policy).ok()?))
+        })
         .min_by(|(a_key, a, _), (b_key, b, _)| {
             let created = |p: &TrafficPolicy| {
                 let time = p.metadata.creation_timestamp.as_ref();
@@ -151,7 +153,7 @@ mod tests {
                 p.metadata.namespace.as_deref().unwrap(),
                 p.metadata.name.as_deref().unwrap()
             );
-            cluster.traffic_policies.insert(key, p);
+            cluster.traffic_policies.insert(key, std::sync::Arc::new(p));
         }
         cluster
     }

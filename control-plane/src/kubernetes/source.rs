@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::cluster::{ClusterObject, ClusterState};
+use crate::cluster::{ClusterState, ObjectKey, Objects};
 use crate::crd::{AuthorizationPolicy, MtlsPolicy, TrafficPolicy};
 use crate::mesh::NODE_PROXY_DAEMONSET;
 
@@ -101,29 +101,63 @@ impl Stores {
         }
     }
 
-    fn snapshot(&self) -> ClusterState {
-        fn owned<K>(store: &Store<K>) -> impl Iterator<Item = Box<K>>
-        where
-            K: Resource + Clone + 'static,
-            K::DynamicType: Eq + Hash + Clone,
-        {
-            store.state().into_iter().map(|o| Box::new((*o).clone()))
-        }
-        let mut state = ClusterState::default();
-        let objects = owned(&self.namespaces)
-            .map(ClusterObject::Namespace)
-            .chain(owned(&self.service_accounts).map(ClusterObject::ServiceAccount))
-            .chain(owned(&self.pods).map(ClusterObject::Pod))
-            .chain(owned(&self.services).map(ClusterObject::Service))
-            .chain(owned(&self.endpoint_slices).map(ClusterObject::EndpointSlice))
-            .chain(owned(&self.authorization_policies).map(ClusterObject::AuthorizationPolicy))
-            .chain(owned(&self.mtls_policies).map(ClusterObject::MtlsPolicy))
-            .chain(owned(&self.traffic_policies).map(ClusterObject::TrafficPolicy))
-            .chain(owned(&self.node_proxy_daemon_set).map(ClusterObject::DaemonSet));
-        for object in objects {
-            state.insert(object);
-        }
+    /// The stores as a cluster state, built on `previous`: an object the
+    /// stores still hold as they did is shared, not copied or compared
+    /// (the state holds the stores' own `Arc`s), so this costs a pointer
+    /// comparison per object and a copy-on-write per change.
+    fn snapshot(&self, previous: &ClusterState) -> ClusterState {
+        let mut state = previous.clone();
+        sync(&mut state.namespaces, &self.namespaces, false);
+        sync(&mut state.service_accounts, &self.service_accounts, true);
+        sync(&mut state.pods, &self.pods, true);
+        sync(&mut state.services, &self.services, true);
+        sync(&mut state.endpoint_slices, &self.endpoint_slices, true);
+        sync(
+            &mut state.authorization_policies,
+            &self.authorization_policies,
+            true,
+        );
+        sync(&mut state.mtls_policies, &self.mtls_policies, true);
+        sync(&mut state.traffic_policies, &self.traffic_policies, true);
+        sync(&mut state.daemon_sets, &self.node_proxy_daemon_set, true);
         state
+    }
+}
+
+/// Brings `objects` to what `store` holds, keyed `<namespace>/<name>` (or
+/// `<name>` when not `namespaced`, as [`crate::cluster::ClusterObject::key`]
+/// does).
+fn sync<K>(objects: &mut Objects<K>, store: &Store<K>, namespaced: bool)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let listed = store.state();
+    let mut keys = std::collections::HashSet::with_capacity(listed.len());
+    for object in listed {
+        let meta = object.meta();
+        let name = meta.name.as_deref().unwrap_or("");
+        let key = match meta.namespace.as_deref() {
+            Some(namespace) if namespaced => format!("{namespace}/{name}"),
+            _ => name.to_owned(),
+        };
+        if !objects
+            .get(&key)
+            .is_some_and(|held| Arc::ptr_eq(held, &object))
+        {
+            objects.insert(key.clone(), object);
+        }
+        keys.insert(key);
+    }
+    if objects.len() > keys.len() {
+        let gone: Vec<ObjectKey> = objects
+            .keys()
+            .filter(|key| !keys.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            objects.remove(&key);
+        }
     }
 }
 
@@ -166,7 +200,7 @@ pub async fn watch_cluster(
     };
     drop(tick_tx);
     stores.wait_until_ready().await;
-    let first = Arc::new(stores.snapshot());
+    let first = Arc::new(stores.snapshot(&ClusterState::default()));
     info!(
         namespaces = first.namespaces.len(),
         pods = first.pods.len(),
@@ -178,10 +212,12 @@ pub async fn watch_cluster(
         while ticks.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
             while ticks.try_recv().is_ok() {}
-            // Copying the stores costs in proportion to the cluster: not on
-            // the async workers, which answer the proxies meanwhile.
+            // Reading the stores costs a pointer comparison per object:
+            // not on the async workers, which answer the proxies meanwhile.
             let copy = stores.clone();
-            let Ok(state) = tokio::task::spawn_blocking(move || copy.snapshot()).await else {
+            let previous = state_tx.borrow().clone();
+            let Ok(state) = tokio::task::spawn_blocking(move || copy.snapshot(&previous)).await
+            else {
                 break; // the runtime is shutting down
             };
             if state_tx.send(Arc::new(state)).is_err() {

@@ -45,17 +45,17 @@ async fn write_all(client: &kube::Client, cluster: &ClusterState, mesh_namespace
         match kind {
             Kind::AuthorizationPolicy => {
                 if let Some(object) = cluster.authorization_policies.get(&key) {
-                    write_one(client, object, object.status.as_ref(), &verdict).await;
+                    write_one(client, object.as_ref(), object.status.as_ref(), &verdict).await;
                 }
             }
             Kind::MtlsPolicy => {
                 if let Some(object) = cluster.mtls_policies.get(&key) {
-                    write_one(client, object, object.status.as_ref(), &verdict).await;
+                    write_one(client, object.as_ref(), object.status.as_ref(), &verdict).await;
                 }
             }
             Kind::TrafficPolicy => {
                 if let Some(object) = cluster.traffic_policies.get(&key) {
-                    write_one(client, object, object.status.as_ref(), &verdict).await;
+                    write_one(client, object.as_ref(), object.status.as_ref(), &verdict).await;
                 }
             }
         }
