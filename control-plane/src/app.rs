@@ -213,7 +213,8 @@ pub async fn run_on(
     let auth = Arc::new(auth);
     let cluster_for_pages = cluster.clone();
     let mesh_namespace = config.namespace.clone();
-    let initial = Mesh::derive(&cluster.borrow_and_update(), trust.clone(), &mesh_namespace);
+    let mut derived_from = cluster.borrow_and_update().clone();
+    let initial = Mesh::derive(&derived_from, trust.clone(), &mesh_namespace);
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(Published::first(initial)));
     let keep = config.config_history;
     // This task owns the only sender of the mesh: when it ends, every config
@@ -226,17 +227,24 @@ pub async fn run_on(
             let state = cluster.borrow_and_update().clone();
             let previous = mesh_tx.borrow().clone();
             let (trust, mesh_namespace) = (trust.clone(), mesh_namespace.clone());
+            let before = derived_from.clone();
+            let after = state.clone();
+            // The mesh of the new cluster from the last one's, re-deriving
+            // what changed between the two snapshots (crate::mesh_update).
             let next = tokio::task::spawn_blocking(move || {
-                let mut mesh = Mesh::derive(&state, trust, &mesh_namespace);
-                mesh.continue_uninstall(&previous.mesh, &state, &mesh_namespace);
+                let mut mesh = previous.mesh.next(&before, &after, trust, &mesh_namespace);
+                mesh.continue_uninstall(&previous.mesh, &after, &mesh_namespace);
                 previous.next(mesh, keep)
             })
             .await;
             match next {
                 Ok(Some(next)) => {
+                    derived_from = state;
                     mesh_tx.send_replace(Arc::new(next));
                 }
-                Ok(None) => {}
+                Ok(None) => derived_from = state,
+                // The next change is derived from the last snapshot that
+                // was, so what this one changed is not lost.
                 Err(error) => error!(%error, "deriving the mesh failed; keeping the last one"),
             }
         }

@@ -177,7 +177,10 @@ fn destinations<'m>(
                 .get(&service_port.name)
                 .copied()
                 .unwrap_or(service_port.target_port);
-            found.push((workload, u16::try_from(target_port).unwrap_or(port)));
+            found.push((
+                workload.as_ref(),
+                u16::try_from(target_port).unwrap_or(port),
+            ));
         }
         if found.is_empty() {
             return Err(format!(
@@ -187,7 +190,7 @@ fn destinations<'m>(
         return Ok(found);
     }
     match mesh.workloads.get(&service_key) {
-        Some(workload) => Ok(vec![(workload, port)]),
+        Some(workload) => Ok(vec![(workload.as_ref(), port)]),
         None => Err(format!("no Service or pod {service_key}")),
     }
 }

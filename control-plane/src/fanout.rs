@@ -174,7 +174,7 @@ impl NodeFeed {
         }
         for (key, existed) in services {
             match mesh.services.get(key) {
-                Some(service) => update.services.push(service.clone()),
+                Some(service) => update.services.push(pb::Service::clone(service)),
                 None if existed => update.removed_services.push(key.to_owned()),
                 None => {}
             }

@@ -7,75 +7,8 @@ use weft_api::parts::Assembler;
 
 use super::*;
 use crate::cluster::ClusterState;
+use crate::test_clusters::{Dice, NODES, random_cluster};
 use crate::view::NodeView;
-
-const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
-
-/// A small deterministic generator (xorshift), so a failure repeats.
-struct Dice(u64);
-
-impl Dice {
-    fn roll(&mut self, sides: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % sides as u64) as usize
-    }
-}
-
-/// A random cluster: a few pods (labels, nodes and IPs that collide now
-/// and then), Services with endpoints, policies selecting by label, and
-/// namespaces turning the mesh on and off.
-fn random_cluster(dice: &mut Dice) -> ClusterState {
-    let mut yaml = String::new();
-    for ns in ["shop", "bank"] {
-        let label = ["enabled", "disabled"][dice.roll(2)];
-        yaml += &format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{weft.dev/mesh: {label}}}}}\n---\n"
-        );
-    }
-    for pod in 0..8 {
-        if dice.roll(5) == 0 {
-            continue; // gone
-        }
-        let ns = ["shop", "bank"][pod % 2];
-        let node = NODES[(pod + dice.roll(4) / 3) % 3];
-        let app = ["web", "db"][dice.roll(2)];
-        let tier = ["a", "b", "c"][dice.roll(3)];
-        let ip = format!("10.244.0.{}", pod + dice.roll(10) / 9);
-        yaml += &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{pod}, namespace: {ns}, labels: {{app: {app}, tier: {tier}}}}}\nspec: {{nodeName: {node}, serviceAccountName: {app}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n---\n"
-        );
-    }
-    for service in ["web", "db"] {
-        if dice.roll(4) == 0 {
-            continue;
-        }
-        let port = 8000 + dice.roll(2);
-        yaml += &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: shop}}\nspec: {{clusterIP: 10.96.0.{}, ports: [{{port: {port}}}]}}\n---\n",
-            port - 7990
-        );
-        let ready = ["true", "false"][dice.roll(2)];
-        yaml += &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.{}], conditions: {{ready: {ready}}}, targetRef: {{kind: Pod, name: p0, namespace: shop}}}}]\nports: [{{port: {port}}}]\n---\n",
-            dice.roll(4)
-        );
-    }
-    for policy in 0..3 {
-        if dice.roll(3) == 0 {
-            continue;
-        }
-        let ns = ["shop", "bank"][dice.roll(2)];
-        let tier = ["a", "b", "c"][dice.roll(3)];
-        let action = ["ALLOW", "DENY", "AUDIT"][dice.roll(3)];
-        let port = 80 + dice.roll(2);
-        yaml += &format!(
-            "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{policy}, namespace: {ns}}}\nspec: {{selector: {{matchLabels: {{tier: {tier}}}}}, action: {action}, rules: [{{to: {{ports: [{port}]}}}}]}}\n---\n"
-        );
-    }
-    ClusterState::from_yaml(&yaml)
-}
 
 fn mesh_of(cluster: &ClusterState, roots: usize) -> Mesh {
     let trust = pb::TrustBundle {

@@ -6,7 +6,6 @@
 //! part at a time as gRPC takes them, so a stream never holds more than a
 //! part of it.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -31,8 +30,8 @@ struct RemoteEntry {
 /// mesh is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SharedEntries {
-    remote: BTreeMap<Arc<str>, RemoteEntry>,
-    services: BTreeMap<Arc<str>, Bytes>,
+    remote: imbl::OrdMap<Arc<str>, RemoteEntry>,
+    services: imbl::OrdMap<Arc<str>, Bytes>,
 }
 
 impl SharedEntries {
@@ -47,13 +46,19 @@ impl SharedEntries {
             services: mesh
                 .services
                 .iter()
-                .map(|(key, service)| (Arc::from(key.as_str()), service.encode_to_vec().into()))
+                .map(|(key, service)| {
+                    (
+                        Arc::from(key.as_str()),
+                        Bytes::from(service.encode_to_vec()),
+                    )
+                })
                 .collect(),
         }
     }
 
     /// These entries brought to `mesh`, which `change` led to: only what
-    /// changed is encoded again; the rest is shared with `self`.
+    /// changed is encoded again; the rest is shared with `self` (the maps
+    /// are persistent: the copy is O(1)).
     pub fn next(&self, mesh: &Mesh, change: &MeshChange) -> SharedEntries {
         let mut next = self.clone();
         for (uid, workload) in &change.workloads {
@@ -71,8 +76,10 @@ impl SharedEntries {
         for key in change.services.keys() {
             match mesh.services.get(key) {
                 Some(service) => {
-                    next.services
-                        .insert(Arc::from(key.as_str()), service.encode_to_vec().into());
+                    next.services.insert(
+                        Arc::from(key.as_str()),
+                        Bytes::from(service.encode_to_vec()),
+                    );
                 }
                 None => {
                     next.services.remove(key.as_str());
@@ -231,10 +238,10 @@ impl Iterator for FullStateParts {
 }
 
 /// The entries of `map` after `key` (all of them for `None`).
-fn after_key<'a, V>(
-    map: &'a BTreeMap<Arc<str>, V>,
+fn after_key<'a, V: Clone>(
+    map: &'a imbl::OrdMap<Arc<str>, V>,
     key: Option<&str>,
-) -> std::collections::btree_map::Range<'a, Arc<str>, V> {
+) -> impl Iterator<Item = (&'a Arc<str>, &'a V)> {
     let start = key.map_or(Bound::Unbounded, Bound::Excluded);
-    map.range::<str, _>((start, Bound::Unbounded))
+    map.range::<_, str>((start, Bound::Unbounded))
 }

@@ -29,6 +29,7 @@ pub mod listeners;
 pub mod manifests;
 pub mod mesh;
 pub mod mesh_change;
+pub mod mesh_update;
 pub mod monitoring;
 pub mod node_auth;
 pub mod policy;
@@ -36,6 +37,8 @@ pub mod registry;
 pub mod serving_cert;
 pub mod signing;
 pub mod status;
+#[cfg(test)]
+mod test_clusters;
 pub mod traffic;
 pub mod view;
 

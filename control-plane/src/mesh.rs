@@ -1,9 +1,11 @@
 //! The mesh model: what the cluster's objects mean for the mesh. Workloads
 //! (pods with an identity, a node, IPs and whether they are meshed) and
-//! services (VIPs, ports, endpoints). Derived from a [`ClusterState`] as a
-//! whole, so it is always consistent with one snapshot of the sources.
+//! services (VIPs, ports, endpoints). Always consistent with one snapshot
+//! of the sources: derived from a [`ClusterState`], and brought along from
+//! one snapshot to the next by what changed ([`crate::mesh_update`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -39,15 +41,21 @@ pub struct MeshWorkload {
     pub has_ip: bool,
 }
 
-/// The whole mesh, derived from one snapshot of the cluster.
+/// The whole mesh, derived from one snapshot of the cluster. Its maps are
+/// persistent ([`imbl::OrdMap`]): the next mesh shares everything a change
+/// did not touch, and two meshes are compared in proportion to what
+/// differs.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Mesh {
     /// Workloads by uid (`<namespace>/<pod>`).
-    pub workloads: BTreeMap<String, MeshWorkload>,
+    pub workloads: imbl::OrdMap<String, Arc<MeshWorkload>>,
     /// Services by `<namespace>/<name>`.
-    pub services: BTreeMap<String, pb::Service>,
-    /// AuthorizationPolicies by `<namespace>/<name>`.
-    pub authorization_policies: BTreeMap<String, pb::AuthorizationPolicy>,
+    pub services: imbl::OrdMap<String, Arc<pb::Service>>,
+    /// AuthorizationPolicies by `<namespace>/<name>`, as sent (see
+    /// [`policy::AuthorizationPolicies::valid`]).
+    pub authorization_policies: imbl::OrdMap<String, pb::AuthorizationPolicy>,
+    /// The invalid AuthorizationPolicies: why, by `<namespace>/<name>`.
+    pub invalid_authorization_policies: imbl::OrdMap<String, String>,
     /// The mesh roots and trust domain.
     pub trust: pb::TrustBundle,
     /// Whether the mesh is being uninstalled (see [`UNINSTALL_ANNOTATION`]):
@@ -55,61 +63,15 @@ pub struct Mesh {
     pub uninstalling: bool,
     /// The namespaces labelled `weft.dev/mesh: enabled`.
     pub meshed_namespaces: std::collections::BTreeSet<String>,
+    /// The workloads claiming each IP, to quarantine the ones that share.
+    pub(crate) ip_owners: imbl::OrdMap<String, imbl::OrdSet<String>>,
 }
 
 impl Mesh {
     /// Derives the mesh from the cluster. Pods that cannot be part of it
     /// (finished, unscheduled, or whose identity is invalid) are left out.
     pub fn derive(cluster: &ClusterState, trust: pb::TrustBundle, mesh_namespace: &str) -> Mesh {
-        let policies = policy::AuthorizationPolicies::of(cluster, mesh_namespace);
-        let mut workloads = BTreeMap::new();
-        for (uid, pod) in &cluster.pods {
-            if let Some(workload) = workload_of(cluster, &policies, uid, pod, &trust.trust_domain) {
-                workloads.insert(uid.clone(), workload);
-            }
-        }
-        quarantine_shared_ips(&mut workloads);
-        for (key, problem) in &policies.invalid {
-            tracing::warn!(policy = %key, %problem, "AuthorizationPolicy is invalid: not sent; the pods it selects refuse every connection (an AUDIT one is only left out)");
-        }
-        for (key, traffic) in &cluster.traffic_policies {
-            let namespace = traffic.metadata.namespace.as_deref().unwrap_or("");
-            if let Err(problem) = crate::traffic::to_wire(key, namespace, traffic) {
-                tracing::warn!(policy = %key, %problem, "TrafficPolicy is invalid: it configures nothing");
-            }
-        }
-        let services = cluster
-            .services
-            .iter()
-            .map(|(key, service)| (key.clone(), service_of(cluster, service)))
-            .collect();
-        let uninstalling = cluster
-            .daemon_sets
-            .get(&format!("{mesh_namespace}/{NODE_PROXY_DAEMONSET}"))
-            .and_then(|daemon_set| daemon_set.metadata.annotations.as_ref())
-            .and_then(|annotations| annotations.get(UNINSTALL_ANNOTATION))
-            .is_some_and(|value| value == "true");
-        let meshed_namespaces = cluster
-            .namespaces
-            .iter()
-            .filter(|(_, namespace)| {
-                namespace
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|labels| labels.get(MESH_LABEL))
-                    .is_some_and(|value| value == "enabled")
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        Mesh {
-            workloads,
-            services,
-            authorization_policies: policies.valid,
-            trust,
-            uninstalling,
-            meshed_namespaces,
-        }
+        Mesh::default().next(&ClusterState::default(), cluster, trust, mesh_namespace)
     }
 
     /// Keeps an uninstall announced once the node proxies' DaemonSet is
@@ -168,29 +130,7 @@ fn no_identity_reason(pod: &Pod) -> Option<&'static str> {
     None
 }
 
-/// An address claimed by two pods names neither, and is never resolved by
-/// which pod sorts first: every pod that claims it is quarantined (it
-/// keeps its addresses, so its traffic stays captured, and refuses every
-/// connection), which is logged, until only one claims it.
-fn quarantine_shared_ips(workloads: &mut BTreeMap<String, MeshWorkload>) {
-    let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (uid, workload) in workloads.iter() {
-        for ip in &workload.workload.ips {
-            owners.entry(ip.clone()).or_default().push(uid.clone());
-        }
-    }
-    for (ip, uids) in owners.into_iter().filter(|(_, uids)| uids.len() > 1) {
-        tracing::warn!(%ip, pods = ?uids, "an IP is claimed by more than one pod; they refuse every connection until one remains");
-        let reason = format!("IP {ip} is claimed by pods {}", uids.join(", "));
-        for uid in &uids {
-            if let Some(workload) = workloads.get_mut(uid) {
-                workload.workload.quarantine = reason.clone();
-            }
-        }
-    }
-}
-
-fn workload_of(
+pub(crate) fn workload_of(
     cluster: &ClusterState,
     policies: &policy::AuthorizationPolicies,
     uid: &str,
@@ -381,7 +321,7 @@ fn workload_name(pod: &Pod, pod_name: &str, labels: &BTreeMap<String, String>) -
         .unwrap_or_else(|| pod_name.to_owned())
 }
 
-fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
+pub(crate) fn service_of(cluster: &ClusterState, service: &Service) -> pb::Service {
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
     let name = service.metadata.name.clone().unwrap_or_default();
     let spec = service.spec.as_ref();

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use imbl::ordmap::DiffItem;
+
 use crate::forms::remote_form;
 use crate::mesh::Mesh;
 
@@ -38,34 +40,39 @@ pub struct MeshChange {
 }
 
 impl MeshChange {
-    /// What turns `old` into `new`.
+    /// What turns `old` into `new`, in proportion to what differs (the
+    /// maps share the rest).
     pub fn between(old: &Mesh, new: &Mesh) -> MeshChange {
         let mut workloads = BTreeMap::new();
-        for (uid, after) in &new.workloads {
-            let change = match old.workloads.get(uid) {
-                Some(before) if before.workload == after.workload => continue,
-                Some(before) => WorkloadChange {
-                    before: Some(before.workload.node.clone()),
-                    after: Some(after.workload.node.clone()),
-                    remote: remote_form(&before.workload) != remote_form(&after.workload),
-                },
-                None => WorkloadChange {
-                    before: None,
-                    after: Some(after.workload.node.clone()),
-                    remote: true,
-                },
+        for item in old.workloads.diff(&new.workloads) {
+            let (uid, change) = match item {
+                DiffItem::Update { old, new } if old.1.workload == new.1.workload => continue,
+                DiffItem::Update { old, new } => (
+                    old.0,
+                    WorkloadChange {
+                        before: Some(old.1.workload.node.clone()),
+                        after: Some(new.1.workload.node.clone()),
+                        remote: remote_form(&old.1.workload) != remote_form(&new.1.workload),
+                    },
+                ),
+                DiffItem::Add(uid, added) => (
+                    uid,
+                    WorkloadChange {
+                        before: None,
+                        after: Some(added.workload.node.clone()),
+                        remote: true,
+                    },
+                ),
+                DiffItem::Remove(uid, removed) => (
+                    uid,
+                    WorkloadChange {
+                        before: Some(removed.workload.node.clone()),
+                        after: None,
+                        remote: true,
+                    },
+                ),
             };
             workloads.insert(uid.clone(), change);
-        }
-        for (uid, before) in &old.workloads {
-            if !new.workloads.contains_key(uid) {
-                let change = WorkloadChange {
-                    before: Some(before.workload.node.clone()),
-                    after: None,
-                    remote: true,
-                };
-                workloads.insert(uid.clone(), change);
-            }
         }
         MeshChange {
             workloads,
@@ -93,17 +100,15 @@ impl MeshChange {
 
 /// Keys whose values differ between `old` and `new`, with whether each was
 /// in `old`.
-fn changed_keys<T: PartialEq>(
-    old: &BTreeMap<String, T>,
-    new: &BTreeMap<String, T>,
+fn changed_keys<T: PartialEq + Clone>(
+    old: &imbl::OrdMap<String, T>,
+    new: &imbl::OrdMap<String, T>,
 ) -> BTreeMap<String, bool> {
-    let mut changed: BTreeMap<String, bool> = new
-        .iter()
-        .filter(|(key, value)| old.get(*key) != Some(value))
-        .map(|(key, _)| (key.clone(), old.contains_key(key)))
-        .collect();
-    for key in old.keys().filter(|key| !new.contains_key(*key)) {
-        changed.insert(key.clone(), true);
-    }
-    changed
+    old.diff(new)
+        .map(|item| match item {
+            DiffItem::Add(key, _) => (key.clone(), false),
+            DiffItem::Update { old, .. } => (old.0.clone(), true),
+            DiffItem::Remove(key, _) => (key.clone(), true),
+        })
+        .collect()
 }

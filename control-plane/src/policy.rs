@@ -47,9 +47,9 @@ pub struct AuthorizationPolicies {
     /// every connection (a DENY with one empty rule), so that a proxy
     /// that does not know `Workload.invalid_authorization_policies` fails
     /// closed too.
-    pub valid: BTreeMap<String, pb::AuthorizationPolicy>,
+    pub valid: imbl::OrdMap<String, pb::AuthorizationPolicy>,
     /// The invalid ones: why, by `<namespace>/<name>`.
-    pub invalid: BTreeMap<String, String>,
+    pub invalid: imbl::OrdMap<String, String>,
 }
 
 /// The AuthorizationPolicies that apply to one pod.
@@ -70,19 +70,32 @@ impl AuthorizationPolicies {
             ..AuthorizationPolicies::default()
         };
         for (key, policy) in &cluster.authorization_policies {
-            match to_checked_wire(policy) {
-                Ok(wire) => {
-                    out.valid.insert(key.clone(), wire);
-                }
-                Err(why) => {
-                    if policy.spec.action != Action::Audit {
-                        out.valid.insert(key.clone(), refuse_everything(policy));
-                    }
-                    out.invalid.insert(key.clone(), why);
-                }
-            }
+            out.set(key, Some(policy));
         }
         out
+    }
+
+    /// Converts and compiles the policy at `key` again (`None`: it is
+    /// gone); whether it is invalid.
+    pub fn set(&mut self, key: &str, policy: Option<&AuthorizationPolicy>) -> bool {
+        self.valid.remove(key);
+        self.invalid.remove(key);
+        let Some(policy) = policy else {
+            return false;
+        };
+        match to_checked_wire(policy) {
+            Ok(wire) => {
+                self.valid.insert(key.to_owned(), wire);
+                false
+            }
+            Err(why) => {
+                if policy.spec.action != Action::Audit {
+                    self.valid.insert(key.to_owned(), refuse_everything(policy));
+                }
+                self.invalid.insert(key.to_owned(), why);
+                true
+            }
+        }
     }
 
     /// The policies that apply to a pod in `namespace` with `labels`.

@@ -49,11 +49,11 @@ fn large_mesh() -> Mesh {
         let identity = Identity::new("cluster.local", "shop", "checkout").unwrap();
         mesh.workloads.insert(
             uid,
-            MeshWorkload {
+            Arc::new(MeshWorkload {
                 workload,
                 identity,
                 has_ip: true,
-            },
+            }),
         );
     }
     mesh
