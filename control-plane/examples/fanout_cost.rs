@@ -1,6 +1,7 @@
 //! What one pod change costs the control plane at scale, step by step, in
-//! one process (no gRPC, no files): deriving the mesh, diffing it, each
-//! node's delta, and one node's full state built and encoded.
+//! one process (no gRPC, no files): deriving the mesh afresh and by the
+//! change, publishing the change, each node's delta, and one node's full
+//! state written in parts.
 //!
 //! `cargo run --release -p weft-control-plane --example fanout_cost -- 1000 50000`
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // an example's output is its point
@@ -81,7 +82,24 @@ fn main() {
         roots_pem: "roots".into(),
     };
     let before = timed("generate the cluster", || cluster(nodes, pods, None));
-    let after = cluster(nodes, pods, Some(pods / 2));
+    // The source's next snapshot: the first with one pod and its
+    // EndpointSlice replaced (sharing everything else, as sources do).
+    let changed = cluster(nodes, pods, Some(pods / 2));
+    let (app, replica) = (pods / 2 / 5, pods / 2 % 5);
+    let ns = app * 5 / 100;
+    let mut after = before.clone();
+    for (map_pods, key) in [
+        (true, format!("ns{ns}/app{app}-{replica}")),
+        (false, format!("ns{ns}/app{app}-x")),
+    ] {
+        if map_pods {
+            after.pods.insert(key.clone(), changed.pods[&key].clone());
+        } else {
+            after
+                .endpoint_slices
+                .insert(key.clone(), changed.endpoint_slices[&key].clone());
+        }
+    }
     let mesh = timed("Mesh::derive", || {
         Mesh::derive(&before, trust.clone(), "weft-system")
     });
@@ -111,8 +129,13 @@ fn main() {
             })
             .collect()
     });
-    let mesh = timed("Mesh::derive after one pod's IP changed", || {
+    timed("Mesh::derive afresh after one pod's IP changed", || {
         Mesh::derive(&after, trust.clone(), "weft-system")
+    });
+    let mesh = timed("Mesh::next by the change", || {
+        first
+            .mesh
+            .next(&before, &after, trust.clone(), "weft-system")
     });
     let next = timed("  MeshChange::between and publish", || {
         Arc::new(first.next(mesh, 1024).unwrap())

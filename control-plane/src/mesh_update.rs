@@ -181,6 +181,18 @@ impl Mesh {
     /// traffic stays captured, and refuses every connection), which is
     /// logged, until only one claims it.
     fn quarantine(&mut self, dirty: &BTreeSet<String>, claimed: &BTreeSet<String>) {
+        // The dirty workloads' claims as they are now, by IP.
+        let mut now: std::collections::BTreeMap<&str, Vec<&String>> = Default::default();
+        for uid in dirty {
+            for ip in self
+                .workloads
+                .get(uid)
+                .into_iter()
+                .flat_map(|w| &w.workload.ips)
+            {
+                now.entry(ip.as_str()).or_default().push(uid);
+            }
+        }
         for ip in claimed {
             let owners: imbl::OrdSet<String> = self
                 .ip_owners
@@ -188,11 +200,7 @@ impl Mesh {
                 .into_iter()
                 .flatten()
                 .filter(|uid| !dirty.contains(*uid))
-                .chain(dirty.iter().filter(|uid| {
-                    self.workloads
-                        .get(*uid)
-                        .is_some_and(|w| w.workload.ips.contains(ip))
-                }))
+                .chain(now.get(ip.as_str()).into_iter().flatten().copied())
                 .cloned()
                 .collect();
             if owners.is_empty() {

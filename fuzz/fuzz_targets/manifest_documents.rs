@@ -1,6 +1,8 @@
 //! Arbitrary text as a manifest file: YAML documents into cluster objects,
-//! then into the mesh model and every node's view. Nothing may panic, and a
-//! view's full state must round-trip through its own delta.
+//! then into the mesh model and every node's view. Nothing may panic; the
+//! mesh of the first half of the objects, brought along to all of them by
+//! `Mesh::next`, must be the mesh derived from all of them; and a view's
+//! full state must round-trip through its own delta.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,10 +19,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(documents) = parse_documents(text) else {
         return;
     };
+    let half = documents.len() / 2;
     let mut cluster = ClusterState::default();
-    for document in documents {
+    let mut first_half = ClusterState::default();
+    for (i, document) in documents.into_iter().enumerate() {
         if let Ok(object) = ClusterObject::from_value(document) {
             let _ = object.describe();
+            if i == half {
+                first_half = cluster.clone();
+            }
             cluster.insert(object);
         }
     }
@@ -28,10 +35,18 @@ fuzz_target!(|data: &[u8]| {
         trust_domain: "cluster.local".into(),
         roots_pem: String::new(),
     };
-    let mesh = Mesh::derive(&cluster, trust, "weft-system");
+    let mesh = Mesh::derive(&cluster, trust.clone(), "weft-system");
+    let stepped = Mesh::derive(&first_half, trust.clone(), "weft-system").next(
+        &first_half,
+        &cluster,
+        trust,
+        "weft-system",
+    );
+    assert_eq!(stepped, mesh, "the mesh brought along is the mesh derived");
     let empty = NodeView::default();
     for workload in mesh.workloads.values() {
-        let view = NodeView::of(&mesh, &workload.workload.node);
+        let view = NodeView::of(&mesh, &workload.workload.node)
+            .expect("a full state written by the control plane reads back");
         let _ = view.full_update(1);
         let _ = empty.delta_to(&view, 2);
         assert_eq!(view.delta_to(&view, 3), None, "a view differs from itself");
