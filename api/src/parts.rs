@@ -38,6 +38,9 @@ mod field {
     pub const MORE_FOLLOWS: u32 = 14;
 }
 
+/// The most a part reserves up front.
+const PART_PREALLOCATION: usize = 256 * 1024;
+
 /// A list of `ConfigUpdate` that takes whole entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum List {
@@ -263,6 +266,15 @@ impl PartWriter {
             });
             self.has_entries = false;
             self.start_part();
+        }
+        // A part that outgrows its buffer gets room for a whole part at
+        // once rather than doubling its way there (a full state is mostly
+        // copying); a small delta keeps a small buffer.
+        let needed = entry.saturating_add(len);
+        if self.current.capacity() - self.current.len() < needed {
+            let part = self.max_bytes.min(PART_PREALLOCATION);
+            self.current
+                .reserve(needed.max(part.saturating_sub(self.current.len())));
         }
         encode_key(tag, WireType::LengthDelimited, &mut self.current);
     }

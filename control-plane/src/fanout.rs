@@ -130,12 +130,7 @@ impl NodeFeed {
             local: BTreeSet::new(),
             policies: BTreeSet::new(),
         };
-        feed.local = mesh
-            .workloads
-            .iter()
-            .filter(|(_, w)| w.workload.node == node)
-            .map(|(uid, _)| uid.clone())
-            .collect();
+        feed.local = published.shared.pods_on(node).map(str::to_owned).collect();
         feed.policies = feed.needed_policies(mesh);
         let full = FullState::new(
             published.mesh.clone(),

@@ -20,40 +20,29 @@ use crate::mesh_change::MeshChange;
 /// Another node's pod as a full state carries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct RemoteEntry {
-    /// The node it runs on: that node gets it in its local form instead.
+    /// The node it runs on (the key of [`SharedEntries::pods_by_node`], so
+    /// the same `Arc` for every pod of a node): that node gets it in its
+    /// local form instead.
     node: Arc<str>,
     /// Its remote form, encoded.
     bytes: Bytes,
 }
 
 /// The encoded entries that every node's full state shares, keyed as the
-/// mesh is.
+/// mesh is, and the pods of each node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SharedEntries {
     remote: imbl::OrdMap<Arc<str>, RemoteEntry>,
     services: imbl::OrdMap<Arc<str>, Bytes>,
+    /// The uids of each node's pods: a node's full state starts from its
+    /// own, without looking at every pod.
+    pods_by_node: imbl::OrdMap<Arc<str>, imbl::OrdSet<Arc<str>>>,
 }
 
 impl SharedEntries {
     /// The entries of `mesh`, each encoded.
     pub fn of(mesh: &Mesh) -> SharedEntries {
-        SharedEntries {
-            remote: mesh
-                .workloads
-                .iter()
-                .map(|(uid, w)| (Arc::from(uid.as_str()), remote_entry(&w.workload)))
-                .collect(),
-            services: mesh
-                .services
-                .iter()
-                .map(|(key, service)| {
-                    (
-                        Arc::from(key.as_str()),
-                        Bytes::from(service.encode_to_vec()),
-                    )
-                })
-                .collect(),
-        }
+        SharedEntries::default().next(mesh, &MeshChange::between(&Mesh::default(), mesh))
     }
 
     /// These entries brought to `mesh`, which `change` led to: only what
@@ -62,13 +51,20 @@ impl SharedEntries {
     pub fn next(&self, mesh: &Mesh, change: &MeshChange) -> SharedEntries {
         let mut next = self.clone();
         for (uid, workload) in &change.workloads {
-            match mesh.workloads.get(uid) {
+            let uid: Arc<str> = Arc::from(uid.as_str());
+            if workload.before != workload.after
+                && let Some(before) = &workload.before
+            {
+                next.leave(before, &uid);
+            }
+            match mesh.workloads.get(&*uid) {
                 None => {
-                    next.remote.remove(uid.as_str());
+                    next.remote.remove(&uid);
                 }
                 Some(now) if workload.remote => {
-                    next.remote
-                        .insert(Arc::from(uid.as_str()), remote_entry(&now.workload));
+                    let node = next.join(&now.workload.node, &uid);
+                    let bytes = Bytes::from(remote_form(&now.workload).encode_to_vec());
+                    next.remote.insert(uid, RemoteEntry { node, bytes });
                 }
                 Some(_) => {} // only what its own node sees changed
             }
@@ -88,12 +84,37 @@ impl SharedEntries {
         }
         next
     }
-}
 
-fn remote_entry(workload: &weft_api::v1::Workload) -> RemoteEntry {
-    RemoteEntry {
-        node: Arc::from(workload.node.as_str()),
-        bytes: remote_form(workload).encode_to_vec().into(),
+    /// The uids of `node`'s pods.
+    pub fn pods_on(&self, node: &str) -> impl Iterator<Item = &str> {
+        self.pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .map(|uid| &**uid)
+    }
+
+    /// Counts `uid` among `node`'s pods; the node's shared name.
+    fn join(&mut self, node: &str, uid: &Arc<str>) -> Arc<str> {
+        let key = match self.pods_by_node.get_key_value(node) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(node),
+        };
+        self.pods_by_node
+            .entry(key.clone())
+            .or_default()
+            .insert(uid.clone());
+        key
+    }
+
+    /// Counts `uid` no longer among `node`'s pods.
+    fn leave(&mut self, node: &str, uid: &Arc<str>) {
+        if let Some(pods) = self.pods_by_node.get_mut(node) {
+            pods.remove(uid);
+            if pods.is_empty() {
+                self.pods_by_node.remove(node);
+            }
+        }
     }
 }
 
@@ -139,7 +160,13 @@ impl FullState {
 
     /// Its parts of about `max_bytes` each, written as they are taken.
     pub fn parts(self, max_bytes: usize) -> FullStateParts {
+        let node = self
+            .shared
+            .pods_by_node
+            .get_key_value(self.node.as_str())
+            .map(|(key, _)| key.clone());
         FullStateParts {
+            node,
             writer: Some(PartWriter::new(self.version, true, max_bytes)),
             next: Next::Own,
             full: self,
@@ -164,6 +191,9 @@ enum Next {
 #[derive(Debug)]
 pub struct FullStateParts {
     full: FullState,
+    /// The node's shared name, if it has pods: its pods are the remote
+    /// entries with this very `Arc` (a pointer comparison per entry).
+    node: Option<Arc<str>>,
     /// `None` once the last part is out.
     writer: Option<PartWriter>,
     next: Next,
@@ -214,7 +244,11 @@ impl Iterator for FullStateParts {
                     let mut last = None;
                     for (uid, entry) in after_key(&shared.remote, after.as_deref()) {
                         last = Some(uid.clone());
-                        if *entry.node == *self.full.node {
+                        if self
+                            .node
+                            .as_ref()
+                            .is_some_and(|node| Arc::ptr_eq(node, &entry.node))
+                        {
                             continue; // sent in its local form
                         }
                         writer.encoded(List::RemoteWorkloads, &entry.bytes);
