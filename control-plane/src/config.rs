@@ -129,7 +129,7 @@ pub struct ControlPlaneConfig {
     /// assembles updates from parts gets messages of about
     /// `--config-part-bytes`, larger only for a single larger entry; an
     /// older proxy gets each update whole (a node's full state grows with
-    /// the cluster, about 170 bytes per pod and per Service endpoint). The
+    /// the cluster, about 170 to 280 bytes per pod and per Service endpoint). The
     /// same default as the proxy's `--max-config-message-bytes`; a larger
     /// message is not sent, with an error in this log naming the size.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = 128 * 1024 * 1024)]

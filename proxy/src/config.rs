@@ -322,8 +322,8 @@ pub struct ProxyConfig {
     /// in bytes, whether it comes whole or in parts (the control plane
     /// sends parts of about 64 KiB, so the stream's read buffer stays that
     /// size; the whole is held while it is put together). A node's full
-    /// state grows with the cluster (about 170 bytes per pod and per
-    /// Service endpoint): 128 MiB holds well over 500,000 of them.
+    /// state grows with the cluster (about 170 to 280 bytes per pod and
+    /// per Service endpoint): 128 MiB holds well over 450,000 of them.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_CONFIG_MESSAGE_BYTES)]
     pub max_config_message_bytes: usize,
 }
