@@ -21,7 +21,6 @@
 //!   TCP is refused until a proxy serves them again).
 //! - `GET /healthz`: `ok`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -311,7 +310,7 @@ fn certs(certificates: &CertificateMap, now: SystemTime) -> Value {
 }
 
 /// The entries of a keyed map as a JSON list (each entry carries its key).
-fn listed<T: Serialize>(map: &BTreeMap<String, Arc<T>>) -> Value {
+fn listed<T: Serialize>(map: &crate::node_view::Keyed<T>) -> Value {
     Value::Array(map.values().map(|entry| to_json(&**entry)).collect())
 }
 

@@ -40,19 +40,23 @@ impl Balancers {
             .clone()
     }
 
-    /// Forgets the Services `keep` does not keep, and in those it keeps the
-    /// endpoints it no longer lists. Connections still open to a forgotten
-    /// endpoint release nothing.
-    pub fn retain(&self, keep: impl Fn(&str) -> Option<Vec<IpAddr>>) {
-        lock(&self.services).retain(|key, balancer| match keep(key) {
-            Some(endpoints) => {
-                lock(&balancer.state)
-                    .endpoints
-                    .retain(|ip, _| endpoints.contains(ip));
-                true
-            }
-            None => false,
-        });
+    /// Forgets the state of Service `key` (it left the config). Connections
+    /// still open to it release nothing.
+    pub fn forget(&self, key: &str) {
+        lock(&self.services).remove(key);
+    }
+
+    /// Forgets, in Service `key`'s state, the endpoints `ready` does not
+    /// list. Connections still open to a forgotten endpoint release
+    /// nothing.
+    pub fn keep_endpoints(&self, key: &str, ready: &[IpAddr]) {
+        let Some(balancer) = lock(&self.services).get(key).cloned() else {
+            return;
+        };
+        let ready: std::collections::HashSet<&IpAddr> = ready.iter().collect();
+        lock(&balancer.state)
+            .endpoints
+            .retain(|ip, _| ready.contains(ip));
     }
 }
 
@@ -565,11 +569,11 @@ mod tests {
                 &mut rng(),
             )
             .unwrap();
-        balancers.retain(|key| (key == "ns/svc").then(|| eps.clone()));
+        balancers.keep_endpoints("ns/svc", &eps);
         assert_eq!(balancers.get("ns/svc").active(eps[0]), 1);
-        balancers.retain(|_| Some(Vec::new()));
+        balancers.keep_endpoints("ns/svc", &[]);
         assert_eq!(balancers.get("ns/svc").active(eps[0]), 0);
-        balancers.retain(|_| None);
+        balancers.forget("ns/svc");
         assert!(!Arc::ptr_eq(&balancers.get("ns/svc"), &b));
     }
 }

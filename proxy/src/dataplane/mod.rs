@@ -12,6 +12,7 @@
 //!   and TrafficPolicy state; [`telemetry`]: metrics and access logs;
 //!   [`drain`]: graceful shutdown.
 
+mod addresses;
 pub mod admission;
 pub mod baggage;
 pub mod balancer;
@@ -149,7 +150,7 @@ impl Routes {
         let initial = view
             .borrow()
             .as_deref()
-            .map(|v| RouteTable::with_balancers(v, &balancers))
+            .map(|v| RouteTable::default().next(v, &balancers))
             .unwrap_or_default();
         let routes = Arc::new(Routes {
             view: view.clone(),
@@ -173,7 +174,7 @@ impl Routes {
         let Some(view) = view.filter(|v| v.generation() > table.generation) else {
             return table;
         };
-        let newer = Arc::new(RouteTable::with_balancers(&view, &self.balancers));
+        let newer = Arc::new(table.next(&view, &self.balancers));
         // Two builders may race; the newest version wins.
         self.table.send_if_modified(|current| {
             let newest = newer.generation > current.generation;

@@ -1,19 +1,22 @@
 //! Where a captured connection goes: the applied config indexed by address,
 //! and the choice of a Service endpoint.
 //!
-//! A [`RouteTable`] is rebuilt once per applied config version (not per
-//! connection), so the per-connection work is two hash lookups and, for a
-//! Service, one load-balancing step (see [`super::balancer`], whose state
-//! outlives the table).
+//! A [`RouteTable`] is made once per applied config version (not per
+//! connection), from the table before and what differs between the two
+//! views, so a delta costs its own size, not the cluster's, on whatever
+//! thread first needs the new table (often the data plane's). The
+//! per-connection work is two lookups and, for a Service, one
+//! load-balancing step (see [`super::balancer`], whose state outlives the
+//! table).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 use weft_api::authorization::{self, Connection, Decision, Policy};
 
+use super::addresses::AddressBook;
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
-use crate::node_view::{NodeView, Service, ServicePort, TrafficPolicy, Workload};
+use crate::node_view::{Keyed, NodeView, Service, ServicePort, TrafficPolicy, Workload};
 
 /// The applied config, indexed for the data path.
 #[derive(Debug, Default)]
@@ -33,18 +36,26 @@ pub struct RouteTable {
     /// The namespaces whose new pods are meshed (see
     /// [`NodeView::namespace_meshed`]); `None` while the config has not said.
     pub meshed_namespaces: Option<std::collections::BTreeSet<String>>,
+    /// The view's maps this table indexes (shared with the view): the next
+    /// table is this one plus their differences.
+    view: ViewMaps,
     /// The node's own workloads by IP.
-    local: HashMap<IpAddr, Arc<Workload>>,
+    local: AddressBook<Workload>,
     /// Every other known workload by IP.
-    remote: HashMap<IpAddr, Arc<Workload>>,
+    remote: AddressBook<Workload>,
     /// Services by cluster IP, with their balancing state.
-    services: HashMap<IpAddr, Arc<ServiceRoute>>,
+    services: AddressBook<ServiceRoute>,
     /// The same by `<namespace>/<name>`, for splits.
-    services_by_key: HashMap<String, Arc<ServiceRoute>>,
-    /// Workloads by uid, to follow an endpoint to its pod.
-    by_uid: HashMap<String, Arc<Workload>>,
-    /// AuthorizationPolicies by `<namespace>/<name>`.
-    authorization_policies: std::collections::BTreeMap<String, Arc<Policy>>,
+    services_by_key: imbl::HashMap<String, Arc<ServiceRoute>>,
+}
+
+/// The maps of the view a table was built from.
+#[derive(Debug, Default)]
+struct ViewMaps {
+    local_workloads: Keyed<Workload>,
+    remote_workloads: Keyed<Workload>,
+    services: Keyed<Service>,
+    authorization_policies: Keyed<Policy>,
 }
 
 /// A Service with its ready endpoints and balancing state.
@@ -141,90 +152,84 @@ pub enum NoRoute {
 impl RouteTable {
     /// Indexes `view`, with fresh balancing state.
     pub fn new(view: &NodeView) -> RouteTable {
-        RouteTable::with_balancers(view, &Arc::new(Balancers::default()))
+        RouteTable::default().next(view, &Balancers::default())
     }
 
-    /// Indexes `view`, keeping the balancing state in `balancers` (shared
-    /// with the tables of earlier and later versions) for the Services and
-    /// endpoints still there.
-    pub fn with_balancers(view: &NodeView, balancers: &Arc<Balancers>) -> RouteTable {
-        let ready_ips = |service: &Service| {
-            service
+    /// The table of `view`, made from this one (the table of an earlier
+    /// view, or the empty default) by applying what differs between the
+    /// two views, so that it costs what changed, not the size of the
+    /// cluster: this runs wherever a new config meets the data path. The
+    /// balancing state in `balancers` (shared with the tables of earlier
+    /// and later versions) is kept for the Services and endpoints still
+    /// there.
+    pub fn next(&self, view: &NodeView, balancers: &Balancers) -> RouteTable {
+        let mut local = self.local.clone();
+        for change in self.view.local_workloads.diff(view.local_workloads()) {
+            let (key, before, after) = sides(change);
+            local.change(
+                key,
+                addresses(before),
+                after.map(|w| (&w.ips[..], w)),
+                quarantine_all,
+            );
+        }
+        let mut remote = self.remote.clone();
+        for change in self.view.remote_workloads.diff(view.remote_workloads()) {
+            let (key, before, after) = sides(change);
+            remote.change(
+                key,
+                addresses(before),
+                after.map(|w| (&w.ips[..], w)),
+                trust_none,
+            );
+        }
+        let (mut services, mut services_by_key) =
+            (self.services.clone(), self.services_by_key.clone());
+        for change in self.view.services.diff(view.services()) {
+            let (key, before, after) = sides(change);
+            let Some(service) = after else {
+                balancers.forget(key);
+                services_by_key.remove(key);
+                services.change(key, cluster_ips(before), None, first_by_key);
+                continue;
+            };
+            let ready: Vec<IpAddr> = service
                 .endpoints
                 .iter()
                 .filter(|e| e.ready)
                 .map(|e| e.ip)
-                .collect()
-        };
-        balancers.retain(|key| view.services().get(key).map(|s| ready_ips(s)));
-        // An address two pods claim vouches for neither (the control plane
-        // quarantines such pods; this holds if it did not): a remote one is
-        // left out of the index, a local one stays, captured, and refuses
-        // every connection.
-        let index = |workloads: &std::collections::BTreeMap<String, Arc<Workload>>, local: bool| {
-            let mut owners: HashMap<IpAddr, Option<Arc<Workload>>> = HashMap::new();
-            for workload in workloads.values() {
-                for ip in &workload.ips {
-                    owners
-                        .entry(*ip)
-                        .and_modify(|owner| {
-                            *owner = owner.take().filter(|_| local).map(|first| {
-                                let reason = format!("IP {ip} is claimed by another pod too");
-                                Arc::new(Workload {
-                                    quarantine: Some(reason),
-                                    ..(*first).clone()
-                                })
-                            });
-                        })
-                        .or_insert_with(|| Some(workload.clone()));
-                }
-            }
-            owners
-                .into_iter()
-                .filter_map(|(ip, owner)| Some((ip, owner?)))
-                .collect::<HashMap<_, _>>()
-        };
-        let services_by_key: HashMap<String, Arc<ServiceRoute>> = view
-            .services()
-            .iter()
-            .map(|(key, service)| {
-                let route = Arc::new(ServiceRoute {
-                    service: service.clone(),
-                    key: key.clone(),
-                    ready: ready_ips(service),
-                    balancer: balancers.get(key),
-                });
-                (key.clone(), route)
-            })
-            .collect();
-        let services = services_by_key
-            .values()
-            .flat_map(|route| {
-                route
-                    .service
-                    .vips
-                    .iter()
-                    .map(move |vip| (*vip, route.clone()))
-            })
-            .collect();
-        let by_uid = view
-            .local_workloads()
-            .iter()
-            .chain(view.remote_workloads())
-            .map(|(uid, w)| (uid.clone(), w.clone()))
-            .collect();
+                .collect();
+            balancers.keep_endpoints(key, &ready);
+            let route = Arc::new(ServiceRoute {
+                service: service.clone(),
+                key: key.to_owned(),
+                ready,
+                balancer: balancers.get(key),
+            });
+            services.change(
+                key,
+                cluster_ips(before),
+                Some((&service.vips, &route)),
+                first_by_key,
+            );
+            services_by_key.insert(key.to_owned(), route);
+        }
         RouteTable {
             generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
             uninstalling: view.uninstalling(),
             restored: view.restored(),
             meshed_namespaces: view.meshed_namespaces().cloned(),
-            local: index(view.local_workloads(), true),
-            remote: index(view.remote_workloads(), false),
+            view: ViewMaps {
+                local_workloads: view.local_workloads().clone(),
+                remote_workloads: view.remote_workloads().clone(),
+                services: view.services().clone(),
+                authorization_policies: view.authorization_policies().clone(),
+            },
+            local,
+            remote,
             services,
             services_by_key,
-            by_uid,
-            authorization_policies: view.authorization_policies().clone(),
         }
     }
 
@@ -241,7 +246,7 @@ impl RouteTable {
         };
         authorization::decide(
             &destination,
-            |key| self.authorization_policies.get(key).map(|p| &**p),
+            |key| self.view.authorization_policies.get(key).map(|p| &**p),
             connection,
         )
     }
@@ -254,7 +259,8 @@ impl RouteTable {
     /// The workload of pod `namespace/name`, wherever it runs, with or
     /// without addresses yet.
     pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_uid.get(&format!("{namespace}/{name}"))
+        let uid = format!("{namespace}/{name}");
+        (self.view.local_workloads.get(&uid)).or_else(|| self.view.remote_workloads.get(&uid))
     }
 
     /// The IPs of this node's meshed pods: what the capture rules steer.
@@ -275,7 +281,7 @@ impl RouteTable {
     /// source's certificate): a meshed pod on another node, or a Service.
     /// Cheaper than [`RouteTable::resolve`], and without its admission.
     pub fn may_tunnel(&self, destination: SocketAddr) -> bool {
-        self.services.contains_key(&destination.ip())
+        self.services.get(&destination.ip()).is_some()
             || self
                 .remote
                 .get(&destination.ip())
@@ -408,7 +414,10 @@ impl RouteTable {
             chosen.workload = endpoint
                 .workload_uid
                 .as_ref()
-                .and_then(|uid| self.by_uid.get(uid))
+                .and_then(|uid| {
+                    (self.view.local_workloads.get(uid))
+                        .or_else(|| self.view.remote_workloads.get(uid))
+                })
                 .cloned();
         }
         Some((chosen, lease))
@@ -464,4 +473,51 @@ impl RouteTable {
 /// A Service as Istio names it in metrics: `<name>.<namespace>.svc.cluster.local`.
 fn hostname(service: &Service) -> String {
     format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+}
+
+#[cfg(test)]
+#[path = "routes_tests.rs"]
+mod tests;
+
+/// The key of a changed entry, its value before (if any) and after (if any).
+fn sides<'a, T>(
+    change: imbl::ordmap::DiffItem<'a, 'a, String, Arc<T>>,
+) -> (&'a str, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
+    use imbl::ordmap::DiffItem;
+    match change {
+        DiffItem::Add(key, new) => (key, None, Some(new)),
+        DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
+        DiffItem::Remove(key, old) => (key, Some(old), None),
+    }
+}
+
+/// A workload's addresses, none if there is no workload.
+fn addresses(workload: Option<&Arc<Workload>>) -> &[IpAddr] {
+    workload.map_or(&[], |w| &w.ips)
+}
+
+/// A Service's cluster IPs, none if there is no Service.
+fn cluster_ips(service: Option<&Arc<Service>>) -> &[IpAddr] {
+    service.map_or(&[], |s| &s.vips)
+}
+
+/// An address two local pods claim vouches for neither (the control plane
+/// quarantines such pods; this holds if it did not): it stays captured,
+/// and every connection to it is refused.
+fn quarantine_all(ip: IpAddr, claims: &[(String, Arc<Workload>)]) -> Option<Arc<Workload>> {
+    let (_, first) = claims.first()?;
+    Some(Arc::new(Workload {
+        quarantine: Some(format!("IP {ip} is claimed by another pod too")),
+        ..(**first).clone()
+    }))
+}
+
+/// An address two remote pods claim vouches for neither: it is left out.
+fn trust_none(_: IpAddr, _: &[(String, Arc<Workload>)]) -> Option<Arc<Workload>> {
+    None
+}
+
+/// A cluster IP two Services claim goes to the first by key.
+fn first_by_key(_: IpAddr, claims: &[(String, Arc<ServiceRoute>)]) -> Option<Arc<ServiceRoute>> {
+    claims.first().map(|(_, route)| route.clone())
 }

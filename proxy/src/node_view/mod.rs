@@ -26,6 +26,12 @@ pub use weft_api::traffic::{LoadBalancing, OutlierDetection, TrafficPolicy};
 use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle};
 
+/// Entries of a view by their key on the wire. A persistent map: the next
+/// view shares every entry and most of the tree with the one before, so a
+/// delta costs the proxy its own size, not the cluster's, and two views are
+/// compared (`imbl::OrdMap::diff`) in proportion to what differs.
+pub type Keyed<T> = imbl::OrdMap<String, Arc<T>>;
+
 /// One applied version of the node's config. Maps are keyed as on the wire:
 /// workloads by uid (`<namespace>/<pod>`), services by `<namespace>/<name>`.
 #[derive(Clone, Debug, Serialize)]
@@ -42,11 +48,11 @@ pub struct NodeView {
     /// from the control plane since the proxy started.
     restored: bool,
     trust: Trust,
-    local_workloads: BTreeMap<String, Arc<Workload>>,
-    remote_workloads: BTreeMap<String, Arc<Workload>>,
-    services: BTreeMap<String, Arc<Service>>,
+    local_workloads: Keyed<Workload>,
+    remote_workloads: Keyed<Workload>,
+    services: Keyed<Service>,
     #[serde(serialize_with = "policy_summaries")]
-    authorization_policies: BTreeMap<String, Arc<Policy>>,
+    authorization_policies: Keyed<Policy>,
 }
 
 /// An applied update, and the entries of it that were refused (each kept
@@ -446,23 +452,23 @@ impl NodeView {
     }
 
     /// Pods on this node, by uid.
-    pub fn local_workloads(&self) -> &BTreeMap<String, Arc<Workload>> {
+    pub fn local_workloads(&self) -> &Keyed<Workload> {
         &self.local_workloads
     }
 
     /// Pods on other nodes, by uid.
-    pub fn remote_workloads(&self) -> &BTreeMap<String, Arc<Workload>> {
+    pub fn remote_workloads(&self) -> &Keyed<Workload> {
         &self.remote_workloads
     }
 
     /// Services, by `<namespace>/<name>`.
-    pub fn services(&self) -> &BTreeMap<String, Arc<Service>> {
+    pub fn services(&self) -> &Keyed<Service> {
         &self.services
     }
 
     /// AuthorizationPolicies local workloads refer to, compiled, by
     /// `<namespace>/<name>`.
-    pub fn authorization_policies(&self) -> &BTreeMap<String, Arc<Policy>> {
+    pub fn authorization_policies(&self) -> &Keyed<Policy> {
         &self.authorization_policies
     }
 
@@ -505,16 +511,16 @@ impl Service {
 /// removed is reported; the first listing, or the removal, stands.
 fn merge<P, T>(
     kind: EntryKind,
-    (is_delta, previous): (bool, Option<&BTreeMap<String, Arc<T>>>),
+    (is_delta, previous): (bool, Option<&Keyed<T>>),
     listed: &[P],
     removed: &[String],
     convert: impl Fn(&P) -> Result<(String, T), UpdateProblem>,
     fallback: impl Fn(&Arc<T>, &UpdateProblem) -> Option<Arc<T>>,
     refused: &mut Vec<UpdateProblem>,
-) -> BTreeMap<String, Arc<T>> {
+) -> Keyed<T> {
     let mut map = match (is_delta, previous) {
         (true, Some(previous)) => previous.clone(),
-        _ => BTreeMap::new(),
+        _ => Keyed::new(),
     };
     // A full state has no base to remove from; its removed lists mean nothing.
     let removed: HashSet<&str> = if is_delta {
@@ -567,7 +573,7 @@ pub(crate) fn display<T: fmt::Display, S: serde::Serializer>(
 
 /// AuthorizationPolicies in the config dump: action and rule count by key.
 fn policy_summaries<S: serde::Serializer>(
-    policies: &BTreeMap<String, Arc<Policy>>,
+    policies: &Keyed<Policy>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(

@@ -114,7 +114,7 @@ pub(super) fn refused(previous: Option<&NodeView>, update: &v1::ConfigUpdate) ->
     problem
 }
 
-pub(super) fn uids(map: &BTreeMap<String, Arc<Workload>>) -> Vec<&str> {
+pub(super) fn uids(map: &super::Keyed<Workload>) -> Vec<&str> {
     map.keys().map(String::as_str).collect()
 }
 
