@@ -19,7 +19,7 @@ use weft_api::v1::node_config_client::NodeConfigClient;
 use weft_api::v1::{Ack, ConfigUpdate, Hello, Nack, ProxyMessage, proxy_message};
 
 use crate::backoff::Backoff;
-use crate::node_state::{NodeState, RefusedKeys};
+use crate::node_state::{NodeState, RefusedKeys, StoredConfig};
 use crate::node_view::{Applied, NodeView};
 use crate::transport::SharedTransport;
 use crate::{Error, error_chain};
@@ -81,13 +81,14 @@ pub struct ControlPlaneClient {
     kept: Option<Arc<KeptConfig>>,
 }
 
-/// The applied config as one full state, and the node's copy of it: the
-/// client folds every applied update in, a writer task stores it.
+/// The applied config as the node keeps it: the client folds every applied
+/// update in (at the update's cost), a writer task stores it as one full
+/// state.
 struct KeptConfig {
     state: NodeState,
     /// The least time between two writes.
     interval: Duration,
-    config: std::sync::Mutex<Arc<ConfigUpdate>>,
+    config: std::sync::Mutex<StoredConfig>,
     /// Bumped with every change, for the writer.
     changed: watch::Sender<u64>,
 }
@@ -158,10 +159,14 @@ impl ControlPlaneClient {
             }
         });
         let version = restored.as_ref().map(|config| config.version);
+        let mut stored = StoredConfig::default();
+        if let Some(restored) = &restored {
+            stored.fold_in(restored, &RefusedKeys::default());
+        }
         self.kept = Some(Arc::new(KeptConfig {
             state,
             interval,
-            config: std::sync::Mutex::new(Arc::new(restored.unwrap_or_default())),
+            config: std::sync::Mutex::new(stored),
             changed: watch::channel(0).0,
         }));
         version
@@ -400,8 +405,7 @@ impl KeptConfig {
             .config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Copies only while the writer still holds the last snapshot.
-        crate::node_state::merge(Arc::make_mut(&mut config), update, refused);
+        config.fold_in(update, refused);
         drop(config);
         self.changed.send_modify(|changes| *changes += 1);
     }
@@ -439,8 +443,9 @@ async fn write_kept_config(kept: std::sync::Weak<KeptConfig>, mut changes: watch
             .clone();
         let (state, interval) = (strong.state.clone(), strong.interval);
         drop(strong);
-        let version = snapshot.version;
-        match tokio::task::spawn_blocking(move || state.store_config(&snapshot)).await {
+        let version = snapshot.version();
+        let store = move || state.store_config(&snapshot.to_update());
+        match tokio::task::spawn_blocking(store).await {
             Ok(Ok(())) => debug!(version, "stored the applied config on the node"),
             Ok(Err(error)) => {
                 warn!(%error, version, "storing the applied config failed; the last stored one stays");

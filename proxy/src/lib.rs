@@ -59,6 +59,8 @@ mod node_view;
 pub mod pod_directory;
 pub mod rejections;
 pub mod sockets;
+#[cfg(test)]
+mod test_configs;
 mod transport;
 mod wall_clock;
 pub mod warnings;

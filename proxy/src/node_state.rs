@@ -7,8 +7,8 @@
 //! into place (a reader never sees half of one), readable by the proxy's
 //! user only, in a directory only it can enter:
 //! - `config.pb`: the applied config as one full state, in the wire format
-//!   (`weft.v1.ConfigUpdate`). [`merge`] folds every applied update into
-//!   it; reading it back goes through [`NodeView::apply`]
+//!   (`weft.v1.ConfigUpdate`). [`StoredConfig::fold_in`] folds every applied
+//!   update into it; reading it back goes through [`NodeView::apply`]
 //!   (crate::NodeView::apply) like any full state from the control plane,
 //!   so a damaged or foreign file is refused the same way.
 //! - `certs/<trust domain>_<namespace>_<service account>.pem`: each workload
@@ -335,97 +335,146 @@ pub struct RefusedKeys {
     pub authorization_policies: BTreeSet<String>,
 }
 
-/// Folds an applied `update` into `stored`, the applied config as one full
-/// state in the wire format: a full state replaces it; a delta replaces and
-/// removes entries by key, and the roots when it carries them. An entry
-/// the proxy `refused` keeps its stored value, if it had one, as the
-/// applied view keeps its last good value: a local pod whose update was
-/// refused stays captured after a restart, not dropped. (What a restart
-/// does not keep is the refusal itself: such a pod is served with its last
-/// good config, not quarantined.) The announcement of an uninstall is never
-/// stored: a proxy restarted from disk has not been told (see
-/// `NodeView::uninstalling`), and keeps its capture when it stops.
-pub fn merge(stored: &mut ConfigUpdate, update: &ConfigUpdate, refused: &RefusedKeys) {
-    let previous = std::mem::take(stored);
-    if update.full_state {
-        *stored = update.clone();
-    } else {
-        *stored = previous.clone();
-        stored.version = update.version;
-        if update.meshed_namespaces.is_some() {
-            stored.meshed_namespaces = update.meshed_namespaces.clone();
-        }
-        if update.trust.is_some() {
-            stored.trust = update.trust.clone();
-        }
-    }
-    let wire = |w: &weft_api::v1::Workload| w.uid.clone();
-    let named = |namespace: &str, name: &str| format!("{namespace}/{name}");
-    merge_keyed(
-        &mut stored.local_workloads,
-        (&previous.local_workloads, update),
-        |u| (&u.local_workloads, &u.removed_local_workloads),
-        &refused.local_workloads,
-        wire,
-    );
-    merge_keyed(
-        &mut stored.remote_workloads,
-        (&previous.remote_workloads, update),
-        |u| (&u.remote_workloads, &u.removed_remote_workloads),
-        &refused.remote_workloads,
-        wire,
-    );
-    merge_keyed(
-        &mut stored.services,
-        (&previous.services, update),
-        |u| (&u.services, &u.removed_services),
-        &refused.services,
-        |s| named(&s.namespace, &s.name),
-    );
-    merge_keyed(
-        &mut stored.authorization_policies,
-        (&previous.authorization_policies, update),
-        |u| (&u.authorization_policies, &u.removed_authorization_policies),
-        &refused.authorization_policies,
-        |p| named(&p.namespace, &p.name),
-    );
-    stored.uninstalling = None;
+/// The applied config as the node keeps it, in the wire format: entries by
+/// key, brought along update by update. Its maps are persistent, so that
+/// folding a delta in costs the delta (not the cluster), and the writer
+/// takes a snapshot of it without a copy; [`StoredConfig::to_update`]
+/// makes the one full state stored on the node.
+#[derive(Clone, Debug, Default)]
+pub struct StoredConfig {
+    version: u64,
+    trust: Option<weft_api::v1::TrustBundle>,
+    meshed_namespaces: Option<weft_api::v1::MeshedNamespaces>,
+    local_workloads: Stored<weft_api::v1::Workload>,
+    remote_workloads: Stored<weft_api::v1::Workload>,
+    services: Stored<weft_api::v1::Service>,
+    authorization_policies: Stored<weft_api::v1::AuthorizationPolicy>,
 }
 
-/// One keyed list of [`merge`]: for a delta, removes the entries of `list`
-/// named in the update's removals or replaced by one of its entries, then
-/// appends those; for a full state, `list` already is the update's. Then
-/// each refused key that had a `previous` entry gets it back; one that had
-/// none keeps what the update sent, which a restart refuses (or keeps, as
-/// a pod reported for a missing policy) the same way again.
-fn merge_keyed<T: Clone>(
-    list: &mut Vec<T>,
-    (previous, update): (&[T], &ConfigUpdate),
-    lists: impl Fn(&ConfigUpdate) -> (&Vec<T>, &Vec<String>),
+/// Wire entries by key.
+type Stored<T> = imbl::OrdMap<String, std::sync::Arc<T>>;
+
+impl StoredConfig {
+    /// Folds an applied `update` in: a full state replaces everything; a
+    /// delta replaces and removes entries by key, and the roots and meshed
+    /// namespaces when it carries them. An entry the proxy `refused` keeps
+    /// its stored value, if it had one, as the applied view keeps its last
+    /// good value: a local pod whose update was refused stays captured
+    /// after a restart, not dropped. (What a restart does not keep is the
+    /// refusal itself: such a pod is served with its last good config, not
+    /// quarantined.) One it had none for is stored as sent: a restart
+    /// decides about it again. The announcement of an uninstall is never
+    /// stored: a proxy restarted from disk has not been told (see
+    /// `NodeView::uninstalling`), and keeps its capture when it stops.
+    pub fn fold_in(&mut self, update: &ConfigUpdate, refused: &RefusedKeys) {
+        let full = update.full_state;
+        self.version = update.version;
+        if full || update.trust.is_some() {
+            self.trust = update.trust.clone();
+        }
+        if full || update.meshed_namespaces.is_some() {
+            self.meshed_namespaces = update.meshed_namespaces.clone();
+        }
+        let wire = |w: &weft_api::v1::Workload| w.uid.clone();
+        let named = |namespace: &str, name: &str| format!("{namespace}/{name}");
+        fold_keyed(
+            &mut self.local_workloads,
+            (
+                full,
+                &update.local_workloads,
+                &update.removed_local_workloads,
+            ),
+            &refused.local_workloads,
+            wire,
+        );
+        fold_keyed(
+            &mut self.remote_workloads,
+            (
+                full,
+                &update.remote_workloads,
+                &update.removed_remote_workloads,
+            ),
+            &refused.remote_workloads,
+            wire,
+        );
+        fold_keyed(
+            &mut self.services,
+            (full, &update.services, &update.removed_services),
+            &refused.services,
+            |s| named(&s.namespace, &s.name),
+        );
+        fold_keyed(
+            &mut self.authorization_policies,
+            (
+                full,
+                &update.authorization_policies,
+                &update.removed_authorization_policies,
+            ),
+            &refused.authorization_policies,
+            |p| named(&p.namespace, &p.name),
+        );
+    }
+
+    /// The version of the update folded in last.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The config as one full state, as it is stored.
+    pub fn to_update(&self) -> ConfigUpdate {
+        fn entries<T: Clone>(map: &Stored<T>) -> Vec<T> {
+            map.values().map(|entry| (**entry).clone()).collect()
+        }
+        ConfigUpdate {
+            version: self.version,
+            full_state: true,
+            trust: self.trust.clone(),
+            meshed_namespaces: self.meshed_namespaces.clone(),
+            local_workloads: entries(&self.local_workloads),
+            remote_workloads: entries(&self.remote_workloads),
+            services: entries(&self.services),
+            authorization_policies: entries(&self.authorization_policies),
+            ..ConfigUpdate::default()
+        }
+    }
+}
+
+/// One keyed map of [`StoredConfig::fold_in`]: emptied by a full state,
+/// trimmed of a delta's removals; then each listed entry is stored (the
+/// first of a key listed twice, none of a key also removed: as the view
+/// takes them), and each refused key
+/// that had a stored entry gets it back.
+fn fold_keyed<T: Clone>(
+    map: &mut Stored<T>,
+    (full, listed, removed): (bool, &[T], &[String]),
     refused: &BTreeSet<String>,
     key: impl Fn(&T) -> String,
 ) {
-    let (changed, removed) = lists(update);
-    let delta_changes = !update.full_state && (!changed.is_empty() || !removed.is_empty());
-    if delta_changes {
-        let gone: BTreeSet<String> = removed
-            .iter()
-            .cloned()
-            .chain(changed.iter().map(&key))
-            .collect();
-        list.retain(|entry| !gone.contains(&key(entry)));
-        list.extend(changed.iter().cloned());
+    let previous = map.clone();
+    if full {
+        map.clear();
+    } else {
+        for gone in removed {
+            map.remove(gone);
+        }
     }
-    let kept: Vec<&T> = previous
-        .iter()
-        .filter(|entry| refused.contains(&key(entry)))
-        .collect();
-    if kept.is_empty() {
-        return;
+    // As the view: a key both listed and removed is removed.
+    let mut seen: std::collections::HashSet<String> = if full {
+        Default::default()
+    } else {
+        removed.iter().cloned().collect()
+    };
+    for entry in listed {
+        let key = key(entry);
+        if seen.insert(key.clone()) {
+            map.insert(key, std::sync::Arc::new(entry.clone()));
+        }
     }
-    let kept_keys: BTreeSet<String> = kept.iter().map(|entry| key(entry)).collect();
-    list.retain(|entry| !kept_keys.contains(&key(entry)));
-    list.extend(kept.into_iter().cloned());
+    for key in refused {
+        if let Some(kept) = previous.get(key) {
+            map.insert(key.clone(), kept.clone());
+        }
+    }
 }
 
 #[cfg(test)]

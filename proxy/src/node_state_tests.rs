@@ -71,12 +71,13 @@ fn merged_deltas_give_the_view_the_deltas_gave() {
     ];
 
     let mut view = NodeView::apply(None, &full, "node-1").unwrap().view;
-    let mut stored = v1::ConfigUpdate::default();
-    merge(&mut stored, &full, &RefusedKeys::default());
+    let mut kept = StoredConfig::default();
+    kept.fold_in(&full, &RefusedKeys::default());
     for delta in &deltas {
         view = NodeView::apply(Some(&view), delta, "node-1").unwrap().view;
-        merge(&mut stored, delta, &RefusedKeys::default());
+        kept.fold_in(delta, &RefusedKeys::default());
     }
+    let stored = kept.to_update();
     assert!(stored.full_state);
     assert_eq!(stored.version, 3);
     let replayed = NodeView::apply(None, &stored, "node-1").unwrap().view;
@@ -87,6 +88,32 @@ fn merged_deltas_give_the_view_the_deltas_gave() {
         dump
     };
     assert_eq!(dump(&replayed), dump(&view));
+}
+
+#[test]
+fn the_stored_config_after_random_deltas_replays_to_the_view_they_gave() {
+    use crate::test_configs::{Dice, NODE, first_full_state, random_delta};
+    let dump = |view: &NodeView| {
+        let mut dump = serde_json::to_value(view).unwrap();
+        dump["generation"] = serde_json::Value::Null;
+        dump["version"] = serde_json::Value::Null;
+        dump
+    };
+    for seed in 1..=10u64 {
+        let mut dice = Dice(seed * 104_729);
+        let first = first_full_state();
+        let mut view = NodeView::apply(None, &first, NODE).unwrap().view;
+        let mut kept = StoredConfig::default();
+        kept.fold_in(&first, &RefusedKeys::default());
+        for step in 0..100u64 {
+            let update = random_delta(&mut dice, step + 2, &view);
+            view = NodeView::apply(Some(&view), &update, NODE).unwrap().view;
+            kept.fold_in(&update, &RefusedKeys::default());
+            let replayed = NodeView::apply(None, &kept.to_update(), NODE).unwrap();
+            assert!(replayed.refused.is_empty(), "{:?}", replayed.refused);
+            assert_eq!(dump(&replayed.view), dump(&view), "seed {seed} step {step}");
+        }
+    }
 }
 
 #[test]
@@ -189,8 +216,8 @@ fn clearing_leaves_an_empty_directory() {
 #[test]
 fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
     let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
-    let mut stored = v1::ConfigUpdate::default();
-    merge(&mut stored, &full_state(&ca), &RefusedKeys::default());
+    let mut kept = StoredConfig::default();
+    kept.fold_in(&full_state(&ca), &RefusedKeys::default());
     // A delta whose new web-1 was refused (say, an unknown mTLS mode): the
     // stored web-1 stays the last good one, and so captured after a
     // restart; web-3, refused and new, is stored as sent (a restart
@@ -209,7 +236,8 @@ fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
         local_workloads: BTreeSet::from(["shop/web-1".to_owned(), "shop/web-3".to_owned()]),
         ..RefusedKeys::default()
     };
-    merge(&mut stored, &delta, &refused);
+    kept.fold_in(&delta, &refused);
+    let stored = kept.to_update();
     let web_1 = stored
         .local_workloads
         .iter()
@@ -226,7 +254,8 @@ fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
         local_workloads: BTreeSet::from(["shop/web-1".to_owned()]),
         ..RefusedKeys::default()
     };
-    merge(&mut stored, &full, &refused);
+    kept.fold_in(&full, &refused);
+    let stored = kept.to_update();
     let web_1 = stored
         .local_workloads
         .iter()
@@ -246,21 +275,24 @@ fn the_meshed_namespaces_are_kept_until_an_update_replaces_them() {
             names: names.iter().map(|n| (*n).to_owned()).collect(),
         })
     };
-    let mut stored = full_state(&ca);
-    stored.meshed_namespaces = meshed(&["shop"]);
+    let mut first = full_state(&ca);
+    first.meshed_namespaces = meshed(&["shop"]);
+    let mut kept = StoredConfig::default();
+    kept.fold_in(&first, &RefusedKeys::default());
     // A delta without them keeps them; one with them replaces them.
     let quiet = v1::ConfigUpdate {
         version: 2,
         ..v1::ConfigUpdate::default()
     };
-    merge(&mut stored, &quiet, &RefusedKeys::default());
-    assert_eq!(stored.meshed_namespaces, meshed(&["shop"]));
+    kept.fold_in(&quiet, &RefusedKeys::default());
+    assert_eq!(kept.to_update().meshed_namespaces, meshed(&["shop"]));
     let relabelled = v1::ConfigUpdate {
         version: 3,
         meshed_namespaces: meshed(&["legacy"]),
         ..v1::ConfigUpdate::default()
     };
-    merge(&mut stored, &relabelled, &RefusedKeys::default());
+    kept.fold_in(&relabelled, &RefusedKeys::default());
+    let stored = kept.to_update();
     assert_eq!(stored.meshed_namespaces, meshed(&["legacy"]));
     let view = NodeView::apply(None, &stored, "node-1").unwrap().view;
     assert!(view.namespace_meshed("legacy") && !view.namespace_meshed("shop"));
