@@ -130,7 +130,11 @@ for change in changes["each"]:
     assert change["nodes_reached"] == nodes, ("a change did not reach every node", change)
 churn = report["churn"]
 assert churn is not None and churn["changes"] == 20, churn
-print(f"control-plane smoke: {nodes} nodes got every pod, every change reached every node")
+proxy = report["proxy"]
+assert proxy["remote_workloads"] + proxy["local_workloads"] == pods, ("the proxy's view", proxy)
+assert proxy["deltas"] > 0 and proxy["refused_entries"] == 0, ("the proxy's deltas", proxy)
+print(f"control-plane smoke: {nodes} nodes got every pod, every change reached every node, "
+      f"the proxy of {proxy['node']} applied {proxy['deltas']} deltas")
 PY
 
 step "cargo doc (warnings are errors)"

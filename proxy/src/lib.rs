@@ -75,7 +75,7 @@ pub use control_plane::{ControlPlaneClient, ControlPlaneStatus, RefusedUpdate, V
 pub use error::{Error, error_chain};
 pub use monitoring::probe_ready;
 pub use node_proxy::NodeProxy;
-pub use node_state::NodeState;
+pub use node_state::{NodeState, RefusedKeys, StoredConfig};
 pub use node_view::{
     Applied, Endpoint, EntryKind, NodeView, Service, ServicePort, Trust, UpdateProblem, Workload,
 };

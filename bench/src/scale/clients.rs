@@ -26,6 +26,10 @@ use tonic::transport::{Channel, Endpoint};
 use super::cluster::{Cluster, token};
 use super::grpc::{ConfigStream, LightUpdate};
 
+/// The node whose updates are kept whole, to be applied afterwards as its
+/// proxy would ([`super::proxy_side`]).
+pub const PROXY_NODE: u32 = 1;
+
 /// The largest config update a simulated node accepts: far above any full
 /// state the scenario makes (the control plane has its own limit).
 const MAX_UPDATE_BYTES: usize = 1 << 30;
@@ -83,6 +87,9 @@ pub struct NodeRecord {
     pub seen: Vec<Option<Seen>>,
     /// Streams opened (more than one: the stream broke and was reopened).
     pub opened: u32,
+    /// Node [`PROXY_NODE`] only: every update's bytes, in order, for the
+    /// proxy's side of the measurement ([`super::proxy_side`]).
+    pub messages: Vec<Vec<u8>>,
 }
 
 /// The simulated nodes' shared state.
@@ -201,8 +208,15 @@ impl Streams {
             .with_context(|| format!("opening the stream took over {OPEN_TIMEOUT:?}"))??;
         self.record(node).opened += 1;
         let mut permit = Some(permit);
-        while let Some((bytes, update)) = stream.next(MAX_UPDATE_BYTES).await? {
-            self.recorded(node, Instant::now(), bytes, &update);
+        if node == PROXY_NODE {
+            stream.keep_messages();
+        }
+        while let Some(received) = stream.next(MAX_UPDATE_BYTES).await? {
+            let update = &received.update;
+            self.recorded(node, Instant::now(), received.bytes, update);
+            if node == PROXY_NODE {
+                self.record(node).messages.push(received.messages);
+            }
             if update.full_state {
                 permit.take();
             }

@@ -63,6 +63,21 @@ pub struct ConfigStream {
     requests: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
     body: tonic::body::Body,
     framer: Framer,
+    /// Whether [`Received::messages`] keeps each update's bytes.
+    keep_messages: bool,
+}
+
+/// One update, put together from its parts.
+pub struct Received {
+    /// Its size on the wire.
+    pub bytes: usize,
+    /// What the scenario reads of it.
+    pub update: LightUpdate,
+    /// Its parts' bytes one after the other, if the stream keeps them
+    /// ([`ConfigStream::keep_messages`]), else empty. Protobuf merges
+    /// concatenated messages, so they decode as the whole
+    /// `weft.v1.ConfigUpdate` the proxy puts together.
+    pub messages: Vec<u8>,
 }
 
 impl ConfigStream {
@@ -104,38 +119,52 @@ impl ConfigStream {
             requests,
             body: response.into_body(),
             framer: Framer::default(),
+            keep_messages: false,
         })
+    }
+
+    /// Keeps every update's bytes from now on (see [`Received::messages`]).
+    pub fn keep_messages(&mut self) {
+        self.keep_messages = true;
     }
 
     /// The next update, put together from its parts as the proxy does, and
     /// its size on the wire, or `None` when the control plane ended the
     /// call with status OK.
-    pub async fn next(&mut self, max_bytes: usize) -> Result<Option<(usize, LightUpdate)>> {
-        let mut whole: Option<(usize, LightUpdate)> = None;
+    pub async fn next(&mut self, max_bytes: usize) -> Result<Option<Received>> {
+        let mut whole: Option<Received> = None;
         loop {
             while let Some(message) = self.framer.messages.pop_front() {
                 let part =
                     LightUpdate::decode(message.as_slice()).context("decoding a config update")?;
-                let (bytes, update) = match whole.take() {
-                    None => (message.len(), part),
-                    Some((bytes, mut update)) => {
-                        if (update.version, update.full_state) != (part.version, part.full_state) {
-                            bail!(
-                                "a part of version {} continues version {}",
-                                part.version,
-                                update.version
-                            );
-                        }
-                        update.local_workloads.extend(part.local_workloads);
-                        update.remote_workloads.extend(part.remote_workloads);
-                        update.more_follows = part.more_follows;
-                        (bytes + message.len(), update)
-                    }
-                };
-                if !update.more_follows {
-                    return Ok(Some((bytes, update)));
+                let mut received = whole.take().unwrap_or_else(|| Received {
+                    bytes: 0,
+                    update: LightUpdate {
+                        version: part.version,
+                        full_state: part.full_state,
+                        ..LightUpdate::default()
+                    },
+                    messages: Vec::new(),
+                });
+                let update = &mut received.update;
+                if (update.version, update.full_state) != (part.version, part.full_state) {
+                    bail!(
+                        "a part of version {} continues version {}",
+                        part.version,
+                        update.version
+                    );
                 }
-                whole = Some((bytes, update));
+                update.local_workloads.extend(part.local_workloads);
+                update.remote_workloads.extend(part.remote_workloads);
+                update.more_follows = part.more_follows;
+                received.bytes += message.len();
+                if self.keep_messages {
+                    received.messages.extend_from_slice(&message);
+                }
+                if !received.update.more_follows {
+                    return Ok(Some(received));
+                }
+                whole = Some(received);
             }
             let Some(frame) = self.body.frame().await else {
                 bail!("the stream ended without a gRPC status");

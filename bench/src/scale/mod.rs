@@ -10,7 +10,9 @@
 //!   the last node has the new IP, the CPU each costs, how many nodes hear
 //!   of it; and one label-only change, which only the pod's node needs;
 //! - a churn of many changes per second: how long after the last one every
-//!   node holds every changed pod's final IP.
+//!   node holds every changed pod's final IP;
+//! - what one node's proxy pays for all of it: memory per remote workload,
+//!   and the data plane's stall per delta ([`proxy_side`]).
 //!
 //! Needs no root and no testbed: everything is on loopback, each node
 //! connecting from its own address in 127.1.0.0/16.
@@ -20,6 +22,7 @@ mod clients;
 mod cluster;
 mod grpc;
 mod process;
+mod proxy_side;
 mod report;
 
 use std::collections::BTreeSet;
@@ -47,6 +50,14 @@ pub enum Command {
     /// state, memory, CPU, and the time a pod change takes to reach every
     /// node. Needs no root.
     ControlPlane(ScaleArgs),
+    /// The proxy's side of `control-plane`, in a process of its own:
+    /// applies the updates recorded in FILE as a proxy does and prints the
+    /// figures as JSON.
+    #[command(hide = true)]
+    ProxyReplay {
+        /// The recorded updates.
+        file: std::path::PathBuf,
+    },
 }
 
 /// Settings of the control-plane scenario.
@@ -96,7 +107,10 @@ pub struct ScaleArgs {
 
 /// Runs a subcommand.
 pub fn run(command: Command) -> Result<()> {
-    let Command::ControlPlane(args) = command;
+    let args = match command {
+        Command::ControlPlane(args) => args,
+        Command::ProxyReplay { file } => return proxy_side::replay(&file),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -238,7 +252,14 @@ impl Scenario<'_> {
         let mut report = result.with_context(|| scenario.situation())?;
         drop(nodes); // the streams end, then the control plane
         let log = scenario.cp.log.clone();
+        let recorded = std::mem::take(&mut scenario.streams.record(clients::PROXY_NODE).messages);
         drop(scenario);
+        // With the control plane stopped, the proxy's side has the machine.
+        report.proxy = Some(
+            proxy_side::measure(&dir.join("proxy-updates.bin"), &recorded)
+                .context("replaying the updates of the proxy's node")?,
+        );
+        drop(recorded);
         report.control_plane.log = process::summarize_log(&log)?;
         report.load_average = (load_at_start, procstat::load_average());
         report.control_plane_is_release_build =
@@ -316,6 +337,7 @@ impl Scenario<'_> {
                 opened,
                 failures: self.streams.failures(),
             },
+            proxy: None,
             bench_cpu_seconds: this_process.cpu_seconds(self.ticks)?,
             bench_peak_rss_kib: this_process.memory()?.peak_kib,
             elapsed_seconds: started.elapsed().as_secs_f64(),

@@ -40,6 +40,8 @@ pub struct ScaleReport {
     pub churn: Option<ChurnFigures>,
     /// Streams: opened, broken, refused.
     pub streams: StreamFigures,
+    /// What one node's proxy paid for it all (see [`super::proxy_side`]).
+    pub proxy: Option<super::proxy_side::ProxyFigures>,
     /// CPU seconds of this process (the simulated nodes), which shares the
     /// machine with the control plane.
     pub bench_cpu_seconds: f64,
@@ -390,6 +392,9 @@ pub fn render(r: &ScaleReport) -> String {
         );
         row(&mut out, "CPU", format!("{:.2} s", u.cpu_seconds));
     }
+    if let Some(proxy) = &r.proxy {
+        super::proxy_side::render(&mut out, proxy);
+    }
     let s = &r.streams;
     let _ = writeln!(out, "\nstreams: {} opened for {} nodes", s.opened, c.nodes);
     for (reason, count) in &s.failures {
@@ -401,7 +406,7 @@ pub fn render(r: &ScaleReport) -> String {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn row(out: &mut String, label: &str, value: String) {
+pub(super) fn row(out: &mut String, label: &str, value: String) {
     let _ = writeln!(out, "  {label:<28} {value}");
 }
 
