@@ -257,7 +257,7 @@ pub fn in_namespace<'a, T>(
     map.range(format!("{namespace}/")..format!("{namespace}0"))
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-clusters"))]
 impl ClusterState {
     /// The objects of a multi-document YAML text; panics on a bad one.
     pub(crate) fn from_yaml(yaml: &str) -> ClusterState {

@@ -37,8 +37,8 @@ pub mod registry;
 pub mod serving_cert;
 pub mod signing;
 pub mod status;
-#[cfg(test)]
-mod test_clusters;
+#[cfg(any(test, feature = "test-clusters"))]
+pub mod test_clusters;
 pub mod traffic;
 pub mod view;
 
