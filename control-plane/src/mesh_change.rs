@@ -100,7 +100,7 @@ impl MeshChange {
 
 /// Keys whose values differ between `old` and `new`, with whether each was
 /// in `old`.
-fn changed_keys<T: PartialEq + Clone>(
+pub(crate) fn changed_keys<T: PartialEq + Clone>(
     old: &imbl::OrdMap<String, T>,
     new: &imbl::OrdMap<String, T>,
 ) -> BTreeMap<String, bool> {

@@ -56,13 +56,10 @@ impl Mesh {
             &before.authorization_policies,
             &after.authorization_policies,
         ) {
-            if let Some(policy) = after.authorization_policies.get(&key)
-                && policies.set(&key, Some(policy))
-            {
+            let policy = after.authorization_policies.get(&key).map(|p| &**p);
+            if policies.set(&key, policy) {
                 let problem = &policies.invalid[&key];
                 tracing::warn!(policy = %key, %problem, "AuthorizationPolicy is invalid: not sent; the pods it selects refuse every connection (an AUDIT one is only left out)");
-            } else if !after.authorization_policies.contains_key(&key) {
-                policies.set(&key, None);
             }
             workload_namespaces.insert(namespace_of(&key).to_owned());
         }
@@ -249,12 +246,8 @@ impl Mesh {
 
 /// The keys whose objects differ between `before` and `after`.
 fn changed<T: PartialEq>(before: &Objects<T>, after: &Objects<T>) -> BTreeSet<String> {
-    before
-        .diff(after)
-        .map(|item| match item {
-            DiffItem::Add(key, _) | DiffItem::Remove(key, _) => key.clone(),
-            DiffItem::Update { new, .. } => new.0.clone(),
-        })
+    crate::mesh_change::changed_keys(before, after)
+        .into_keys()
         .collect()
 }
 

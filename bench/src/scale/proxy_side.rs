@@ -8,7 +8,7 @@
 //! - the route table ([`RouteTable::next`], on the data-plane thread: the
 //!   connections that arrive meanwhile wait for it, so its time per update
 //!   is the data plane's stall);
-//! - the kept config ([`StoredConfig`], what a restarted proxy serves).
+//! - the kept config ([`StoredConfig`](weft_proxy::StoredConfig), what a restarted proxy serves).
 //!
 //! Memory is the growth of the child's resident set over each step of
 //! taking the first full state, per remote workload: glibc's own overhead
