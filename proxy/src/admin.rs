@@ -285,7 +285,7 @@ fn config_dump(state: &AdminState) -> Value {
         "authorization_policies": view.map_or(json!({}), |v| {
             v.authorization_policies()
                 .iter()
-                .map(|(key, policy)| (key.clone(), crate::node_view::policy_summary(policy)))
+                .map(|(key, policy)| (key.to_string(), crate::node_view::policy_summary(policy)))
                 .collect::<serde_json::Map<_, _>>()
                 .into()
         }),

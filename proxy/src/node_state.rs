@@ -352,7 +352,7 @@ pub struct StoredConfig {
 }
 
 /// Wire entries by key.
-type Stored<T> = imbl::OrdMap<String, std::sync::Arc<T>>;
+type Stored<T> = imbl::OrdMap<std::sync::Arc<str>, std::sync::Arc<T>>;
 
 impl StoredConfig {
     /// Folds an applied `update` in: a full state replaces everything; a
@@ -455,7 +455,7 @@ fn fold_keyed<T: Clone>(
         map.clear();
     } else {
         for gone in removed {
-            map.remove(gone);
+            map.remove(gone.as_str());
         }
     }
     // As the view: a key both listed and removed is removed.
@@ -467,12 +467,12 @@ fn fold_keyed<T: Clone>(
     for entry in listed {
         let key = key(entry);
         if seen.insert(key.clone()) {
-            map.insert(key, std::sync::Arc::new(entry.clone()));
+            map.insert(key.into(), std::sync::Arc::new(entry.clone()));
         }
     }
     for key in refused {
-        if let Some(kept) = previous.get(key) {
-            map.insert(key.clone(), kept.clone());
+        if let Some(kept) = previous.get(key.as_str()) {
+            map.insert(key.as_str().into(), kept.clone());
         }
     }
 }

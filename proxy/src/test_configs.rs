@@ -87,9 +87,9 @@ pub(crate) fn random_delta(dice: &mut Dice, version: u64, view: &NodeView) -> v1
         let slot = dice.roll(16);
         let uid = format!("shop/pod-{slot}");
         let (local, known) = if slot < 8 {
-            (true, view.local_workloads().contains_key(&uid))
+            (true, view.local_workloads().contains_key(uid.as_str()))
         } else {
-            (false, view.remote_workloads().contains_key(&uid))
+            (false, view.remote_workloads().contains_key(uid.as_str()))
         };
         let listed = |u: &v1::ConfigUpdate| {
             u.local_workloads
@@ -111,7 +111,7 @@ pub(crate) fn random_delta(dice: &mut Dice, version: u64, view: &NodeView) -> v1
     }
     let slot = dice.roll(5);
     let key = format!("shop/svc-{slot}");
-    if dice.roll(3) == 0 && view.services().contains_key(&key) {
+    if dice.roll(3) == 0 && view.services().contains_key(key.as_str()) {
         update.removed_services.push(key);
     } else {
         update.services.push(service(dice, slot));

@@ -91,7 +91,7 @@ async fn a_bad_entry_is_refused_alone_and_the_rest_flows_on() {
     .await;
     let view = proxy.view().borrow().clone().unwrap();
     assert_eq!(view.version(), 2);
-    let uids: Vec<_> = view.local_workloads().keys().collect();
+    let uids: Vec<_> = view.local_workloads().keys().map(|uid| &**uid).collect();
     assert_eq!(uids, ["default/db"]);
     let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
     assert_eq!(dump["applied_version"], 2);
@@ -105,7 +105,7 @@ async fn a_bad_entry_is_refused_alone_and_the_rest_flows_on() {
     stream.send(next).await;
     assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 3 }));
     let view = proxy.view().borrow().clone().unwrap();
-    let uids: Vec<_> = view.local_workloads().keys().collect();
+    let uids: Vec<_> = view.local_workloads().keys().map(|uid| &**uid).collect();
     assert_eq!(uids, ["default/api", "default/db"]);
 
     // A delta that skips a version cannot be followed: the proxy says so,
@@ -162,8 +162,12 @@ async fn after_the_stream_drops_the_proxy_reconnects_and_gets_a_full_state() {
     stream.send(full_state(&cp, 1, local, vec![])).await;
     assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 1 }));
     wait_for("the new full state", &proxy.view(), |v| {
-        v.as_ref()
-            .is_some_and(|v| v.local_workloads().keys().eq(["default/cache"]))
+        v.as_ref().is_some_and(|v| {
+            v.local_workloads()
+                .keys()
+                .map(|uid| &**uid)
+                .eq(["default/cache"])
+        })
     })
     .await;
     wait_for("the proxy to be connected", &proxy.status(), |s| {
@@ -398,7 +402,7 @@ async fn an_update_in_parts_is_applied_once_whole_and_a_stray_part_restarts_the_
     assert!(
         view.remote_workloads()
             .keys()
-            .any(|uid| uid == "shop/pod-2299")
+            .any(|uid| &**uid == "shop/pod-2299")
     );
 
     // A part that does not continue the update before it: nothing of the
@@ -466,7 +470,7 @@ async fn a_restarted_proxy_serves_its_last_config_and_certificates_without_the_c
         .clone()
         .expect("a view restored at start");
     assert_eq!(view.version(), 2);
-    let uids: Vec<&String> = view.local_workloads().keys().collect();
+    let uids: Vec<&str> = view.local_workloads().keys().map(|uid| &**uid).collect();
     assert_eq!(uids, ["default/db", "default/web"]);
     let restored = proxy.certificates().borrow().clone();
     assert_eq!(restored.len(), 2);

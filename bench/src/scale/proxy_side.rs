@@ -64,6 +64,9 @@ pub struct ProxyFigures {
     pub delta_routes_us: [f64; 3],
     /// Folding a delta into the kept config: p50, p99, max, in µs.
     pub delta_kept_us: [f64; 3],
+    /// Each delta: its entries, then view, route table and kept config in
+    /// µs (the cost per entry shows here).
+    pub each_delta: Vec<[f64; 4]>,
     /// Full states after the first (a stream that was opened again).
     pub later_full_states: u64,
     /// Entries the proxy refused, all updates together (should be 0).
@@ -170,6 +173,12 @@ pub fn replay(path: &Path) -> Result<()> {
         kept.fold_in(&update, &Default::default());
         let kept_took = started.elapsed();
         if !update.full_state {
+            figures.each_delta.push([
+                entries(&update) as f64,
+                view_took.as_secs_f64() * 1e6,
+                routes_took.as_secs_f64() * 1e6,
+                kept_took.as_secs_f64() * 1e6,
+            ]);
             view_us.push(view_took.as_secs_f64() * 1e6);
             routes_us.push(routes_took.as_secs_f64() * 1e6);
             kept_us.push(kept_took.as_secs_f64() * 1e6);

@@ -14,7 +14,9 @@ use std::sync::Arc;
 /// Addresses and their claims.
 #[derive(Debug)]
 pub(super) struct AddressBook<T> {
-    entries: imbl::HashMap<IpAddr, Claims<T>>,
+    /// Each address's claims behind an `Arc`, so that the persistent map
+    /// copies pointers, not claims, when a change copies one of its nodes.
+    entries: imbl::HashMap<IpAddr, Arc<Claims<T>>>,
 }
 
 /// The claims on one address, by key, and what it resolves to.
@@ -29,15 +31,6 @@ impl<T> Clone for AddressBook<T> {
     fn clone(&self) -> Self {
         AddressBook {
             entries: self.entries.clone(),
-        }
-    }
-}
-
-impl<T> Clone for Claims<T> {
-    fn clone(&self) -> Self {
-        Claims {
-            by_key: self.by_key.clone(),
-            owner: self.owner.clone(),
         }
     }
 }
@@ -80,38 +73,34 @@ impl<T> AddressBook<T> {
         after: Option<(&[IpAddr], &Arc<T>)>,
         settle: Settle<T>,
     ) {
-        for ip in before {
-            if let Some(claims) = self.entries.get_mut(ip) {
-                claims.by_key.retain(|(claimant, _)| claimant != key);
-            }
-        }
-        if let Some((ips, value)) = after {
-            for ip in ips {
-                let claims = self.entries.entry(*ip).or_insert_with(|| Claims {
-                    by_key: Vec::new(),
-                    owner: None,
-                });
-                match claims.by_key.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
-                    Ok(at) => claims.by_key[at].1 = value.clone(),
-                    Err(at) => claims.by_key.insert(at, (key.to_owned(), value.clone())),
-                }
-            }
-        }
-        let touched = before
-            .iter()
-            .chain(after.into_iter().flat_map(|(ips, _)| ips));
+        let claimed = after.map_or(&[][..], |(ips, _)| ips);
+        let mut touched: Vec<IpAddr> = before.iter().chain(claimed).copied().collect();
+        touched.sort_unstable();
+        touched.dedup();
         for ip in touched {
-            let Some(claims) = self.entries.get_mut(ip) else {
-                continue;
-            };
-            if claims.by_key.is_empty() {
-                self.entries.remove(ip);
-                continue;
+            let mut by_key = self
+                .entries
+                .get(&ip)
+                .map(|claims| claims.by_key.clone())
+                .unwrap_or_default();
+            by_key.retain(|(claimant, _)| claimant != key);
+            if let Some((ips, value)) = after
+                && ips.contains(&ip)
+            {
+                let at = by_key
+                    .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                    .unwrap_or_else(|at| at);
+                by_key.insert(at, (key.to_owned(), value.clone()));
             }
-            claims.owner = match claims.by_key.as_slice() {
+            let owner = match by_key.as_slice() {
+                [] => {
+                    self.entries.remove(&ip);
+                    continue;
+                }
                 [(_, only)] => Some(only.clone()),
-                several => settle(*ip, several),
+                several => settle(ip, several),
             };
+            self.entries.insert(ip, Arc::new(Claims { by_key, owner }));
         }
     }
 }

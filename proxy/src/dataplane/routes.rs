@@ -260,7 +260,8 @@ impl RouteTable {
     /// without addresses yet.
     pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         let uid = format!("{namespace}/{name}");
-        (self.view.local_workloads.get(&uid)).or_else(|| self.view.remote_workloads.get(&uid))
+        (self.view.local_workloads.get(uid.as_str()))
+            .or_else(|| self.view.remote_workloads.get(uid.as_str()))
     }
 
     /// The IPs of this node's meshed pods: what the capture rules steer.
@@ -415,8 +416,8 @@ impl RouteTable {
                 .workload_uid
                 .as_ref()
                 .and_then(|uid| {
-                    (self.view.local_workloads.get(uid))
-                        .or_else(|| self.view.remote_workloads.get(uid))
+                    (self.view.local_workloads.get(uid.as_str()))
+                        .or_else(|| self.view.remote_workloads.get(uid.as_str()))
                 })
                 .cloned();
         }
@@ -481,7 +482,7 @@ mod tests;
 
 /// The key of a changed entry, its value before (if any) and after (if any).
 fn sides<'a, T>(
-    change: imbl::ordmap::DiffItem<'a, 'a, String, Arc<T>>,
+    change: imbl::ordmap::DiffItem<'a, 'a, Arc<str>, Arc<T>>,
 ) -> (&'a str, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
     use imbl::ordmap::DiffItem;
     match change {

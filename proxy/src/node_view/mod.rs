@@ -30,7 +30,7 @@ use weft_certs::{Identity, TrustBundle};
 /// view shares every entry and most of the tree with the one before, so a
 /// delta costs the proxy its own size, not the cluster's, and two views are
 /// compared (`imbl::OrdMap::diff`) in proportion to what differs.
-pub type Keyed<T> = imbl::OrdMap<String, Arc<T>>;
+pub type Keyed<T> = imbl::OrdMap<Arc<str>, Arc<T>>;
 
 /// One applied version of the node's config. Maps are keyed as on the wire:
 /// workloads by uid (`<namespace>/<pod>`), services by `<namespace>/<name>`.
@@ -365,7 +365,7 @@ impl NodeView {
             .collect();
         for workload in local_workloads.values() {
             let missing = workload.authorization_policies.iter().filter(|key| {
-                !authorization_policies.contains_key(*key)
+                !authorization_policies.contains_key(key.as_str())
                     && (listed.contains(workload.uid.as_str()) || touched.contains(*key))
             });
             for missing in missing {
@@ -537,13 +537,13 @@ fn merge<P, T>(
             Ok(converted) => converted,
             Err(problem) => {
                 if let UpdateProblem::InvalidEntry { key, .. } = &problem {
-                    map.remove(key);
-                    let old = previous.and_then(|p| p.get(key));
+                    map.remove(key.as_str());
+                    let old = previous.and_then(|p| p.get(key.as_str()));
                     if let Some(kept) = old
                         .filter(|_| !removed.contains(key.as_str()))
                         .and_then(|old| fallback(old, &problem))
                     {
-                        map.insert(key.clone(), kept);
+                        map.insert(key.as_str().into(), kept);
                     }
                 }
                 refused.push(problem);
@@ -558,7 +558,7 @@ fn merge<P, T>(
             refused.push(UpdateProblem::Duplicate { kind, key });
             continue;
         }
-        map.insert(key, Arc::new(value));
+        map.insert(key.into(), Arc::new(value));
     }
     map
 }

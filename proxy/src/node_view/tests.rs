@@ -115,7 +115,7 @@ pub(super) fn refused(previous: Option<&NodeView>, update: &v1::ConfigUpdate) ->
 }
 
 pub(super) fn uids(map: &super::Keyed<Workload>) -> Vec<&str> {
-    map.keys().map(String::as_str).collect()
+    map.keys().map(|key| &**key).collect()
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn a_delta_adds_replaces_and_removes_whole_entries() {
     assert_eq!(web.ips, ["10.0.1.50".parse::<IpAddr>().unwrap()]);
     assert!(web.labels.is_empty(), "an entry is replaced whole");
     assert!(view.remote_workloads().is_empty());
-    let services: Vec<_> = view.services().keys().collect();
+    let services: Vec<_> = view.services().keys().map(|key| &**key).collect();
     assert_eq!(services, ["default/web", "shop/cart"]);
     assert_eq!(view.trust().bundle.roots(), base.trust().bundle.roots());
     // The base is untouched.
