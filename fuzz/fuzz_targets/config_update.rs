@@ -2,14 +2,17 @@
 //! the proxy's `NodeView::apply`: first as they come, then replayed as a
 //! delta on top of what was applied. Nothing may panic; a refused update
 //! must not be half-applied; an applied one holds exactly its version, and
-//! every refused entry is named. The update's AuthorizationPolicies and
-//! TrafficPolicies also go through the compilers the control plane runs
-//! before it sends them.
+//! every refused entry is named. The route table brought from the first
+//! view to the second by change resolves every address of either like one
+//! built afresh. The update's AuthorizationPolicies and TrafficPolicies also
+//! go through the compilers the control plane runs before it sends them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use weft_api::v1::ConfigUpdate;
+use weft_proxy::dataplane::balancer::Balancers;
+use weft_proxy::dataplane::routes::{Destination, RouteTable};
 use weft_proxy::{Applied, NodeView};
 
 fuzz_target!(|data: &[u8]| {
@@ -35,7 +38,35 @@ fuzz_target!(|data: &[u8]| {
     delta.full_state = false;
     delta.version = first.version().wrapping_add(1);
     match NodeView::apply(Some(&first), &delta, "node-1") {
-        Ok(second) => assert_eq!(second.view.version(), delta.version),
+        Ok(second) => {
+            assert_eq!(second.view.version(), delta.version);
+            let balancers = Balancers::default();
+            let brought = RouteTable::new(&first).next(&second.view, &balancers);
+            let fresh = RouteTable::new(&second.view);
+            for ip in addresses(&first).chain(addresses(&second.view)) {
+                assert_eq!(resolved(&brought, ip), resolved(&fresh, ip), "{ip}");
+            }
+        }
         Err(_) => assert_eq!(first.version(), update.version, "the base changed"),
     }
 });
+
+/// Every address a view names: its workloads' and its Services' cluster IPs.
+fn addresses(view: &NodeView) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    let workloads = view.local_workloads().values().chain(view.remote_workloads().values());
+    let services = view.services().values().flat_map(|s| s.vips.iter().copied());
+    workloads.flat_map(|w| w.ips.iter().copied()).chain(services)
+}
+
+/// What a table makes of a connection to `ip` on each Service port.
+fn resolved(table: &RouteTable, ip: std::net::IpAddr) -> String {
+    let workload = table.workload(ip).map(|w| (w.uid.clone(), w.quarantine.clone()));
+    let destination = match table.resolve(std::net::SocketAddr::new(ip, 80)) {
+        Ok(Destination::Service(service)) => {
+            format!("{} {:?}", service.target(), service.endpoints())
+        }
+        Ok(Destination::Direct(route)) => format!("direct {}", route.local),
+        Err(no_route) => no_route.to_string(),
+    };
+    format!("{workload:?} {destination}")
+}

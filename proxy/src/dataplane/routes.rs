@@ -163,26 +163,16 @@ impl RouteTable {
     /// and later versions) is kept for the Services and endpoints still
     /// there.
     pub fn next(&self, view: &NodeView, balancers: &Balancers) -> RouteTable {
-        let mut local = self.local.clone();
-        for change in self.view.local_workloads.diff(view.local_workloads()) {
-            let (key, before, after) = sides(change);
-            local.change(
-                key,
-                addresses(before),
-                after.map(|w| (&w.ips[..], w)),
-                quarantine_all,
-            );
-        }
-        let mut remote = self.remote.clone();
-        for change in self.view.remote_workloads.diff(view.remote_workloads()) {
-            let (key, before, after) = sides(change);
-            remote.change(
-                key,
-                addresses(before),
-                after.map(|w| (&w.ips[..], w)),
-                trust_none,
-            );
-        }
+        let local = follow_workloads(
+            &self.local,
+            (&self.view.local_workloads, view.local_workloads()),
+            quarantine_all,
+        );
+        let remote = follow_workloads(
+            &self.remote,
+            (&self.view.remote_workloads, view.remote_workloads()),
+            trust_none,
+        );
         let (mut services, mut services_by_key) =
             (self.services.clone(), self.services_by_key.clone());
         for change in self.view.services.diff(view.services()) {
@@ -490,6 +480,21 @@ fn sides<'a, T>(
         DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
         DiffItem::Remove(key, old) => (key, Some(old), None),
     }
+}
+
+/// `book`, the addresses of the workloads in `before`, moved along to those
+/// of `after`.
+fn follow_workloads(
+    book: &AddressBook<Workload>,
+    (before, after): (&Keyed<Workload>, &Keyed<Workload>),
+    settle: super::addresses::Settle<Workload>,
+) -> AddressBook<Workload> {
+    let mut book = book.clone();
+    for change in before.diff(after) {
+        let (key, old, new) = sides(change);
+        book.change(key, addresses(old), new.map(|w| (&w.ips[..], w)), settle);
+    }
+    book
 }
 
 /// A workload's addresses, none if there is no workload.
