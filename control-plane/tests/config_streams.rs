@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tonic::Code;
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
-use weft_certs::{CertificateRequest, Identity};
+use weft_certs::CertificateRequest;
 
 use support::*;
 
@@ -151,17 +151,7 @@ async fn a_replica_told_to_stop_serves_on_then_ends_its_streams_and_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_authenticates_is_closed_even_if_it_stops_reading() {
     let cp = start_control_plane_with(&["--grpc-authenticate-within-ms", "500"]).await;
-    let expected: Identity = "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane"
-        .parse()
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(
-        weft_certs::control_plane_client_config(
-            &cp.trust,
-            &expected,
-            weft_certs::KeyExchange::default(),
-        )
-        .unwrap(),
-    );
+    let tls = cp.tls();
     let tcp = TcpStream::connect(cp.grpc).await.unwrap();
     let mut stream = tls.connect(cp.grpc.ip().into(), tcp).await.unwrap();
     // HTTP/2's preface and SETTINGS, then PINGs, and never a read: the

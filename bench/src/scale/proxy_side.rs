@@ -151,14 +151,10 @@ pub fn replay(path: &Path) -> Result<()> {
     figures.total_bytes_per_remote_workload = per(with_kept.saturating_sub(before));
     drop(first);
 
-    let (mut view_us, mut routes_us, mut kept_us) = (Vec::new(), Vec::new(), Vec::new());
     for update in updates {
         let update = pb::ConfigUpdate::decode(update).context("decoding an update")?;
         if update.full_state {
             figures.later_full_states += 1;
-        } else {
-            figures.deltas += 1;
-            figures.delta_entries += entries(&update);
         }
         let started = Instant::now();
         let applied = NodeView::apply(Some(&view), &update, &node)
@@ -179,11 +175,12 @@ pub fn replay(path: &Path) -> Result<()> {
                 routes_took.as_secs_f64() * 1e6,
                 kept_took.as_secs_f64() * 1e6,
             ]);
-            view_us.push(view_took.as_secs_f64() * 1e6);
-            routes_us.push(routes_took.as_secs_f64() * 1e6);
-            kept_us.push(kept_took.as_secs_f64() * 1e6);
         }
     }
+    let column = |i: usize| -> Vec<f64> { figures.each_delta.iter().map(|d| d[i]).collect() };
+    let (entries, view_us, routes_us, kept_us) = (column(0), column(1), column(2), column(3));
+    figures.deltas = entries.len() as u64;
+    figures.delta_entries = entries.iter().sum::<f64>() as u64;
     figures.delta_view_us = spread(&view_us);
     figures.delta_routes_us = spread(&routes_us);
     figures.delta_kept_us = spread(&kept_us);

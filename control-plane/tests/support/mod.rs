@@ -131,19 +131,24 @@ pub async fn wait_for_file(path: &Path) -> String {
 }
 
 impl ControlPlane {
-    /// A gRPC channel that verifies the control plane's SPIFFE identity.
-    pub async fn channel(&self) -> Channel {
+    /// A TLS client that verifies the control plane's SPIFFE identity.
+    pub fn tls(&self) -> tokio_rustls::TlsConnector {
         let expected: Identity = "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane"
             .parse()
             .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(
+        tokio_rustls::TlsConnector::from(
             weft_certs::control_plane_client_config(
                 &self.trust,
                 &expected,
                 weft_certs::KeyExchange::default(),
             )
             .unwrap(),
-        );
+        )
+    }
+
+    /// A gRPC channel that verifies the control plane's SPIFFE identity.
+    pub async fn channel(&self) -> Channel {
+        let tls = self.tls();
         let addr = self.grpc;
         Endpoint::from_static("http://control-plane")
             .connect_with_connector(tower::service_fn(move |_| {

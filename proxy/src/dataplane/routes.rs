@@ -249,9 +249,12 @@ impl RouteTable {
     /// The workload of pod `namespace/name`, wherever it runs, with or
     /// without addresses yet.
     pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        let uid = format!("{namespace}/{name}");
-        (self.view.local_workloads.get(uid.as_str()))
-            .or_else(|| self.view.remote_workloads.get(uid.as_str()))
+        self.workload_by_uid(&format!("{namespace}/{name}"))
+    }
+
+    /// The workload with this uid, local or remote.
+    fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        (self.view.local_workloads.get(uid)).or_else(|| self.view.remote_workloads.get(uid))
     }
 
     /// The IPs of this node's meshed pods: what the capture rules steer.
@@ -405,10 +408,7 @@ impl RouteTable {
             chosen.workload = endpoint
                 .workload_uid
                 .as_ref()
-                .and_then(|uid| {
-                    (self.view.local_workloads.get(uid.as_str()))
-                        .or_else(|| self.view.remote_workloads.get(uid.as_str()))
-                })
+                .and_then(|uid| self.workload_by_uid(uid))
                 .cloned();
         }
         Some((chosen, lease))
