@@ -42,6 +42,12 @@ const OUTGOING_QUEUE: usize = 16;
 /// The view as last applied; `None` until the first full state arrives.
 pub type ViewReceiver = watch::Receiver<Option<Arc<NodeView>>>;
 
+/// Work on a newly applied view that must be done before anyone sees it,
+/// on the client's (control) thread: the data plane's route table is made
+/// here, so that the data-plane thread only picks up the finished table
+/// and never stalls for the size of a delta.
+pub type BeforePublishing = Arc<dyn Fn(&NodeView) + Send + Sync>;
+
 /// What the proxy knows about its link to the control plane.
 #[derive(Clone, Debug)]
 pub struct ControlPlaneStatus {
@@ -79,6 +85,8 @@ pub struct ControlPlaneClient {
     status: watch::Sender<ControlPlaneStatus>,
     /// Where the applied config is kept on the node, if anywhere.
     kept: Option<Arc<KeptConfig>>,
+    /// Run on every applied view before it is published.
+    before_publishing: Option<BeforePublishing>,
 }
 
 /// The applied config as the node keeps it: the client folds every applied
@@ -121,7 +129,14 @@ impl ControlPlaneClient {
             view,
             status,
             kept: None,
+            before_publishing: None,
         }
+    }
+
+    /// Runs `work` on every view this client applies from now on, before
+    /// it is published (and so before the update is acknowledged).
+    pub fn before_publishing(&mut self, work: BeforePublishing) {
+        self.before_publishing = Some(work);
     }
 
     /// Keeps the applied config in `state` from now on (at most one write
@@ -367,6 +382,9 @@ impl ControlPlaneClient {
                 for problem in &refused {
                     warn!(version = update.version, reason = %problem, "refused one entry of the config; applied the rest");
                 }
+                if let Some(work) = &self.before_publishing {
+                    work(&view);
+                }
                 self.view.send_replace(Some(Arc::new(view)));
                 if let Some(kept) = &self.kept {
                     kept.fold_in(update, &refused_keys(&refused));
@@ -500,3 +518,7 @@ async fn close_gracefully(updates: &mut Streaming<ConfigUpdate>) {
     let drained = async { while let Ok(Some(_)) = updates.message().await {} };
     let _ = tokio::time::timeout(CLOSE_GRACE, drained).await;
 }
+
+#[cfg(test)]
+#[path = "control_plane_tests.rs"]
+mod tests;

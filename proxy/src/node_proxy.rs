@@ -121,6 +121,10 @@ impl NodeProxy {
             client.keep_in(state.clone(), interval);
         }
         let view = client.view();
+        // The data plane's route table is made on the control thread, with
+        // each applied view (before the data plane sees it).
+        let routes = crate::dataplane::Routes::follow(view.clone());
+        client.before_publishing(routes.preparer());
         let status = client.status();
         let mut node_certificates = NodeCertificates::new(transport, view.clone());
         if let Some(state) = &state {
@@ -174,7 +178,7 @@ impl NodeProxy {
                 crate::dataplane::start(
                     &data_plane_config,
                     crate::dataplane::Start {
-                        view: view.clone(),
+                        routes,
                         certificates: certificates.clone(),
                         state: state.clone(),
                         monitoring,

@@ -4,18 +4,27 @@
 //! (`weft-bench proxy-replay`, so that its memory starts clean) applies them
 //! with the proxy's own code, in order:
 //!
-//! - the node view ([`NodeView::apply`], on the proxy's control thread);
-//! - the route table ([`RouteTable::next`], on the data-plane thread: the
-//!   connections that arrive meanwhile wait for it, so its time per update
-//!   is the data plane's stall);
-//! - the kept config ([`StoredConfig`](weft_proxy::StoredConfig), what a restarted proxy serves).
+//! - the node view ([`NodeView::apply`]), on the proxy's control thread;
+//! - the route table ([`Routes::prepare`]), on the same thread, before the
+//!   view is published, as the proxy's control-plane client does;
+//! - the kept config ([`StoredConfig`](weft_proxy::StoredConfig), what a
+//!   restarted proxy serves), on the same thread.
+//!
+//! Meanwhile a second thread stands for the data plane: it asks for the
+//! current table and resolves an address through it, over and over, as
+//! connections do. Its longest single turn while a delta is applied is the
+//! data plane's stall for that delta (waiting on a lock, building a table
+//! itself, or freeing the old one).
 //!
 //! Memory is the growth of the child's resident set over each step of
 //! taking the first full state, per remote workload: glibc's own overhead
 //! included, as the proxy pays it.
 
 use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -23,8 +32,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use weft_api::v1 as pb;
 use weft_proxy::NodeView;
-use weft_proxy::dataplane::balancer::Balancers;
-use weft_proxy::dataplane::routes::RouteTable;
+use weft_proxy::dataplane::Routes;
 
 use super::cluster::Cluster;
 use crate::procstat::ProcEntry;
@@ -52,7 +60,7 @@ pub struct ProxyFigures {
     pub total_bytes_per_remote_workload: f64,
     /// Applying the first full state: the view, in milliseconds.
     pub full_state_view_ms: f64,
-    /// The first full state's route table (a data-plane stall), in ms.
+    /// The first full state's route table (on the control thread), in ms.
     pub full_state_routes_ms: f64,
     /// Deltas applied after it.
     pub deltas: u64,
@@ -60,13 +68,16 @@ pub struct ProxyFigures {
     pub delta_entries: u64,
     /// Applying a delta to the view: p50, p99, max, in microseconds.
     pub delta_view_us: [f64; 3],
-    /// A delta's route table, the data plane's stall: p50, p99, max, in µs.
+    /// A delta's route table, on the control thread: p50, p99, max, in µs.
     pub delta_routes_us: [f64; 3],
     /// Folding a delta into the kept config: p50, p99, max, in µs.
     pub delta_kept_us: [f64; 3],
-    /// Each delta: its entries, then view, route table and kept config in
-    /// µs (the cost per entry shows here).
-    pub each_delta: Vec<[f64; 4]>,
+    /// The data plane's longest turn while a delta was applied: p50, p99,
+    /// max over the deltas, in µs.
+    pub delta_stall_us: [f64; 3],
+    /// Each delta: its entries, then view, route table, kept config and
+    /// the data plane's longest turn in µs (the cost per entry shows here).
+    pub each_delta: Vec<[f64; 5]>,
     /// Full states after the first (a stream that was opened again).
     pub later_full_states: u64,
     /// Entries the proxy refused, all updates together (should be 0).
@@ -129,13 +140,22 @@ pub fn replay(path: &Path) -> Result<()> {
     let started = Instant::now();
     let applied = NodeView::apply(None, &first, &node).context("applying the full state")?;
     figures.full_state_view_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut view = applied.view;
+    let mut view = Arc::new(applied.view);
     figures.refused_entries += applied.refused.len() as u64;
     let with_view = rss()?;
-    let balancers = Balancers::default();
+    // Routes follows the view with a task of its own; none runs here (the
+    // table is always prepared before the view is published).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .context("starting a runtime")?;
+    let _entered = runtime.enter();
+    let (views, receiver) = tokio::sync::watch::channel(None);
+    let routes = Routes::follow(receiver);
+    let prepare = routes.preparer();
     let started = Instant::now();
-    let mut table = RouteTable::default().next(&view, &balancers);
+    prepare(&view);
     figures.full_state_routes_ms = started.elapsed().as_secs_f64() * 1e3;
+    views.send_replace(Some(view.clone()));
     let with_routes = rss()?;
     let mut kept = weft_proxy::StoredConfig::default();
     kept.fold_in(&first, &Default::default());
@@ -151,45 +171,96 @@ pub fn replay(path: &Path) -> Result<()> {
     figures.total_bytes_per_remote_workload = per(with_kept.saturating_sub(before));
     drop(first);
 
-    for update in updates {
-        let update = pb::ConfigUpdate::decode(update).context("decoding an update")?;
-        if update.full_state {
-            figures.later_full_states += 1;
-        }
-        let started = Instant::now();
-        let applied = NodeView::apply(Some(&view), &update, &node)
-            .with_context(|| format!("applying version {}", update.version))?;
-        let view_took = started.elapsed();
-        figures.refused_entries += applied.refused.len() as u64;
-        view = applied.view;
-        let started = Instant::now();
-        table = table.next(&view, &balancers);
-        let routes_took = started.elapsed();
-        let started = Instant::now();
-        kept.fold_in(&update, &Default::default());
-        let kept_took = started.elapsed();
-        if !update.full_state {
-            figures.each_delta.push([
-                entries(&update) as f64,
-                view_took.as_secs_f64() * 1e6,
-                routes_took.as_secs_f64() * 1e6,
-                kept_took.as_secs_f64() * 1e6,
-            ]);
-        }
-    }
+    let target = view
+        .remote_workloads()
+        .values()
+        .find_map(|w| w.ips.first().copied())
+        .map_or_else(
+            || SocketAddr::from(([10, 0, 0, 1], 80)),
+            |ip| (ip, 80).into(),
+        );
+    let data_plane = DataPlaneProbe::default();
+    std::thread::scope(|threads| -> Result<()> {
+        threads.spawn(|| data_plane.run(&routes, target));
+        let result = (|| -> Result<()> {
+            for update in updates {
+                let update = pb::ConfigUpdate::decode(update).context("decoding an update")?;
+                if update.full_state {
+                    figures.later_full_states += 1;
+                }
+                data_plane.longest_ns.store(0, Ordering::Relaxed);
+                let started = Instant::now();
+                let applied = NodeView::apply(Some(&view), &update, &node)
+                    .with_context(|| format!("applying version {}", update.version))?;
+                let view_took = started.elapsed();
+                figures.refused_entries += applied.refused.len() as u64;
+                let started = Instant::now();
+                prepare(&applied.view);
+                let routes_took = started.elapsed();
+                view = Arc::new(applied.view);
+                views.send_replace(Some(view.clone()));
+                let started = Instant::now();
+                kept.fold_in(&update, &Default::default());
+                let kept_took = started.elapsed();
+                // The window closes once the data plane has used the new table.
+                while data_plane.seen.load(Ordering::Acquire) < view.generation() {
+                    std::thread::yield_now();
+                }
+                let stall_ns = data_plane.longest_ns.swap(0, Ordering::Relaxed);
+                if !update.full_state {
+                    figures.each_delta.push([
+                        entries(&update) as f64,
+                        view_took.as_secs_f64() * 1e6,
+                        routes_took.as_secs_f64() * 1e6,
+                        kept_took.as_secs_f64() * 1e6,
+                        stall_ns as f64 / 1e3,
+                    ]);
+                }
+            }
+            Ok(())
+        })();
+        data_plane.stop.store(true, Ordering::Relaxed);
+        result
+    })?;
     let column = |i: usize| -> Vec<f64> { figures.each_delta.iter().map(|d| d[i]).collect() };
-    let (entries, view_us, routes_us, kept_us) = (column(0), column(1), column(2), column(3));
+    let entries = column(0);
     figures.deltas = entries.len() as u64;
     figures.delta_entries = entries.iter().sum::<f64>() as u64;
-    figures.delta_view_us = spread(&view_us);
-    figures.delta_routes_us = spread(&routes_us);
-    figures.delta_kept_us = spread(&kept_us);
+    figures.delta_view_us = spread(&column(1));
+    figures.delta_routes_us = spread(&column(2));
+    figures.delta_kept_us = spread(&column(3));
+    figures.delta_stall_us = spread(&column(4));
     figures.node = node;
-    drop((table, view, kept));
+    drop((routes, view, kept));
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &figures)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// The data plane's stand-in: a thread that takes the current route table
+/// and resolves an address through it, as each connection does, and keeps
+/// its longest turn.
+#[derive(Default)]
+struct DataPlaneProbe {
+    stop: AtomicBool,
+    /// The longest turn since it was last reset, in nanoseconds.
+    longest_ns: AtomicU64,
+    /// The generation of the newest table it has used.
+    seen: AtomicU64,
+}
+
+impl DataPlaneProbe {
+    fn run(&self, routes: &Routes, target: SocketAddr) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            let table = routes.current();
+            std::hint::black_box(table.resolve(target).is_ok());
+            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.longest_ns.fetch_max(took, Ordering::Relaxed);
+            self.seen.fetch_max(table.generation, Ordering::Release);
+        }
+    }
 }
 
 /// The proxy's rows of the table.
@@ -222,7 +293,7 @@ pub fn render(out: &mut String, p: &ProxyFigures) {
             p.full_state_routes_ms
         ),
     );
-    let [p50, p99, max] = p.delta_routes_us;
+    let [p50, p99, max] = p.delta_stall_us;
     row(
         out,
         "data-plane stall per delta",
@@ -231,12 +302,14 @@ pub fn render(out: &mut String, p: &ProxyFigures) {
             p.deltas, p.delta_entries
         ),
     );
-    let ([v50, v99, vmax], [k50, k99, kmax]) = (p.delta_view_us, p.delta_kept_us);
+    let [v, r, k] = [p.delta_view_us, p.delta_routes_us, p.delta_kept_us];
     row(
         out,
         "delta on the control thread",
         format!(
-            "view p50 {v50:.1} / p99 {v99:.1} / max {vmax:.1} µs; kept config {k50:.1} / {k99:.1} / {kmax:.1} µs"
+            "p50 / p99 / max µs: view {:.1} / {:.1} / {:.1}; route table {:.1} / {:.1} / {:.1}; \
+             kept config {:.1} / {:.1} / {:.1}",
+            v[0], v[1], v[2], r[0], r[1], r[2], k[0], k[1], k[2]
         ),
     );
     if p.later_full_states > 0 || p.refused_entries > 0 {

@@ -42,6 +42,7 @@ use weft_certs::Identity;
 use crate::certificates::CertificateMap;
 use crate::control_plane::ViewReceiver;
 use crate::hbone::HbonePool;
+use crate::node_view::NodeView;
 use drain::Drain;
 use routes::RouteTable;
 use telemetry::TrafficMetrics;
@@ -129,13 +130,17 @@ impl DataPlane {
     }
 }
 
-/// The route table of the applied config. A task keeps it in step with the
-/// view and wakes whoever waits for changes; a connection that arrives
-/// between a config's application and that task's turn (a busy node)
-/// builds the table itself, so that nothing accepted after a config was
-/// applied (and shown in the config dump, and acknowledged) runs on the
-/// config before. All tables share one balancing state, so it survives
-/// config changes.
+/// The route table of the applied config. The control-plane client makes
+/// the table of each view it applies ([`Routes::prepare`], registered with
+/// [`ControlPlaneClient::before_publishing`](crate::ControlPlaneClient::before_publishing)),
+/// on its own thread and before it publishes the view, so the data-plane
+/// thread only picks up a finished table: a delta never stalls traffic for
+/// its size. For a view published without that (tests, or one applied
+/// before the data plane started), a task keeps the table in step, and a
+/// connection that arrives before that task's turn builds the table
+/// itself; either way nothing accepted after a config was applied (and
+/// shown in the config dump, and acknowledged) runs on the config before.
+/// All tables share one balancing state, so it survives config changes.
 pub struct Routes {
     view: ViewReceiver,
     balancers: Arc<balancer::Balancers>,
@@ -167,6 +172,25 @@ impl Routes {
         routes
     }
 
+    /// Makes the table of `view` (a view about to be published) now, on
+    /// the caller's thread, unless one as new is there already.
+    pub fn prepare(&self, view: &NodeView) {
+        let table = self.table.borrow().clone();
+        if view.generation() > table.generation {
+            self.install(table.next(view, &self.balancers));
+        }
+    }
+
+    /// [`Routes::prepare`] as work for the control-plane client.
+    pub fn preparer(self: &Arc<Routes>) -> crate::control_plane::BeforePublishing {
+        let routes = Arc::downgrade(self);
+        Arc::new(move |view| {
+            if let Some(routes) = routes.upgrade() {
+                routes.prepare(view);
+            }
+        })
+    }
+
     /// The table of the config applied now.
     pub fn current(&self) -> Arc<RouteTable> {
         let table = self.table.borrow().clone();
@@ -174,16 +198,23 @@ impl Routes {
         let Some(view) = view.filter(|v| v.generation() > table.generation) else {
             return table;
         };
-        let newer = Arc::new(table.next(&view, &self.balancers));
-        // Two builders may race; the newest version wins.
+        self.install(table.next(&view, &self.balancers));
+        self.table.borrow().clone()
+    }
+
+    /// Publishes `newer` unless a newer table is there already (two
+    /// builders may race; the newest version wins).
+    fn install(&self, newer: RouteTable) {
+        let mut newer = Some(Arc::new(newer));
         self.table.send_if_modified(|current| {
-            let newest = newer.generation > current.generation;
-            if newest {
-                *current = newer.clone();
+            let newest = newer
+                .as_ref()
+                .is_some_and(|t| t.generation > current.generation);
+            if let Some(table) = newer.take().filter(|_| newest) {
+                *current = table;
             }
             newest
         });
-        self.table.borrow().clone()
     }
 
     /// Changes of the table, for those who act on every new config.
@@ -480,6 +511,39 @@ mod tests {
         let table = routes.current();
         assert!(table.local_workload(ip("10.244.1.9")).is_some());
         assert!(table.local_workload(ip("10.244.1.5")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_prepared_table_is_the_one_the_data_plane_uses_without_building_again() {
+        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+        let first = NodeView::apply(None, &full_state(&ca, "10.244.1.5"), "node-1")
+            .unwrap()
+            .view;
+        let (views, receiver) = watch::channel(Some(Arc::new(first.clone())));
+        let routes = Routes::follow(receiver);
+        let second = NodeView::apply(Some(&first), &full_state(&ca, "10.244.1.9"), "node-1")
+            .unwrap()
+            .view;
+
+        // Made on the caller's thread, before the view is published: the
+        // table is there already and those who follow tables are told.
+        let mut tables = routes.subscribe();
+        tables.borrow_and_update();
+        routes.preparer()(&second);
+        assert!(tables.has_changed().unwrap());
+        let prepared = tables.borrow_and_update().clone();
+        assert_eq!(prepared.generation, second.generation());
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        assert!(prepared.local_workload(ip("10.244.1.9")).is_some());
+
+        // Published: the data plane takes that very table.
+        views.send_replace(Some(Arc::new(second.clone())));
+        assert!(Arc::ptr_eq(&routes.current(), &prepared));
+        // The same view again, or an older one, builds nothing.
+        routes.prepare(&second);
+        routes.prepare(&first);
+        assert!(!tables.has_changed().unwrap());
+        assert!(Arc::ptr_eq(&routes.current(), &prepared));
     }
 
     #[tokio::test]

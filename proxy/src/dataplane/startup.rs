@@ -19,7 +19,6 @@ use super::pods::{self, PodCaptureSettings};
 use super::telemetry::TrafficMetrics;
 use super::{DataPlane, Routes, inbound};
 use crate::certificates::CertificateMap;
-use crate::control_plane::ViewReceiver;
 use crate::handover::{InheritedListeners, NodeSocketKind, PodsRequest, Predecessor};
 use crate::hbone::{HbonePool, PoolConfig};
 use crate::listening::{Listening, ListeningControl, ListeningState, TaskEnd};
@@ -50,8 +49,8 @@ struct PodsRunner {
 
 /// What the data plane starts from, besides its settings.
 pub struct Start {
-    /// The applied config.
-    pub view: ViewReceiver,
+    /// The route table of the applied config.
+    pub routes: Arc<Routes>,
     /// The workload certificates.
     pub certificates: watch::Receiver<CertificateMap>,
     /// The last good state on the node, if kept.
@@ -85,7 +84,7 @@ pub async fn start(
     tasks: &mut JoinSet<TaskEnd>,
 ) -> Result<RunningDataPlane, Error> {
     let Start {
-        view,
+        routes,
         certificates,
         state,
         monitoring: (metrics_listener, readiness_listener),
@@ -104,7 +103,6 @@ pub async fn start(
     registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
     registry.register_collector(Box::new(crate::lanes::LaneMetrics));
     registry.register_collector(Box::new(crate::hbone::KeyExchangeMetrics));
-    let routes = Routes::follow(view);
     let (trigger, drain) = drain::channel();
     // Tunnels leave from the source pod's namespace when it is served in
     // its own, else from the node's.
