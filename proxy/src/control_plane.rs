@@ -164,8 +164,10 @@ impl ControlPlaneClient {
                         "restored the last applied config from the node; serving it until the \
                          control plane sends a newer one"
                     );
+                    let mut kept = StoredConfig::default();
+                    kept.fold_in(&stored, &refused_keys(&refused), &view);
                     self.view.send_replace(Some(Arc::new(view.into_restored())));
-                    Some(stored)
+                    Some(kept)
                 }
                 Err(problem) => {
                     warn!(reason = %problem, "cannot apply the stored config; starting without one");
@@ -173,11 +175,8 @@ impl ControlPlaneClient {
                 }
             }
         });
-        let version = restored.as_ref().map(|config| config.version);
-        let mut stored = StoredConfig::default();
-        if let Some(restored) = &restored {
-            stored.fold_in(restored, &RefusedKeys::default());
-        }
+        let version = restored.as_ref().map(StoredConfig::version);
+        let stored = restored.unwrap_or_default();
         self.kept = Some(Arc::new(KeptConfig {
             state,
             interval,
@@ -385,10 +384,10 @@ impl ControlPlaneClient {
                 if let Some(work) = &self.before_publishing {
                     work(&view);
                 }
-                self.view.send_replace(Some(Arc::new(view)));
                 if let Some(kept) = &self.kept {
-                    kept.fold_in(update, &refused_keys(&refused));
+                    kept.fold_in(update, &refused_keys(&refused), &view);
                 }
+                self.view.send_replace(Some(Arc::new(view)));
                 let reason = nack_reason(&refused);
                 (reason.clone(), Ok(reason))
             }
@@ -418,12 +417,12 @@ impl ControlPlaneClient {
 
 impl KeptConfig {
     /// Folds an applied update into the kept config and wakes the writer.
-    fn fold_in(&self, update: &ConfigUpdate, refused: &RefusedKeys) {
+    fn fold_in(&self, update: &ConfigUpdate, refused: &RefusedKeys, applied: &NodeView) {
         let mut config = self
             .config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        config.fold_in(update, refused);
+        config.fold_in(update, refused, applied);
         drop(config);
         self.changed.send_modify(|changes| *changes += 1);
     }
@@ -436,7 +435,9 @@ fn refused_keys(refused: &[crate::UpdateProblem]) -> RefusedKeys {
         if let crate::UpdateProblem::InvalidEntry { kind, key, .. } = problem {
             let list = match kind {
                 crate::EntryKind::LocalWorkload => &mut keys.local_workloads,
-                crate::EntryKind::RemoteWorkload => &mut keys.remote_workloads,
+                // The kept remote workloads are the view's (see
+                // StoredConfig::fold_in).
+                crate::EntryKind::RemoteWorkload => continue,
                 crate::EntryKind::Service => &mut keys.services,
                 crate::EntryKind::AuthorizationPolicy => &mut keys.authorization_policies,
             };

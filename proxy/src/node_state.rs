@@ -34,6 +34,7 @@ use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle, WorkloadCertificate};
 
 use crate::Error;
+use crate::node_view::NodeView;
 use crate::pod_directory::AnnouncedPod;
 
 /// The stored config's file name.
@@ -327,26 +328,29 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 pub struct RefusedKeys {
     /// Local workloads, by uid.
     pub local_workloads: BTreeSet<String>,
-    /// Remote workloads, by uid.
-    pub remote_workloads: BTreeSet<String>,
     /// Services, by `<namespace>/<name>`.
     pub services: BTreeSet<String>,
     /// Authorization policies, by `<namespace>/<name>`.
     pub authorization_policies: BTreeSet<String>,
 }
 
-/// The applied config as the node keeps it, in the wire format: entries by
-/// key, brought along update by update. Its maps are persistent, so that
-/// folding a delta in costs the delta (not the cluster), and the writer
-/// takes a snapshot of it without a copy; [`StoredConfig::to_update`]
-/// makes the one full state stored on the node.
+/// The applied config as the node keeps it: entries by key, brought along
+/// update by update. Its maps are persistent, so that folding a delta in
+/// costs the delta (not the cluster), and the writer takes a snapshot of it
+/// without a copy; [`StoredConfig::to_update`] makes the one full state
+/// stored on the node.
+///
+/// Entries are kept in the wire format they came in, except the remote
+/// workloads, most of any large cluster's config: those are the applied
+/// view's own (shared, so they cost nothing more), turned back into the
+/// wire format only when the config is written out.
 #[derive(Clone, Debug, Default)]
 pub struct StoredConfig {
     version: u64,
     trust: Option<weft_api::v1::TrustBundle>,
     meshed_namespaces: Option<weft_api::v1::MeshedNamespaces>,
     local_workloads: Stored<weft_api::v1::Workload>,
-    remote_workloads: Stored<weft_api::v1::Workload>,
+    remote_workloads: crate::node_view::Keyed<crate::node_view::Workload>,
     services: Stored<weft_api::v1::Service>,
     authorization_policies: Stored<weft_api::v1::AuthorizationPolicy>,
 }
@@ -363,10 +367,13 @@ impl StoredConfig {
     /// after a restart, not dropped. (What a restart does not keep is the
     /// refusal itself: such a pod is served with its last good config, not
     /// quarantined.) One it had none for is stored as sent: a restart
-    /// decides about it again. The announcement of an uninstall is never
-    /// stored: a proxy restarted from disk has not been told (see
-    /// `NodeView::uninstalling`), and keeps its capture when it stops.
-    pub fn fold_in(&mut self, update: &ConfigUpdate, refused: &RefusedKeys) {
+    /// decides about it again. Remote workloads are those of `applied`, the
+    /// view the update gave: a refused one is dropped there (its addresses
+    /// vouch for no identity), and is not kept either. The announcement of
+    /// an uninstall is never stored: a proxy restarted from disk has not
+    /// been told (see `NodeView::uninstalling`), and keeps its capture when
+    /// it stops.
+    pub fn fold_in(&mut self, update: &ConfigUpdate, refused: &RefusedKeys, applied: &NodeView) {
         let full = update.full_state;
         self.version = update.version;
         if full || update.trust.is_some() {
@@ -387,16 +394,7 @@ impl StoredConfig {
             &refused.local_workloads,
             wire,
         );
-        fold_keyed(
-            &mut self.remote_workloads,
-            (
-                full,
-                &update.remote_workloads,
-                &update.removed_remote_workloads,
-            ),
-            &refused.remote_workloads,
-            wire,
-        );
+        self.remote_workloads = applied.remote_workloads().clone();
         fold_keyed(
             &mut self.services,
             (full, &update.services, &update.removed_services),
@@ -431,7 +429,11 @@ impl StoredConfig {
             trust: self.trust.clone(),
             meshed_namespaces: self.meshed_namespaces.clone(),
             local_workloads: entries(&self.local_workloads),
-            remote_workloads: entries(&self.remote_workloads),
+            remote_workloads: self
+                .remote_workloads
+                .values()
+                .map(|workload| workload.to_wire())
+                .collect(),
             services: entries(&self.services),
             authorization_policies: entries(&self.authorization_policies),
             ..ConfigUpdate::default()

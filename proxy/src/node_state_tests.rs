@@ -23,6 +23,27 @@ fn workload(uid: &str, ip: &str) -> v1::Workload {
     }
 }
 
+/// A kept config with the view beside it, folded into as the client does.
+#[derive(Default)]
+struct Kept {
+    config: StoredConfig,
+    view: Option<NodeView>,
+}
+
+impl Kept {
+    fn fold_in(&mut self, update: &v1::ConfigUpdate, refused: &RefusedKeys) {
+        let view = NodeView::apply(self.view.as_ref(), update, "node-1")
+            .unwrap()
+            .view;
+        self.config.fold_in(update, refused, &view);
+        self.view = Some(view);
+    }
+
+    fn to_update(&self) -> v1::ConfigUpdate {
+        self.config.to_update()
+    }
+}
+
 fn policy(name: &str) -> v1::AuthorizationPolicy {
     v1::AuthorizationPolicy {
         namespace: "shop".into(),
@@ -71,7 +92,7 @@ fn merged_deltas_give_the_view_the_deltas_gave() {
     ];
 
     let mut view = NodeView::apply(None, &full, "node-1").unwrap().view;
-    let mut kept = StoredConfig::default();
+    let mut kept = Kept::default();
     kept.fold_in(&full, &RefusedKeys::default());
     for delta in &deltas {
         view = NodeView::apply(Some(&view), delta, "node-1").unwrap().view;
@@ -103,7 +124,7 @@ fn the_stored_config_after_random_deltas_replays_to_the_view_they_gave() {
         let mut dice = Dice(seed * 104_729);
         let first = first_full_state();
         let mut view = NodeView::apply(None, &first, NODE).unwrap().view;
-        let mut kept = StoredConfig::default();
+        let mut kept = Kept::default();
         kept.fold_in(&first, &RefusedKeys::default());
         for step in 0..100u64 {
             let update = random_delta(&mut dice, step + 2, &view);
@@ -216,7 +237,7 @@ fn clearing_leaves_an_empty_directory() {
 #[test]
 fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
     let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
-    let mut kept = StoredConfig::default();
+    let mut kept = Kept::default();
     kept.fold_in(&full_state(&ca), &RefusedKeys::default());
     // A delta whose new web-1 was refused (say, an unknown mTLS mode): the
     // stored web-1 stays the last good one, and so captured after a
@@ -268,6 +289,50 @@ fn a_refused_entry_keeps_its_stored_value_and_the_uninstall_is_not_stored() {
 }
 
 #[test]
+fn the_kept_remote_workloads_are_the_views_and_a_refused_one_is_not_kept() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let remote = |uid: &str, ip: &str| v1::Workload {
+        node: "node-2".into(),
+        workload_name: String::new(),
+        probe_ports: vec![8080],
+        mtls_mode: v1::MtlsMode::Strict.into(),
+        ..workload(uid, ip)
+    };
+    let first = v1::ConfigUpdate {
+        remote_workloads: vec![
+            remote("bank/vault-1", "10.244.2.7"),
+            remote("bank/vault-2", "10.244.2.8"),
+        ],
+        ..full_state(&ca)
+    };
+    let mut kept = Kept::default();
+    kept.fold_in(&first, &RefusedKeys::default());
+    // Stored and read back, they are what the view holds.
+    let replayed = NodeView::apply(None, &kept.to_update(), "node-1").unwrap();
+    assert!(replayed.refused.is_empty());
+    let view = kept.view.as_ref().unwrap();
+    assert_eq!(replayed.view.remote_workloads(), view.remote_workloads());
+
+    // vault-1's next update is refused: the view drops it (its address
+    // vouches for no identity any more), and so does the kept config.
+    let mut bad = remote("bank/vault-1", "10.244.2.9");
+    bad.mtls_mode = 9;
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        remote_workloads: vec![bad],
+        ..v1::ConfigUpdate::default()
+    };
+    kept.fold_in(&delta, &RefusedKeys::default());
+    let stored = kept.to_update();
+    let uids: Vec<&str> = stored
+        .remote_workloads
+        .iter()
+        .map(|w| w.uid.as_str())
+        .collect();
+    assert_eq!(uids, ["bank/vault-2"]);
+}
+
+#[test]
 fn the_meshed_namespaces_are_kept_until_an_update_replaces_them() {
     let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
     let meshed = |names: &[&str]| {
@@ -277,7 +342,7 @@ fn the_meshed_namespaces_are_kept_until_an_update_replaces_them() {
     };
     let mut first = full_state(&ca);
     first.meshed_namespaces = meshed(&["shop"]);
-    let mut kept = StoredConfig::default();
+    let mut kept = Kept::default();
     kept.fold_in(&first, &RefusedKeys::default());
     // A delta without them keeps them; one with them replaces them.
     let quiet = v1::ConfigUpdate {

@@ -158,7 +158,7 @@ pub fn replay(path: &Path) -> Result<()> {
     views.send_replace(Some(view.clone()));
     let with_routes = rss()?;
     let mut kept = weft_proxy::StoredConfig::default();
-    kept.fold_in(&first, &Default::default());
+    kept.fold_in(&first, &Default::default(), &view);
     let with_kept = rss()?;
     let remote = view.remote_workloads().len() as u64;
     let per = |grown: u64| grown as f64 / remote.max(1) as f64;
@@ -197,11 +197,11 @@ pub fn replay(path: &Path) -> Result<()> {
                 let started = Instant::now();
                 prepare(&applied.view);
                 let routes_took = started.elapsed();
+                let started = Instant::now();
+                kept.fold_in(&update, &Default::default(), &applied.view);
+                let kept_took = started.elapsed();
                 view = Arc::new(applied.view);
                 views.send_replace(Some(view.clone()));
-                let started = Instant::now();
-                kept.fold_in(&update, &Default::default());
-                let kept_took = started.elapsed();
                 // The window closes once the data plane has used the new table.
                 while data_plane.seen.load(Ordering::Acquire) < view.generation() {
                     std::thread::yield_now();

@@ -124,6 +124,40 @@ pub(super) fn workload(
     Ok((wire.uid.clone(), workload))
 }
 
+/// A workload back in the wire form it was converted from: what
+/// [`workload`] takes back to the same value (the node keeps remote
+/// workloads this way, see [`crate::StoredConfig`]).
+pub(super) fn workload_to_wire(workload: &Workload) -> v1::Workload {
+    let mtls_mode = if workload.mtls_strict {
+        v1::MtlsMode::Strict
+    } else {
+        v1::MtlsMode::Permissive
+    };
+    v1::Workload {
+        uid: workload.uid.clone(),
+        namespace: workload.namespace.clone(),
+        name: workload.name.clone(),
+        pod_uid: workload.pod_uid.clone(),
+        workload_name: workload.workload_name.clone(),
+        service_account: workload.service_account.clone(),
+        identity: workload.identity.to_string(),
+        node: workload.node.clone(),
+        ips: workload.ips.iter().map(ToString::to_string).collect(),
+        meshed: workload.meshed,
+        labels: workload
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        authorization_policies: workload.authorization_policies.clone(),
+        invalid_authorization_policies: workload.invalid_authorization_policies.clone(),
+        quarantine: workload.quarantine.clone().unwrap_or_default(),
+        mtls_mode: mtls_mode.into(),
+        mtls_policy: workload.mtls_policy.clone(),
+        probe_ports: workload.probe_ports.iter().map(|p| u32::from(*p)).collect(),
+    }
+}
+
 /// Compiles an AuthorizationPolicy: every principal pattern, address block
 /// and port is parsed now, once, and one that does not parse refuses the
 /// policy (never a rule that silently matches nothing).

@@ -484,6 +484,12 @@ impl NodeView {
 }
 
 impl Workload {
+    /// The workload in the wire form it came in (converting that back
+    /// gives this workload again).
+    pub fn to_wire(&self) -> weft_api::v1::Workload {
+        convert::workload_to_wire(self)
+    }
+
     /// This workload refusing every connection because `problem` refused
     /// its update.
     fn quarantined(&self, problem: &UpdateProblem) -> Workload {

@@ -491,3 +491,38 @@ fn the_uninstall_announcement_holds_until_the_control_plane_takes_it_back() {
         .view;
     assert!(!after.uninstalling());
 }
+
+#[test]
+fn a_workload_goes_back_to_the_wire_form_that_converts_to_it_again() {
+    let full = v1::Workload {
+        uid: "shop/web-1".into(),
+        pod_uid: "0b6c3e2a-web-1".into(),
+        workload_name: "web".into(),
+        ips: vec!["10.244.1.5".into(), "fd00::5".into()],
+        authorization_policies: vec!["shop/allow-web".into()],
+        invalid_authorization_policies: vec!["shop/broken".into()],
+        quarantine: "another pod claims 10.244.1.5".into(),
+        mtls_mode: v1::MtlsMode::Strict.into(),
+        mtls_policy: "shop/strict".into(),
+        probe_ports: vec![8080, 9090],
+        ..workload("shop", "web-1", "web", "10.244.1.5", true)
+    };
+    // And an older control plane's, without a workload name or anything
+    // else it may leave out.
+    let sparse = v1::Workload {
+        workload_name: String::new(),
+        labels: Default::default(),
+        namespace: String::new(),
+        service_account: String::new(),
+        node: String::new(),
+        ..workload("shop", "web-2", "web", "10.244.1.6", false)
+    };
+    for wire in [full, sparse] {
+        let (key, workload) =
+            convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE)).unwrap();
+        let again = workload.to_wire();
+        let (key_again, converted_again) =
+            convert::workload(EntryKind::LocalWorkload, &again, Some(NODE)).unwrap();
+        assert_eq!((key_again, converted_again), (key, workload));
+    }
+}
