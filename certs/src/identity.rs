@@ -113,12 +113,30 @@ impl Identity {
         // part contains a '/' that would shift the parse of the whole.
         checked
             .and_then(|()| parse_parts(&candidate))
-            .map_err(|problem| invalid(&candidate, problem))
+            .map_err(|problem| invalid(&candidate, problem))?;
+        Identity::parse(&candidate)
     }
 
     /// Parses and validates a SPIFFE ID.
     pub fn parse(input: &str) -> Result<Identity, Error> {
-        parse_parts(input).map_err(|problem| invalid(input, problem))
+        Identity::parse_shared(Arc::from(input))
+    }
+
+    /// Parses and validates a SPIFFE ID held in a shared string, which the
+    /// identity then shares instead of copying: for a holder of many
+    /// identities of few ServiceAccounts (a node proxy's view of a large
+    /// cluster).
+    pub fn parse_shared(input: Arc<str>) -> Result<Identity, Error> {
+        parse_parts(&input)
+            .map(
+                |[trust_domain_end, namespace_start, service_account_start]| Identity {
+                    uri: input.clone(),
+                    trust_domain_end,
+                    namespace_start,
+                    service_account_start,
+                },
+            )
+            .map_err(|problem| invalid(&input, problem))
     }
 
     /// The trust domain, e.g. `cluster.local`.
@@ -214,7 +232,9 @@ fn echo(input: &str) -> String {
     }
 }
 
-fn parse_parts(input: &str) -> Result<Identity, IdentityProblem> {
+/// Validates a SPIFFE ID; the offsets of its parts: the end of the trust
+/// domain, the start of the namespace and of the service account.
+fn parse_parts(input: &str) -> Result<[u16; 3], IdentityProblem> {
     if input.len() > MAX_IDENTITY_LEN {
         return Err(IdentityProblem::TooLong { len: input.len() });
     }
@@ -247,12 +267,11 @@ fn parse_parts(input: &str) -> Result<Identity, IdentityProblem> {
     let trust_domain_end = SCHEME.len() + trust_domain.len();
     let namespace_start = trust_domain_end + "/ns/".len();
     let service_account_start = namespace_start + namespace.len() + "/sa/".len();
-    Ok(Identity {
-        uri: Arc::from(input),
-        trust_domain_end: offset(trust_domain_end),
-        namespace_start: offset(namespace_start),
-        service_account_start: offset(service_account_start),
-    })
+    Ok([
+        offset(trust_domain_end),
+        offset(namespace_start),
+        offset(service_account_start),
+    ])
 }
 
 fn validate_trust_domain(trust_domain: &str) -> Result<(), IdentityProblem> {

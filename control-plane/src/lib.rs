@@ -26,6 +26,7 @@ pub mod full_state;
 pub mod grpc_connections;
 pub mod kubernetes;
 pub mod listeners;
+mod manifest_file;
 pub mod manifests;
 pub mod mesh;
 pub mod mesh_change;

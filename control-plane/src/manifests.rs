@@ -12,40 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::Error;
-use crate::cluster::{ClusterObject, ClusterState, ObjectKey, ObjectProblem};
-
-/// Largest manifest file read; bigger files are refused, not truncated.
-const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+use crate::cluster::{ClusterObject, ClusterState};
+pub use crate::manifest_file::{DEFAULT_NAMESPACE, ManifestProblem, chunks, parse_documents};
+use crate::manifest_file::{KnownChunks, ObjectId, read_file};
 /// Editors write a file in several steps; wait this long for quiet.
 const SETTLE: Duration = Duration::from_millis(10);
-
-/// One problem found in a manifest file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ManifestProblem {
-    /// The file.
-    pub file: PathBuf,
-    /// The document's index in the file (0-based), if the problem is in one document.
-    pub document: Option<usize>,
-    /// What is wrong.
-    pub reason: String,
-}
-
-impl std::fmt::Display for ManifestProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.document {
-            Some(doc) => write!(f, "{} document {doc}: {}", self.file.display(), self.reason),
-            None => write!(f, "{}: {}", self.file.display(), self.reason),
-        }
-    }
-}
-
-/// An object's identity across files: its kind and key.
-type ObjectId = (&'static str, ObjectKey);
 
 /// The directory's content as last read: good objects per file, the
 /// cluster they make, and problems. The cluster is kept up to date file by
@@ -56,6 +31,10 @@ pub struct ManifestDir {
     /// The last good objects of each file (a later document of a file
     /// replaces an earlier one of the same kind and key).
     files: BTreeMap<PathBuf, BTreeMap<ObjectId, ClusterObject>>,
+    /// What the chunks of each file gave when it was last read good.
+    chunks: BTreeMap<PathBuf, KnownChunks>,
+    /// Hashes chunks of text, with keys of this process's own.
+    hasher: std::hash::RandomState,
     /// The files that define each object; the last by name wins.
     defined_in: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
     /// The cluster the files make.
@@ -95,7 +74,7 @@ impl ManifestDir {
             .cloned()
             .collect();
         for path in &gone {
-            self.set_objects(path, None);
+            self.set_objects(path, None, &BTreeSet::new());
         }
         self.problems.retain(|path, _| present.contains(path));
         self.ignored.retain(|path, _| present.contains(path));
@@ -120,7 +99,7 @@ impl ManifestDir {
             if is_manifest(path) {
                 self.read(path.clone());
             } else {
-                self.set_objects(path, None);
+                self.set_objects(path, None, &BTreeSet::new());
                 self.problems.remove(path);
                 self.ignored.remove(path);
             }
@@ -129,15 +108,20 @@ impl ManifestDir {
     }
 
     fn read(&mut self, path: PathBuf) {
-        match read_file(&path) {
-            Ok((objects, ignored)) => {
+        let known = self.chunks.get(&path);
+        let empty = KnownChunks::default();
+        let read = read_file(
+            &path,
+            known.unwrap_or(&empty),
+            self.files.get(&path),
+            &self.hasher,
+        );
+        match read {
+            Ok(contents) => {
                 self.problems.remove(&path);
-                self.ignored.insert(path.clone(), ignored);
-                let objects = objects
-                    .into_iter()
-                    .map(|object| ((object.kind(), object.key()), object))
-                    .collect();
-                self.set_objects(&path, Some(objects));
+                self.ignored.insert(path.clone(), contents.ignored);
+                self.chunks.insert(path.clone(), contents.chunks);
+                self.set_objects(&path, Some(contents.objects), &contents.unchanged);
             }
             Err(problems) => {
                 for problem in &problems {
@@ -150,14 +134,24 @@ impl ManifestDir {
 
     /// Replaces the objects of the file at `path` (`None`: it has none),
     /// and brings the cluster up to date for every object it defined or
-    /// defines.
-    fn set_objects(&mut self, path: &Path, objects: Option<BTreeMap<ObjectId, ClusterObject>>) {
+    /// defines, except those `unchanged` (the file defined them before
+    /// exactly so).
+    fn set_objects(
+        &mut self,
+        path: &Path,
+        objects: Option<BTreeMap<ObjectId, ClusterObject>>,
+        unchanged: &BTreeSet<ObjectId>,
+    ) {
         let old = match objects {
             Some(objects) => self.files.insert(path.to_owned(), objects),
-            None => self.files.remove(path),
+            None => {
+                self.chunks.remove(path);
+                self.files.remove(path)
+            }
         };
         let mut touched: BTreeSet<ObjectId> = BTreeSet::new();
-        for id in old.into_iter().flat_map(BTreeMap::into_keys) {
+        let old = old.into_iter().flat_map(BTreeMap::into_keys);
+        for id in old.filter(|id| !unchanged.contains(id)) {
             if let Some(files) = self.defined_in.get_mut(&id) {
                 files.remove(path);
                 if files.is_empty() {
@@ -166,7 +160,8 @@ impl ManifestDir {
             }
             touched.insert(id);
         }
-        for id in self.files.get(path).into_iter().flat_map(BTreeMap::keys) {
+        let new = self.files.get(path).into_iter().flat_map(BTreeMap::keys);
+        for id in new.filter(|id| !unchanged.contains(*id)) {
             self.defined_in
                 .entry(id.clone())
                 .or_default()
@@ -222,130 +217,6 @@ fn is_manifest(path: &Path) -> bool {
         .file_name()
         .is_some_and(|name| name.to_string_lossy().starts_with('.'));
     is_yaml && !hidden && path.is_file()
-}
-
-/// The objects of one file and notes on the documents it skipped (kinds
-/// weft does not use), or every problem that refuses the file.
-type FileObjects = (Vec<ClusterObject>, Vec<ManifestProblem>);
-
-fn read_file(path: &Path) -> Result<FileObjects, Vec<ManifestProblem>> {
-    let problem = |document: Option<usize>, reason: String| ManifestProblem {
-        file: path.to_owned(),
-        document,
-        reason,
-    };
-    let text = std::fs::metadata(path)
-        .map_err(|e| e.to_string())
-        .and_then(|meta| {
-            if meta.len() > MAX_FILE_BYTES {
-                Err(format!(
-                    "{} bytes, the limit is {MAX_FILE_BYTES}",
-                    meta.len()
-                ))
-            } else {
-                std::fs::read_to_string(path).map_err(|e| e.to_string())
-            }
-        })
-        .map_err(|reason| vec![problem(None, reason)])?;
-    let documents = parse_documents(&text).map_err(|reason| vec![problem(None, reason)])?;
-
-    let mut objects = Vec::new();
-    let mut problems = Vec::new();
-    let mut ignored = Vec::new();
-    for (index, document) in documents.into_iter().enumerate() {
-        if document.is_null() {
-            continue;
-        }
-        // What an API server would refuse on admission, refused here too.
-        if let Err(reason) = crate::crd::check_against_crd(&document) {
-            problems.push(problem(
-                Some(index),
-                format!("{}: {reason}", describe(&document)),
-            ));
-            continue;
-        }
-        match ClusterObject::from_value(apply_defaults(document)) {
-            Ok(object) => objects.push(object),
-            Err(ObjectProblem::Ignored { kind }) => {
-                debug!(file = %path.display(), index, kind, "ignoring object of an unused kind");
-                ignored.push(problem(
-                    Some(index),
-                    format!("ignored: weft does not use kind {kind}"),
-                ));
-            }
-            Err(ObjectProblem::Invalid { reason }) => problems.push(problem(Some(index), reason)),
-        }
-    }
-    if problems.is_empty() {
-        Ok((objects, ignored))
-    } else {
-        Err(problems)
-    }
-}
-
-/// `Kind namespace/name` of a document, for messages.
-fn describe(document: &Value) -> String {
-    let text = |value: Option<&Value>| value.and_then(Value::as_str).unwrap_or("").to_owned();
-    let metadata = document.get("metadata");
-    let namespace = text(metadata.and_then(|m| m.get("namespace")));
-    let name = text(metadata.and_then(|m| m.get("name")));
-    let kind = text(document.get("kind"));
-    if namespace.is_empty() {
-        format!("{kind} {name}")
-    } else {
-        format!("{kind} {namespace}/{name}")
-    }
-}
-
-/// The namespace of an object written without one, as `kubectl apply`
-/// without `-n` would give it.
-pub const DEFAULT_NAMESPACE: &str = "default";
-
-/// What the API server (and kubectl) would fill in before anyone saw the
-/// object: the namespace of a namespaced object written without one, and
-/// the ServiceAccount of a pod without one (the ServiceAccount admission
-/// plugin's `default`; never for a static pod's mirror, which it skips).
-/// Demo applications' YAML (Online Boutique, bookinfo, httpbin) relies on
-/// both.
-fn apply_defaults(mut document: Value) -> Value {
-    let kind = document.get("kind").and_then(Value::as_str).unwrap_or("");
-    let is_namespace = kind == "Namespace";
-    let is_pod = kind == "Pod" && document.get("apiVersion").and_then(Value::as_str) == Some("v1");
-    let Some(object) = document.as_object_mut() else {
-        return document;
-    };
-    if !is_namespace {
-        let metadata = object
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Some(metadata) = metadata.as_object_mut() {
-            let namespace = metadata.get("namespace").and_then(Value::as_str);
-            if namespace.is_none_or(str::is_empty) {
-                metadata.insert("namespace".into(), DEFAULT_NAMESPACE.into());
-            }
-        }
-    }
-    if is_pod {
-        let mirror = object
-            .get("metadata")
-            .and_then(|m| m.get("annotations"))
-            .and_then(|a| a.get(crate::cluster::MIRROR_POD_ANNOTATION))
-            .is_some();
-        if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
-            && !mirror
-        {
-            let account = spec.get("serviceAccountName").and_then(Value::as_str);
-            if account.is_none_or(str::is_empty) {
-                spec.insert("serviceAccountName".into(), "default".into());
-            }
-        }
-    }
-    document
-}
-
-/// Splits a multi-document YAML text into JSON values.
-pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    serde_saphyr::from_multiple::<Value>(text).map_err(|e| format!("invalid YAML: {e}"))
 }
 
 /// The current problems of a watched directory.

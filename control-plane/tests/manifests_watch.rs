@@ -212,3 +212,61 @@ fn the_cluster_kept_file_by_file_is_the_cluster_read_afresh() {
     }
     assert!(compared > 30, "only {compared} steps without a broken file");
 }
+
+#[test]
+fn a_large_file_edited_one_document_at_a_time_reads_as_it_would_afresh() {
+    // The kept source parses again only the documents whose text changed;
+    // whatever it reuses, it must agree with a source reading everything.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.yaml");
+    let mut docs: Vec<String> = (0..12)
+        .map(|i| pod(&format!("p{i}"), &format!("10.0.0.{i}")))
+        .collect();
+    let mut source = ManifestDir::new(dir.path());
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut compared = 0;
+    let mut broken = None;
+    for step in 0..300u64 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // A document broken by the step before is mended by this one.
+        let (slot, case) = match broken.take() {
+            Some(slot) => (slot, 7),
+            None => ((seed % docs.len() as u64) as usize, (seed >> 8) % 8),
+        };
+        if case == 1 || case == 2 {
+            broken = Some(slot);
+        }
+        docs[slot] = match case {
+            // Another pod's name: the file defines one object twice.
+            0 => pod(&format!("p{}", (seed >> 12) % 12), "10.0.9.9"),
+            // A document the file is refused for.
+            1 => "apiVersion: v1\nkind: Pod\nmetadata: {name: 5}\n".to_owned(),
+            // Broken YAML.
+            2 => "kind: [not yaml\n".to_owned(),
+            // An empty document, or a kind weft does not use.
+            3 => String::new(),
+            4 => "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n".to_owned(),
+            _ => pod(&format!("p{slot}"), &format!("10.0.{}.{slot}", step % 250)),
+        };
+        let text = format!("---\n{}", docs.join("---\n"));
+        write(dir.path(), "many.yaml", &text);
+        source.reload_files(&[path.clone()].into()).unwrap();
+        let mut fresh = ManifestDir::new(dir.path());
+        fresh.reload().unwrap();
+        // The same problems, naming the same documents; a refused file
+        // keeps its last good objects (and notes) where a fresh source has
+        // none, so the rest is compared when the file is good.
+        assert_eq!(source.problems(), fresh.problems(), "step {step}");
+        if fresh.problems().is_empty() {
+            assert_eq!(source.notes(), fresh.notes(), "step {step}");
+            assert_eq!(source.state(), fresh.state(), "step {step}");
+            compared += 1;
+        }
+    }
+    assert!(
+        compared > 50,
+        "only {compared} steps without a refused file"
+    );
+}

@@ -1,5 +1,7 @@
 //! Arbitrary text as a manifest file: YAML documents into cluster objects,
 //! then into the mesh model and every node's view. Nothing may panic; the
+//! text cut into chunks (as the control plane re-reads a file) must parse
+//! to the documents the whole gives; the
 //! mesh of the first half of the objects, brought along to all of them by
 //! `Mesh::next`, must be the mesh derived from all of them; and a view's
 //! full state must round-trip through its own delta.
@@ -8,7 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use weft_api::v1 as pb;
 use weft_control_plane::cluster::{ClusterObject, ClusterState};
-use weft_control_plane::manifests::parse_documents;
+use weft_control_plane::manifests::{chunks, parse_documents};
 use weft_control_plane::mesh::Mesh;
 use weft_control_plane::view::NodeView;
 
@@ -19,6 +21,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(documents) = parse_documents(text) else {
         return;
     };
+    if let Some(pieces) = chunks(text) {
+        let pieced: Result<Vec<_>, _> = pieces.into_iter().map(parse_documents).collect();
+        let pieced: Vec<_> = pieced.expect("the chunks of a good file parse").concat();
+        assert_eq!(pieced, documents, "the chunks give the documents of the whole");
+    }
     let half = documents.len() / 2;
     let mut cluster = ClusterState::default();
     let mut first_half = ClusterState::default();

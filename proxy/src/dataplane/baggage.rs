@@ -33,17 +33,17 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
             .cloned()
     };
     // A pod whose workload is itself (no controller) is named as a pod.
-    let kind = if source.workload_name == source.name {
+    let kind = if *source.workload_name == *source.name {
         WorkloadKind::Pod
     } else {
         WorkloadKind::Deployment
     };
     Baggage {
         cluster: Some(cluster.to_owned()).filter(|c| !c.is_empty()),
-        namespace: Some(source.namespace.clone()),
-        workload: Some(source.workload_name.clone()),
+        namespace: Some(source.namespace.to_string()),
+        workload: Some(source.workload_name.to_string()),
         workload_kind: kind,
-        service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name.clone())),
+        service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name.to_string())),
         revision: label(CANONICAL_REVISION_LABELS).or_else(|| Some("latest".to_owned())),
     }
 }
@@ -57,7 +57,7 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
 pub fn vouched_by(baggage: Baggage, peer: &Identity, known: Option<&Workload>) -> Option<Baggage> {
     let namespace = baggage.namespace.as_deref()?;
     let other_workload = match (known, baggage.workload.as_deref()) {
-        (Some(known), Some(claimed)) => claimed != known.workload_name,
+        (Some(known), Some(claimed)) => claimed != &*known.workload_name,
         _ => false,
     };
     if namespace != peer.namespace() || other_workload {
@@ -98,7 +98,7 @@ mod tests {
             invalid_authorization_policies: vec![],
             quarantine: None,
             mtls_strict: false,
-            mtls_policy: String::new(),
+            mtls_policy: "".into(),
             probe_ports: Default::default(),
         }
     }

@@ -63,7 +63,9 @@ pub(super) async fn search(
             directory.add(AnnouncedPod {
                 netns,
                 ips,
-                namespace: workload.map(|w| w.namespace.clone()).unwrap_or_default(),
+                namespace: workload
+                    .map(|w| w.namespace.to_string())
+                    .unwrap_or_default(),
                 name: workload.map(|w| w.name.clone()).unwrap_or_default(),
                 uid: workload.map(|w| w.pod_uid.clone()).unwrap_or_default(),
                 found: true,
@@ -112,7 +114,7 @@ pub(super) fn rename(directory: &PodDirectory, table: &RouteTable) {
             info!(netns = %pod.netns.display(), was = %found_as.uid, now = %workload.uid,
                 "the config gives a found pod's address to another pod: serving it as that one");
             directory.add(AnnouncedPod {
-                namespace: workload.namespace.clone(),
+                namespace: workload.namespace.to_string(),
                 name: workload.name.clone(),
                 uid: workload.pod_uid.clone(),
                 ..pod

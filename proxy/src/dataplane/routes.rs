@@ -3,8 +3,8 @@
 //!
 //! A [`RouteTable`] is made once per applied config version (not per
 //! connection), from the table before and what differs between the two
-//! views, so a delta costs its own size, not the cluster's, on whatever
-//! thread first needs the new table (often the data plane's). The
+//! views, so a delta costs its own size, not the cluster's, and on the
+//! control thread before the view is published (see [`super::Routes`]). The
 //! per-connection work is two lookups and, for a Service, one
 //! load-balancing step (see [`super::balancer`], whose state outlives the
 //! table).
@@ -158,10 +158,9 @@ impl RouteTable {
     /// The table of `view`, made from this one (the table of an earlier
     /// view, or the empty default) by applying what differs between the
     /// two views, so that it costs what changed, not the size of the
-    /// cluster: this runs wherever a new config meets the data path. The
-    /// balancing state in `balancers` (shared with the tables of earlier
-    /// and later versions) is kept for the Services and endpoints still
-    /// there.
+    /// cluster. The balancing state in `balancers` (shared with the tables
+    /// of earlier and later versions) is kept for the Services and
+    /// endpoints still there.
     pub fn next(&self, view: &NodeView, balancers: &Balancers) -> RouteTable {
         let local = follow_workloads(
             &self.local,

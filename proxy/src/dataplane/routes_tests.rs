@@ -94,7 +94,7 @@ fn a_withdrawn_claim_leaves_the_address_to_the_other() {
             invalid_authorization_policies: Vec::new(),
             quarantine: None,
             mtls_strict: false,
-            mtls_policy: String::new(),
+            mtls_policy: "".into(),
             probe_ports: Default::default(),
         })
     };

@@ -157,8 +157,8 @@ impl TrafficMetrics {
                 .get_or_create(&AuthorizationLabels {
                     decision: kind.to_owned(),
                     policy,
-                    destination_workload: destination.workload_name.clone(),
-                    destination_workload_namespace: destination.namespace.clone(),
+                    destination_workload: destination.workload_name.to_string(),
+                    destination_workload_namespace: destination.namespace.to_string(),
                 })
                 .inc();
         };
@@ -239,8 +239,8 @@ impl ConnectionRecord {
         (target, destination): (SocketAddr, &Peer),
         service: Option<&str>,
     ) -> ConnectionRecord {
-        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.clone());
-        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.clone());
+        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.to_string());
+        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.to_string());
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {
             reporter: direction.reporter().to_owned(),

@@ -10,7 +10,7 @@ use weft_certs::{Identity, TrustBundle};
 use weft_api::authorization::Policy;
 
 use super::{
-    Endpoint, EntryKind, Service, ServicePort, TrafficPolicy, Trust, UpdateProblem, Workload,
+    Endpoint, EntryKind, Service, ServicePort, TrafficPolicy, Trust, UpdateProblem, Workload, names,
 };
 
 pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
@@ -42,7 +42,7 @@ pub(super) fn workload(
         key: wire.uid.clone(),
         reason,
     };
-    let identity = Identity::parse(&wire.identity).map_err(|e| {
+    let identity = Identity::parse_shared(names::shared(&wire.identity)).map_err(|e| {
         invalid(format!(
             "identity {:?}: {}",
             wire.identity,
@@ -89,18 +89,18 @@ pub(super) fn workload(
         .collect::<Result<_, _>>()?;
     let workload = Workload {
         uid: wire.uid.clone(),
-        namespace: wire.namespace.clone(),
+        namespace: names::shared(&wire.namespace),
         name: wire.name.clone(),
         pod_uid: wire.pod_uid.clone(),
         // An older control plane sends no workload name: the pod's will do.
-        workload_name: if wire.workload_name.is_empty() {
-            wire.name.clone()
+        workload_name: names::shared(if wire.workload_name.is_empty() {
+            &wire.name
         } else {
-            wire.workload_name.clone()
-        },
-        service_account: wire.service_account.clone(),
+            &wire.workload_name
+        }),
+        service_account: names::shared(&wire.service_account),
         identity,
-        node: wire.node.clone(),
+        node: names::shared(&wire.node),
         ips,
         meshed: wire.meshed,
         labels: wire
@@ -118,7 +118,7 @@ pub(super) fn workload(
                 return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
             }
         },
-        mtls_policy: wire.mtls_policy.clone(),
+        mtls_policy: names::shared(&wire.mtls_policy),
         probe_ports,
     };
     Ok((wire.uid.clone(), workload))
@@ -135,13 +135,13 @@ pub(super) fn workload_to_wire(workload: &Workload) -> v1::Workload {
     };
     v1::Workload {
         uid: workload.uid.clone(),
-        namespace: workload.namespace.clone(),
+        namespace: workload.namespace.to_string(),
         name: workload.name.clone(),
         pod_uid: workload.pod_uid.clone(),
-        workload_name: workload.workload_name.clone(),
-        service_account: workload.service_account.clone(),
+        workload_name: workload.workload_name.to_string(),
+        service_account: workload.service_account.to_string(),
         identity: workload.identity.to_string(),
-        node: workload.node.clone(),
+        node: workload.node.to_string(),
         ips: workload.ips.iter().map(ToString::to_string).collect(),
         meshed: workload.meshed,
         labels: workload
@@ -153,7 +153,7 @@ pub(super) fn workload_to_wire(workload: &Workload) -> v1::Workload {
         invalid_authorization_policies: workload.invalid_authorization_policies.clone(),
         quarantine: workload.quarantine.clone().unwrap_or_default(),
         mtls_mode: mtls_mode.into(),
-        mtls_policy: workload.mtls_policy.clone(),
+        mtls_policy: workload.mtls_policy.to_string(),
         probe_ports: workload.probe_ports.iter().map(|p| u32::from(*p)).collect(),
     }
 }

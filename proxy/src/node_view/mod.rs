@@ -10,6 +10,7 @@
 //! serving. A view is immutable; readers share it as an `Arc` snapshot.
 
 mod convert;
+mod names;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
@@ -75,27 +76,28 @@ pub struct Trust {
     pub bundle: TrustBundle,
 }
 
-/// A pod, local or remote.
+/// A pod, local or remote. The names many pods share are held once (see
+/// `names`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// `<namespace>/<pod name>`.
     pub uid: String,
     /// The pod's namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// The pod's name.
     pub name: String,
     /// The pod's `metadata.uid`, empty if the control plane did not say.
     pub pod_uid: String,
     /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
     /// name metrics use, stable across rollouts.
-    pub workload_name: String,
+    pub workload_name: Arc<str>,
     /// The pod's ServiceAccount.
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// The SPIFFE identity of the ServiceAccount.
     #[serde(serialize_with = "display")]
     pub identity: Identity,
     /// The node the pod runs on.
-    pub node: String,
+    pub node: Arc<str>,
     /// The pod's addresses.
     pub ips: Vec<IpAddr>,
     /// Whether weft captures and tunnels this pod's traffic.
@@ -116,7 +118,7 @@ pub struct Workload {
     /// Whether plaintext inbound is refused (local workloads only).
     pub mtls_strict: bool,
     /// The MtlsPolicy that set the mode, empty for the default.
-    pub mtls_policy: String,
+    pub mtls_policy: Arc<str>,
     /// The ports the kubelet probes (local workloads only): the node's own
     /// connections to them pass the pod's capture.
     pub probe_ports: std::collections::BTreeSet<u16>,
