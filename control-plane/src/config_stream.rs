@@ -14,11 +14,11 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use weft_api::parts::{self, EncodedUpdate};
+use weft_api::parts::EncodedUpdate;
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
-use crate::fanout::{NodeFeed, Outgoing, Published};
+use crate::fanout::{Delta, NodeFeed, Outgoing, Published};
 use crate::full_state::FullState;
 use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
@@ -230,21 +230,18 @@ impl NodeStream {
         self.updates.reserve().await.is_ok()
     }
 
-    async fn send_delta(&self, delta: &pb::ConfigUpdate) -> bool {
+    async fn send_delta(&self, delta: &Delta) -> bool {
+        let [local, remote, services, removed] = delta.counts();
         debug!(
-            version = delta.version,
-            local = delta.local_workloads.len(),
-            remote = delta.remote_workloads.len(),
-            removed_remote = delta.removed_remote_workloads.len(),
-            services = delta.services.len(),
-            "sending a delta"
+            version = delta.version(),
+            local, remote, services, removed, "sending a delta"
         );
-        for part in parts::split(delta, self.part_bytes) {
-            if !self.send_part(delta.version, part).await {
+        for part in delta.parts(self.part_bytes) {
+            if !self.send_part(delta.version(), part).await {
                 return false;
             }
         }
-        self.registry.sent(&self.node, delta.version);
+        self.registry.sent(&self.node, delta.version());
         true
     }
 

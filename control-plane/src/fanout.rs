@@ -15,12 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use weft_api::v1 as pb;
+use weft_api::parts::List;
 
-use crate::forms::{changes_nothing, meshed_namespaces, remote_form};
+use crate::forms::meshed_namespaces;
 use crate::full_state::{FullState, SharedEntries};
 use crate::mesh::Mesh;
 pub use crate::mesh_change::{MeshChange, WorkloadChange};
+pub use crate::node_delta::Delta;
 
 /// A mesh as the streams follow it: numbered, with the changes that led to
 /// it, so a stream that slept through several versions catches up by keys.
@@ -104,8 +105,8 @@ pub struct NodeFeed {
 /// What a stream sends next.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A delta, built whole: it is as large as the change.
-    Delta(pb::ConfigUpdate),
+    /// A delta: it is as large as the change.
+    Delta(Delta),
     /// A full state, written part by part as it is sent.
     Full(FullState),
 }
@@ -154,12 +155,9 @@ impl NodeFeed {
             return Some(Outgoing::Full(full));
         };
         self.mesh_version = published.version;
-        let mesh = &published.mesh;
-        let mut update = pb::ConfigUpdate {
-            version,
-            ..pb::ConfigUpdate::default()
-        };
-        let local_changed = self.workloads(&changes, mesh, &mut update);
+        let (mesh, shared) = (&published.mesh, &published.shared);
+        let mut update = Delta::new(version);
+        let local_changed = self.workloads(&changes, mesh, shared, &mut update);
         self.policies(&changes, mesh, local_changed, &mut update);
         let mut services: BTreeMap<&str, bool> = BTreeMap::new();
         for change in &changes {
@@ -168,22 +166,22 @@ impl NodeFeed {
             }
         }
         for (key, existed) in services {
-            match mesh.services.get(key) {
-                Some(service) => update.services.push(pb::Service::clone(service)),
-                None if existed => update.removed_services.push(key.to_owned()),
-                None => {}
+            if mesh.services.contains_key(key) {
+                update.service(key, mesh, shared);
+            } else if existed {
+                update.removed(List::RemovedServices, key);
             }
         }
         if changes.iter().any(|c| c.trust) {
-            update.trust = Some(mesh.trust.clone());
+            update.trust(&mesh.trust);
         }
         if changes.iter().any(|c| c.uninstalling) {
-            update.uninstalling = Some(mesh.uninstalling);
+            update.uninstalling(mesh.uninstalling);
         }
         if changes.iter().any(|c| c.meshed_namespaces) {
-            update.meshed_namespaces = Some(meshed_namespaces(&mesh.meshed_namespaces));
+            update.meshed_namespaces(meshed_namespaces(&mesh.meshed_namespaces));
         }
-        (!changes_nothing(&update)).then_some(Outgoing::Delta(update))
+        (!update.is_empty()).then_some(Outgoing::Delta(update))
     }
 
     /// Adds the changed workloads to `update`; whether a local one changed.
@@ -191,7 +189,8 @@ impl NodeFeed {
         &mut self,
         changes: &[&MeshChange],
         mesh: &Mesh,
-        update: &mut pb::ConfigUpdate,
+        shared: &SharedEntries,
+        update: &mut Delta,
     ) -> bool {
         let mut merged: BTreeMap<&str, Merged<'_>> = BTreeMap::new();
         for change in changes {
@@ -212,20 +211,20 @@ impl NodeFeed {
             let is_remote = now.is_some() && !is_local;
             match now {
                 Some(workload) if is_local => {
-                    update.local_workloads.push(workload.clone());
+                    update.local_workload(workload);
                     local_changed = true;
                 }
-                Some(workload) if merged.remote || !was_remote => {
-                    update.remote_workloads.push(remote_form(workload));
+                Some(_) if merged.remote || !was_remote => {
+                    update.remote_workload(uid, mesh, shared);
                 }
                 _ => {}
             }
             if was_local && !is_local {
-                update.removed_local_workloads.push(uid.to_owned());
+                update.removed(List::RemovedLocalWorkloads, uid);
                 local_changed = true;
             }
             if was_remote && !is_remote {
-                update.removed_remote_workloads.push(uid.to_owned());
+                update.removed(List::RemovedRemoteWorkloads, uid);
             }
             if is_local {
                 self.local.insert(uid.to_owned());
@@ -243,7 +242,7 @@ impl NodeFeed {
         changes: &[&MeshChange],
         mesh: &Mesh,
         local_changed: bool,
-        update: &mut pb::ConfigUpdate,
+        update: &mut Delta,
     ) {
         let changed: BTreeSet<&str> = changes
             .iter()
@@ -255,14 +254,13 @@ impl NodeFeed {
         }
         let needed = self.needed_policies(mesh);
         for key in &needed {
-            if !self.policies.contains(key) || changed.contains(key.as_str()) {
-                update
-                    .authorization_policies
-                    .extend(mesh.authorization_policies.get(key).cloned());
+            let wanted = !self.policies.contains(key) || changed.contains(key.as_str());
+            if let Some(policy) = mesh.authorization_policies.get(key).filter(|_| wanted) {
+                update.authorization_policy(policy);
             }
         }
         for key in self.policies.difference(&needed) {
-            update.removed_authorization_policies.push(key.clone());
+            update.removed(List::RemovedAuthorizationPolicies, key);
         }
         self.policies = needed;
     }

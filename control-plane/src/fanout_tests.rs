@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use prost::Message as _;
 use weft_api::parts::Assembler;
+use weft_api::v1 as pb;
 
 use super::*;
 use crate::cluster::ClusterState;
@@ -84,7 +85,7 @@ impl Applied {
 /// put back together.
 fn whole(outgoing: Outgoing) -> pb::ConfigUpdate {
     let parts: Vec<_> = match outgoing {
-        Outgoing::Delta(delta) => return delta,
+        Outgoing::Delta(delta) => delta.parts(300),
         Outgoing::Full(full) => full.parts(300).collect(),
     };
     let mut assembler = Assembler::default();

@@ -85,6 +85,16 @@ impl SharedEntries {
         next
     }
 
+    /// The pod `uid` in its remote form, encoded.
+    pub(crate) fn remote_bytes(&self, uid: &str) -> Option<&Bytes> {
+        self.remote.get(uid).map(|entry| &entry.bytes)
+    }
+
+    /// The Service `key`, encoded.
+    pub(crate) fn service_bytes(&self, key: &str) -> Option<&Bytes> {
+        self.services.get(key)
+    }
+
     /// The uids of `node`'s pods.
     pub fn pods_on(&self, node: &str) -> impl Iterator<Item = &str> {
         self.pods_by_node

@@ -33,6 +33,7 @@ pub mod mesh_change;
 pub mod mesh_update;
 pub mod monitoring;
 pub mod node_auth;
+pub mod node_delta;
 pub mod policy;
 pub mod registry;
 pub mod serving_cert;

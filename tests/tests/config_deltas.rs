@@ -42,13 +42,13 @@ fn mesh_of(slots: &[Option<String>]) -> Mesh {
 
 /// An update as the proxy reads it: a full state's parts put together.
 fn whole(outgoing: Outgoing) -> pb::ConfigUpdate {
-    let full = match outgoing {
-        Outgoing::Delta(delta) => return delta,
-        Outgoing::Full(full) => full,
+    let parts: Vec<_> = match outgoing {
+        Outgoing::Delta(delta) => delta.parts(400),
+        Outgoing::Full(full) => full.parts(400).collect(),
     };
     let mut assembler = Assembler::default();
     let mut assembled = None;
-    for part in full.parts(400) {
+    for part in parts {
         let decoded = pb::ConfigUpdate::decode(part.bytes().clone()).unwrap();
         assembled = assembler.push(decoded, 0, usize::MAX).unwrap();
     }
