@@ -491,22 +491,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_table_follows_a_new_stream_whose_versions_start_over() {
+    /// The view of the pod at 10.244.1.5, and the view after a reconnect:
+    /// version 1 again, with the pod at 10.244.1.9.
+    fn view_and_reconnect() -> (NodeView, NodeView) {
         let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
         let first = NodeView::apply(None, &full_state(&ca, "10.244.1.5"), "node-1")
             .unwrap()
             .view;
-        let (views, receiver) = watch::channel(Some(Arc::new(first.clone())));
-        let routes = Routes::follow(receiver);
-        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
-        assert!(routes.current().local_workload(ip("10.244.1.5")).is_some());
-
-        // A reconnect: version 1 again, with the pod at another address.
         let again = full_state(&ca, "10.244.1.9");
         let second = NodeView::apply(Some(&first), &again, "node-1")
             .unwrap()
             .view;
+        (first, second)
+    }
+
+    #[tokio::test]
+    async fn the_table_follows_a_new_stream_whose_versions_start_over() {
+        let (first, second) = view_and_reconnect();
+        let (views, receiver) = watch::channel(Some(Arc::new(first)));
+        let routes = Routes::follow(receiver);
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        assert!(routes.current().local_workload(ip("10.244.1.5")).is_some());
+
         views.send_replace(Some(Arc::new(second)));
         let table = routes.current();
         assert!(table.local_workload(ip("10.244.1.9")).is_some());
@@ -515,15 +521,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_prepared_table_is_the_one_the_data_plane_uses_without_building_again() {
-        let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
-        let first = NodeView::apply(None, &full_state(&ca, "10.244.1.5"), "node-1")
-            .unwrap()
-            .view;
+        let (first, second) = view_and_reconnect();
         let (views, receiver) = watch::channel(Some(Arc::new(first.clone())));
         let routes = Routes::follow(receiver);
-        let second = NodeView::apply(Some(&first), &full_state(&ca, "10.244.1.9"), "node-1")
-            .unwrap()
-            .view;
 
         // Made on the caller's thread, before the view is published: the
         // table is there already and those who follow tables are told.
