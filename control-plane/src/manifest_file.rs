@@ -10,7 +10,11 @@
 //! objects, the same problems with the same document indices. A file whose
 //! chunks do not parse is parsed whole again, for its error message; one
 //! with directives or document-end markers (whose reach a cut could change)
-//! is always parsed whole.
+//! is always parsed whole. One difference: the YAML parser's limits (on
+//! documents, nodes, aliases) apply to each chunk, not to the file, which
+//! only the file's size limit bounds as a whole. A large file of many
+//! small documents is read, where a whole parse would have refused it at
+//! 1,024 documents.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -48,11 +52,11 @@ impl std::fmt::Display for ManifestProblem {
 pub(crate) type ObjectId = (&'static str, ObjectKey);
 
 /// What each chunk of a file's text gave when the file was last read
-/// good, by a hash of the chunk's text (keyed per process, see
-/// [`RandomState`]).
+/// good, by the chunk's length and a hash of its text (keyed per process,
+/// see [`RandomState`]).
 #[derive(Debug, Default)]
 pub(crate) struct KnownChunks {
-    by_hash: HashMap<u64, Vec<Outcome>>,
+    by_hash: HashMap<(usize, u64), Vec<Outcome>>,
 }
 
 /// What one document gave.
@@ -122,7 +126,7 @@ pub(crate) fn read_file(
     let previous = previous.unwrap_or(&empty);
     let mut reading = Reading::new(path);
     for piece in pieces {
-        let hash = hasher.hash_one(piece);
+        let hash = (piece.len(), hasher.hash_one(piece));
         let reusable = known.by_hash.get(&hash).filter(|outcomes| {
             outcomes.iter().all(|outcome| match outcome {
                 Outcome::Object(id) => previous.contains_key(id),
@@ -147,8 +151,9 @@ pub(crate) fn read_file(
 struct Reading<'a> {
     path: &'a Path,
     outcomes: Vec<Outcome>,
-    /// Each chunk's hash and its documents' range in `outcomes`.
-    chunks: Vec<(u64, std::ops::Range<usize>)>,
+    /// Each chunk's length and hash, and its documents' range in
+    /// `outcomes`.
+    chunks: Vec<((usize, u64), std::ops::Range<usize>)>,
     objects: BTreeMap<ObjectId, ClusterObject>,
     unchanged: BTreeSet<ObjectId>,
     /// An object defined twice in the file: its chunks are not reused.
@@ -271,7 +276,9 @@ pub fn chunks(text: &str) -> Option<Vec<&str>> {
     let mut cuts = vec![0];
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
-        let bare = line.trim_end();
+        // What the YAML parser takes as the end of a marker: not any
+        // Unicode space (a no-break space after `---` is content).
+        let bare = line.trim_end_matches([' ', '\t', '\r', '\n']);
         if bare.starts_with('%') || bare == "..." || bare.starts_with("... ") {
             return None;
         }
@@ -379,6 +386,9 @@ mod tests {
         // Directives and end markers: read whole.
         assert!(chunks("%YAML 1.2\n---\na: 1\n").is_none());
         assert!(chunks("a: 1\n...\n---\nb: 2\n").is_none());
+        // Line ends of either kind; a no-break space is not a marker's end.
+        assert_eq!(chunks("a: 1\r\n---\r\nb: 2\r\n").unwrap().len(), 2);
+        assert_eq!(chunks("a\n---\u{a0}\n").unwrap(), ["a\n---\u{a0}\n"]);
     }
 
     #[test]

@@ -162,11 +162,14 @@ impl Routes {
             balancers,
             table: watch::channel(Arc::new(initial)).0,
         });
-        let (follower, mut changes) = (routes.clone(), view);
+        let (follower, mut changes) = (Arc::downgrade(&routes), view);
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 changes.borrow_and_update();
-                follower.current();
+                let Some(routes) = follower.upgrade() else {
+                    return;
+                };
+                routes.current();
             }
         });
         routes
@@ -193,8 +196,11 @@ impl Routes {
 
     /// The table of the config applied now.
     pub fn current(&self) -> Arc<RouteTable> {
-        let table = self.table.borrow().clone();
+        // The view first: a table is installed before its view is
+        // published, so the table read after it is at least as new unless
+        // no one prepared it.
         let view = self.view.borrow().clone();
+        let table = self.table.borrow().clone();
         let Some(view) = view.filter(|v| v.generation() > table.generation) else {
             return table;
         };
