@@ -174,4 +174,78 @@ impl TrafficPolicy {
             split,
         })
     }
+
+    /// The policy in wire form: what [`TrafficPolicy::from_wire`] takes
+    /// back to this value (a node that keeps its config on disk keeps it so).
+    pub fn to_wire(&self) -> v1::TrafficPolicy {
+        let millis =
+            |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let outlier = self.outlier.as_ref();
+        v1::TrafficPolicy {
+            policy: self.policy.clone(),
+            mode: match self.mode {
+                LoadBalancing::RoundRobin => v1::LoadBalancing::RoundRobin,
+                LoadBalancing::LeastConnections => v1::LoadBalancing::LeastConnections,
+                LoadBalancing::PowerOfTwoChoices => v1::LoadBalancing::PowerOfTwoChoices,
+            }
+            .into(),
+            connect_timeout_ms: millis(self.connect_timeout),
+            idle_timeout_ms: millis(self.idle_timeout),
+            max_connections: self.max_connections.unwrap_or(0),
+            retry_attempts: self.retry_attempts,
+            outlier_consecutive_failures: outlier.map_or(0, |o| o.consecutive_failures),
+            outlier_base_ejection_ms: millis(outlier.map(|o| o.base_ejection)),
+            outlier_max_ejection_ms: millis(outlier.map(|o| o.max_ejection)),
+            split: self
+                .split
+                .iter()
+                .map(|(service, weight)| v1::WeightedService {
+                    service: service.clone(),
+                    weight: *weight,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_goes_back_to_the_wire_form_that_gives_it_again() {
+        let full = v1::TrafficPolicy {
+            policy: "shop/checkout".into(),
+            mode: v1::LoadBalancing::LeastConnections.into(),
+            connect_timeout_ms: 1_500,
+            idle_timeout_ms: MAX_DURATION_MS,
+            max_connections: 7,
+            retry_attempts: 2,
+            outlier_consecutive_failures: 3,
+            outlier_base_ejection_ms: 30_000,
+            outlier_max_ejection_ms: 300_000,
+            split: vec![
+                v1::WeightedService {
+                    service: "shop/checkout-v1".into(),
+                    weight: 90,
+                },
+                v1::WeightedService {
+                    service: "shop/checkout-v2".into(),
+                    weight: 10,
+                },
+            ],
+        };
+        let empty = v1::TrafficPolicy {
+            policy: "shop/plain".into(),
+            ..Default::default()
+        };
+        for wire in [full, empty] {
+            let policy = TrafficPolicy::from_wire("shop", &wire).expect("a valid policy");
+            assert_eq!(policy.to_wire(), wire);
+            assert_eq!(
+                TrafficPolicy::from_wire("shop", &policy.to_wire()).expect("valid again"),
+                policy
+            );
+        }
+    }
 }

@@ -4,8 +4,10 @@
 //! must not be half-applied; an applied one holds exactly its version, and
 //! every refused entry is named. The route table brought from the first
 //! view to the second by change resolves every address of either like one
-//! built afresh. The update's AuthorizationPolicies and TrafficPolicies also
-//! go through the compilers the control plane runs before it sends them.
+//! built afresh. What the node keeps of the view on disk reads back as the
+//! same entries. The update's AuthorizationPolicies and TrafficPolicies
+//! also go through the compilers the control plane runs before it sends
+//! them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +36,13 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(first.version(), update.version);
     assert!(refused.iter().all(|problem| !problem.to_string().is_empty()));
+    // The node keeps remote workloads and Services as the view holds them,
+    // written back in wire form: read again, they are the same entries.
+    let mut kept = weft_proxy::StoredConfig::default();
+    kept.fold_in(&update, &Default::default(), &first);
+    let again = NodeView::apply(None, &kept.to_update(), "node-1").expect("the kept config applies");
+    assert_eq!(again.view.remote_workloads(), first.remote_workloads());
+    assert_eq!(again.view.services(), first.services());
     let mut delta = update.clone();
     delta.full_state = false;
     delta.version = first.version().wrapping_add(1);
@@ -60,7 +69,7 @@ fn addresses(view: &NodeView) -> impl Iterator<Item = std::net::IpAddr> + '_ {
 
 /// What a table makes of a connection to `ip` on each Service port.
 fn resolved(table: &RouteTable, ip: std::net::IpAddr) -> String {
-    let workload = table.workload(ip).map(|w| (w.uid.clone(), w.quarantine.clone()));
+    let workload = table.workload(ip).map(|w| (w.uid.clone(), w.local.quarantine.clone()));
     let destination = match table.resolve(std::net::SocketAddr::new(ip, 80)) {
         Ok(Destination::Service(service)) => {
             format!("{} {:?}", service.target(), service.endpoints())

@@ -350,7 +350,7 @@ fn pods_of(identity: &Identity, view: &mut ViewReceiver) -> Vec<(String, Vec<IpA
             view.local_workloads()
                 .values()
                 .filter(|w| w.meshed && &w.identity == identity)
-                .map(|w| (w.uid.clone(), w.ips.clone()))
+                .map(|w| (w.uid.to_string(), w.ips.to_vec()))
                 .collect()
         })
         .unwrap_or_default()

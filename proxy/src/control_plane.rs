@@ -435,10 +435,9 @@ fn refused_keys(refused: &[crate::UpdateProblem]) -> RefusedKeys {
         if let crate::UpdateProblem::InvalidEntry { kind, key, .. } = problem {
             let list = match kind {
                 crate::EntryKind::LocalWorkload => &mut keys.local_workloads,
-                // The kept remote workloads are the view's (see
-                // StoredConfig::fold_in).
-                crate::EntryKind::RemoteWorkload => continue,
-                crate::EntryKind::Service => &mut keys.services,
+                // The kept remote workloads and Services are the view's
+                // (see StoredConfig::fold_in).
+                crate::EntryKind::RemoteWorkload | crate::EntryKind::Service => continue,
                 crate::EntryKind::AuthorizationPolicy => &mut keys.authorization_policies,
             };
             list.insert(key.clone());

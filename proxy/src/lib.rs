@@ -77,6 +77,7 @@ pub use monitoring::probe_ready;
 pub use node_proxy::NodeProxy;
 pub use node_state::{NodeState, RefusedKeys, StoredConfig};
 pub use node_view::{
-    Applied, Endpoint, EntryKind, NodeView, Service, ServicePort, Trust, UpdateProblem, Workload,
+    Addresses, Applied, Endpoint, EntryKind, LocalDetails, NodeView, Service, ServicePort,
+    TargetPorts, Trust, UpdateProblem, Workload,
 };
 pub use transport::{BearerToken, ControlPlaneTransport};

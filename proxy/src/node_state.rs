@@ -328,8 +328,6 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 pub struct RefusedKeys {
     /// Local workloads, by uid.
     pub local_workloads: BTreeSet<String>,
-    /// Services, by `<namespace>/<name>`.
-    pub services: BTreeSet<String>,
     /// Authorization policies, by `<namespace>/<name>`.
     pub authorization_policies: BTreeSet<String>,
 }
@@ -341,9 +339,9 @@ pub struct RefusedKeys {
 /// stored on the node.
 ///
 /// Entries are kept in the wire format they came in, except the remote
-/// workloads, most of any large cluster's config: those are the applied
-/// view's own (shared, so they cost nothing more), turned back into the
-/// wire format only when the config is written out.
+/// workloads and the Services, most of any large cluster's config: those
+/// are the applied view's own (shared, so they cost nothing more), turned
+/// back into the wire format only when the config is written out.
 #[derive(Clone, Debug, Default)]
 pub struct StoredConfig {
     version: u64,
@@ -351,7 +349,7 @@ pub struct StoredConfig {
     meshed_namespaces: Option<weft_api::v1::MeshedNamespaces>,
     local_workloads: Stored<weft_api::v1::Workload>,
     remote_workloads: crate::node_view::Keyed<crate::node_view::Workload>,
-    services: Stored<weft_api::v1::Service>,
+    services: crate::node_view::Keyed<crate::node_view::Service>,
     authorization_policies: Stored<weft_api::v1::AuthorizationPolicy>,
 }
 
@@ -367,9 +365,11 @@ impl StoredConfig {
     /// after a restart, not dropped. (What a restart does not keep is the
     /// refusal itself: such a pod is served with its last good config, not
     /// quarantined.) One it had none for is stored as sent: a restart
-    /// decides about it again. Remote workloads are those of `applied`, the
-    /// view the update gave: a refused one is dropped there (its addresses
-    /// vouch for no identity), and is not kept either. The announcement of
+    /// decides about it again. Remote workloads and Services are those of
+    /// `applied`, the view the update gave: a refused remote workload is
+    /// dropped there (its addresses vouch for no identity), and is not
+    /// kept either; a refused Service keeps its last good value, and a new
+    /// one refused is left out (the next full state brings it again). The announcement of
     /// an uninstall is never stored: a proxy restarted from disk has not
     /// been told (see `NodeView::uninstalling`), and keeps its capture when
     /// it stops.
@@ -395,12 +395,7 @@ impl StoredConfig {
             wire,
         );
         self.remote_workloads = applied.remote_workloads().clone();
-        fold_keyed(
-            &mut self.services,
-            (full, &update.services, &update.removed_services),
-            &refused.services,
-            |s| named(&s.namespace, &s.name),
-        );
+        self.services = applied.services().clone();
         fold_keyed(
             &mut self.authorization_policies,
             (
@@ -434,7 +429,11 @@ impl StoredConfig {
                 .values()
                 .map(|workload| workload.to_wire())
                 .collect(),
-            services: entries(&self.services),
+            services: self
+                .services
+                .values()
+                .map(|service| service.to_wire())
+                .collect(),
             authorization_policies: entries(&self.authorization_policies),
             ..ConfigUpdate::default()
         }

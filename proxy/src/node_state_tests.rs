@@ -378,3 +378,42 @@ fn a_cleared_state_can_still_say_nothing_is_meshed() {
     let meshed: BTreeSet<String> = serde_json::from_str(&text).unwrap();
     assert!(meshed.is_empty());
 }
+
+#[test]
+fn the_kept_services_are_the_views_and_a_refused_one_keeps_its_last_good_value() {
+    let ca = MeshCa::generate_root("cluster.local", SystemTime::now()).unwrap();
+    let first = v1::ConfigUpdate {
+        services: vec![
+            crate::node_view::tests::service("shop", "web", "10.244.1.2"),
+            crate::node_view::tests::service("shop", "cart", "10.244.1.3"),
+        ],
+        ..full_state(&ca)
+    };
+    let mut kept = Kept::default();
+    kept.fold_in(&first, &RefusedKeys::default());
+    let replayed = NodeView::apply(None, &kept.to_update(), "node-1").unwrap();
+    assert!(replayed.refused.is_empty());
+    assert_eq!(
+        replayed.view.services(),
+        kept.view.as_ref().unwrap().services()
+    );
+
+    // web's next update is refused (a port that is not one), and a new
+    // Service, refused too, comes along: web keeps its last good value in
+    // the view and so on disk; the new one is in neither.
+    let mut bad = crate::node_view::tests::service("shop", "web", "10.244.1.9");
+    bad.ports[0].port = 70_000;
+    let mut new_bad = crate::node_view::tests::service("shop", "search", "10.244.1.4");
+    new_bad.vips = vec!["not an address".into()];
+    let delta = v1::ConfigUpdate {
+        version: 2,
+        services: vec![bad, new_bad],
+        ..v1::ConfigUpdate::default()
+    };
+    kept.fold_in(&delta, &RefusedKeys::default());
+    let stored = kept.to_update();
+    let web = stored.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.endpoints[0].ip, "10.244.1.2");
+    let names: Vec<&str> = stored.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["cart", "web"]);
+}

@@ -14,19 +14,54 @@ use std::sync::Arc;
 /// Addresses and their claims.
 #[derive(Debug)]
 pub(super) struct AddressBook<T> {
-    /// Each address's claims behind an `Arc`, so that the persistent map
-    /// copies pointers, not claims, when a change copies one of its nodes.
-    entries: imbl::HashMap<IpAddr, Arc<Claims<T>>>,
+    /// A B-tree, not a hash trie: at 50,000 addresses a trie's sparse
+    /// nodes cost several times the entries they hold, and a lookup here
+    /// is once per connection. Claims are held inline: the usual one is
+    /// two pointers, cheap to copy when a change copies its node.
+    entries: imbl::OrdMap<IpAddr, Claims<T>>,
 }
 
-/// The claims on one address, by key, and what it resolves to.
+/// The claims on one address.
 #[derive(Debug)]
-struct Claims<T> {
-    by_key: Vec<(String, Arc<T>)>,
-    owner: Option<Arc<T>>,
+enum Claims<T> {
+    /// The usual case: one entry claims it, and it resolves to that.
+    One(Arc<str>, Arc<T>),
+    /// Several do: all of them by key, and what it resolves to.
+    Several {
+        by_key: Vec<(Arc<str>, Arc<T>)>,
+        owner: Option<Arc<T>>,
+    },
 }
 
 // Derived `Clone` would ask `T: Clone`; only the `Arc`s are cloned.
+impl<T> Clone for Claims<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Claims::One(key, value) => Claims::One(key.clone(), value.clone()),
+            Claims::Several { by_key, owner } => Claims::Several {
+                by_key: by_key.clone(),
+                owner: owner.clone(),
+            },
+        }
+    }
+}
+
+impl<T> Claims<T> {
+    fn owner(&self) -> Option<&Arc<T>> {
+        match self {
+            Claims::One(_, value) => Some(value),
+            Claims::Several { owner, .. } => owner.as_ref(),
+        }
+    }
+
+    fn by_key(&self) -> Vec<(Arc<str>, Arc<T>)> {
+        match self {
+            Claims::One(key, value) => vec![(key.clone(), value.clone())],
+            Claims::Several { by_key, .. } => by_key.clone(),
+        }
+    }
+}
+
 impl<T> Clone for AddressBook<T> {
     fn clone(&self) -> Self {
         AddressBook {
@@ -38,7 +73,7 @@ impl<T> Clone for AddressBook<T> {
 impl<T> Default for AddressBook<T> {
     fn default() -> Self {
         AddressBook {
-            entries: imbl::HashMap::new(),
+            entries: imbl::OrdMap::new(),
         }
     }
 }
@@ -46,29 +81,27 @@ impl<T> Default for AddressBook<T> {
 /// Decides what an address with several claims resolves to (given the
 /// address and the claims ordered by key); an address with one claim
 /// resolves to it.
-pub(super) type Settle<T> = fn(IpAddr, &[(String, Arc<T>)]) -> Option<Arc<T>>;
+pub(super) type Settle<T> = fn(IpAddr, &[(Arc<str>, Arc<T>)]) -> Option<Arc<T>>;
 
 impl<T> AddressBook<T> {
     /// What `ip` resolves to.
     pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
-        self.entries
-            .get(ip)
-            .and_then(|claims| claims.owner.as_ref())
+        self.entries.get(ip).and_then(Claims::owner)
     }
 
     /// Every address that resolves to something, with it.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Arc<T>)> {
         self.entries
             .iter()
-            .filter_map(|(ip, claims)| Some((ip, claims.owner.as_ref()?)))
+            .filter_map(|(ip, claims)| Some((ip, claims.owner()?)))
     }
 
     /// Moves the claims of `key` from the addresses `before` to those of
     /// `after` (with the entry they now stand for), and settles every
-    /// address this touched.
+    /// address this touched. The key is the view's own string, shared.
     pub(super) fn change(
         &mut self,
-        key: &str,
+        key: &Arc<str>,
         before: &[IpAddr],
         after: Option<(&[IpAddr], &Arc<T>)>,
         settle: Settle<T>,
@@ -81,26 +114,29 @@ impl<T> AddressBook<T> {
             let mut by_key = self
                 .entries
                 .get(&ip)
-                .map(|claims| claims.by_key.clone())
+                .map(Claims::by_key)
                 .unwrap_or_default();
             by_key.retain(|(claimant, _)| claimant != key);
             if let Some((ips, value)) = after
                 && ips.contains(&ip)
             {
                 let at = by_key
-                    .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                    .binary_search_by(|(k, _)| k.cmp(key))
                     .unwrap_or_else(|at| at);
-                by_key.insert(at, (key.to_owned(), value.clone()));
+                by_key.insert(at, (key.clone(), value.clone()));
             }
-            let owner = match by_key.as_slice() {
+            let claims = match by_key.as_slice() {
                 [] => {
                     self.entries.remove(&ip);
                     continue;
                 }
-                [(_, only)] => Some(only.clone()),
-                several => settle(ip, several),
+                [(key, only)] => Claims::One(key.clone(), only.clone()),
+                several => Claims::Several {
+                    owner: settle(ip, several),
+                    by_key,
+                },
             };
-            self.entries.insert(ip, Arc::new(Claims { by_key, owner }));
+            self.entries.insert(ip, claims);
         }
     }
 }

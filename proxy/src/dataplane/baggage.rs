@@ -28,7 +28,7 @@ const CANONICAL_REVISION_LABELS: [&str; 3] = [
 pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
     let label = |keys: [&str; 3]| {
         keys.iter()
-            .find_map(|key| source.labels.get(*key))
+            .find_map(|key| source.local.labels.get(*key))
             .filter(|value| !value.is_empty())
             .cloned()
     };
@@ -40,7 +40,7 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
     };
     Baggage {
         cluster: Some(cluster.to_owned()).filter(|c| !c.is_empty()),
-        namespace: Some(source.namespace.to_string()),
+        namespace: Some(source.namespace().to_string()),
         workload: Some(source.workload_name.to_string()),
         workload_kind: kind,
         service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name.to_string())),
@@ -80,26 +80,21 @@ mod tests {
 
     fn workload(name: &str, workload_name: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
-            namespace: "shop".into(),
             name: name.into(),
             workload_name: workload_name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            uid: format!("shop/{name}"),
-            pod_uid: String::new(),
-            service_account: "web".into(),
+            local: std::sync::Arc::new(crate::node_view::LocalDetails {
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..Default::default()
+            }),
+            uid: format!("shop/{name}").into(),
+            pod_uid: "".into(),
             identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
             node: "node-1".into(),
-            ips: vec![],
+            ips: [].into_iter().collect(),
             meshed: true,
-            authorization_policies: vec![],
-            invalid_authorization_policies: vec![],
-            quarantine: None,
-            mtls_strict: false,
-            mtls_policy: "".into(),
-            probe_ports: Default::default(),
         }
     }
 

@@ -64,10 +64,10 @@ pub(super) async fn search(
                 netns,
                 ips,
                 namespace: workload
-                    .map(|w| w.namespace.to_string())
+                    .map(|w| w.namespace().to_string())
                     .unwrap_or_default(),
-                name: workload.map(|w| w.name.clone()).unwrap_or_default(),
-                uid: workload.map(|w| w.pod_uid.clone()).unwrap_or_default(),
+                name: workload.map(|w| w.name.to_string()).unwrap_or_default(),
+                uid: workload.map(|w| w.pod_uid.to_string()).unwrap_or_default(),
                 found: true,
             });
         }
@@ -114,9 +114,9 @@ pub(super) fn rename(directory: &PodDirectory, table: &RouteTable) {
             info!(netns = %pod.netns.display(), was = %found_as.uid, now = %workload.uid,
                 "the config gives a found pod's address to another pod: serving it as that one");
             directory.add(AnnouncedPod {
-                namespace: workload.namespace.to_string(),
-                name: workload.name.clone(),
-                uid: workload.pod_uid.clone(),
+                namespace: workload.namespace().to_string(),
+                name: workload.name.to_string(),
+                uid: workload.pod_uid.to_string(),
                 ..pod
             });
         }

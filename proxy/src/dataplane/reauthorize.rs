@@ -194,7 +194,7 @@ fn decide_again(
     what: &str,
 ) -> Decision {
     let workload = routes.local_workload(request.destination.ip());
-    let Some(workload) = workload.filter(|w| w.uid == pod) else {
+    let Some(workload) = workload.filter(|w| &*w.uid == pod) else {
         let gone = Decision {
             outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
             audits: Vec::new(),

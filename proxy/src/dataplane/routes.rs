@@ -16,7 +16,9 @@ use weft_api::authorization::{self, Connection, Decision, Policy};
 
 use super::addresses::AddressBook;
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
-use crate::node_view::{Keyed, NodeView, Service, ServicePort, TrafficPolicy, Workload};
+use crate::node_view::{
+    Keyed, LocalDetails, NodeView, Service, ServicePort, TrafficPolicy, Workload,
+};
 
 /// The applied config, indexed for the data path.
 #[derive(Debug, Default)]
@@ -46,7 +48,7 @@ pub struct RouteTable {
     /// Services by cluster IP, with their balancing state.
     services: AddressBook<ServiceRoute>,
     /// The same by `<namespace>/<name>`, for splits.
-    services_by_key: imbl::HashMap<String, Arc<ServiceRoute>>,
+    services_by_key: imbl::OrdMap<Arc<str>, Arc<ServiceRoute>>,
 }
 
 /// The maps of the view a table was built from.
@@ -62,7 +64,7 @@ struct ViewMaps {
 #[derive(Debug)]
 struct ServiceRoute {
     service: Arc<Service>,
-    key: String,
+    key: Arc<str>,
     /// The ready endpoints' addresses, in the view's order.
     ready: Vec<IpAddr>,
     balancer: Arc<Balancer>,
@@ -87,7 +89,7 @@ pub struct ServiceConnection {
     pub addressed: String,
     /// The addressed Service's TrafficPolicy; it applies wherever a split
     /// sends the connection.
-    pub policy: Option<TrafficPolicy>,
+    pub policy: Option<Arc<TrafficPolicy>>,
     target: Arc<ServiceRoute>,
     port: ServicePort,
     tried: Vec<IpAddr>,
@@ -178,7 +180,7 @@ impl RouteTable {
             let (key, before, after) = sides(change);
             let Some(service) = after else {
                 balancers.forget(key);
-                services_by_key.remove(key);
+                services_by_key.remove(&**key);
                 services.change(key, cluster_ips(before), None, first_by_key);
                 continue;
             };
@@ -191,7 +193,7 @@ impl RouteTable {
             balancers.keep_endpoints(key, &ready);
             let route = Arc::new(ServiceRoute {
                 service: service.clone(),
-                key: key.to_owned(),
+                key: key.clone(),
                 ready,
                 balancer: balancers.get(key),
             });
@@ -201,7 +203,7 @@ impl RouteTable {
                 Some((&service.vips, &route)),
                 first_by_key,
             );
-            services_by_key.insert(key.to_owned(), route);
+            services_by_key.insert(key.clone(), route);
         }
         RouteTable {
             generation: view.generation(),
@@ -227,11 +229,11 @@ impl RouteTable {
     /// is the one caller on the data path).
     pub fn authorize(&self, workload: &Workload, connection: &Connection<'_>) -> Decision {
         let destination = authorization::Destination {
-            mtls_strict: workload.mtls_strict,
-            mtls_policy: &workload.mtls_policy,
-            policies: &workload.authorization_policies,
-            invalid_policies: &workload.invalid_authorization_policies,
-            quarantine: workload.quarantine.as_deref(),
+            mtls_strict: workload.local.mtls_strict,
+            mtls_policy: &workload.local.mtls_policy,
+            policies: &workload.local.authorization_policies,
+            invalid_policies: &workload.local.invalid_authorization_policies,
+            quarantine: workload.local.quarantine.as_deref(),
         };
         authorization::decide(
             &destination,
@@ -294,7 +296,7 @@ impl RouteTable {
             .iter()
             .find(|p| p.port == destination.port())
             .ok_or_else(|| NoRoute::NoServicePort {
-                service: route.key.clone(),
+                service: route.key.to_string(),
                 port: destination.port(),
             })?;
         let policy = route.service.traffic.clone();
@@ -303,7 +305,7 @@ impl RouteTable {
             .balancer
             .admit(max)
             .ok_or_else(|| NoRoute::MaxConnections {
-                service: route.key.clone(),
+                service: route.key.to_string(),
                 max: max.unwrap_or(0),
             })?;
         let (target, port) = match policy.as_ref().filter(|p| !p.split.is_empty()) {
@@ -312,11 +314,11 @@ impl RouteTable {
         };
         if target.ready.is_empty() {
             return Err(NoRoute::NoReadyEndpoint {
-                service: target.key.clone(),
+                service: target.key.to_string(),
             });
         }
         Ok(Destination::Service(ServiceConnection {
-            addressed: route.key.clone(),
+            addressed: route.key.to_string(),
             policy,
             target,
             port,
@@ -338,7 +340,7 @@ impl RouteTable {
             .split
             .iter()
             .map(|(key, weight)| {
-                let usable = self.services_by_key.get(key).and_then(|target| {
+                let usable = self.services_by_key.get(key.as_str()).and_then(|target| {
                     let ports = &target.service.ports;
                     let port = ports
                         .iter()
@@ -356,7 +358,7 @@ impl RouteTable {
             .split(&weights)
             .and_then(|index| targets[index].2.clone())
             .ok_or_else(|| NoRoute::NoReadyEndpoint {
-                service: route.key.clone(),
+                service: route.key.to_string(),
             })
     }
 
@@ -391,7 +393,6 @@ impl RouteTable {
         let target_port = endpoint
             .ports
             .get(&port.name)
-            .copied()
             .filter(|p| *p != 0)
             .unwrap_or(if port.target_port != 0 {
                 port.target_port
@@ -425,11 +426,11 @@ impl RouteTable {
         }
         let service = &self
             .services_by_key
-            .get(&format!("{namespace}/{name}"))?
+            .get(format!("{namespace}/{name}").as_str())?
             .service;
         let port = target.port();
         let serves_port = |endpoint: &crate::node_view::Endpoint| {
-            endpoint.ports.values().any(|p| *p == port)
+            endpoint.ports.iter().any(|(_, p)| p == port)
                 || service
                     .ports
                     .iter()
@@ -472,11 +473,11 @@ mod tests;
 /// The key of a changed entry, its value before (if any) and after (if any).
 fn sides<'a, T>(
     change: imbl::ordmap::DiffItem<'a, 'a, Arc<str>, Arc<T>>,
-) -> (&'a str, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
+) -> (&'a Arc<str>, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
     use imbl::ordmap::DiffItem;
     match change {
         DiffItem::Add(key, new) => (key, None, Some(new)),
-        DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
+        DiffItem::Update { old, new } => (new.0, Some(old.1), Some(new.1)),
         DiffItem::Remove(key, old) => (key, Some(old), None),
     }
 }
@@ -509,20 +510,23 @@ fn cluster_ips(service: Option<&Arc<Service>>) -> &[IpAddr] {
 /// An address two local pods claim vouches for neither (the control plane
 /// quarantines such pods; this holds if it did not): it stays captured,
 /// and every connection to it is refused.
-fn quarantine_all(ip: IpAddr, claims: &[(String, Arc<Workload>)]) -> Option<Arc<Workload>> {
+fn quarantine_all(ip: IpAddr, claims: &[(Arc<str>, Arc<Workload>)]) -> Option<Arc<Workload>> {
     let (_, first) = claims.first()?;
     Some(Arc::new(Workload {
-        quarantine: Some(format!("IP {ip} is claimed by another pod too")),
+        local: Arc::new(LocalDetails {
+            quarantine: Some(format!("IP {ip} is claimed by another pod too")),
+            ..(*first.local).clone()
+        }),
         ..(**first).clone()
     }))
 }
 
 /// An address two remote pods claim vouches for neither: it is left out.
-fn trust_none(_: IpAddr, _: &[(String, Arc<Workload>)]) -> Option<Arc<Workload>> {
+fn trust_none(_: IpAddr, _: &[(Arc<str>, Arc<Workload>)]) -> Option<Arc<Workload>> {
     None
 }
 
 /// A cluster IP two Services claim goes to the first by key.
-fn first_by_key(_: IpAddr, claims: &[(String, Arc<ServiceRoute>)]) -> Option<Arc<ServiceRoute>> {
+fn first_by_key(_: IpAddr, claims: &[(Arc<str>, Arc<ServiceRoute>)]) -> Option<Arc<ServiceRoute>> {
     claims.first().map(|(_, route)| route.clone())
 }

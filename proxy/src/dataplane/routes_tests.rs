@@ -20,13 +20,13 @@ fn summary(table: &RouteTable) -> Summary {
     let mut services: Vec<_> = table
         .services
         .iter()
-        .map(|(ip, route)| (*ip, route.key.clone(), route.ready.clone()))
+        .map(|(ip, route)| (*ip, route.key.to_string(), route.ready.clone()))
         .collect();
     services.sort();
     let mut by_key: Vec<_> = table
         .services_by_key
         .iter()
-        .map(|(key, route)| (key.clone(), route.ready.clone()))
+        .map(|(key, route)| (key.to_string(), route.ready.clone()))
         .collect();
     by_key.sort();
     (
@@ -59,7 +59,7 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
             collisions += table
                 .local
                 .iter()
-                .filter(|(_, w)| w.quarantine.is_some())
+                .filter(|(_, w)| w.local.quarantine.is_some())
                 .count();
         }
         // The balancing state follows the table: a Service gone from the
@@ -79,44 +79,37 @@ fn a_withdrawn_claim_leaves_the_address_to_the_other() {
     let mut book: AddressBook<Workload> = AddressBook::default();
     let pod = |name: &str| {
         Arc::new(Workload {
-            uid: format!("shop/{name}"),
-            namespace: "shop".into(),
+            uid: format!("shop/{name}").into(),
             name: name.into(),
-            pod_uid: String::new(),
+            pod_uid: "".into(),
             workload_name: name.into(),
-            service_account: "sa".into(),
             identity: weft_certs::Identity::new("cluster.local", "shop", "sa").unwrap(),
             node: NODE.into(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
+            ips: ["10.0.0.1".parse().unwrap()].into_iter().collect(),
             meshed: true,
-            labels: Default::default(),
-            authorization_policies: Vec::new(),
-            invalid_authorization_policies: Vec::new(),
-            quarantine: None,
-            mtls_strict: false,
-            mtls_policy: "".into(),
-            probe_ports: Default::default(),
+            local: crate::node_view::LocalDetails::shared(Default::default()),
         })
     };
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     let (a, b) = (pod("a"), pod("b"));
-    book.change("shop/a", &[], Some((&[ip], &a)), quarantine_all);
-    assert_eq!(book.get(&ip).unwrap().quarantine, None);
-    book.change("shop/b", &[], Some((&[ip], &b)), quarantine_all);
+    book.change(&"shop/a".into(), &[], Some((&[ip], &a)), quarantine_all);
+    assert_eq!(book.get(&ip).unwrap().local.quarantine, None);
+    book.change(&"shop/b".into(), &[], Some((&[ip], &b)), quarantine_all);
     let both = book.get(&ip).unwrap();
-    assert_eq!(both.uid, "shop/a", "the first by key stands, quarantined");
+    assert_eq!(&*both.uid, "shop/a", "the first by key stands, quarantined");
     assert!(
-        both.quarantine
+        both.local
+            .quarantine
             .as_deref()
             .unwrap()
             .contains("claimed by another pod")
     );
-    book.change("shop/a", &[ip], None, quarantine_all);
+    book.change(&"shop/a".into(), &[ip], None, quarantine_all);
     assert!(
         Arc::ptr_eq(book.get(&ip).unwrap(), &b),
         "b alone, not quarantined"
     );
-    book.change("shop/b", &[ip], None, quarantine_all);
+    book.change(&"shop/b".into(), &[ip], None, quarantine_all);
     assert!(book.get(&ip).is_none());
     assert_eq!(book.iter().count(), 0, "no empty entry is left behind");
 }

@@ -158,7 +158,7 @@ impl TrafficMetrics {
                     decision: kind.to_owned(),
                     policy,
                     destination_workload: destination.workload_name.to_string(),
-                    destination_workload_namespace: destination.namespace.to_string(),
+                    destination_workload_namespace: destination.namespace().to_string(),
                 })
                 .inc();
         };
@@ -240,7 +240,7 @@ impl ConnectionRecord {
         service: Option<&str>,
     ) -> ConnectionRecord {
         let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.to_string());
-        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace.to_string());
+        let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace().to_string());
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {
             reporter: direction.reporter().to_owned(),

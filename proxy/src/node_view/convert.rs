@@ -1,8 +1,8 @@
 //! Wire messages to typed values, refusing what does not parse. Every
 //! refusal names the entry, the field and the value at fault.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use weft_api::v1;
 use weft_certs::{Identity, TrustBundle};
@@ -10,7 +10,8 @@ use weft_certs::{Identity, TrustBundle};
 use weft_api::authorization::Policy;
 
 use super::{
-    Endpoint, EntryKind, Service, ServicePort, TrafficPolicy, Trust, UpdateProblem, Workload, names,
+    Endpoint, EntryKind, LocalDetails, Service, ServicePort, TargetPorts, TrafficPolicy, Trust,
+    UpdateProblem, Workload, names,
 };
 
 pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
@@ -30,7 +31,7 @@ pub(super) fn workload(
     kind: EntryKind,
     wire: &v1::Workload,
     local_node: Option<&str>,
-) -> Result<(String, Workload), UpdateProblem> {
+) -> Result<(Arc<str>, Workload), UpdateProblem> {
     if wire.uid.is_empty() {
         return Err(UpdateProblem::EmptyKey {
             kind,
@@ -76,7 +77,7 @@ pub(super) fn workload(
         .ips
         .iter()
         .map(|ip| ip_addr(ip).map_err(|reason| invalid(format!("ip {ip:?}: {reason}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<_, _>>()?;
     let probe_ports = wire
         .probe_ports
         .iter()
@@ -87,74 +88,90 @@ pub(super) fn workload(
                 .ok_or_else(|| invalid(format!("probe port {port}")))
         })
         .collect::<Result<_, _>>()?;
+    let uid: Arc<str> = Arc::from(wire.uid.as_str());
     let workload = Workload {
-        uid: wire.uid.clone(),
-        namespace: names::shared(&wire.namespace),
-        name: wire.name.clone(),
-        pod_uid: wire.pod_uid.clone(),
+        uid: uid.clone(),
+        name: wire.name.as_str().into(),
+        pod_uid: wire.pod_uid.as_str().into(),
         // An older control plane sends no workload name: the pod's will do.
         workload_name: names::shared(if wire.workload_name.is_empty() {
             &wire.name
         } else {
             &wire.workload_name
         }),
-        service_account: names::shared(&wire.service_account),
         identity,
         node: names::shared(&wire.node),
         ips,
         meshed: wire.meshed,
-        labels: wire
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        authorization_policies: wire.authorization_policies.clone(),
-        invalid_authorization_policies: wire.invalid_authorization_policies.clone(),
-        quarantine: Some(wire.quarantine.clone()).filter(|q| !q.is_empty()),
-        mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
-            Ok(v1::MtlsMode::Permissive) => false,
-            Ok(v1::MtlsMode::Strict) => true,
-            Err(_) => {
-                return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
-            }
-        },
-        mtls_policy: names::shared(&wire.mtls_policy),
-        probe_ports,
+        local: LocalDetails::shared(LocalDetails {
+            labels: wire
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            authorization_policies: wire.authorization_policies.clone(),
+            invalid_authorization_policies: wire.invalid_authorization_policies.clone(),
+            quarantine: Some(wire.quarantine.clone()).filter(|q| !q.is_empty()),
+            mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
+                Ok(v1::MtlsMode::Permissive) => false,
+                Ok(v1::MtlsMode::Strict) => true,
+                Err(_) => {
+                    return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
+                }
+            },
+            mtls_policy: names::shared(&wire.mtls_policy),
+            probe_ports,
+        }),
     };
-    Ok((wire.uid.clone(), workload))
+    Ok((uid, workload))
 }
 
-/// A workload back in the wire form it was converted from: what
-/// [`workload`] takes back to the same value (the node keeps remote
-/// workloads this way, see [`crate::StoredConfig`]).
-pub(super) fn workload_to_wire(workload: &Workload) -> v1::Workload {
-    let mtls_mode = if workload.mtls_strict {
+impl Workload {
+    /// The workload in the wire form it came in: what [`workload`] takes
+    /// back to the same value (the node keeps remote workloads this way,
+    /// see [`crate::StoredConfig`]).
+    pub fn to_wire(&self) -> v1::Workload {
+        workload_to_wire(self)
+    }
+}
+
+impl Service {
+    /// The Service in the wire form it came in: what [`service`] takes
+    /// back to the same value.
+    pub fn to_wire(&self) -> v1::Service {
+        service_to_wire(self)
+    }
+}
+
+fn workload_to_wire(workload: &Workload) -> v1::Workload {
+    let local = &workload.local;
+    let mtls_mode = if local.mtls_strict {
         v1::MtlsMode::Strict
     } else {
         v1::MtlsMode::Permissive
     };
     v1::Workload {
-        uid: workload.uid.clone(),
-        namespace: workload.namespace.to_string(),
-        name: workload.name.clone(),
-        pod_uid: workload.pod_uid.clone(),
+        uid: workload.uid.to_string(),
+        namespace: workload.namespace().to_owned(),
+        name: workload.name.to_string(),
+        pod_uid: workload.pod_uid.to_string(),
         workload_name: workload.workload_name.to_string(),
-        service_account: workload.service_account.to_string(),
+        service_account: workload.service_account().to_owned(),
         identity: workload.identity.to_string(),
         node: workload.node.to_string(),
         ips: workload.ips.iter().map(ToString::to_string).collect(),
         meshed: workload.meshed,
-        labels: workload
+        labels: local
             .labels
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        authorization_policies: workload.authorization_policies.clone(),
-        invalid_authorization_policies: workload.invalid_authorization_policies.clone(),
-        quarantine: workload.quarantine.clone().unwrap_or_default(),
+        authorization_policies: local.authorization_policies.clone(),
+        invalid_authorization_policies: local.invalid_authorization_policies.clone(),
+        quarantine: local.quarantine.clone().unwrap_or_default(),
         mtls_mode: mtls_mode.into(),
-        mtls_policy: workload.mtls_policy.to_string(),
-        probe_ports: workload.probe_ports.iter().map(|p| u32::from(*p)).collect(),
+        mtls_policy: local.mtls_policy.to_string(),
+        probe_ports: local.probe_ports.iter().map(|p| u32::from(*p)).collect(),
     }
 }
 
@@ -163,7 +180,7 @@ pub(super) fn workload_to_wire(workload: &Workload) -> v1::Workload {
 /// policy (never a rule that silently matches nothing).
 pub(super) fn authorization_policy(
     wire: &v1::AuthorizationPolicy,
-) -> Result<(String, Policy), UpdateProblem> {
+) -> Result<(Arc<str>, Policy), UpdateProblem> {
     let kind = EntryKind::AuthorizationPolicy;
     if wire.namespace.is_empty() || wire.name.is_empty() {
         return Err(UpdateProblem::EmptyKey {
@@ -177,10 +194,15 @@ pub(super) fn authorization_policy(
         key: key.clone(),
         reason: error.to_string(),
     })?;
-    Ok((key, policy))
+    Ok((key.into(), policy))
 }
 
-pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdateProblem> {
+/// Converts a Service. `known_uid` gives the view's own string for a
+/// workload uid it holds, so that an endpoint shares it.
+pub(super) fn service(
+    wire: &v1::Service,
+    known_uid: &dyn Fn(&str) -> Option<Arc<str>>,
+) -> Result<(Arc<str>, Service), UpdateProblem> {
     let kind = EntryKind::Service;
     let empty = |reason| Err(UpdateProblem::EmptyKey { kind, reason });
     if wire.namespace.is_empty() {
@@ -220,15 +242,25 @@ pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdatePro
             })
         })
         .collect::<Result<Vec<_>, UpdateProblem>>()?;
+    // The endpoints of a Service mostly resolve their ports alike: each
+    // distinct map is held once.
+    let mut port_maps = PortMaps::new();
     let endpoints = wire
         .endpoints
         .iter()
-        .map(|e| endpoint(e).map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip))))
+        .map(|e| {
+            endpoint(e, known_uid, &mut port_maps)
+                .map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip)))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let traffic = wire
         .traffic_policy
         .as_ref()
-        .map(|t| TrafficPolicy::from_wire(&wire.namespace, t).map_err(|e| invalid(e.to_string())))
+        .map(|t| {
+            TrafficPolicy::from_wire(&wire.namespace, t)
+                .map(Arc::new)
+                .map_err(|e| invalid(e.to_string()))
+        })
         .transpose()?;
     let service = Service {
         namespace: wire.namespace.clone(),
@@ -238,10 +270,49 @@ pub(super) fn service(wire: &v1::Service) -> Result<(String, Service), UpdatePro
         endpoints,
         traffic,
     };
-    Ok((key, service))
+    Ok((key.into(), service))
 }
 
-fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {
+fn service_to_wire(service: &Service) -> v1::Service {
+    v1::Service {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        vips: service.vips.iter().map(ToString::to_string).collect(),
+        ports: service
+            .ports
+            .iter()
+            .map(|p| v1::ServicePort {
+                name: p.name.clone(),
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+            })
+            .collect(),
+        endpoints: service
+            .endpoints
+            .iter()
+            .map(|e| v1::Endpoint {
+                ip: e.ip.to_string(),
+                workload_uid: e.workload_uid.as_deref().unwrap_or_default().to_owned(),
+                ready: e.ready,
+                ports: e
+                    .ports
+                    .iter()
+                    .map(|(name, port)| (name.to_owned(), u32::from(port)))
+                    .collect(),
+            })
+            .collect(),
+        traffic_policy: service.traffic.as_deref().map(TrafficPolicy::to_wire),
+    }
+}
+
+/// The distinct port maps of one Service's endpoints.
+type PortMaps = std::collections::HashSet<Arc<TargetPorts>>;
+
+fn endpoint(
+    wire: &v1::Endpoint,
+    known_uid: &dyn Fn(&str) -> Option<Arc<str>>,
+    port_maps: &mut PortMaps,
+) -> Result<Endpoint, String> {
     let ip = ip_addr(&wire.ip)?;
     let ports = wire
         .ports
@@ -251,9 +322,21 @@ fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {
                 .map(|p| (name.clone(), p))
                 .ok_or_else(|| format!("port {name:?}: {port} is not a port"))
         })
-        .collect::<Result<BTreeMap<_, _>, _>>()?;
+        .collect::<Result<TargetPorts, _>>()?;
+    let ports = match port_maps.get(&ports) {
+        Some(held) => held.clone(),
+        None => {
+            let ports = Arc::new(ports);
+            port_maps.insert(ports.clone());
+            ports
+        }
+    };
+    let workload_uid = match wire.workload_uid.as_str() {
+        "" => None,
+        uid => Some(known_uid(uid).unwrap_or_else(|| uid.into())),
+    };
     Ok(Endpoint {
-        workload_uid: Some(wire.workload_uid.clone()).filter(|uid| !uid.is_empty()),
+        workload_uid,
         ip,
         ready: wire.ready,
         ports,

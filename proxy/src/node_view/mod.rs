@@ -10,15 +10,17 @@
 //! serving. A view is immutable; readers share it as an `Arc` snapshot.
 
 mod convert;
+mod entries;
+#[cfg(test)]
+mod entries_tests;
 mod names;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -26,6 +28,8 @@ use weft_api::authorization::Policy;
 pub use weft_api::traffic::{LoadBalancing, OutlierDetection, TrafficPolicy};
 use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle};
+
+pub use entries::{Addresses, Endpoint, LocalDetails, Service, ServicePort, TargetPorts, Workload};
 
 /// Entries of a view by their key on the wire. A persistent map: the next
 /// view shares every entry and most of the tree with the one before, so a
@@ -74,95 +78,6 @@ pub struct Trust {
     /// The roots; more than one during a root rotation.
     #[serde(serialize_with = "roots_count", rename = "roots")]
     pub bundle: TrustBundle,
-}
-
-/// A pod, local or remote. The names many pods share are held once (see
-/// `names`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Workload {
-    /// `<namespace>/<pod name>`.
-    pub uid: String,
-    /// The pod's namespace.
-    pub namespace: Arc<str>,
-    /// The pod's name.
-    pub name: String,
-    /// The pod's `metadata.uid`, empty if the control plane did not say.
-    pub pod_uid: String,
-    /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
-    /// name metrics use, stable across rollouts.
-    pub workload_name: Arc<str>,
-    /// The pod's ServiceAccount.
-    pub service_account: Arc<str>,
-    /// The SPIFFE identity of the ServiceAccount.
-    #[serde(serialize_with = "display")]
-    pub identity: Identity,
-    /// The node the pod runs on.
-    pub node: Arc<str>,
-    /// The pod's addresses.
-    pub ips: Vec<IpAddr>,
-    /// Whether weft captures and tunnels this pod's traffic.
-    pub meshed: bool,
-    /// The pod's labels (local workloads only).
-    pub labels: BTreeMap<String, String>,
-    /// Keys of the AuthorizationPolicies that apply to the pod (local
-    /// workloads only). One that is not in the view (refused) refuses every
-    /// connection to the pod.
-    pub authorization_policies: Vec<String>,
-    /// Those of `authorization_policies` the control plane refused as
-    /// invalid: while one is listed, every connection is refused.
-    pub invalid_authorization_policies: Vec<String>,
-    /// Why every connection to the pod is refused, if it is (local
-    /// workloads only): another pod claims its IP, or its last update was
-    /// refused. Its addresses stay captured.
-    pub quarantine: Option<String>,
-    /// Whether plaintext inbound is refused (local workloads only).
-    pub mtls_strict: bool,
-    /// The MtlsPolicy that set the mode, empty for the default.
-    pub mtls_policy: Arc<str>,
-    /// The ports the kubelet probes (local workloads only): the node's own
-    /// connections to them pass the pod's capture.
-    pub probe_ports: std::collections::BTreeSet<u16>,
-}
-
-/// A Kubernetes Service with its endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Service {
-    /// The Service's namespace.
-    pub namespace: String,
-    /// The Service's name.
-    pub name: String,
-    /// Its cluster IPs.
-    pub vips: Vec<IpAddr>,
-    /// Its ports.
-    pub ports: Vec<ServicePort>,
-    /// Its endpoints.
-    pub endpoints: Vec<Endpoint>,
-    /// The TrafficPolicy that configures it, if any.
-    pub traffic: Option<TrafficPolicy>,
-}
-
-/// A port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ServicePort {
-    /// The port's name (may be empty for a single unnamed port).
-    pub name: String,
-    /// The port on the cluster IPs.
-    pub port: u16,
-    /// The port on the endpoints; 0 when it is a name no endpoint resolves.
-    pub target_port: u16,
-}
-
-/// One endpoint of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Endpoint {
-    /// The workload behind the endpoint, if it is a known pod.
-    pub workload_uid: Option<String>,
-    /// The endpoint's address.
-    pub ip: IpAddr,
-    /// Whether the endpoint is ready for traffic.
-    pub ready: bool,
-    /// Target ports by service port name, as resolved by the EndpointSlice.
-    pub ports: BTreeMap<String, u16>,
 }
 
 /// Which keyed list of an update an entry belongs to, for messages.
@@ -315,7 +230,10 @@ impl NodeView {
             &update.local_workloads,
             &update.removed_local_workloads,
             |w| convert::workload(EntryKind::LocalWorkload, w, Some(node)),
-            |old, problem| Some(Arc::new(old.quarantined(problem))),
+            |old, problem| {
+                let why = format!("its last update was refused ({problem})");
+                Some(Arc::new(old.quarantined(why)))
+            },
             &mut refused,
         );
         let remote_workloads = merge(
@@ -332,7 +250,15 @@ impl NodeView {
             (base.is_some(), previous.map(|p| &p.services)),
             &update.services,
             &update.removed_services,
-            convert::service,
+            |s| {
+                let known_uid = |uid: &str| {
+                    let (key, _) = local_workloads
+                        .get_key_value(uid)
+                        .or_else(|| remote_workloads.get_key_value(uid))?;
+                    Some(key.clone())
+                };
+                convert::service(s, &known_uid)
+            },
             |old, _| Some(old.clone()),
             &mut refused,
         );
@@ -366,14 +292,14 @@ impl NodeView {
             )
             .collect();
         for workload in local_workloads.values() {
-            let missing = workload.authorization_policies.iter().filter(|key| {
+            let missing = workload.local.authorization_policies.iter().filter(|key| {
                 !authorization_policies.contains_key(key.as_str())
-                    && (listed.contains(workload.uid.as_str()) || touched.contains(*key))
+                    && (listed.contains(&*workload.uid) || touched.contains(*key))
             });
             for missing in missing {
                 refused.push(UpdateProblem::InvalidEntry {
                     kind: EntryKind::LocalWorkload,
-                    key: workload.uid.clone(),
+                    key: workload.uid.to_string(),
                     reason: format!(
                         "refers to authorization policy {missing}, which is not applied: connections to it are refused"
                     ),
@@ -485,30 +411,6 @@ impl NodeView {
     }
 }
 
-impl Workload {
-    /// The workload in the wire form it came in (converting that back
-    /// gives this workload again).
-    pub fn to_wire(&self) -> weft_api::v1::Workload {
-        convert::workload_to_wire(self)
-    }
-
-    /// This workload refusing every connection because `problem` refused
-    /// its update.
-    fn quarantined(&self, problem: &UpdateProblem) -> Workload {
-        Workload {
-            quarantine: Some(format!("its last update was refused ({problem})")),
-            ..self.clone()
-        }
-    }
-}
-
-impl Service {
-    /// The key a Service has on the wire: `<namespace>/<name>`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
 /// Builds one keyed map of the next view: the base's entries (none for a
 /// full state), minus the removed keys, plus the listed entries, each
 /// converted (and so validated) by `convert`. `(is_delta, previous)`: whether
@@ -522,7 +424,7 @@ fn merge<P, T>(
     (is_delta, previous): (bool, Option<&Keyed<T>>),
     listed: &[P],
     removed: &[String],
-    convert: impl Fn(&P) -> Result<(String, T), UpdateProblem>,
+    convert: impl Fn(&P) -> Result<(Arc<str>, T), UpdateProblem>,
     fallback: impl Fn(&Arc<T>, &UpdateProblem) -> Option<Arc<T>>,
     refused: &mut Vec<UpdateProblem>,
 ) -> Keyed<T> {
@@ -558,15 +460,17 @@ fn merge<P, T>(
                 continue;
             }
         };
-        if removed.contains(key.as_str()) {
+        if removed.contains(&*key) {
+            let key = key.to_string();
             refused.push(UpdateProblem::UpdatedAndRemoved { kind, key });
             continue;
         }
         if !seen.insert(key.clone()) {
+            let key = key.to_string();
             refused.push(UpdateProblem::Duplicate { kind, key });
             continue;
         }
-        map.insert(key.into(), Arc::new(value));
+        map.insert(key, Arc::new(value));
     }
     map
 }

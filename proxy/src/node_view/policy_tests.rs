@@ -49,7 +49,10 @@ fn a_workload_whose_policy_is_not_sent_is_kept_and_reported() {
     update.local_workloads[0].invalid_authorization_policies = vec!["shop/deny-batch".into()];
     let view = applied(&update);
     let web = &view.local_workloads()["shop/web-1"];
-    assert_eq!(web.invalid_authorization_policies, ["shop/deny-batch"]);
+    assert_eq!(
+        web.local.invalid_authorization_policies,
+        ["shop/deny-batch"]
+    );
 }
 
 #[test]

@@ -1,3 +1,4 @@
+use std::net::IpAddr;
 use std::sync::LazyLock;
 use std::time::SystemTime;
 
@@ -129,8 +130,8 @@ fn a_full_state_becomes_the_view_with_typed_values() {
         web.identity.as_str(),
         "spiffe://cluster.local/ns/default/sa/web"
     );
-    assert_eq!(web.ips, ["10.0.1.5".parse::<IpAddr>().unwrap()]);
-    assert_eq!(web.labels["app"], "web");
+    assert_eq!(*web.ips, ["10.0.1.5".parse::<IpAddr>().unwrap()]);
+    assert_eq!(web.local.labels["app"], "web");
     let svc = &view.services()["default/web"];
     assert_eq!(svc.key(), "default/web");
     assert_eq!(svc.ports[0].target_port, 8080);
@@ -176,8 +177,8 @@ fn a_delta_adds_replaces_and_removes_whole_entries() {
         ["default/cache", "default/web"]
     );
     let web = &view.local_workloads()["default/web"];
-    assert_eq!(web.ips, ["10.0.1.50".parse::<IpAddr>().unwrap()]);
-    assert!(web.labels.is_empty(), "an entry is replaced whole");
+    assert_eq!(*web.ips, ["10.0.1.50".parse::<IpAddr>().unwrap()]);
+    assert!(web.local.labels.is_empty(), "an entry is replaced whole");
     assert!(view.remote_workloads().is_empty());
     let services: Vec<_> = view.services().keys().map(|key| &**key).collect();
     assert_eq!(services, ["default/web", "shop/cart"]);
@@ -397,7 +398,7 @@ fn a_refused_entry_never_loosens_anything_and_the_rest_applies() {
     assert_eq!(uids(view.local_workloads()), ["default/web"]);
     let web = &view.local_workloads()["default/web"];
     assert_eq!(web.ips, base.local_workloads()["default/web"].ips);
-    let quarantine = web.quarantine.as_deref().unwrap();
+    let quarantine = web.local.quarantine.as_deref().unwrap();
     assert!(quarantine.contains("unknown mtls_mode 9"), "{quarantine}");
     // A Service keeps its last good routing.
     assert_eq!(
@@ -409,7 +410,12 @@ fn a_refused_entry_never_loosens_anything_and_the_rest_applies() {
     // The base is untouched.
     assert_eq!(base.version(), 1);
     assert_eq!(uids(base.local_workloads()), ["default/db", "default/web"]);
-    assert!(base.local_workloads()["default/web"].quarantine.is_none());
+    assert!(
+        base.local_workloads()["default/web"]
+            .local
+            .quarantine
+            .is_none()
+    );
 }
 
 #[test]
@@ -490,39 +496,4 @@ fn the_uninstall_announcement_holds_until_the_control_plane_takes_it_back() {
         .unwrap()
         .view;
     assert!(!after.uninstalling());
-}
-
-#[test]
-fn a_workload_goes_back_to_the_wire_form_that_converts_to_it_again() {
-    let full = v1::Workload {
-        uid: "shop/web-1".into(),
-        pod_uid: "0b6c3e2a-web-1".into(),
-        workload_name: "web".into(),
-        ips: vec!["10.244.1.5".into(), "fd00::5".into()],
-        authorization_policies: vec!["shop/allow-web".into()],
-        invalid_authorization_policies: vec!["shop/broken".into()],
-        quarantine: "another pod claims 10.244.1.5".into(),
-        mtls_mode: v1::MtlsMode::Strict.into(),
-        mtls_policy: "shop/strict".into(),
-        probe_ports: vec![8080, 9090],
-        ..workload("shop", "web-1", "web", "10.244.1.5", true)
-    };
-    // And an older control plane's, without a workload name or anything
-    // else it may leave out.
-    let sparse = v1::Workload {
-        workload_name: String::new(),
-        labels: Default::default(),
-        namespace: String::new(),
-        service_account: String::new(),
-        node: String::new(),
-        ..workload("shop", "web-2", "web", "10.244.1.6", false)
-    };
-    for wire in [full, sparse] {
-        let (key, workload) =
-            convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE)).unwrap();
-        let again = workload.to_wire();
-        let (key_again, converted_again) =
-            convert::workload(EntryKind::LocalWorkload, &again, Some(NODE)).unwrap();
-        assert_eq!((key_again, converted_again), (key, workload));
-    }
 }

@@ -1,0 +1,233 @@
+//! The entries of a view: workloads, Services and their endpoints, as
+//! the proxy holds them. A node holds every pod of the cluster, so these
+//! are laid out for size: what many pods share is held once, what only
+//! the pod's own node needs is behind one pointer.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use weft_certs::Identity;
+
+use super::{TrafficPolicy, display};
+/// A pod, local or remote. The names many pods share are held once (see
+/// `names`), and what only matters on the pod's own node is behind one
+/// pointer ([`LocalDetails`]), shared by every remote pod: a node holds
+/// every pod of the cluster, so each byte here counts 50,000 times.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// `<namespace>/<pod name>`; the same string as the view's key.
+    pub uid: Arc<str>,
+    /// The pod's name. (Its namespace and ServiceAccount are its
+    /// identity's: see [`Workload::namespace`].)
+    pub name: Box<str>,
+    /// The pod's `metadata.uid`, empty if the control plane did not say.
+    pub pod_uid: Box<str>,
+    /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
+    /// name metrics use, stable across rollouts.
+    pub workload_name: Arc<str>,
+    /// The SPIFFE identity of the pod's ServiceAccount.
+    #[serde(serialize_with = "display")]
+    pub identity: Identity,
+    /// The node the pod runs on.
+    pub node: Arc<str>,
+    /// The pod's addresses.
+    pub ips: Addresses,
+    /// Whether weft captures and tunnels this pod's traffic.
+    pub meshed: bool,
+    /// How the pod is selected and protected: sent for local workloads
+    /// only (remote ones share one empty set).
+    #[serde(flatten)]
+    pub local: Arc<LocalDetails>,
+}
+
+/// What the proxy of a pod's own node needs to protect it; the control
+/// plane leaves it empty for pods on other nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LocalDetails {
+    /// The pod's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Keys of the AuthorizationPolicies that apply to the pod. One that
+    /// is not in the view (refused) refuses every connection to the pod.
+    pub authorization_policies: Vec<String>,
+    /// Those of `authorization_policies` the control plane refused as
+    /// invalid: while one is listed, every connection is refused.
+    pub invalid_authorization_policies: Vec<String>,
+    /// Why every connection to the pod is refused, if it is: another pod
+    /// claims its IP, or its last update was refused. Its addresses stay
+    /// captured.
+    pub quarantine: Option<String>,
+    /// Whether plaintext inbound is refused.
+    pub mtls_strict: bool,
+    /// The MtlsPolicy that set the mode, empty for the default.
+    pub mtls_policy: Arc<str>,
+    /// The ports the kubelet probes: the node's own connections to them
+    /// pass the pod's capture.
+    pub probe_ports: std::collections::BTreeSet<u16>,
+}
+
+impl LocalDetails {
+    /// `details`, or the one empty set every remote workload shares if
+    /// they are empty.
+    pub fn shared(details: LocalDetails) -> Arc<LocalDetails> {
+        static EMPTY: std::sync::LazyLock<Arc<LocalDetails>> =
+            std::sync::LazyLock::new(|| Arc::new(LocalDetails::default()));
+        if details == LocalDetails::default() {
+            EMPTY.clone()
+        } else {
+            Arc::new(details)
+        }
+    }
+}
+
+/// A Kubernetes Service with its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// Its cluster IPs.
+    pub vips: Vec<IpAddr>,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// Its endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// The TrafficPolicy that configures it, if any (few Services have
+    /// one: it is held apart, and shared with the connections it governs).
+    pub traffic: Option<Arc<TrafficPolicy>>,
+}
+
+/// A port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// The port's name (may be empty for a single unnamed port).
+    pub name: String,
+    /// The port on the cluster IPs.
+    pub port: u16,
+    /// The port on the endpoints; 0 when it is a name no endpoint resolves.
+    pub target_port: u16,
+}
+
+/// One endpoint of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// The workload behind the endpoint, if it is a known pod (the same
+    /// string as its key in the view, when it is there).
+    pub workload_uid: Option<Arc<str>>,
+    /// The endpoint's address.
+    pub ip: IpAddr,
+    /// Whether the endpoint is ready for traffic.
+    pub ready: bool,
+    /// Target ports by service port name, as resolved by the EndpointSlice;
+    /// shared by the endpoints of a Service that resolve them alike.
+    pub ports: Arc<TargetPorts>,
+}
+
+/// An endpoint's target ports by the name of the Service port they serve,
+/// sorted by name: a few entries in one small allocation (a map would
+/// take a node of eleven for each).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TargetPorts(Box<[(Box<str>, u16)]>);
+
+impl TargetPorts {
+    /// The target port of the Service port named `name`.
+    pub fn get(&self, name: &str) -> Option<u16> {
+        self.0
+            .binary_search_by(|(held, _)| (**held).cmp(name))
+            .ok()
+            .map(|at| self.0[at].1)
+    }
+
+    /// Every (name, target port), by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u16)> {
+        self.0.iter().map(|(name, port)| (&**name, *port))
+    }
+}
+
+impl FromIterator<(String, u16)> for TargetPorts {
+    /// The last port given for a name stands, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, u16)>>(ports: I) -> Self {
+        let by_name: BTreeMap<String, u16> = ports.into_iter().collect();
+        TargetPorts(
+            by_name
+                .into_iter()
+                .map(|(name, port)| (name.into_boxed_str(), port))
+                .collect(),
+        )
+    }
+}
+
+impl Serialize for TargetPorts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+/// A pod's addresses: nearly always one, held inline then, so that most
+/// pods need no allocation for them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addresses {
+    /// Exactly one.
+    One(IpAddr),
+    /// None, or more than one (dual-stack).
+    Many(Box<[IpAddr]>),
+}
+
+impl std::ops::Deref for Addresses {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match self {
+            Addresses::One(ip) => std::slice::from_ref(ip),
+            Addresses::Many(ips) => ips,
+        }
+    }
+}
+
+impl FromIterator<IpAddr> for Addresses {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(ips: I) -> Self {
+        let ips: Vec<IpAddr> = ips.into_iter().collect();
+        match ips[..] {
+            [one] => Addresses::One(one),
+            _ => Addresses::Many(ips.into_boxed_slice()),
+        }
+    }
+}
+
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl Workload {
+    /// The pod's namespace: its identity's (the control plane sends
+    /// nothing else, see `convert::workload`).
+    pub fn namespace(&self) -> &str {
+        self.identity.namespace()
+    }
+
+    /// The pod's ServiceAccount: its identity's.
+    pub fn service_account(&self) -> &str {
+        self.identity.service_account()
+    }
+
+    /// This workload refusing every connection, for `why`.
+    pub(super) fn quarantined(&self, why: String) -> Workload {
+        Workload {
+            local: Arc::new(LocalDetails {
+                quarantine: Some(why),
+                ..(*self.local).clone()
+            }),
+            ..self.clone()
+        }
+    }
+}
+
+impl Service {
+    /// The key a Service has on the wire: `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}

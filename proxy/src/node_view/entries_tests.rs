@@ -1,0 +1,128 @@
+//! The entries' layout: what converts back to the wire, and what many
+//! entries share.
+
+use std::sync::Arc;
+
+use weft_api::v1;
+
+use super::tests::{NODE, applied, full, service, workload};
+use super::*;
+
+#[test]
+fn a_workload_goes_back_to_the_wire_form_that_converts_to_it_again() {
+    let full = v1::Workload {
+        uid: "shop/web-1".into(),
+        pod_uid: "0b6c3e2a-web-1".into(),
+        workload_name: "web".into(),
+        ips: vec!["10.244.1.5".into(), "fd00::5".into()],
+        authorization_policies: vec!["shop/allow-web".into()],
+        invalid_authorization_policies: vec!["shop/broken".into()],
+        quarantine: "another pod claims 10.244.1.5".into(),
+        mtls_mode: v1::MtlsMode::Strict.into(),
+        mtls_policy: "shop/strict".into(),
+        probe_ports: vec![8080, 9090],
+        ..workload("shop", "web-1", "web", "10.244.1.5", true)
+    };
+    // And an older control plane's, without a workload name or anything
+    // else it may leave out.
+    let sparse = v1::Workload {
+        workload_name: String::new(),
+        labels: Default::default(),
+        namespace: String::new(),
+        service_account: String::new(),
+        node: String::new(),
+        ..workload("shop", "web-2", "web", "10.244.1.6", false)
+    };
+    for wire in [full, sparse] {
+        let (key, workload) =
+            convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE)).unwrap();
+        let again = workload.to_wire();
+        let (key_again, converted_again) =
+            convert::workload(EntryKind::LocalWorkload, &again, Some(NODE)).unwrap();
+        assert_eq!((key_again, converted_again), (key, workload));
+    }
+}
+
+#[test]
+fn a_service_goes_back_to_the_wire_form_that_converts_to_it_again() {
+    let mut full = service("shop", "checkout", "10.244.1.5");
+    full.vips.push("fd00::10".into());
+    full.ports.push(v1::ServicePort {
+        name: "admin".into(),
+        port: 9000,
+        target_port: 0,
+    });
+    full.endpoints.push(v1::Endpoint {
+        workload_uid: String::new(),
+        ip: "fd00::5".into(),
+        ready: false,
+        ports: [("http".to_owned(), 8080), ("admin".to_owned(), 9001)].into(),
+    });
+    full.traffic_policy = Some(v1::TrafficPolicy {
+        policy: "shop/checkout".into(),
+        mode: v1::LoadBalancing::PowerOfTwoChoices.into(),
+        connect_timeout_ms: 250,
+        retry_attempts: 1,
+        ..Default::default()
+    });
+    let none = |_: &str| None;
+    for wire in [full, service("shop", "plain", "10.244.1.6")] {
+        let (key, service) = convert::service(&wire, &none).unwrap();
+        let again = service.to_wire();
+        assert_eq!(again, wire, "every field survives");
+        let (key_again, converted_again) = convert::service(&again, &none).unwrap();
+        assert_eq!((key_again, converted_again), (key, service));
+    }
+}
+
+/// A node holds every pod of the cluster: what many of them have alike is
+/// held once, and a uid is one string wherever the view refers to it.
+#[test]
+fn remote_workloads_and_endpoints_share_what_they_have_alike() {
+    let mut update = full(1);
+    update.remote_workloads = (0..3)
+        .map(|n| v1::Workload {
+            node: "node-2".into(),
+            labels: Default::default(),
+            ..workload(
+                "shop",
+                &format!("cart-{n}"),
+                "cart",
+                &format!("10.0.2.{n}"),
+                true,
+            )
+        })
+        .collect();
+    let mut cart = service("shop", "cart", "10.0.2.0");
+    cart.endpoints = (0..3)
+        .map(|n| v1::Endpoint {
+            workload_uid: format!("shop/cart-{n}"),
+            ip: format!("10.0.2.{n}"),
+            ready: true,
+            ports: [("http".to_owned(), 8080)].into(),
+        })
+        .collect();
+    update.services.push(cart);
+    let view = applied(&update);
+    let remote: Vec<&Arc<Workload>> = view.remote_workloads().values().collect();
+    assert!(
+        remote
+            .windows(2)
+            .all(|pair| Arc::ptr_eq(&pair[0].local, &pair[1].local)),
+        "remote workloads share one empty set of local details"
+    );
+    let local = &view.local_workloads()["default/web"];
+    assert!(!Arc::ptr_eq(&local.local, &remote[0].local));
+    assert_eq!(local.local.labels["app"], "web");
+    let endpoints = &view.services()["shop/cart"].endpoints;
+    for endpoint in endpoints {
+        let uid = endpoint.workload_uid.as_ref().unwrap();
+        let (key, workload) = view.remote_workloads().get_key_value(&**uid).unwrap();
+        assert!(
+            Arc::ptr_eq(uid, key),
+            "the endpoint's uid is the view's key"
+        );
+        assert!(Arc::ptr_eq(key, &workload.uid), "and the workload's own");
+        assert!(Arc::ptr_eq(&endpoint.ports, &endpoints[0].ports));
+    }
+}
