@@ -22,28 +22,30 @@ pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// `<namespace>/<name>`, or just `<name>` for cluster-scoped objects.
 pub type ObjectKey = String;
 
-/// One Kubernetes object of a kind the control plane uses.
+/// One Kubernetes object of a kind the control plane uses. Shared: the
+/// manifests source holds each object once for its file and once in the
+/// cluster state, and a pod's object is kilobytes.
 #[derive(Clone, Debug)]
 pub enum ClusterObject {
     /// A Namespace (its labels say whether its pods are meshed).
-    Namespace(Box<Namespace>),
+    Namespace(Arc<Namespace>),
     /// A ServiceAccount (one identity each).
-    ServiceAccount(Box<ServiceAccount>),
+    ServiceAccount(Arc<ServiceAccount>),
     /// A Pod (a workload).
-    Pod(Box<Pod>),
+    Pod(Arc<Pod>),
     /// A Service (VIPs and ports).
-    Service(Box<Service>),
+    Service(Arc<Service>),
     /// An EndpointSlice (a Service's endpoints).
-    EndpointSlice(Box<EndpointSlice>),
+    EndpointSlice(Arc<EndpointSlice>),
     /// Who may connect to which workloads.
-    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// Whether workloads accept plaintext.
-    MtlsPolicy(Box<MtlsPolicy>),
+    MtlsPolicy(Arc<MtlsPolicy>),
     /// How connections to a Service behave.
-    TrafficPolicy(Box<TrafficPolicy>),
+    TrafficPolicy(Arc<TrafficPolicy>),
     /// A DaemonSet; only weft's node proxies' is read (its annotations say
     /// whether the mesh is being uninstalled).
-    DaemonSet(Box<DaemonSet>),
+    DaemonSet(Arc<DaemonSet>),
 }
 
 /// Why a document could not be turned into a [`ClusterObject`].
@@ -76,31 +78,51 @@ impl ClusterObject {
             reason: format!("{api_version} {kind}: {e}"),
         };
         let object = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Namespace") => {
-                ClusterObject::Namespace(serde_json::from_value(value).map_err(invalid)?)
-            }
-            ("v1", "ServiceAccount") => {
-                ClusterObject::ServiceAccount(serde_json::from_value(value).map_err(invalid)?)
-            }
-            ("v1", "Pod") => ClusterObject::Pod(serde_json::from_value(value).map_err(invalid)?),
-            ("v1", "Service") => {
-                ClusterObject::Service(serde_json::from_value(value).map_err(invalid)?)
-            }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                ClusterObject::EndpointSlice(serde_json::from_value(value).map_err(invalid)?)
-            }
-            (WEFT_API_VERSION, "AuthorizationPolicy") => {
-                ClusterObject::AuthorizationPolicy(serde_json::from_value(value).map_err(invalid)?)
-            }
-            (WEFT_API_VERSION, "MtlsPolicy") => {
-                ClusterObject::MtlsPolicy(serde_json::from_value(value).map_err(invalid)?)
-            }
-            (WEFT_API_VERSION, "TrafficPolicy") => {
-                ClusterObject::TrafficPolicy(serde_json::from_value(value).map_err(invalid)?)
-            }
-            ("apps/v1", "DaemonSet") => {
-                ClusterObject::DaemonSet(serde_json::from_value(value).map_err(invalid)?)
-            }
+            ("v1", "Namespace") => ClusterObject::Namespace(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            ("v1", "ServiceAccount") => ClusterObject::ServiceAccount(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            ("v1", "Pod") => ClusterObject::Pod(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            ("v1", "Service") => ClusterObject::Service(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            ("discovery.k8s.io/v1", "EndpointSlice") => ClusterObject::EndpointSlice(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            (WEFT_API_VERSION, "AuthorizationPolicy") => ClusterObject::AuthorizationPolicy(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            (WEFT_API_VERSION, "MtlsPolicy") => ClusterObject::MtlsPolicy(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            (WEFT_API_VERSION, "TrafficPolicy") => ClusterObject::TrafficPolicy(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
+            ("apps/v1", "DaemonSet") => ClusterObject::DaemonSet(
+                serde_json::from_value(value)
+                    .map(Arc::new)
+                    .map_err(invalid)?,
+            ),
             _ => {
                 return Err(ObjectProblem::Ignored {
                     kind: format!("{api_version}/{kind}"),
@@ -224,24 +246,17 @@ impl ClusterState {
     pub fn insert(&mut self, object: ClusterObject) -> bool {
         let key = object.key();
         match object {
-            ClusterObject::Namespace(o) => self.namespaces.insert(key, Arc::new(*o)).is_some(),
-            ClusterObject::ServiceAccount(o) => {
-                self.service_accounts.insert(key, Arc::new(*o)).is_some()
+            ClusterObject::Namespace(o) => self.namespaces.insert(key, o).is_some(),
+            ClusterObject::ServiceAccount(o) => self.service_accounts.insert(key, o).is_some(),
+            ClusterObject::Pod(o) => self.pods.insert(key, o).is_some(),
+            ClusterObject::Service(o) => self.services.insert(key, o).is_some(),
+            ClusterObject::EndpointSlice(o) => self.endpoint_slices.insert(key, o).is_some(),
+            ClusterObject::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(key, o).is_some()
             }
-            ClusterObject::Pod(o) => self.pods.insert(key, Arc::new(*o)).is_some(),
-            ClusterObject::Service(o) => self.services.insert(key, Arc::new(*o)).is_some(),
-            ClusterObject::EndpointSlice(o) => {
-                self.endpoint_slices.insert(key, Arc::new(*o)).is_some()
-            }
-            ClusterObject::AuthorizationPolicy(o) => self
-                .authorization_policies
-                .insert(key, Arc::new(*o))
-                .is_some(),
-            ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, Arc::new(*o)).is_some(),
-            ClusterObject::TrafficPolicy(o) => {
-                self.traffic_policies.insert(key, Arc::new(*o)).is_some()
-            }
-            ClusterObject::DaemonSet(o) => self.daemon_sets.insert(key, Arc::new(*o)).is_some(),
+            ClusterObject::MtlsPolicy(o) => self.mtls_policies.insert(key, o).is_some(),
+            ClusterObject::TrafficPolicy(o) => self.traffic_policies.insert(key, o).is_some(),
+            ClusterObject::DaemonSet(o) => self.daemon_sets.insert(key, o).is_some(),
         }
     }
 }

@@ -127,7 +127,7 @@ pub(super) fn workload(
 }
 
 impl Workload {
-    /// The workload in the wire form it came in: what [`workload`] takes
+    /// The workload in the wire form it came in: what converting a workload takes
     /// back to the same value (the node keeps remote workloads this way,
     /// see [`crate::StoredConfig`]).
     pub fn to_wire(&self) -> v1::Workload {
@@ -136,7 +136,7 @@ impl Workload {
 }
 
 impl Service {
-    /// The Service in the wire form it came in: what [`service`] takes
+    /// The Service in the wire form it came in: what converting a Service takes
     /// back to the same value.
     pub fn to_wire(&self) -> v1::Service {
         service_to_wire(self)
