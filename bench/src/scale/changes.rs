@@ -27,8 +27,11 @@ impl Scenario<'_> {
             let slot = self.slot(&uid)?;
             let cpu_before = self.cp.cpu_seconds()?;
             let ip = self.cluster.move_pod(pod);
-            self.cluster.write_pod(pod)?;
+            // Taken before the write: the control plane may act on the file
+            // before this task runs again (seen once: 408 nodes had the
+            // change "before" a timestamp taken after the write).
             let written = Instant::now();
+            self.cluster.write_pod(pod)?;
             self.wait_for_nodes(&format!("had {uid} at {ip}"), false, |r| {
                 r.seen[slot].is_some_and(|seen| seen.ip == Some(ip))
             })
@@ -88,8 +91,8 @@ impl Scenario<'_> {
         self.bar.set_message(format!("label-only change of {uid}"));
         let cpu_before = self.cp.cpu_seconds()?;
         self.cluster.relabel_pod(pod);
+        let written = Instant::now(); // before the write, as above
         self.cluster.write_pod(pod)?;
-        let written = Instant::now();
         let deadline = written + self.deadline;
         let own_node_at = loop {
             if let Some(seen) = self.streams.record(node).seen[slot]
@@ -148,8 +151,8 @@ impl Scenario<'_> {
             tokio::time::sleep_until((first + interval * index as u32).into()).await;
             let slot = self.slot(&self.cluster.uid(pod))?;
             last_ip.insert(slot, self.cluster.move_pod(pod));
+            last = Instant::now(); // before the write, as above
             self.cluster.write_pod(pod)?;
-            last = Instant::now();
             self.bar.inc(1);
             if index % 64 == 0 {
                 self.cp.check_running().context("during the churn")?;

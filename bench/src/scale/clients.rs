@@ -5,12 +5,12 @@
 //! reconnects like a proxy, and keeps only what the measurement needs: when
 //! each update arrived and how big it was, its first full state, and for the
 //! few pods the scenario changes (the *tracked* pods) the latest IP it heard
-//! and since when. The stream itself ([`super::grpc`]) decodes only the
-//! workloads' uids and IPs and frees each message once read, so that a
+//! and since when. The stream itself ([`super::grpc`]) reads each message
+//! without decoding it ([`super::light`]) and frees it once read, so that a
 //! thousand nodes of a 50,000-pod cluster cost this process little memory
 //! and CPU beside the control plane it measures.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,7 +24,8 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint};
 
 use super::cluster::{Cluster, token};
-use super::grpc::{ConfigStream, LightUpdate};
+use super::grpc::ConfigStream;
+use super::light::{Carried, LightUpdate, TrackedPods};
 
 /// The node whose updates are kept whole, to be applied afterwards as its
 /// proxy would ([`super::proxy_side`]).
@@ -97,7 +98,7 @@ pub struct Streams {
     server: SocketAddr,
     tls: TlsConnector,
     /// The tracked pods' uids and their slot in [`NodeRecord::seen`].
-    tracked: HashMap<String, usize>,
+    tracked: TrackedPods,
     /// Node `n`'s record at index `n - 1`.
     records: Vec<Mutex<NodeRecord>>,
     /// Streams being opened; a node holds its permit until its first full
@@ -134,11 +135,7 @@ impl Streams {
             weft_certs::KeyExchange::default(),
         )
         .context("building the TLS client config")?;
-        let tracked: HashMap<String, usize> = tracked
-            .iter()
-            .enumerate()
-            .map(|(slot, uid)| (uid.clone(), slot))
-            .collect();
+        let tracked = TrackedPods::new(tracked);
         let slots = tracked.len();
         Ok(Arc::new(Streams {
             server,
@@ -164,7 +161,7 @@ impl Streams {
 
     /// The slot of a tracked pod.
     pub fn slot(&self, uid: &str) -> Option<usize> {
-        self.tracked.get(uid).copied()
+        self.tracked.slot(uid)
     }
 
     /// Failed attempts and broken streams so far, by reason.
@@ -211,7 +208,7 @@ impl Streams {
         if node == PROXY_NODE {
             stream.keep_messages();
         }
-        while let Some(received) = stream.next(MAX_UPDATE_BYTES).await? {
+        while let Some(received) = stream.next(MAX_UPDATE_BYTES, &self.tracked).await? {
             let update = &received.update;
             self.recorded(node, Instant::now(), received.bytes, update);
             if node == PROXY_NODE {
@@ -254,7 +251,7 @@ impl Streams {
 
     fn recorded(&self, node: u32, at: Instant, bytes: usize, update: &LightUpdate) {
         let mut record = self.record(node);
-        let workloads = update.local_workloads.len() + update.remote_workloads.len();
+        let workloads = update.workloads;
         if update.full_state && record.first_full_state.is_none() {
             record.first_full_state = Some(FullState {
                 at,
@@ -266,15 +263,7 @@ impl Streams {
             at,
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
         });
-        let carried = update
-            .local_workloads
-            .iter()
-            .chain(&update.remote_workloads);
-        for workload in carried {
-            let Some(&slot) = self.tracked.get(&workload.uid) else {
-                continue;
-            };
-            let ip = workload.ips.iter().find_map(|ip| ip.parse().ok());
+        for &Carried { slot, ip } in &update.tracked {
             let seen = &mut record.seen[slot];
             match seen {
                 Some(seen) if seen.ip == ip => seen.last = at,

@@ -4,8 +4,7 @@
 //! read, so every stream would hold a full state's size, 13 MiB at 50,000
 //! pods, for as long as it lives: 13 GiB for a thousand simulated nodes.)
 //!
-//! Updates are decoded into [`LightUpdate`], which skips every field but the
-//! workloads' uids and IPs.
+//! Updates are read as [`LightUpdate`]s.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -23,40 +22,10 @@ use tower::{Service as _, ServiceExt as _};
 use weft_api::v1 as pb;
 use weft_api::v1::proxy_message::Kind;
 
+use super::light::{LightUpdate, TrackedPods};
+
 /// gRPC's message header: a compression flag and a 4-byte length.
 const HEADER: usize = 5;
-
-/// A `ConfigUpdate` as far as the scenario reads it; prost skips the rest.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LightUpdate {
-    /// `ConfigUpdate.version`.
-    #[prost(uint64, tag = "1")]
-    pub version: u64,
-    /// `ConfigUpdate.full_state`.
-    #[prost(bool, tag = "2")]
-    pub full_state: bool,
-    /// `ConfigUpdate.local_workloads`.
-    #[prost(message, repeated, tag = "3")]
-    pub local_workloads: Vec<LightWorkload>,
-    /// `ConfigUpdate.remote_workloads`.
-    #[prost(message, repeated, tag = "5")]
-    pub remote_workloads: Vec<LightWorkload>,
-    /// `ConfigUpdate.more_follows`: this is a part, the next message
-    /// continues the update.
-    #[prost(bool, tag = "14")]
-    pub more_follows: bool,
-}
-
-/// A `Workload`'s uid and IPs.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LightWorkload {
-    /// `Workload.uid`: `<namespace>/<pod name>`.
-    #[prost(string, tag = "1")]
-    pub uid: String,
-    /// `Workload.ips`.
-    #[prost(string, repeated, tag = "7")]
-    pub ips: Vec<String>,
-}
 
 /// One node's open `NodeConfig/Stream` call.
 pub struct ConfigStream {
@@ -131,37 +100,33 @@ impl ConfigStream {
     /// The next update, put together from its parts as the proxy does, and
     /// its size on the wire, or `None` when the control plane ended the
     /// call with status OK.
-    pub async fn next(&mut self, max_bytes: usize) -> Result<Option<Received>> {
+    pub async fn next(
+        &mut self,
+        max_bytes: usize,
+        tracked: &TrackedPods,
+    ) -> Result<Option<Received>> {
         let mut whole: Option<Received> = None;
         loop {
             while let Some(message) = self.framer.messages.pop_front() {
                 let part =
-                    LightUpdate::decode(message.as_slice()).context("decoding a config update")?;
-                let mut received = whole.take().unwrap_or_else(|| Received {
-                    bytes: 0,
-                    update: LightUpdate {
-                        version: part.version,
-                        full_state: part.full_state,
-                        ..LightUpdate::default()
+                    LightUpdate::read(&message, tracked).context("reading a config update")?;
+                let more_follows = part.more_follows;
+                let mut received = match whole.take() {
+                    None => Received {
+                        bytes: 0,
+                        update: part,
+                        messages: Vec::new(),
                     },
-                    messages: Vec::new(),
-                });
-                let update = &mut received.update;
-                if (update.version, update.full_state) != (part.version, part.full_state) {
-                    bail!(
-                        "a part of version {} continues version {}",
-                        part.version,
-                        update.version
-                    );
-                }
-                update.local_workloads.extend(part.local_workloads);
-                update.remote_workloads.extend(part.remote_workloads);
-                update.more_follows = part.more_follows;
+                    Some(mut received) => {
+                        received.update.extend(part)?;
+                        received
+                    }
+                };
                 received.bytes += message.len();
                 if self.keep_messages {
                     received.messages.extend_from_slice(&message);
                 }
-                if !received.update.more_follows {
+                if !more_follows {
                     return Ok(Some(received));
                 }
                 whole = Some(received);
@@ -304,33 +269,6 @@ impl Framer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn light_updates_read_uids_and_ips_of_a_full_config_update() {
-        let workload = |uid: &str, ip: &str| pb::Workload {
-            uid: uid.into(),
-            ips: vec![ip.into()],
-            labels: [("app".to_owned(), "web".to_owned())].into(),
-            identity: "spiffe://cluster.local/ns/a/sa/b".into(),
-            ..pb::Workload::default()
-        };
-        let update = pb::ConfigUpdate {
-            version: 7,
-            full_state: true,
-            local_workloads: vec![workload("a/web-1", "10.1.0.1")],
-            remote_workloads: vec![workload("a/db-1", "10.1.0.2")],
-            services: vec![pb::Service {
-                name: "web".into(),
-                ..pb::Service::default()
-            }],
-            ..pb::ConfigUpdate::default()
-        };
-        let light = LightUpdate::decode(update.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(light.version, 7);
-        assert!(light.full_state);
-        assert_eq!(light.local_workloads[0].uid, "a/web-1");
-        assert_eq!(light.remote_workloads[0].ips, ["10.1.0.2"]);
-    }
 
     #[test]
     fn messages_are_cut_out_of_any_chunking() {

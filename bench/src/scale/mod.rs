@@ -21,6 +21,7 @@ mod changes;
 mod clients;
 mod cluster;
 mod grpc;
+mod light;
 mod process;
 mod proxy_side;
 mod report;
