@@ -18,6 +18,7 @@ use crate::Error;
 use crate::cluster::ClusterState;
 use crate::config::{ControlPlaneConfig, Source};
 use crate::config_stream::ConfigStreamService;
+use crate::dashboard::Dashboard;
 use crate::fanout::Published;
 use crate::grpc_connections::{GrpcBounds, tls_connections};
 use crate::kubernetes::{self, TokenReviewer};
@@ -27,6 +28,7 @@ use crate::mesh::Mesh;
 use crate::monitoring::{self, Monitoring};
 use crate::node_auth::{NodeAuthenticator, NodeTokens};
 use crate::registry::NodeRegistry;
+use crate::reported_traffic::ReportedTraffic;
 use crate::serving_cert::ServingCertificate;
 use crate::signing::SigningService;
 
@@ -271,13 +273,19 @@ pub async fn run_on(
 
     let (shutting_down, shutting_down_rx) = watch::channel(false);
     let shutdown_delay = Duration::from_secs(config.shutdown_delay_seconds);
+    let traffic = Arc::new(ReportedTraffic::new(config.traffic_limits(), &mut metrics));
     let monitoring = Arc::new(Monitoring {
         metrics,
-        nodes: nodes.clone(),
+        dashboard: Dashboard {
+            nodes: nodes.clone(),
+            mesh: mesh_rx.clone(),
+            cluster: cluster_for_pages,
+            traffic: traffic.clone(),
+            mesh_namespace: config.namespace.clone(),
+            trust_domain: config.trust_domain.clone(),
+        },
         problems,
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),
-        cluster: cluster_for_pages,
-        mesh_namespace: config.namespace.clone(),
         shutting_down: shutting_down_rx,
     });
     let monitoring_task = tokio::spawn(monitoring::serve(
@@ -295,7 +303,8 @@ pub async fn run_on(
     )
     .with_max_streams_per_node(config.limits.max_config_streams_per_node)
     .with_max_full_states(config.max_concurrent_full_states)
-    .with_part_bytes(config.config_part_bytes);
+    .with_part_bytes(config.config_part_bytes)
+    .with_traffic(traffic);
     let signing_service = SigningService::new(ca, mesh_rx, auth, nodes).waiting_for_pods(
         Duration::from_millis(config.sign_wait_for_pod_ms),
         config.sign_waiting_max,

@@ -187,6 +187,43 @@ pub struct ControlPlaneConfig {
     /// asking for pods that never come cannot pile requests up.
     #[arg(long, env = "WEFT_SIGN_WAITING_MAX", default_value_t = 1000)]
     pub sign_waiting_max: usize,
+
+    /// How far back the dashboard's traffic page reaches, in seconds: the
+    /// proxies' traffic reports are summed over this window.
+    #[arg(long, env = "WEFT_DASHBOARD_TRAFFIC_WINDOW_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(30..=86_400))]
+    pub dashboard_traffic_window_seconds: u64,
+
+    /// Pairs of workloads the dashboard holds over the window, from all
+    /// nodes together; connections between further pairs are counted
+    /// (`weft_control_plane_traffic_events_left_out_total`), not named.
+    #[arg(
+        long,
+        env = "WEFT_DASHBOARD_TRAFFIC_MAX_EDGES",
+        default_value_t = 20_000
+    )]
+    pub dashboard_traffic_max_edges: usize,
+
+    /// Edges read from one proxy's traffic report; the rest of a larger
+    /// report is refused and counted. The same as the proxies'
+    /// `--traffic-report-max-edges` by default.
+    #[arg(
+        long,
+        env = "WEFT_DASHBOARD_TRAFFIC_MAX_EDGES_PER_REPORT",
+        default_value_t = 2_000
+    )]
+    pub dashboard_traffic_max_edges_per_report: usize,
+}
+
+impl ControlPlaneConfig {
+    /// The bounds of the dashboard's traffic record.
+    pub fn traffic_limits(&self) -> crate::reported_traffic::TrafficLimits {
+        crate::reported_traffic::TrafficLimits {
+            window: std::time::Duration::from_secs(self.dashboard_traffic_window_seconds),
+            max_edges: self.dashboard_traffic_max_edges,
+            max_edges_per_report: self.dashboard_traffic_max_edges_per_report,
+        }
+    }
 }
 
 /// Where the cluster comes from.

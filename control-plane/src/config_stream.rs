@@ -22,6 +22,7 @@ use crate::fanout::{Delta, NodeFeed, Outgoing, Published};
 use crate::full_state::FullState;
 use crate::node_auth::NodeAuthenticator;
 use crate::registry::NodeRegistry;
+use crate::reported_traffic::ReportedTraffic;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -47,6 +48,8 @@ pub struct ConfigStreamService {
     max_streams_per_node: u32,
     /// Full states being built or handed to gRPC at once.
     full_states: Arc<Semaphore>,
+    /// Where the proxies' traffic reports go, if anywhere.
+    traffic: Option<Arc<ReportedTraffic>>,
 }
 
 impl ConfigStreamService {
@@ -67,7 +70,14 @@ impl ConfigStreamService {
             part_bytes: 64 * 1024,
             max_streams_per_node: u32::MAX,
             full_states: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            traffic: None,
         }
+    }
+
+    /// Keeps the proxies' traffic reports in `traffic` (for the dashboard).
+    pub fn with_traffic(mut self, traffic: Arc<ReportedTraffic>) -> ConfigStreamService {
+        self.traffic = Some(traffic);
+        self
     }
 
     /// At most `max` full states built or waiting for gRPC at once: each
@@ -135,6 +145,7 @@ impl weft_api::encoded::node_config_server::NodeConfig for ConfigStreamService {
             mesh: self.mesh.clone(),
             registry: self.registry.clone(),
             full_states: self.full_states.clone(),
+            traffic: self.traffic.clone(),
             updates,
         };
         if !self.registry.connected(
@@ -161,6 +172,7 @@ struct NodeStream {
     mesh: watch::Receiver<Arc<Published>>,
     registry: Arc<NodeRegistry>,
     full_states: Arc<Semaphore>,
+    traffic: Option<Arc<ReportedTraffic>>,
     updates: mpsc::Sender<Result<EncodedUpdate, Status>>,
 }
 
@@ -275,6 +287,17 @@ impl NodeStream {
                 warn!(version = nack.version, reason = %nack.reason, "proxy refused config");
                 self.registry
                     .nacked(&self.node, nack.version, &nack.reason, false);
+            }
+            Some(Kind::Traffic(report)) => {
+                debug!(
+                    edges = report.edges.len(),
+                    certificates = report.certificates.len(),
+                    "traffic report"
+                );
+                self.registry.reported(&self.node, &report.certificates);
+                if let Some(traffic) = &self.traffic {
+                    traffic.record(&self.node, &report, std::time::SystemTime::now());
+                }
             }
             Some(Kind::Hello(_)) | None => {
                 warn!("unexpected message on an open stream; ignored");

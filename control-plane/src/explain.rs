@@ -78,13 +78,23 @@ pub fn explain(
 ) -> Result<Explanation, String> {
     let trust_domain = trust.trust_domain.clone();
     let mesh = Mesh::derive(cluster, trust, mesh_namespace);
+    explain_in(&mesh, &trust_domain, args)
+}
+
+/// Explains `args` against a derived `mesh` of `trust_domain` (the
+/// dashboard's explain form asks the mesh the control plane serves).
+pub fn explain_in(
+    mesh: &Mesh,
+    trust_domain: &str,
+    args: &ExplainArgs,
+) -> Result<Explanation, String> {
     let (namespace, service_account) = args.from.split_once('/').ok_or_else(|| {
         format!(
             "--from {:?}: expected <namespace>/<serviceaccount>",
             args.from
         )
     })?;
-    let identity = Identity::new(&trust_domain, namespace, service_account)
+    let identity = Identity::new(trust_domain, namespace, service_account)
         .map_err(|e| format!("--from {:?}: {e}", args.from))?;
     let principal = identity.to_string();
     let (target, port) = args
@@ -92,7 +102,7 @@ pub fn explain(
         .rsplit_once(':')
         .and_then(|(target, port)| Some((target, port.parse::<u16>().ok()?)))
         .ok_or_else(|| format!("--to {:?}: expected <target>:<port>", args.to))?;
-    let destinations = destinations(&mesh, target, port)?;
+    let destinations = destinations(mesh, target, port)?;
     // Compiled as the proxy compiles them when it applies its config.
     let compiled: std::collections::BTreeMap<&str, authorization::Policy> = mesh
         .authorization_policies

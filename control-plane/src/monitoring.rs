@@ -1,6 +1,7 @@
-//! The monitoring port (15014): health, Prometheus metrics, and debug pages
-//! that show what the control plane believes (connected proxies and the
-//! versions they applied, manifest problems).
+//! The monitoring port (15014): health, Prometheus metrics, the dashboard
+//! ([`crate::dashboard`]), and debug pages that show what the control
+//! plane believes (connected proxies and the versions they applied,
+//! manifest problems).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,25 +16,20 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::cluster::ClusterState;
+use crate::dashboard::Dashboard;
 use crate::listeners::{ListenerLimits, PerSource, Rejections};
 use crate::manifests::ManifestProblem;
-use crate::registry::NodeRegistry;
 
 /// What the monitoring pages show.
 pub struct Monitoring {
     /// Prometheus metrics.
     pub metrics: Registry,
-    /// Connected proxies.
-    pub nodes: Arc<NodeRegistry>,
+    /// The dashboard and what it reads (connected proxies among it).
+    pub dashboard: Dashboard,
     /// Current manifest problems.
     pub problems: watch::Receiver<Vec<ManifestProblem>>,
     /// The configuration, as shown at start.
     pub config_json: String,
-    /// The cluster as the source holds it, for the policies' conditions.
-    pub cluster: watch::Receiver<Arc<ClusterState>>,
-    /// The control plane's namespace (mesh-wide policies live there).
-    pub mesh_namespace: String,
     /// True once this replica is shutting down: `/ready` says so.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -113,7 +109,7 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
                 ),
             }
         }
-        "/debug/nodes" => json(&monitoring.nodes.snapshot()),
+        "/debug/nodes" => json(&monitoring.dashboard.nodes.snapshot()),
         "/debug/manifests" => {
             let problems: Vec<String> = monitoring
                 .problems
@@ -123,32 +119,22 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
                 .collect();
             json(&problems)
         }
-        "/debug/policies" => {
-            // What the status conditions say, also where there is no API
-            // server to write them to (local manifests).
-            let verdicts =
-                crate::status::verdicts(&monitoring.cluster.borrow(), &monitoring.mesh_namespace);
-            let listed: Vec<serde_json::Value> = verdicts
-                .into_iter()
-                .map(|((kind, key), conditions)| {
-                    serde_json::json!({
-                        "kind": format!("{kind:?}"),
-                        "object": key,
-                        "conditions": conditions.iter().map(|c| serde_json::json!({
-                            "type": c.type_, "status": c.status,
-                            "reason": c.reason, "message": c.message,
-                        })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            json(&listed)
-        }
+        // What the status conditions say, also where there is no API
+        // server to write them to (local manifests).
+        "/debug/policies" => json(&monitoring.dashboard.policies()),
         "/debug/config" => reply(
             StatusCode::OK,
             "application/json",
             monitoring.config_json.clone(),
         ),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        path => match monitoring.dashboard.answer(path, request.uri().query()) {
+            Some((status, content_type, body)) => reply(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                content_type,
+                body,
+            ),
+            None => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        },
     }
 }
 
@@ -166,6 +152,19 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    // The pages load only their own assets, and nothing here may be framed
+    // or sniffed into another type.
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            "content-security-policy",
+            "default-src 'self'; frame-ancestors 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("cache-control", "no-store"),
+    ] {
+        headers.insert(name, hyper::header::HeaderValue::from_static(value));
+    }
     if let Ok(value) = content_type.parse() {
         response
             .headers_mut()

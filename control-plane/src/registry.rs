@@ -27,7 +27,18 @@ pub struct NodeStatus {
     pub acked_version: u64,
     /// The last refused version and the proxy's reason.
     pub last_nack: Option<(u64, String)>,
+    /// When the proxy last sent a traffic report (seconds since the epoch).
+    pub last_report: Option<u64>,
+    /// The workload certificates the proxy said it holds in its last
+    /// report, by identity: when each expires (seconds since the epoch).
+    pub certificates: BTreeMap<String, i64>,
 }
+
+/// Certificates kept per node: a node holds one per identity of its pods,
+/// far fewer than this; a proxy that says more is cut off here.
+const MAX_CERTIFICATES_PER_NODE: usize = 4_096;
+/// The longest identity kept (a SPIFFE URI of Kubernetes names is shorter).
+const MAX_IDENTITY_BYTES: usize = 512;
 
 /// Labels of per-outcome counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -132,6 +143,24 @@ impl NodeRegistry {
             if applied {
                 status.acked_version = version;
             }
+        });
+    }
+
+    /// `node`'s proxy reported; it holds `certificates`.
+    pub fn reported(&self, node: &str, certificates: &[weft_api::v1::HeldCertificate]) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok();
+        let held = certificates
+            .iter()
+            .filter(|c| c.identity.len() <= MAX_IDENTITY_BYTES)
+            .take(MAX_CERTIFICATES_PER_NODE)
+            .map(|c| (c.identity.clone(), c.not_after))
+            .collect();
+        self.with_node(node, |status| {
+            status.last_report = now;
+            status.certificates = held;
         });
     }
 

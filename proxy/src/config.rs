@@ -326,6 +326,21 @@ pub struct ProxyConfig {
     /// per Service endpoint): 128 MiB holds well over 450,000 of them.
     #[arg(long, env = "WEFT_MAX_CONFIG_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_CONFIG_MESSAGE_BYTES)]
     pub max_config_message_bytes: usize,
+
+    /// How often the proxy reports who talked to whom (connections, bytes,
+    /// refusals by policy) and the certificates it holds up its config
+    /// stream, for the control plane's dashboard, in seconds. 0: never.
+    #[arg(
+        long,
+        env = "WEFT_TRAFFIC_REPORT_INTERVAL_SECONDS",
+        default_value_t = 10
+    )]
+    pub traffic_report_interval_seconds: u64,
+
+    /// Pairs of workloads a traffic report holds at most; connections
+    /// between further pairs are counted, not named, until the next report.
+    #[arg(long, env = "WEFT_TRAFFIC_REPORT_MAX_EDGES", default_value_t = 2_000)]
+    pub traffic_report_max_edges: usize,
 }
 
 /// The default of [`ProxyConfig::max_config_message_bytes`], the same as the

@@ -87,6 +87,8 @@ pub struct ControlPlaneClient {
     kept: Option<Arc<KeptConfig>>,
     /// Run on every applied view before it is published.
     before_publishing: Option<BeforePublishing>,
+    /// Traffic reports up each stream, if the data plane counts any.
+    reporting: Option<Arc<crate::traffic_ledger::TrafficReporting>>,
 }
 
 /// The applied config as the node keeps it: the client folds every applied
@@ -130,7 +132,13 @@ impl ControlPlaneClient {
             status,
             kept: None,
             before_publishing: None,
+            reporting: None,
         }
+    }
+
+    /// Sends traffic reports up every stream this client opens from now on.
+    pub fn report_traffic(&mut self, reporting: crate::traffic_ledger::TrafficReporting) {
+        self.reporting = Some(Arc::new(reporting));
     }
 
     /// Runs `work` on every view this client applies from now on, before
@@ -299,6 +307,14 @@ impl ControlPlaneClient {
             status.streams_opened += 1;
         });
         info!("config stream open");
+        // Reports go up the stream beside the acknowledgements; the task
+        // ends with the stream (this guard, or its channel closing).
+        let _reporting = self.reporting.clone().map(|reporting| {
+            AbortOnDrop(tokio::spawn(crate::traffic_ledger::send_reports(
+                reporting,
+                outgoing.clone(),
+            )))
+        });
 
         // Updates come in parts of a few tens of KiB (see weft_api::parts):
         // the whole is held only here, bounded like a single message.
@@ -494,6 +510,15 @@ fn nack_reason(refused: &[crate::UpdateProblem]) -> String {
         ));
     }
     reason
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn send(

@@ -61,6 +61,7 @@ pub mod rejections;
 pub mod sockets;
 #[cfg(test)]
 mod test_configs;
+pub mod traffic_ledger;
 mod transport;
 mod wall_clock;
 pub mod warnings;

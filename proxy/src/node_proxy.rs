@@ -131,6 +131,18 @@ impl NodeProxy {
             node_certificates.keep_in(state.clone());
         }
         let certificates = node_certificates.subscribe();
+        // The data plane counts who talked to whom; the client reports it.
+        let ledger = Arc::new(crate::traffic_ledger::TrafficLedger::new(
+            config.traffic_report_max_edges,
+        ));
+        if config.traffic_report_interval_seconds > 0 {
+            let held = certificates.clone();
+            client.report_traffic(crate::traffic_ledger::TrafficReporting {
+                ledger: ledger.clone(),
+                interval: Duration::from_secs(config.traffic_report_interval_seconds),
+                certificates: Box::new(move || held_certificates(&held.borrow())),
+            });
+        }
         let data_plane_config = config.clone();
         let (drain_requests, drain_requested) = watch::channel(false);
         let rejections = crate::rejections::Rejections::default();
@@ -190,6 +202,7 @@ impl NodeProxy {
                         predecessor,
                         pods_requested,
                         rejections,
+                        ledger,
                     },
                     &mut tasks,
                 )
@@ -332,4 +345,19 @@ impl NodeProxy {
             }
         }
     }
+}
+
+/// The certificates in `held`, as a traffic report lists them.
+fn held_certificates(
+    held: &crate::certificates::CertificateMap,
+) -> Vec<weft_api::v1::HeldCertificate> {
+    held.iter()
+        .map(|(identity, certificate)| weft_api::v1::HeldCertificate {
+            identity: identity.to_string(),
+            not_after: certificate
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        })
+        .collect()
 }

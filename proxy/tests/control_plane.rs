@@ -231,6 +231,27 @@ async fn certificates_are_obtained_for_local_meshed_identities_only() {
     let cert = certificates.borrow()[&Identity::parse(WEB).unwrap()].clone();
     assert!(!cert.is_expired(SystemTime::now()));
     assert_eq!(cert.trust().roots(), cp.ca.trust_bundle().roots());
+    // The control plane's dashboard learns them from the traffic reports.
+    let not_after = cert
+        .not_after()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    loop {
+        let report = stream.report().await;
+        if report.certificates.len() < 2 {
+            continue; // an earlier report, sent as the first came
+        }
+        let reported: Vec<(&str, i64)> = report
+            .certificates
+            .iter()
+            .map(|c| (c.identity.as_str(), c.not_after))
+            .collect();
+        assert_eq!(reported.len(), 2, "{reported:?}");
+        assert!(reported.contains(&(WEB, not_after)), "{reported:?}");
+        assert!(reported.iter().any(|(id, _)| *id == api), "{reported:?}");
+        break;
+    }
 
     let listed = admin_json(proxy.admin_addr(), "/certs").await;
     let listed = listed.as_array().unwrap();

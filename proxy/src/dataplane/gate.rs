@@ -22,8 +22,9 @@ use tracing::{info, warn};
 use weft_api::authorization::{Connection, Decision, Outcome};
 
 use super::routes::RouteTable;
-use super::telemetry::{Direction, TrafficMetrics};
+use super::telemetry::{Direction, Security, TrafficMetrics, workload_key};
 use crate::node_view::Workload;
+use crate::traffic_ledger::EdgeKey;
 
 /// How a connection reaches the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,10 +84,11 @@ pub fn admit(
     request: &GateRequest<'_>,
 ) -> Result<(), Decision> {
     let decision = decide(routes, workload, request);
+    let source = routes.workload(request.source.ip()).map(|w| &**w);
     record(
         metrics,
         &decision,
-        workload,
+        (source, workload),
         request,
         "inbound connection denied",
     );
@@ -97,16 +99,30 @@ pub fn admit(
     }
 }
 
-/// Counts and logs a decision; `what` says what a refusal does ("inbound connection
-/// denied", "closing an open connection").
+/// Counts and logs a decision on a connection from `source` (the pod at its
+/// address, if known) to `workload`; `what` says what a refusal does
+/// ("inbound connection denied", "closing an open connection").
 pub fn record(
     metrics: &TrafficMetrics,
     decision: &Decision,
-    workload: &Workload,
+    (source, workload): (Option<&Workload>, &Workload),
     request: &GateRequest<'_>,
     what: &str,
 ) {
-    metrics.authorization(decision, workload);
+    let edge = EdgeKey {
+        reporter: Direction::Inbound.reporter(),
+        source_workload: source.map(workload_key).unwrap_or_default(),
+        destination_workload: workload_key(workload),
+        source_principal: request.principal.unwrap_or_default().to_owned(),
+        destination_service: String::new(),
+        security: match request.path {
+            Path::Hbone => Security::MutualTls,
+            Path::NodeLocal => Security::NodeLocal,
+            Path::Plaintext => Security::None,
+        }
+        .label(),
+    };
+    metrics.authorization(decision, workload, &edge);
     let path = request.path.as_str();
     let (source, destination) = (request.source, request.destination);
     for audit in &decision.audits {

@@ -204,7 +204,8 @@ fn decide_again(
     };
     let decision = gate::decide(routes, workload, request);
     if !decision.allowed() {
-        gate::record(metrics, &decision, workload, request, what);
+        let source = routes.workload(request.source.ip()).map(|w| &**w);
+        gate::record(metrics, &decision, (source, workload), request, what);
     }
     decision
 }

@@ -74,6 +74,8 @@ pub struct Start {
     /// Where the listeners count what they refuse (the admin endpoint
     /// counts into it too).
     pub rejections: crate::rejections::Rejections,
+    /// Where connections are counted for the traffic reports.
+    pub ledger: Arc<crate::traffic_ledger::TrafficLedger>,
 }
 
 /// Installs the capture (if configured) and starts serving on the given
@@ -96,9 +98,10 @@ pub async fn start(
         predecessor,
         pods_requested,
         rejections,
+        ledger,
     } = start;
     let mut registry = Registry::default();
-    let metrics = TrafficMetrics::new(&mut registry);
+    let metrics = TrafficMetrics::new(&mut registry, ledger);
     rejections.register(&mut registry);
     registry.register_collector(Box::new(crate::logging::DroppedLinesMetric));
     registry.register_collector(Box::new(crate::lanes::LaneMetrics));

@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::hbone::{Baggage, TraceParent};
 use crate::node_view::Workload;
+use crate::traffic_ledger::{EdgeKey, TrafficLedger};
 
 /// Which way a connection crosses this proxy, as Istio's `reporter` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +27,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn reporter(self) -> &'static str {
+    /// Istio's `reporter` label: which end this proxy serves.
+    pub fn reporter(self) -> &'static str {
         match self {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
@@ -47,7 +49,8 @@ pub enum Security {
 }
 
 impl Security {
-    fn label(self) -> &'static str {
+    /// Istio's `connection_security_policy` label.
+    pub fn label(self) -> &'static str {
         match self {
             Security::MutualTls => "mutual_tls",
             Security::NodeLocal => "node_local",
@@ -95,8 +98,9 @@ struct AuthorizationLabels {
     destination_workload_namespace: String,
 }
 
-/// The data plane's metric families.
-#[derive(Debug, Default)]
+/// The data plane's metric families, and the ledger of who talked to
+/// whom that the control plane's dashboard is made of.
+#[derive(Debug)]
 pub struct TrafficMetrics {
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
@@ -105,12 +109,23 @@ pub struct TrafficMetrics {
     failures: Family<FailureLabels, Counter>,
     authorization: Family<AuthorizationLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
+    ledger: Arc<TrafficLedger>,
 }
 
 impl TrafficMetrics {
-    /// The families, registered in `registry`.
-    pub fn new(registry: &mut Registry) -> Arc<TrafficMetrics> {
-        let metrics = TrafficMetrics::default();
+    /// The families, registered in `registry`; connections are also
+    /// counted in `ledger`.
+    pub fn new(registry: &mut Registry, ledger: Arc<TrafficLedger>) -> Arc<TrafficMetrics> {
+        let metrics = TrafficMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            failures: Family::default(),
+            authorization: Family::default(),
+            ejections: Family::default(),
+            ledger,
+        };
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -149,9 +164,10 @@ impl TrafficMetrics {
         Arc::new(metrics)
     }
 
-    /// Counts what policy did to a connection to `destination`: the denial
-    /// (naming the deciding policy) and every AUDIT match.
-    pub fn authorization(&self, decision: &Decision, destination: &Workload) {
+    /// Counts what policy did to a connection between `edge`'s ends, to
+    /// `destination`: the denial (naming the deciding policy) and every
+    /// AUDIT match.
+    pub fn authorization(&self, decision: &Decision, destination: &Workload, edge: &EdgeKey) {
         let count = |kind: &str, policy: String| {
             self.authorization
                 .get_or_create(&AuthorizationLabels {
@@ -162,12 +178,16 @@ impl TrafficMetrics {
                 })
                 .inc();
         };
+        if !decision.allowed() {
+            self.ledger.denied(edge, &decision.policy());
+        }
         // Plaintext refused by STRICT is an MtlsPolicy's doing, counted
         // as a failure (`plaintext_refused_strict`), not here.
         if !decision.allowed() && !matches!(decision.outcome, Outcome::PlaintextRefused(_)) {
             count("deny", decision.policy());
         }
         for audit in &decision.audits {
+            self.ledger.audited(edge, &audit.policy);
             count("audit", audit.policy.clone());
         }
     }
@@ -208,6 +228,15 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// `<namespace>/<workload name>` of its pod, empty when unknown: how
+    /// traffic reports name it.
+    pub fn workload_key(&self) -> String {
+        self.workload
+            .as_ref()
+            .map(|w| workload_key(w))
+            .unwrap_or_default()
+    }
+
     /// A known pod, with its identity as principal.
     pub fn workload(workload: &Arc<Workload>) -> Peer {
         Peer {
@@ -218,10 +247,16 @@ impl Peer {
     }
 }
 
+/// `<namespace>/<workload name>` of `workload`: how traffic reports name it.
+pub fn workload_key(workload: &Workload) -> String {
+    format!("{}/{}", workload.namespace(), workload.workload_name)
+}
+
 /// One proxied connection, from open to close.
 pub struct ConnectionRecord {
     metrics: Arc<TrafficMetrics>,
     labels: TcpLabels,
+    edge: EdgeKey,
     client: SocketAddr,
     target: SocketAddr,
     started: Instant,
@@ -254,9 +289,19 @@ impl ConnectionRecord {
             connection_security_policy: security.label().to_owned(),
         };
         metrics.opened.get_or_create(&labels).inc();
+        let edge = EdgeKey {
+            reporter: direction.reporter(),
+            source_workload: source.workload_key(),
+            destination_workload: destination.workload_key(),
+            source_principal: source.principal.clone().unwrap_or_default(),
+            destination_service: service.map(str::to_owned).unwrap_or_default(),
+            security: security.label(),
+        };
+        metrics.ledger.opened(&edge);
         ConnectionRecord {
             metrics: metrics.clone(),
             labels,
+            edge,
             client,
             target,
             started: Instant::now(),
@@ -276,6 +321,7 @@ impl ConnectionRecord {
     /// (`received` from the client, `sent` to it) and writes its access-log line.
     pub fn close(self, received: u64, sent: u64, error: Option<&str>) {
         self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics.ledger.closed(&self.edge, received, sent);
         self.metrics
             .sent_bytes
             .get_or_create(&self.labels)

@@ -83,6 +83,7 @@ pub struct ProxyStream {
     pub token: Option<String>,
     updates: mpsc::Sender<Result<ConfigUpdate, Status>>,
     replies: mpsc::Receiver<ProxyMessage>,
+    reports: mpsc::Receiver<v1::TrafficReport>,
 }
 
 impl ProxyStream {
@@ -97,6 +98,13 @@ impl ProxyStream {
             .await
             .expect("the proxy closed the stream instead of replying");
         message.kind.expect("a reply without a kind")
+    }
+
+    /// The proxy's next traffic report (reports are not replies).
+    pub async fn report(&mut self) -> v1::TrafficReport {
+        within("the proxy's traffic report", self.reports.recv())
+            .await
+            .expect("the proxy closed the stream before reporting")
     }
 
     /// Ends the stream the way a control plane going away does.
@@ -142,9 +150,16 @@ impl NodeConfig for Service {
         };
         let (updates, outbound) = mpsc::channel(16);
         let (replies_tx, replies) = mpsc::channel(16);
+        // Reports are kept apart (and the newest few only): a test that
+        // scripts Acks and Nacks does not see them.
+        let (reports_tx, reports) = mpsc::channel(16);
         let (inbound_ended, inbound_closed) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
+                if let Some(v1::proxy_message::Kind::Traffic(report)) = message.kind {
+                    let _ = reports_tx.try_send(report);
+                    continue;
+                }
                 if replies_tx.send(message).await.is_err() {
                     break;
                 }
@@ -156,6 +171,7 @@ impl NodeConfig for Service {
             token,
             updates,
             replies,
+            reports,
         };
         self.streams
             .send(stream)
@@ -427,6 +443,8 @@ impl ProxyFiles {
             log_format: LogFormat::Text,
             log_level: "debug".into(),
             max_config_message_bytes: weft_proxy::DEFAULT_MAX_CONFIG_MESSAGE_BYTES,
+            traffic_report_interval_seconds: 1,
+            traffic_report_max_edges: 2_000,
         }
     }
 }

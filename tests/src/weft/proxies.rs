@@ -135,7 +135,9 @@ impl WeftMesh {
             .arg(self.proxy_state_dir(testbed, node))
             .arg("--admin-socket")
             .arg(self.admin_socket(testbed, node))
-            .env("WEFT_LOG_LEVEL", &self.proxy_log_level);
+            .env("WEFT_LOG_LEVEL", &self.proxy_log_level)
+            // The dashboard's traffic shows within a second, not ten.
+            .env("WEFT_TRAFFIC_REPORT_INTERVAL_SECONDS", "1");
         // Several testbeds plan the same pod addresses side by side: pods
         // are known from announcements and the state directory, never from
         // a search of the machine's namespaces.

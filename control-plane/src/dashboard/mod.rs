@@ -1,0 +1,357 @@
+//! The dashboard on the monitoring port (15014): a small web app, embedded
+//! in the binary (no internet, nothing else to install), and the read-only
+//! JSON it is drawn from. What it shows comes from what this control plane
+//! already holds: the node registry (streams, versions, NACKs, and the
+//! certificates each proxy reports), the published mesh (workloads, their
+//! identity, mTLS mode and policies), the policies' status conditions, and
+//! the traffic the proxies report up their config streams
+//! ([`crate::reported_traffic`]). The explain form asks the mesh being
+//! served, with the same code as `weft-control-plane explain`.
+//!
+//! Everything shown is escaped by the page (text nodes only): workload,
+//! policy and Service names come from the cluster and the proxies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use weft_api::v1 as pb;
+
+use crate::cluster::ClusterState;
+use crate::explain::ExplainArgs;
+use crate::fanout::Published;
+use crate::registry::NodeRegistry;
+use crate::reported_traffic::ReportedTraffic;
+
+/// The page and its assets, by path.
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", include_str!("index.html")),
+    (
+        "/dashboard",
+        "text/html; charset=utf-8",
+        include_str!("index.html"),
+    ),
+    (
+        "/dashboard/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("app.js"),
+    ),
+    (
+        "/dashboard/style.css",
+        "text/css; charset=utf-8",
+        include_str!("style.css"),
+    ),
+];
+
+/// Workloads listed at most per page of `/api/workloads` (a cluster may
+/// hold 50,000 pods; the page narrows by namespace and name).
+const MAX_WORKLOADS_LISTED: usize = 500;
+
+/// What the dashboard reads.
+pub struct Dashboard {
+    /// Node proxies and what they reported.
+    pub nodes: Arc<NodeRegistry>,
+    /// The mesh being served.
+    pub mesh: watch::Receiver<Arc<Published>>,
+    /// The cluster as the source holds it, for the policies' conditions.
+    pub cluster: watch::Receiver<Arc<ClusterState>>,
+    /// The proxies' traffic reports.
+    pub traffic: Arc<ReportedTraffic>,
+    /// The control plane's namespace (mesh-wide policies live there).
+    pub mesh_namespace: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+}
+
+/// A dashboard answer: status, content type, body.
+pub type Answer = (u16, &'static str, String);
+
+impl Dashboard {
+    /// The answer to `GET path?query`, if the path is the dashboard's.
+    pub fn answer(&self, path: &str, query: Option<&str>) -> Option<Answer> {
+        if let Some((_, content_type, body)) = ASSETS.iter().find(|(p, _, _)| *p == path) {
+            return Some((200, content_type, (*body).to_owned()));
+        }
+        let params: BTreeMap<String, String> = query
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let now = SystemTime::now();
+        let value = match path {
+            "/api/overview" => self.overview(now),
+            "/api/nodes" => json!(self.nodes_list(now)),
+            "/api/workloads" => self.workloads(&params, now),
+            "/api/traffic" => json!(self.traffic.summary(now)),
+            "/api/policies" => self.policies(),
+            "/api/explain" => match self.explain(&params) {
+                Ok(value) => value,
+                Err(error) => return Some(json_answer(400, &json!({ "error": error }))),
+            },
+            _ => return None,
+        };
+        Some(json_answer(200, &value))
+    }
+
+    fn overview(&self, now: SystemTime) -> Value {
+        let nodes = self.nodes_list(now);
+        let published = self.mesh.borrow().clone();
+        let mesh = &published.mesh;
+        let meshed = mesh
+            .workloads
+            .values()
+            .filter(|w| w.workload.meshed)
+            .count();
+        let policies = self.policy_list();
+        let not_accepted = policies
+            .iter()
+            .filter(|p| !p.conditions.first().is_some_and(|c| c.status))
+            .count();
+        let soonest = nodes
+            .iter()
+            .flat_map(|n| {
+                n.certificates
+                    .iter()
+                    .map(move |c| (c.not_after, &n.name, &c.identity))
+            })
+            .min();
+        let traffic = self.traffic.summary(now);
+        let denied: u64 = traffic.edges.iter().flat_map(|e| e.denied.values()).sum();
+        json!({
+            "mesh_version": published.version,
+            "nodes": {
+                "known": nodes.len(),
+                "connected": nodes.iter().filter(|n| n.connected).count(),
+                "up_to_date": nodes.iter().filter(|n| n.up_to_date).count(),
+                "with_nack": nodes.iter().filter(|n| n.last_nack.is_some()).count(),
+            },
+            "workloads": { "total": mesh.workloads.len(), "meshed": meshed },
+            "policies": { "total": policies.len(), "not_accepted": not_accepted },
+            "soonest_certificate_expiry": soonest.map(|(not_after, node, identity)| json!({
+                "node": node, "identity": identity, "not_after": not_after,
+                "expires_in_seconds": not_after.saturating_sub(seconds(now)),
+            })),
+            "traffic": {
+                "window_seconds": traffic.window_seconds,
+                "edges": traffic.edges.len(),
+                "connections": traffic.edges.iter().map(|e| e.opened).sum::<u64>(),
+                "denied": denied,
+            },
+        })
+    }
+
+    /// Every node a proxy reported from or a pod runs on: a node with pods
+    /// and no proxy is one the mesh does not serve.
+    fn nodes_list(&self, now: SystemTime) -> Vec<NodeSummary> {
+        let statuses = self.nodes.snapshot();
+        let mut pods_by_node: BTreeMap<String, usize> = BTreeMap::new();
+        for workload in self.mesh.borrow().mesh.workloads.values() {
+            *pods_by_node
+                .entry(workload.workload.node.clone())
+                .or_default() += 1;
+        }
+        let names: BTreeSet<&String> = statuses.keys().chain(pods_by_node.keys()).collect();
+        names
+            .into_iter()
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                let status = statuses.get(name).cloned().unwrap_or_default();
+                let connected = status.streams > 0;
+                NodeSummary {
+                    name: name.clone(),
+                    pods: pods_by_node.get(name).copied().unwrap_or(0),
+                    connected,
+                    connected_since: status.connected_since,
+                    proxy_version: status.proxy_version,
+                    sent_version: status.sent_version,
+                    acked_version: status.acked_version,
+                    up_to_date: connected && status.acked_version == status.sent_version,
+                    last_nack: status
+                        .last_nack
+                        .map(|(version, reason)| NackSummary { version, reason }),
+                    last_report: status.last_report,
+                    certificates: status
+                        .certificates
+                        .into_iter()
+                        .map(|(identity, not_after)| CertificateSummary {
+                            identity,
+                            not_after,
+                            expires_in_seconds: not_after.saturating_sub(seconds(now)),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn workloads(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {
+        let namespace = params.get("namespace").filter(|n| !n.is_empty());
+        let needle = params.get("q").map(|q| q.to_lowercase());
+        let limit = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(MAX_WORKLOADS_LISTED)
+            .min(MAX_WORKLOADS_LISTED);
+        let statuses = self.nodes.snapshot();
+        let mesh = self.mesh.borrow().mesh.clone();
+        let matching = mesh.workloads.values().filter(|w| {
+            let pod = &w.workload;
+            namespace.is_none_or(|n| &pod.namespace == n)
+                && needle
+                    .as_ref()
+                    .is_none_or(|q| pod.uid.to_lowercase().contains(q.as_str()))
+        });
+        let mut total = 0;
+        let mut listed = Vec::new();
+        for workload in matching {
+            total += 1;
+            if listed.len() >= limit {
+                continue;
+            }
+            let pod = &workload.workload;
+            let certificate = statuses
+                .get(&pod.node)
+                .and_then(|s| s.certificates.get(&pod.identity))
+                .map(|not_after| json!({
+                    "not_after": not_after, "expires_in_seconds": not_after.saturating_sub(seconds(now)),
+                }));
+            listed.push(json!({
+                "uid": pod.uid,
+                "namespace": pod.namespace,
+                "name": pod.name,
+                "workload": pod.workload_name,
+                "node": pod.node,
+                "ips": pod.ips,
+                "meshed": pod.meshed,
+                "identity": pod.identity,
+                "mtls": if pod.mtls_mode == pb::MtlsMode::Strict as i32 { "STRICT" } else { "PERMISSIVE" },
+                "mtls_policy": pod.mtls_policy,
+                "policies": pod.authorization_policies,
+                "invalid_policies": pod.invalid_authorization_policies,
+                "quarantine": pod.quarantine,
+                "certificate": certificate,
+            }));
+        }
+        let namespaces: BTreeSet<&str> = mesh
+            .workloads
+            .values()
+            .map(|w| w.workload.namespace.as_str())
+            .collect();
+        json!({
+            "total": total,
+            "limit": limit,
+            "workloads": listed,
+            "namespaces": namespaces,
+        })
+    }
+
+    fn policy_list(&self) -> Vec<PolicySummary> {
+        crate::status::verdicts(&self.cluster.borrow(), &self.mesh_namespace)
+            .into_iter()
+            .map(|((kind, key), conditions)| PolicySummary {
+                kind: format!("{kind:?}"),
+                object: key,
+                conditions: conditions
+                    .iter()
+                    .map(|c| ConditionSummary {
+                        type_: c.type_,
+                        status: c.status,
+                        reason: c.reason,
+                        message: c.message.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The policies and their status conditions (also `/debug/policies`).
+    pub fn policies(&self) -> Value {
+        json!(self.policy_list())
+    }
+
+    fn explain(&self, params: &BTreeMap<String, String>) -> Result<Value, String> {
+        let field = |name: &str| {
+            params
+                .get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("{name} is missing"))
+        };
+        let args = ExplainArgs {
+            from: field("from")?,
+            to: field("to")?,
+            plaintext: params.get("plaintext").is_some_and(|v| v == "true"),
+            from_ip: match params.get("from_ip").filter(|v| !v.is_empty()) {
+                Some(ip) => ip
+                    .parse()
+                    .map_err(|_| format!("from_ip {ip:?} is not an IP"))?,
+                None => std::net::IpAddr::from([0, 0, 0, 0]),
+            },
+        };
+        let mesh = self.mesh.borrow().mesh.clone();
+        let explanation = crate::explain::explain_in(&mesh, &self.trust_domain, &args)?;
+        Ok(json!({ "allowed": explanation.allowed, "report": explanation.report }))
+    }
+}
+
+/// A node and its proxy, as the dashboard lists them.
+#[derive(Clone, Debug, Serialize)]
+struct NodeSummary {
+    name: String,
+    pods: usize,
+    connected: bool,
+    connected_since: Option<u64>,
+    proxy_version: String,
+    sent_version: u64,
+    acked_version: u64,
+    /// Connected, and the last version sent is applied.
+    up_to_date: bool,
+    last_nack: Option<NackSummary>,
+    last_report: Option<u64>,
+    certificates: Vec<CertificateSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct NackSummary {
+    version: u64,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct CertificateSummary {
+    identity: String,
+    not_after: i64,
+    expires_in_seconds: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct PolicySummary {
+    kind: String,
+    object: String,
+    conditions: Vec<ConditionSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct ConditionSummary {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn seconds(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn json_answer(status: u16, value: &Value) -> Answer {
+    let body = serde_json::to_string_pretty(value)
+        .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()));
+    (status, "application/json", body)
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;
