@@ -115,7 +115,8 @@ PY
 step "control-plane scale smoke run (weft-bench control-plane, 10 nodes, 300 pods)"
 # The same release build: weft-control-plane sits next to weft-bench.
 "$CARGO_TARGET_DIR/release/weft-bench" control-plane --nodes 10 --pods 300 --changes 3 \
-    --churn-rate 20 --churn-seconds 1 --json "$WEFT_CACHE/bench-scale-smoke.json"
+    --churn-rate 20 --churn-seconds 1 --report-interval-seconds 2 \
+    --json "$WEFT_CACHE/bench-scale-smoke.json"
 python3 - "$WEFT_CACHE/bench-scale-smoke.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -133,6 +134,9 @@ assert churn is not None and churn["changes"] == 20, churn
 proxy = report["proxy"]
 assert proxy["remote_workloads"] + proxy["local_workloads"] == pods, ("the proxy's view", proxy)
 assert proxy["deltas"] > 0 and proxy["refused_entries"] == 0, ("the proxy's deltas", proxy)
+dashboard = report["dashboard"]
+assert dashboard["reports"] == nodes, dashboard
+assert all(page["bytes"] > 0 for page in dashboard["pages"]), ("a dashboard page was empty", dashboard)
 print(f"control-plane smoke: {nodes} nodes got every pod, every change reached every node, "
       f"the proxy of {proxy['node']} applied {proxy['deltas']} deltas")
 PY

@@ -59,11 +59,43 @@ struct Backing {
     auth: NodeAuthenticator,
     cluster: watch::Receiver<Arc<ClusterState>>,
     problems: watch::Receiver<Vec<ManifestProblem>>,
+    /// Whether this replica writes status (holds the Lease).
+    leader: watch::Receiver<bool>,
 }
 
 /// Local manifests: the CA and the roots in the state directory, bootstrap
 /// tokens from a file, the cluster from the manifests directory.
-fn local_backing(config: &ControlPlaneConfig, metrics: &mut Registry) -> Result<Backing, Error> {
+/// The sources' counters, registered whichever source runs: a dashboard or
+/// alert on one finds its series, at zero, on the other.
+struct SourceMetrics {
+    manifest_reloads: Counter,
+    watch_errors: Counter,
+}
+
+impl SourceMetrics {
+    fn new(metrics: &mut Registry) -> SourceMetrics {
+        let source = SourceMetrics {
+            manifest_reloads: Counter::default(),
+            watch_errors: Counter::default(),
+        };
+        metrics.register(
+            "weft_control_plane_manifest_reloads",
+            "Times the manifests directory was re-read after a change (local manifests)",
+            source.manifest_reloads.clone(),
+        );
+        metrics.register(
+            "weft_control_plane_watch_errors",
+            "Failed watches of the API server, each retried with backoff (Kubernetes)",
+            source.watch_errors.clone(),
+        );
+        source
+    }
+}
+
+fn local_backing(
+    config: &ControlPlaneConfig,
+    source_metrics: &SourceMetrics,
+) -> Result<Backing, Error> {
     let (Some(manifests), Some(node_tokens)) = (&config.manifests, &config.node_tokens) else {
         return Err(Error::Config(
             "--source manifests needs --manifests and --node-tokens".into(),
@@ -86,18 +118,15 @@ fn local_backing(config: &ControlPlaneConfig, metrics: &mut Registry) -> Result<
     std::fs::write(&root_file, ca.trust_bundle().to_pem()).map_err(write_failed(&root_file))?;
     info!(roots = %root_file.display(), "wrote the mesh roots for proxies");
 
-    let reloads = Counter::default();
-    metrics.register(
-        "weft_control_plane_manifest_reloads",
-        "Times the manifests directory was re-read after a change",
-        reloads.clone(),
-    );
-    let (cluster, problems) = watch_dir(manifests, reloads)?;
+    let (cluster, problems) = watch_dir(manifests, source_metrics.manifest_reloads.clone())?;
+    // One replica on one directory: it is the only writer there is.
+    let (_, leader) = watch::channel(true);
     Ok(Backing {
         ca,
         auth: NodeAuthenticator::Tokens(NodeTokens::load(node_tokens)?),
         cluster,
         problems,
+        leader,
     })
 }
 
@@ -106,7 +135,7 @@ fn local_backing(config: &ControlPlaneConfig, metrics: &mut Registry) -> Result<
 /// from watchers.
 async fn kubernetes_backing(
     config: &ControlPlaneConfig,
-    metrics: &mut Registry,
+    source_metrics: &SourceMetrics,
     rejections: &Rejections,
 ) -> Result<Backing, Error> {
     let client = kubernetes::connect().await?;
@@ -139,13 +168,12 @@ async fn kubernetes_backing(
         config.token_reviews.clone(),
         rejections.clone(),
     )));
-    let watch_errors = Counter::default();
-    metrics.register(
-        "weft_control_plane_watch_errors",
-        "Failed watches of the API server (each is retried with backoff)",
-        watch_errors.clone(),
-    );
-    let cluster = kubernetes::watch_cluster(client.clone(), &config.namespace, watch_errors).await;
+    let cluster = kubernetes::watch_cluster(
+        client.clone(),
+        &config.namespace,
+        source_metrics.watch_errors.clone(),
+    )
+    .await;
     // Every replica serves; the one holding the Lease also writes status.
     let holder = format!(
         "{}-{:08x}",
@@ -156,7 +184,7 @@ async fn kubernetes_backing(
     tokio::spawn(kubernetes::write_statuses(
         client,
         cluster.clone(),
-        leader,
+        leader.clone(),
         config.namespace.clone(),
     ));
     // The API server validates objects; there is no file to report on.
@@ -166,6 +194,7 @@ async fn kubernetes_backing(
         auth,
         cluster,
         problems,
+        leader,
     })
 }
 
@@ -195,14 +224,16 @@ pub async fn run_on(
     let mut metrics = Registry::default();
     let nodes = NodeRegistry::new(&mut metrics);
     let rejections = Rejections::new(&mut metrics);
+    let source_metrics = SourceMetrics::new(&mut metrics);
     let Backing {
         ca,
         auth,
         mut cluster,
         problems,
+        leader,
     } = match config.source {
-        Source::Manifests => local_backing(&config, &mut metrics)?,
-        Source::Kubernetes => kubernetes_backing(&config, &mut metrics, &rejections).await?,
+        Source::Manifests => local_backing(&config, &source_metrics)?,
+        Source::Kubernetes => kubernetes_backing(&config, &source_metrics, &rejections).await?,
     };
     let ca = Arc::new(ca.with_policy(SigningPolicy {
         lifetime: Duration::from_secs(config.cert_lifetime_seconds),
@@ -274,6 +305,11 @@ pub async fn run_on(
     let (shutting_down, shutting_down_rx) = watch::channel(false);
     let shutdown_delay = Duration::from_secs(config.shutdown_delay_seconds);
     let traffic = Arc::new(ReportedTraffic::new(config.traffic_limits(), &mut metrics));
+    metrics.register_collector(Box::new(crate::node_health::HealthMetrics {
+        registry: nodes.clone(),
+        mesh: mesh_rx.clone(),
+        leader,
+    }));
     let monitoring = Arc::new(Monitoring {
         metrics,
         dashboard: Dashboard {

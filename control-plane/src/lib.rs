@@ -35,6 +35,7 @@ pub mod mesh_update;
 pub mod monitoring;
 pub mod node_auth;
 pub mod node_delta;
+pub mod node_health;
 pub mod policy;
 pub mod registry;
 pub mod reported_traffic;

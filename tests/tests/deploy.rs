@@ -228,6 +228,64 @@ fn the_chart_values_change_what_they_should() {
     })));
 }
 
+#[test]
+fn the_chart_ships_the_dashboards_and_alerts_on_request() {
+    let none = helm_template(&[]);
+    assert!(none.iter().all(
+        |o| o["kind"] != "PrometheusRule" && o["metadata"]["name"] != "weft-grafana-dashboards"
+    ));
+    let objects = helm_template(&[
+        "--set",
+        "observability.grafanaDashboards.enabled=true",
+        "--set",
+        "observability.prometheusRule.enabled=true",
+    ]);
+    let dashboards = objects
+        .iter()
+        .find(|o| o["metadata"]["name"] == "weft-grafana-dashboards")
+        .unwrap();
+    assert_eq!(dashboards["metadata"]["labels"]["grafana_dashboard"], "1");
+    let data = dashboards["data"].as_object().unwrap();
+    let mut titles: Vec<String> = data
+        .values()
+        .map(|json| {
+            let dashboard: Value = serde_json::from_str(json.as_str().unwrap()).unwrap();
+            assert!(!dashboard["panels"].as_array().unwrap().is_empty());
+            dashboard["title"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    titles.sort();
+    assert_eq!(
+        titles,
+        [
+            "weft / control plane",
+            "weft / mesh overview",
+            "weft / node proxy resources",
+            "weft / workload traffic"
+        ]
+    );
+    let rule = objects
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    for alert in [
+        "WeftNodeWithoutProxy",
+        "WeftProxiesBehindConfig",
+        "WeftConfigRefused",
+        "WeftCertificateExpiringSoon",
+        "WeftRefusalsSpiking",
+        "WeftControlPlaneNotLeading",
+    ] {
+        assert!(alerts.contains(&alert), "{alert} in {alerts:?}");
+    }
+}
+
 async fn start() -> (KubeApiServer, kube::Client) {
     let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
     let client = api.client().await.unwrap();

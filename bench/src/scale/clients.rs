@@ -91,6 +91,8 @@ pub struct NodeRecord {
     /// Node [`PROXY_NODE`] only: every update's bytes, in order, for the
     /// proxy's side of the measurement ([`super::proxy_side`]).
     pub messages: Vec<Vec<u8>>,
+    /// Sends messages up the node's current stream (traffic reports).
+    pub sender: Option<super::grpc::MessageSender>,
 }
 
 /// The simulated nodes' shared state.
@@ -203,7 +205,11 @@ impl Streams {
         let mut stream = tokio::time::timeout(OPEN_TIMEOUT, self.open(node, &name))
             .await
             .with_context(|| format!("opening the stream took over {OPEN_TIMEOUT:?}"))??;
-        self.record(node).opened += 1;
+        {
+            let mut record = self.record(node);
+            record.opened += 1;
+            record.sender = Some(stream.sender());
+        }
         let mut permit = Some(permit);
         if node == PROXY_NODE {
             stream.keep_messages();

@@ -153,6 +153,12 @@ impl ConfigStream {
         }
     }
 
+    /// A handle that sends messages up this stream from elsewhere (traffic
+    /// reports), for as long as the stream lives.
+    pub fn sender(&self) -> MessageSender {
+        MessageSender(self.requests.clone())
+    }
+
     /// Acknowledges `version`.
     pub async fn ack(&mut self, version: u64) -> Result<()> {
         let ack = Kind::Ack(pb::Ack { version });
@@ -160,6 +166,20 @@ impl ConfigStream {
             .send(Ok(Frame::data(framed(ack))))
             .await
             .context("sending an Ack: the request stream is closed")
+    }
+}
+
+/// Sends proxy messages up one node's stream.
+#[derive(Clone, Debug)]
+pub struct MessageSender(mpsc::Sender<Result<Frame<Bytes>, Infallible>>);
+
+impl MessageSender {
+    /// Sends `report`; an error once the stream is gone.
+    pub async fn report(&self, report: pb::TrafficReport) -> Result<()> {
+        self.0
+            .send(Ok(Frame::data(framed(Kind::Traffic(report)))))
+            .await
+            .context("sending a traffic report: the stream is closed")
     }
 }
 

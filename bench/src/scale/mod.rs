@@ -12,7 +12,9 @@
 //! - a churn of many changes per second: how long after the last one every
 //!   node holds every changed pod's final IP;
 //! - what one node's proxy pays for all of it: memory per remote workload,
-//!   and the data plane's stall per delta ([`proxy_side`]).
+//!   and the data plane's stall per delta ([`proxy_side`]);
+//! - what the proxies' traffic reports cost, and how fast the dashboard
+//!   answers ([`dashboard`]).
 //!
 //! Needs no root and no testbed: everything is on loopback, each node
 //! connecting from its own address in 127.1.0.0/16.
@@ -20,6 +22,7 @@
 mod changes;
 mod clients;
 mod cluster;
+mod dashboard;
 mod grpc;
 mod light;
 mod process;
@@ -93,6 +96,14 @@ pub struct ScaleArgs {
     /// CPU is still counted to the change, in milliseconds.
     #[arg(long, default_value_t = 500)]
     settle_ms: u64,
+    /// Edges in each node's traffic report in the dashboard phase (0: no
+    /// dashboard phase).
+    #[arg(long, default_value_t = 20)]
+    report_edges: u32,
+    /// The interval the dashboard phase spreads the reports over (and
+    /// measures a quiet interval of), in seconds: the proxies' default.
+    #[arg(long, default_value_t = 10.0)]
+    report_interval_seconds: f64,
     /// Seed of the choice of pods to change.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -301,6 +312,10 @@ impl Scenario<'_> {
         let changes = self.single_changes(&plan.singles).await?;
         let label_change = self.label_change(plan.label, &changes).await?;
         let churn = self.churn(&plan.churn).await?;
+        let dashboard = match self.args.report_edges {
+            0 => None,
+            _ => Some(self.dashboard().await?),
+        };
 
         let end = self.cp.memory()?;
         let this_process = ProcEntry::process(std::process::id());
@@ -334,6 +349,7 @@ impl Scenario<'_> {
             changes,
             label_change,
             churn,
+            dashboard,
             streams: StreamFigures {
                 opened,
                 failures: self.streams.failures(),

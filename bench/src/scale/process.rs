@@ -54,6 +54,8 @@ pub struct ControlPlane {
     entry: ProcEntry,
     /// Its gRPC address.
     pub grpc: SocketAddr,
+    /// Its monitoring address (metrics, the dashboard).
+    pub monitoring: SocketAddr,
     /// When it was started.
     pub started: Instant,
     /// Its log file.
@@ -100,6 +102,7 @@ impl ControlPlane {
             entry: ProcEntry::process(child.id()),
             child,
             grpc,
+            monitoring,
             started,
             log: paths.log.clone(),
             state: paths.state.clone(),

@@ -38,6 +38,8 @@ pub struct ScaleReport {
     pub label_change: Option<LabelChange>,
     /// Many pod IP changes per second.
     pub churn: Option<ChurnFigures>,
+    /// The traffic reports' cost and the dashboard's pages.
+    pub dashboard: Option<super::dashboard::DashboardFigures>,
     /// Streams: opened, broken, refused.
     pub streams: StreamFigures,
     /// What one node's proxy paid for it all (see [`super::proxy_side`]).
@@ -391,6 +393,30 @@ pub fn render(r: &ScaleReport) -> String {
             ),
         );
         row(&mut out, "CPU", format!("{:.2} s", u.cpu_seconds));
+    }
+    if let Some(d) = &r.dashboard {
+        let _ = writeln!(
+            out,
+            "\ndashboard: {} traffic reports of {} edges over {:.0} s",
+            d.reports, d.edges_per_report, d.interval_seconds
+        );
+        row(
+            &mut out,
+            "CPU of the reports",
+            format!(
+                "{:.1} % of one core ({:.2} s against {:.2} s quiet)",
+                d.cpu_share_of_one_core * 100.0,
+                d.cpu_reporting_seconds,
+                d.cpu_quiet_seconds
+            ),
+        );
+        for page in &d.pages {
+            row(
+                &mut out,
+                &format!("GET {}", page.path),
+                format!("{:.1} ms, {:.1} KiB", page.ms, page.bytes as f64 / 1024.0),
+            );
+        }
     }
     if let Some(proxy) = &r.proxy {
         super::proxy_side::render(&mut out, proxy);

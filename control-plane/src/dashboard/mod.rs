@@ -23,6 +23,7 @@ use weft_api::v1 as pb;
 use crate::cluster::ClusterState;
 use crate::explain::ExplainArgs;
 use crate::fanout::Published;
+use crate::node_health::{self, NodeHealth, seconds};
 use crate::registry::NodeRegistry;
 use crate::reported_traffic::ReportedTraffic;
 
@@ -141,48 +142,9 @@ impl Dashboard {
         })
     }
 
-    /// Every node a proxy reported from or a pod runs on: a node with pods
-    /// and no proxy is one the mesh does not serve.
-    fn nodes_list(&self, now: SystemTime) -> Vec<NodeSummary> {
-        let statuses = self.nodes.snapshot();
-        let mut pods_by_node: BTreeMap<String, usize> = BTreeMap::new();
-        for workload in self.mesh.borrow().mesh.workloads.values() {
-            *pods_by_node
-                .entry(workload.workload.node.clone())
-                .or_default() += 1;
-        }
-        let names: BTreeSet<&String> = statuses.keys().chain(pods_by_node.keys()).collect();
-        names
-            .into_iter()
-            .filter(|name| !name.is_empty())
-            .map(|name| {
-                let status = statuses.get(name).cloned().unwrap_or_default();
-                let connected = status.streams > 0;
-                NodeSummary {
-                    name: name.clone(),
-                    pods: pods_by_node.get(name).copied().unwrap_or(0),
-                    connected,
-                    connected_since: status.connected_since,
-                    proxy_version: status.proxy_version,
-                    sent_version: status.sent_version,
-                    acked_version: status.acked_version,
-                    up_to_date: connected && status.acked_version == status.sent_version,
-                    last_nack: status
-                        .last_nack
-                        .map(|(version, reason)| NackSummary { version, reason }),
-                    last_report: status.last_report,
-                    certificates: status
-                        .certificates
-                        .into_iter()
-                        .map(|(identity, not_after)| CertificateSummary {
-                            identity,
-                            not_after,
-                            expires_in_seconds: not_after.saturating_sub(seconds(now)),
-                        })
-                        .collect(),
-                }
-            })
-            .collect()
+    fn nodes_list(&self, now: SystemTime) -> Vec<NodeHealth> {
+        let mesh = self.mesh.borrow().mesh.clone();
+        node_health::nodes(&self.nodes, &mesh, now)
     }
 
     fn workloads(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {
@@ -295,36 +257,6 @@ impl Dashboard {
     }
 }
 
-/// A node and its proxy, as the dashboard lists them.
-#[derive(Clone, Debug, Serialize)]
-struct NodeSummary {
-    name: String,
-    pods: usize,
-    connected: bool,
-    connected_since: Option<u64>,
-    proxy_version: String,
-    sent_version: u64,
-    acked_version: u64,
-    /// Connected, and the last version sent is applied.
-    up_to_date: bool,
-    last_nack: Option<NackSummary>,
-    last_report: Option<u64>,
-    certificates: Vec<CertificateSummary>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct NackSummary {
-    version: u64,
-    reason: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct CertificateSummary {
-    identity: String,
-    not_after: i64,
-    expires_in_seconds: i64,
-}
-
 #[derive(Clone, Debug, Serialize)]
 struct PolicySummary {
     kind: String,
@@ -339,11 +271,6 @@ struct ConditionSummary {
     status: bool,
     reason: &'static str,
     message: String,
-}
-
-fn seconds(at: SystemTime) -> i64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn json_answer(status: u16, value: &Value) -> Answer {
