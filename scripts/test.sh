@@ -55,6 +55,8 @@ command -v tcpdump >/dev/null || missing+=(tcpdump)
 command -v containerd >/dev/null || missing+=(containerd)
 command -v runc >/dev/null || missing+=(runc)
 [[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
+# The dashboard is tested in a real browser (tests/tests/dashboard.rs).
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}"
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"

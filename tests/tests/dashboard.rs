@@ -17,6 +17,20 @@ fn start() -> (Testbed, WeftMesh, weft_testbed::EchoServer) {
     (testbed, mesh, server)
 }
 
+/// web-1 talks to db three times, old-1 once in plaintext, then a policy
+/// lets only web reach db and batch-1 is refused.
+fn traffic_and_a_refusal(testbed: &Testbed, mesh: &WeftMesh) {
+    let db = weft_testbed::shop_db(testbed).unwrap();
+    for _ in 0..3 {
+        assert!(weft_testbed::echoes(testbed, "web-1", db));
+    }
+    // Plaintext from outside the mesh, accepted (PERMISSIVE).
+    assert!(weft_testbed::echoes(testbed, "old-1", db));
+    mesh.write_manifest("policy.yaml", ALLOW_WEB_TO_DB).unwrap();
+    weft_testbed::wait_for_reach(testbed, "batch-1", db, false);
+    assert!(!weft_testbed::echoes(testbed, "batch-1", db));
+}
+
 fn api(mesh: &WeftMesh, testbed: &Testbed, path: &str) -> Value {
     let body = mesh.control_plane_page(testbed, path).unwrap();
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -39,15 +53,7 @@ fn edge(traffic: &Value, from: &str, to: &str) -> Option<Value> {
 #[test]
 fn the_dashboard_shows_the_mesh_its_traffic_and_a_refusal_under_its_policy() {
     let (testbed, mesh, _server) = start();
-    let db = weft_testbed::shop_db(&testbed).unwrap();
-    for _ in 0..3 {
-        assert!(weft_testbed::echoes(&testbed, "web-1", db));
-    }
-    // Plaintext from outside the mesh, accepted (PERMISSIVE).
-    assert!(weft_testbed::echoes(&testbed, "old-1", db));
-    mesh.write_manifest("policy.yaml", ALLOW_WEB_TO_DB).unwrap();
-    weft_testbed::wait_for_reach(&testbed, "batch-1", db, false);
-    assert!(!weft_testbed::echoes(&testbed, "batch-1", db));
+    traffic_and_a_refusal(&testbed, &mesh);
 
     // The reports come every second; wait until the window holds them.
     let mut traffic = Value::Null;
@@ -339,4 +345,137 @@ fn promql_names_are_told_from_labels_and_functions() {
             "weft_control_plane_node_pods"
         ]
     );
+}
+
+/// Loads the dashboard at `hash` in headless Chromium, run in the control
+/// plane's node (where its monitoring port is), with `more` arguments;
+/// what Chromium printed (the DOM, with `--dump-dom`).
+fn browse(testbed: &Testbed, mesh: &WeftMesh, hash: &str, more: &[&str]) -> String {
+    let profile = tempfile::tempdir_in(testbed.dir()).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/#{hash}",
+        weft_testbed::CONTROL_PLANE_MONITORING_PORT
+    );
+    let mut command = std::process::Command::new("chromium");
+    command
+        .args([
+            "--headless=new",
+            // As root, in a namespace of the test's own: no sandbox.
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            // Lets the page's fetches finish and its script draw.
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(more)
+        .arg(url);
+    let chromium = testbed
+        .spawn(
+            weft_testbed::Target::Node(mesh.control_plane_node()),
+            command,
+        )
+        .unwrap();
+    let status = chromium.wait(Duration::from_secs(120)).unwrap();
+    assert!(
+        status.success(),
+        "chromium: {status}: {}",
+        chromium.stderr().unwrap()
+    );
+    chromium.stdout().unwrap()
+}
+
+#[test]
+fn the_dashboard_pages_work_in_a_real_browser() {
+    let (testbed, mesh, _server) = start();
+    traffic_and_a_refusal(&testbed, &mesh);
+    wait_until(Duration::from_secs(30), || {
+        let traffic = api(&mesh, &testbed, "/api/traffic");
+        Ok(edge(&traffic, "batch", "db").is_some() && edge(&traffic, "web", "db").is_some())
+    })
+    .unwrap();
+
+    // The traffic page: the graph has both workloads and a refused pair;
+    // the table names the policy that refused it.
+    let dom = browse(&testbed, &mesh, "traffic", &["--dump-dom"]);
+    assert!(dom.contains(r#"data-loaded="traffic""#), "{dom}");
+    for workload in ["web", "db", "batch"] {
+        assert!(
+            dom.contains(&format!(r#"data-workload="shop/{workload}"#)),
+            "{workload} in the graph: {dom}"
+        );
+    }
+    assert!(
+        dom.contains(r#"class="denied""#),
+        "a refused pair is drawn: {dom}"
+    );
+    assert!(dom.contains("by shop/db-from-web"), "{dom}");
+    assert!(dom.contains("mTLS") && dom.contains("plaintext"), "{dom}");
+
+    // The nodes page: both nodes, each with its proxy.
+    let dom = browse(&testbed, &mesh, "nodes", &["--dump-dom"]);
+    assert!(dom.contains(r#"data-loaded="nodes""#), "{dom}");
+    assert!(dom.contains("node-1") && dom.contains("node-2"), "{dom}");
+    assert!(!dom.contains("no proxy connected"), "{dom}");
+
+    // The policies page shows the policy's conditions.
+    let dom = browse(&testbed, &mesh, "policies", &["--dump-dom"]);
+    assert!(
+        dom.contains("shop/db-from-web") && dom.contains("Accepted: True"),
+        "{dom}"
+    );
+
+    // The explain form answers as the CLI does.
+    for (from, verdict) in [("shop/web", "allowed"), ("shop/batch", "denied")] {
+        let dom = browse(
+            &testbed,
+            &mesh,
+            &format!("explain?from={from}&to=shop/db-1:5432"),
+            &["--dump-dom"],
+        );
+        assert!(dom.contains(r#"data-explained="true""#), "{dom}");
+        let (report, _) =
+            weft_testbed::explain(&mesh, &["--from", from, "--to", "shop/db-1:5432"]).unwrap();
+        let shown = dom
+            .split(r#"<pre id="explain-report">"#)
+            .nth(1)
+            .and_then(|rest| rest.split("</pre>").next())
+            .unwrap();
+        assert_eq!(
+            shown,
+            report.trim_end_matches('\n').to_owned() + "\n",
+            "{dom}"
+        );
+        assert!(
+            dom.contains(&format!(
+                r#"class="{}">{verdict}</span>"#,
+                if verdict == "allowed" { "yes" } else { "no" }
+            )),
+            "{verdict}: {dom}"
+        );
+    }
+
+    // A screenshot of the traffic page: the README's (set
+    // WEFT_DASHBOARD_SCREENSHOT to where it goes).
+    let screenshot = testbed.dir().join("dashboard.png");
+    browse(
+        &testbed,
+        &mesh,
+        "traffic",
+        &[
+            "--window-size=1280,1100",
+            &format!("--screenshot={}", screenshot.display()),
+        ],
+    );
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Some(path) = std::env::var_os("WEFT_DASHBOARD_SCREENSHOT") {
+        std::fs::write(path, &png).unwrap();
+    }
 }

@@ -69,7 +69,7 @@ const pages = {
     const o = await api("/api/overview");
     const cert = o.soonest_certificate_expiry;
     document.getElementById("overview-cards").replaceChildren(
-      card(`${o.nodes.connected} / ${o.nodes.known}`, "nodes with a connected proxy", o.nodes.connected === o.nodes.known),
+      card(`${o.nodes.connected} / ${o.nodes.known}`, "nodes whose proxy is connected to this replica", o.nodes.connected === o.nodes.known),
       card(`${o.nodes.up_to_date} / ${o.nodes.known}`, "proxies on their latest config", o.nodes.up_to_date === o.nodes.known),
       card(o.nodes.with_nack, "proxies that refused a config", o.nodes.with_nack === 0),
       card(`${o.workloads.meshed} / ${o.workloads.total}`, "workloads in the mesh"),
@@ -85,7 +85,7 @@ const pages = {
     table("nodes-table", ["node", "pods", "proxy", "config", "last refusal", "certificates"], nodes.map((n) => [
       n.name,
       n.pods,
-      n.connected ? el("span", { class: "yes" }, `connected, ${n.proxy_version}`) : el("span", { class: "no" }, "no proxy connected"),
+      n.connected ? el("span", { class: "yes" }, `connected, ${n.proxy_version}`) : el("span", { class: "no" }, "no proxy connected to this replica"),
       n.connected ? yesNo(n.up_to_date, `applied v${n.acked_version}`, `v${n.acked_version} of v${n.sent_version}`) : "",
       n.last_nack ? el("span", { class: "no" }, `v${n.last_nack.version}: ${n.last_nack.reason}`) : "",
       el("div", {}, ...n.certificates.map((c) => el("div", { class: c.expires_in_seconds > 3600 ? "" : "warn" }, `${c.identity} (${duration(c.expires_in_seconds)})`))),
@@ -189,8 +189,19 @@ async function refresh() {
   }
 }
 
-function show(tab) {
+// A hash of "#explain?from=...&to=..." fills the form and explains: an
+// explanation can be linked to.
+function show(hash) {
+  const [tab, query] = hash.split("?");
   current = pages[tab] ? tab : "overview";
+  if (current === "explain" && query) {
+    const params = new URLSearchParams(query);
+    for (const name of ["from", "to", "from_ip"]) {
+      if (params.has(name)) document.getElementById(`explain-${name.replace("_", "-")}`).value = params.get(name);
+    }
+    document.getElementById("explain-plaintext").checked = params.get("plaintext") === "true";
+    if (params.has("from") && params.has("to")) explain();
+  }
   for (const section of document.querySelectorAll(".tab")) {
     section.classList.toggle("active", section.id === current);
   }
@@ -200,8 +211,7 @@ function show(tab) {
   refresh();
 }
 
-document.getElementById("explain-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
+async function explain() {
   const query = new URLSearchParams({
     from: document.getElementById("explain-from").value,
     to: document.getElementById("explain-to").value,
@@ -218,6 +228,12 @@ document.getElementById("explain-form").addEventListener("submit", async (event)
     verdict.replaceChildren(el("span", { class: "no" }, error.message));
     report.textContent = "";
   }
+  document.body.dataset.explained = "true";
+}
+
+document.getElementById("explain-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  explain();
 });
 document.getElementById("workloads-filter").addEventListener("input", () => refresh());
 document.getElementById("workloads-filter").addEventListener("submit", (event) => event.preventDefault());
