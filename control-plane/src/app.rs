@@ -319,6 +319,7 @@ pub async fn run_on(
             traffic: traffic.clone(),
             mesh_namespace: config.namespace.clone(),
             trust_domain: config.trust_domain.clone(),
+            verdicts: Default::default(),
         },
         problems,
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),

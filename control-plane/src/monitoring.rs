@@ -58,9 +58,25 @@ pub async fn serve(
         let (monitoring, rejections) = (monitoring.clone(), rejections.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let monitoring = monitoring.clone();
-                async move { Ok::<_, Infallible>(route(&monitoring, &request)) }
+                let (method, uri) = (request.method().clone(), request.uri().clone());
+                async move {
+                    // Off the async workers: a page of a large mesh takes a
+                    // while to make, and those workers answer the proxies'
+                    // keepalives.
+                    let answer =
+                        tokio::task::spawn_blocking(move || route(&monitoring, &method, &uri))
+                            .await
+                            .unwrap_or_else(|error| {
+                                reply(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    "text/plain",
+                                    format!("the page failed: {error}\n"),
+                                )
+                            });
+                    Ok::<_, Infallible>(answer)
+                }
             });
             match hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -79,15 +95,15 @@ pub async fn serve(
     }
 }
 
-fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET {
+fn route(monitoring: &Monitoring, method: &Method, uri: &hyper::Uri) -> Response<Full<Bytes>> {
+    if method != Method::GET {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET only\n".into(),
         );
     }
-    match request.uri().path() {
+    match uri.path() {
         "/ready" if *monitoring.shutting_down.borrow() => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -127,7 +143,7 @@ fn route(monitoring: &Monitoring, request: &Request<Incoming>) -> Response<Full<
             "application/json",
             monitoring.config_json.clone(),
         ),
-        path => match monitoring.dashboard.answer(path, request.uri().query()) {
+        path => match monitoring.dashboard.answer(path, uri.query()) {
             Some((status, content_type, body)) => reply(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 content_type,

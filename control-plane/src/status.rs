@@ -154,10 +154,12 @@ fn selection(
     let Some(selector) = selector else {
         return resolved();
     };
-    let matches = cluster.pods.values().any(|pod| {
-        pod.metadata.namespace.as_deref() == Some(namespace)
-            && selector.matches(&pod.metadata.labels.clone().unwrap_or_default())
-    });
+    // The namespace's pods only (a range of the sorted keys), their labels
+    // read in place: a cluster's policies are checked in proportion to
+    // their namespaces, not to the cluster times the policies.
+    let no_labels = std::collections::BTreeMap::new();
+    let matches = crate::cluster::in_namespace(&cluster.pods, namespace)
+        .any(|(_, pod)| selector.matches(pod.metadata.labels.as_ref().unwrap_or(&no_labels)));
     if matches {
         return resolved();
     }

@@ -12,7 +12,7 @@
 //! policy and Service names come from the cluster and the proxies.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -65,7 +65,13 @@ pub struct Dashboard {
     pub mesh_namespace: String,
     /// The mesh's trust domain.
     pub trust_domain: String,
+    /// The policies' conditions of the last cluster asked about: they take
+    /// a while to make for a large cluster, and change only with it.
+    pub verdicts: Mutex<Option<Verdicts>>,
 }
+
+/// The policies' conditions, and the cluster they are of.
+pub type Verdicts = (Arc<ClusterState>, Arc<Vec<PolicySummary>>);
 
 /// A dashboard answer: status, content type, body.
 pub type Answer = (u16, &'static str, String);
@@ -208,28 +214,39 @@ impl Dashboard {
         })
     }
 
-    fn policy_list(&self) -> Vec<PolicySummary> {
-        crate::status::verdicts(&self.cluster.borrow(), &self.mesh_namespace)
-            .into_iter()
-            .map(|((kind, key), conditions)| PolicySummary {
-                kind: format!("{kind:?}"),
-                object: key,
-                conditions: conditions
-                    .iter()
-                    .map(|c| ConditionSummary {
-                        type_: c.type_,
-                        status: c.status,
-                        reason: c.reason,
-                        message: c.message.clone(),
-                    })
-                    .collect(),
-            })
-            .collect()
+    fn policy_list(&self) -> Arc<Vec<PolicySummary>> {
+        let cluster = self.cluster.borrow().clone();
+        let mut cached = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((of, verdicts)) = &*cached
+            && Arc::ptr_eq(of, &cluster)
+        {
+            return verdicts.clone();
+        }
+        let verdicts: Arc<Vec<PolicySummary>> = Arc::new(
+            crate::status::verdicts(&cluster, &self.mesh_namespace)
+                .into_iter()
+                .map(|((kind, key), conditions)| PolicySummary {
+                    kind: format!("{kind:?}"),
+                    object: key,
+                    conditions: conditions
+                        .iter()
+                        .map(|c| ConditionSummary {
+                            type_: c.type_,
+                            status: c.status,
+                            reason: c.reason,
+                            message: c.message.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        );
+        *cached = Some((cluster, verdicts.clone()));
+        verdicts
     }
 
     /// The policies and their status conditions (also `/debug/policies`).
     pub fn policies(&self) -> Value {
-        json!(self.policy_list())
+        json!(*self.policy_list())
     }
 
     fn explain(&self, params: &BTreeMap<String, String>) -> Result<Value, String> {
@@ -257,8 +274,9 @@ impl Dashboard {
     }
 }
 
+/// A policy and its status conditions.
 #[derive(Clone, Debug, Serialize)]
-struct PolicySummary {
+pub struct PolicySummary {
     kind: String,
     object: String,
     conditions: Vec<ConditionSummary>,

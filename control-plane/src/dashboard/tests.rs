@@ -64,6 +64,7 @@ fn dashboard() -> Dashboard {
         traffic,
         mesh_namespace: "weft-system".into(),
         trust_domain: "cluster.local".into(),
+        verdicts: Default::default(),
     }
 }
 
