@@ -253,6 +253,12 @@ pub enum Command {
     /// deleting weft; the Helm chart does (a pre-delete hook). Needs
     /// `--source kubernetes` credentials in the control plane's namespace.
     Uninstall(crate::kubernetes::UninstallArgs),
+    /// Check that the installed mesh is healthy: the control plane ready,
+    /// a proxy on every node and each on its latest config, certificates
+    /// valid, policies Accepted. Asks the control plane's monitoring port
+    /// (`--url`, once per replica); prints ✓ or ✗ per check and exits 1
+    /// when one failed.
+    Check(crate::check::CheckArgs),
 }
 
 /// How log lines are written.

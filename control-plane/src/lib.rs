@@ -14,6 +14,7 @@
 //! (crate `weft-certs`), and the wire types (crate `weft-api`).
 
 pub mod app;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod config_stream;

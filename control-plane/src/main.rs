@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 use weft_control_plane::config::{Command, ControlPlaneConfig, LogFormat};
 
 #[tokio::main]
-#[allow(clippy::print_stdout)] // `crds` and `explain` print for the user
+#[allow(clippy::print_stdout)] // `crds`, `explain` and `check` print for the user
 async fn main() -> anyhow::Result<()> {
     let config = ControlPlaneConfig::parse();
     match &config.command {
@@ -25,6 +25,22 @@ async fn main() -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)?;
             print!("{}", explanation.report);
             std::process::exit(if explanation.allowed { 0 } else { 1 });
+        }
+        Some(Command::Check(args)) => {
+            let results = weft_control_plane::check::run(args).await;
+            match args.output {
+                weft_control_plane::check::CheckOutput::Text => {
+                    print!("{}", weft_control_plane::check::render(&results));
+                }
+                weft_control_plane::check::CheckOutput::Json => {
+                    println!("{}", serde_json::to_string_pretty(&results)?);
+                }
+            }
+            std::process::exit(if results.iter().all(|r| r.passed) {
+                0
+            } else {
+                1
+            });
         }
         Some(Command::Uninstall(_)) | None => {}
     }
