@@ -114,9 +114,11 @@ const pages = {
   },
 
   async traffic() {
-    const t = await api("/api/traffic");
+    const namespace = document.getElementById("traffic-namespace").value;
+    const t = await api(`/api/traffic?${new URLSearchParams({ namespace })}`);
     document.getElementById("traffic-window").textContent =
       `the last ${Math.round(t.window_seconds / 60)} minutes, as the proxies reported it` +
+      (t.matching > t.edges.length ? `; the busiest ${t.edges.length} of ${t.matching} pairs` : "") +
       (t.left_out ? `; ${t.left_out} connection events left out (bounds)` : "");
     drawGraph(t.edges);
     table("traffic-table", ["source", "destination", "service", "security", "connections", "bytes (to / from server)", "refused", "audited"], t.edges.map((e) => [
@@ -236,6 +238,8 @@ document.getElementById("explain-form").addEventListener("submit", (event) => {
   explain();
 });
 document.getElementById("workloads-filter").addEventListener("input", () => refresh());
+document.getElementById("traffic-filter").addEventListener("input", () => refresh());
+document.getElementById("traffic-filter").addEventListener("submit", (event) => event.preventDefault());
 document.getElementById("workloads-filter").addEventListener("submit", (event) => event.preventDefault());
 window.addEventListener("hashchange", () => show(location.hash.slice(1)));
 show(location.hash.slice(1) || "overview");

@@ -51,6 +51,10 @@ const ASSETS: &[(&str, &str, &str)] = &[
 /// hold 50,000 pods; the page narrows by namespace and name).
 const MAX_WORKLOADS_LISTED: usize = 500;
 
+/// Pairs listed at most by `/api/traffic` (the busiest; the page narrows
+/// by namespace).
+const MAX_EDGES_LISTED: usize = 1_000;
+
 /// What the dashboard reads.
 pub struct Dashboard {
     /// Node proxies and what they reported.
@@ -90,7 +94,7 @@ impl Dashboard {
             "/api/overview" => self.overview(now),
             "/api/nodes" => json!(self.nodes_list(now)),
             "/api/workloads" => self.workloads(&params, now),
-            "/api/traffic" => json!(self.traffic.summary(now)),
+            "/api/traffic" => self.traffic_page(&params, now),
             "/api/policies" => self.policies(),
             "/api/explain" => match self.explain(&params) {
                 Ok(value) => value,
@@ -151,6 +155,35 @@ impl Dashboard {
     fn nodes_list(&self, now: SystemTime) -> Vec<NodeHealth> {
         let mesh = self.mesh.borrow().mesh.clone();
         node_health::nodes(&self.nodes, &mesh, now)
+    }
+
+    /// The traffic of the window, narrowed to the pairs with an end in
+    /// `namespace` if asked, the busiest `limit` pairs (refused ones
+    /// first): 20,000 pairs are 8 MiB of JSON.
+    fn traffic_page(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {
+        let mut summary = self.traffic.summary(now);
+        let total = summary.edges.len();
+        if let Some(namespace) = params.get("namespace").filter(|n| !n.is_empty()) {
+            let prefix = format!("{namespace}/");
+            summary
+                .edges
+                .retain(|e| e.source.starts_with(&prefix) || e.destination.starts_with(&prefix));
+        }
+        let limit = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(MAX_EDGES_LISTED)
+            .min(MAX_EDGES_LISTED);
+        summary.edges.sort_by_key(|e| {
+            let refused: u64 = e.denied.values().sum();
+            std::cmp::Reverse((refused, e.opened))
+        });
+        let matching = summary.edges.len();
+        summary.edges.truncate(limit);
+        let mut value = json!(summary);
+        value["total"] = json!(total);
+        value["matching"] = json!(matching);
+        value
     }
 
     fn workloads(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {

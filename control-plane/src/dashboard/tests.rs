@@ -216,6 +216,14 @@ fn the_overview_counts_what_the_pages_list() {
         },
         SystemTime::now(),
     );
+    let (_, traffic) = get(&dashboard, "/api/traffic", Some("namespace=shop&limit=5"));
+    assert_eq!(traffic["matching"], 1);
+    assert_eq!(traffic["edges"][0]["denied"]["shop/db-from-web"], 3);
+    let (_, elsewhere) = get(&dashboard, "/api/traffic", Some("namespace=other"));
+    assert_eq!(
+        (elsewhere["total"].as_u64(), elsewhere["matching"].as_u64()),
+        (Some(1), Some(0))
+    );
     let (_, overview) = get(&dashboard, "/api/overview", None);
     assert_eq!(overview["nodes"]["known"], 2);
     assert_eq!(overview["nodes"]["connected"], 1);
