@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use serde::Serialize;
 use serde_json::Value;
@@ -329,45 +328,17 @@ async fn get_json(url: &str, path: &str, timeout: Duration) -> Result<Value, Str
     serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
 }
 
-/// GETs `path` from the control plane at `url` (`http://host:port`).
+/// GETs `path` from the control plane at `url` (`http://host:port`): the
+/// body of a 200 answer.
 async fn get(url: &str, path: &str, timeout: Duration) -> Result<Bytes, String> {
     let authority = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// addresses (the monitoring port)"))?
-        .trim_end_matches('/')
-        .to_owned();
-    let ask = async {
-        let stream = tokio::net::TcpStream::connect(&authority)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, &authority)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if status != hyper::StatusCode::OK {
-            return Err(format!("GET {path} answered {status}"));
-        }
-        Ok(body)
-    };
-    tokio::time::timeout(timeout, ask)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        .trim_end_matches('/');
+    match crate::http_get::get(authority, path, timeout).await? {
+        (hyper::StatusCode::OK, body) => Ok(body),
+        (status, _) => Err(format!("GET {path} answered {status}")),
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod fanout;
 mod forms;
 pub mod full_state;
 pub mod grpc_connections;
+mod http_get;
 pub mod kubernetes;
 pub mod listeners;
 mod manifest_file;

@@ -21,8 +21,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use http_body_util::Empty;
-use hyper::body::Bytes;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -174,29 +172,9 @@ async fn wait_for_confirmations(
 
 /// Asks one proxy's readiness port for `/uninstall`: `Ok` on a 200.
 async fn confirmed(addr: SocketAddr) -> Result<(), String> {
-    let ask = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get("/uninstall")
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        match response.status() {
-            hyper::StatusCode::OK => Ok(()),
-            status => Err(format!("answered {status}")),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), ask)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 5 s".into()))
+    let address = addr.to_string();
+    match crate::http_get::get(&address, "/uninstall", Duration::from_secs(5)).await? {
+        (hyper::StatusCode::OK, _) => Ok(()),
+        (status, _) => Err(format!("answered {status}")),
+    }
 }
