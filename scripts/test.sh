@@ -75,13 +75,16 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "kube-apiserver, etcd and helm for the tests (scripts/apiserver.sh, scripts/helm.sh)"
+step "kube-apiserver, etcd, helm and promtool for the tests (scripts/apiserver.sh, scripts/helm.sh, scripts/promtool.sh)"
 WEFT_KUBE_APISERVER="$(bash scripts/apiserver.sh build)"
 export WEFT_KUBE_APISERVER
 echo "$WEFT_KUBE_APISERVER"
 WEFT_HELM="$(bash scripts/helm.sh path)"
 export WEFT_HELM
 echo "$WEFT_HELM"
+WEFT_PROMTOOL="$(bash scripts/promtool.sh path)"
+export WEFT_PROMTOOL
+echo "$WEFT_PROMTOOL"
 
 step "Kubernetes node binaries, CoreDNS and test images (scripts/kube.sh)"
 WEFT_KUBE_DIR="$(bash scripts/kube.sh build)"

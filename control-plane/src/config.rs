@@ -253,12 +253,16 @@ pub enum Command {
     /// deleting weft; the Helm chart does (a pre-delete hook). Needs
     /// `--source kubernetes` credentials in the control plane's namespace.
     Uninstall(crate::kubernetes::UninstallArgs),
-    /// Check that the installed mesh is healthy: the control plane ready,
-    /// a proxy on every node and each on its latest config, certificates
-    /// valid, policies Accepted. Asks the control plane's monitoring port
-    /// (`--url`, once per replica); prints ✓ or ✗ per check and exits 1
-    /// when one failed.
+    /// Check that weft can be installed (`--pre`: Kubernetes version, CRDs,
+    /// your permissions, node kernels), or that the installed mesh is
+    /// healthy: the control plane ready, a proxy on every node and each on
+    /// its latest config, certificates valid, policies Accepted, and a test
+    /// connection in a throwaway namespace mutual TLS and refused by a
+    /// throwaway DENY. Prints ✓ or ✗ per check and exits 1 when one failed.
     Check(crate::check::CheckArgs),
+    /// What the pods of `check`'s test connection run.
+    #[command(hide = true)]
+    CheckPeer(crate::check::peer::PeerArgs),
 }
 
 /// How log lines are written.

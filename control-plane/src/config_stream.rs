@@ -6,6 +6,7 @@
 //! stream always moves from the mesh it last sent to the newest, reading only
 //! the keys that changed in between ([`crate::fanout`]).
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -296,7 +297,8 @@ impl NodeStream {
                 );
                 self.registry.reported(&self.node, &report.certificates);
                 if let Some(traffic) = &self.traffic {
-                    traffic.record(&self.node, &report, std::time::SystemTime::now());
+                    let local = local_workloads(&self.mesh.borrow(), &self.node);
+                    traffic.record(&self.node, &local, &report, std::time::SystemTime::now());
                 }
             }
             Some(Kind::Hello(_)) | None => {
@@ -304,4 +306,15 @@ impl NodeStream {
             }
         }
     }
+}
+
+/// The workloads (`<namespace>/<name>`) with a pod on `node`: what its
+/// proxy may report traffic of.
+fn local_workloads(published: &Published, node: &str) -> HashSet<String> {
+    published
+        .shared
+        .pods_on(node)
+        .filter_map(|uid| published.mesh.workloads.get(uid))
+        .map(|w| format!("{}/{}", w.workload.namespace, w.workload.workload_name))
+        .collect()
 }

@@ -27,7 +27,11 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(if explanation.allowed { 0 } else { 1 });
         }
         Some(Command::Check(args)) => {
-            let results = weft_control_plane::check::run(args).await;
+            let installation = weft_control_plane::check::Installation {
+                namespace: config.namespace.clone(),
+                trust_domain: config.trust_domain.clone(),
+            };
+            let results = weft_control_plane::check::run(args, &installation).await;
             match args.output {
                 weft_control_plane::check::CheckOutput::Text => {
                     print!("{}", weft_control_plane::check::render(&results));
@@ -41,6 +45,10 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 1
             });
+        }
+        Some(Command::CheckPeer(args)) => {
+            weft_control_plane::check::peer::run(args).await?;
+            return Ok(());
         }
         Some(Command::Uninstall(_)) | None => {}
     }

@@ -11,14 +11,14 @@
 //! pods is seen by both, and the summary counts it once, from the
 //! destination's report when there is one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{debug, warn};
 use weft_api::v1 as pb;
 
 /// The bounds of what is kept (see the control plane's config).
@@ -93,6 +93,7 @@ pub struct ReportedTraffic {
     buckets: Mutex<Buckets>,
     left_out: Counter,
     refused: Counter,
+    not_local: Counter,
 }
 
 /// One pair of ends over the window, counted once.
@@ -146,6 +147,7 @@ impl ReportedTraffic {
             buckets: Mutex::default(),
             left_out: Counter::default(),
             refused: Counter::default(),
+            not_local: Counter::default(),
         };
         metrics.register(
             "weft_control_plane_traffic_events_left_out",
@@ -154,8 +156,13 @@ impl ReportedTraffic {
         );
         metrics.register(
             "weft_control_plane_traffic_edges_refused",
-            "Edges of traffic reports refused as malformed (unknown kind, name too long)",
+            "Edges of traffic reports refused as malformed (unknown kind, name too long) or over the bound of a report",
             traffic.refused.clone(),
+        );
+        metrics.register(
+            "weft_control_plane_traffic_edges_not_local",
+            "Edges of traffic reports not kept because their reporting end has no pod on the reporting node (a pod that just left, or a proxy speaking for others)",
+            traffic.not_local.clone(),
         );
         traffic
     }
@@ -166,11 +173,23 @@ impl ReportedTraffic {
             .map_or(0, |d| d.as_secs() / step)
     }
 
-    /// Adds `report`, from `node`'s proxy, at `at`.
-    pub fn record(&self, node: &str, report: &pb::TrafficReport, at: SystemTime) {
+    /// Adds `report`, from `node`'s proxy, at `at`. `local` are the
+    /// workloads (`<namespace>/<name>`) with a pod on `node`: a proxy
+    /// speaks only for its own pods, so an edge whose reporting end is not
+    /// one of them is not kept (a node cannot put words in another node's
+    /// proxy; it can still name any peer at the far end, as the peer's
+    /// own proxy would). A report that arrives just after its pod left is
+    /// dropped by the same rule, and counted apart.
+    pub fn record(
+        &self,
+        node: &str,
+        local: &HashSet<String>,
+        report: &pb::TrafficReport,
+        at: SystemTime,
+    ) {
         self.left_out.inc_by(report.events_left_out);
         let bucket = self.bucket_of(at);
-        let mut refused = 0u64;
+        let (mut refused, mut not_local) = (0u64, 0u64);
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         self.expire(&mut buckets, bucket);
         if buckets.buckets.back().is_none_or(|(n, _)| *n != bucket) {
@@ -183,6 +202,15 @@ impl ReportedTraffic {
                 refused += 1;
                 continue;
             };
+            let reporting_end = if key.by_destination {
+                &key.destination
+            } else {
+                &key.source
+            };
+            if !local.contains(reporting_end) {
+                not_local += 1;
+                continue;
+            }
             let Buckets { buckets, held } = &mut *buckets;
             let Some((_, edges)) = buckets.back_mut() else {
                 continue;
@@ -199,6 +227,14 @@ impl ReportedTraffic {
             }
         }
         drop(buckets);
+        if not_local > 0 {
+            self.not_local.inc_by(not_local);
+            debug!(
+                node,
+                edges = not_local,
+                "traffic report edges whose reporting end has no pod on the node were not kept"
+            );
+        }
         if refused > 0 || over > 0 {
             self.refused.inc_by(refused + over as u64);
             warn!(

@@ -31,6 +31,23 @@ fn report(edges: Vec<pb::TrafficEdge>) -> pb::TrafficReport {
     }
 }
 
+/// Records `report` from `node`, whose proxy serves every workload the
+/// report names at its own end.
+fn record(traffic: &ReportedTraffic, node: &str, report: &pb::TrafficReport, at: SystemTime) {
+    let local = report
+        .edges
+        .iter()
+        .map(|e| {
+            if e.reporter == "destination" {
+                e.destination_workload.clone()
+            } else {
+                e.source_workload.clone()
+            }
+        })
+        .collect();
+    traffic.record(node, &local, report, at);
+}
+
 fn at(seconds: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
 }
@@ -38,12 +55,14 @@ fn at(seconds: u64) -> SystemTime {
 #[test]
 fn a_connection_both_ends_report_is_counted_once_from_the_destination() {
     let traffic = ReportedTraffic::new(limits(100), &mut Registry::default());
-    traffic.record(
+    record(
+        &traffic,
         "node-1",
         &report(vec![edge("source", "shop/web", "shop/db", 3)]),
         at(0),
     );
-    traffic.record(
+    record(
+        &traffic,
         "node-2",
         &report(vec![edge("destination", "shop/web", "shop/db", 3)]),
         at(1),
@@ -51,8 +70,9 @@ fn a_connection_both_ends_report_is_counted_once_from_the_destination() {
     // Only the source reports a connection to a pod outside the mesh.
     let mut outside = edge("source", "shop/web", "", 2);
     outside.security = "none".into();
-    traffic.record("node-1", &report(vec![outside]), at(12));
-    traffic.record(
+    record(&traffic, "node-1", &report(vec![outside]), at(12));
+    record(
+        &traffic,
         "node-2",
         &report(vec![edge("destination", "shop/web", "shop/db", 1)]),
         at(15),
@@ -87,8 +107,8 @@ fn refusals_are_counted_by_policy_and_name_the_source_by_identity_if_no_pod() {
         policy: "shop/deny-evil".into(),
         connections: 2,
     }];
-    traffic.record("node-2", &report(vec![denied.clone()]), at(0));
-    traffic.record("node-2", &report(vec![denied]), at(1));
+    record(&traffic, "node-2", &report(vec![denied.clone()]), at(0));
+    record(&traffic, "node-2", &report(vec![denied]), at(1));
     let summary = traffic.summary(at(2));
     assert_eq!(
         summary.edges[0].source,
@@ -100,12 +120,14 @@ fn refusals_are_counted_by_policy_and_name_the_source_by_identity_if_no_pod() {
 #[test]
 fn the_window_forgets_old_reports() {
     let traffic = ReportedTraffic::new(limits(100), &mut Registry::default());
-    traffic.record(
+    record(
+        &traffic,
         "node-1",
         &report(vec![edge("destination", "a/x", "a/y", 1)]),
         at(0),
     );
-    traffic.record(
+    record(
+        &traffic,
         "node-1",
         &report(vec![edge("destination", "a/x", "a/z", 1)]),
         at(200),
@@ -141,7 +163,7 @@ fn edges_past_the_bound_are_left_out_and_hostile_ones_refused() {
     }
     let mut report = report(hostile);
     report.events_left_out = 7;
-    traffic.record("node-1", &report, at(0));
+    record(&traffic, "node-1", &report, at(0));
     let summary = traffic.summary(at(1));
     assert_eq!(summary.edges.len(), 2);
     let huge = summary.edges.iter().find(|e| e.source == "a/x").unwrap();
@@ -162,6 +184,36 @@ fn a_report_beyond_its_edge_bound_is_read_only_that_far() {
     let edges = (0..10)
         .map(|n| edge("destination", &format!("a/client-{n}"), "a/y", 1))
         .collect();
-    traffic.record("node-1", &report(edges), at(0));
+    record(&traffic, "node-1", &report(edges), at(0));
     assert_eq!(traffic.summary(at(1)).edges.len(), 3);
+}
+
+#[test]
+fn a_proxy_reports_only_for_its_own_pods() {
+    let traffic = ReportedTraffic::new(limits(100), &mut Registry::default());
+    let local: HashSet<String> = ["shop/db".to_owned(), "shop/web".to_owned()].into();
+    traffic.record(
+        "node-2",
+        &local,
+        &report(vec![
+            edge("destination", "shop/web", "shop/db", 1),
+            // Another node's pod, as destination and as source.
+            edge("destination", "shop/web", "bank/vault", 5),
+            edge("source", "bank/teller", "shop/db", 7),
+            edge("source", "shop/web", "bank/vault", 2),
+        ]),
+        at(0),
+    );
+    let summary = traffic.summary(at(1));
+    let pairs: Vec<(&str, &str, u64)> = summary
+        .edges
+        .iter()
+        .map(|e| (e.source.as_str(), e.destination.as_str(), e.opened))
+        .collect();
+    assert_eq!(
+        pairs,
+        [("shop/web", "bank/vault", 2), ("shop/web", "shop/db", 1)]
+    );
+    assert_eq!(traffic.not_local.get(), 2);
+    assert_eq!(traffic.refused.get(), 0);
 }

@@ -1,10 +1,11 @@
 //! Arbitrary bytes as a proxy's traffic report (`weft.v1.ProxyMessage`),
 //! as the control plane's dashboard takes them from a config stream: the
 //! first byte picks the bounds. Nothing may panic, a summary never holds
-//! more pairs than the bound, and the node registry keeps what it says it
-//! keeps.
+//! more pairs than the bound, a node that runs none of the workloads adds
+//! nothing, and the node registry keeps what it says it keeps.
 #![no_main]
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
@@ -32,8 +33,18 @@ fuzz_target!(|data: &[u8]| {
     };
     let traffic = ReportedTraffic::new(limits, &mut metrics);
     let now = SystemTime::now();
-    traffic.record("node-1", &report, now);
-    traffic.record("node-2", &report, now + Duration::from_secs(u64::from(bounds)));
+    // node-1 runs every workload the report names; node-2 none of them,
+    // so nothing it says is kept.
+    let named: HashSet<String> = report
+        .edges
+        .iter()
+        .flat_map(|e| [e.source_workload.clone(), e.destination_workload.clone()])
+        .collect();
+    traffic.record("node-1", &named, &report, now);
+    let before = traffic.summary(now).edges.len();
+    let later = now + Duration::from_secs(u64::from(bounds));
+    traffic.record("node-2", &HashSet::new(), &report, later);
+    assert!(traffic.summary(now).edges.len() <= before);
     let summary = traffic.summary(now + Duration::from_secs(u64::from(bounds)));
     assert!(summary.edges.len() <= limits.max_edges);
 

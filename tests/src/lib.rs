@@ -149,7 +149,7 @@ pub use testbed::{IO_TIMEOUT, Testbed, TestbedBuilder};
 pub use topology::{IpFamilies, Ipv4Cidr, PodNetwork, PodSpec, ServiceSpec, Target};
 pub use weft::{
     CONTROL_PLANE_GRPC_PORT, CONTROL_PLANE_MONITORING_PORT, ControlPlaneReplica, PROXY_ADMIN_PORT,
-    PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, http_get, http_request,
-    wait_until, weft_binary,
+    PROXY_METRICS_PORT, PROXY_READINESS_PORT, STARTUP_TIMEOUT, WeftMesh, check_outcome, http_get,
+    http_request, wait_until, weft_binary,
 };
 pub use wire::{WireCapture, WireWatch};

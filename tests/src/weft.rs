@@ -535,3 +535,17 @@ fn random_token() -> Result<String> {
         .context("reading /dev/urandom for a node token")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// What `weft-control-plane check` said: whether every check passed (exit
+/// 0; 1 when one failed), and its output; any other exit is an error.
+pub fn check_outcome(output: &std::process::Output) -> Result<(bool, String)> {
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    match output.status.code() {
+        Some(0) => Ok((true, text)),
+        Some(1) => Ok((false, text)),
+        other => anyhow::bail!(
+            "check exited with {other:?}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}

@@ -1,6 +1,9 @@
-//! End to end on the testbed: `weft-control-plane check` passes on a
+//! `weft-control-plane check` end to end. On the testbed: it passes on a
 //! healthy mesh and fails, naming the problem, when a policy is invalid or
-//! a node's proxy is gone.
+//! a node's proxy is gone (the test connection through a throwaway
+//! namespace needs Kubernetes: `tests/tests/real_nodes.rs` runs it). On a
+//! real API server: the pre-install checks pass for an admin and name an
+//! outdated CRD, an old kernel and missing permissions.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use std::time::Duration;
@@ -13,6 +16,7 @@ fn check(testbed: &Testbed, mesh: &WeftMesh, more: &[&str]) -> (bool, String) {
     let mut command = std::process::Command::new(weft_binary("weft-control-plane").unwrap());
     command.args([
         "check",
+        "--skip-connection-test",
         "--url",
         &format!(
             "http://127.0.0.1:{}",
@@ -121,4 +125,124 @@ fn check_passes_on_a_healthy_mesh_and_names_what_is_wrong() {
     .unwrap_or_else(|e| panic!("{e}: {last}"));
     assert!(last.contains("no proxy is connected on node-2"), "{last}");
     assert!(last.contains("✓ policies accepted"), "{last}");
+}
+
+/// Runs `check --pre` with `kubeconfig`: whether it passed, and what it
+/// printed.
+fn pre_check(kubeconfig: &std::path::Path) -> (bool, String) {
+    let mut command = std::process::Command::new(weft_binary("weft-control-plane").unwrap());
+    command
+        .args(["check", "--pre"])
+        .env("KUBECONFIG", kubeconfig);
+    let output = tokio::task::block_in_place(|| command.output()).unwrap();
+    weft_testbed::check_outcome(&output).unwrap()
+}
+
+/// A node of the API server alone (no kubelet) that says it runs `kernel`.
+async fn add_node(client: &kube::Client, name: &str, kernel: &str) {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let status = serde_json::json!({"status": {"nodeInfo": {
+        "kernelVersion": kernel, "operatingSystem": "linux", "architecture": "amd64",
+        "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "", "kubeProxyVersion": "",
+        "machineID": "", "systemUUID": "", "bootID": ""}}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pre_install_checks_name_what_would_stop_an_install() {
+    use weft_testbed::apiserver::KubeApiServer;
+    use weft_testbed::kube_cluster;
+    let api = tokio::task::block_in_place(KubeApiServer::start).unwrap();
+    let client = api.client().await.unwrap();
+    add_node(&client, "current", "6.1.0-28-cloud-amd64").await;
+
+    // A cluster ready for weft, as its admin sees it.
+    let (passed, output) = pre_check(api.kubeconfig_path());
+    assert!(passed, "{output}");
+    for line in [
+        "✓ Kubernetes version: v1.",
+        "✓ CRDs: none installed yet: the install creates them",
+        "✓ permissions to install: you may create the",
+        "✓ node kernels: 1 Linux nodes, each on Linux 5.2 or newer",
+    ] {
+        assert!(output.contains(line), "{line:?} missing from:\n{output}");
+    }
+
+    // The CRDs this version ships, as the API server stores them, pass.
+    kube_cluster::install_crds(&client).await.unwrap();
+    let (passed, output) = pre_check(api.kubeconfig_path());
+    assert!(passed, "{output}");
+    assert!(
+        output.contains("✓ CRDs: 3 installed as this version ships them"),
+        "{output}"
+    );
+
+    // An older CRD (helm would keep it) and a node too old for the capture.
+    let mut crds = kube_cluster::read_deploy_file("crds/weft.dev.yaml").unwrap();
+    let authz = crds
+        .iter_mut()
+        .find(|crd| crd["spec"]["names"]["kind"] == "AuthorizationPolicy")
+        .unwrap();
+    authz["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] =
+        serde_json::json!("an older release");
+    kube_cluster::apply_object(&client, authz).await.unwrap();
+    add_node(&client, "old", "4.19.0-25-amd64").await;
+    let (passed, output) = pre_check(api.kubeconfig_path());
+    assert!(!passed, "{output}");
+    assert!(
+        output.contains(
+            "✗ CRDs: authorizationpolicies.weft.dev: its v1alpha1 schema is not the one this version ships"
+        ),
+        "{output}"
+    );
+    assert!(
+        output.contains(
+            "✗ node kernels: too old for the capture (Linux 5.2 or newer): old (4.19.0-25-amd64)"
+        ),
+        "{output}"
+    );
+    assert!(output.contains("✓ permissions to install"), "{output}");
+
+    // A user without rights is told what they lack.
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Api, PostParams};
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "viewer"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let token = kube_cluster::service_account_token(
+        &client,
+        "default",
+        "viewer",
+        &[weft_testbed::apiserver::SERVICE_ACCOUNT_ISSUER],
+        None,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("viewer.kubeconfig");
+    api.write_kubeconfig_for(&kubeconfig, &token).unwrap();
+    let (passed, output) = pre_check(&kubeconfig);
+    assert!(!passed, "{output}");
+    for line in [
+        "✓ Kubernetes version: v1.",
+        "✗ permissions to install: you may not ",
+        "create namespaces (cluster-wide)",
+        "create clusterroles.rbac.authorization.k8s.io (cluster-wide)",
+        "create deployments.apps in weft-system",
+        "get secrets weft-ca in weft-system",
+        "✗ node kernels: listing the nodes: ",
+    ] {
+        assert!(output.contains(line), "{line:?} missing from:\n{output}");
+    }
 }

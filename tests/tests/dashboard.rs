@@ -333,6 +333,44 @@ fn the_shipped_dashboards_and_alerts_read_only_metrics_weft_exports() {
     assert!(missing.is_empty(), "not exported: {missing:#?}");
 }
 
+/// Prometheus itself reads the shipped alert rules (`promtool check
+/// rules`), and its rule unit tests (`tests/alerts/weft-alerts-test.yaml`)
+/// show each alert firing on the series that should raise it, naming the
+/// culprit, and quiet otherwise.
+#[test]
+fn prometheus_accepts_the_alert_rules_and_they_fire_when_they_should() {
+    let root = weft_testbed::repo_root();
+    let found = std::process::Command::new("bash")
+        .arg(root.join("scripts/promtool.sh"))
+        .arg("path")
+        .output()
+        .unwrap();
+    assert!(found.status.success(), "scripts/promtool.sh path failed");
+    let promtool = String::from_utf8(found.stdout).unwrap().trim().to_owned();
+    for (args, dir) in [
+        (
+            ["check", "rules", "weft-alerts.yaml"],
+            root.join("deploy/helm/weft/files/prometheus"),
+        ),
+        (
+            ["test", "rules", "weft-alerts-test.yaml"],
+            root.join("tests/alerts"),
+        ),
+    ] {
+        let output = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 #[test]
 fn promql_names_are_told_from_labels_and_functions() {
     assert_eq!(

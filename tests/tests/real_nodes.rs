@@ -315,6 +315,39 @@ fn rolling_restart_drops_nothing(cluster: &RealCluster) {
     );
 }
 
+/// Before the install, `weft check --pre` finds the cluster ready for weft.
+fn pre_install_checks_pass(cluster: &RealCluster) {
+    let (passed, output) = cluster.weft_check(&["--pre"]).unwrap();
+    assert!(passed, "{output}");
+    assert!(output.contains("✓ node kernels: 2 Linux nodes"), "{output}");
+}
+
+/// After it, `weft check` finds the mesh healthy, through the API server:
+/// the control plane ready, every proxy current, and a test connection
+/// across the nodes in a throwaway namespace mutual TLS and refused by a
+/// throwaway DENY; the namespace is gone afterwards.
+fn post_install_checks_pass(cluster: &RealCluster) {
+    let (passed, output) = cluster.weft_check(&[]).unwrap();
+    assert!(passed, "{output}");
+    for line in [
+        "✓ control plane ready: pod weft-system/weft-control-plane-",
+        "✓ a proxy on every node: ",
+        "✓ every proxy on its latest config",
+        "✓ test connection is mutual TLS: weft-check-",
+        "mutual TLS between the nodes",
+        "✓ throwaway DENY refuses it: ",
+    ] {
+        assert!(output.contains(line), "{line:?} missing from:\n{output}");
+    }
+    cluster
+        .wait_until("the throwaway namespace gone", || {
+            let left =
+                cluster.kubectl(&["get", "namespaces", "-l", "weft.dev/check", "-o", "name"])?;
+            Ok(left.trim().is_empty())
+        })
+        .unwrap();
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -324,6 +357,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn scenarios(cni: Cni) {
     let (_guard, cluster) = start(cni);
     deploy_apps(&cluster);
+    pre_install_checks_pass(&cluster);
     cluster.install_weft().unwrap();
     // The meshed pods, probes and all, are still (and stay) Ready once the
     // proxies capture them.
@@ -331,6 +365,7 @@ fn scenarios(cni: Cni) {
         cluster.rollout_status(MESHED, app).unwrap();
     }
     every_pair_connects(&cluster);
+    post_install_checks_pass(&cluster);
     node_traffic_and_node_ports_work(&cluster);
     meshed_pods_stay_ready(&cluster);
     only_tls_between_meshed_pods(&cluster);

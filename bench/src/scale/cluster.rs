@@ -100,6 +100,21 @@ impl Cluster {
         )
     }
 
+    /// The pod's workload as proxies name it, `<namespace>/<app>` (its
+    /// ReplicaSet's Deployment).
+    pub fn workload(&self, pod: u32) -> String {
+        format!(
+            "{}/{}",
+            namespace_name(pod / PODS_PER_NAMESPACE),
+            app_name((pod / PODS_PER_APP) % APPS_PER_NAMESPACE)
+        )
+    }
+
+    /// The pods on `node` (1-based).
+    pub fn pods_on(&self, node: u32) -> impl Iterator<Item = u32> {
+        (node - 1..self.pods()).step_by(self.nodes as usize)
+    }
+
     /// The pod's current IP.
     pub fn ip(&self, pod: u32) -> Ipv4Addr {
         self.ips[pod as usize]

@@ -25,6 +25,9 @@ pub struct DashboardFigures {
     pub reports: u32,
     /// Edges per report.
     pub edges_per_report: u32,
+    /// Edges the control plane held afterwards (at most
+    /// `--dashboard-traffic-max-edges`).
+    pub edges_kept: u64,
     /// Control-plane CPU seconds over a quiet interval, and over the
     /// interval with the reports.
     pub cpu_quiet_seconds: f64,
@@ -79,7 +82,12 @@ impl Scenario<'_> {
             let Some(sender) = self.streams.record(node).sender.clone() else {
                 bail!("node-{node} has no open stream to report on");
             };
-            sender.report(report(node, edges)).await?;
+            let local: Vec<String> = self
+                .cluster
+                .pods_on(node)
+                .map(|pod| self.cluster.workload(pod))
+                .collect();
+            sender.report(report(node, edges, &local)).await?;
         }
         tokio::time::sleep_until((started + interval).into()).await;
         let reporting = self.cp.cpu_seconds()? - before;
@@ -95,7 +103,17 @@ impl Scenario<'_> {
                 bytes,
             });
         }
+        // The reports were kept, not refused (each names its own node's
+        // workloads): the pages above measured a full window.
+        let traffic: serde_json::Value =
+            serde_json::from_str(&get_body(self.cp.monitoring, "/api/traffic?limit=1").await?)
+                .context("/api/traffic is not JSON")?;
+        let kept = traffic["total"].as_u64().unwrap_or(0);
+        if nodes > 0 && edges > 0 && kept == 0 {
+            bail!("the control plane kept none of the {nodes} reports' edges");
+        }
         Ok(DashboardFigures {
+            edges_kept: kept,
             interval_seconds: interval.as_secs_f64(),
             reports: nodes,
             edges_per_report: edges,
@@ -107,18 +125,22 @@ impl Scenario<'_> {
     }
 }
 
-/// Node `node`'s report: `edges` pairs from its pods to others, as
+/// Node `node`'s report: `edges` pairs from clients to its own pods'
+/// workloads (`local`; a proxy speaks only for its own pods), the clients
 /// distinct from every other node's (the worst case for the bound).
-fn report(node: u32, edges: u32) -> pb::TrafficReport {
+fn report(node: u32, edges: u32, local: &[String]) -> pb::TrafficReport {
     pb::TrafficReport {
         interval_seconds: 10,
         edges: (0..edges)
             .map(|n| pb::TrafficEdge {
                 reporter: "destination".into(),
-                source_workload: format!("team-{:04}/client-{n:02}", node % 500),
-                destination_workload: format!("team-{:04}/node-{node}-app-{n:02}", node % 500),
+                source_workload: format!("team-{:04}/node-{node}-client-{n:02}", node % 500),
+                destination_workload: local
+                    .get(n as usize % local.len().max(1))
+                    .cloned()
+                    .unwrap_or_default(),
                 source_principal: format!(
-                    "spiffe://cluster.local/ns/team-{:04}/sa/client-{n:02}",
+                    "spiffe://cluster.local/ns/team-{:04}/sa/node-{node}-client-{n:02}",
                     node % 500
                 ),
                 destination_service: String::new(),
@@ -144,6 +166,11 @@ fn report(node: u32, edges: u32) -> pb::TrafficReport {
 
 /// GETs `path` from `address` over HTTP/1.1: the body's size.
 async fn get(address: std::net::SocketAddr, path: &str) -> Result<usize> {
+    Ok(get_body(address, path).await?.len())
+}
+
+/// The body of `path`'s answer.
+async fn get_body(address: std::net::SocketAddr, path: &str) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .with_context(|| format!("connecting to {address}"))?;
@@ -159,5 +186,5 @@ async fn get(address: std::net::SocketAddr, path: &str) -> Result<usize> {
     if !head.starts_with("HTTP/1.1 200") {
         bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
     }
-    Ok(body.len())
+    Ok(body.to_owned())
 }

@@ -397,8 +397,8 @@ pub fn render(r: &ScaleReport) -> String {
     if let Some(d) = &r.dashboard {
         let _ = writeln!(
             out,
-            "\ndashboard: {} traffic reports of {} edges over {:.0} s",
-            d.reports, d.edges_per_report, d.interval_seconds
+            "\ndashboard: {} traffic reports of {} edges over {:.0} s ({} pairs kept)",
+            d.reports, d.edges_per_report, d.interval_seconds, d.edges_kept
         );
         row(
             &mut out,

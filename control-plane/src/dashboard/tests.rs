@@ -200,6 +200,7 @@ fn the_overview_counts_what_the_pages_list() {
     dashboard.nodes.connected("node-1", "0.1.0", 4);
     dashboard.traffic.record(
         "node-2",
+        &["shop/db".to_owned()].into(),
         &pb::TrafficReport {
             edges: vec![pb::TrafficEdge {
                 reporter: "destination".into(),

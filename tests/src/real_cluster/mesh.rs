@@ -110,6 +110,20 @@ impl RealCluster {
         .map(drop)
     }
 
+    /// Runs `weft-control-plane check` (this checkout's build, as a user
+    /// runs it) with `args`, as the admin in the control-plane namespace,
+    /// where the API server is: whether it passed, and what it printed.
+    pub fn weft_check(&self, args: &[&str]) -> Result<(bool, String)> {
+        let mut command = Command::new(crate::weft_binary("weft-control-plane")?);
+        command
+            .arg("check")
+            .args(args)
+            .env("KUBECONFIG", self.admin_kubeconfig());
+        let output = crate::netns::run_in(&self.control_netns, move || command.output())?
+            .context("running weft-control-plane check")?;
+        crate::check_outcome(&output)
+    }
+
     /// Scales the control plane to `replicas` and waits until exactly that
     /// many of its pods run.
     pub fn scale_control_plane(&self, replicas: u32) -> Result<()> {
