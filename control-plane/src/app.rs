@@ -320,6 +320,13 @@ pub async fn run_on(
             mesh_namespace: config.namespace.clone(),
             trust_domain: config.trust_domain.clone(),
             verdicts: Default::default(),
+            peers: crate::dashboard::Peers {
+                fixed: config.dashboard_peers.clone(),
+                namespace: config.namespace.clone(),
+                own_pod: std::env::var("HOSTNAME").ok(),
+                port: config.monitoring_addr.port(),
+                timeout: Duration::from_millis(config.dashboard_peer_timeout_ms),
+            },
         },
         problems,
         config_json: serde_json::to_string_pretty(&config).unwrap_or_default(),

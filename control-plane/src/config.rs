@@ -213,6 +213,19 @@ pub struct ControlPlaneConfig {
         default_value_t = 2_000
     )]
     pub dashboard_traffic_max_edges_per_report: usize,
+
+    /// Other replicas' monitoring addresses (`ip:port`, comma-separated),
+    /// whose nodes and traffic the dashboard merges with its own: each
+    /// proxy reports to one replica. On Kubernetes the control plane's
+    /// other running pods are found without it.
+    #[arg(long, env = "WEFT_DASHBOARD_PEERS", value_delimiter = ',')]
+    pub dashboard_peers: Vec<SocketAddr>,
+
+    /// How long the dashboard waits for another replica's view, in
+    /// milliseconds; a replica that does not answer is left out, and the
+    /// overview names it.
+    #[arg(long, env = "WEFT_DASHBOARD_PEER_TIMEOUT_MS", default_value_t = 2_000)]
+    pub dashboard_peer_timeout_ms: u64,
 }
 
 impl ControlPlaneConfig {

@@ -325,7 +325,9 @@ fn pre_install_checks_pass(cluster: &RealCluster) {
 /// After it, `weft check` finds the mesh healthy, through the API server:
 /// the control plane ready, every proxy current, and a test connection
 /// across the nodes in a throwaway namespace mutual TLS and refused by a
-/// throwaway DENY; the namespace is gone afterwards.
+/// throwaway DENY; the namespace is gone afterwards. Each control-plane
+/// replica's dashboard shows every node's proxy, whichever replica holds
+/// its stream.
 fn post_install_checks_pass(cluster: &RealCluster) {
     let (passed, output) = cluster.weft_check(&[]).unwrap();
     assert!(passed, "{output}");
@@ -338,6 +340,52 @@ fn post_install_checks_pass(cluster: &RealCluster) {
         "✓ throwaway DENY refuses it: ",
     ] {
         assert!(output.contains(line), "{line:?} missing from:\n{output}");
+    }
+    // Each replica's dashboard merges the others' views: every node's
+    // proxy is connected on every replica's Nodes page, whichever replica
+    // holds its stream.
+    let replicas = cluster
+        .kubectl(&[
+            "-n",
+            "weft-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=weft-control-plane",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    for pod in replicas.lines().map(|p| p.trim_start_matches("pod/")) {
+        let page = |path: &str| -> serde_json::Value {
+            let raw = cluster
+                .kubectl(&[
+                    "get",
+                    "--raw",
+                    &format!("/api/v1/namespaces/weft-system/pods/{pod}:15014/proxy{path}"),
+                ])
+                .unwrap();
+            serde_json::from_str(&raw).unwrap()
+        };
+        let nodes = page("/api/nodes");
+        let connected: BTreeSet<&str> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["connected"] == true)
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        assert_eq!(
+            connected,
+            BTreeSet::from(["node-1", "node-2"]),
+            "{pod}: {nodes}"
+        );
+        let overview = page("/api/overview");
+        assert_eq!(
+            overview["replicas"]["unanswered"],
+            serde_json::json!([]),
+            "{pod}: {overview}"
+        );
     }
     cluster
         .wait_until("the throwaway namespace gone", || {

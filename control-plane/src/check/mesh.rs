@@ -283,24 +283,13 @@ fn manifest_check(problems: Option<&Value>) -> CheckResult {
     }
 }
 
-/// The nodes as every replica listed them, one entry per node: a node is
-/// connected if any replica holds its proxy's stream, and that replica's
-/// entry is the node's.
+/// The nodes as every replica listed them, one entry per node, by name
+/// (see [`crate::dashboard::merge_nodes`]).
 fn merge_replicas(listed: Vec<Value>) -> BTreeMap<String, Value> {
-    let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
-    for node in listed {
-        let Some(name) = node["name"].as_str().map(str::to_owned) else {
-            continue;
-        };
-        let connected = node["connected"] == true;
-        match nodes.get(&name) {
-            Some(held) if held["connected"] == true || !connected => {}
-            _ => {
-                nodes.insert(name, node);
-            }
-        }
-    }
-    nodes
+    crate::dashboard::merge_nodes([Value::Array(listed)])
+        .into_iter()
+        .filter_map(|node| Some((node["name"].as_str()?.to_owned(), node)))
+        .collect()
 }
 
 fn node_checks(

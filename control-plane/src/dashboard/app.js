@@ -69,7 +69,7 @@ const pages = {
     const o = await api("/api/overview");
     const cert = o.soonest_certificate_expiry;
     document.getElementById("overview-cards").replaceChildren(
-      card(`${o.nodes.connected} / ${o.nodes.known}`, "nodes whose proxy is connected to this replica", o.nodes.connected === o.nodes.known),
+      card(`${o.nodes.connected} / ${o.nodes.known}`, "nodes whose proxy is connected", o.nodes.connected === o.nodes.known),
       card(`${o.nodes.up_to_date} / ${o.nodes.known}`, "proxies on their latest config", o.nodes.up_to_date === o.nodes.known),
       card(o.nodes.with_nack, "proxies that refused a config", o.nodes.with_nack === 0),
       card(`${o.workloads.meshed} / ${o.workloads.total}`, "workloads in the mesh"),
@@ -77,6 +77,9 @@ const pages = {
       card(cert ? duration(cert.expires_in_seconds) : "none", cert ? `until ${cert.identity} expires on ${cert.node}` : "certificates reported", cert ? cert.expires_in_seconds > 3600 : undefined),
       card(o.traffic.connections, `connections in the last ${Math.round(o.traffic.window_seconds / 60)} min`),
       card(o.traffic.denied, "connections refused by policy", o.traffic.denied === 0 ? undefined : false),
+      card(`${o.replicas.asked - o.replicas.unanswered.length} / ${o.replicas.asked}`,
+        o.replicas.unanswered.length ? `other replicas answered; not: ${o.replicas.unanswered.join("; ")}` : "other control-plane replicas merged into this view",
+        o.replicas.unanswered.length === 0),
     );
   },
 
@@ -85,7 +88,7 @@ const pages = {
     table("nodes-table", ["node", "pods", "proxy", "config", "last refusal", "certificates"], nodes.map((n) => [
       n.name,
       n.pods,
-      n.connected ? el("span", { class: "yes" }, `connected, ${n.proxy_version}`) : el("span", { class: "no" }, "no proxy connected to this replica"),
+      n.connected ? el("span", { class: "yes" }, `connected, ${n.proxy_version}`) : el("span", { class: "no" }, "no proxy connected"),
       n.connected ? yesNo(n.up_to_date, `applied v${n.acked_version}`, `v${n.acked_version} of v${n.sent_version}`) : "",
       n.last_nack ? el("span", { class: "no" }, `v${n.last_nack.version}: ${n.last_nack.reason}`) : "",
       el("div", {}, ...n.certificates.map((c) => el("div", { class: c.expires_in_seconds > 3600 ? "" : "warn" }, `${c.identity} (${duration(c.expires_in_seconds)})`))),

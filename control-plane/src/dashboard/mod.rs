@@ -27,6 +27,9 @@ use crate::node_health::{self, NodeHealth, seconds};
 use crate::registry::NodeRegistry;
 use crate::reported_traffic::ReportedTraffic;
 
+mod peers;
+pub use peers::{Peers, merge_nodes};
+
 /// The page and its assets, by path.
 const ASSETS: &[(&str, &str, &str)] = &[
     ("/", "text/html; charset=utf-8", include_str!("index.html")),
@@ -72,6 +75,19 @@ pub struct Dashboard {
     /// The policies' conditions of the last cluster asked about: they take
     /// a while to make for a large cluster, and change only with it.
     pub verdicts: Mutex<Option<Verdicts>>,
+    /// The other replicas, whose views the node and traffic pages merge.
+    pub peers: Peers,
+}
+
+/// Which other replicas were asked for their view, and which did not
+/// answer; for traffic, the pairs all of them hold (a pair whose ends
+/// report to two replicas counts twice) and the events they left out.
+#[derive(Debug, Default)]
+struct Asked {
+    asked: usize,
+    unanswered: Vec<String>,
+    pairs_held: u64,
+    left_out: u64,
 }
 
 /// The policies' conditions, and the cluster they are of.
@@ -90,11 +106,13 @@ impl Dashboard {
             .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
         let now = SystemTime::now();
+        // A replica asked by another answers for itself alone.
+        let own = params.contains_key("own");
         let value = match path {
-            "/api/overview" => self.overview(now),
-            "/api/nodes" => json!(self.nodes_list(now)),
+            "/api/overview" => self.overview(own, now),
+            "/api/nodes" => json!(self.merged_nodes(own, now).0),
             "/api/workloads" => self.workloads(&params, now),
-            "/api/traffic" => self.traffic_page(&params, now),
+            "/api/traffic" => self.traffic_page(&params, own, now),
             "/api/policies" => self.policies(),
             "/api/explain" => match self.explain(&params) {
                 Ok(value) => value,
@@ -105,8 +123,9 @@ impl Dashboard {
         Some(json_answer(200, &value))
     }
 
-    fn overview(&self, now: SystemTime) -> Value {
-        let nodes = self.nodes_list(now);
+    fn overview(&self, own: bool, now: SystemTime) -> Value {
+        let (nodes, asked_nodes) = self.merged_nodes(own, now);
+        let (edges, asked_traffic) = self.merged_edges(&BTreeMap::new(), own, now);
         let published = self.mesh.borrow().clone();
         let mesh = &published.mesh;
         let meshed = mesh
@@ -122,20 +141,47 @@ impl Dashboard {
         let soonest = nodes
             .iter()
             .flat_map(|n| {
-                n.certificates
-                    .iter()
-                    .map(move |c| (c.not_after, &n.name, &c.identity))
+                n["certificates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |c| {
+                        (
+                            c["not_after"].as_i64().unwrap_or(i64::MAX),
+                            &n["name"],
+                            &c["identity"],
+                        )
+                    })
             })
-            .min();
-        let traffic = self.traffic.summary(now);
-        let denied: u64 = traffic.edges.iter().flat_map(|e| e.denied.values()).sum();
+            .min_by_key(|(not_after, _, _)| *not_after);
+        let count = |f: &dyn Fn(&Value) -> bool| nodes.iter().filter(|n| f(n)).count();
+        let sum = |field: &str| {
+            edges
+                .iter()
+                .map(|e| e[field].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        let denied: u64 = edges
+            .iter()
+            .filter_map(|e| e["denied"].as_object())
+            .flat_map(|d| d.values())
+            .map(|n| n.as_u64().unwrap_or(0))
+            .sum();
+        let mut unanswered = asked_nodes.unanswered;
+        unanswered.extend(asked_traffic.unanswered);
+        unanswered.sort_unstable();
+        unanswered.dedup();
         json!({
             "mesh_version": published.version,
+            "replicas": {
+                "asked": asked_nodes.asked,
+                "unanswered": unanswered,
+            },
             "nodes": {
                 "known": nodes.len(),
-                "connected": nodes.iter().filter(|n| n.connected).count(),
-                "up_to_date": nodes.iter().filter(|n| n.up_to_date).count(),
-                "with_nack": nodes.iter().filter(|n| n.last_nack.is_some()).count(),
+                "connected": count(&|n| n["connected"] == true),
+                "up_to_date": count(&|n| n["up_to_date"] == true),
+                "with_nack": count(&|n| !n["last_nack"].is_null()),
             },
             "workloads": { "total": mesh.workloads.len(), "meshed": meshed },
             "policies": { "total": policies.len(), "not_accepted": not_accepted },
@@ -144,12 +190,88 @@ impl Dashboard {
                 "expires_in_seconds": not_after.saturating_sub(seconds(now)),
             })),
             "traffic": {
-                "window_seconds": traffic.window_seconds,
-                "edges": traffic.edges.len(),
-                "connections": traffic.edges.iter().map(|e| e.opened).sum::<u64>(),
+                "window_seconds": self.traffic.summary(now).window_seconds,
+                "edges": edges.len(),
+                "connections": sum("opened"),
                 "denied": denied,
             },
         })
+    }
+
+    /// This replica's nodes, merged with the other replicas' unless `own`.
+    fn merged_nodes(&self, own: bool, now: SystemTime) -> (Vec<Value>, Asked) {
+        let local = json!(self.nodes_list(now));
+        if own {
+            return (peers::merge_nodes([local]), Asked::default());
+        }
+        let (views, asked) = self.ask_peers("/api/nodes");
+        (
+            peers::merge_nodes(std::iter::once(local).chain(views)),
+            asked,
+        )
+    }
+
+    /// This replica's traffic pairs with an end in `namespace` (if given),
+    /// merged with the other replicas' unless `own`.
+    fn merged_edges(
+        &self,
+        params: &BTreeMap<String, String>,
+        own: bool,
+        now: SystemTime,
+    ) -> (Vec<Value>, Asked) {
+        let namespace = params.get("namespace").filter(|n| !n.is_empty());
+        let mut summary = self.traffic.summary(now);
+        let (own_held, own_left_out) = (summary.edges.len() as u64, summary.left_out);
+        if let Some(namespace) = namespace {
+            let prefix = format!("{namespace}/");
+            summary
+                .edges
+                .retain(|e| e.source.starts_with(&prefix) || e.destination.starts_with(&prefix));
+        }
+        let local = json!(summary.edges);
+        if own {
+            let asked = Asked {
+                pairs_held: own_held,
+                left_out: own_left_out,
+                ..Asked::default()
+            };
+            return (peers::merge_edges([local]), asked);
+        }
+        let path = match namespace {
+            Some(namespace) => format!(
+                "/api/traffic?limit={MAX_EDGES_LISTED}&namespace={}",
+                form_urlencoded::byte_serialize(namespace.as_bytes()).collect::<String>()
+            ),
+            None => format!("/api/traffic?limit={MAX_EDGES_LISTED}"),
+        };
+        let (views, mut asked) = self.ask_peers(&path);
+        asked.pairs_held = own_held
+            + views
+                .iter()
+                .map(|v| v["total"].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        asked.left_out = own_left_out
+            + views
+                .iter()
+                .map(|v| v["left_out"].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        let edges = views.into_iter().map(|mut view| view["edges"].take());
+        (
+            peers::merge_edges(std::iter::once(local).chain(edges)),
+            asked,
+        )
+    }
+
+    /// The other replicas' answers to `path`.
+    fn ask_peers(&self, path: &str) -> (Vec<Value>, Asked) {
+        let addresses = self.peers.addresses(&self.cluster.borrow());
+        let views = self.peers.fetch(&addresses, path);
+        let asked = Asked {
+            asked: addresses.len(),
+            unanswered: views.unanswered,
+            ..Asked::default()
+        };
+        (views.views, asked)
     }
 
     fn nodes_list(&self, now: SystemTime) -> Vec<NodeHealth> {
@@ -160,30 +282,33 @@ impl Dashboard {
     /// The traffic of the window, narrowed to the pairs with an end in
     /// `namespace` if asked, the busiest `limit` pairs (refused ones
     /// first): 20,000 pairs are 8 MiB of JSON.
-    fn traffic_page(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {
-        let mut summary = self.traffic.summary(now);
-        let total = summary.edges.len();
-        if let Some(namespace) = params.get("namespace").filter(|n| !n.is_empty()) {
-            let prefix = format!("{namespace}/");
-            summary
-                .edges
-                .retain(|e| e.source.starts_with(&prefix) || e.destination.starts_with(&prefix));
-        }
+    fn traffic_page(&self, params: &BTreeMap<String, String>, own: bool, now: SystemTime) -> Value {
+        let window_seconds = self.traffic.summary(now).window_seconds;
+        let (mut edges, asked) = self.merged_edges(params, own, now);
         let limit = params
             .get("limit")
             .and_then(|l| l.parse().ok())
             .unwrap_or(MAX_EDGES_LISTED)
             .min(MAX_EDGES_LISTED);
-        summary.edges.sort_by_key(|e| {
-            let refused: u64 = e.denied.values().sum();
-            std::cmp::Reverse((refused, e.opened))
+        edges.sort_by_key(|e| {
+            let refused: u64 = e["denied"]
+                .as_object()
+                .into_iter()
+                .flat_map(|d| d.values())
+                .map(|n| n.as_u64().unwrap_or(0))
+                .sum();
+            std::cmp::Reverse((refused, e["opened"].as_u64().unwrap_or(0)))
         });
-        let matching = summary.edges.len();
-        summary.edges.truncate(limit);
-        let mut value = json!(summary);
-        value["total"] = json!(total);
-        value["matching"] = json!(matching);
-        value
+        let matching = edges.len();
+        edges.truncate(limit);
+        json!({
+            "window_seconds": window_seconds,
+            "edges": edges,
+            "matching": matching,
+            "total": asked.pairs_held,
+            "left_out": asked.left_out,
+            "replicas": {"asked": asked.asked, "unanswered": asked.unanswered},
+        })
     }
 
     fn workloads(&self, params: &BTreeMap<String, String>, now: SystemTime) -> Value {

@@ -65,6 +65,7 @@ fn dashboard() -> Dashboard {
         mesh_namespace: "weft-system".into(),
         trust_domain: "cluster.local".into(),
         verdicts: Default::default(),
+        peers: Default::default(),
     }
 }
 
@@ -231,4 +232,104 @@ fn the_overview_counts_what_the_pages_list() {
     assert_eq!(overview["workloads"]["meshed"], 2);
     assert_eq!(overview["traffic"]["denied"], 3);
     assert_eq!(overview["policies"]["not_accepted"], 1);
+}
+
+/// A replica on loopback that answers every GET with `nodes` or `traffic`
+/// by path, and records the paths asked.
+async fn peer_replica(
+    nodes: Value,
+    traffic: Value,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = vec![0; 4096];
+            let n = stream.read(&mut request).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&request[..n]).into_owned();
+            let path = request.split(' ').nth(1).unwrap_or("").to_owned();
+            let body = if path.starts_with("/api/nodes") {
+                nodes.to_string()
+            } else {
+                traffic.to_string()
+            };
+            seen.lock().unwrap().push(path);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    (address, asked)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_merge_what_the_other_replicas_hold() {
+    // node-2's proxy holds its stream on the other replica, and reported
+    // a refused connection there.
+    let (other, asked) = peer_replica(
+        json!([{"name": "node-2", "connected": true, "up_to_date": true, "pods": 1,
+                "certificates": [], "last_nack": null}]),
+        json!({"total": 1, "left_out": 0, "edges": [{
+            "source": "shop/evil", "destination": "shop/db", "source_principal": "",
+            "service": "", "security": "mutual_tls", "reported_by": "destination",
+            "opened": 4, "closed": 4, "bytes_received": 0, "bytes_sent": 0,
+            "denied": {"shop/db-from-web": 4}, "audited": {}}]}),
+    )
+    .await;
+    let mut dashboard = dashboard();
+    dashboard.nodes.connected("node-1", "0.1.0", 4);
+    dashboard.peers = Peers {
+        fixed: vec![other, "127.0.0.1:1".parse().unwrap()],
+        timeout: Duration::from_secs(5),
+        ..Peers::default()
+    };
+    let dashboard = Arc::new(dashboard);
+    let pages = dashboard.clone();
+    let (nodes, traffic, overview, own) = tokio::task::spawn_blocking(move || {
+        (
+            get(&pages, "/api/nodes", None).1,
+            get(&pages, "/api/traffic", Some("namespace=shop")).1,
+            get(&pages, "/api/overview", None).1,
+            get(&pages, "/api/nodes", Some("own=1")).1,
+        )
+    })
+    .await
+    .unwrap();
+    let connected: Vec<(&str, bool)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["connected"] == true))
+        .collect();
+    assert_eq!(connected, [("node-1", true), ("node-2", true)]);
+    assert_eq!(traffic["edges"][0]["denied"]["shop/db-from-web"], 4);
+    assert_eq!(traffic["replicas"]["asked"], 2);
+    assert_eq!(overview["nodes"]["connected"], 2);
+    assert_eq!(overview["traffic"]["denied"], 4);
+    // The replica that is not there is named, not waited for forever.
+    let unanswered = overview["replicas"]["unanswered"].as_array().unwrap();
+    assert!(
+        unanswered.len() == 1 && unanswered[0].as_str().unwrap().starts_with("127.0.0.1:1: "),
+        "{overview}"
+    );
+    // Asked for its own view, a replica asks nobody.
+    assert!(
+        own.as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["name"] != "node-2" || n["connected"] == false),
+        "{own}"
+    );
+    let asked = asked.lock().unwrap().clone();
+    assert!(!asked.is_empty());
+    assert!(asked.iter().all(|path| path.contains("own=1")), "{asked:?}");
+    assert!(
+        asked.iter().any(|path| path.contains("namespace=shop")),
+        "{asked:?}"
+    );
 }
