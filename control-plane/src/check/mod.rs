@@ -3,19 +3,19 @@
 //! what to do; the exit code says whether all passed, `-o json` prints the
 //! same for machines.
 //!
-//! - `check --pre` ([`preflight`]), before installing: the API server's
+//! - `check --pre` (`preflight.rs`), before installing: the API server's
 //!   version, weft's CRDs (absent, or the ones this binary ships), the
 //!   permissions the install needs, the nodes' kernels.
-//! - `check` ([`mesh`]), after: the control plane ready, a proxy on every
+//! - `check` (`mesh.rs`), after: the control plane ready, a proxy on every
 //!   node that runs pods of the mesh, each on its latest config and not
 //!   refusing, certificates valid, no manifest refused, policies Accepted;
-//!   then ([`connection`]) a test connection between two pods of a
+//!   then (`connection.rs`) a test connection between two pods of a
 //!   throwaway namespace is mutual TLS and is refused by a throwaway DENY.
 //!
 //! It reads what the dashboard draws (the control plane's monitoring port,
 //! through the API server's pod proxy or at `--url`), and the API server
 //! with the user's own credentials (`KUBECONFIG`); it never changes weft's
-//! objects. [`peer`] is what the throwaway pods run.
+//! objects. `peer.rs` is what the throwaway pods run.
 
 mod connection;
 mod mesh;
