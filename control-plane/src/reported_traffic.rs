@@ -257,6 +257,11 @@ impl ReportedTraffic {
         }
     }
 
+    /// How far back the window reaches, in seconds.
+    pub fn window_seconds(&self) -> u64 {
+        self.limits.window.as_secs()
+    }
+
     /// The window ending at `now`, each connection counted once.
     pub fn summary(&self, now: SystemTime) -> TrafficSummary {
         let mut merged: BTreeMap<EdgeKey, Counts> = BTreeMap::new();
@@ -306,7 +311,7 @@ impl ReportedTraffic {
             })
             .collect();
         TrafficSummary {
-            window_seconds: self.limits.window.as_secs(),
+            window_seconds: self.window_seconds(),
             edges,
             left_out: self.left_out.get(),
         }

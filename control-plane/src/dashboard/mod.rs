@@ -190,7 +190,7 @@ impl Dashboard {
                 "expires_in_seconds": not_after.saturating_sub(seconds(now)),
             })),
             "traffic": {
-                "window_seconds": self.traffic.summary(now).window_seconds,
+                "window_seconds": self.traffic.window_seconds(),
                 "edges": edges.len(),
                 "connections": sum("opened"),
                 "denied": denied,
@@ -228,14 +228,16 @@ impl Dashboard {
                 .edges
                 .retain(|e| e.source.starts_with(&prefix) || e.destination.starts_with(&prefix));
         }
-        let local = json!(summary.edges);
+        // One replica's summary counts each pair once already: only other
+        // replicas' views need merging in.
+        let local: Vec<Value> = summary.edges.iter().map(|e| json!(e)).collect();
         if own {
             let asked = Asked {
                 pairs_held: own_held,
                 left_out: own_left_out,
                 ..Asked::default()
             };
-            return (peers::merge_edges([local]), asked);
+            return (local, asked);
         }
         let path = match namespace {
             Some(namespace) => format!(
@@ -255,9 +257,12 @@ impl Dashboard {
                 .iter()
                 .map(|v| v["left_out"].as_u64().unwrap_or(0))
                 .sum::<u64>();
+        if views.is_empty() {
+            return (local, asked);
+        }
         let edges = views.into_iter().map(|mut view| view["edges"].take());
         (
-            peers::merge_edges(std::iter::once(local).chain(edges)),
+            peers::merge_edges(std::iter::once(Value::Array(local)).chain(edges)),
             asked,
         )
     }
@@ -283,7 +288,7 @@ impl Dashboard {
     /// `namespace` if asked, the busiest `limit` pairs (refused ones
     /// first): 20,000 pairs are 8 MiB of JSON.
     fn traffic_page(&self, params: &BTreeMap<String, String>, own: bool, now: SystemTime) -> Value {
-        let window_seconds = self.traffic.summary(now).window_seconds;
+        let window_seconds = self.traffic.window_seconds();
         let (mut edges, asked) = self.merged_edges(params, own, now);
         let limit = params
             .get("limit")
