@@ -8,13 +8,9 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::StatusCode;
 use hyper::body::Bytes;
 
-/// GETs `path` from `authority` (`host:port`) within `timeout`: the answer's
-/// status and body, or why there was none.
-pub async fn get(
-    authority: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), String> {
+/// GETs `path` from `authority` (`host:port`) within `timeout`: the body of
+/// a 200 answer, or why there was none (every caller wants a 200 alone).
+pub async fn get(authority: &str, path: &str, timeout: Duration) -> Result<Bytes, String> {
     let ask = async {
         let stream = tokio::net::TcpStream::connect(authority)
             .await
@@ -39,7 +35,10 @@ pub async fn get(
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, body))
+        if status != StatusCode::OK {
+            return Err(format!("GET {path} answered {status}"));
+        }
+        Ok(body)
     };
     tokio::time::timeout(timeout, ask)
         .await

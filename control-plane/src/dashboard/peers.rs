@@ -95,13 +95,11 @@ impl Peers {
             let path = path.clone();
             async move {
                 let authority = address.to_string();
-                let answer = match crate::http_get::get(&authority, &path, self.timeout).await {
-                    Ok((hyper::StatusCode::OK, body)) => {
+                let answer = crate::http_get::get(&authority, &path, self.timeout)
+                    .await
+                    .and_then(|body| {
                         serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
-                    }
-                    Ok((status, _)) => Err(format!("answered {status}")),
-                    Err(error) => Err(error),
-                };
+                    });
                 answer.map_err(|error| format!("{authority}: {error}"))
             }
         });
