@@ -337,6 +337,12 @@ pub struct ProxyConfig {
     )]
     pub traffic_report_interval_seconds: u64,
 
+    /// How long after the node's certificates change it reports them,
+    /// without waiting for the report interval, in milliseconds: the
+    /// certificates of pods starting together go in one report.
+    #[arg(long, env = "WEFT_CERTIFICATE_REPORT_SETTLE_MS", default_value_t = 500)]
+    pub certificate_report_settle_ms: u64,
+
     /// Pairs of workloads a traffic report holds at most; connections
     /// between further pairs are counted, not named, until the next report.
     #[arg(long, env = "WEFT_TRAFFIC_REPORT_MAX_EDGES", default_value_t = 2_000)]

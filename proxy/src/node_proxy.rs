@@ -136,11 +136,11 @@ impl NodeProxy {
             config.traffic_report_max_edges,
         ));
         if config.traffic_report_interval_seconds > 0 {
-            let held = certificates.clone();
             client.report_traffic(crate::traffic_ledger::TrafficReporting {
                 ledger: ledger.clone(),
                 interval: Duration::from_secs(config.traffic_report_interval_seconds),
-                certificates: Box::new(move || held_certificates(&held.borrow())),
+                certificates: certificates.clone(),
+                certificates_settle: Duration::from_millis(config.certificate_report_settle_ms),
             });
         }
         let data_plane_config = config.clone();
@@ -345,19 +345,4 @@ impl NodeProxy {
             }
         }
     }
-}
-
-/// The certificates in `held`, as a traffic report lists them.
-fn held_certificates(
-    held: &crate::certificates::CertificateMap,
-) -> Vec<weft_api::v1::HeldCertificate> {
-    held.iter()
-        .map(|(identity, certificate)| weft_api::v1::HeldCertificate {
-            identity: identity.to_string(),
-            not_after: certificate
-                .not_after()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-        })
-        .collect()
 }

@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use weft_api::v1 as pb;
+use weft_certs::{Identity, WorkloadCertificate};
 
 /// One pair of ends, as a report names it.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
@@ -155,35 +156,40 @@ impl TrafficLedger {
     }
 }
 
+/// The certificates the node holds, by identity, as the certificate keeper
+/// publishes them.
+pub type HeldCertificates = watch::Receiver<Arc<BTreeMap<Identity, WorkloadCertificate>>>;
+
 /// What the control-plane client reports up each config stream it opens.
+#[derive(Debug)]
 pub struct TrafficReporting {
     /// Where the data plane counts.
     pub ledger: Arc<TrafficLedger>,
     /// How often a report is sent.
     pub interval: Duration,
-    /// The certificates the node holds now.
-    pub certificates: Box<dyn Fn() -> Vec<pb::HeldCertificate> + Send + Sync>,
-}
-
-impl std::fmt::Debug for TrafficReporting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrafficReporting")
-            .field("interval", &self.interval)
-            .finish_non_exhaustive()
-    }
+    /// The certificates the node holds now; a change is reported without
+    /// waiting for the interval (`check` right after an install vouches for
+    /// them only once the control plane has heard).
+    pub certificates: HeldCertificates,
+    /// How long after a certificate change the report goes: the changes of
+    /// a node starting its pods (one certificate each) go in one report.
+    pub certificates_settle: Duration,
 }
 
 /// Sends a report on `outgoing` at once (the control plane learns the
 /// node's certificates as the stream opens), then every interval that
-/// has something new, until the stream is gone.
+/// has something new and whenever the held certificates change, until the
+/// stream is gone.
 pub async fn send_reports(
     reporting: Arc<TrafficReporting>,
     outgoing: mpsc::Sender<pb::ProxyMessage>,
 ) {
+    let mut certificates_watch = reporting.certificates.clone();
+    let mut watching = true;
     let mut last_certificates = None;
     loop {
         let mut report = reporting.ledger.take_report();
-        let certificates = (reporting.certificates)();
+        let certificates = held_certificates(&certificates_watch.borrow_and_update());
         let quiet = report.edges.is_empty() && report.events_left_out == 0;
         if !quiet || last_certificates.as_ref() != Some(&certificates) {
             report.certificates = certificates.clone();
@@ -195,8 +201,35 @@ pub async fn send_reports(
                 return;
             }
         }
-        tokio::time::sleep(reporting.interval).await;
+        let tick = tokio::time::sleep(reporting.interval);
+        tokio::pin!(tick);
+        tokio::select! {
+            () = &mut tick => {}
+            changed = certificates_watch.changed(), if watching => {
+                // A keeper that is gone changes nothing more: ticks only.
+                watching = changed.is_ok();
+                if watching {
+                    tokio::select! {
+                        () = &mut tick => {}
+                        () = tokio::time::sleep(reporting.certificates_settle) => {}
+                    }
+                }
+            }
+        }
     }
+}
+
+/// The held certificates as a report names them: identity and expiry.
+fn held_certificates(held: &BTreeMap<Identity, WorkloadCertificate>) -> Vec<pb::HeldCertificate> {
+    held.iter()
+        .map(|(identity, certificate)| pb::HeldCertificate {
+            identity: identity.to_string(),
+            not_after: certificate
+                .not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -262,5 +295,81 @@ mod tests {
         assert_eq!(report.events_left_out, 3);
         let closed: u64 = report.edges.iter().map(|e| e.connections_closed).sum();
         assert_eq!(closed, 1);
+    }
+
+    fn certificate(identity: &str) -> (Identity, WorkloadCertificate) {
+        let now = std::time::SystemTime::now();
+        let ca = weft_certs::MeshCa::generate_root("cluster.local", now).unwrap();
+        let identity: Identity = identity.parse().unwrap();
+        let request = weft_certs::CertificateRequest::generate(&identity).unwrap();
+        let chain = ca.sign_csr(request.csr_der(), &identity, now).unwrap();
+        let certificate = request
+            .complete(chain, ca.trust_bundle().clone(), now)
+            .unwrap();
+        (identity, certificate)
+    }
+
+    fn held(report: &pb::ProxyMessage) -> Vec<String> {
+        match &report.kind {
+            Some(pb::proxy_message::Kind::Traffic(traffic)) => traffic
+                .certificates
+                .iter()
+                .map(|c| c.identity.clone())
+                .collect(),
+            other => panic!("not a traffic report: {other:?}"),
+        }
+    }
+
+    /// The interval is an hour: only a certificate change can send the
+    /// second and third reports; the paused clock makes "an hour" exact.
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_change_is_reported_without_waiting_for_the_interval() {
+        let (keeper, certificates) = watch::channel(Arc::new(BTreeMap::new()));
+        let reporting = Arc::new(TrafficReporting {
+            ledger: Arc::new(TrafficLedger::new(10)),
+            interval: Duration::from_secs(3600),
+            certificates,
+            certificates_settle: Duration::from_millis(500),
+        });
+        let (outgoing, mut reports) = mpsc::channel(8);
+        let sender = tokio::spawn(send_reports(reporting, outgoing));
+        let opened = Instant::now();
+        assert!(held(&reports.recv().await.unwrap()).is_empty());
+
+        // Two pods start together: one report names both.
+        let web = certificate("spiffe://cluster.local/ns/shop/sa/web");
+        let db = certificate("spiffe://cluster.local/ns/shop/sa/db");
+        keeper.send_modify(|map| {
+            Arc::make_mut(map).insert(web.0.clone(), web.1.clone());
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        keeper.send_modify(|map| {
+            Arc::make_mut(map).insert(db.0.clone(), db.1.clone());
+        });
+        let both = held(&reports.recv().await.unwrap());
+        assert_eq!(
+            both,
+            [
+                "spiffe://cluster.local/ns/shop/sa/db",
+                "spiffe://cluster.local/ns/shop/sa/web"
+            ]
+        );
+        assert!(opened.elapsed() < Duration::from_secs(1));
+
+        // A pod goes: its certificate is no longer reported.
+        keeper.send_modify(|map| {
+            Arc::make_mut(map).remove(&db.0);
+        });
+        assert_eq!(
+            held(&reports.recv().await.unwrap()),
+            ["spiffe://cluster.local/ns/shop/sa/web"]
+        );
+        assert!(opened.elapsed() < Duration::from_secs(2));
+
+        // The keeper gone, reports go on at the interval (no busy loop).
+        drop(keeper);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(reports.try_recv().is_err());
+        sender.abort();
     }
 }

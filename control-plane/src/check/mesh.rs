@@ -374,8 +374,9 @@ fn node_checks(
             }
         }
     }
-    // Proxies report what they hold every 10 s, so a node can run meshed
-    // pods and not have reported their certificates yet: said, not failed.
+    // A proxy reports a certificate half a second after it gets it, so a
+    // node can run meshed pods whose certificates are still being signed:
+    // said, not failed.
     let unreported = names(&|n| {
         n["connected"] == true
             && n["pods"].as_u64().unwrap_or(0) > 0
@@ -386,7 +387,7 @@ fn node_checks(
             format!("{certificates} certificates, each valid for at least {min_validity} s");
         if !unreported.is_empty() {
             detail += &format!(
-                "; not reported yet by {} (proxies report every 10 s by default)",
+                "; none reported yet by {} (a proxy reports its certificates as it gets them: run check again in a few seconds)",
                 unreported.join(", ")
             );
         }

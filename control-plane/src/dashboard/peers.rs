@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, in_namespace};
 
 /// The label of the control plane's pods.
 const CONTROL_PLANE_APP: &str = "weft-control-plane";
@@ -53,7 +53,7 @@ impl Peers {
     pub fn addresses(&self, cluster: &ClusterState) -> Vec<SocketAddr> {
         let mut addresses = self.fixed.clone();
         let prefix = format!("{}/", self.namespace);
-        for (key, pod) in cluster.pods.iter() {
+        for (key, pod) in in_namespace(&cluster.pods, &self.namespace) {
             let key = key.to_string();
             let Some(name) = key.strip_prefix(&prefix) else {
                 continue;

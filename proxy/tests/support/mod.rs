@@ -444,6 +444,7 @@ impl ProxyFiles {
             log_level: "debug".into(),
             max_config_message_bytes: weft_proxy::DEFAULT_MAX_CONFIG_MESSAGE_BYTES,
             traffic_report_interval_seconds: 1,
+            certificate_report_settle_ms: 100,
             traffic_report_max_edges: 2_000,
         }
     }
