@@ -19,9 +19,17 @@ pub(crate) fn changes_nothing(update: &pb::ConfigUpdate) -> bool {
 }
 
 /// A workload as other nodes see it: how a pod is selected and protected
-/// matters only where it runs.
+/// matters only where it runs, and what its uid and identity say is not
+/// said again (the pod's name is its uid's, its namespace and
+/// ServiceAccount its identity's; the runtime's uid of the pod concerns its
+/// node alone). Every node holds every remote workload: each byte left out
+/// here is left out of a full state 50,000 times at 50,000 pods.
 pub(crate) fn remote_form(workload: &pb::Workload) -> pb::Workload {
     pb::Workload {
+        namespace: String::new(),
+        name: String::new(),
+        service_account: String::new(),
+        pod_uid: String::new(),
         labels: Default::default(),
         authorization_policies: Vec::new(),
         invalid_authorization_policies: Vec::new(),

@@ -20,10 +20,10 @@ use weft_control_plane::node_auth::{NodeAuthenticator, NodeTokens};
 use weft_control_plane::registry::NodeRegistry;
 
 const TOKEN: &str = "node-1-token-0123456789";
-const PODS: usize = 24_000;
+const PODS: usize = 36_000;
 const PART_BYTES: usize = 16 * 1024;
 
-/// A mesh of `PODS` pods with long names (about 200 bytes each in their
+/// A mesh of `PODS` pods with long names (about 160 bytes each in their
 /// remote form), the first three on node-1.
 fn large_mesh() -> Mesh {
     let mut mesh = Mesh::default();

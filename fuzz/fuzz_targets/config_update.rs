@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
     match NodeView::apply(Some(&first), &delta, "node-1") {
         Ok(second) => {
             assert_eq!(second.view.version(), delta.version);
-            let balancers = Balancers::default();
+            let balancers = std::sync::Arc::new(Balancers::default());
             let brought = RouteTable::new(&first).next(&second.view, &balancers);
             let fresh = RouteTable::new(&second.view);
             for ip in addresses(&first).chain(addresses(&second.view)) {

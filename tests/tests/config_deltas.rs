@@ -121,7 +121,7 @@ fn follow(seed: u64, steps: usize) -> usize {
     let mut dice = Dice(seed);
     let mut slots: Vec<Option<String>> = (0..SLOTS).map(|s| random_object(&mut dice, s)).collect();
     let mut published = Arc::new(Published::first(mesh_of(&slots)));
-    let balancers = Balancers::default();
+    let balancers = std::sync::Arc::new(Balancers::default());
     let mut nodes: Vec<_> = NODES
         .iter()
         .map(|node| {

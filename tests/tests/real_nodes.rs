@@ -330,6 +330,8 @@ fn pre_install_checks_pass(cluster: &RealCluster) {
 /// its stream.
 fn post_install_checks_pass(cluster: &RealCluster) {
     let (passed, output) = cluster.weft_check(&[]).unwrap();
+    // What the README's Day 2 section shows (with --nocapture).
+    eprintln!("$ weft-control-plane check\n{output}");
     assert!(passed, "{output}");
     for line in [
         "✓ control plane ready: pod weft-system/weft-control-plane-",

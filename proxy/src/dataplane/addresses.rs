@@ -11,13 +11,21 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// An entry that claims addresses, and the key it has in the view (which
+/// orders several claims on one address).
+pub(super) trait Claimant {
+    /// The entry's key in the view.
+    fn key(&self) -> &Arc<str>;
+}
+
 /// Addresses and their claims.
 #[derive(Debug)]
 pub(super) struct AddressBook<T> {
     /// A B-tree, not a hash trie: at 50,000 addresses a trie's sparse
     /// nodes cost several times the entries they hold, and a lookup here
     /// is once per connection. Claims are held inline: the usual one is
-    /// two pointers, cheap to copy when a change copies its node.
+    /// one pointer (the key is the entry's own), cheap to copy when a
+    /// change copies its node; every remote pod has an entry here.
     entries: imbl::OrdMap<IpAddr, Claims<T>>,
 }
 
@@ -25,23 +33,26 @@ pub(super) struct AddressBook<T> {
 #[derive(Debug)]
 enum Claims<T> {
     /// The usual case: one entry claims it, and it resolves to that.
-    One(Arc<str>, Arc<T>),
-    /// Several do: all of them by key, and what it resolves to.
-    Several {
-        by_key: Vec<(Arc<str>, Arc<T>)>,
-        owner: Option<Arc<T>>,
-    },
+    One(Arc<T>),
+    /// Several do (rare): all of them by key, and what it resolves to.
+    Several(Box<Several<T>>),
+}
+
+#[derive(Debug)]
+struct Several<T> {
+    by_key: Vec<Arc<T>>,
+    owner: Option<Arc<T>>,
 }
 
 // Derived `Clone` would ask `T: Clone`; only the `Arc`s are cloned.
 impl<T> Clone for Claims<T> {
     fn clone(&self) -> Self {
         match self {
-            Claims::One(key, value) => Claims::One(key.clone(), value.clone()),
-            Claims::Several { by_key, owner } => Claims::Several {
-                by_key: by_key.clone(),
-                owner: owner.clone(),
-            },
+            Claims::One(value) => Claims::One(value.clone()),
+            Claims::Several(several) => Claims::Several(Box::new(Several {
+                by_key: several.by_key.clone(),
+                owner: several.owner.clone(),
+            })),
         }
     }
 }
@@ -49,15 +60,15 @@ impl<T> Clone for Claims<T> {
 impl<T> Claims<T> {
     fn owner(&self) -> Option<&Arc<T>> {
         match self {
-            Claims::One(_, value) => Some(value),
-            Claims::Several { owner, .. } => owner.as_ref(),
+            Claims::One(value) => Some(value),
+            Claims::Several(several) => several.owner.as_ref(),
         }
     }
 
-    fn by_key(&self) -> Vec<(Arc<str>, Arc<T>)> {
+    fn by_key(&self) -> Vec<Arc<T>> {
         match self {
-            Claims::One(key, value) => vec![(key.clone(), value.clone())],
-            Claims::Several { by_key, .. } => by_key.clone(),
+            Claims::One(value) => vec![value.clone()],
+            Claims::Several(several) => several.by_key.clone(),
         }
     }
 }
@@ -81,9 +92,9 @@ impl<T> Default for AddressBook<T> {
 /// Decides what an address with several claims resolves to (given the
 /// address and the claims ordered by key); an address with one claim
 /// resolves to it.
-pub(super) type Settle<T> = fn(IpAddr, &[(Arc<str>, Arc<T>)]) -> Option<Arc<T>>;
+pub(super) type Settle<T> = fn(IpAddr, &[Arc<T>]) -> Option<Arc<T>>;
 
-impl<T> AddressBook<T> {
+impl<T: Claimant> AddressBook<T> {
     /// What `ip` resolves to.
     pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
         self.entries.get(ip).and_then(Claims::owner)
@@ -97,8 +108,8 @@ impl<T> AddressBook<T> {
     }
 
     /// Moves the claims of `key` from the addresses `before` to those of
-    /// `after` (with the entry they now stand for), and settles every
-    /// address this touched. The key is the view's own string, shared.
+    /// `after` (with the entry they now stand for, whose key is `key`), and
+    /// settles every address this touched.
     pub(super) fn change(
         &mut self,
         key: &Arc<str>,
@@ -116,25 +127,25 @@ impl<T> AddressBook<T> {
                 .get(&ip)
                 .map(Claims::by_key)
                 .unwrap_or_default();
-            by_key.retain(|(claimant, _)| claimant != key);
+            by_key.retain(|claimant| claimant.key() != key);
             if let Some((ips, value)) = after
                 && ips.contains(&ip)
             {
                 let at = by_key
-                    .binary_search_by(|(k, _)| k.cmp(key))
+                    .binary_search_by(|claimant| claimant.key().cmp(key))
                     .unwrap_or_else(|at| at);
-                by_key.insert(at, (key.clone(), value.clone()));
+                by_key.insert(at, value.clone());
             }
             let claims = match by_key.as_slice() {
                 [] => {
                     self.entries.remove(&ip);
                     continue;
                 }
-                [(key, only)] => Claims::One(key.clone(), only.clone()),
-                several => Claims::Several {
+                [only] => Claims::One(only.clone()),
+                several => Claims::Several(Box::new(Several {
                     owner: settle(ip, several),
                     by_key,
-                },
+                })),
             };
             self.entries.insert(ip, claims);
         }

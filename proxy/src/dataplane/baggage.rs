@@ -33,7 +33,7 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
             .cloned()
     };
     // A pod whose workload is itself (no controller) is named as a pod.
-    let kind = if *source.workload_name == *source.name {
+    let kind = if *source.workload_name == *source.name() {
         WorkloadKind::Pod
     } else {
         WorkloadKind::Deployment
@@ -80,7 +80,6 @@ mod tests {
 
     fn workload(name: &str, workload_name: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
-            name: name.into(),
             workload_name: workload_name.into(),
             local: std::sync::Arc::new(crate::node_view::LocalDetails {
                 labels: labels
@@ -90,7 +89,6 @@ mod tests {
                 ..Default::default()
             }),
             uid: format!("shop/{name}").into(),
-            pod_uid: "".into(),
             identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
             node: "node-1".into(),
             ips: [].into_iter().collect(),

@@ -28,16 +28,29 @@ const LATENCY_WEIGHT: f64 = 0.3;
 /// `<namespace>/<name>`.
 #[derive(Debug, Default)]
 pub struct Balancers {
-    services: Mutex<HashMap<String, Arc<Balancer>>>,
+    /// Only Services a connection went to have state: a node knows every
+    /// Service of the cluster, its pods talk to few.
+    services: Mutex<HashMap<Arc<str>, Arc<Balancer>>>,
 }
 
 impl Balancers {
     /// The state of the Service `key`, created on first use.
-    pub fn get(&self, key: &str) -> Arc<Balancer> {
-        lock(&self.services)
-            .entry(key.to_owned())
-            .or_default()
-            .clone()
+    pub fn get(&self, key: &Arc<str>) -> Arc<Balancer> {
+        let mut services = lock(&self.services);
+        if let Some(held) = services.get(&**key) {
+            return held.clone();
+        }
+        services.entry(key.clone()).or_default().clone()
+    }
+
+    /// Whether Service `key` has state (a connection went to it).
+    pub fn has(&self, key: &str) -> bool {
+        lock(&self.services).contains_key(key)
+    }
+
+    /// How many Services have state.
+    pub fn count(&self) -> usize {
+        lock(&self.services).len()
     }
 
     /// Forgets the state of Service `key` (it left the config). Connections
@@ -559,7 +572,7 @@ mod tests {
     fn state_survives_for_endpoints_still_listed() {
         let balancers = Balancers::default();
         let eps = ips(2);
-        let b = balancers.get("ns/svc");
+        let b = balancers.get(&"ns/svc".into());
         let _lease = b
             .pick(
                 LoadBalancing::RoundRobin,
@@ -570,10 +583,10 @@ mod tests {
             )
             .unwrap();
         balancers.keep_endpoints("ns/svc", &eps);
-        assert_eq!(balancers.get("ns/svc").active(eps[0]), 1);
+        assert_eq!(balancers.get(&"ns/svc".into()).active(eps[0]), 1);
         balancers.keep_endpoints("ns/svc", &[]);
-        assert_eq!(balancers.get("ns/svc").active(eps[0]), 0);
+        assert_eq!(balancers.get(&"ns/svc".into()).active(eps[0]), 0);
         balancers.forget("ns/svc");
-        assert!(!Arc::ptr_eq(&balancers.get("ns/svc"), &b));
+        assert!(!Arc::ptr_eq(&balancers.get(&"ns/svc".into()), &b));
     }
 }

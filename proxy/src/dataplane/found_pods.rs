@@ -66,8 +66,10 @@ pub(super) async fn search(
                 namespace: workload
                     .map(|w| w.namespace().to_string())
                     .unwrap_or_default(),
-                name: workload.map(|w| w.name.to_string()).unwrap_or_default(),
-                uid: workload.map(|w| w.pod_uid.to_string()).unwrap_or_default(),
+                name: workload.map(|w| w.name().to_owned()).unwrap_or_default(),
+                uid: workload
+                    .map(|w| w.local.pod_uid.to_string())
+                    .unwrap_or_default(),
                 found: true,
             });
         }
@@ -115,8 +117,8 @@ pub(super) fn rename(directory: &PodDirectory, table: &RouteTable) {
                 "the config gives a found pod's address to another pod: serving it as that one");
             directory.add(AnnouncedPod {
                 namespace: workload.namespace().to_string(),
-                name: workload.name.to_string(),
-                uid: workload.pod_uid.to_string(),
+                name: workload.name().to_owned(),
+                uid: workload.local.pod_uid.to_string(),
                 ..pod
             });
         }

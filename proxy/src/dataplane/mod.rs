@@ -304,7 +304,9 @@ impl ServedPod {
     ) -> Option<&'t Arc<crate::node_view::Workload>> {
         let same_pod = |w: &&Arc<crate::node_view::Workload>| {
             (self.uid.is_empty() || *w.uid == *self.uid)
-                && (self.pod_uid.is_empty() || w.pod_uid.is_empty() || *w.pod_uid == *self.pod_uid)
+                && (self.pod_uid.is_empty()
+                    || w.local.pod_uid.is_empty()
+                    || *w.local.pod_uid == *self.pod_uid)
         };
         table.local_workload(ip).filter(same_pod)
     }

@@ -306,7 +306,7 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     let configured = configured.or_else(|| {
         table
             .workload_named(&pod.namespace, &pod.name)
-            .filter(|w| !pod.uid.is_empty() && *w.pod_uid == *pod.uid)
+            .filter(|w| !pod.uid.is_empty() && *w.local.pod_uid == *pod.uid)
     });
     match configured {
         Some(workload) if workload.meshed => Outcome::Served,

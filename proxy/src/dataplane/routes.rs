@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use weft_api::authorization::{self, Connection, Decision, Policy};
 
-use super::addresses::AddressBook;
+use super::addresses::{AddressBook, Claimant};
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
 use crate::node_view::{
     Keyed, LocalDetails, NodeView, Service, ServicePort, TrafficPolicy, Workload,
@@ -49,6 +49,9 @@ pub struct RouteTable {
     services: AddressBook<ServiceRoute>,
     /// The same by `<namespace>/<name>`, for splits.
     services_by_key: imbl::OrdMap<Arc<str>, Arc<ServiceRoute>>,
+    /// The Services' balancing state, shared with the tables of earlier
+    /// and later versions.
+    balancers: Arc<Balancers>,
 }
 
 /// The maps of the view a table was built from.
@@ -66,8 +69,7 @@ struct ServiceRoute {
     service: Arc<Service>,
     key: Arc<str>,
     /// The ready endpoints' addresses, in the view's order.
-    ready: Vec<IpAddr>,
-    balancer: Arc<Balancer>,
+    ready: Box<[IpAddr]>,
 }
 
 /// Where a new connection is headed: straight to an address, or to a
@@ -91,6 +93,8 @@ pub struct ServiceConnection {
     /// sends the connection.
     pub policy: Option<Arc<TrafficPolicy>>,
     target: Arc<ServiceRoute>,
+    /// The target's balancing state.
+    balancer: Arc<Balancer>,
     port: ServicePort,
     tried: Vec<IpAddr>,
     _admission: Admission,
@@ -154,7 +158,7 @@ pub enum NoRoute {
 impl RouteTable {
     /// Indexes `view`, with fresh balancing state.
     pub fn new(view: &NodeView) -> RouteTable {
-        RouteTable::default().next(view, &Balancers::default())
+        RouteTable::default().next(view, &Arc::default())
     }
 
     /// The table of `view`, made from this one (the table of an earlier
@@ -163,7 +167,7 @@ impl RouteTable {
     /// cluster. The balancing state in `balancers` (shared with the tables
     /// of earlier and later versions) is kept for the Services and
     /// endpoints still there.
-    pub fn next(&self, view: &NodeView, balancers: &Balancers) -> RouteTable {
+    pub fn next(&self, view: &NodeView, balancers: &Arc<Balancers>) -> RouteTable {
         let local = follow_workloads(
             &self.local,
             (&self.view.local_workloads, view.local_workloads()),
@@ -184,7 +188,7 @@ impl RouteTable {
                 services.change(key, cluster_ips(before), None, first_by_key);
                 continue;
             };
-            let ready: Vec<IpAddr> = service
+            let ready: Box<[IpAddr]> = service
                 .endpoints
                 .iter()
                 .filter(|e| e.ready)
@@ -195,7 +199,6 @@ impl RouteTable {
                 service: service.clone(),
                 key: key.clone(),
                 ready,
-                balancer: balancers.get(key),
             });
             services.change(
                 key,
@@ -221,6 +224,7 @@ impl RouteTable {
             remote,
             services,
             services_by_key,
+            balancers: balancers.clone(),
         }
     }
 
@@ -301,16 +305,19 @@ impl RouteTable {
             })?;
         let policy = route.service.traffic.clone();
         let max = policy.as_ref().and_then(|p| p.max_connections);
-        let admission = route
-            .balancer
-            .admit(max)
-            .ok_or_else(|| NoRoute::MaxConnections {
-                service: route.key.to_string(),
-                max: max.unwrap_or(0),
-            })?;
+        let balancer = self.balancers.get(&route.key);
+        let admission = balancer.admit(max).ok_or_else(|| NoRoute::MaxConnections {
+            service: route.key.to_string(),
+            max: max.unwrap_or(0),
+        })?;
         let (target, port) = match policy.as_ref().filter(|p| !p.split.is_empty()) {
             None => (route.clone(), port.clone()),
-            Some(policy) => self.split(route, port, policy)?,
+            Some(policy) => self.split(route, &balancer, port, policy)?,
+        };
+        let balancer = if Arc::ptr_eq(&target, route) {
+            balancer
+        } else {
+            self.balancers.get(&target.key)
         };
         if target.ready.is_empty() {
             return Err(NoRoute::NoReadyEndpoint {
@@ -321,6 +328,7 @@ impl RouteTable {
             addressed: route.key.to_string(),
             policy,
             target,
+            balancer,
             port,
             tried: Vec::new(),
             _admission: admission,
@@ -333,6 +341,7 @@ impl RouteTable {
     fn split(
         &self,
         route: &Arc<ServiceRoute>,
+        balancer: &Balancer,
         port: &ServicePort,
         policy: &TrafficPolicy,
     ) -> Result<(Arc<ServiceRoute>, ServicePort), NoRoute> {
@@ -353,8 +362,7 @@ impl RouteTable {
             })
             .collect();
         let weights: Vec<(&str, u32)> = targets.iter().map(|(k, w, _)| (*k, *w)).collect();
-        route
-            .balancer
+        balancer
             .split(&weights)
             .and_then(|index| targets[index].2.clone())
             .ok_or_else(|| NoRoute::NoReadyEndpoint {
@@ -376,7 +384,7 @@ impl RouteTable {
             .as_ref()
             .map(|p| p.mode)
             .unwrap_or_default();
-        let lease = target.balancer.pick(
+        let lease = connection.balancer.pick(
             mode,
             &target.ready,
             &connection.tried,
@@ -463,7 +471,11 @@ impl RouteTable {
 
 /// A Service as Istio names it in metrics: `<name>.<namespace>.svc.cluster.local`.
 fn hostname(service: &Service) -> String {
-    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+    format!(
+        "{}.{}.svc.cluster.local",
+        service.name(),
+        service.namespace()
+    )
 }
 
 #[cfg(test)]
@@ -510,8 +522,8 @@ fn cluster_ips(service: Option<&Arc<Service>>) -> &[IpAddr] {
 /// An address two local pods claim vouches for neither (the control plane
 /// quarantines such pods; this holds if it did not): it stays captured,
 /// and every connection to it is refused.
-fn quarantine_all(ip: IpAddr, claims: &[(Arc<str>, Arc<Workload>)]) -> Option<Arc<Workload>> {
-    let (_, first) = claims.first()?;
+fn quarantine_all(ip: IpAddr, claims: &[Arc<Workload>]) -> Option<Arc<Workload>> {
+    let first = claims.first()?;
     Some(Arc::new(Workload {
         local: Arc::new(LocalDetails {
             quarantine: Some(format!("IP {ip} is claimed by another pod too")),
@@ -522,11 +534,23 @@ fn quarantine_all(ip: IpAddr, claims: &[(Arc<str>, Arc<Workload>)]) -> Option<Ar
 }
 
 /// An address two remote pods claim vouches for neither: it is left out.
-fn trust_none(_: IpAddr, _: &[(Arc<str>, Arc<Workload>)]) -> Option<Arc<Workload>> {
+fn trust_none(_: IpAddr, _: &[Arc<Workload>]) -> Option<Arc<Workload>> {
     None
 }
 
 /// A cluster IP two Services claim goes to the first by key.
-fn first_by_key(_: IpAddr, claims: &[(Arc<str>, Arc<ServiceRoute>)]) -> Option<Arc<ServiceRoute>> {
-    claims.first().map(|(_, route)| route.clone())
+fn first_by_key(_: IpAddr, claims: &[Arc<ServiceRoute>]) -> Option<Arc<ServiceRoute>> {
+    claims.first().cloned()
+}
+
+impl Claimant for Workload {
+    fn key(&self) -> &Arc<str> {
+        &self.uid
+    }
+}
+
+impl Claimant for ServiceRoute {
+    fn key(&self) -> &Arc<str> {
+        &self.key
+    }
 }

@@ -88,14 +88,22 @@ pub(super) fn workload(
                 .ok_or_else(|| invalid(format!("probe port {port}")))
         })
         .collect::<Result<_, _>>()?;
+    // The name is read from the uid (a node holds every pod: each byte
+    // counts 50,000 times), so the two must agree.
+    if !wire.name.is_empty() && wire.uid != format!("{}/{}", identity.namespace(), wire.name) {
+        return Err(invalid(format!(
+            "uid is not <namespace>/<name> ({}/{})",
+            identity.namespace(),
+            wire.name
+        )));
+    }
     let uid: Arc<str> = Arc::from(wire.uid.as_str());
+    let name = uid.split_once('/').map_or(&*uid, |(_, name)| name);
     let workload = Workload {
         uid: uid.clone(),
-        name: wire.name.as_str().into(),
-        pod_uid: wire.pod_uid.as_str().into(),
         // An older control plane sends no workload name: the pod's will do.
         workload_name: names::shared(if wire.workload_name.is_empty() {
-            &wire.name
+            name
         } else {
             &wire.workload_name
         }),
@@ -104,6 +112,13 @@ pub(super) fn workload(
         ips,
         meshed: wire.meshed,
         local: LocalDetails::shared(LocalDetails {
+            // Only a pod's own node tells it from another of its name (an
+            // older control plane sends it for every pod).
+            pod_uid: if local_node.is_some() {
+                wire.pod_uid.as_str().into()
+            } else {
+                Box::default()
+            },
             labels: wire
                 .labels
                 .iter()
@@ -153,8 +168,8 @@ fn workload_to_wire(workload: &Workload) -> v1::Workload {
     v1::Workload {
         uid: workload.uid.to_string(),
         namespace: workload.namespace().to_owned(),
-        name: workload.name.to_string(),
-        pod_uid: workload.pod_uid.to_string(),
+        name: workload.name().to_owned(),
+        pod_uid: local.pod_uid.to_string(),
         workload_name: workload.workload_name.to_string(),
         service_account: workload.service_account().to_owned(),
         identity: workload.identity.to_string(),
@@ -221,7 +236,7 @@ pub(super) fn service(
         .vips
         .iter()
         .map(|ip| ip_addr(ip).map_err(|reason| invalid(format!("vip {ip:?}: {reason}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<_, _>>()?;
     let ports = wire
         .ports
         .iter()
@@ -241,7 +256,7 @@ pub(super) fn service(
                 target_port,
             })
         })
-        .collect::<Result<Vec<_>, UpdateProblem>>()?;
+        .collect::<Result<_, UpdateProblem>>()?;
     // The endpoints of a Service mostly resolve their ports alike: each
     // distinct map is held once.
     let mut port_maps = PortMaps::new();
@@ -252,7 +267,7 @@ pub(super) fn service(
             endpoint(e, known_uid, &mut port_maps)
                 .map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip)))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<_, _>>()?;
     let traffic = wire
         .traffic_policy
         .as_ref()
@@ -262,21 +277,21 @@ pub(super) fn service(
                 .map_err(|e| invalid(e.to_string()))
         })
         .transpose()?;
+    let key: Arc<str> = key.into();
     let service = Service {
-        namespace: wire.namespace.clone(),
-        name: wire.name.clone(),
+        key: key.clone(),
         vips,
         ports,
         endpoints,
         traffic,
     };
-    Ok((key.into(), service))
+    Ok((key, service))
 }
 
 fn service_to_wire(service: &Service) -> v1::Service {
     v1::Service {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
+        namespace: service.namespace().to_owned(),
+        name: service.name().to_owned(),
         vips: service.vips.iter().map(ToString::to_string).collect(),
         ports: service
             .ports

@@ -17,13 +17,10 @@ use super::{TrafficPolicy, display};
 /// every pod of the cluster, so each byte here counts 50,000 times.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
-    /// `<namespace>/<pod name>`; the same string as the view's key.
+    /// `<namespace>/<pod name>`; the same string as the view's key. (The
+    /// pod's name is read from it, its namespace and ServiceAccount from
+    /// its identity: see [`Workload::name`].)
     pub uid: Arc<str>,
-    /// The pod's name. (Its namespace and ServiceAccount are its
-    /// identity's: see [`Workload::namespace`].)
-    pub name: Box<str>,
-    /// The pod's `metadata.uid`, empty if the control plane did not say.
-    pub pod_uid: Box<str>,
     /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
     /// name metrics use, stable across rollouts.
     pub workload_name: Arc<str>,
@@ -46,6 +43,10 @@ pub struct Workload {
 /// plane leaves it empty for pods on other nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LocalDetails {
+    /// The pod's `metadata.uid` (as the container runtime knows it), empty
+    /// if the control plane did not say: it tells this pod from a deleted
+    /// one of the same name when the runtime announces it.
+    pub pod_uid: Box<str>,
     /// The pod's labels.
     pub labels: BTreeMap<String, String>,
     /// Keys of the AuthorizationPolicies that apply to the pod. One that
@@ -81,19 +82,18 @@ impl LocalDetails {
     }
 }
 
-/// A Kubernetes Service with its endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A Kubernetes Service with its endpoints. Laid out for size like
+/// [`Workload`]: a node holds every Service of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// The Service's namespace.
-    pub namespace: String,
-    /// The Service's name.
-    pub name: String,
+    /// `<namespace>/<name>`; the same string as the view's key.
+    pub key: Arc<str>,
     /// Its cluster IPs.
-    pub vips: Vec<IpAddr>,
+    pub vips: Addresses,
     /// Its ports.
-    pub ports: Vec<ServicePort>,
+    pub ports: Box<[ServicePort]>,
     /// Its endpoints.
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Box<[Endpoint]>,
     /// The TrafficPolicy that configures it, if any (few Services have
     /// one: it is held apart, and shared with the connections it governs).
     pub traffic: Option<Arc<TrafficPolicy>>,
@@ -202,6 +202,14 @@ impl Serialize for Addresses {
 }
 
 impl Workload {
+    /// The pod's name: its uid after the namespace (the control plane
+    /// sends no other, see `convert::workload`).
+    pub fn name(&self) -> &str {
+        self.uid
+            .split_once('/')
+            .map_or(&*self.uid, |(_, name)| name)
+    }
+
     /// The pod's namespace: its identity's (the control plane sends
     /// nothing else, see `convert::workload`).
     pub fn namespace(&self) -> &str {
@@ -225,9 +233,34 @@ impl Workload {
     }
 }
 
+/// The config dump shows a Service's namespace and name, as the wire has
+/// them.
+impl Serialize for Service {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut fields = serializer.serialize_struct("Service", 6)?;
+        fields.serialize_field("namespace", self.namespace())?;
+        fields.serialize_field("name", self.name())?;
+        fields.serialize_field("vips", &self.vips)?;
+        fields.serialize_field("ports", &self.ports)?;
+        fields.serialize_field("endpoints", &self.endpoints)?;
+        fields.serialize_field("traffic", &self.traffic)?;
+        fields.end()
+    }
+}
+
 impl Service {
-    /// The key a Service has on the wire: `<namespace>/<name>`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    /// The Service's namespace (the part of its key before the `/`).
+    pub fn namespace(&self) -> &str {
+        self.key
+            .split_once('/')
+            .map_or("", |(namespace, _)| namespace)
+    }
+
+    /// The Service's name (the part of its key after the `/`).
+    pub fn name(&self) -> &str {
+        self.key
+            .split_once('/')
+            .map_or(&*self.key, |(_, name)| name)
     }
 }

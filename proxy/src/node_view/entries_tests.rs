@@ -84,6 +84,8 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
         .map(|n| v1::Workload {
             node: "node-2".into(),
             labels: Default::default(),
+            // An older control plane sends it for remote pods too.
+            pod_uid: format!("0b6c3e2a-cart-{n}"),
             ..workload(
                 "shop",
                 &format!("cart-{n}"),
@@ -125,4 +127,28 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
         assert!(Arc::ptr_eq(key, &workload.uid), "and the workload's own");
         assert!(Arc::ptr_eq(&endpoint.ports, &endpoints[0].ports));
     }
+}
+
+/// The pod's name is read from its uid: a workload whose name says
+/// otherwise is refused, not shown under a name it does not have.
+#[test]
+fn a_workload_named_unlike_its_uid_is_refused() {
+    let mut wire = workload("shop", "web-1", "web", "10.244.1.5", true);
+    assert_eq!(
+        convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE))
+            .unwrap()
+            .1
+            .name(),
+        "web-1"
+    );
+    wire.name = "web-2".into();
+    let refused = convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE)).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "local workload shop/web-1: uid is not <namespace>/<name> (shop/web-2)"
+    );
+    // The remote form leaves the name out: the uid's stands.
+    wire.name = String::new();
+    let (_, remote) = convert::workload(EntryKind::RemoteWorkload, &wire, None).unwrap();
+    assert_eq!((remote.name(), remote.namespace()), ("web-1", "shop"));
 }

@@ -133,7 +133,7 @@ fn a_full_state_becomes_the_view_with_typed_values() {
     assert_eq!(*web.ips, ["10.0.1.5".parse::<IpAddr>().unwrap()]);
     assert_eq!(web.local.labels["app"], "web");
     let svc = &view.services()["default/web"];
-    assert_eq!(svc.key(), "default/web");
+    assert_eq!(&*svc.key, "default/web");
     assert_eq!(svc.ports[0].target_port, 8080);
     assert_eq!(
         svc.endpoints[0].workload_uid.as_deref(),
