@@ -26,7 +26,7 @@
 //!   accept loop whose turn it is.
 //!
 //! Modules, from the leaves up: `backoff`, `wall_clock`, `limits`, `rejections`, `warnings`, `sockets`, `listening`,
-//! `lanes`, `copy`, `hbone`, `capture`, `pod_directory`, `node_view` (with `error`), `node_state`
+//! `lanes`, `copy`, `hbone`, `capture`, `pod_directory`, `packed_map`, `node_view` (with `error`), `node_state`
 //! → `cni_api` → `cni_plugin`, `handover` → `node_sockets`, `config` → `logging`,
 //! `transport` → `control_plane` → `certificates` → `dataplane` → `admin`/`monitoring`
 //! → `node_proxy`; nothing points back down.
@@ -56,6 +56,7 @@ mod node_proxy;
 mod node_sockets;
 mod node_state;
 mod node_view;
+mod packed_map;
 pub mod pod_directory;
 pub mod rejections;
 pub mod sockets;

@@ -11,6 +11,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::packed_map::PackedMap;
+
 /// An entry that claims addresses, and the key it has in the view (which
 /// orders several claims on one address).
 pub(super) trait Claimant {
@@ -21,12 +23,12 @@ pub(super) trait Claimant {
 /// Addresses and their claims.
 #[derive(Debug)]
 pub(super) struct AddressBook<T> {
-    /// A B-tree, not a hash trie: at 50,000 addresses a trie's sparse
-    /// nodes cost several times the entries they hold, and a lookup here
-    /// is once per connection. Claims are held inline: the usual one is
-    /// one pointer (the key is the entry's own), cheap to copy when a
-    /// change copies its node; every remote pod has an entry here.
-    entries: imbl::OrdMap<IpAddr, Claims<T>>,
+    /// Sorted and packed, not a hash trie: at 50,000 addresses a trie's
+    /// sparse nodes cost several times the entries they hold, and a lookup
+    /// here is once per connection. Claims are held inline: the usual one
+    /// is one pointer (the key is the entry's own), cheap to copy when a
+    /// change copies its run; every remote pod has an entry here.
+    entries: PackedMap<IpAddr, Claims<T>>,
 }
 
 /// The claims on one address.
@@ -84,7 +86,7 @@ impl<T> Clone for AddressBook<T> {
 impl<T> Default for AddressBook<T> {
     fn default() -> Self {
         AddressBook {
-            entries: imbl::OrdMap::new(),
+            entries: PackedMap::new(),
         }
     }
 }

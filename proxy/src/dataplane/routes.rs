@@ -17,7 +17,7 @@ use weft_api::authorization::{self, Connection, Decision, Policy};
 use super::addresses::{AddressBook, Claimant};
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
 use crate::node_view::{
-    Keyed, LocalDetails, NodeView, Service, ServicePort, TrafficPolicy, Workload,
+    Change, Keyed, LocalDetails, NodeView, Service, ServicePort, TrafficPolicy, Workload,
 };
 
 /// The applied config, indexed for the data path.
@@ -45,10 +45,8 @@ pub struct RouteTable {
     local: AddressBook<Workload>,
     /// Every other known workload by IP.
     remote: AddressBook<Workload>,
-    /// Services by cluster IP, with their balancing state.
-    services: AddressBook<ServiceRoute>,
-    /// The same by `<namespace>/<name>`, for splits.
-    services_by_key: imbl::OrdMap<Arc<str>, Arc<ServiceRoute>>,
+    /// Services by cluster IP (by key, for splits, they are the view's).
+    services: AddressBook<Service>,
     /// The Services' balancing state, shared with the tables of earlier
     /// and later versions.
     balancers: Arc<Balancers>,
@@ -61,15 +59,6 @@ struct ViewMaps {
     remote_workloads: Keyed<Workload>,
     services: Keyed<Service>,
     authorization_policies: Keyed<Policy>,
-}
-
-/// A Service with its ready endpoints and balancing state.
-#[derive(Debug)]
-struct ServiceRoute {
-    service: Arc<Service>,
-    key: Arc<str>,
-    /// The ready endpoints' addresses, in the view's order.
-    ready: Box<[IpAddr]>,
 }
 
 /// Where a new connection is headed: straight to an address, or to a
@@ -92,7 +81,10 @@ pub struct ServiceConnection {
     /// The addressed Service's TrafficPolicy; it applies wherever a split
     /// sends the connection.
     pub policy: Option<Arc<TrafficPolicy>>,
-    target: Arc<ServiceRoute>,
+    target: Arc<Service>,
+    /// The target's ready endpoints' addresses, in the view's order (made
+    /// per connection: a node knows every Service, its pods use few).
+    ready: Vec<IpAddr>,
     /// The target's balancing state.
     balancer: Arc<Balancer>,
     port: ServicePort,
@@ -109,7 +101,7 @@ impl ServiceConnection {
 
     /// The target's ready endpoints.
     pub fn endpoints(&self) -> &[IpAddr] {
-        &self.target.ready
+        &self.ready
     }
 }
 
@@ -178,35 +170,23 @@ impl RouteTable {
             (&self.view.remote_workloads, view.remote_workloads()),
             trust_none,
         );
-        let (mut services, mut services_by_key) =
-            (self.services.clone(), self.services_by_key.clone());
+        let mut services = self.services.clone();
         for change in self.view.services.diff(view.services()) {
             let (key, before, after) = sides(change);
             let Some(service) = after else {
                 balancers.forget(key);
-                services_by_key.remove(&**key);
                 services.change(key, cluster_ips(before), None, first_by_key);
                 continue;
             };
-            let ready: Box<[IpAddr]> = service
-                .endpoints
-                .iter()
-                .filter(|e| e.ready)
-                .map(|e| e.ip)
-                .collect();
-            balancers.keep_endpoints(key, &ready);
-            let route = Arc::new(ServiceRoute {
-                service: service.clone(),
-                key: key.clone(),
-                ready,
-            });
+            if balancers.has(key) {
+                balancers.keep_endpoints(key, &ready_endpoints(service));
+            }
             services.change(
                 key,
                 cluster_ips(before),
-                Some((&service.vips, &route)),
+                Some((&service.vips, service)),
                 first_by_key,
             );
-            services_by_key.insert(key.clone(), route);
         }
         RouteTable {
             generation: view.generation(),
@@ -223,7 +203,6 @@ impl RouteTable {
             local,
             remote,
             services,
-            services_by_key,
             balancers: balancers.clone(),
         }
     }
@@ -295,7 +274,6 @@ impl RouteTable {
             return Ok(Destination::Direct(self.direct(destination, None)));
         };
         let port = route
-            .service
             .ports
             .iter()
             .find(|p| p.port == destination.port())
@@ -303,7 +281,7 @@ impl RouteTable {
                 service: route.key.to_string(),
                 port: destination.port(),
             })?;
-        let policy = route.service.traffic.clone();
+        let policy = route.traffic.clone();
         let max = policy.as_ref().and_then(|p| p.max_connections);
         let balancer = self.balancers.get(&route.key);
         let admission = balancer.admit(max).ok_or_else(|| NoRoute::MaxConnections {
@@ -319,7 +297,8 @@ impl RouteTable {
         } else {
             self.balancers.get(&target.key)
         };
-        if target.ready.is_empty() {
+        let ready = ready_endpoints(&target);
+        if ready.is_empty() {
             return Err(NoRoute::NoReadyEndpoint {
                 service: target.key.to_string(),
             });
@@ -328,6 +307,7 @@ impl RouteTable {
             addressed: route.key.to_string(),
             policy,
             target,
+            ready,
             balancer,
             port,
             tried: Vec::new(),
@@ -340,22 +320,23 @@ impl RouteTable {
     /// number (or else name) gets none.
     fn split(
         &self,
-        route: &Arc<ServiceRoute>,
+        route: &Arc<Service>,
         balancer: &Balancer,
         port: &ServicePort,
         policy: &TrafficPolicy,
-    ) -> Result<(Arc<ServiceRoute>, ServicePort), NoRoute> {
+    ) -> Result<(Arc<Service>, ServicePort), NoRoute> {
         let targets: Vec<_> = policy
             .split
             .iter()
             .map(|(key, weight)| {
-                let usable = self.services_by_key.get(key.as_str()).and_then(|target| {
-                    let ports = &target.service.ports;
+                let usable = self.view.services.get(key.as_str()).and_then(|target| {
+                    let ports = &target.ports;
                     let port = ports
                         .iter()
                         .find(|p| p.port == port.port)
                         .or_else(|| ports.iter().find(|p| p.name == port.name))?;
-                    (!target.ready.is_empty()).then(|| (target.clone(), port.clone()))
+                    let ready = target.endpoints.iter().any(|e| e.ready);
+                    ready.then(|| (target.clone(), port.clone()))
                 });
                 let weight = if usable.is_some() { *weight } else { 0 };
                 (key.as_str(), weight, usable)
@@ -386,17 +367,13 @@ impl RouteTable {
             .unwrap_or_default();
         let lease = connection.balancer.pick(
             mode,
-            &target.ready,
+            &connection.ready,
             &connection.tried,
             now,
             &mut rand::rng(),
         )?;
         connection.tried.push(lease.ip());
-        let endpoint = target
-            .service
-            .endpoints
-            .iter()
-            .find(|e| e.ip == lease.ip())?;
+        let endpoint = target.endpoints.iter().find(|e| e.ip == lease.ip())?;
         let port = &connection.port;
         let target_port = endpoint
             .ports
@@ -407,10 +384,9 @@ impl RouteTable {
             } else {
                 port.port
             });
-        let service = &target.service;
         let mut chosen = self.direct(
             SocketAddr::new(endpoint.ip, target_port),
-            Some(hostname(service)),
+            Some(hostname(target)),
         );
         if chosen.workload.is_none() {
             chosen.workload = endpoint
@@ -432,10 +408,10 @@ impl RouteTable {
         if labels.next() != Some("svc") {
             return None;
         }
-        let service = &self
-            .services_by_key
-            .get(format!("{namespace}/{name}").as_str())?
-            .service;
+        let service = self
+            .view
+            .services
+            .get(format!("{namespace}/{name}").as_str())?;
         let port = target.port();
         let serves_port = |endpoint: &crate::node_view::Endpoint| {
             endpoint.ports.iter().any(|(_, p)| p == port)
@@ -484,13 +460,12 @@ mod tests;
 
 /// The key of a changed entry, its value before (if any) and after (if any).
 fn sides<'a, T>(
-    change: imbl::ordmap::DiffItem<'a, 'a, Arc<str>, Arc<T>>,
+    change: Change<'a, Arc<str>, Arc<T>>,
 ) -> (&'a Arc<str>, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
-    use imbl::ordmap::DiffItem;
     match change {
-        DiffItem::Add(key, new) => (key, None, Some(new)),
-        DiffItem::Update { old, new } => (new.0, Some(old.1), Some(new.1)),
-        DiffItem::Remove(key, old) => (key, Some(old), None),
+        Change::Added(key, new) => (key, None, Some(new)),
+        Change::Updated { key, old, new } => (key, Some(old), Some(new)),
+        Change::Removed(key, old) => (key, Some(old), None),
     }
 }
 
@@ -512,6 +487,16 @@ fn follow_workloads(
 /// A workload's addresses, none if there is no workload.
 fn addresses(workload: Option<&Arc<Workload>>) -> &[IpAddr] {
     workload.map_or(&[], |w| &w.ips)
+}
+
+/// The addresses of a Service's ready endpoints, in the view's order.
+fn ready_endpoints(service: &Service) -> Vec<IpAddr> {
+    service
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| e.ip)
+        .collect()
 }
 
 /// A Service's cluster IPs, none if there is no Service.
@@ -539,7 +524,7 @@ fn trust_none(_: IpAddr, _: &[Arc<Workload>]) -> Option<Arc<Workload>> {
 }
 
 /// A cluster IP two Services claim goes to the first by key.
-fn first_by_key(_: IpAddr, claims: &[Arc<ServiceRoute>]) -> Option<Arc<ServiceRoute>> {
+fn first_by_key(_: IpAddr, claims: &[Arc<Service>]) -> Option<Arc<Service>> {
     claims.first().cloned()
 }
 
@@ -549,7 +534,7 @@ impl Claimant for Workload {
     }
 }
 
-impl Claimant for ServiceRoute {
+impl Claimant for Service {
     fn key(&self) -> &Arc<str> {
         &self.key
     }

@@ -20,13 +20,14 @@ fn summary(table: &RouteTable) -> Summary {
     let mut services: Vec<_> = table
         .services
         .iter()
-        .map(|(ip, route)| (*ip, route.key.to_string(), route.ready.to_vec()))
+        .map(|(ip, service)| (*ip, service.key.to_string(), ready_endpoints(service)))
         .collect();
     services.sort();
     let mut by_key: Vec<_> = table
-        .services_by_key
+        .view
+        .services
         .iter()
-        .map(|(key, route)| (key.to_string(), route.ready.to_vec()))
+        .map(|(key, service)| (key.to_string(), ready_endpoints(service)))
         .collect();
     by_key.sort();
     (
@@ -48,7 +49,7 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
             .view;
         let mut table = RouteTable::default().next(&view, &balancers);
         // Connections went to every Service of the first view.
-        let first_services: Vec<Arc<str>> = table.services_by_key.keys().cloned().collect();
+        let first_services: Vec<Arc<str>> = table.view.services.keys().cloned().collect();
         for key in &first_services {
             balancers.get(key);
         }
@@ -70,7 +71,7 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
         // The balancing state follows the table: a Service gone from the
         // view is forgotten, and none was made without a connection.
         for key in &first_services {
-            let kept = table.services_by_key.contains_key(key);
+            let kept = table.view.services.contains_key(key);
             assert!(
                 !balancers.has(key) || kept,
                 "{key} is gone, its state is not"

@@ -24,6 +24,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
+
+pub use crate::packed_map::{Change, PackedMap};
 use weft_api::authorization::Policy;
 pub use weft_api::traffic::{LoadBalancing, OutlierDetection, TrafficPolicy};
 use weft_api::v1::ConfigUpdate;
@@ -32,10 +34,11 @@ use weft_certs::{Identity, TrustBundle};
 pub use entries::{Addresses, Endpoint, LocalDetails, Service, ServicePort, TargetPorts, Workload};
 
 /// Entries of a view by their key on the wire. A persistent map: the next
-/// view shares every entry and most of the tree with the one before, so a
-/// delta costs the proxy its own size, not the cluster's, and two views are
-/// compared (`imbl::OrdMap::diff`) in proportion to what differs.
-pub type Keyed<T> = imbl::OrdMap<Arc<str>, Arc<T>>;
+/// view shares every entry and all but the changed runs with the one
+/// before, so a delta costs the proxy its own size, not the cluster's, and
+/// two views are compared ([`PackedMap::diff`]) in proportion to what
+/// differs. Packed: a node holds an entry for every pod of the cluster.
+pub type Keyed<T> = PackedMap<Arc<str>, Arc<T>>;
 
 /// One applied version of the node's config. Maps are keyed as on the wire:
 /// workloads by uid (`<namespace>/<pod>`), services by `<namespace>/<name>`.

@@ -1,0 +1,359 @@
+//! A persistent sorted map packed densely, for the maps a node holds an
+//! entry in for every pod of the cluster (the view's workloads, the route
+//! table's addresses).
+//!
+//! `imbl::OrdMap` gives cheap copies and diffs, but its B-tree leaves are
+//! arrays of 16 slots, half empty once entries have arrived in order (as a
+//! full state's do): a 24-byte entry cost 70 bytes. Here the entries sit in
+//! sorted runs of at most [`RUN_MAX`], each an exact-size slice behind an
+//! `Arc`, and an `imbl::OrdMap` indexes the runs by their first key (one
+//! index entry per run, not per entry). A copy of the map shares every run;
+//! a change copies the one run it touches; two maps are compared run by
+//! run, skipping the runs they share, so a diff costs what differs.
+//!
+//! Not for maps written many times a second: every insert or removal copies
+//! its run (up to 64 entries).
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Entries in a run at most: a run that would hold more splits in two.
+pub const RUN_MAX: usize = 64;
+
+/// The map. Cloning it is O(1) and shares every entry.
+pub struct PackedMap<K, V> {
+    /// The runs by their first key.
+    runs: imbl::OrdMap<K, Run<K, V>>,
+    len: usize,
+}
+
+/// One run: entries sorted by key. Compared by identity: two maps share a
+/// run or differ in it.
+struct Run<K, V>(Arc<[(K, V)]>);
+
+impl<K, V> Clone for Run<K, V> {
+    fn clone(&self) -> Self {
+        Run(self.0.clone())
+    }
+}
+
+impl<K, V> PartialEq for Run<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// How one key differs between two maps (see [`PackedMap::diff`]).
+#[derive(Debug)]
+pub enum Change<'a, K, V> {
+    /// Only the second map has it.
+    Added(&'a K, &'a V),
+    /// Both have it, with different values.
+    Updated {
+        /// The key (the second map's).
+        key: &'a K,
+        /// The first map's value.
+        old: &'a V,
+        /// The second map's.
+        new: &'a V,
+    },
+    /// Only the first map has it.
+    Removed(&'a K, &'a V),
+}
+
+impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
+    /// An empty map.
+    pub fn new() -> Self {
+        PackedMap {
+            runs: imbl::OrdMap::new(),
+            len: 0,
+        }
+    }
+
+    /// How many entries it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The entry of `key`, with the map's own key.
+    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (_, run) = self.runs.get_prev(key)?;
+        let at = position(&run.0, key).ok()?;
+        let (key, value) = &run.0[at];
+        Some((key, value))
+    }
+
+    /// The value of `key`.
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.get_key_value(key).map(|(_, value)| value)
+    }
+
+    /// Whether `key` has an entry.
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.get_key_value(key).is_some()
+    }
+
+    /// Every entry, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.runs
+            .values()
+            .flat_map(|run| run.0.iter().map(|(key, value)| (key, value)))
+    }
+
+    /// Every key, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(key, _)| key)
+    }
+
+    /// Every value, by key.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, value)| value)
+    }
+
+    /// Sets `key` to `value`; returns the value it replaces.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        // The run that holds the key or would: the last one starting at or
+        // before it, or the first if the key comes before every run.
+        let found = self
+            .runs
+            .get_prev(&key)
+            .map(|(first, run)| (first.clone(), run.clone()))
+            .or_else(|| {
+                self.runs
+                    .get_min()
+                    .map(|(first, run)| (first.clone(), run.clone()))
+            });
+        let Some((first, run)) = found else {
+            self.len = 1;
+            self.put(vec![(key, value)]);
+            return None;
+        };
+        let mut entries = Vec::with_capacity(run.0.len() + 1);
+        entries.extend_from_slice(&run.0);
+        let replaced = match position(&entries, &key) {
+            Ok(at) => Some(std::mem::replace(&mut entries[at].1, value)),
+            Err(at) => {
+                entries.insert(at, (key, value));
+                self.len += 1;
+                None
+            }
+        };
+        self.runs.remove(&first);
+        self.put(entries);
+        replaced
+    }
+
+    /// Removes the entry of `key`; returns its value.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (first, run) = self
+            .runs
+            .get_prev(key)
+            .map(|(first, run)| (first.clone(), run.clone()))?;
+        let at = position(&run.0, key).ok()?;
+        let removed = run.0[at].1.clone();
+        let mut entries = Vec::with_capacity(run.0.len() - 1);
+        entries.extend_from_slice(&run.0[..at]);
+        entries.extend_from_slice(&run.0[at + 1..]);
+        self.len -= 1;
+        self.runs.remove(&first);
+        // A run left small joins a neighbour with room, so that churn does
+        // not leave many tiny runs behind.
+        if entries.len() < RUN_MAX / 4 {
+            let room = |run: &Run<K, V>| entries.len() + run.0.len() <= RUN_MAX * 3 / 4;
+            let previous = self
+                .runs
+                .range(..first.clone())
+                .next_back()
+                .filter(|(_, run)| room(run))
+                .map(|(key, run)| (key.clone(), run.clone()));
+            let next = self
+                .runs
+                .get_next(&first)
+                .filter(|(_, run)| room(run))
+                .map(|(key, run)| (key.clone(), run.clone()));
+            if let Some((key, run)) = previous {
+                self.runs.remove(&key);
+                entries.splice(0..0, run.0.iter().cloned());
+            } else if let Some((key, run)) = next {
+                self.runs.remove(&key);
+                entries.extend_from_slice(&run.0);
+            }
+        }
+        self.put(entries);
+        Some(removed)
+    }
+
+    /// Puts sorted `entries` in as one run, two if they are too many, none
+    /// if they are none. Their keys are in no other run.
+    fn put(&mut self, mut entries: Vec<(K, V)>) {
+        if entries.len() > RUN_MAX {
+            let right = entries.split_off(entries.len() / 2);
+            self.put(right);
+        }
+        if let Some((first, _)) = entries.first() {
+            let first = first.clone();
+            self.runs.insert(first, Run(Arc::from(entries)));
+        }
+    }
+
+    /// How `self` (the earlier map) and `other` (the later one) differ,
+    /// key by key in order. Runs the two share are skipped whole: the cost
+    /// is the size of the runs that differ.
+    pub fn diff<'a>(&'a self, other: &'a Self) -> Vec<Change<'a, K, V>>
+    where
+        V: PartialEq,
+    {
+        // A key outside the differing runs sits in a run both maps share,
+        // with the same value: comparing the differing runs' entries
+        // (each side in key order) finds every change.
+        let mut before: Vec<&(K, V)> = Vec::new();
+        let mut after: Vec<&(K, V)> = Vec::new();
+        for item in self.runs.diff(&other.runs) {
+            match item {
+                imbl::ordmap::DiffItem::Add(_, run) => after.extend(run.0.iter()),
+                imbl::ordmap::DiffItem::Update { old, new } => {
+                    before.extend(old.1.0.iter());
+                    after.extend(new.1.0.iter());
+                }
+                imbl::ordmap::DiffItem::Remove(_, run) => before.extend(run.0.iter()),
+            }
+        }
+        let mut changes = Vec::new();
+        let (mut before, mut after) = (before.into_iter().peekable(), after.into_iter().peekable());
+        loop {
+            let change = match (before.peek(), after.peek()) {
+                (None, None) => break,
+                (Some(&(key, value)), None) => {
+                    before.next();
+                    Change::Removed(key, value)
+                }
+                (None, Some(&(key, value))) => {
+                    after.next();
+                    Change::Added(key, value)
+                }
+                (Some(&(old_key, old)), Some(&(new_key, new))) => match old_key.cmp(new_key) {
+                    std::cmp::Ordering::Less => {
+                        before.next();
+                        Change::Removed(old_key, old)
+                    }
+                    std::cmp::Ordering::Greater => {
+                        after.next();
+                        Change::Added(new_key, new)
+                    }
+                    std::cmp::Ordering::Equal => {
+                        before.next();
+                        after.next();
+                        if old == new {
+                            continue;
+                        }
+                        Change::Updated {
+                            key: new_key,
+                            old,
+                            new,
+                        }
+                    }
+                },
+            };
+            changes.push(change);
+        }
+        changes
+    }
+
+    /// How many runs hold the entries (for tests of the packing).
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// Where `key` is in the sorted `entries`, or would be.
+fn position<K: Borrow<Q>, V, Q: Ord + ?Sized>(entries: &[(K, V)], key: &Q) -> Result<usize, usize> {
+    entries.binary_search_by(|(held, _)| held.borrow().cmp(key))
+}
+
+impl<K: Ord + Clone, V: Clone> Default for PackedMap<K, V> {
+    fn default() -> Self {
+        PackedMap::new()
+    }
+}
+
+impl<K: Clone, V> Clone for PackedMap<K, V> {
+    fn clone(&self) -> Self {
+        PackedMap {
+            runs: self.runs.clone(),
+            len: self.len,
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone + PartialEq> PartialEq for PackedMap<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl<K: Ord + Clone + fmt::Debug, V: Clone + fmt::Debug> fmt::Debug for PackedMap<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Ord + Clone + serde::Serialize, V: Clone + serde::Serialize> serde::Serialize
+    for PackedMap<K, V>
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for PackedMap<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(entries: I) -> Self {
+        let mut map = PackedMap::new();
+        for (key, value) in entries {
+            map.insert(key, value);
+        }
+        map
+    }
+}
+
+impl<K, V, Q> std::ops::Index<&Q> for PackedMap<K, V>
+where
+    K: Ord + Clone + Borrow<Q>,
+    V: Clone,
+    Q: Ord + ?Sized,
+{
+    type Output = V;
+
+    /// Panics if `key` has no entry, as the standard maps do.
+    fn index(&self, key: &Q) -> &V {
+        match self.get(key) {
+            Some(value) => value,
+            None => panic!("no entry for the key"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "packed_map_tests.rs"]
+mod tests;
