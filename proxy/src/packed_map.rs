@@ -16,6 +16,7 @@
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Entries in a run at most: a run that would hold more splits in two.
@@ -130,34 +131,8 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
 
     /// Sets `key` to `value`; returns the value it replaces.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        // The run that holds the key or would: the last one starting at or
-        // before it, or the first if the key comes before every run.
-        let found = self
-            .runs
-            .get_prev(&key)
-            .map(|(first, run)| (first.clone(), run.clone()))
-            .or_else(|| {
-                self.runs
-                    .get_min()
-                    .map(|(first, run)| (first.clone(), run.clone()))
-            });
-        let Some((first, run)) = found else {
-            self.len = 1;
-            self.put(vec![(key, value)]);
-            return None;
-        };
-        let mut entries = Vec::with_capacity(run.0.len() + 1);
-        entries.extend_from_slice(&run.0);
-        let replaced = match position(&entries, &key) {
-            Ok(at) => Some(std::mem::replace(&mut entries[at].1, value)),
-            Err(at) => {
-                entries.insert(at, (key, value));
-                self.len += 1;
-                None
-            }
-        };
-        self.runs.remove(&first);
-        self.put(entries);
+        let replaced = self.get(&key).cloned();
+        self.apply(vec![(key, Some(value))]);
         replaced
     }
 
@@ -167,20 +142,77 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        let (first, run) = self
-            .runs
-            .get_prev(key)
-            .map(|(first, run)| (first.clone(), run.clone()))?;
-        let at = position(&run.0, key).ok()?;
-        let removed = run.0[at].1.clone();
-        let mut entries = Vec::with_capacity(run.0.len() - 1);
-        entries.extend_from_slice(&run.0[..at]);
-        entries.extend_from_slice(&run.0[at + 1..]);
-        self.len -= 1;
-        self.runs.remove(&first);
-        // A run left small joins a neighbour with room, so that churn does
-        // not leave many tiny runs behind.
-        if entries.len() < RUN_MAX / 4 {
+        let (key, value) = self
+            .get_key_value(key)
+            .map(|(key, value)| (key.clone(), value.clone()))?;
+        self.apply(vec![(key, None)]);
+        Some(value)
+    }
+
+    /// Applies many changes at once: a key set to `Some` value, or removed
+    /// by `None`; for a key given twice, the last stands. Each run they
+    /// touch is rebuilt once, so a full state builds the whole map in one
+    /// pass and a delta costs the runs it touches.
+    pub fn apply(&mut self, mut changes: Vec<(K, Option<V>)>) {
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut last: Vec<(K, Option<V>)> = Vec::with_capacity(changes.len());
+        for change in changes {
+            match last.last_mut() {
+                Some(held) if held.0 == change.0 => *held = change,
+                _ => last.push(change),
+            }
+        }
+        let mut changes = last.into_iter().peekable();
+        while let Some(key) = changes.peek().map(|(key, _)| key.clone()) {
+            // The run the key falls in: the last one starting at or before
+            // it, or the first if it comes before every run; the changes up
+            // to where the next run starts go into it.
+            let run = self
+                .runs
+                .get_prev(&key)
+                .or_else(|| self.runs.get_min().map(|(first, run)| (first, run)))
+                .map(|(first, run)| (first.clone(), run.clone()));
+            let end = run.as_ref().and_then(|(first, _)| {
+                self.runs
+                    .range((Bound::Excluded(first.clone()), Bound::Unbounded))
+                    .next()
+                    .map(|(next, _)| next.clone())
+            });
+            let held: &[(K, V)] = run.as_ref().map_or(&[], |(_, run)| &run.0);
+            let mut entries = Vec::with_capacity(held.len() + 1);
+            let mut held = held.iter().peekable();
+            while let Some((key, value)) =
+                changes.next_if(|(key, _)| end.as_ref().is_none_or(|end| key < end))
+            {
+                while let Some(kept) = held.next_if(|(held, _)| *held < key) {
+                    entries.push(kept.clone());
+                }
+                let replaced = held.next_if(|(held, _)| *held == key).is_some();
+                match (value, replaced) {
+                    (Some(value), true) => entries.push((key, value)),
+                    (Some(value), false) => {
+                        entries.push((key, value));
+                        self.len += 1;
+                    }
+                    (None, true) => self.len -= 1,
+                    (None, false) => {}
+                }
+            }
+            entries.extend(held.cloned());
+            if let Some((first, _)) = &run {
+                self.runs.remove(first);
+            }
+            self.settle(entries);
+        }
+    }
+
+    /// Puts a rebuilt run back: joined with a neighbour that has room if it
+    /// is small (so that churn does not leave many tiny runs behind), cut
+    /// in pieces if it is large.
+    fn settle(&mut self, mut entries: Vec<(K, V)>) {
+        if entries.len() < RUN_MAX / 4
+            && let Some(first) = entries.first().map(|(first, _)| first.clone())
+        {
             let room = |run: &Run<K, V>| entries.len() + run.0.len() <= RUN_MAX * 3 / 4;
             let previous = self
                 .runs
@@ -201,20 +233,18 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
                 entries.extend_from_slice(&run.0);
             }
         }
-        self.put(entries);
-        Some(removed)
-    }
-
-    /// Puts sorted `entries` in as one run, two if they are too many, none
-    /// if they are none. Their keys are in no other run.
-    fn put(&mut self, mut entries: Vec<(K, V)>) {
-        if entries.len() > RUN_MAX {
-            let right = entries.split_off(entries.len() / 2);
-            self.put(right);
-        }
-        if let Some((first, _)) = entries.first() {
-            let first = first.clone();
-            self.runs.insert(first, Run(Arc::from(entries)));
+        // Runs cut from many entries are three quarters full: room for
+        // later inserts before a run splits.
+        let pieces = if entries.len() <= RUN_MAX {
+            1
+        } else {
+            entries.len().div_ceil(RUN_MAX * 3 / 4)
+        };
+        let size = entries.len().div_ceil(pieces).max(1);
+        for piece in entries.chunks(size) {
+            if let Some((first, _)) = piece.first() {
+                self.runs.insert(first.clone(), Run(Arc::from(piece)));
+            }
         }
     }
 

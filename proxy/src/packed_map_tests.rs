@@ -116,3 +116,45 @@ fn a_change_copies_one_run_and_the_diff_skips_the_shared_ones() {
     assert_eq!(next.keys().next(), Some(&0));
     assert_eq!(next[&0], 2);
 }
+
+/// A batch of changes (a full state, or a delta's) ends where the same
+/// changes made one at a time, in order, end: the last one for a key
+/// stands.
+#[test]
+fn a_batch_ends_where_its_changes_one_at_a_time_end() {
+    let mut dice = Dice(7_919);
+    let mut map: PackedMap<u32, u64> = PackedMap::new();
+    let mut model: BTreeMap<u32, u64> = BTreeMap::new();
+    for round in 0..200u64 {
+        let size = if round == 0 {
+            5_000
+        } else {
+            1 + dice.roll(300)
+        };
+        let batch: Vec<(u32, Option<u64>)> = (0..size)
+            .map(|n| {
+                let key = u32::try_from(dice.roll(6_000)).unwrap();
+                (
+                    key,
+                    (dice.roll(3) != 0).then_some(round * 10_000 + n as u64),
+                )
+            })
+            .collect();
+        for (key, value) in &batch {
+            match value {
+                Some(value) => model.insert(*key, *value),
+                None => model.remove(key),
+            };
+        }
+        let before = map.clone();
+        map.apply(batch);
+        assert_eq!(map.len(), model.len(), "round {round}");
+        assert!(map.iter().eq(model.iter()), "round {round}");
+        assert!(before.diff(&map).len() <= size);
+    }
+    assert!(
+        map.runs() <= model.len() / (RUN_MAX / 4) + 1,
+        "{} runs",
+        map.runs()
+    );
+}

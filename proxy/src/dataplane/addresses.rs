@@ -8,6 +8,7 @@
 //! other one in place. The map is persistent: the table of the next config
 //! version shares it, and a change costs the addresses it touches.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -109,6 +110,42 @@ impl<T: Claimant> AddressBook<T> {
             .filter_map(|(ip, claims)| Some((ip, claims.owner()?)))
     }
 
+    /// Changes to this book, made one entry at a time with
+    /// [`BookChanges::change`] and applied at once by
+    /// [`BookChanges::finish`] (each run of the book they touch is rebuilt
+    /// once). `settle` decides the addresses left with several claims.
+    pub(super) fn changes(&self, settle: Settle<T>) -> BookChanges<'_, T> {
+        BookChanges {
+            book: self,
+            pending: BTreeMap::new(),
+            settle,
+        }
+    }
+
+    /// One change at once (see [`BookChanges::change`]).
+    #[cfg(test)]
+    pub(super) fn change(
+        &mut self,
+        key: &Arc<str>,
+        before: &[IpAddr],
+        after: Option<(&[IpAddr], &Arc<T>)>,
+        settle: Settle<T>,
+    ) {
+        let mut changes = self.changes(settle);
+        changes.change(key, before, after);
+        *self = changes.finish();
+    }
+}
+
+/// Changes being made to an [`AddressBook`]: the claims of the addresses
+/// they touched so far, read before the book's.
+pub(super) struct BookChanges<'b, T> {
+    book: &'b AddressBook<T>,
+    pending: BTreeMap<IpAddr, Option<Claims<T>>>,
+    settle: Settle<T>,
+}
+
+impl<T: Claimant> BookChanges<'_, T> {
     /// Moves the claims of `key` from the addresses `before` to those of
     /// `after` (with the entry they now stand for, whose key is `key`), and
     /// settles every address this touched.
@@ -117,18 +154,17 @@ impl<T: Claimant> AddressBook<T> {
         key: &Arc<str>,
         before: &[IpAddr],
         after: Option<(&[IpAddr], &Arc<T>)>,
-        settle: Settle<T>,
     ) {
         let claimed = after.map_or(&[][..], |(ips, _)| ips);
         let mut touched: Vec<IpAddr> = before.iter().chain(claimed).copied().collect();
         touched.sort_unstable();
         touched.dedup();
         for ip in touched {
-            let mut by_key = self
-                .entries
-                .get(&ip)
-                .map(Claims::by_key)
-                .unwrap_or_default();
+            let held = match self.pending.get(&ip) {
+                Some(pending) => pending.as_ref(),
+                None => self.book.entries.get(&ip),
+            };
+            let mut by_key = held.map(Claims::by_key).unwrap_or_default();
             by_key.retain(|claimant| claimant.key() != key);
             if let Some((ips, value)) = after
                 && ips.contains(&ip)
@@ -139,17 +175,21 @@ impl<T: Claimant> AddressBook<T> {
                 by_key.insert(at, value.clone());
             }
             let claims = match by_key.as_slice() {
-                [] => {
-                    self.entries.remove(&ip);
-                    continue;
-                }
-                [only] => Claims::One(only.clone()),
-                several => Claims::Several(Box::new(Several {
-                    owner: settle(ip, several),
+                [] => None,
+                [only] => Some(Claims::One(only.clone())),
+                several => Some(Claims::Several(Box::new(Several {
+                    owner: (self.settle)(ip, several),
                     by_key,
-                })),
+                }))),
             };
-            self.entries.insert(ip, claims);
+            self.pending.insert(ip, claims);
         }
+    }
+
+    /// The book with every change made.
+    pub(super) fn finish(self) -> AddressBook<T> {
+        let mut entries = self.book.entries.clone();
+        entries.apply(self.pending.into_iter().collect());
+        AddressBook { entries }
     }
 }

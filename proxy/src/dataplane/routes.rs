@@ -170,24 +170,20 @@ impl RouteTable {
             (&self.view.remote_workloads, view.remote_workloads()),
             trust_none,
         );
-        let mut services = self.services.clone();
+        let mut services = self.services.changes(first_by_key);
         for change in self.view.services.diff(view.services()) {
             let (key, before, after) = sides(change);
             let Some(service) = after else {
                 balancers.forget(key);
-                services.change(key, cluster_ips(before), None, first_by_key);
+                services.change(key, cluster_ips(before), None);
                 continue;
             };
             if balancers.has(key) {
                 balancers.keep_endpoints(key, &ready_endpoints(service));
             }
-            services.change(
-                key,
-                cluster_ips(before),
-                Some((&service.vips, service)),
-                first_by_key,
-            );
+            services.change(key, cluster_ips(before), Some((&service.vips, service)));
         }
+        let services = services.finish();
         RouteTable {
             generation: view.generation(),
             trust: Some(view.trust().bundle.clone()),
@@ -476,12 +472,12 @@ fn follow_workloads(
     (before, after): (&Keyed<Workload>, &Keyed<Workload>),
     settle: super::addresses::Settle<Workload>,
 ) -> AddressBook<Workload> {
-    let mut book = book.clone();
+    let mut changes = book.changes(settle);
     for change in before.diff(after) {
         let (key, old, new) = sides(change);
-        book.change(key, addresses(old), new.map(|w| (&w.ips[..], w)), settle);
+        changes.change(key, addresses(old), new.map(|w| (&w.ips[..], w)));
     }
-    book
+    changes.finish()
 }
 
 /// A workload's addresses, none if there is no workload.

@@ -441,23 +441,24 @@ fn merge<P, T>(
     } else {
         HashSet::new()
     };
-    for key in &removed {
-        map.remove(*key);
-    }
+    // Made in order and applied at once (the last change of a key stands):
+    // each run of the map they touch is rebuilt once.
+    let mut changes: Vec<(Arc<str>, Option<Arc<T>>)> = removed
+        .iter()
+        .filter_map(|key| map.get_key_value(*key))
+        .map(|(key, _)| (key.clone(), None))
+        .collect();
     let mut seen = HashSet::new();
     for entry in listed {
         let (key, value) = match convert(entry) {
             Ok(converted) => converted,
             Err(problem) => {
                 if let UpdateProblem::InvalidEntry { key, .. } = &problem {
-                    map.remove(key.as_str());
                     let old = previous.and_then(|p| p.get(key.as_str()));
-                    if let Some(kept) = old
+                    let kept = old
                         .filter(|_| !removed.contains(key.as_str()))
-                        .and_then(|old| fallback(old, &problem))
-                    {
-                        map.insert(key.as_str().into(), kept);
-                    }
+                        .and_then(|old| fallback(old, &problem));
+                    changes.push((key.as_str().into(), kept));
                 }
                 refused.push(problem);
                 continue;
@@ -473,8 +474,9 @@ fn merge<P, T>(
             refused.push(UpdateProblem::Duplicate { kind, key });
             continue;
         }
-        map.insert(key, Arc::new(value));
+        changes.push((key, Some(Arc::new(value))));
     }
+    map.apply(changes);
     map
 }
 
