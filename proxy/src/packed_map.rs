@@ -155,14 +155,29 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
     /// pass and a delta costs the runs it touches.
     pub fn apply(&mut self, mut changes: Vec<(K, Option<V>)>) {
         changes.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut last: Vec<(K, Option<V>)> = Vec::with_capacity(changes.len());
-        for change in changes {
-            match last.last_mut() {
-                Some(held) if held.0 == change.0 => *held = change,
-                _ => last.push(change),
+        // The last change of a key stands (the sort is stable): keep the
+        // last of each equal pair, in place.
+        changes.reverse();
+        changes.dedup_by(|later, earlier| later.0 == earlier.0);
+        changes.reverse();
+        if self.runs.is_empty() {
+            // A full state: the runs are cut straight from the changes,
+            // with no copy of the whole map in between.
+            let mut run = Vec::with_capacity(RUN_MAX * 3 / 4);
+            for (key, value) in changes {
+                if let Some(value) = value {
+                    run.push((key, value));
+                }
+                if run.len() == RUN_MAX * 3 / 4 {
+                    self.len += run.len();
+                    self.settle(std::mem::take(&mut run));
+                }
             }
+            self.len += run.len();
+            self.settle(run);
+            return;
         }
-        let mut changes = last.into_iter().peekable();
+        let mut changes = changes.into_iter().peekable();
         while let Some(key) = changes.peek().map(|(key, _)| key.clone()) {
             // The run the key falls in: the last one starting at or before
             // it, or the first if it comes before every run; the changes up

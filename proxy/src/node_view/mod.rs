@@ -443,11 +443,14 @@ fn merge<P, T>(
     };
     // Made in order and applied at once (the last change of a key stands):
     // each run of the map they touch is rebuilt once.
-    let mut changes: Vec<(Arc<str>, Option<Arc<T>>)> = removed
-        .iter()
-        .filter_map(|key| map.get_key_value(*key))
-        .map(|(key, _)| (key.clone(), None))
-        .collect();
+    let mut changes: Vec<(Arc<str>, Option<Arc<T>>)> =
+        Vec::with_capacity(removed.len() + listed.len());
+    changes.extend(
+        removed
+            .iter()
+            .filter_map(|key| map.get_key_value(*key))
+            .map(|(key, _)| (key.clone(), None)),
+    );
     let mut seen = HashSet::new();
     for entry in listed {
         let (key, value) = match convert(entry) {
