@@ -195,8 +195,8 @@ impl Test<'_> {
             Some(edge) if edge["security"] == expected => results.push(CheckResult::pass(
                 check,
                 format!(
-                    "{source} on {client_node} → {destination} on {server_node}: {} connections answered, {}",
-                    edge["opened"],
+                    "{source} on {client_node} → {destination} on {server_node}: {} answered, {}",
+                    connections(&edge["opened"]),
                     if same_node {
                         "inside the node's proxy (only one node has a connected proxy, so no tunnel between nodes was tested)"
                     } else {
@@ -255,8 +255,8 @@ impl Test<'_> {
             Some(edge) => CheckResult::pass(
                 DENY_CHECK,
                 format!(
-                    "{} connections refused by {policy_name}",
-                    edge["denied"][&policy_name]
+                    "{} refused by {policy_name}",
+                    connections(&edge["denied"][&policy_name])
                 ),
             ),
             None => CheckResult::fail(
@@ -420,4 +420,13 @@ fn peer_pod(
         }
     }))
     .map_err(|e| format!("building pod {app}: {e}"))
+}
+
+/// "1 connection", "20 connections": a count the dashboard reported.
+fn connections(count: &serde_json::Value) -> String {
+    match count.as_u64() {
+        Some(1) => "1 connection".to_owned(),
+        Some(n) => format!("{n} connections"),
+        None => format!("{count} connections"),
+    }
 }

@@ -315,7 +315,7 @@ fn node_checks(
                 "no proxy is connected on {} (their meshed pods' traffic is held)",
                 unserved.join(", ")
             ),
-            &format!("check the weft-node-proxy pod on those nodes (kubectl -n {namespace} get pods -o wide) and its log; with --url, give every control-plane replica's"),
+            &format!("check the weft-node-proxy pod on those nodes (kubectl -n {namespace} get pods -o wide) and its log; with --url, give every control-plane replica's monitoring address (a proxy may hold its stream on another replica)"),
         )
     });
     let behind: Vec<String> = nodes
