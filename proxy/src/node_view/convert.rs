@@ -168,7 +168,10 @@ fn workload_to_wire(workload: &Workload) -> v1::Workload {
     v1::Workload {
         uid: workload.uid.to_string(),
         namespace: workload.namespace().to_owned(),
-        name: workload.name().to_owned(),
+        // The name is the uid's, as another node's pods are sent: written
+        // out, it could only disagree with a uid that does not follow the
+        // `<namespace>/<name>` rule and that was taken as sent.
+        name: String::new(),
         pod_uid: local.pod_uid.to_string(),
         workload_name: workload.workload_name.to_string(),
         service_account: workload.service_account().to_owned(),

@@ -33,7 +33,15 @@ fn a_workload_goes_back_to_the_wire_form_that_converts_to_it_again() {
         node: String::new(),
         ..workload("shop", "web-2", "web", "10.244.1.6", false)
     };
-    for wire in [full, sparse] {
+    // A uid that does not follow `<namespace>/<name>`, sent without a name
+    // (as a remote pod is): taken as sent, and it must survive the trip.
+    let odd_uid = v1::Workload {
+        uid: "elsewhere/web-3".into(),
+        name: String::new(),
+        namespace: String::new(),
+        ..workload("shop", "web-3", "web", "10.244.1.7", true)
+    };
+    for wire in [full, sparse, odd_uid] {
         let (key, workload) =
             convert::workload(EntryKind::LocalWorkload, &wire, Some(NODE)).unwrap();
         let again = workload.to_wire();
