@@ -62,11 +62,11 @@ impl Balancers {
     /// Forgets, in Service `key`'s state, the endpoints `ready` does not
     /// list. Connections still open to a forgotten endpoint release
     /// nothing.
-    pub fn keep_endpoints(&self, key: &str, ready: &[IpAddr]) {
+    pub fn keep_endpoints(&self, key: &str, ready: impl IntoIterator<Item = IpAddr>) {
         let Some(balancer) = lock(&self.services).get(key).cloned() else {
             return;
         };
-        let ready: std::collections::HashSet<&IpAddr> = ready.iter().collect();
+        let ready: std::collections::HashSet<IpAddr> = ready.into_iter().collect();
         lock(&balancer.state)
             .endpoints
             .retain(|ip, _| ready.contains(ip));
@@ -582,9 +582,9 @@ mod tests {
                 &mut rng(),
             )
             .unwrap();
-        balancers.keep_endpoints("ns/svc", &eps);
+        balancers.keep_endpoints("ns/svc", eps.iter().copied());
         assert_eq!(balancers.get(&"ns/svc".into()).active(eps[0]), 1);
-        balancers.keep_endpoints("ns/svc", &[]);
+        balancers.keep_endpoints("ns/svc", []);
         assert_eq!(balancers.get(&"ns/svc".into()).active(eps[0]), 0);
         balancers.forget("ns/svc");
         assert!(!Arc::ptr_eq(&balancers.get(&"ns/svc".into()), &b));

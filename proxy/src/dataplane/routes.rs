@@ -178,9 +178,8 @@ impl RouteTable {
                 services.change(key, cluster_ips(before), None);
                 continue;
             };
-            if balancers.has(key) {
-                balancers.keep_endpoints(key, &ready_endpoints(service));
-            }
+            let ready = service.endpoints.iter().filter(|e| e.ready).map(|e| e.ip);
+            balancers.keep_endpoints(key, ready);
             services.change(key, cluster_ips(before), Some((&service.vips, service)));
         }
         let services = services.finish();

@@ -98,7 +98,7 @@ pub(super) fn workload(
         )));
     }
     let uid: Arc<str> = Arc::from(wire.uid.as_str());
-    let name = uid.split_once('/').map_or(&*uid, |(_, name)| name);
+    let (_, name) = super::entries::key_parts(&uid);
     let workload = Workload {
         uid: uid.clone(),
         // An older control plane sends no workload name: the pod's will do.

@@ -205,9 +205,7 @@ impl Workload {
     /// The pod's name: its uid after the namespace (the control plane
     /// sends no other, see `convert::workload`).
     pub fn name(&self) -> &str {
-        self.uid
-            .split_once('/')
-            .map_or(&*self.uid, |(_, name)| name)
+        key_parts(&self.uid).1
     }
 
     /// The pod's namespace: its identity's (the control plane sends
@@ -252,15 +250,17 @@ impl Serialize for Service {
 impl Service {
     /// The Service's namespace (the part of its key before the `/`).
     pub fn namespace(&self) -> &str {
-        self.key
-            .split_once('/')
-            .map_or("", |(namespace, _)| namespace)
+        key_parts(&self.key).0
     }
 
     /// The Service's name (the part of its key after the `/`).
     pub fn name(&self) -> &str {
-        self.key
-            .split_once('/')
-            .map_or(&*self.key, |(_, name)| name)
+        key_parts(&self.key).1
     }
+}
+
+/// A `<namespace>/<name>` key's two parts; a key without a `/` is all
+/// name.
+pub(super) fn key_parts(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
 }
