@@ -69,7 +69,7 @@ fn addresses(view: &NodeView) -> impl Iterator<Item = std::net::IpAddr> + '_ {
 
 /// What a table makes of a connection to `ip` on each Service port.
 fn resolved(table: &RouteTable, ip: std::net::IpAddr) -> String {
-    let workload = table.workload(ip).map(|w| (w.uid.clone(), w.local.quarantine.clone()));
+    let workload = table.workload(ip).map(|w| (w.uid.clone(), w.local().quarantine.clone()));
     let destination = match table.resolve(std::net::SocketAddr::new(ip, 80)) {
         Ok(Destination::Service(service)) => {
             format!("{} {:?}", service.target(), service.endpoints())

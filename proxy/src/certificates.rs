@@ -349,7 +349,7 @@ fn pods_of(identity: &Identity, view: &mut ViewReceiver) -> Vec<(String, Vec<IpA
         .map(|view| {
             view.local_workloads()
                 .values()
-                .filter(|w| w.meshed && &w.identity == identity)
+                .filter(|w| w.meshed() && w.identity() == identity)
                 .map(|w| (w.uid.to_string(), w.ips.to_vec()))
                 .collect()
         })

@@ -160,6 +160,13 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
         changes.reverse();
         changes.dedup_by(|later, earlier| later.0 == earlier.0);
         changes.reverse();
+        self.apply_sorted(changes);
+    }
+
+    /// [`PackedMap::apply`] for changes already in key order, each key
+    /// once (as a `BTreeMap` yields them): taken one at a time, so that
+    /// what holds them can be freed as they are taken.
+    pub fn apply_sorted(&mut self, changes: impl IntoIterator<Item = (K, Option<V>)>) {
         if self.runs.is_empty() {
             // A full state: the runs are cut straight from the changes,
             // with no copy of the whole map in between.
@@ -265,65 +272,67 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
 
     /// How `self` (the earlier map) and `other` (the later one) differ,
     /// key by key in order. Runs the two share are skipped whole: the cost
-    /// is the size of the runs that differ.
-    pub fn diff<'a>(&'a self, other: &'a Self) -> Vec<Change<'a, K, V>>
+    /// is the size of the runs that differ. Lazy: comparing two maps holds
+    /// nothing in proportion to them (a first full state differs from the
+    /// empty map in every entry).
+    pub fn diff<'a>(&'a self, other: &'a Self) -> impl Iterator<Item = Change<'a, K, V>> + 'a
     where
         V: PartialEq,
     {
         // A key outside the differing runs sits in a run both maps share,
         // with the same value: comparing the differing runs' entries
         // (each side in key order) finds every change.
-        let mut before: Vec<&(K, V)> = Vec::new();
-        let mut after: Vec<&(K, V)> = Vec::new();
-        for item in self.runs.diff(&other.runs) {
-            match item {
-                imbl::ordmap::DiffItem::Add(_, run) => after.extend(run.0.iter()),
-                imbl::ordmap::DiffItem::Update { old, new } => {
-                    before.extend(old.1.0.iter());
-                    after.extend(new.1.0.iter());
-                }
-                imbl::ordmap::DiffItem::Remove(_, run) => before.extend(run.0.iter()),
+        let side = |earlier: bool| {
+            self.runs.diff(&other.runs).flat_map(move |item| {
+                let run = match (item, earlier) {
+                    (imbl::ordmap::DiffItem::Add(_, run), false)
+                    | (imbl::ordmap::DiffItem::Remove(_, run), true) => Some(run),
+                    (imbl::ordmap::DiffItem::Update { old, .. }, true) => Some(old.1),
+                    (imbl::ordmap::DiffItem::Update { new, .. }, false) => Some(new.1),
+                    _ => None,
+                };
+                run.map_or(&[][..], |run| &run.0[..]).iter()
+            })
+        };
+        let (mut before, mut after) = (side(true).peekable(), side(false).peekable());
+        std::iter::from_fn(move || {
+            loop {
+                let change = match (before.peek(), after.peek()) {
+                    (None, None) => return None,
+                    (Some(&(key, value)), None) => {
+                        before.next();
+                        Change::Removed(key, value)
+                    }
+                    (None, Some(&(key, value))) => {
+                        after.next();
+                        Change::Added(key, value)
+                    }
+                    (Some(&(old_key, old)), Some(&(new_key, new))) => match old_key.cmp(new_key) {
+                        std::cmp::Ordering::Less => {
+                            before.next();
+                            Change::Removed(old_key, old)
+                        }
+                        std::cmp::Ordering::Greater => {
+                            after.next();
+                            Change::Added(new_key, new)
+                        }
+                        std::cmp::Ordering::Equal => {
+                            before.next();
+                            after.next();
+                            if old == new {
+                                continue;
+                            }
+                            Change::Updated {
+                                key: new_key,
+                                old,
+                                new,
+                            }
+                        }
+                    },
+                };
+                return Some(change);
             }
-        }
-        let mut changes = Vec::new();
-        let (mut before, mut after) = (before.into_iter().peekable(), after.into_iter().peekable());
-        loop {
-            let change = match (before.peek(), after.peek()) {
-                (None, None) => break,
-                (Some(&(key, value)), None) => {
-                    before.next();
-                    Change::Removed(key, value)
-                }
-                (None, Some(&(key, value))) => {
-                    after.next();
-                    Change::Added(key, value)
-                }
-                (Some(&(old_key, old)), Some(&(new_key, new))) => match old_key.cmp(new_key) {
-                    std::cmp::Ordering::Less => {
-                        before.next();
-                        Change::Removed(old_key, old)
-                    }
-                    std::cmp::Ordering::Greater => {
-                        after.next();
-                        Change::Added(new_key, new)
-                    }
-                    std::cmp::Ordering::Equal => {
-                        before.next();
-                        after.next();
-                        if old == new {
-                            continue;
-                        }
-                        Change::Updated {
-                            key: new_key,
-                            old,
-                            new,
-                        }
-                    }
-                },
-            };
-            changes.push(change);
-        }
-        changes
+        })
     }
 
     /// How many runs hold the entries (for tests of the packing).

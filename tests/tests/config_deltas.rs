@@ -101,7 +101,7 @@ fn resolutions(table: &RouteTable) -> Vec<String> {
             let ip = target.ip();
             let workload = table
                 .workload(ip)
-                .map(|w| (w.uid.clone(), w.local.quarantine.clone()));
+                .map(|w| (w.uid.clone(), w.local().quarantine.clone()));
             let destination = match table.resolve(target) {
                 Ok(weft_proxy::dataplane::routes::Destination::Service(service)) => {
                     format!("service {} {:?}", service.target(), service.endpoints())

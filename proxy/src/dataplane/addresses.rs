@@ -189,7 +189,7 @@ impl<T: Claimant> BookChanges<'_, T> {
     /// The book with every change made.
     pub(super) fn finish(self) -> AddressBook<T> {
         let mut entries = self.book.entries.clone();
-        entries.apply(self.pending.into_iter().collect());
+        entries.apply_sorted(self.pending);
         AddressBook { entries }
     }
 }

@@ -28,12 +28,12 @@ const CANONICAL_REVISION_LABELS: [&str; 3] = [
 pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
     let label = |keys: [&str; 3]| {
         keys.iter()
-            .find_map(|key| source.local.labels.get(*key))
+            .find_map(|key| source.local().labels.get(*key))
             .filter(|value| !value.is_empty())
             .cloned()
     };
     // A pod whose workload is itself (no controller) is named as a pod.
-    let kind = if *source.workload_name == *source.name() {
+    let kind = if *source.workload_name() == *source.name() {
         WorkloadKind::Pod
     } else {
         WorkloadKind::Deployment
@@ -41,9 +41,9 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
     Baggage {
         cluster: Some(cluster.to_owned()).filter(|c| !c.is_empty()),
         namespace: Some(source.namespace().to_string()),
-        workload: Some(source.workload_name.to_string()),
+        workload: Some(source.workload_name().to_string()),
         workload_kind: kind,
-        service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name.to_string())),
+        service: label(CANONICAL_NAME_LABELS).or_else(|| Some(source.workload_name().to_string())),
         revision: label(CANONICAL_REVISION_LABELS).or_else(|| Some("latest".to_owned())),
     }
 }
@@ -57,7 +57,7 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
 pub fn vouched_by(baggage: Baggage, peer: &Identity, known: Option<&Workload>) -> Option<Baggage> {
     let namespace = baggage.namespace.as_deref()?;
     let other_workload = match (known, baggage.workload.as_deref()) {
-        (Some(known), Some(claimed)) => claimed != &*known.workload_name,
+        (Some(known), Some(claimed)) => claimed != known.workload_name(),
         _ => false,
     };
     if namespace != peer.namespace() || other_workload {
@@ -79,21 +79,21 @@ mod tests {
     use super::*;
 
     fn workload(name: &str, workload_name: &str, labels: &[(&str, &str)]) -> Workload {
-        Workload {
-            workload_name: workload_name.into(),
-            local: std::sync::Arc::new(crate::node_view::LocalDetails {
+        Workload::new(
+            format!("shop/{name}").into(),
+            [].into_iter().collect(),
+            "node-1",
+            "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
+            workload_name,
+            true,
+            crate::node_view::LocalDetails {
                 labels: labels
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
                 ..Default::default()
-            }),
-            uid: format!("shop/{name}").into(),
-            identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
-            node: "node-1".into(),
-            ips: [].into_iter().collect(),
-            meshed: true,
-        }
+            },
+        )
     }
 
     #[test]

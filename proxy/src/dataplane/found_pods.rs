@@ -68,7 +68,7 @@ pub(super) async fn search(
                     .unwrap_or_default(),
                 name: workload.map(|w| w.name().to_owned()).unwrap_or_default(),
                 uid: workload
-                    .map(|w| w.local.pod_uid.to_string())
+                    .map(|w| w.local().pod_uid.to_string())
                     .unwrap_or_default(),
                 found: true,
             });
@@ -86,7 +86,7 @@ pub(super) async fn search(
 pub(super) fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     let found_as = ServedPod::of(pod);
     match pod.ips.iter().find_map(|ip| found_as.workload(table, *ip)) {
-        Some(workload) if workload.meshed => Outcome::Served,
+        Some(workload) if workload.meshed() => Outcome::Served,
         Some(_) => Outcome::NotMeshed,
         None if table.generation == 0 || table.restored => {
             Outcome::Pending("a pod found on the node waits for the control plane's config".into())
@@ -112,13 +112,13 @@ pub(super) fn rename(directory: &PodDirectory, table: &RouteTable) {
             continue;
         }
         let now = pod.ips.iter().find_map(|ip| table.local_workload(*ip));
-        if let Some(workload) = now.filter(|workload| workload.meshed) {
+        if let Some(workload) = now.filter(|workload| workload.meshed()) {
             info!(netns = %pod.netns.display(), was = %found_as.uid, now = %workload.uid,
                 "the config gives a found pod's address to another pod: serving it as that one");
             directory.add(AnnouncedPod {
                 namespace: workload.namespace().to_string(),
                 name: workload.name().to_owned(),
-                uid: workload.local.pod_uid.to_string(),
+                uid: workload.local().pod_uid.to_string(),
                 ..pod
             });
         }

@@ -99,11 +99,11 @@ async fn accept_tunnel(
         return;
     };
     let certificates = plane
-        .certificates_with(&workload.identity)
+        .certificates_with(workload.identity())
         .await
         .unwrap_or_default();
-    let Some(certificate) = certificates.get(&workload.identity) else {
-        warn!(identity = %workload.identity, "inbound: no certificate for the addressed pod");
+    let Some(certificate) = certificates.get(workload.identity()) else {
+        warn!(identity = %workload.identity(), "inbound: no certificate for the addressed pod");
         plane.metrics.failure(Direction::Inbound, "no_certificate");
         return;
     };
@@ -206,7 +206,7 @@ impl InboundHandler for InboundTunnel {
         let Some(workload) = self
             .pod
             .workload(&routes, request.target.ip())
-            .filter(|w| w.meshed)
+            .filter(|w| w.meshed())
             .cloned()
         else {
             plane
@@ -220,11 +220,11 @@ impl InboundHandler for InboundTunnel {
         // identity's certificate must not speak for that address.
         let peer = request.peer_address;
         let source = routes.workload(peer.ip()).cloned();
-        if source.as_ref().map(|w| &w.identity) != Some(&request.peer_identity) {
+        if source.as_ref().map(|w| w.identity()) != Some(&request.peer_identity) {
             warn!(
                 peer = %peer,
                 peer_identity = %request.peer_identity,
-                address_owner = source.as_ref().map(|w| w.identity.to_string()).unwrap_or_default(),
+                address_owner = source.as_ref().map(|w| w.identity().to_string()).unwrap_or_default(),
                 "inbound: the peer's identity does not own its source address"
             );
             plane

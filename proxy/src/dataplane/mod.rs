@@ -104,7 +104,8 @@ impl DataPlane {
         pod: &ServedPod,
         ip: std::net::IpAddr,
     ) -> (Arc<RouteTable>, Option<Arc<crate::node_view::Workload>>) {
-        let meshed_pod = |table: &RouteTable| pod.workload(table, ip).filter(|w| w.meshed).cloned();
+        let meshed_pod =
+            |table: &RouteTable| pod.workload(table, ip).filter(|w| w.meshed()).cloned();
         let table = self.routes.current();
         if let Some(pod) = meshed_pod(&table) {
             return (table, Some(pod));
@@ -305,8 +306,8 @@ impl ServedPod {
         let same_pod = |w: &&Arc<crate::node_view::Workload>| {
             (self.uid.is_empty() || *w.uid == *self.uid)
                 && (self.pod_uid.is_empty()
-                    || w.local.pod_uid.is_empty()
-                    || *w.local.pod_uid == *self.pod_uid)
+                    || w.local().pod_uid.is_empty()
+                    || *w.local().pod_uid == *self.pod_uid)
         };
         table.local_workload(ip).filter(same_pod)
     }

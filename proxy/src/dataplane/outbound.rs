@@ -135,13 +135,13 @@ async fn proxy(
         };
         (routes, source) = (table, Some(pod));
     }
-    if let Some(meshed) = source.as_ref().filter(|w| w.meshed)
+    if let Some(meshed) = source.as_ref().filter(|w| w.meshed())
         && routes.may_tunnel(destination)
     {
         // A pod's first connections (an init container's) can come before
         // its certificate: they wait for it here, before any endpoint's
         // connect timeout runs, and go meshed (or fail) once it is there.
-        if plane.certificates_with(&meshed.identity).await.is_some() {
+        if plane.certificates_with(meshed.identity()).await.is_some() {
             routes = plane.routes.current();
         }
     }
@@ -248,13 +248,13 @@ async fn connect(
     route: &Route,
 ) -> Result<Upstream, ConnectError> {
     let client_addr = client.addr;
-    let meshed_source = client.source.as_ref().filter(|w| w.meshed);
-    let meshed_destination = route.workload.as_ref().filter(|w| w.meshed);
+    let meshed_source = client.source.as_ref().filter(|w| w.meshed());
+    let meshed_destination = route.workload.as_ref().filter(|w| w.meshed());
     match (meshed_source, meshed_destination) {
         (Some(src), Some(dst)) if !route.local => {
             let certificates = plane.certificates.borrow().clone();
-            let Some(certificate) = certificates.get(&src.identity) else {
-                warn!(identity = %src.identity, "outbound: no certificate for the source identity");
+            let Some(certificate) = certificates.get(src.identity()) else {
+                warn!(identity = %src.identity(), "outbound: no certificate for the source identity");
                 return Err(ConnectError::Local("no_certificate"));
             };
             let trace = TraceParent::random();
@@ -263,7 +263,7 @@ async fn connect(
                     Some(trust) => certificate.with_trust(trust.clone()),
                     None => certificate.clone(),
                 },
-                destination_identity: dst.identity.clone(),
+                destination_identity: dst.identity().clone(),
                 hbone_addr: SocketAddr::new(route.target.ip(), HBONE_PORT),
                 target: route.target,
                 source_ip: Some(client_addr.ip()),
@@ -308,7 +308,7 @@ async fn connect(
             };
             let principal = local_destination
                 .and(meshed_source)
-                .map(|w| w.identity.to_string());
+                .map(|w| w.identity().to_string());
             let request = local_destination.map(|workload| {
                 let path = if principal.is_some() {
                     Path::NodeLocal
@@ -384,10 +384,13 @@ async fn local_destination(
 ) -> Result<(Option<Arc<RouteTable>>, Option<Arc<Workload>>), ConnectError> {
     let ip = route.target.ip();
     let Some(pod) = plane.pods.served(ip) else {
-        let configured = route.workload.as_ref().filter(|w| route.local && w.meshed);
+        let configured = route
+            .workload
+            .as_ref()
+            .filter(|w| route.local && w.meshed());
         return Ok((None, configured.cloned()));
     };
-    if let Some(workload) = pod.workload(routes, ip).filter(|w| w.meshed) {
+    if let Some(workload) = pod.workload(routes, ip).filter(|w| w.meshed()) {
         return Ok((None, Some(workload.clone())));
     }
     match plane.with_local_pod(&pod, ip).await {

@@ -30,7 +30,7 @@ pub(super) fn probe_ports_of(table: &RouteTable, pod: &ServedPod) -> BTreeSet<u1
     pod.ips
         .iter()
         .find_map(|ip| pod.workload(table, *ip))
-        .map(|workload| workload.local.probe_ports.clone())
+        .map(|workload| workload.local().probe_ports.clone())
         .unwrap_or_default()
 }
 

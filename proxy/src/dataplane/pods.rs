@@ -306,10 +306,10 @@ fn decide(table: &RouteTable, pod: &AnnouncedPod) -> Outcome {
     let configured = configured.or_else(|| {
         table
             .workload_named(&pod.namespace, &pod.name)
-            .filter(|w| !pod.uid.is_empty() && *w.local.pod_uid == *pod.uid)
+            .filter(|w| !pod.uid.is_empty() && *w.local().pod_uid == *pod.uid)
     });
     match configured {
-        Some(workload) if workload.meshed => Outcome::Served,
+        Some(workload) if workload.meshed() => Outcome::Served,
         Some(_) => Outcome::NotMeshed,
         // Not in the config yet (a new pod): its namespace decides, so
         // that it is captured before its first container runs.

@@ -207,11 +207,11 @@ impl RouteTable {
     /// is the one caller on the data path).
     pub fn authorize(&self, workload: &Workload, connection: &Connection<'_>) -> Decision {
         let destination = authorization::Destination {
-            mtls_strict: workload.local.mtls_strict,
-            mtls_policy: &workload.local.mtls_policy,
-            policies: &workload.local.authorization_policies,
-            invalid_policies: &workload.local.invalid_authorization_policies,
-            quarantine: workload.local.quarantine.as_deref(),
+            mtls_strict: workload.local().mtls_strict,
+            mtls_policy: &workload.local().mtls_policy,
+            policies: &workload.local().authorization_policies,
+            invalid_policies: &workload.local().invalid_authorization_policies,
+            quarantine: workload.local().quarantine.as_deref(),
         };
         authorization::decide(
             &destination,
@@ -240,7 +240,7 @@ impl RouteTable {
     pub fn meshed_local_ips(&self) -> std::collections::BTreeSet<IpAddr> {
         self.local
             .iter()
-            .filter(|(_, w)| w.meshed)
+            .filter(|(_, w)| w.meshed())
             .map(|(ip, _)| *ip)
             .collect()
     }
@@ -258,7 +258,7 @@ impl RouteTable {
             || self
                 .remote
                 .get(&destination.ip())
-                .is_some_and(|workload| workload.meshed)
+                .is_some_and(|workload| workload.meshed())
     }
 
     /// Where a connection to `destination` goes: a Service's cluster IP
@@ -504,13 +504,10 @@ fn cluster_ips(service: Option<&Arc<Service>>) -> &[IpAddr] {
 /// and every connection to it is refused.
 fn quarantine_all(ip: IpAddr, claims: &[Arc<Workload>]) -> Option<Arc<Workload>> {
     let first = claims.first()?;
-    Some(Arc::new(Workload {
-        local: Arc::new(LocalDetails {
-            quarantine: Some(format!("IP {ip} is claimed by another pod too")),
-            ..(*first.local).clone()
-        }),
-        ..(**first).clone()
-    }))
+    Some(Arc::new(first.with_local(LocalDetails {
+        quarantine: Some(format!("IP {ip} is claimed by another pod too")),
+        ..first.local().clone()
+    })))
 }
 
 /// An address two remote pods claim vouches for neither: it is left out.

@@ -65,7 +65,7 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
             collisions += table
                 .local
                 .iter()
-                .filter(|(_, w)| w.local.quarantine.is_some())
+                .filter(|(_, w)| w.local().quarantine.is_some())
                 .count();
         }
         // The balancing state follows the table: a Service gone from the
@@ -89,25 +89,25 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
 fn a_withdrawn_claim_leaves_the_address_to_the_other() {
     let mut book: AddressBook<Workload> = AddressBook::default();
     let pod = |name: &str| {
-        Arc::new(Workload {
-            uid: format!("shop/{name}").into(),
-            workload_name: name.into(),
-            identity: weft_certs::Identity::new("cluster.local", "shop", "sa").unwrap(),
-            node: NODE.into(),
-            ips: ["10.0.0.1".parse().unwrap()].into_iter().collect(),
-            meshed: true,
-            local: crate::node_view::LocalDetails::shared(Default::default()),
-        })
+        Arc::new(Workload::new(
+            format!("shop/{name}").into(),
+            ["10.0.0.1".parse().unwrap()].into_iter().collect(),
+            NODE,
+            weft_certs::Identity::new("cluster.local", "shop", "sa").unwrap(),
+            name,
+            true,
+            Default::default(),
+        ))
     };
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     let (a, b) = (pod("a"), pod("b"));
     book.change(&"shop/a".into(), &[], Some((&[ip], &a)), quarantine_all);
-    assert_eq!(book.get(&ip).unwrap().local.quarantine, None);
+    assert_eq!(book.get(&ip).unwrap().local().quarantine, None);
     book.change(&"shop/b".into(), &[], Some((&[ip], &b)), quarantine_all);
     let both = book.get(&ip).unwrap();
     assert_eq!(&*both.uid, "shop/a", "the first by key stands, quarantined");
     assert!(
-        both.local
+        both.local()
             .quarantine
             .as_deref()
             .unwrap()

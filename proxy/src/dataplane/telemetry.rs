@@ -173,7 +173,7 @@ impl TrafficMetrics {
                 .get_or_create(&AuthorizationLabels {
                     decision: kind.to_owned(),
                     policy,
-                    destination_workload: destination.workload_name.to_string(),
+                    destination_workload: destination.workload_name().to_string(),
                     destination_workload_namespace: destination.namespace().to_string(),
                 })
                 .inc();
@@ -240,7 +240,7 @@ impl Peer {
     /// A known pod, with its identity as principal.
     pub fn workload(workload: &Arc<Workload>) -> Peer {
         Peer {
-            principal: Some(workload.identity.to_string()),
+            principal: Some(workload.identity().to_string()),
             workload: Some(workload.clone()),
             claimed: None,
         }
@@ -249,7 +249,7 @@ impl Peer {
 
 /// `<namespace>/<workload name>` of `workload`: how traffic reports name it.
 pub fn workload_key(workload: &Workload) -> String {
-    format!("{}/{}", workload.namespace(), workload.workload_name)
+    format!("{}/{}", workload.namespace(), workload.workload_name())
 }
 
 /// One proxied connection, from open to close.
@@ -274,7 +274,11 @@ impl ConnectionRecord {
         (target, destination): (SocketAddr, &Peer),
         service: Option<&str>,
     ) -> ConnectionRecord {
-        let name = |peer: &Peer| peer.workload.as_ref().map(|w| w.workload_name.to_string());
+        let name = |peer: &Peer| {
+            peer.workload
+                .as_ref()
+                .map(|w| w.workload_name().to_string())
+        };
         let namespace = |peer: &Peer| peer.workload.as_ref().map(|w| w.namespace().to_string());
         let unknown = || "unknown".to_owned();
         let labels = TcpLabels {

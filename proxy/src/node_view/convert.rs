@@ -99,45 +99,47 @@ pub(super) fn workload(
     }
     let uid: Arc<str> = Arc::from(wire.uid.as_str());
     let (_, name) = super::entries::key_parts(&uid);
-    let workload = Workload {
-        uid: uid.clone(),
-        // An older control plane sends no workload name: the pod's will do.
-        workload_name: names::shared(if wire.workload_name.is_empty() {
-            name
-        } else {
-            &wire.workload_name
-        }),
-        identity,
-        node: names::shared(&wire.node),
-        ips,
-        meshed: wire.meshed,
-        local: LocalDetails::shared(LocalDetails {
-            // Only a pod's own node tells it from another of its name (an
-            // older control plane sends it for every pod).
-            pod_uid: if local_node.is_some() {
-                wire.pod_uid.as_str().into()
-            } else {
-                Box::default()
-            },
-            labels: wire
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            authorization_policies: wire.authorization_policies.clone(),
-            invalid_authorization_policies: wire.invalid_authorization_policies.clone(),
-            quarantine: Some(wire.quarantine.clone()).filter(|q| !q.is_empty()),
-            mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
-                Ok(v1::MtlsMode::Permissive) => false,
-                Ok(v1::MtlsMode::Strict) => true,
-                Err(_) => {
-                    return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
-                }
-            },
-            mtls_policy: names::shared(&wire.mtls_policy),
-            probe_ports,
-        }),
+    // An older control plane sends no workload name: the pod's will do.
+    let workload_name = if wire.workload_name.is_empty() {
+        name
+    } else {
+        &wire.workload_name
     };
+    let local = LocalDetails {
+        // Only a pod's own node tells it from another of its name (an
+        // older control plane sends it for every pod).
+        pod_uid: if local_node.is_some() {
+            wire.pod_uid.as_str().into()
+        } else {
+            Box::default()
+        },
+        labels: wire
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        authorization_policies: wire.authorization_policies.clone(),
+        invalid_authorization_policies: wire.invalid_authorization_policies.clone(),
+        quarantine: Some(wire.quarantine.clone()).filter(|q| !q.is_empty()),
+        mtls_strict: match v1::MtlsMode::try_from(wire.mtls_mode) {
+            Ok(v1::MtlsMode::Permissive) => false,
+            Ok(v1::MtlsMode::Strict) => true,
+            Err(_) => {
+                return Err(invalid(format!("unknown mtls_mode {}", wire.mtls_mode)));
+            }
+        },
+        mtls_policy: names::shared(&wire.mtls_policy),
+        probe_ports,
+    };
+    let workload = Workload::new(
+        uid.clone(),
+        ips,
+        &wire.node,
+        identity,
+        workload_name,
+        wire.meshed,
+        local,
+    );
     Ok((uid, workload))
 }
 
@@ -159,7 +161,7 @@ impl Service {
 }
 
 fn workload_to_wire(workload: &Workload) -> v1::Workload {
-    let local = &workload.local;
+    let local = workload.local();
     let mtls_mode = if local.mtls_strict {
         v1::MtlsMode::Strict
     } else {
@@ -173,12 +175,12 @@ fn workload_to_wire(workload: &Workload) -> v1::Workload {
         // `<namespace>/<name>` rule and that was taken as sent.
         name: String::new(),
         pod_uid: local.pod_uid.to_string(),
-        workload_name: workload.workload_name.to_string(),
+        workload_name: workload.workload_name().to_owned(),
         service_account: workload.service_account().to_owned(),
-        identity: workload.identity.to_string(),
-        node: workload.node.to_string(),
+        identity: workload.identity().to_string(),
+        node: workload.node().to_owned(),
         ips: workload.ips.iter().map(ToString::to_string).collect(),
-        meshed: workload.meshed,
+        meshed: workload.meshed(),
         labels: local
             .labels
             .iter()
@@ -254,20 +256,17 @@ pub(super) fn service(
                 ))
             })?;
             Ok(ServicePort {
-                name: p.name.clone(),
+                name: names::shared(&p.name),
                 port,
                 target_port,
             })
         })
         .collect::<Result<_, UpdateProblem>>()?;
-    // The endpoints of a Service mostly resolve their ports alike: each
-    // distinct map is held once.
-    let mut port_maps = PortMaps::new();
     let endpoints = wire
         .endpoints
         .iter()
         .map(|e| {
-            endpoint(e, known_uid, &mut port_maps)
+            endpoint(e, known_uid)
                 .map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip)))
         })
         .collect::<Result<_, _>>()?;
@@ -300,7 +299,7 @@ fn service_to_wire(service: &Service) -> v1::Service {
             .ports
             .iter()
             .map(|p| v1::ServicePort {
-                name: p.name.clone(),
+                name: p.name.to_string(),
                 port: u32::from(p.port),
                 target_port: u32::from(p.target_port),
             })
@@ -323,13 +322,9 @@ fn service_to_wire(service: &Service) -> v1::Service {
     }
 }
 
-/// The distinct port maps of one Service's endpoints.
-type PortMaps = std::collections::HashSet<Arc<TargetPorts>>;
-
 fn endpoint(
     wire: &v1::Endpoint,
     known_uid: &dyn Fn(&str) -> Option<Arc<str>>,
-    port_maps: &mut PortMaps,
 ) -> Result<Endpoint, String> {
     let ip = ip_addr(&wire.ip)?;
     let ports = wire
@@ -341,14 +336,7 @@ fn endpoint(
                 .ok_or_else(|| format!("port {name:?}: {port} is not a port"))
         })
         .collect::<Result<TargetPorts, _>>()?;
-    let ports = match port_maps.get(&ports) {
-        Some(held) => held.clone(),
-        None => {
-            let ports = Arc::new(ports);
-            port_maps.insert(ports.clone());
-            ports
-        }
-    };
+    let ports = TargetPorts::shared(ports);
     let workload_uid = match wire.workload_uid.as_str() {
         "" => None,
         uid => Some(known_uid(uid).unwrap_or_else(|| uid.into())),

@@ -5,43 +5,50 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::Serialize;
 use weft_certs::Identity;
 
-use super::{TrafficPolicy, display};
-/// A pod, local or remote. The names many pods share are held once (see
-/// `names`), and what only matters on the pod's own node is behind one
-/// pointer ([`LocalDetails`]), shared by every remote pod: a node holds
-/// every pod of the cluster, so each byte here counts 50,000 times.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+use super::{TrafficPolicy, display, names};
+/// A pod, local or remote. A node holds every pod of the cluster, so each
+/// byte here counts 50,000 times: the pod holds its own uid and addresses,
+/// and one pointer each to what it shares with other pods: its node's name
+/// and its [`Profile`] (identity, workload, and what only its own node
+/// needs), held once for all the pods of a workload (see `names`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// `<namespace>/<pod name>`; the same string as the view's key. (The
     /// pod's name is read from it, its namespace and ServiceAccount from
     /// its identity: see [`Workload::name`].)
     pub uid: Arc<str>,
-    /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
-    /// name metrics use, stable across rollouts.
-    pub workload_name: Arc<str>,
-    /// The SPIFFE identity of the pod's ServiceAccount.
-    #[serde(serialize_with = "display")]
-    pub identity: Identity,
-    /// The node the pod runs on.
-    pub node: Arc<str>,
     /// The pod's addresses.
     pub ips: Addresses,
-    /// Whether weft captures and tunnels this pod's traffic.
-    pub meshed: bool,
-    /// How the pod is selected and protected: sent for local workloads
-    /// only (remote ones share one empty set).
-    #[serde(flatten)]
-    pub local: Arc<LocalDetails>,
+    /// The node the pod runs on.
+    node: Arc<NodeName>,
+    profile: Arc<Profile>,
 }
+
+/// What the pods of one workload have in common, held once for all of them
+/// (a remote pod's local details are the one empty set).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Profile {
+    identity: Identity,
+    workload_name: Arc<str>,
+    meshed: bool,
+    local: Arc<LocalDetails>,
+}
+
+/// A node's name, behind one thin pointer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct NodeName(Arc<str>);
+
+static PROFILES: names::Shared<Profile> = LazyLock::new(|| Mutex::new(names::Interner::new()));
+static NODES: names::Shared<NodeName> = LazyLock::new(|| Mutex::new(names::Interner::new()));
 
 /// What the proxy of a pod's own node needs to protect it; the control
 /// plane leaves it empty for pods on other nodes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct LocalDetails {
     /// The pod's `metadata.uid` (as the container runtime knows it), empty
     /// if the control plane did not say: it tells this pod from a deleted
@@ -102,8 +109,9 @@ pub struct Service {
 /// A port of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
-    /// The port's name (may be empty for a single unnamed port).
-    pub name: String,
+    /// The port's name (may be empty for a single unnamed port); shared,
+    /// most are called alike.
+    pub name: Arc<str>,
     /// The port on the cluster IPs.
     pub port: u16,
     /// The port on the endpoints; 0 when it is a name no endpoint resolves.
@@ -127,11 +135,21 @@ pub struct Endpoint {
 
 /// An endpoint's target ports by the name of the Service port they serve,
 /// sorted by name: a few entries in one small allocation (a map would
-/// take a node of eleven for each).
+/// take a node of eleven for each). Held once per process for each
+/// distinct set (see [`TargetPorts::shared`]): most Services' endpoints
+/// resolve their ports alike.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct TargetPorts(Box<[(Box<str>, u16)]>);
+pub struct TargetPorts(Box<[(Arc<str>, u16)]>);
+
+static TARGET_PORTS: names::Shared<TargetPorts> =
+    LazyLock::new(|| Mutex::new(names::Interner::new()));
 
 impl TargetPorts {
+    /// `ports`, shared with every other holder of the same set.
+    pub fn shared(ports: TargetPorts) -> Arc<TargetPorts> {
+        names::share(&TARGET_PORTS, &ports, |ports| Arc::new(ports.clone()))
+    }
+
     /// The target port of the Service port named `name`.
     pub fn get(&self, name: &str) -> Option<u16> {
         self.0
@@ -153,7 +171,7 @@ impl FromIterator<(String, u16)> for TargetPorts {
         TargetPorts(
             by_name
                 .into_iter()
-                .map(|(name, port)| (name.into_boxed_str(), port))
+                .map(|(name, port)| (names::shared(&name), port))
                 .collect(),
         )
     }
@@ -202,6 +220,32 @@ impl Serialize for Addresses {
 }
 
 impl Workload {
+    /// A workload; what it shares with other pods is looked up in (or
+    /// added to) the process-wide sets, so equal values are held once.
+    pub fn new(
+        uid: Arc<str>,
+        ips: Addresses,
+        node: &str,
+        identity: Identity,
+        workload_name: &str,
+        meshed: bool,
+        local: LocalDetails,
+    ) -> Workload {
+        let node = NodeName(names::shared(node));
+        let profile = Profile {
+            identity,
+            workload_name: names::shared(workload_name),
+            meshed,
+            local: LocalDetails::shared(local),
+        };
+        Workload {
+            uid,
+            ips,
+            node: names::share(&NODES, &node, |_| Arc::new(node.clone())),
+            profile: names::share(&PROFILES, &profile, |_| Arc::new(profile.clone())),
+        }
+    }
+
     /// The pod's name: its uid after the namespace (the control plane
     /// sends no other, see `convert::workload`).
     pub fn name(&self) -> &str {
@@ -211,23 +255,88 @@ impl Workload {
     /// The pod's namespace: its identity's (the control plane sends
     /// nothing else, see `convert::workload`).
     pub fn namespace(&self) -> &str {
-        self.identity.namespace()
+        self.identity().namespace()
     }
 
     /// The pod's ServiceAccount: its identity's.
     pub fn service_account(&self) -> &str {
-        self.identity.service_account()
+        self.identity().service_account()
+    }
+
+    /// The SPIFFE identity of the pod's ServiceAccount.
+    pub fn identity(&self) -> &Identity {
+        &self.profile.identity
+    }
+
+    /// The workload (Deployment, StatefulSet, ...) the pod belongs to: the
+    /// name metrics use, stable across rollouts.
+    pub fn workload_name(&self) -> &str {
+        &self.profile.workload_name
+    }
+
+    /// The node the pod runs on.
+    pub fn node(&self) -> &str {
+        &self.node.0
+    }
+
+    /// Whether weft captures and tunnels this pod's traffic.
+    pub fn meshed(&self) -> bool {
+        self.profile.meshed
+    }
+
+    /// How the pod is selected and protected: sent for local workloads
+    /// only (remote ones share one empty set).
+    pub fn local(&self) -> &LocalDetails {
+        &self.profile.local
+    }
+
+    /// This workload with other local details (the rest is shared as it
+    /// is).
+    pub fn with_local(&self, local: LocalDetails) -> Workload {
+        let profile = Profile {
+            local: LocalDetails::shared(local),
+            ..(*self.profile).clone()
+        };
+        Workload {
+            profile: names::share(&PROFILES, &profile, |_| Arc::new(profile.clone())),
+            ..self.clone()
+        }
     }
 
     /// This workload refusing every connection, for `why`.
     pub(super) fn quarantined(&self, why: String) -> Workload {
-        Workload {
-            local: Arc::new(LocalDetails {
-                quarantine: Some(why),
-                ..(*self.local).clone()
-            }),
-            ..self.clone()
+        self.with_local(LocalDetails {
+            quarantine: Some(why),
+            ..self.local().clone()
+        })
+    }
+}
+
+/// The config dump shows a workload's fields as if they were its own.
+impl Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Dump<'a> {
+            uid: &'a str,
+            workload_name: &'a str,
+            #[serde(serialize_with = "display")]
+            identity: &'a Identity,
+            node: &'a str,
+            ips: &'a Addresses,
+            meshed: bool,
+            #[serde(flatten)]
+            local: &'a LocalDetails,
         }
+        Dump {
+            uid: &self.uid,
+            workload_name: self.workload_name(),
+            identity: self.identity(),
+            node: self.node(),
+            ips: &self.ips,
+            meshed: self.meshed(),
+            local: self.local(),
+        }
+        .serialize(serializer)
     }
 }
 

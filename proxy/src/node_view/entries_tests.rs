@@ -91,6 +91,7 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
     update.remote_workloads = (0..3)
         .map(|n| v1::Workload {
             node: "node-2".into(),
+            workload_name: "cart".into(),
             labels: Default::default(),
             // An older control plane sends it for remote pods too.
             pod_uid: format!("0b6c3e2a-cart-{n}"),
@@ -118,12 +119,19 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
     assert!(
         remote
             .windows(2)
-            .all(|pair| Arc::ptr_eq(&pair[0].local, &pair[1].local)),
+            .all(|pair| std::ptr::eq(pair[0].local(), pair[1].local())),
         "remote workloads share one empty set of local details"
     );
+    assert!(
+        remote
+            .windows(2)
+            .all(|pair| std::ptr::eq(pair[0].identity(), pair[1].identity())
+                && std::ptr::eq(pair[0].node(), pair[1].node())),
+        "the pods of one workload share one profile, and one node name"
+    );
     let local = &view.local_workloads()["default/web"];
-    assert!(!Arc::ptr_eq(&local.local, &remote[0].local));
-    assert_eq!(local.local.labels["app"], "web");
+    assert!(!std::ptr::eq(local.local(), remote[0].local()));
+    assert_eq!(local.local().labels["app"], "web");
     let endpoints = &view.services()["shop/cart"].endpoints;
     for endpoint in endpoints {
         let uid = endpoint.workload_uid.as_ref().unwrap();

@@ -295,10 +295,14 @@ impl NodeView {
             )
             .collect();
         for workload in local_workloads.values() {
-            let missing = workload.local.authorization_policies.iter().filter(|key| {
-                !authorization_policies.contains_key(key.as_str())
-                    && (listed.contains(&*workload.uid) || touched.contains(*key))
-            });
+            let missing = workload
+                .local()
+                .authorization_policies
+                .iter()
+                .filter(|key| {
+                    !authorization_policies.contains_key(key.as_str())
+                        && (listed.contains(&*workload.uid) || touched.contains(*key))
+                });
             for missing in missing {
                 refused.push(UpdateProblem::InvalidEntry {
                     kind: EntryKind::LocalWorkload,
@@ -408,8 +412,8 @@ impl NodeView {
     pub fn meshed_local_identities(&self) -> BTreeSet<Identity> {
         self.local_workloads
             .values()
-            .filter(|w| w.meshed)
-            .map(|w| w.identity.clone())
+            .filter(|w| w.meshed())
+            .map(|w| w.identity().clone())
             .collect()
     }
 }

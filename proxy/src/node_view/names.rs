@@ -1,45 +1,75 @@
-//! Names that many workloads share (namespace, ServiceAccount, identity,
-//! node, workload name), held once per process: at 50,000 pods a node's
-//! view would otherwise store the same few thousand strings tens of
-//! thousands of times.
+//! Values that many workloads share (names: namespace, identity, node,
+//! workload name; and whole workload profiles, see `entries`), held once
+//! per process: at 50,000 pods a node's view would otherwise store the
+//! same few thousand values tens of thousands of times.
 //!
-//! A name is kept while some workload holds it. The set itself is bounded:
-//! once it has doubled since it was last trimmed, names that only it holds
-//! are dropped, so it never holds more than twice the names in use (plus a
+//! A value is kept while some workload holds it. Each set is bounded: once
+//! it has doubled since it was last trimmed, values that only it holds are
+//! dropped, so it never holds more than twice the values in use (plus a
 //! small floor), whatever a control plane sends over time.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
-/// The set is not trimmed below this many names.
+/// A set is not trimmed below this many values.
 const FLOOR: usize = 4096;
 
-struct Names {
-    held: HashSet<Arc<str>>,
+/// One set of shared values.
+pub(crate) struct Interner<T: ?Sized> {
+    held: HashSet<Arc<T>>,
     /// Trim when `held` reaches this size.
     trim_at: usize,
 }
 
-static NAMES: LazyLock<Mutex<Names>> = LazyLock::new(|| {
-    Mutex::new(Names {
-        held: HashSet::new(),
-        trim_at: FLOOR,
-    })
-});
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    /// An empty set.
+    pub(crate) fn new() -> Self {
+        Interner {
+            held: HashSet::new(),
+            trim_at: FLOOR,
+        }
+    }
+
+    /// The held value equal to `value`, or a new one `make` makes of it.
+    pub(crate) fn share(&mut self, value: &T, make: impl FnOnce(&T) -> Arc<T>) -> Arc<T> {
+        if let Some(held) = self.held.get(value) {
+            return held.clone();
+        }
+        let new = make(value);
+        self.held.insert(new.clone());
+        if self.held.len() >= self.trim_at {
+            self.held.retain(|value| Arc::strong_count(value) > 1);
+            self.trim_at = (self.held.len() * 2).max(FLOOR);
+        }
+        new
+    }
+
+    #[cfg(test)]
+    fn len_and_trim_at(&self) -> (usize, usize) {
+        (self.held.len(), self.trim_at)
+    }
+}
+
+/// A process-wide set, created on first use.
+pub(crate) type Shared<T> = LazyLock<Mutex<Interner<T>>>;
+
+/// `value` from the process-wide `set`, made by `make` if it holds none.
+pub(crate) fn share<T: ?Sized + Hash + Eq>(
+    set: &Shared<T>,
+    value: &T,
+    make: impl FnOnce(&T) -> Arc<T>,
+) -> Arc<T> {
+    set.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .share(value, make)
+}
+
+static NAMES: Shared<str> = LazyLock::new(|| Mutex::new(Interner::new()));
 
 /// `name`, shared with every other holder of the same name.
 pub(crate) fn shared(name: &str) -> Arc<str> {
-    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(held) = names.held.get(name) {
-        return held.clone();
-    }
-    let new: Arc<str> = Arc::from(name);
-    names.held.insert(new.clone());
-    if names.held.len() >= names.trim_at {
-        names.held.retain(|name| Arc::strong_count(name) > 1);
-        names.trim_at = (names.held.len() * 2).max(FLOOR);
-    }
-    new
+    share(&NAMES, name, |name| Arc::from(name))
 }
 
 #[cfg(test)]
@@ -55,10 +85,12 @@ mod tests {
         for i in 0..FLOOR * 4 {
             drop(shared(&format!("names-test-passing-{i}")));
         }
-        let names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-        assert!(names.held.len() <= names.trim_at);
-        assert!(names.trim_at <= FLOOR * 2 + 2, "{}", names.trim_at);
-        drop(names);
+        let (len, trim_at) = NAMES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len_and_trim_at();
+        assert!(len <= trim_at);
+        assert!(trim_at <= FLOOR * 2 + 2, "{trim_at}");
         // What is still held was kept through the trims.
         assert!(Arc::ptr_eq(&a, &shared("names-test-shop")));
     }

@@ -50,7 +50,7 @@ fn a_workload_whose_policy_is_not_sent_is_kept_and_reported() {
     let view = applied(&update);
     let web = &view.local_workloads()["shop/web-1"];
     assert_eq!(
-        web.local.invalid_authorization_policies,
+        web.local().invalid_authorization_policies,
         ["shop/deny-batch"]
     );
 }

@@ -127,11 +127,11 @@ fn a_full_state_becomes_the_view_with_typed_values() {
     assert_eq!(uids(view.remote_workloads()), ["shop/cart"]);
     let web = &view.local_workloads()["default/web"];
     assert_eq!(
-        web.identity.as_str(),
+        web.identity().as_str(),
         "spiffe://cluster.local/ns/default/sa/web"
     );
     assert_eq!(*web.ips, ["10.0.1.5".parse::<IpAddr>().unwrap()]);
-    assert_eq!(web.local.labels["app"], "web");
+    assert_eq!(web.local().labels["app"], "web");
     let svc = &view.services()["default/web"];
     assert_eq!(&*svc.key, "default/web");
     assert_eq!(svc.ports[0].target_port, 8080);
@@ -178,7 +178,7 @@ fn a_delta_adds_replaces_and_removes_whole_entries() {
     );
     let web = &view.local_workloads()["default/web"];
     assert_eq!(*web.ips, ["10.0.1.50".parse::<IpAddr>().unwrap()]);
-    assert!(web.local.labels.is_empty(), "an entry is replaced whole");
+    assert!(web.local().labels.is_empty(), "an entry is replaced whole");
     assert!(view.remote_workloads().is_empty());
     let services: Vec<_> = view.services().keys().map(|key| &**key).collect();
     assert_eq!(services, ["default/web", "shop/cart"]);
@@ -398,7 +398,7 @@ fn a_refused_entry_never_loosens_anything_and_the_rest_applies() {
     assert_eq!(uids(view.local_workloads()), ["default/web"]);
     let web = &view.local_workloads()["default/web"];
     assert_eq!(web.ips, base.local_workloads()["default/web"].ips);
-    let quarantine = web.local.quarantine.as_deref().unwrap();
+    let quarantine = web.local().quarantine.as_deref().unwrap();
     assert!(quarantine.contains("unknown mtls_mode 9"), "{quarantine}");
     // A Service keeps its last good routing.
     assert_eq!(
@@ -412,7 +412,7 @@ fn a_refused_entry_never_loosens_anything_and_the_rest_applies() {
     assert_eq!(uids(base.local_workloads()), ["default/db", "default/web"]);
     assert!(
         base.local_workloads()["default/web"]
-            .local
+            .local()
             .quarantine
             .is_none()
     );
