@@ -8,8 +8,7 @@
 //! other one in place. The map is persistent: the table of the next config
 //! version shares it, and a change costs the addresses it touches.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::packed_map::PackedMap;
@@ -24,62 +23,25 @@ pub(super) trait Claimant {
 /// Addresses and their claims.
 #[derive(Debug)]
 pub(super) struct AddressBook<T> {
-    /// Sorted and packed, not a hash trie: at 50,000 addresses a trie's
-    /// sparse nodes cost several times the entries they hold, and a lookup
-    /// here is once per connection. Claims are held inline: the usual one
-    /// is one pointer (the key is the entry's own), cheap to copy when a
-    /// change copies its run; every remote pod has an entry here.
-    entries: PackedMap<IpAddr, Claims<T>>,
-}
-
-/// The claims on one address.
-#[derive(Debug)]
-enum Claims<T> {
-    /// The usual case: one entry claims it, and it resolves to that.
-    One(Arc<T>),
-    /// Several do (rare): all of them by key, and what it resolves to.
-    Several(Box<Several<T>>),
-}
-
-#[derive(Debug)]
-struct Several<T> {
-    by_key: Vec<Arc<T>>,
-    owner: Option<Arc<T>>,
-}
-
-// Derived `Clone` would ask `T: Clone`; only the `Arc`s are cloned.
-impl<T> Clone for Claims<T> {
-    fn clone(&self) -> Self {
-        match self {
-            Claims::One(value) => Claims::One(value.clone()),
-            Claims::Several(several) => Claims::Several(Box::new(Several {
-                by_key: several.by_key.clone(),
-                owner: several.owner.clone(),
-            })),
-        }
-    }
-}
-
-impl<T> Claims<T> {
-    fn owner(&self) -> Option<&Arc<T>> {
-        match self {
-            Claims::One(value) => Some(value),
-            Claims::Several(several) => several.owner.as_ref(),
-        }
-    }
-
-    fn by_key(&self) -> Vec<Arc<T>> {
-        match self {
-            Claims::One(value) => vec![value.clone()],
-            Claims::Several(several) => several.by_key.clone(),
-        }
-    }
+    /// What each address resolves to, by family. Sorted and packed, not a
+    /// hash trie: at 50,000 addresses a trie's sparse nodes cost several
+    /// times the entries they hold, and a lookup here is once per
+    /// connection. One pointer per address (the key is the entry's own),
+    /// cheap to copy when a change copies its run, and an IPv4 address in
+    /// four bytes: every remote pod has an entry here.
+    v4: PackedMap<Ipv4Addr, Arc<T>>,
+    v6: PackedMap<Ipv6Addr, Arc<T>>,
+    /// The addresses several entries claim (rare): all their claims, by
+    /// key. What they resolve to, if anything, is in `v4` / `v6`.
+    contested: PackedMap<IpAddr, Arc<[Arc<T>]>>,
 }
 
 impl<T> Clone for AddressBook<T> {
     fn clone(&self) -> Self {
         AddressBook {
-            entries: self.entries.clone(),
+            v4: self.v4.clone(),
+            v6: self.v6.clone(),
+            contested: self.contested.clone(),
         }
     }
 }
@@ -87,7 +49,9 @@ impl<T> Clone for AddressBook<T> {
 impl<T> Default for AddressBook<T> {
     fn default() -> Self {
         AddressBook {
-            entries: PackedMap::new(),
+            v4: PackedMap::new(),
+            v6: PackedMap::new(),
+            contested: PackedMap::new(),
         }
     }
 }
@@ -100,24 +64,45 @@ pub(super) type Settle<T> = fn(IpAddr, &[Arc<T>]) -> Option<Arc<T>>;
 impl<T: Claimant> AddressBook<T> {
     /// What `ip` resolves to.
     pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
-        self.entries.get(ip).and_then(Claims::owner)
+        match ip {
+            IpAddr::V4(ip) => self.v4.get(ip),
+            IpAddr::V6(ip) => self.v6.get(ip),
+        }
     }
 
     /// Every address that resolves to something, with it.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Arc<T>)> {
-        self.entries
-            .iter()
-            .filter_map(|(ip, claims)| Some((ip, claims.owner()?)))
+    pub(super) fn iter(&self) -> impl Iterator<Item = (IpAddr, &Arc<T>)> {
+        let v4 = self.v4.iter().map(|(ip, value)| (IpAddr::V4(*ip), value));
+        let v6 = self.v6.iter().map(|(ip, value)| (IpAddr::V6(*ip), value));
+        v4.chain(v6)
+    }
+
+    /// The claims on `ip` as the book holds them, by key.
+    fn claims(&self, ip: &IpAddr) -> Vec<Arc<T>> {
+        match self.contested.get(ip) {
+            Some(by_key) => by_key.to_vec(),
+            None => self.get(ip).cloned().into_iter().collect(),
+        }
+    }
+
+    /// How many addresses are claimed more than once (for tests).
+    #[cfg(test)]
+    pub(super) fn contested(&self) -> usize {
+        self.contested.len()
     }
 
     /// Changes to this book, made one entry at a time with
     /// [`BookChanges::change`] and applied at once by
     /// [`BookChanges::finish`] (each run of the book they touch is rebuilt
-    /// once). `settle` decides the addresses left with several claims.
-    pub(super) fn changes(&self, settle: Settle<T>) -> BookChanges<'_, T> {
+    /// once). `settle` decides the addresses left with several claims;
+    /// `expected` is how many addresses the changes are likely to touch
+    /// (a first full state knows: all of them), so that what holds them is
+    /// made once, not grown.
+    pub(super) fn changes(&self, settle: Settle<T>, expected: usize) -> BookChanges<'_, T> {
         BookChanges {
             book: self,
-            pending: BTreeMap::new(),
+            v4: Vec::with_capacity(expected),
+            v6: Vec::new(),
             settle,
         }
     }
@@ -126,70 +111,131 @@ impl<T: Claimant> AddressBook<T> {
     #[cfg(test)]
     pub(super) fn change(
         &mut self,
-        key: &Arc<str>,
-        before: &[IpAddr],
+        before: Option<(&[IpAddr], &Arc<T>)>,
         after: Option<(&[IpAddr], &Arc<T>)>,
         settle: Settle<T>,
     ) {
-        let mut changes = self.changes(settle);
-        changes.change(key, before, after);
+        let mut changes = self.changes(settle, 0);
+        changes.change(before, after);
         *self = changes.finish();
     }
 }
 
-/// Changes being made to an [`AddressBook`]: the claims of the addresses
-/// they touched so far, read before the book's.
+/// Changes being made to an [`AddressBook`]: every claim made or withdrawn,
+/// in order, by address family. Settled only when they are applied, so a
+/// change costs one small record per address (a first full state makes
+/// one for every address of the cluster), not a map of claims.
 pub(super) struct BookChanges<'b, T> {
     book: &'b AddressBook<T>,
-    pending: BTreeMap<IpAddr, Option<Claims<T>>>,
+    v4: Vec<Claim<Ipv4Addr, T>>,
+    v6: Vec<Claim<Ipv6Addr, T>>,
     settle: Settle<T>,
 }
 
+/// An entry's claim on an address, made (it replaces the entry's earlier
+/// claim there, if any) or withdrawn.
+struct Claim<A, T> {
+    ip: A,
+    made: bool,
+    entry: Arc<T>,
+}
+
 impl<T: Claimant> BookChanges<'_, T> {
-    /// Moves the claims of `key` from the addresses `before` to those of
-    /// `after` (with the entry they now stand for, whose key is `key`), and
-    /// settles every address this touched.
+    /// Moves an entry's claims from the addresses of its `before` value
+    /// to those of its `after` value (the same key: the entry as it was
+    /// and as it is now; `None` where it is not).
     pub(super) fn change(
         &mut self,
-        key: &Arc<str>,
-        before: &[IpAddr],
+        before: Option<(&[IpAddr], &Arc<T>)>,
         after: Option<(&[IpAddr], &Arc<T>)>,
     ) {
         let claimed = after.map_or(&[][..], |(ips, _)| ips);
-        let mut touched: Vec<IpAddr> = before.iter().chain(claimed).copied().collect();
-        touched.sort_unstable();
-        touched.dedup();
-        for ip in touched {
-            let held = match self.pending.get(&ip) {
-                Some(pending) => pending.as_ref(),
-                None => self.book.entries.get(&ip),
-            };
-            let mut by_key = held.map(Claims::by_key).unwrap_or_default();
-            by_key.retain(|claimant| claimant.key() != key);
-            if let Some((ips, value)) = after
-                && ips.contains(&ip)
-            {
-                let at = by_key
-                    .binary_search_by(|claimant| claimant.key().cmp(key))
-                    .unwrap_or_else(|at| at);
-                by_key.insert(at, value.clone());
+        if let Some((ips, old)) = before {
+            for ip in ips.iter().filter(|ip| !claimed.contains(ip)) {
+                self.record(*ip, false, old);
             }
-            let claims = match by_key.as_slice() {
-                [] => None,
-                [only] => Some(Claims::One(only.clone())),
-                several => Some(Claims::Several(Box::new(Several {
-                    owner: (self.settle)(ip, several),
-                    by_key,
-                }))),
-            };
-            self.pending.insert(ip, claims);
+        }
+        if let Some((ips, new)) = after {
+            for ip in ips {
+                self.record(*ip, true, new);
+            }
+        }
+    }
+
+    fn record(&mut self, ip: IpAddr, made: bool, entry: &Arc<T>) {
+        let entry = entry.clone();
+        match ip {
+            IpAddr::V4(ip) => self.v4.push(Claim { ip, made, entry }),
+            IpAddr::V6(ip) => self.v6.push(Claim { ip, made, entry }),
         }
     }
 
     /// The book with every change made.
     pub(super) fn finish(self) -> AddressBook<T> {
-        let mut entries = self.book.entries.clone();
-        entries.apply_sorted(self.pending);
-        AddressBook { entries }
+        let mut book = self.book.clone();
+        let mut contested = Vec::new();
+        let v4 = settled(self.book, self.settle, self.v4, &mut contested);
+        book.v4.apply_sorted(v4);
+        let v6 = settled(self.book, self.settle, self.v6, &mut contested);
+        book.v6.apply_sorted(v6);
+        contested.sort_by_key(|(ip, _)| *ip);
+        book.contested.apply_sorted(contested);
+        book
     }
+}
+
+/// An address's claims now that there are several, or `None` now that
+/// there are not.
+type ContestedChange<T> = (IpAddr, Option<Arc<[Arc<T>]>>);
+
+/// What each address the `claims` touch resolves to now, in address order,
+/// from `book`'s claims and these (in the order they were made). The
+/// addresses left with several claims, and those that had several, go to
+/// `contested`.
+fn settled<'c, A, T>(
+    book: &'c AddressBook<T>,
+    settle: Settle<T>,
+    mut claims: Vec<Claim<A, T>>,
+    contested: &'c mut Vec<ContestedChange<T>>,
+) -> impl Iterator<Item = (A, Option<Arc<T>>)> + 'c
+where
+    A: Copy + Ord + Into<IpAddr> + 'c,
+    T: Claimant + 'c,
+{
+    // Stable: an entry's later claim on an address follows its earlier one.
+    claims.sort_by_key(|claim| claim.ip);
+    let mut claims = claims.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let first = claims.next()?;
+        let ip = first.ip;
+        let address: IpAddr = ip.into();
+        let mut by_key = book.claims(&address);
+        for claim in std::iter::once(first).chain(std::iter::from_fn(|| {
+            claims.next_if(|claim| claim.ip == ip)
+        })) {
+            let key = claim.entry.key();
+            let at = by_key.binary_search_by(|held| held.key().cmp(key));
+            match (at, claim.made) {
+                (Ok(at), true) => by_key[at] = claim.entry,
+                (Err(at), true) => by_key.insert(at, claim.entry),
+                (Ok(at), false) => {
+                    by_key.remove(at);
+                }
+                (Err(_), false) => {}
+            }
+        }
+        let owner = match by_key.as_slice() {
+            [] => None,
+            [only] => Some(only.clone()),
+            several => {
+                let owner = settle(address, several);
+                contested.push((address, Some(Arc::from(by_key))));
+                return Some((ip, owner));
+            }
+        };
+        if book.contested.contains_key(&address) {
+            contested.push((address, None));
+        }
+        Some((ip, owner))
+    })
 }

@@ -170,17 +170,20 @@ impl RouteTable {
             (&self.view.remote_workloads, view.remote_workloads()),
             trust_none,
         );
-        let mut services = self.services.changes(first_by_key);
+        let mut services = self.services.changes(
+            first_by_key,
+            expected_addresses(&self.view.services, view.services()),
+        );
         for change in self.view.services.diff(view.services()) {
             let (key, before, after) = sides(change);
             let Some(service) = after else {
                 balancers.forget(key);
-                services.change(key, cluster_ips(before), None);
+                services.change(before.map(cluster_ips), None);
                 continue;
             };
             let ready = service.endpoints.iter().filter(|e| e.ready).map(|e| e.ip);
             balancers.keep_endpoints(key, ready);
-            services.change(key, cluster_ips(before), Some((&service.vips, service)));
+            services.change(before.map(cluster_ips), Some(cluster_ips(service)));
         }
         let services = services.finish();
         RouteTable {
@@ -241,7 +244,7 @@ impl RouteTable {
         self.local
             .iter()
             .filter(|(_, w)| w.meshed())
-            .map(|(ip, _)| *ip)
+            .map(|(ip, _)| ip)
             .collect()
     }
 
@@ -471,17 +474,24 @@ fn follow_workloads(
     (before, after): (&Keyed<Workload>, &Keyed<Workload>),
     settle: super::addresses::Settle<Workload>,
 ) -> AddressBook<Workload> {
-    let mut changes = book.changes(settle);
+    let mut changes = book.changes(settle, expected_addresses(before, after));
     for change in before.diff(after) {
-        let (key, old, new) = sides(change);
-        changes.change(key, addresses(old), new.map(|w| (&w.ips[..], w)));
+        let (_, old, new) = sides(change);
+        changes.change(old.map(addresses), new.map(addresses));
     }
     changes.finish()
 }
 
-/// A workload's addresses, none if there is no workload.
-fn addresses(workload: Option<&Arc<Workload>>) -> &[IpAddr] {
-    workload.map_or(&[], |w| &w.ips)
+/// How many addresses the move from the `before` map to `after` is likely
+/// to touch: one per entry from an empty map (a first full state), else
+/// few (a delta).
+fn expected_addresses<T>(before: &Keyed<T>, after: &Keyed<T>) -> usize {
+    if before.is_empty() { after.len() } else { 0 }
+}
+
+/// A workload's addresses, with it.
+fn addresses(workload: &Arc<Workload>) -> (&[IpAddr], &Arc<Workload>) {
+    (&workload.ips, workload)
 }
 
 /// The addresses of a Service's ready endpoints, in the view's order.
@@ -494,9 +504,9 @@ fn ready_endpoints(service: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
-/// A Service's cluster IPs, none if there is no Service.
-fn cluster_ips(service: Option<&Arc<Service>>) -> &[IpAddr] {
-    service.map_or(&[], |s| &s.vips)
+/// A Service's cluster IPs, with it.
+fn cluster_ips(service: &Arc<Service>) -> (&[IpAddr], &Arc<Service>) {
+    (&service.vips, service)
 }
 
 /// An address two local pods claim vouches for neither (the control plane

@@ -13,14 +13,14 @@ type Summary = (
 
 fn summary(table: &RouteTable) -> Summary {
     let workloads = |book: &AddressBook<Workload>| {
-        let mut all: Vec<_> = book.iter().map(|(ip, w)| (*ip, (**w).clone())).collect();
+        let mut all: Vec<_> = book.iter().map(|(ip, w)| (ip, (**w).clone())).collect();
         all.sort_by_key(|(ip, _)| *ip);
         all
     };
     let mut services: Vec<_> = table
         .services
         .iter()
-        .map(|(ip, service)| (*ip, service.key.to_string(), ready_endpoints(service)))
+        .map(|(ip, service)| (ip, service.key.to_string(), ready_endpoints(service)))
         .collect();
     services.sort();
     let mut by_key: Vec<_> = table
@@ -101,9 +101,9 @@ fn a_withdrawn_claim_leaves_the_address_to_the_other() {
     };
     let ip: IpAddr = "10.0.0.1".parse().unwrap();
     let (a, b) = (pod("a"), pod("b"));
-    book.change(&"shop/a".into(), &[], Some((&[ip], &a)), quarantine_all);
+    book.change(None, Some((&[ip], &a)), quarantine_all);
     assert_eq!(book.get(&ip).unwrap().local().quarantine, None);
-    book.change(&"shop/b".into(), &[], Some((&[ip], &b)), quarantine_all);
+    book.change(None, Some((&[ip], &b)), quarantine_all);
     let both = book.get(&ip).unwrap();
     assert_eq!(&*both.uid, "shop/a", "the first by key stands, quarantined");
     assert!(
@@ -113,12 +113,45 @@ fn a_withdrawn_claim_leaves_the_address_to_the_other() {
             .unwrap()
             .contains("claimed by another pod")
     );
-    book.change(&"shop/a".into(), &[ip], None, quarantine_all);
+    book.change(Some((&[ip], &a)), None, quarantine_all);
     assert!(
         Arc::ptr_eq(book.get(&ip).unwrap(), &b),
         "b alone, not quarantined"
     );
-    book.change(&"shop/b".into(), &[ip], None, quarantine_all);
+    assert_eq!(book.contested(), 0, "one claim left: not contested");
+    book.change(Some((&[ip], &b)), None, quarantine_all);
     assert!(book.get(&ip).is_none());
     assert_eq!(book.iter().count(), 0, "no empty entry is left behind");
+}
+
+/// Remote pods that claim one address vouch for neither, in either family,
+/// and the address goes back to the pod left when the other withdraws.
+#[test]
+fn a_contested_address_resolves_to_nothing_until_one_claim_is_left() {
+    let mut book: AddressBook<Workload> = AddressBook::default();
+    let v4: IpAddr = "10.0.0.1".parse().unwrap();
+    let v6: IpAddr = "fd00::1".parse().unwrap();
+    let pod = |name: &str| {
+        Arc::new(Workload::new(
+            format!("shop/{name}").into(),
+            [v4, v6].into_iter().collect(),
+            NODE,
+            weft_certs::Identity::new("cluster.local", "shop", name).unwrap(),
+            name,
+            true,
+            Default::default(),
+        ))
+    };
+    let (a, b) = (pod("a"), pod("b"));
+    book.change(None, Some((&a.ips, &a)), trust_none);
+    book.change(None, Some((&b.ips, &b)), trust_none);
+    assert!(book.get(&v4).is_none() && book.get(&v6).is_none());
+    assert_eq!(book.contested(), 2);
+    assert_eq!(book.iter().count(), 0);
+    book.change(Some((&a.ips, &a)), None, trust_none);
+    for ip in [v4, v6] {
+        assert!(Arc::ptr_eq(book.get(&ip).unwrap(), &b), "{ip} is b's again");
+    }
+    assert_eq!(book.contested(), 0);
+    assert_eq!(book.iter().count(), 2);
 }
