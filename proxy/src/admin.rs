@@ -310,7 +310,9 @@ fn certs(certificates: &CertificateMap, now: SystemTime) -> Value {
 }
 
 /// The entries of a keyed map as a JSON list (each entry carries its key).
-fn listed<T: Serialize>(map: &crate::node_view::Keyed<T>) -> Value {
+fn listed<T: Serialize + crate::node_view::HasKey + PartialEq>(
+    map: &crate::node_view::Keyed<T>,
+) -> Value {
     Value::Array(map.values().map(|entry| to_json(&**entry)).collect())
 }
 

@@ -45,6 +45,11 @@ impl<K, V> PartialEq for Run<K, V> {
     }
 }
 
+/// One key's entries in two maps, where they differ: the earlier map's and
+/// the later one's, `None` where a map has no such key (see
+/// [`PackedMap::diff_by`]).
+pub type Sides<'a, K, V> = (Option<&'a (K, V)>, Option<&'a (K, V)>);
+
 /// How one key differs between two maps (see [`PackedMap::diff`]).
 #[derive(Debug)]
 pub enum Change<'a, K, V> {
@@ -279,6 +284,25 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
     where
         V: PartialEq,
     {
+        self.diff_by(other, |(_, old), (_, new)| old == new)
+            .filter_map(|sides| match sides {
+                (Some((key, old)), Some((_, new))) => Some(Change::Updated { key, old, new }),
+                (Some((key, old)), None) => Some(Change::Removed(key, old)),
+                (None, Some((key, new))) => Some(Change::Added(key, new)),
+                // `diff_by` yields no key that neither map has.
+                (None, None) => None,
+            })
+    }
+
+    /// The entries that differ between `self` and `other`, key by key in
+    /// order: each as (the earlier map's entry, the later one's), either
+    /// missing where that map has no such key. Two entries of one key
+    /// differ unless `same` says they do not.
+    pub fn diff_by<'a>(
+        &'a self,
+        other: &'a Self,
+        same: impl Fn(&(K, V), &(K, V)) -> bool + 'a,
+    ) -> impl Iterator<Item = Sides<'a, K, V>> + 'a {
         // A key outside the differing runs sits in a run both maps share,
         // with the same value: comparing the differing runs' entries
         // (each side in key order) finds every change.
@@ -297,40 +321,25 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
         let (mut before, mut after) = (side(true).peekable(), side(false).peekable());
         std::iter::from_fn(move || {
             loop {
-                let change = match (before.peek(), after.peek()) {
+                let sides = match (before.peek(), after.peek()) {
                     (None, None) => return None,
-                    (Some(&(key, value)), None) => {
-                        before.next();
-                        Change::Removed(key, value)
-                    }
-                    (None, Some(&(key, value))) => {
-                        after.next();
-                        Change::Added(key, value)
-                    }
-                    (Some(&(old_key, old)), Some(&(new_key, new))) => match old_key.cmp(new_key) {
-                        std::cmp::Ordering::Less => {
-                            before.next();
-                            Change::Removed(old_key, old)
-                        }
-                        std::cmp::Ordering::Greater => {
-                            after.next();
-                            Change::Added(new_key, new)
-                        }
+                    (Some(_), None) => (before.next(), None),
+                    (None, Some(_)) => (None, after.next()),
+                    (Some(old), Some(new)) => match old.0.cmp(&new.0) {
+                        std::cmp::Ordering::Less => (before.next(), None),
+                        std::cmp::Ordering::Greater => (None, after.next()),
                         std::cmp::Ordering::Equal => {
-                            before.next();
-                            after.next();
-                            if old == new {
+                            let (old, new) = (before.next(), after.next());
+                            if let (Some(old), Some(new)) = (old, new)
+                                && same(old, new)
+                            {
                                 continue;
                             }
-                            Change::Updated {
-                                key: new_key,
-                                old,
-                                new,
-                            }
+                            (old, new)
                         }
                     },
                 };
-                return Some(change);
+                return Some(sides);
             }
         })
     }

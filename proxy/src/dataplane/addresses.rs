@@ -11,14 +11,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use crate::node_view::HasKey;
 use crate::packed_map::PackedMap;
-
-/// An entry that claims addresses, and the key it has in the view (which
-/// orders several claims on one address).
-pub(super) trait Claimant {
-    /// The entry's key in the view.
-    fn key(&self) -> &Arc<str>;
-}
 
 /// Addresses and their claims.
 #[derive(Debug)]
@@ -61,7 +55,7 @@ impl<T> Default for AddressBook<T> {
 /// resolves to it.
 pub(super) type Settle<T> = fn(IpAddr, &[Arc<T>]) -> Option<Arc<T>>;
 
-impl<T: Claimant> AddressBook<T> {
+impl<T: HasKey> AddressBook<T> {
     /// What `ip` resolves to.
     pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
         match ip {
@@ -140,7 +134,7 @@ struct Claim<A, T> {
     entry: Arc<T>,
 }
 
-impl<T: Claimant> BookChanges<'_, T> {
+impl<T: HasKey> BookChanges<'_, T> {
     /// Moves an entry's claims from the addresses of its `before` value
     /// to those of its `after` value (the same key: the entry as it was
     /// and as it is now; `None` where it is not).
@@ -200,7 +194,7 @@ fn settled<'c, A, T>(
 ) -> impl Iterator<Item = (A, Option<Arc<T>>)> + 'c
 where
     A: Copy + Ord + Into<IpAddr> + 'c,
-    T: Claimant + 'c,
+    T: HasKey + 'c,
 {
     // Stable: an entry's later claim on an address follows its earlier one.
     claims.sort_by_key(|claim| claim.ip);

@@ -12,12 +12,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
-use weft_api::authorization::{self, Connection, Decision, Policy};
+use weft_api::authorization::{self, Connection, Decision};
 
-use super::addresses::{AddressBook, Claimant};
+use super::addresses::AddressBook;
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
 use crate::node_view::{
-    Change, Keyed, LocalDetails, NodeView, Service, ServicePort, TrafficPolicy, Workload,
+    Change, Keyed, LocalDetails, NodeView, Policies, Service, ServicePort, TrafficPolicy, Workload,
 };
 
 /// The applied config, indexed for the data path.
@@ -58,7 +58,7 @@ struct ViewMaps {
     local_workloads: Keyed<Workload>,
     remote_workloads: Keyed<Workload>,
     services: Keyed<Service>,
-    authorization_policies: Keyed<Policy>,
+    authorization_policies: Policies,
 }
 
 /// Where a new connection is headed: straight to an address, or to a
@@ -485,7 +485,10 @@ fn follow_workloads(
 /// How many addresses the move from the `before` map to `after` is likely
 /// to touch: one per entry from an empty map (a first full state), else
 /// few (a delta).
-fn expected_addresses<T>(before: &Keyed<T>, after: &Keyed<T>) -> usize {
+fn expected_addresses<T: crate::node_view::HasKey + PartialEq>(
+    before: &Keyed<T>,
+    after: &Keyed<T>,
+) -> usize {
     if before.is_empty() { after.len() } else { 0 }
 }
 
@@ -528,16 +531,4 @@ fn trust_none(_: IpAddr, _: &[Arc<Workload>]) -> Option<Arc<Workload>> {
 /// A cluster IP two Services claim goes to the first by key.
 fn first_by_key(_: IpAddr, claims: &[Arc<Service>]) -> Option<Arc<Service>> {
     claims.first().cloned()
-}
-
-impl Claimant for Workload {
-    fn key(&self) -> &Arc<str> {
-        &self.uid
-    }
-}
-
-impl Claimant for Service {
-    fn key(&self) -> &Arc<str> {
-        &self.key
-    }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use serde::Serialize;
 use weft_certs::Identity;
 
-use super::{TrafficPolicy, display, names};
+use super::{HasKey, TrafficPolicy, display, names};
 /// A pod, local or remote. A node holds every pod of the cluster, so each
 /// byte here counts 50,000 times: the pod holds its own uid and addresses,
 /// and one pointer each to what it shares with other pods: its node's name
@@ -372,4 +372,16 @@ impl Service {
 /// name.
 pub(super) fn key_parts(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("", key))
+}
+
+impl HasKey for Workload {
+    fn key(&self) -> &Arc<str> {
+        &self.uid
+    }
+}
+
+impl HasKey for Service {
+    fn key(&self) -> &Arc<str> {
+        &self.key
+    }
 }

@@ -135,7 +135,7 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
     let endpoints = &view.services()["shop/cart"].endpoints;
     for endpoint in endpoints {
         let uid = endpoint.workload_uid.as_ref().unwrap();
-        let (key, workload) = view.remote_workloads().get_key_value(&**uid).unwrap();
+        let (key, workload) = view.remote_workloads().get_key_value(uid).unwrap();
         assert!(
             Arc::ptr_eq(uid, key),
             "the endpoint's uid is the view's key"

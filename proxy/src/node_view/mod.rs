@@ -13,6 +13,7 @@ mod convert;
 mod entries;
 #[cfg(test)]
 mod entries_tests;
+mod keyed;
 mod names;
 #[cfg(test)]
 mod policy_tests;
@@ -33,12 +34,11 @@ use weft_certs::{Identity, TrustBundle};
 
 pub use entries::{Addresses, Endpoint, LocalDetails, Service, ServicePort, TargetPorts, Workload};
 
-/// Entries of a view by their key on the wire. A persistent map: the next
-/// view shares every entry and all but the changed runs with the one
-/// before, so a delta costs the proxy its own size, not the cluster's, and
-/// two views are compared ([`PackedMap::diff`]) in proportion to what
-/// differs. Packed: a node holds an entry for every pod of the cluster.
-pub type Keyed<T> = PackedMap<Arc<str>, Arc<T>>;
+pub use keyed::{HasKey, Keyed};
+
+/// The compiled AuthorizationPolicies by `<namespace>/<name>`: a persistent
+/// map as [`Keyed`] is (few entries: a policy does not carry its key).
+pub type Policies = PackedMap<Arc<str>, Arc<Policy>>;
 
 /// One applied version of the node's config. Maps are keyed as on the wire:
 /// workloads by uid (`<namespace>/<pod>`), services by `<namespace>/<name>`.
@@ -60,7 +60,7 @@ pub struct NodeView {
     remote_workloads: Keyed<Workload>,
     services: Keyed<Service>,
     #[serde(serialize_with = "policy_summaries")]
-    authorization_policies: Keyed<Policy>,
+    authorization_policies: Policies,
 }
 
 /// An applied update, and the entries of it that were refused (each kept
@@ -403,7 +403,7 @@ impl NodeView {
 
     /// AuthorizationPolicies local workloads refer to, compiled, by
     /// `<namespace>/<name>`.
-    pub fn authorization_policies(&self) -> &Keyed<Policy> {
+    pub fn authorization_policies(&self) -> &Policies {
         &self.authorization_policies
     }
 
@@ -418,6 +418,34 @@ impl NodeView {
     }
 }
 
+/// What [`merge`] needs of a view's map: the workloads' and Services'
+/// [`Keyed`] maps and the policies' plain one.
+trait ViewMap<T>: Clone + Default {
+    fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)>;
+    fn get(&self, key: &str) -> Option<&Arc<T>> {
+        ViewMap::get_key_value(self, key).map(|(_, value)| value)
+    }
+    fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>);
+}
+
+impl<T: HasKey + PartialEq> ViewMap<T> for Keyed<T> {
+    fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
+        Keyed::get_key_value(self, key)
+    }
+    fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
+        Keyed::apply(self, changes);
+    }
+}
+
+impl<T> ViewMap<T> for PackedMap<Arc<str>, Arc<T>> {
+    fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
+        PackedMap::get_key_value(self, key)
+    }
+    fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
+        PackedMap::apply(self, changes);
+    }
+}
+
 /// Builds one keyed map of the next view: the base's entries (none for a
 /// full state), minus the removed keys, plus the listed entries, each
 /// converted (and so validated) by `convert`. `(is_delta, previous)`: whether
@@ -426,18 +454,18 @@ impl NodeView {
 /// what `fallback` makes of its previous value (nothing if it had none, or
 /// if the update also removes it). An entry listed twice or both listed and
 /// removed is reported; the first listing, or the removal, stands.
-fn merge<P, T>(
+fn merge<P, T, M: ViewMap<T>>(
     kind: EntryKind,
-    (is_delta, previous): (bool, Option<&Keyed<T>>),
+    (is_delta, previous): (bool, Option<&M>),
     listed: &[P],
     removed: &[String],
     convert: impl Fn(&P) -> Result<(Arc<str>, T), UpdateProblem>,
     fallback: impl Fn(&Arc<T>, &UpdateProblem) -> Option<Arc<T>>,
     refused: &mut Vec<UpdateProblem>,
-) -> Keyed<T> {
+) -> M {
     let mut map = match (is_delta, previous) {
         (true, Some(previous)) => previous.clone(),
-        _ => Keyed::new(),
+        _ => M::default(),
     };
     // A full state has no base to remove from; its removed lists mean nothing.
     let removed: HashSet<&str> = if is_delta {
@@ -452,7 +480,7 @@ fn merge<P, T>(
     changes.extend(
         removed
             .iter()
-            .filter_map(|key| map.get_key_value(*key))
+            .filter_map(|key| map.get_key_value(key))
             .map(|(key, _)| (key.clone(), None)),
     );
     let mut seen = HashSet::new();
@@ -497,7 +525,7 @@ pub(crate) fn display<T: fmt::Display, S: serde::Serializer>(
 
 /// AuthorizationPolicies in the config dump: action and rule count by key.
 fn policy_summaries<S: serde::Serializer>(
-    policies: &Keyed<Policy>,
+    policies: &Policies,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.collect_map(
