@@ -237,6 +237,15 @@ pub(super) fn service(
         key: key.clone(),
         reason,
     };
+    // The Service's namespace and name are read back from its key (a node
+    // holds every Service: one string, not three), so the key must split
+    // where it was joined. Kubernetes names never hold a '/'.
+    if wire.namespace.contains('/') || wire.name.contains('/') {
+        return Err(invalid(format!(
+            "namespace {:?} or name {:?} contains '/'",
+            wire.namespace, wire.name
+        )));
+    }
     let vips = wire
         .vips
         .iter()

@@ -311,6 +311,19 @@ fn empty_keys_are_refused() {
     );
 }
 
+/// A Service's namespace and name are read back from its key: a '/' in
+/// either would split it elsewhere (the dump, the metrics' host name).
+#[test]
+fn a_service_name_with_a_slash_is_refused() {
+    for (namespace, name) in [("default/x", "web"), ("default", "we/b")] {
+        let mut update = full(1);
+        update.services[0].namespace = namespace.into();
+        update.services[0].name = name.into();
+        let reason = refused_entry(None, &update).1.to_string();
+        assert!(reason.contains("contains '/'"), "{reason}");
+    }
+}
+
 #[test]
 fn a_local_workload_of_another_node_is_refused() {
     let mut update = full(1);
