@@ -33,8 +33,13 @@ impl Dice {
 }
 
 /// Few addresses for many entries, so that claims collide often.
+/// One of a few addresses of either family, so that pods and Services
+/// collide on them, in both of the route table's address maps.
 fn address(dice: &mut Dice) -> String {
-    format!("10.0.0.{}", 1 + dice.roll(6))
+    match dice.roll(3) {
+        0 => format!("fd00::{}", 1 + dice.roll(3)),
+        _ => format!("10.0.0.{}", 1 + dice.roll(6)),
+    }
 }
 
 fn workload(dice: &mut Dice, slot: usize, local: bool) -> v1::Workload {
