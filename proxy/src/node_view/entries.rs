@@ -14,7 +14,7 @@ use super::{HasKey, TrafficPolicy, display, names};
 /// A pod, local or remote. A node holds every pod of the cluster, so each
 /// byte here counts 50,000 times: the pod holds its own uid and addresses,
 /// and one pointer each to what it shares with other pods: its node's name
-/// and its [`Profile`] (identity, workload, and what only its own node
+/// and its profile (identity, workload, and what only its own node
 /// needs), held once for all the pods of a workload (see `names`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
