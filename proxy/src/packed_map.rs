@@ -169,8 +169,9 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
     }
 
     /// [`PackedMap::apply`] for changes already in key order, each key
-    /// once (as a `BTreeMap` yields them): taken one at a time, so that
-    /// what holds them can be freed as they are taken.
+    /// once: taken one at a time from an iterator, so that the caller can
+    /// make them as they are taken (the address book settles each address
+    /// then) instead of collecting them first.
     pub fn apply_sorted(&mut self, changes: impl IntoIterator<Item = (K, Option<V>)>) {
         if self.runs.is_empty() {
             // A full state: the runs are cut straight from the changes,

@@ -111,21 +111,33 @@ impl<T: HasKey + PartialEq> Keyed<T> {
     }
 
     /// Applies many changes at once: an entry put in (replacing the one of
-    /// its key, if any), or a key's entry removed; for a key given twice,
-    /// the last stands (see [`PackedMap::apply`]).
-    pub fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
-        let changes = changes
+    /// its key, if any; `key` must be the entry's), or a key's entry
+    /// removed; for a key given twice, the last stands (see
+    /// [`PackedMap::apply`]), also when it removes an entry the batch put in.
+    pub fn apply(&mut self, mut changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
+        changes.sort_by(|a, b| a.0.cmp(&b.0));
+        // The last change of a key stands (the sort is stable): decided
+        // before a removal is matched to the entry it removes, which the
+        // map holds only if it held it before the batch.
+        changes.reverse();
+        changes.dedup_by(|later, earlier| later.0 == earlier.0);
+        changes.reverse();
+        let entries = &self.entries;
+        let changes: Vec<_> = changes
             .into_iter()
             .filter_map(|(key, value)| match value {
-                Some(value) => Some((ByKey(value), Some(()))),
+                Some(value) => {
+                    debug_assert_eq!(key, *value.key(), "an entry put in under another key");
+                    Some((ByKey(value), Some(())))
+                }
                 // A removal names its entry by the one the map holds.
                 None => {
-                    let (held, ()) = self.entries.get_key_value(&*key)?;
+                    let (held, ()) = entries.get_key_value(&*key)?;
                     Some((held.clone(), None))
                 }
             })
             .collect();
-        self.entries.apply(changes);
+        self.entries.apply_sorted(changes);
     }
 
     /// How `self` (the earlier map) and `other` (the later one) differ,
@@ -255,5 +267,22 @@ mod tests {
         again.apply(vec![entry("b", 20)]);
         assert_eq!(after.diff(&again).count(), 0);
         assert_eq!(after, again);
+    }
+
+    /// As in a map of keys: the last change of a key in one batch stands,
+    /// also a removal of an entry the same batch put in.
+    #[test]
+    fn the_last_change_of_a_key_in_a_batch_stands() {
+        let mut map = Keyed::new();
+        map.apply(vec![entry("a", 1), ("a".into(), None), entry("b", 2)]);
+        assert!(!map.contains_key("a"), "put in, then removed");
+        map.apply(vec![
+            ("b".into(), None),
+            entry("b", 3),
+            entry("c", 4),
+            ("c".into(), None),
+        ]);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["b"].value, 3);
     }
 }

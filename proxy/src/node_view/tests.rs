@@ -338,6 +338,29 @@ fn a_local_workload_of_another_node_is_refused() {
     assert!(NodeView::apply(None, &update, NODE).is_ok());
 }
 
+/// A pod listed twice whose second listing is refused is not taken from
+/// its first: its addresses vouch for no identity (found in review: the
+/// refusal's removal of a key the view did not hold yet was dropped).
+#[test]
+fn a_new_pod_listed_valid_then_refused_is_left_out() {
+    for delta_of_a_new_pod in [false, true] {
+        let base = applied(&full(1));
+        let mut update = if delta_of_a_new_pod {
+            delta(2)
+        } else {
+            full(1)
+        };
+        let valid = workload("shop", "new", "new", "10.0.2.9", true);
+        let mut bad = valid.clone();
+        bad.ips = vec!["not an address".into()];
+        update.remote_workloads.extend([valid, bad]);
+        let previous = delta_of_a_new_pod.then_some(&base);
+        let (view, problem) = refused_entry(previous, &update);
+        assert!(problem.to_string().contains("not an address"), "{problem}");
+        assert!(!view.remote_workloads().contains_key("shop/new"));
+    }
+}
+
 #[test]
 fn duplicates_and_contradictions_are_refused() {
     let mut update = full(1);
