@@ -80,6 +80,6 @@ pub use node_proxy::NodeProxy;
 pub use node_state::{NodeState, RefusedKeys, StoredConfig};
 pub use node_view::{
     Addresses, Applied, Endpoint, EntryKind, LocalDetails, NodeView, Service, ServicePort,
-    TargetPorts, Trust, UpdateProblem, Workload,
+    ServicePorts, TargetPorts, Trust, UpdateProblem, Workload,
 };
 pub use transport::{BearerToken, ControlPlaneTransport};

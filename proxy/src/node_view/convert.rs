@@ -10,8 +10,8 @@ use weft_certs::{Identity, TrustBundle};
 use weft_api::authorization::Policy;
 
 use super::{
-    Endpoint, EntryKind, LocalDetails, Service, ServicePort, TargetPorts, TrafficPolicy, Trust,
-    UpdateProblem, Workload, names,
+    Endpoint, EntryKind, LocalDetails, Service, ServicePort, ServicePorts, TargetPorts,
+    TrafficPolicy, Trust, UpdateProblem, Workload, names,
 };
 
 pub(super) fn trust(wire: &v1::TrustBundle) -> Result<Trust, UpdateProblem> {
@@ -270,7 +270,8 @@ pub(super) fn service(
                 target_port,
             })
         })
-        .collect::<Result<_, UpdateProblem>>()?;
+        .collect::<Result<Vec<_>, UpdateProblem>>()?;
+    let ports = ServicePorts::shared(ports);
     let endpoints = wire
         .endpoints
         .iter()

@@ -97,8 +97,8 @@ pub struct Service {
     pub key: Arc<str>,
     /// Its cluster IPs.
     pub vips: Addresses,
-    /// Its ports.
-    pub ports: Box<[ServicePort]>,
+    /// Its ports (shared with every Service that has the same).
+    pub ports: Arc<ServicePorts>,
     /// Its endpoints.
     pub endpoints: Box<[Endpoint]>,
     /// The TrafficPolicy that configures it, if any (few Services have
@@ -106,8 +106,35 @@ pub struct Service {
     pub traffic: Option<Arc<TrafficPolicy>>,
 }
 
+/// A Service's ports, held once per process for each distinct list (see
+/// [`ServicePorts::shared`]): most Services have one port, named and
+/// numbered like many others'.
+#[derive(Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ServicePorts(Box<[ServicePort]>);
+
+static SERVICE_PORTS: names::Shared<ServicePorts> =
+    LazyLock::new(|| Mutex::new(names::Interner::new()));
+
+impl ServicePorts {
+    /// `ports`, shared with every other holder of the same list.
+    pub fn shared(ports: Vec<ServicePort>) -> Arc<ServicePorts> {
+        let ports = ServicePorts(ports.into_boxed_slice());
+        names::share(&SERVICE_PORTS, &ports, |ports| {
+            Arc::new(ServicePorts(ports.0.clone()))
+        })
+    }
+}
+
+impl std::ops::Deref for ServicePorts {
+    type Target = [ServicePort];
+    fn deref(&self) -> &[ServicePort] {
+        &self.0
+    }
+}
+
 /// A port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ServicePort {
     /// The port's name (may be empty for a single unnamed port); shared,
     /// most are called alike.

@@ -143,6 +143,14 @@ fn remote_workloads_and_endpoints_share_what_they_have_alike() {
         assert!(Arc::ptr_eq(key, &workload.uid), "and the workload's own");
         assert!(Arc::ptr_eq(&endpoint.ports, &endpoints[0].ports));
     }
+    let (cart, web) = (
+        &view.services()["shop/cart"],
+        &view.services()["default/web"],
+    );
+    assert!(
+        Arc::ptr_eq(&cart.ports, &web.ports),
+        "Services with the same ports share one list"
+    );
 }
 
 /// The pod's name is read from its uid: a workload whose name says

@@ -32,7 +32,9 @@ pub use weft_api::traffic::{LoadBalancing, OutlierDetection, TrafficPolicy};
 use weft_api::v1::ConfigUpdate;
 use weft_certs::{Identity, TrustBundle};
 
-pub use entries::{Addresses, Endpoint, LocalDetails, Service, ServicePort, TargetPorts, Workload};
+pub use entries::{
+    Addresses, Endpoint, LocalDetails, Service, ServicePort, ServicePorts, TargetPorts, Workload,
+};
 
 pub use keyed::{HasKey, Keyed};
 
