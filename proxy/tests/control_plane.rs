@@ -91,7 +91,11 @@ async fn a_bad_entry_is_refused_alone_and_the_rest_flows_on() {
     .await;
     let view = proxy.view().borrow().clone().unwrap();
     assert_eq!(view.version(), 2);
-    let uids: Vec<_> = view.local_workloads().keys().map(|uid| &**uid).collect();
+    let uids: Vec<_> = view
+        .local_workloads()
+        .keys()
+        .map(|uid| uid.to_string())
+        .collect();
     assert_eq!(uids, ["default/db"]);
     let dump = admin_json(proxy.admin_addr(), "/config_dump").await;
     assert_eq!(dump["applied_version"], 2);
@@ -105,7 +109,11 @@ async fn a_bad_entry_is_refused_alone_and_the_rest_flows_on() {
     stream.send(next).await;
     assert_eq!(stream.reply().await, Kind::Ack(Ack { version: 3 }));
     let view = proxy.view().borrow().clone().unwrap();
-    let uids: Vec<_> = view.local_workloads().keys().map(|uid| &**uid).collect();
+    let uids: Vec<_> = view
+        .local_workloads()
+        .keys()
+        .map(|uid| uid.to_string())
+        .collect();
     assert_eq!(uids, ["default/api", "default/db"]);
 
     // A delta that skips a version cannot be followed: the proxy says so,
@@ -165,7 +173,7 @@ async fn after_the_stream_drops_the_proxy_reconnects_and_gets_a_full_state() {
         v.as_ref().is_some_and(|v| {
             v.local_workloads()
                 .keys()
-                .map(|uid| &**uid)
+                .map(|uid| uid.to_string())
                 .eq(["default/cache"])
         })
     })
@@ -423,7 +431,7 @@ async fn an_update_in_parts_is_applied_once_whole_and_a_stray_part_restarts_the_
     assert!(
         view.remote_workloads()
             .keys()
-            .any(|uid| &**uid == "shop/pod-2299")
+            .any(|uid| *uid == "shop/pod-2299")
     );
 
     // A part that does not continue the update before it: nothing of the
@@ -491,7 +499,11 @@ async fn a_restarted_proxy_serves_its_last_config_and_certificates_without_the_c
         .clone()
         .expect("a view restored at start");
     assert_eq!(view.version(), 2);
-    let uids: Vec<&str> = view.local_workloads().keys().map(|uid| &**uid).collect();
+    let uids: Vec<_> = view
+        .local_workloads()
+        .keys()
+        .map(|uid| uid.to_string())
+        .collect();
     assert_eq!(uids, ["default/db", "default/web"]);
     let restored = proxy.certificates().borrow().clone();
     assert_eq!(restored.len(), 2);

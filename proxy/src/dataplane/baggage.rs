@@ -33,7 +33,7 @@ pub fn for_source(cluster: &str, source: &Workload) -> Baggage {
             .cloned()
     };
     // A pod whose workload is itself (no controller) is named as a pod.
-    let kind = if *source.workload_name() == *source.name() {
+    let kind = if source.is_named(source.workload_name()) {
         WorkloadKind::Pod
     } else {
         WorkloadKind::Deployment

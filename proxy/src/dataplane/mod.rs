@@ -304,7 +304,7 @@ impl ServedPod {
         ip: std::net::IpAddr,
     ) -> Option<&'t Arc<crate::node_view::Workload>> {
         let same_pod = |w: &&Arc<crate::node_view::Workload>| {
-            (self.uid.is_empty() || *w.uid == *self.uid)
+            (self.uid.is_empty() || w.uid == *self.uid.as_str())
                 && (self.pod_uid.is_empty()
                     || w.local().pod_uid.is_empty()
                     || *w.local().pod_uid == *self.pod_uid)

@@ -25,11 +25,12 @@ use weft_api::authorization::{Decision, Outcome};
 use super::gate::{self, GateRequest, Path};
 use super::routes::RouteTable;
 use super::telemetry::TrafficMetrics;
+use crate::node_view::PodUid;
 
 /// One open connection into a local pod.
 struct OpenInbound {
     /// The pod it was admitted into (`<namespace>/<name>`).
-    pod: String,
+    pod: PodUid,
     path: Path,
     principal: Option<String>,
     source: SocketAddr,
@@ -81,7 +82,7 @@ impl InboundRegistry {
         self: &Arc<Self>,
         routes: &super::Routes,
         metrics: &TrafficMetrics,
-        (decided_on, pod): (u64, &str),
+        (decided_on, pod): (u64, &PodUid),
         upstream: &TcpStream,
         request: &GateRequest<'_>,
     ) -> Result<Option<Registration>, Decision> {
@@ -111,7 +112,7 @@ impl InboundRegistry {
     /// by `path` and forwarded on `upstream`.
     fn register(
         self: &Arc<Self>,
-        pod: &str,
+        pod: &PodUid,
         upstream: &TcpStream,
         path: Path,
         principal: Option<String>,
@@ -128,7 +129,7 @@ impl InboundRegistry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let revoked = Arc::new(AtomicBool::new(false));
         let entry = OpenInbound {
-            pod: pod.to_owned(),
+            pod: pod.clone(),
             path,
             principal,
             source,
@@ -189,12 +190,12 @@ impl InboundRegistry {
 fn decide_again(
     routes: &RouteTable,
     metrics: &TrafficMetrics,
-    pod: &str,
+    pod: &PodUid,
     request: &GateRequest<'_>,
     what: &str,
 ) -> Decision {
     let workload = routes.local_workload(request.destination.ip());
-    let Some(workload) = workload.filter(|w| &*w.uid == pod) else {
+    let Some(workload) = workload.filter(|w| w.uid == *pod) else {
         let gone = Decision {
             outcome: Outcome::Quarantined("the pod is no longer in this node's config".into()),
             audits: Vec::new(),

@@ -17,7 +17,8 @@ use weft_api::authorization::{self, Connection, Decision};
 use super::addresses::AddressBook;
 use super::balancer::{Admission, Balancer, Balancers, EndpointLease};
 use crate::node_view::{
-    Change, Keyed, LocalDetails, NodeView, Policies, Service, ServicePort, TrafficPolicy, Workload,
+    Change, Keyed, LocalDetails, NodeView, PodUid, Policies, Service, ServicePort, TrafficPolicy,
+    Workload,
 };
 
 /// The applied config, indexed for the data path.
@@ -231,12 +232,14 @@ impl RouteTable {
     /// The workload of pod `namespace/name`, wherever it runs, with or
     /// without addresses yet.
     pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workload_by_uid(&format!("{namespace}/{name}"))
+        self.workload_by_uid(&PodUid::find(&format!("{namespace}/{name}"))?)
     }
 
     /// The workload with this uid, local or remote.
-    fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
-        (self.view.local_workloads.get(uid)).or_else(|| self.view.remote_workloads.get(uid))
+    fn workload_by_uid(&self, uid: &PodUid) -> Option<&Arc<Workload>> {
+        let (_, workload) = (self.view.local_workloads.get_by_key(uid))
+            .or_else(|| self.view.remote_workloads.get_by_key(uid))?;
+        Some(workload)
     }
 
     /// The IPs of this node's meshed pods: what the capture rules steer.
@@ -457,9 +460,9 @@ fn hostname(service: &Service) -> String {
 mod tests;
 
 /// The key of a changed entry, its value before (if any) and after (if any).
-fn sides<'a, T>(
-    change: Change<'a, Arc<str>, Arc<T>>,
-) -> (&'a Arc<str>, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
+fn sides<'a, K, T>(
+    change: Change<'a, K, Arc<T>>,
+) -> (&'a K, Option<&'a Arc<T>>, Option<&'a Arc<T>>) {
     match change {
         Change::Added(key, new) => (key, None, Some(new)),
         Change::Updated { key, old, new } => (key, Some(old), Some(new)),

@@ -105,7 +105,7 @@ fn a_withdrawn_claim_leaves_the_address_to_the_other() {
     assert_eq!(book.get(&ip).unwrap().local().quarantine, None);
     book.change(None, Some((&[ip], &b)), quarantine_all);
     let both = book.get(&ip).unwrap();
-    assert_eq!(&*both.uid, "shop/a", "the first by key stands, quarantined");
+    assert_eq!(both.uid, "shop/a", "the first by key stands, quarantined");
     assert!(
         both.local()
             .quarantine

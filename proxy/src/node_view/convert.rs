@@ -10,7 +10,7 @@ use weft_certs::{Identity, TrustBundle};
 use weft_api::authorization::Policy;
 
 use super::{
-    Endpoint, EntryKind, LocalDetails, Service, ServicePort, ServicePorts, TargetPorts,
+    Endpoint, EntryKind, LocalDetails, PodUid, Service, ServicePort, ServicePorts, TargetPorts,
     TrafficPolicy, Trust, UpdateProblem, Workload, names,
 };
 
@@ -31,7 +31,7 @@ pub(super) fn workload(
     kind: EntryKind,
     wire: &v1::Workload,
     local_node: Option<&str>,
-) -> Result<(Arc<str>, Workload), UpdateProblem> {
+) -> Result<(PodUid, Workload), UpdateProblem> {
     if wire.uid.is_empty() {
         return Err(UpdateProblem::EmptyKey {
             kind,
@@ -97,8 +97,8 @@ pub(super) fn workload(
             wire.name
         )));
     }
-    let uid: Arc<str> = Arc::from(wire.uid.as_str());
-    let (_, name) = super::entries::key_parts(&uid);
+    let uid = PodUid::new(&wire.uid);
+    let (_, name) = super::entries::key_parts(&wire.uid);
     // An older control plane sends no workload name: the pod's will do.
     let workload_name = if wire.workload_name.is_empty() {
         name
@@ -217,12 +217,8 @@ pub(super) fn authorization_policy(
     Ok((key.into(), policy))
 }
 
-/// Converts a Service. `known_uid` gives the view's own string for a
-/// workload uid it holds, so that an endpoint shares it.
-pub(super) fn service(
-    wire: &v1::Service,
-    known_uid: &dyn Fn(&str) -> Option<Arc<str>>,
-) -> Result<(Arc<str>, Service), UpdateProblem> {
+/// Converts a Service.
+pub(super) fn service(wire: &v1::Service) -> Result<(Arc<str>, Service), UpdateProblem> {
     let kind = EntryKind::Service;
     let empty = |reason| Err(UpdateProblem::EmptyKey { kind, reason });
     if wire.namespace.is_empty() {
@@ -275,10 +271,7 @@ pub(super) fn service(
     let endpoints = wire
         .endpoints
         .iter()
-        .map(|e| {
-            endpoint(e, known_uid)
-                .map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip)))
-        })
+        .map(|e| endpoint(e).map_err(|reason| invalid(format!("endpoint {:?}: {reason}", e.ip))))
         .collect::<Result<_, _>>()?;
     let traffic = wire
         .traffic_policy
@@ -319,7 +312,11 @@ fn service_to_wire(service: &Service) -> v1::Service {
             .iter()
             .map(|e| v1::Endpoint {
                 ip: e.ip.to_string(),
-                workload_uid: e.workload_uid.as_deref().unwrap_or_default().to_owned(),
+                workload_uid: e
+                    .workload_uid
+                    .as_ref()
+                    .map(PodUid::to_string)
+                    .unwrap_or_default(),
                 ready: e.ready,
                 ports: e
                     .ports
@@ -332,10 +329,7 @@ fn service_to_wire(service: &Service) -> v1::Service {
     }
 }
 
-fn endpoint(
-    wire: &v1::Endpoint,
-    known_uid: &dyn Fn(&str) -> Option<Arc<str>>,
-) -> Result<Endpoint, String> {
+fn endpoint(wire: &v1::Endpoint) -> Result<Endpoint, String> {
     let ip = ip_addr(&wire.ip)?;
     let ports = wire
         .ports
@@ -349,7 +343,7 @@ fn endpoint(
     let ports = TargetPorts::shared(ports);
     let workload_uid = match wire.workload_uid.as_str() {
         "" => None,
-        uid => Some(known_uid(uid).unwrap_or_else(|| uid.into())),
+        uid => Some(PodUid::new(uid)),
     };
     Ok(Endpoint {
         workload_uid,

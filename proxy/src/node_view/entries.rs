@@ -10,7 +10,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use serde::Serialize;
 use weft_certs::Identity;
 
-use super::{HasKey, TrafficPolicy, display, names};
+use super::{HasKey, PodUid, TrafficPolicy, display, names};
 /// A pod, local or remote. A node holds every pod of the cluster, so each
 /// byte here counts 50,000 times: the pod holds its own uid and addresses,
 /// and one pointer each to what it shares with other pods: its node's name
@@ -18,10 +18,10 @@ use super::{HasKey, TrafficPolicy, display, names};
 /// needs), held once for all the pods of a workload (see `names`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// `<namespace>/<pod name>`; the same string as the view's key. (The
-    /// pod's name is read from it, its namespace and ServiceAccount from
-    /// its identity: see [`Workload::name`].)
-    pub uid: Arc<str>,
+    /// `<namespace>/<pod name>`: the view's key. (The pod's name is read
+    /// from it, its namespace and ServiceAccount from its identity: see
+    /// [`Workload::name`].)
+    pub uid: PodUid,
     /// The pod's addresses.
     pub ips: Addresses,
     /// The node the pod runs on.
@@ -148,9 +148,9 @@ pub struct ServicePort {
 /// One endpoint of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
-    /// The workload behind the endpoint, if it is a known pod (the same
-    /// string as its key in the view, when it is there).
-    pub workload_uid: Option<Arc<str>>,
+    /// The workload behind the endpoint, if it names a pod (its key in the
+    /// view, when it is there).
+    pub workload_uid: Option<PodUid>,
     /// The endpoint's address.
     pub ip: IpAddr,
     /// Whether the endpoint is ready for traffic.
@@ -250,7 +250,7 @@ impl Workload {
     /// A workload; what it shares with other pods is looked up in (or
     /// added to) the process-wide sets, so equal values are held once.
     pub fn new(
-        uid: Arc<str>,
+        uid: PodUid,
         ips: Addresses,
         node: &str,
         identity: Identity,
@@ -275,8 +275,13 @@ impl Workload {
 
     /// The pod's name: its uid after the namespace (the control plane
     /// sends no other, see `convert::workload`).
-    pub fn name(&self) -> &str {
-        key_parts(&self.uid).1
+    pub fn name(&self) -> String {
+        self.uid.name()
+    }
+
+    /// Whether the pod is named `name`.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.uid.name_is(name)
     }
 
     /// The pod's namespace: its identity's (the control plane sends
@@ -344,7 +349,7 @@ impl Serialize for Workload {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Dump<'a> {
-            uid: &'a str,
+            uid: &'a PodUid,
             workload_name: &'a str,
             #[serde(serialize_with = "display")]
             identity: &'a Identity,
@@ -402,12 +407,14 @@ pub(super) fn key_parts(key: &str) -> (&str, &str) {
 }
 
 impl HasKey for Workload {
-    fn key(&self) -> &Arc<str> {
+    type Key = PodUid;
+    fn key(&self) -> &PodUid {
         &self.uid
     }
 }
 
 impl HasKey for Service {
+    type Key = Arc<str>;
     fn key(&self) -> &Arc<str> {
         &self.key
     }

@@ -10,14 +10,40 @@
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::packed_map::{Change, PackedMap};
 
+use super::PodUid;
+
 /// An entry that carries its key.
 pub trait HasKey {
+    /// What its key is held as.
+    type Key: ViewKey;
     /// The entry's key in the view.
-    fn key(&self) -> &Arc<str>;
+    fn key(&self) -> &Self::Key;
+}
+
+/// A key of the view's maps: a string, held as the map's entries need.
+pub trait ViewKey:
+    Ord + Clone + Hash + fmt::Display + fmt::Debug + serde::Serialize + for<'a> From<&'a str>
+{
+    /// The key written `text`, to look an entry up by; `None` when no entry
+    /// can have it.
+    fn lookup(text: &str) -> Option<Self>;
+}
+
+impl ViewKey for Arc<str> {
+    fn lookup(text: &str) -> Option<Self> {
+        Some(text.into())
+    }
+}
+
+impl ViewKey for PodUid {
+    fn lookup(text: &str) -> Option<Self> {
+        PodUid::find(text)
+    }
 }
 
 /// Entries by their key. Cloning it is O(1) and shares every entry.
@@ -55,9 +81,49 @@ impl<T: HasKey> Ord for ByKey<T> {
     }
 }
 
-impl<T: HasKey> Borrow<str> for ByKey<T> {
-    fn borrow(&self) -> &str {
+/// What an entry is looked up by in the [`PackedMap`]: a key, or an entry
+/// (whose key it is). The map finds entries by what they borrow as, and
+/// `ByKey<T>` cannot borrow as `T::Key` itself (the standard library's
+/// `Borrow<Self>` might be that), so both borrow as this.
+trait KeyLike<K> {
+    fn as_key(&self) -> &K;
+}
+
+impl<K: ViewKey> KeyLike<K> for K {
+    fn as_key(&self) -> &K {
+        self
+    }
+}
+
+impl<T: HasKey> KeyLike<T::Key> for ByKey<T> {
+    fn as_key(&self) -> &T::Key {
         self.0.key()
+    }
+}
+
+impl<K: Ord> PartialEq for dyn KeyLike<K> + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_key() == other.as_key()
+    }
+}
+
+impl<K: Ord> Eq for dyn KeyLike<K> + '_ {}
+
+impl<K: Ord> PartialOrd for dyn KeyLike<K> + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<K: Ord> Ord for dyn KeyLike<K> + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_key().cmp(other.as_key())
+    }
+}
+
+impl<'a, T: HasKey + 'a> Borrow<dyn KeyLike<T::Key> + 'a> for ByKey<T> {
+    fn borrow(&self) -> &(dyn KeyLike<T::Key> + 'a) {
+        self
     }
 }
 
@@ -80,8 +146,13 @@ impl<T: HasKey + PartialEq> Keyed<T> {
     }
 
     /// The entry of `key`, with its key.
-    pub fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
-        let (entry, ()) = self.entries.get_key_value(key)?;
+    pub fn get_key_value(&self, key: &str) -> Option<(&T::Key, &Arc<T>)> {
+        self.get_by_key(&T::Key::lookup(key)?)
+    }
+
+    /// The entry of `key`, with its key, looked up by the key as held.
+    pub fn get_by_key(&self, key: &T::Key) -> Option<(&T::Key, &Arc<T>)> {
+        let (entry, ()) = self.entries.get_key_value(key as &dyn KeyLike<T::Key>)?;
         Some((entry.0.key(), &entry.0))
     }
 
@@ -92,16 +163,16 @@ impl<T: HasKey + PartialEq> Keyed<T> {
 
     /// Whether `key` has an entry.
     pub fn contains_key(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        self.get_key_value(key).is_some()
     }
 
     /// Every entry with its key, by key.
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<T>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&T::Key, &Arc<T>)> {
         self.entries.keys().map(|entry| (entry.0.key(), &entry.0))
     }
 
     /// Every key, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+    pub fn keys(&self) -> impl Iterator<Item = &T::Key> {
         self.iter().map(|(key, _)| key)
     }
 
@@ -114,7 +185,7 @@ impl<T: HasKey + PartialEq> Keyed<T> {
     /// its key, if any; `key` must be the entry's), or a key's entry
     /// removed; for a key given twice, the last stands (see
     /// [`PackedMap::apply`]), also when it removes an entry the batch put in.
-    pub fn apply(&mut self, mut changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
+    pub fn apply(&mut self, mut changes: Vec<(T::Key, Option<Arc<T>>)>) {
         changes.sort_by(|a, b| a.0.cmp(&b.0));
         // The last change of a key stands (the sort is stable): decided
         // before a removal is matched to the entry it removes, which the
@@ -132,7 +203,7 @@ impl<T: HasKey + PartialEq> Keyed<T> {
                 }
                 // A removal names its entry by the one the map holds.
                 None => {
-                    let (held, ()) = entries.get_key_value(&*key)?;
+                    let (held, ()) = entries.get_key_value(&key as &dyn KeyLike<T::Key>)?;
                     Some((held.clone(), None))
                 }
             })
@@ -147,7 +218,7 @@ impl<T: HasKey + PartialEq> Keyed<T> {
     pub fn diff<'a>(
         &'a self,
         other: &'a Self,
-    ) -> impl Iterator<Item = Change<'a, Arc<str>, Arc<T>>> + 'a {
+    ) -> impl Iterator<Item = Change<'a, T::Key, Arc<T>>> + 'a {
         let same = |(old, ()): &(ByKey<T>, ()), (new, ()): &(ByKey<T>, ())| {
             Arc::ptr_eq(&old.0, &new.0) || old.0 == new.0
         };
@@ -228,6 +299,7 @@ mod tests {
     }
 
     impl HasKey for Entry {
+        type Key = Arc<str>;
         fn key(&self) -> &Arc<str> {
             &self.key
         }

@@ -15,6 +15,7 @@ mod entries;
 mod entries_tests;
 mod keyed;
 mod names;
+mod pod_uid;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
@@ -36,7 +37,8 @@ pub use entries::{
     Addresses, Endpoint, LocalDetails, Service, ServicePort, ServicePorts, TargetPorts, Workload,
 };
 
-pub use keyed::{HasKey, Keyed};
+pub use keyed::{HasKey, Keyed, ViewKey};
+pub use pod_uid::PodUid;
 
 /// The compiled AuthorizationPolicies by `<namespace>/<name>`: a persistent
 /// map as [`Keyed`] is (few entries: a policy does not carry its key).
@@ -255,15 +257,7 @@ impl NodeView {
             (base.is_some(), previous.map(|p| &p.services)),
             &update.services,
             &update.removed_services,
-            |s| {
-                let known_uid = |uid: &str| {
-                    let (key, _) = local_workloads
-                        .get_key_value(uid)
-                        .or_else(|| remote_workloads.get_key_value(uid))?;
-                    Some(key.clone())
-                };
-                convert::service(s, &known_uid)
-            },
+            convert::service,
             |old, _| Some(old.clone()),
             &mut refused,
         );
@@ -280,10 +274,10 @@ impl NodeView {
         // (fail closed, see `weft_api::authorization::decide`). Say so when
         // this update made it so: the workload is listed, or the policy was
         // removed or refused.
-        let listed: HashSet<&str> = update
+        let listed: HashSet<PodUid> = update
             .local_workloads
             .iter()
-            .map(|w| w.uid.as_str())
+            .map(|w| PodUid::new(&w.uid))
             .collect();
         let touched: HashSet<String> = update
             .removed_authorization_policies
@@ -303,7 +297,7 @@ impl NodeView {
                 .iter()
                 .filter(|key| {
                     !authorization_policies.contains_key(key.as_str())
-                        && (listed.contains(&*workload.uid) || touched.contains(*key))
+                        && (listed.contains(&workload.uid) || touched.contains(*key))
                 });
             for missing in missing {
                 refused.push(UpdateProblem::InvalidEntry {
@@ -423,23 +417,27 @@ impl NodeView {
 /// What [`merge`] needs of a view's map: the workloads' and Services'
 /// [`Keyed`] maps and the policies' plain one.
 trait ViewMap<T>: Clone + Default {
-    fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)>;
+    /// What the map holds its keys as.
+    type Key: ViewKey;
+    fn get_key_value(&self, key: &str) -> Option<(&Self::Key, &Arc<T>)>;
     fn get(&self, key: &str) -> Option<&Arc<T>> {
         ViewMap::get_key_value(self, key).map(|(_, value)| value)
     }
-    fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>);
+    fn apply(&mut self, changes: Vec<(Self::Key, Option<Arc<T>>)>);
 }
 
 impl<T: HasKey + PartialEq> ViewMap<T> for Keyed<T> {
-    fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
+    type Key = T::Key;
+    fn get_key_value(&self, key: &str) -> Option<(&T::Key, &Arc<T>)> {
         Keyed::get_key_value(self, key)
     }
-    fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
+    fn apply(&mut self, changes: Vec<(T::Key, Option<Arc<T>>)>) {
         Keyed::apply(self, changes);
     }
 }
 
 impl<T> ViewMap<T> for PackedMap<Arc<str>, Arc<T>> {
+    type Key = Arc<str>;
     fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
         PackedMap::get_key_value(self, key)
     }
@@ -461,7 +459,7 @@ fn merge<P, T, M: ViewMap<T>>(
     (is_delta, previous): (bool, Option<&M>),
     listed: &[P],
     removed: &[String],
-    convert: impl Fn(&P) -> Result<(Arc<str>, T), UpdateProblem>,
+    convert: impl Fn(&P) -> Result<(M::Key, T), UpdateProblem>,
     fallback: impl Fn(&Arc<T>, &UpdateProblem) -> Option<Arc<T>>,
     refused: &mut Vec<UpdateProblem>,
 ) -> M {
@@ -477,7 +475,7 @@ fn merge<P, T, M: ViewMap<T>>(
     };
     // Made in order and applied at once (the last change of a key stands):
     // each run of the map they touch is rebuilt once.
-    let mut changes: Vec<(Arc<str>, Option<Arc<T>>)> =
+    let mut changes: Vec<(M::Key, Option<Arc<T>>)> =
         Vec::with_capacity(removed.len() + listed.len());
     changes.extend(
         removed
@@ -501,7 +499,7 @@ fn merge<P, T, M: ViewMap<T>>(
                 continue;
             }
         };
-        if removed.contains(&*key) {
+        if !removed.is_empty() && removed.contains(key.to_string().as_str()) {
             let key = key.to_string();
             refused.push(UpdateProblem::UpdatedAndRemoved { kind, key });
             continue;

@@ -45,6 +45,11 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         new
     }
 
+    /// The held value equal to `value`, if there is one.
+    pub(crate) fn find(&self, value: &T) -> Option<Arc<T>> {
+        self.held.get(value).cloned()
+    }
+
     #[cfg(test)]
     fn len_and_trim_at(&self) -> (usize, usize) {
         (self.held.len(), self.trim_at)
@@ -63,6 +68,13 @@ pub(crate) fn share<T: ?Sized + Hash + Eq>(
     set.lock()
         .unwrap_or_else(PoisonError::into_inner)
         .share(value, make)
+}
+
+/// The value equal to `value` in the process-wide `set`, if it holds one.
+pub(crate) fn find<T: ?Sized + Hash + Eq>(set: &Shared<T>, value: &T) -> Option<Arc<T>> {
+    set.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .find(value)
 }
 
 static NAMES: Shared<str> = LazyLock::new(|| Mutex::new(Interner::new()));

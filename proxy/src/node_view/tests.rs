@@ -115,8 +115,8 @@ pub(super) fn refused(previous: Option<&NodeView>, update: &v1::ConfigUpdate) ->
     problem
 }
 
-pub(super) fn uids(map: &super::Keyed<Workload>) -> Vec<&str> {
-    map.keys().map(|key| &**key).collect()
+pub(super) fn uids(map: &super::Keyed<Workload>) -> Vec<String> {
+    map.keys().map(|key| key.to_string()).collect()
 }
 
 #[test]
@@ -136,8 +136,11 @@ fn a_full_state_becomes_the_view_with_typed_values() {
     assert_eq!(&*svc.key, "default/web");
     assert_eq!(svc.ports[0].target_port, 8080);
     assert_eq!(
-        svc.endpoints[0].workload_uid.as_deref(),
-        Some("default/web-0")
+        svc.endpoints[0]
+            .workload_uid
+            .as_ref()
+            .map(|uid| uid.to_string()),
+        Some("default/web-0".into())
     );
     assert_eq!(view.trust().trust_domain, "cluster.local");
     assert_eq!(view.trust().bundle.roots().len(), 1);
