@@ -159,12 +159,7 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
     /// touch is rebuilt once, so a full state builds the whole map in one
     /// pass and a delta costs the runs it touches.
     pub fn apply(&mut self, mut changes: Vec<(K, Option<V>)>) {
-        changes.sort_by(|a, b| a.0.cmp(&b.0));
-        // The last change of a key stands (the sort is stable): keep the
-        // last of each equal pair, in place.
-        changes.reverse();
-        changes.dedup_by(|later, earlier| later.0 == earlier.0);
-        changes.reverse();
+        last_change_of_each_key(&mut changes);
         self.apply_sorted(changes);
     }
 
@@ -349,6 +344,16 @@ impl<K: Ord + Clone, V: Clone> PackedMap<K, V> {
     pub fn runs(&self) -> usize {
         self.runs.len()
     }
+}
+
+/// Sorts `changes` by key and keeps only the last change given for each
+/// key (in a batch, as in a map, the last change of a key stands).
+pub fn last_change_of_each_key<K: Ord, V>(changes: &mut Vec<(K, V)>) {
+    // The sort is stable: of each run of equal keys, keep the last, in place.
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    changes.reverse();
+    changes.dedup_by(|later, earlier| later.0 == earlier.0);
+    changes.reverse();
 }
 
 /// Where `key` is in the sorted `entries`, or would be.

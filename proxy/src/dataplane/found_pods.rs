@@ -66,7 +66,7 @@ pub(super) async fn search(
                 namespace: workload
                     .map(|w| w.namespace().to_string())
                     .unwrap_or_default(),
-                name: workload.map(|w| w.name().to_owned()).unwrap_or_default(),
+                name: workload.map(|w| w.name()).unwrap_or_default(),
                 uid: workload
                     .map(|w| w.local().pod_uid.to_string())
                     .unwrap_or_default(),
@@ -117,7 +117,7 @@ pub(super) fn rename(directory: &PodDirectory, table: &RouteTable) {
                 "the config gives a found pod's address to another pod: serving it as that one");
             directory.add(AnnouncedPod {
                 namespace: workload.namespace().to_string(),
-                name: workload.name().to_owned(),
+                name: workload.name(),
                 uid: workload.local().pod_uid.to_string(),
                 ..pod
             });

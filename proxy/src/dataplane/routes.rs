@@ -232,7 +232,8 @@ impl RouteTable {
     /// The workload of pod `namespace/name`, wherever it runs, with or
     /// without addresses yet.
     pub fn workload_named(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workload_by_uid(&PodUid::find(&format!("{namespace}/{name}"))?)
+        let uid = format!("{namespace}/{name}");
+        (self.view.local_workloads.get(&uid)).or_else(|| self.view.remote_workloads.get(&uid))
     }
 
     /// The workload with this uid, local or remote.

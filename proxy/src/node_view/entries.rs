@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use serde::Serialize;
 use weft_certs::Identity;
@@ -43,8 +43,8 @@ struct Profile {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct NodeName(Arc<str>);
 
-static PROFILES: names::Shared<Profile> = LazyLock::new(|| Mutex::new(names::Interner::new()));
-static NODES: names::Shared<NodeName> = LazyLock::new(|| Mutex::new(names::Interner::new()));
+static PROFILES: names::Shared<Profile> = LazyLock::new(names::new_set);
+static NODES: names::Shared<NodeName> = LazyLock::new(names::new_set);
 
 /// What the proxy of a pod's own node needs to protect it; the control
 /// plane leaves it empty for pods on other nodes.
@@ -113,16 +113,13 @@ pub struct Service {
 #[serde(transparent)]
 pub struct ServicePorts(Box<[ServicePort]>);
 
-static SERVICE_PORTS: names::Shared<ServicePorts> =
-    LazyLock::new(|| Mutex::new(names::Interner::new()));
+static SERVICE_PORTS: names::Shared<ServicePorts> = LazyLock::new(names::new_set);
 
 impl ServicePorts {
     /// `ports`, shared with every other holder of the same list.
     pub fn shared(ports: Vec<ServicePort>) -> Arc<ServicePorts> {
         let ports = ServicePorts(ports.into_boxed_slice());
-        names::share(&SERVICE_PORTS, &ports, |ports| {
-            Arc::new(ServicePorts(ports.0.clone()))
-        })
+        names::share_owned(&SERVICE_PORTS, ports)
     }
 }
 
@@ -168,13 +165,12 @@ pub struct Endpoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TargetPorts(Box<[(Arc<str>, u16)]>);
 
-static TARGET_PORTS: names::Shared<TargetPorts> =
-    LazyLock::new(|| Mutex::new(names::Interner::new()));
+static TARGET_PORTS: names::Shared<TargetPorts> = LazyLock::new(names::new_set);
 
 impl TargetPorts {
     /// `ports`, shared with every other holder of the same set.
     pub fn shared(ports: TargetPorts) -> Arc<TargetPorts> {
-        names::share(&TARGET_PORTS, &ports, |ports| Arc::new(ports.clone()))
+        names::share_owned(&TARGET_PORTS, ports)
     }
 
     /// The target port of the Service port named `name`.
@@ -268,8 +264,8 @@ impl Workload {
         Workload {
             uid,
             ips,
-            node: names::share(&NODES, &node, |_| Arc::new(node.clone())),
-            profile: names::share(&PROFILES, &profile, |_| Arc::new(profile.clone())),
+            node: names::share_owned(&NODES, node),
+            profile: names::share_owned(&PROFILES, profile),
         }
     }
 
@@ -330,7 +326,7 @@ impl Workload {
             ..(*self.profile).clone()
         };
         Workload {
-            profile: names::share(&PROFILES, &profile, |_| Arc::new(profile.clone())),
+            profile: names::share_owned(&PROFILES, profile),
             ..self.clone()
         }
     }

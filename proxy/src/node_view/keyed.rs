@@ -13,7 +13,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use crate::packed_map::{Change, PackedMap};
+use crate::packed_map::{Change, PackedMap, last_change_of_each_key};
 
 use super::PodUid;
 
@@ -29,20 +29,20 @@ pub trait HasKey {
 pub trait ViewKey:
     Ord + Clone + Hash + fmt::Display + fmt::Debug + serde::Serialize + for<'a> From<&'a str>
 {
-    /// The key written `text`, to look an entry up by; `None` when no entry
-    /// can have it.
-    fn lookup(text: &str) -> Option<Self>;
+    /// How the key compares with the key written `text` (as the strings
+    /// do: the map is in the order of its keys' strings).
+    fn cmp_text(&self, text: &str) -> Ordering;
 }
 
 impl ViewKey for Arc<str> {
-    fn lookup(text: &str) -> Option<Self> {
-        Some(text.into())
+    fn cmp_text(&self, text: &str) -> Ordering {
+        (**self).cmp(text)
     }
 }
 
 impl ViewKey for PodUid {
-    fn lookup(text: &str) -> Option<Self> {
-        PodUid::find(text)
+    fn cmp_text(&self, text: &str) -> Ordering {
+        PodUid::cmp_text(self, text)
     }
 }
 
@@ -81,43 +81,60 @@ impl<T: HasKey> Ord for ByKey<T> {
     }
 }
 
-/// What an entry is looked up by in the [`PackedMap`]: a key, or an entry
-/// (whose key it is). The map finds entries by what they borrow as, and
-/// `ByKey<T>` cannot borrow as `T::Key` itself (the standard library's
-/// `Borrow<Self>` might be that), so both borrow as this.
+/// What an entry is looked up by in the [`PackedMap`]: a key as held, a
+/// key's text, or an entry (by its key). The map finds entries by what they
+/// borrow as, and `ByKey<T>` cannot borrow as `T::Key` itself (the standard
+/// library's `Borrow<Self>` might be that), so all borrow as this.
 trait KeyLike<K> {
-    fn as_key(&self) -> &K;
+    fn probe(&self) -> Probe<'_, K>;
+}
+
+/// A key as held, or as text.
+enum Probe<'a, K> {
+    Held(&'a K),
+    Text(&'a str),
 }
 
 impl<K: ViewKey> KeyLike<K> for K {
-    fn as_key(&self) -> &K {
-        self
+    fn probe(&self) -> Probe<'_, K> {
+        Probe::Held(self)
+    }
+}
+
+impl<K> KeyLike<K> for &str {
+    fn probe(&self) -> Probe<'_, K> {
+        Probe::Text(self)
     }
 }
 
 impl<T: HasKey> KeyLike<T::Key> for ByKey<T> {
-    fn as_key(&self) -> &T::Key {
-        self.0.key()
+    fn probe(&self) -> Probe<'_, T::Key> {
+        Probe::Held(self.0.key())
     }
 }
 
-impl<K: Ord> PartialEq for dyn KeyLike<K> + '_ {
+impl<K: ViewKey> PartialEq for dyn KeyLike<K> + '_ {
     fn eq(&self, other: &Self) -> bool {
-        self.as_key() == other.as_key()
+        self.cmp(other) == Ordering::Equal
     }
 }
 
-impl<K: Ord> Eq for dyn KeyLike<K> + '_ {}
+impl<K: ViewKey> Eq for dyn KeyLike<K> + '_ {}
 
-impl<K: Ord> PartialOrd for dyn KeyLike<K> + '_ {
+impl<K: ViewKey> PartialOrd for dyn KeyLike<K> + '_ {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl<K: Ord> Ord for dyn KeyLike<K> + '_ {
+impl<K: ViewKey> Ord for dyn KeyLike<K> + '_ {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.as_key().cmp(other.as_key())
+        match (self.probe(), other.probe()) {
+            (Probe::Held(a), Probe::Held(b)) => a.cmp(b),
+            (Probe::Held(a), Probe::Text(b)) => a.cmp_text(b),
+            (Probe::Text(a), Probe::Held(b)) => b.cmp_text(a).reverse(),
+            (Probe::Text(a), Probe::Text(b)) => a.cmp(b),
+        }
     }
 }
 
@@ -147,7 +164,8 @@ impl<T: HasKey + PartialEq> Keyed<T> {
 
     /// The entry of `key`, with its key.
     pub fn get_key_value(&self, key: &str) -> Option<(&T::Key, &Arc<T>)> {
-        self.get_by_key(&T::Key::lookup(key)?)
+        let (entry, ()) = self.entries.get_key_value(&key as &dyn KeyLike<T::Key>)?;
+        Some((entry.0.key(), &entry.0))
     }
 
     /// The entry of `key`, with its key, looked up by the key as held.
@@ -186,13 +204,9 @@ impl<T: HasKey + PartialEq> Keyed<T> {
     /// removed; for a key given twice, the last stands (see
     /// [`PackedMap::apply`]), also when it removes an entry the batch put in.
     pub fn apply(&mut self, mut changes: Vec<(T::Key, Option<Arc<T>>)>) {
-        changes.sort_by(|a, b| a.0.cmp(&b.0));
-        // The last change of a key stands (the sort is stable): decided
-        // before a removal is matched to the entry it removes, which the
-        // map holds only if it held it before the batch.
-        changes.reverse();
-        changes.dedup_by(|later, earlier| later.0 == earlier.0);
-        changes.reverse();
+        // Decided before a removal is matched to the entry it removes,
+        // which the map holds only if it held it before the batch.
+        last_change_of_each_key(&mut changes);
         let entries = &self.entries;
         let changes: Vec<_> = changes
             .into_iter()

@@ -36,7 +36,11 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         if let Some(held) = self.held.get(value) {
             return held.clone();
         }
-        let new = make(value);
+        self.hold(make(value))
+    }
+
+    /// Holds `new`, trimming the set if it is due.
+    fn hold(&mut self, new: Arc<T>) -> Arc<T> {
         self.held.insert(new.clone());
         if self.held.len() >= self.trim_at {
             self.held.retain(|value| Arc::strong_count(value) > 1);
@@ -45,9 +49,15 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         new
     }
 
-    /// The held value equal to `value`, if there is one.
-    pub(crate) fn find(&self, value: &T) -> Option<Arc<T>> {
-        self.held.get(value).cloned()
+    /// The held value equal to `value`, or `value` itself, held from now on.
+    pub(crate) fn share_owned(&mut self, value: T) -> Arc<T>
+    where
+        T: Sized,
+    {
+        match self.held.get(&value) {
+            Some(held) => held.clone(),
+            None => self.hold(Arc::new(value)),
+        }
     }
 
     #[cfg(test)]
@@ -70,14 +80,19 @@ pub(crate) fn share<T: ?Sized + Hash + Eq>(
         .share(value, make)
 }
 
-/// The value equal to `value` in the process-wide `set`, if it holds one.
-pub(crate) fn find<T: ?Sized + Hash + Eq>(set: &Shared<T>, value: &T) -> Option<Arc<T>> {
-    set.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .find(value)
+/// A new, empty process-wide set (for a `static`'s `LazyLock::new`).
+pub(crate) fn new_set<T: ?Sized + Hash + Eq>() -> Mutex<Interner<T>> {
+    Mutex::new(Interner::new())
 }
 
-static NAMES: Shared<str> = LazyLock::new(|| Mutex::new(Interner::new()));
+/// `value` from the process-wide `set`, or `value` itself, added to it.
+pub(crate) fn share_owned<T: Hash + Eq>(set: &Shared<T>, value: T) -> Arc<T> {
+    set.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .share_owned(value)
+}
+
+static NAMES: Shared<str> = LazyLock::new(new_set);
 
 /// `name`, shared with every other holder of the same name.
 pub(crate) fn shared(name: &str) -> Arc<str> {

@@ -16,7 +16,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use super::names;
 
@@ -42,24 +42,26 @@ struct Tail {
     bytes: [u8; TAIL_MAX],
 }
 
-static STEMS: names::Shared<Stem> = LazyLock::new(|| Mutex::new(names::Interner::new()));
+static STEMS: names::Shared<Stem> = LazyLock::new(names::new_set);
 
 impl PodUid {
     /// `uid`, its stem shared with every other holder of the same.
     pub fn new(uid: &str) -> PodUid {
         let (stem, tail) = split(uid);
-        let stem = names::share(&STEMS, &Stem(stem.into()), |stem| {
-            Arc::new(Stem(stem.0.clone()))
-        });
+        let stem = names::share_owned(&STEMS, Stem(stem.into()));
         PodUid { stem, tail }
     }
 
-    /// `uid` if some holder has its stem (so it may be a key in a map),
-    /// `None` if none does (so it is in no map): a lookup adds nothing.
-    pub fn find(uid: &str) -> Option<PodUid> {
-        let (stem, tail) = split(uid);
-        let stem = names::find(&STEMS, &Stem(stem.into()))?;
-        Some(PodUid { stem, tail })
+    /// How it compares with the uid written `text`, as the strings do.
+    pub fn cmp_text(&self, text: &str) -> Ordering {
+        let (stem, tail) = self.parts();
+        let text = text.as_bytes();
+        let common = stem.len().min(text.len());
+        match stem.as_bytes()[..common].cmp(&text[..common]) {
+            Ordering::Equal if stem.len() > text.len() => Ordering::Greater,
+            Ordering::Equal => tail.as_bytes().cmp(&text[stem.len()..]),
+            unequal => unequal,
+        }
     }
 
     /// The uid's two parts, whose concatenation it is.
@@ -243,7 +245,6 @@ mod tests {
             assert_eq!(uid.to_string(), text);
             assert_eq!(uid, *text);
             assert_eq!(uid.len(), text.len());
-            assert_eq!(PodUid::find(text).as_ref(), Some(&uid));
             let name = text.split_once('/').map_or(text, |(_, name)| name);
             assert_eq!(uid.name(), name);
             assert!(uid.name_is(name), "{text}");
@@ -258,7 +259,6 @@ mod tests {
         let b = PodUid::new("uid-test/web-7d9f8b6c5d-q4m7z");
         assert!(Arc::ptr_eq(&a.stem, &b.stem));
         assert_ne!(a, b);
-        assert!(PodUid::find("uid-test/never-seen-abcde").is_none());
     }
 
     #[test]
@@ -288,6 +288,7 @@ mod tests {
             for y in texts {
                 let (a, b) = (PodUid::new(x), PodUid::new(y));
                 assert_eq!(a.cmp(&b), x.cmp(y), "{x:?} against {y:?}");
+                assert_eq!(a.cmp_text(y), x.cmp(y), "{x:?} against the text {y:?}");
                 assert_eq!(a == b, x == y);
                 if x == y {
                     assert_eq!(hash(&a), hash(&b));
