@@ -42,7 +42,7 @@ fn address(dice: &mut Dice) -> String {
     }
 }
 
-fn workload(dice: &mut Dice, slot: usize, local: bool) -> v1::Workload {
+pub(crate) fn workload(dice: &mut Dice, slot: usize, local: bool) -> v1::Workload {
     let name = format!("pod-{slot}");
     let ips = (0..1 + dice.roll(2)).map(|_| address(dice)).collect();
     v1::Workload {
@@ -59,7 +59,7 @@ fn workload(dice: &mut Dice, slot: usize, local: bool) -> v1::Workload {
     }
 }
 
-fn service(dice: &mut Dice, slot: usize) -> v1::Service {
+pub(crate) fn service(dice: &mut Dice, slot: usize) -> v1::Service {
     v1::Service {
         namespace: "shop".into(),
         name: format!("svc-{slot}"),

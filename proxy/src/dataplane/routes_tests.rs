@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test is a failed assertion
 
 use super::*;
-use crate::test_configs::{Dice, NODE, first_full_state, random_delta};
+use crate::test_configs::{Dice, NODE, first_full_state, random_delta, service, workload};
 
 /// What a table resolves, in an order that does not depend on how it was built.
 type Summary = (
@@ -83,6 +83,37 @@ fn a_table_brought_along_delta_by_delta_is_the_table_of_its_view() {
         collisions > 0,
         "the walk made two local pods claim one address"
     );
+}
+
+/// After a reconnect's full state (every entry listed anew), the table
+/// holds the view's entries, not copies of the ones before: the entries
+/// that did not change are one object in both views.
+#[test]
+fn a_reconnects_full_state_leaves_one_copy_of_each_entry() {
+    let mut update = first_full_state();
+    let mut dice = Dice(7);
+    for slot in 0..40 {
+        // An address of its own: a contested one resolves to nothing.
+        let mut pod = workload(&mut dice, slot, false);
+        pod.ips = vec![format!("10.1.0.{slot}")];
+        update.remote_workloads.push(pod);
+        update.services.push(service(&mut dice, slot));
+    }
+    let balancers = Arc::new(Balancers::default());
+    let first = NodeView::apply(None, &update, NODE).unwrap().view;
+    let table = RouteTable::default().next(&first, &balancers);
+    let again = NodeView::apply(Some(&first), &update, NODE).unwrap().view;
+    let table = table.next(&again, &balancers);
+    let mut checked = 0;
+    for workload in again.remote_workloads().values() {
+        for ip in workload.ips.iter() {
+            if let Some(held) = table.workload(*ip) {
+                assert!(Arc::ptr_eq(held, workload), "{ip}: the view's own entry");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 40);
 }
 
 #[test]

@@ -423,6 +423,7 @@ trait ViewMap<T>: Clone + Default {
     fn get(&self, key: &str) -> Option<&Arc<T>> {
         ViewMap::get_key_value(self, key).map(|(_, value)| value)
     }
+    fn get_held(&self, key: &Self::Key) -> Option<&Arc<T>>;
     fn apply(&mut self, changes: Vec<(Self::Key, Option<Arc<T>>)>);
 }
 
@@ -430,6 +431,9 @@ impl<T: HasKey + PartialEq> ViewMap<T> for Keyed<T> {
     type Key = T::Key;
     fn get_key_value(&self, key: &str) -> Option<(&T::Key, &Arc<T>)> {
         Keyed::get_key_value(self, key)
+    }
+    fn get_held(&self, key: &T::Key) -> Option<&Arc<T>> {
+        self.get_by_key(key).map(|(_, value)| value)
     }
     fn apply(&mut self, changes: Vec<(T::Key, Option<Arc<T>>)>) {
         Keyed::apply(self, changes);
@@ -440,6 +444,9 @@ impl<T> ViewMap<T> for PackedMap<Arc<str>, Arc<T>> {
     type Key = Arc<str>;
     fn get_key_value(&self, key: &str) -> Option<(&Arc<str>, &Arc<T>)> {
         PackedMap::get_key_value(self, key)
+    }
+    fn get_held(&self, key: &Arc<str>) -> Option<&Arc<T>> {
+        PackedMap::get(self, key)
     }
     fn apply(&mut self, changes: Vec<(Arc<str>, Option<Arc<T>>)>) {
         PackedMap::apply(self, changes);
@@ -453,8 +460,11 @@ impl<T> ViewMap<T> for PackedMap<Arc<str>, Arc<T>> {
 /// entry that does not convert is reported in `refused`, and its key gets
 /// what `fallback` makes of its previous value (nothing if it had none, or
 /// if the update also removes it). An entry listed twice or both listed and
-/// removed is reported; the first listing, or the removal, stands.
-fn merge<P, T, M: ViewMap<T>>(
+/// removed is reported; the first listing, or the removal, stands. An
+/// entry equal to its previous value is that value: after a reconnect's
+/// full state, the view and the route table built from it share every
+/// entry that did not change, instead of holding an old copy and a new.
+fn merge<P, T: PartialEq, M: ViewMap<T>>(
     kind: EntryKind,
     (is_delta, previous): (bool, Option<&M>),
     listed: &[P],
@@ -509,7 +519,11 @@ fn merge<P, T, M: ViewMap<T>>(
             refused.push(UpdateProblem::Duplicate { kind, key });
             continue;
         }
-        changes.push((key, Some(Arc::new(value))));
+        let value = match previous.and_then(|p| p.get_held(&key)) {
+            Some(old) if **old == value => old.clone(),
+            _ => Arc::new(value),
+        };
+        changes.push((key, Some(value)));
     }
     map.apply(changes);
     map

@@ -514,6 +514,50 @@ fn generations_grow_across_streams_whose_versions_start_over() {
     assert_eq!(third.version(), 1, "the version is the control plane's");
 }
 
+/// A reconnect's full state lists every entry anew: those that did not
+/// change stay the previous view's, so that the view and the route table
+/// (which keeps entries the diff says did not change) hold one copy, not
+/// an old and a new.
+#[test]
+fn a_reconnects_full_state_keeps_the_entries_that_did_not_change() {
+    let mut before = full(1);
+    before.authorization_policies.push(v1::AuthorizationPolicy {
+        namespace: "default".into(),
+        name: "deny-all".into(),
+        action: v1::AuthorizationAction::Deny as i32,
+        rules: vec![Default::default()],
+    });
+    let first = applied(&before);
+    let mut again = before.clone();
+    again
+        .remote_workloads
+        .push(workload("shop", "new", "new", "10.0.2.8", true));
+    again.services[0].endpoints[0].ready = false;
+    let second = NodeView::apply(Some(&first), &again, NODE).unwrap().view;
+    let same = |a: &Arc<Workload>, b: &Arc<Workload>| Arc::ptr_eq(a, b);
+    assert!(same(
+        &first.remote_workloads()["shop/cart"],
+        &second.remote_workloads()["shop/cart"]
+    ));
+    assert!(same(
+        &first.local_workloads()["default/web"],
+        &second.local_workloads()["default/web"]
+    ));
+    assert!(Arc::ptr_eq(
+        &first.authorization_policies()["default/deny-all"],
+        &second.authorization_policies()["default/deny-all"]
+    ));
+    assert!(
+        !Arc::ptr_eq(
+            &first.services()["default/web"],
+            &second.services()["default/web"]
+        ),
+        "a changed entry is the new one"
+    );
+    assert!(!second.services()["default/web"].endpoints[0].ready);
+    assert_eq!(second.remote_workloads().len(), 2);
+}
+
 #[test]
 fn the_uninstall_announcement_holds_until_the_control_plane_takes_it_back() {
     let base = applied(&full(1));
