@@ -558,6 +558,40 @@ fn a_reconnects_full_state_keeps_the_entries_that_did_not_change() {
     assert_eq!(second.remote_workloads().len(), 2);
 }
 
+/// Keeping an unchanged entry never keeps a quarantine that no longer
+/// holds, nor drops one that does: a quarantine is part of the entry.
+#[test]
+fn an_entry_is_kept_only_with_its_quarantine_as_it_is() {
+    let base = applied(&full(1));
+    // Its update refused: the local pod keeps its entry, quarantined.
+    let mut bad = workload("default", "web", "web", "10.0.1.5", true);
+    bad.mtls_mode = 9;
+    let mut update = delta(2);
+    update.local_workloads = vec![bad];
+    let (refused, _) = refused_entry(Some(&base), &update);
+    let quarantined = &refused.local_workloads()["default/web"];
+    assert!(quarantined.local().quarantine.is_some());
+    // Listed as it was before the refusal: a new entry, free again.
+    let mut update = delta(3);
+    update.local_workloads = vec![workload("default", "web", "web", "10.0.1.5", true)];
+    let freed = NodeView::apply(Some(&refused), &update, NODE).unwrap().view;
+    let web = &freed.local_workloads()["default/web"];
+    assert!(web.local().quarantine.is_none());
+    assert!(!Arc::ptr_eq(web, quarantined));
+    // Quarantined by the control plane: not the clean entry before.
+    let mut update = delta(4);
+    let mut claimed = workload("default", "web", "web", "10.0.1.5", true);
+    claimed.quarantine = "another pod claims 10.0.1.5".into();
+    update.local_workloads = vec![claimed];
+    let held = NodeView::apply(Some(&freed), &update, NODE).unwrap().view;
+    let web_held = &held.local_workloads()["default/web"];
+    assert!(!Arc::ptr_eq(web_held, web));
+    assert_eq!(
+        web_held.local().quarantine.as_deref(),
+        Some("another pod claims 10.0.1.5")
+    );
+}
+
 #[test]
 fn the_uninstall_announcement_holds_until_the_control_plane_takes_it_back() {
     let base = applied(&full(1));
