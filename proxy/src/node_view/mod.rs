@@ -19,6 +19,8 @@ mod pod_uid;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
+mod reconnect_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::collections::{BTreeSet, HashSet};

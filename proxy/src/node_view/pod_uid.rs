@@ -75,16 +75,6 @@ impl PodUid {
         Arc::ptr_eq(&self.stem, &other.stem)
     }
 
-    /// How many bytes long it is.
-    pub fn len(&self) -> usize {
-        self.stem.0.len() + usize::from(self.tail.len)
-    }
-
-    /// Whether it is the empty string (the view refuses such a key).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The pod's name: what follows the first `/` (all of it without one).
     pub fn name(&self) -> String {
         let (stem, tail) = self.parts();
@@ -244,7 +234,6 @@ mod tests {
             let uid = PodUid::new(text);
             assert_eq!(uid.to_string(), text);
             assert_eq!(uid, *text);
-            assert_eq!(uid.len(), text.len());
             let name = text.split_once('/').map_or(text, |(_, name)| name);
             assert_eq!(uid.name(), name);
             assert!(uid.name_is(name), "{text}");
